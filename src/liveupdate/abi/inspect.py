@@ -1,0 +1,268 @@
+"""Decode any known handover blob into a JSON-able report, following pointers through RAM.
+
+:func:`identify` recognizes a blob by content; :func:`describe` decodes it and, given a
+:class:`PhysMem`, follows ``setup_data`` -> root FDT -> memory map and every sub-FDT it knows
+(memblock, kho_test, LUO of both eras, files FDT, memfd of every format). Errors met while
+following a pointer are recorded in the report as ``{"error": ...}`` next to what did decode,
+so a damaged handover still shows everything readable; :func:`errors` lists them.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from liveupdate.abi import (
+    bootparams,
+    fdt,
+    kho,
+    kho_memmap,
+    kho_test,
+    luo_session,
+    luo_v3,
+    memblock,
+    memfd,
+    vmalloc,
+)
+from liveupdate.abi.physmem import PhysMem
+from liveupdate.errors import AbiError, LiveUpdateError
+
+Report = dict[str, Any]
+
+
+def hx(v: int) -> str:
+    return f"{int(v):#x}"
+
+
+def identify(blob: bytes) -> str:
+    """The kind of a blob: ``setup_data``, ``kho-root``, ``memblock``, ``kho-test``,
+    ``luo-v3``, ``luo-session``, ``files-fdt`` or ``memfd-fdt``. AbiError otherwise."""
+    if len(blob) >= 4 and struct.unpack(">I", blob[:4])[0] == fdt.FDT_MAGIC:
+        root = fdt.parse(blob).root
+        compat = root.compatible()
+        for name, kind in ((kho.KHO_FDT_COMPATIBLE, "kho-root"),
+                           (memblock.MEMBLOCK_COMPATIBLE, "memblock"),
+                           (kho_test.KHO_TEST_COMPAT, "kho-test"),
+                           (luo_v3.FILES_COMPATIBLE, "files-fdt")):
+            if name in compat:
+                return kind
+        if luo_v3.LUO_COMPATIBLE in compat:
+            return "luo-v3" if root.child(luo_v3.SUBSYSTEMS_NODE) else "luo-session"
+        if not compat and {"pos", "size", "folios"} <= set(root.props):
+            return "memfd-fdt"
+        raise AbiError(f"unknown FDT (compatible: {compat or 'none'})")
+    if len(blob) >= bootparams.SETUP_HDR_SIZE:
+        _, type_, length = bootparams.SETUP_HDR.unpack_from(blob)
+        if type_ == bootparams.SETUP_KEXEC_KHO and length == bootparams.KHO_DATA_SIZE:
+            return "setup_data"
+    raise AbiError("not a KHO root FDT, setup_data blob or known sub-FDT")
+
+
+def _guard(fn: Callable[[], Report]) -> Report:
+    try:
+        return fn()
+    except LiveUpdateError as e:
+        return {"error": str(e)}
+
+
+def describe(blob: bytes, mem: PhysMem | None = None, bitmap_bytes: int | None = None) -> Report:
+    kind = identify(blob)
+    return _DESCRIBE[kind](blob, mem, bitmap_bytes)
+
+
+def _describe_setup_data(blob: bytes, mem: PhysMem | None, bb: int | None) -> Report:
+    node, nxt = bootparams.decode_setup_data(blob)
+    kd = bootparams.decode_kho_setup_data(node)
+    rep: Report = {"kind": "setup_data", "type": "SETUP_KEXEC_KHO", "next": hx(nxt),
+                   "kho_data": {"fdt_addr": hx(kd.fdt_addr), "fdt_size": kd.fdt_size,
+                                "scratch_addr": hx(kd.scratch_addr),
+                                "scratch_size": kd.scratch_size}}
+    if mem is not None:
+        def scratch() -> Report:
+            arr = bootparams.decode_scratch(mem.read(kd.scratch_addr, kd.scratch_size,
+                                                     "KHO scratch array"))
+            return {"areas": [{"addr": hx(a), "size": int(s)}
+                              for a, s in zip(arr["addr"], arr["size"], strict=True)]}
+        rep["scratch"] = _guard(scratch)
+        rep["root"] = _guard(lambda: describe_root(
+            mem.read(kd.fdt_addr, kd.fdt_size, "KHO root FDT"), mem, bb))
+    return rep
+
+
+def memory_summary(pm: kho_memmap.PreservedMemory) -> Report:
+    per_order = []
+    for o in range(kho_memmap.MAX_PAGE_ORDER + 1):
+        n = int(np.count_nonzero(pm.order == o))
+        if n:
+            per_order.append({"order": o, "blocks": n, "pages": n << o})
+    ranges = kho_memmap.merged_ranges(pm.phys, pm.order)
+    return {"bitmap_bytes": pm.bitmap_bytes, "blocks": len(pm), "pages": pm.pages(),
+            "per_order": per_order,
+            "ranges": [[hx(s), hx(e)] for s, e in ranges.tolist()]}
+
+
+def describe_root(blob: bytes, mem: PhysMem | None = None, bb: int | None = None) -> Report:
+    root = kho.decode_root(blob)
+    rep: Report = {"kind": "kho-root", "compatible": root.compatible,
+                   "preserved_memory_map": hx(root.mem_map), "subtrees": []}
+    for name, phys in root.subtrees:
+        sub: Report = {"name": name, "fdt": hx(phys)}
+        if mem is not None:
+            sub["content"] = _guard(
+                lambda p=phys, n=name: describe(mem.read_fdt(p, f"subtree {n}"), mem, bb))
+        rep["subtrees"].append(sub)
+    if mem is not None and root.mem_map:
+        rep["memory"] = _guard(
+            lambda: memory_summary(kho_memmap.decode_mem_map(mem, root.mem_map, bb)))
+    return rep
+
+
+def _describe_memblock(blob: bytes, mem: PhysMem | None, bb: int | None) -> Report:
+    return {"kind": "memblock", "compatible": memblock.MEMBLOCK_COMPATIBLE,
+            "reserve_mem": [{"name": r.name, "start": hx(r.start), "size": r.size}
+                            for r in memblock.decode(blob)]}
+
+
+def _order_counts(order: np.ndarray) -> dict[str, int]:
+    vals, counts = np.unique(order, return_counts=True)
+    return {str(int(v)): int(c) for v, c in zip(vals, counts, strict=True)}
+
+
+def _describe_kho_test(blob: bytes, mem: PhysMem | None, bb: int | None) -> Report:
+    t = kho_test.decode(blob)
+    rep: Report = {"kind": "kho-test", "compatible": kho_test.KHO_TEST_COMPAT,
+                   "nr_folios": t.nr_folios, "csum": hx(t.csum)}
+    info = t.folios_info
+    if t.folios_vmalloc is not None:
+        rep["folios_info"] = _vmalloc_report(t.folios_vmalloc)
+        if mem is not None:
+            def load() -> Report:
+                assert t.folios_vmalloc is not None
+                area = vmalloc.decode(mem, t.folios_vmalloc).read(mem)
+                if len(area) < 8 * t.nr_folios:
+                    raise AbiError("kho_test: folios_info area is shorter than nr_folios")
+                arr = np.frombuffer(area, "<u8", count=t.nr_folios)
+                return {"folios_per_order": _order_counts(arr & np.uint64(0xFFF))}
+            rep["folios"] = _guard(load)
+    elif info is not None:
+        rep["folios_per_order"] = _order_counts(info & np.uint64(0xFFF))
+    return rep
+
+
+def _vmalloc_report(v: vmalloc.KhoVmalloc) -> Report:
+    return {"first": hx(v.first), "total_pages": v.total_pages, "flags": hx(v.flags),
+            "order": v.order}
+
+
+def _folio_report(f: memfd.Folios) -> Report:
+    return {"count": len(f),
+            "dirty": int(np.count_nonzero(f.flags & memfd.FOLIO_DIRTY)),
+            "uptodate": int(np.count_nonzero(f.flags & memfd.FOLIO_UPTODATE)),
+            "index_range": [int(f.index.min()), int(f.index.max())] if len(f) else []}
+
+
+def _describe_memfd_fdt(blob: bytes, mem: PhysMem | None, bb: int | None) -> Report:
+    st = memfd.decode_fdt(blob)
+    return {"kind": "memfd-fdt", "compatible": memfd.MEMFD_V1, "pos": st.pos,
+            "size": st.size, "folios": _folio_report(st.folios)}
+
+
+def describe_memfd_ser(mem: PhysMem, phys: int, compatible: str) -> Report:
+    size = memfd.SER_V2_SIZE if compatible == memfd.MEMFD_V2 else memfd.SER_V1_SIZE
+    ser = memfd.decode_ser(mem.read(phys, size, f"{compatible} struct"), compatible)
+    rep: Report = {"kind": "memfd-ser", "compatible": compatible, "pos": ser.pos,
+                   "size": ser.size, "nr_folios": ser.nr_folios,
+                   "folios_vmalloc": _vmalloc_report(ser.folios)}
+    if compatible == memfd.MEMFD_V2:
+        rep["seals"] = hx(ser.seals)
+
+    def folios() -> Report:
+        if ser.nr_folios == 0:
+            return _folio_report(memfd.Folios.empty())
+        area = vmalloc.decode(mem, ser.folios).read(mem)
+        return _folio_report(memfd.decode_folio_array(area, ser.nr_folios, ser.size))
+    rep["folios"] = _guard(folios)
+    return rep
+
+
+def _describe_luo_v3(blob: bytes, mem: PhysMem | None, bb: int | None) -> Report:
+    luo = luo_v3.decode_luo_fdt(blob)
+    rep: Report = {"kind": "luo-v3", "compatible": luo_v3.LUO_COMPATIBLE,
+                   "subsystems": {k: hx(v) for k, v in luo.subsystems.items()}}
+    files_phys = luo.files_fdt
+    if mem is not None and files_phys:
+        rep["files"] = _guard(lambda: describe(
+            mem.read_fdt(files_phys, "files FDT"), mem, bb))
+    return rep
+
+
+def _describe_files_fdt(blob: bytes, mem: PhysMem | None, bb: int | None) -> Report:
+    files = []
+    for f in luo_v3.decode_files_fdt(blob):
+        entry: Report = {"token": hx(f.token), "compatible": f.compatible, "data": hx(f.data)}
+        if mem is not None and f.compatible == memfd.MEMFD_V1 and f.data:
+            entry["memfd"] = _guard(lambda d=f.data: describe(
+                mem.read_fdt(d, "memfd FDT"), mem, bb))
+        files.append(entry)
+    return {"kind": "files-fdt", "compatible": luo_v3.FILES_COMPATIBLE, "files": files}
+
+
+def _describe_luo_session(blob: bytes, mem: PhysMem | None, bb: int | None) -> Report:
+    luo = luo_session.decode_luo_fdt(blob)
+    rep: Report = {"kind": "luo-session", "compatible": luo_session.LUO_COMPATIBLE,
+                   "liveupdate_number": luo.liveupdate_number,
+                   "session_header": hx(luo.session_header)}
+    if luo.flb_header is not None:
+        rep["flb_header"] = hx(luo.flb_header)
+    if mem is None:
+        return rep
+
+    def sessions() -> Report:
+        out = []
+        for s in luo_session.decode_sessions(mem, luo.session_header):
+            files = []
+            for f in s.files:
+                entry: Report = {"token": hx(f.token), "compatible": f.compatible,
+                                 "data": hx(f.data)}
+                if f.compatible in (memfd.MEMFD_V1, memfd.MEMFD_V2):
+                    entry["memfd"] = _guard(
+                        lambda d=f.data, c=f.compatible: describe_memfd_ser(mem, d, c))
+                files.append(entry)
+            out.append({"name": s.name, "files": files})
+        return {"list": out}
+    rep["sessions"] = _guard(sessions)
+    if luo.flb_header:
+        flb_phys = luo.flb_header
+        rep["flbs"] = _guard(lambda: {"list": [
+            {"name": f.name, "data": hx(f.data), "count": f.count}
+            for f in luo_session.decode_flbs(mem, flb_phys)]})
+    return rep
+
+
+_DESCRIBE: dict[str, Callable[[bytes, PhysMem | None, int | None], Report]] = {
+    "setup_data": _describe_setup_data,
+    "kho-root": describe_root,
+    "memblock": _describe_memblock,
+    "kho-test": _describe_kho_test,
+    "luo-v3": _describe_luo_v3,
+    "luo-session": _describe_luo_session,
+    "files-fdt": _describe_files_fdt,
+    "memfd-fdt": _describe_memfd_fdt,
+}
+
+
+def errors(rep: Any, path: str = "") -> list[str]:
+    """Every error recorded anywhere in a report, with where it was met."""
+    out: list[str] = []
+    if isinstance(rep, dict):
+        if "error" in rep:
+            out.append(f"{path or '/'}: {rep['error']}")
+        for k, v in rep.items():
+            out += errors(v, f"{path}/{k}")
+    elif isinstance(rep, list):
+        for i, v in enumerate(rep):
+            out += errors(v, f"{path}[{i}]")
+    return out

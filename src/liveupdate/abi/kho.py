@@ -1,0 +1,118 @@
+"""The KHO root FDT, ``kho-v1`` (spec/kho.md sections 2.1, 2.2).
+
+Layout::
+
+    / { compatible = "kho-v1";
+        preserved-memory-map = <u64 native>;     // phys of the first chunk, 0 = none yet
+        <name> { fdt = <u64 native>; }; ... }    // phys of each subsystem's own FDT
+
+Two construction orders produce different bytes and both are reproduced exactly:
+
+* 6.16-6.18 (:func:`encode_root_sequential`): built once at finalize in sequential-write mode,
+  children in notifier-registration order (the golden bytes of spec section 2.2).
+* 6.19+ (:class:`LiveRoot`): the skeleton is built at boot with map 0, then every
+  ``kho_add_subtree`` does open_into(PAGE_SIZE) / add_subnode / setprop / pack, so children
+  appear in reverse order of addition; ``kho_remove_subtree`` deletes the node (its name stays in
+  the strings block); ``kho_finalize`` patches the map pointer in place.
+
+The root FDT always fits in one page; an addition that does not fit fails with ENOMEM.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+
+from liveupdate.abi import fdt
+from liveupdate.abi.consts import PAGE_SIZE
+from liveupdate.errors import AbiError
+
+KHO_FDT_COMPATIBLE = "kho-v1"
+MEM_MAP_PROP = "preserved-memory-map"
+SUBTREE_PROP = "fdt"
+ROOT_FDT_SIZE = PAGE_SIZE
+
+
+@dataclass(frozen=True)
+class KhoRoot:
+    compatible: str
+    mem_map: int
+    subtrees: tuple[tuple[str, int], ...]  # (name, phys) in byte-stream order
+
+    def subtree(self, name: str) -> int:
+        """kho_retrieve_subtree: the phys of a named subtree, ENOENT if absent."""
+        for n, phys in self.subtrees:
+            if n == name:
+                return phys
+        raise AbiError(f"no KHO subtree {name!r}", errno.ENOENT)
+
+
+def encode_root_sequential(mem_map: int, subtrees: list[tuple[str, int]]) -> bytes:
+    """The 6.16-6.18 root FDT: one sequential build at finalize."""
+    b = fdt.SwBuilder().begin_node("")
+    b.prop("compatible", fdt.string(KHO_FDT_COMPATIBLE))
+    b.prop(MEM_MAP_PROP, fdt.u64(mem_map))
+    for name, phys in subtrees:
+        b.begin_node(name).prop(SUBTREE_PROP, fdt.u64(phys)).end_node()
+    blob = b.end_node().finish()
+    if len(blob) > ROOT_FDT_SIZE:
+        raise AbiError(f"KHO root FDT needs {len(blob)} bytes, more than a page", errno.ENOMEM)
+    return blob
+
+
+class LiveRoot:
+    """The 6.19+ live root FDT: built at boot, edited as subtrees come and go."""
+
+    def __init__(self) -> None:
+        self._tree = fdt.RwTree(encode_root_sequential(0, []), ROOT_FDT_SIZE)
+
+    @property
+    def blob(self) -> bytes:
+        return self._tree.blob
+
+    def add_subtree(self, name: str, phys: int) -> None:
+        """kho_add_subtree: EEXIST if the name is taken, ENOMEM when the page is full."""
+        if not name or "/" in name or "@" in name:
+            raise AbiError(f"invalid KHO subtree name {name!r}")
+        before = self._tree.blob
+        self._tree.add_subnode("/", name)
+        try:
+            self._tree.setprop("/" + name, SUBTREE_PROP, fdt.u64(phys))
+        except AbiError:
+            self._tree = fdt.RwTree(before, ROOT_FDT_SIZE)
+            raise
+
+    def remove_subtree(self, phys: int) -> bool:
+        """kho_remove_subtree: delete the first child whose ``fdt`` is ``phys``."""
+        for name, p in decode_root(self.blob).subtrees:
+            if p == phys:
+                self._tree.del_node("/" + name)
+                return True
+        return False
+
+    def set_mem_map(self, phys: int) -> None:
+        """kho_finalize: patch the map pointer in place (same bytes, new value)."""
+        self._tree.setprop("/", MEM_MAP_PROP, fdt.u64(phys))
+
+
+def decode_root(blob: bytes | bytearray | memoryview, *,
+                accept: tuple[str, ...] = (KHO_FDT_COMPATIBLE,),
+                require_map: bool = False) -> KhoRoot:
+    """Decode and validate a root FDT as ``kho_populate`` does, plus every child.
+
+    Stricter than Linux: a child without an 8-byte ``fdt`` property is an error here, where
+    Linux would only fail ``kho_retrieve_subtree`` for that name.
+    """
+    tree = fdt.parse(blob, "KHO root FDT")
+    root = tree.root
+    have = root.compatible()
+    match = [c for c in accept if c in have]
+    if not match:
+        raise AbiError(f"KHO root FDT is compatible with {have or 'nothing'}, not {accept}")
+    mem_map = root.u64(MEM_MAP_PROP, "KHO root FDT")
+    if require_map and mem_map == 0:
+        raise AbiError("KHO root FDT: preserved-memory-map is 0 (never finalized)")
+    subtrees = tuple(
+        (child.name, child.u64(SUBTREE_PROP, "KHO root FDT")) for child in root.children
+    )
+    return KhoRoot(match[0], mem_map, subtrees)

@@ -1,0 +1,273 @@
+"""The ``kho-v1`` preserved-memory map: per-order bitmaps behind a chunk list (spec/kho.md 3.1).
+
+Tracker semantics: a preserved block ``(pfn, order)`` sets bit ``(pfn >> order) % BITS`` of the
+bitmap with index ``(pfn >> order) // BITS`` of that order. Serialized, each order starts a new
+chain of 4096-byte chunks::
+
+    struct khoser_mem_chunk { u64 next; u32 order; u32 num_elms;          // 16-byte header
+                              struct { u64 phys_start; u64 bitmap; } bitmaps[255]; };
+
+``phys_start`` is the address covered by bit 0; ``bitmap`` the phys of a bitmap of 4096 bytes
+(6.18+) or 512 bytes (6.16/6.17; the compatible string did not change, see
+:func:`detect_bitmap_bytes`). Bit *i* is byte ``i // 8``, bit ``i % 8`` (LE ``unsigned long``).
+
+Everything is numpy end to end: encoders take arrays of block addresses and orders, decoders
+return arrays. There is no Python object per page.
+
+Validation on decode is stricter than Linux (which only finds map errors while reserving): the
+whole chain is checked before anything is returned -- chunk alignment and bounds, loops,
+``num_elms <= 255``, ``order <= MAX_PAGE_ORDER``, bitmap pointers inside RAM, and
+``phys_start`` alignment.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+
+import numpy as np
+
+from liveupdate.abi.consts import MAX_PAGE_ORDER, PAGE_SHIFT, PAGE_SIZE
+from liveupdate.abi.physmem import PhysMem
+from liveupdate.errors import AbiError
+
+CHUNK_SIZE = PAGE_SIZE
+CHUNK_HDR_SIZE = 16
+CHUNK_ENTRIES = (CHUNK_SIZE - CHUNK_HDR_SIZE) // 16  # 255
+BITMAP_BYTES_6_18 = PAGE_SIZE  # PRESERVE_BITS = PAGE_SIZE * 8
+BITMAP_BYTES_6_16 = 512  # PRESERVE_BITS = 512 * 8
+BITMAP_SIZES = (BITMAP_BYTES_6_18, BITMAP_BYTES_6_16)
+# A chain longer than this cannot describe any RAM we emulate; it is a corrupt or hostile map.
+MAX_CHUNKS = 1 << 20
+
+CHUNK_HDR_DTYPE = np.dtype([("next", "<u8"), ("order", "<u4"), ("num_elms", "<u4")])
+ENTRY_DTYPE = np.dtype([("phys_start", "<u8"), ("bitmap", "<u8")])
+
+
+@dataclass(frozen=True)
+class Bitmaps:
+    """The tracker's bitmaps, sorted by (order, phys_start) as the serializer walks them."""
+
+    order: np.ndarray  # uint32[n]
+    phys_start: np.ndarray  # uint64[n]
+    bits: np.ndarray  # uint8[n, bitmap_bytes]
+
+    @property
+    def bitmap_bytes(self) -> int:
+        return int(self.bits.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.order.shape[0])
+
+    def chunks_needed(self) -> int:
+        """Chunks for this map: a fresh chain of ceil(n/255) per order present."""
+        _, counts = np.unique(self.order, return_counts=True)
+        return int(((counts + CHUNK_ENTRIES - 1) // CHUNK_ENTRIES).sum())
+
+
+@dataclass(frozen=True)
+class PreservedMemory:
+    """A decoded map: one entry per preserved block, in serialization order."""
+
+    phys: np.ndarray  # uint64[n]
+    order: np.ndarray  # uint8[n]
+    bitmap_bytes: int
+
+    def __len__(self) -> int:
+        return int(self.phys.shape[0])
+
+    def pages(self) -> int:
+        return int((np.uint64(1) << self.order.astype(np.uint64)).sum())
+
+
+def _validate_blocks(phys: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    phys = np.asarray(phys, dtype=np.uint64)
+    order = np.asarray(order, dtype=np.uint8)
+    if phys.shape != order.shape or phys.ndim != 1:
+        raise AbiError("preserved blocks: phys and order arrays differ in shape")
+    if phys.size and int(order.max()) > MAX_PAGE_ORDER:
+        raise AbiError(f"preserved blocks: order {int(order.max())} > {MAX_PAGE_ORDER}")
+    mask = (np.uint64(1) << (order.astype(np.uint64) + np.uint64(PAGE_SHIFT))) - np.uint64(1)
+    if np.any(phys & mask):
+        raise AbiError("preserved blocks: a block is not aligned to its order")
+    return phys, order
+
+
+def build_bitmaps(phys: np.ndarray, order: np.ndarray,
+                  bitmap_bytes: int = BITMAP_BYTES_6_18) -> Bitmaps:
+    """The bitmaps the kho-v1 tracker holds for these blocks (duplicates collapse)."""
+    if bitmap_bytes not in BITMAP_SIZES:
+        raise AbiError(f"bitmap size {bitmap_bytes} is neither 4096 nor 512 bytes")
+    phys, order = _validate_blocks(phys, order)
+    bits_per = bitmap_bytes * 8
+    high = phys >> (order.astype(np.uint64) + np.uint64(PAGE_SHIFT))  # pfn >> order
+    index = high // np.uint64(bits_per)
+    bit = (high % np.uint64(bits_per)).astype(np.int64)
+    # Group by (order, index). A dense presence table is O(n) when the index range is small
+    # (always, for RAM we emulate); np.unique's sort is the general fallback.
+    key = (order.astype(np.uint64) << np.uint64(40)) | index
+    max_index = int(index.max()) if index.size else 0
+    if max_index < (1 << 16):
+        dense = order.astype(np.int64) * (max_index + 1) + index.astype(np.int64)
+        present = np.zeros((MAX_PAGE_ORDER + 1) * (max_index + 1), dtype=bool)
+        present[dense] = True
+        slots = np.flatnonzero(present)
+        group_of_slot = np.cumsum(present) - 1
+        group = group_of_slot[dense]
+        g_order = (slots // (max_index + 1)).astype(np.uint32)
+        g_index = (slots % (max_index + 1)).astype(np.uint64)
+    else:
+        ukeys, group = np.unique(key, return_inverse=True)
+        g_order = (ukeys >> np.uint64(40)).astype(np.uint32)
+        g_index = ukeys & np.uint64((1 << 40) - 1)
+    flat = np.zeros(len(g_order) * bits_per, dtype=bool)
+    flat[group.astype(np.int64) * bits_per + bit] = True
+    bits = np.packbits(flat, bitorder="little").reshape(len(g_order), bitmap_bytes)
+    phys_start = (g_index * np.uint64(bits_per)) << (
+        g_order.astype(np.uint64) + np.uint64(PAGE_SHIFT)
+    )
+    return Bitmaps(g_order, phys_start, bits)
+
+
+def encode_chunks(bm: Bitmaps, bitmap_phys: np.ndarray, chunk_phys: np.ndarray) -> np.ndarray:
+    """Serialize: the chunk pages (uint8[nchunks, 4096]) to write at ``chunk_phys``.
+
+    ``bitmap_phys[i]`` is where the caller stores ``bm.bits[i]``; ``chunk_phys`` must hold
+    exactly ``bm.chunks_needed()`` page-aligned addresses. The map pointer is ``chunk_phys[0]``
+    (or 0 when nothing is preserved).
+    """
+    bitmap_phys = np.asarray(bitmap_phys, dtype=np.uint64)
+    chunk_phys = np.asarray(chunk_phys, dtype=np.uint64)
+    if bitmap_phys.shape != (len(bm),):
+        raise AbiError("one bitmap address per bitmap is needed")
+    if chunk_phys.shape != (bm.chunks_needed(),):
+        raise AbiError(f"{bm.chunks_needed()} chunk addresses are needed")
+    if np.any(chunk_phys % np.uint64(PAGE_SIZE)):
+        raise AbiError("chunk addresses must be page aligned")
+    out = np.zeros((len(chunk_phys), CHUNK_SIZE), dtype=np.uint8)
+    ci = 0
+    orders, starts = np.unique(bm.order, return_index=True)
+    for o, start in zip(orders.tolist(), starts.tolist(), strict=True):
+        n = int(np.count_nonzero(bm.order == o))
+        for first in range(start, start + n, CHUNK_ENTRIES):
+            count = min(CHUNK_ENTRIES, start + n - first)
+            hdr = out[ci, :CHUNK_HDR_SIZE].view(CHUNK_HDR_DTYPE)
+            hdr["next"] = chunk_phys[ci + 1] if ci + 1 < len(chunk_phys) else 0
+            hdr["order"] = o
+            hdr["num_elms"] = count
+            ent = out[ci, CHUNK_HDR_SIZE:].view(ENTRY_DTYPE)
+            ent["phys_start"][:count] = bm.phys_start[first : first + count]
+            ent["bitmap"][:count] = bitmap_phys[first : first + count]
+            ci += 1
+    return out
+
+
+@dataclass(frozen=True)
+class ChunkEntries:
+    """The raw entries of a chunk chain, before the bitmaps are read."""
+
+    chunk_phys: np.ndarray  # uint64[chunks]
+    order: np.ndarray  # uint32[n]
+    phys_start: np.ndarray  # uint64[n]
+    bitmap_phys: np.ndarray  # uint64[n]
+
+
+def read_chunks(mem: PhysMem, first: int) -> ChunkEntries:
+    """Walk and validate the chunk chain starting at ``first`` (0 = empty map)."""
+    seen: set[int] = set()
+    chunks: list[int] = []
+    orders: list[np.ndarray] = []
+    entries: list[np.ndarray] = []
+    phys = first
+    while phys:
+        if phys in seen:
+            raise AbiError(f"KHO memory map: chunk chain loops back to {phys:#x}")
+        if len(chunks) >= MAX_CHUNKS:
+            raise AbiError(f"KHO memory map: more than {MAX_CHUNKS} chunks")
+        if phys % PAGE_SIZE:
+            raise AbiError(f"KHO memory map: chunk {phys:#x} is not page aligned")
+        page = np.frombuffer(mem.read(phys, CHUNK_SIZE, "KHO memory map chunk"), np.uint8)
+        hdr = page[:CHUNK_HDR_SIZE].view(CHUNK_HDR_DTYPE)[0]
+        order, num = int(hdr["order"]), int(hdr["num_elms"])
+        if num > CHUNK_ENTRIES:
+            raise AbiError(f"KHO memory map: chunk {phys:#x} has num_elms {num} > 255")
+        if order > MAX_PAGE_ORDER:
+            raise AbiError(f"KHO memory map: chunk {phys:#x} has order {order} > 10")
+        seen.add(phys)
+        chunks.append(phys)
+        orders.append(np.full(num, order, dtype=np.uint32))
+        entries.append(page[CHUNK_HDR_SIZE:].view(ENTRY_DTYPE)[:num])
+        phys = int(hdr["next"])
+    ent = np.concatenate(entries) if entries else np.zeros(0, ENTRY_DTYPE)
+    return ChunkEntries(
+        np.array(chunks, dtype=np.uint64),
+        np.concatenate(orders) if orders else np.zeros(0, np.uint32),
+        ent["phys_start"].copy(),
+        ent["bitmap"].copy(),
+    )
+
+
+def detect_bitmap_bytes(ce: ChunkEntries) -> int:
+    """Which bitmap size produced this map (spec/kho.md 3.1.4 and its errata).
+
+    512-byte bitmaps come from kmalloc-512 slabs, so their addresses are usually not page
+    aligned: that is checked first. Then the alignment rule: with 4096-byte bitmaps every
+    ``phys_start`` is a multiple of ``32768 << (order + 12)``. A 512-byte producer can pass both
+    by coincidence; callers that know the producer should say so instead of detecting.
+    """
+    if len(ce.order) == 0:
+        return BITMAP_BYTES_6_18
+    if np.any(ce.bitmap_phys % np.uint64(PAGE_SIZE)):
+        return BITMAP_BYTES_6_16
+    span = np.uint64(BITMAP_BYTES_6_18 * 8) << (ce.order.astype(np.uint64) + np.uint64(PAGE_SHIFT))
+    if np.any(ce.phys_start % span):
+        return BITMAP_BYTES_6_16
+    return BITMAP_BYTES_6_18
+
+
+def decode_mem_map(mem: PhysMem, first: int, bitmap_bytes: int | None = None) -> PreservedMemory:
+    """Decode the whole map into block arrays; every pointer is checked before use."""
+    ce = read_chunks(mem, first)
+    if bitmap_bytes is None:
+        bitmap_bytes = detect_bitmap_bytes(ce)
+    if bitmap_bytes not in BITMAP_SIZES:
+        raise AbiError(f"bitmap size {bitmap_bytes} is neither 4096 nor 512 bytes")
+    bits_per = bitmap_bytes * 8
+    n = len(ce.order)
+    if n == 0:
+        return PreservedMemory(np.zeros(0, np.uint64), np.zeros(0, np.uint8), bitmap_bytes)
+    span = np.uint64(bits_per) << (ce.order.astype(np.uint64) + np.uint64(PAGE_SHIFT))
+    bad = np.flatnonzero(ce.phys_start % span)
+    if bad.size:
+        i = int(bad[0])
+        raise AbiError(
+            f"KHO memory map: entry phys_start {int(ce.phys_start[i]):#x} is not aligned to "
+            f"its {bitmap_bytes}-byte bitmap span"
+        )
+    for bp in ce.bitmap_phys.tolist():
+        mem.check(bp, bitmap_bytes, "KHO memory map bitmap")
+    bits = np.frombuffer(
+        b"".join(mem.read(bp, bitmap_bytes) for bp in ce.bitmap_phys.tolist()), np.uint8
+    ).reshape(n, bitmap_bytes)
+    row, bit = np.nonzero(np.unpackbits(bits, axis=1, bitorder="little"))
+    order = ce.order[row].astype(np.uint64)
+    phys = ce.phys_start[row] + (bit.astype(np.uint64) << (order + np.uint64(PAGE_SHIFT)))
+    if np.any(phys < ce.phys_start[row]):
+        raise AbiError("KHO memory map: a preserved block wraps past 2^64")
+    return PreservedMemory(phys, order.astype(np.uint8), bitmap_bytes)
+
+
+def merged_ranges(phys: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Merge blocks into sorted, disjoint ``[start, end)`` ranges: uint64[n, 2]."""
+    phys = np.asarray(phys, dtype=np.uint64)
+    if phys.size == 0:
+        return np.zeros((0, 2), dtype=np.uint64)
+    end = phys + (np.uint64(PAGE_SIZE) << np.asarray(order, dtype=np.uint64))
+    idx = np.argsort(phys, kind="stable")
+    s, e = phys[idx], end[idx]
+    run_end = np.maximum.accumulate(e)
+    new = np.ones(len(s), dtype=bool)
+    new[1:] = s[1:] > run_end[:-1]
+    starts = s[new]
+    ends = run_end[np.r_[np.flatnonzero(new)[1:] - 1, len(s) - 1]]
+    return np.stack([starts, ends], axis=1)

@@ -1,0 +1,1 @@
+"""Command-line front ends: they parse and print, nothing more."""

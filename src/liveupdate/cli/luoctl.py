@@ -1,0 +1,149 @@
+"""``luoctl``: the command-line tool for KHO and LUO."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from liveupdate import example as example_mod
+from liveupdate.abi import inspect as inspect_mod
+from liveupdate.abi.physmem import PhysMem
+from liveupdate.cli.render import print_report
+from liveupdate.errors import LiveUpdateError
+
+SIZE_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+class SizeParam(click.ParamType):
+    """A byte size with an optional K/M/G/T suffix, as memparse."""
+
+    name = "SIZE"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        s = str(value).strip().upper().removesuffix("B").removesuffix("I")
+        mult = SIZE_SUFFIXES.get(s[-1:], 1)
+        digits = s[:-1] if s[-1:] in SIZE_SUFFIXES else s
+        if not digits.isdigit() or int(digits) == 0:
+            self.fail(f"{value!r} is not a size such as 4G or 512M", param, ctx)
+        return int(digits) * mult
+
+
+def _fail(err: Exception) -> None:
+    click.echo(f"luoctl: error: {err}", err=True)
+    sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def main() -> None:
+    """Drive and inspect Linux live updates: Kexec HandOver (KHO) and the Live Update
+    Orchestrator (LUO).
+
+    Every command prints for people by default and for scripts with --json. Errors are one
+    line on standard error with the errno name, and a non-zero exit status.
+    """
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--ram", "ram", type=click.Path(dir_okay=False, path_type=Path),
+              help="RAM image where physical address == file offset; pointers in FILE are "
+                   "followed through it.")
+@click.option("--bitmap-bytes", type=click.Choice(["auto", "4096", "512"]), default="auto",
+              show_default=True,
+              help="Size of kho-v1 bitmaps: 4096 (6.18+), 512 (6.16/6.17), or detect.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def inspect(file: Path, ram: Path | None, bitmap_bytes: str, as_json: bool) -> None:
+    """Decode a KHO/LUO handover blob.
+
+    FILE is a KHO root FDT, a setup_data blob (SETUP_KEXEC_KHO), or a known sub-FDT
+    (memblock-v1, kho-test-v1, luo-v1 of either era, file-descriptors-v1, FDT memfd-v1);
+    its kind is detected from its content. With --ram, inspect follows setup_data to the
+    root FDT, decodes the preserved-memory map (blocks per order and merged ranges) and every
+    sub-FDT and structure it knows: LUO sessions, files, memfd folios, vmalloc arrays.
+
+    Exit status: 0 when everything decoded, 1 on any error (errors met while following a
+    pointer are shown in place and everything else that decoded is still printed).
+
+    \b
+    Examples:
+      luoctl inspect /sys/kernel/debug/kho/out/fdt
+      luoctl inspect --ram ram.img setup_data.bin --json
+    """
+    try:
+        blob = file.read_bytes()
+        bb = None if bitmap_bytes == "auto" else int(bitmap_bytes)
+        if ram is None:
+            report = inspect_mod.describe(blob, None, bb)
+        else:
+            with open(ram, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+                report = inspect_mod.describe(blob, PhysMem(m), bb)
+    except (LiveUpdateError, OSError, ValueError) as e:
+        _fail(e)
+    errs = inspect_mod.errors(report)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        print_report(str(file), report, Console())
+    for e in errs:
+        click.echo(f"luoctl: error: {e}", err=True)
+    sys.exit(1 if errs else 0)
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory for ram.img (sparse) and setup_data.bin.")
+@click.option("--generation", type=click.Choice(example_mod.GENERATIONS), default="6.19",
+              show_default=True, help="LUO era of the handover.")
+@click.option("--memory", type=SizeParam(), default="1G", show_default=True,
+              help="RAM size (the image is sparse: only written pages use disk).")
+@click.option("--vm-memory", type=SizeParam(), default="16M", show_default=True,
+              help="Size of the preserved memfd (2 MiB folios).")
+@click.option("--bitmap-bytes", type=click.Choice(["4096", "512"]), default="4096",
+              show_default=True, help="kho-v1 bitmap size to serialize with.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+def example(out: Path, generation: str, memory: int, vm_memory: int, bitmap_bytes: str,
+            as_json: bool) -> None:
+    """Write an example handover as an outgoing kernel leaves it in RAM at kexec.
+
+    The RAM image holds boot parameters, a SETUP_KEXEC_KHO setup_data node, the KHO root FDT
+    with memblock, kho_test and LUO subtrees, the serialized memory map and a memfd of VM
+    memory. setup_data.bin is a copy of the setup_data node, the entry point for
+    `luoctl inspect --ram`.
+    """
+    try:
+        ex = example_mod.build(generation, memory, vm_memory >> 20, int(bitmap_bytes))
+        out.mkdir(parents=True, exist_ok=True)
+        ram_path = out / "ram.img"
+        fd = os.open(ram_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, ex.ram_size)
+            for phys, data in sorted(ex.writes.items()):
+                os.pwrite(fd, data, phys)
+        finally:
+            os.close(fd)
+        (out / "setup_data.bin").write_bytes(ex.setup_data)
+    except (LiveUpdateError, OSError) as e:
+        _fail(e)
+    info = {"ram": str(ram_path), "setup_data": str(out / "setup_data.bin"),
+            "generation": generation, "ram_size": ex.ram_size,
+            "boot_params": f"{ex.boot_params_phys:#x}", "preserved_pages": ex.preserved_pages}
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        click.echo(f"wrote {ram_path} ({ex.ram_size >> 20} MiB sparse, LUO {generation}, "
+                   f"{ex.preserved_pages} preserved pages, boot params at "
+                   f"{ex.boot_params_phys:#x}) and {out / 'setup_data.bin'}", err=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Rendering of JSON-able reports for people: a rich tree, tables for per-order counts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.tree import Tree
+
+_TABLES = {"per_order", "areas", "reserve_mem"}
+
+
+def _table(rows: list[dict[str, Any]]) -> Table:
+    t = Table(show_edge=False, pad_edge=False)
+    for key in rows[0]:
+        t.add_column(key, justify="right" if isinstance(rows[0][key], int) else "left")
+    for r in rows:
+        t.add_row(*(str(v) for v in r.values()))
+    return t
+
+
+def _add(tree: Tree, key: str, value: Any) -> None:
+    if isinstance(value, dict):
+        label = f"[bold]{key}[/]"
+        if "error" in value:
+            label += f"  [red]error: {value['error']}[/]"
+        branch = tree.add(label)
+        for k, v in value.items():
+            if k != "error":
+                _add(branch, k, v)
+    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        if key in _TABLES:
+            tree.add(f"[bold]{key}[/]").add(_table(value))
+            return
+        branch = tree.add(f"[bold]{key}[/] ({len(value)})")
+        for i, v in enumerate(value):
+            name = v.get("name") or v.get("token") or str(i)
+            _add(branch, str(name), v)
+    elif key == "ranges" and isinstance(value, list):
+        shown = ", ".join(f"[{s}, {e})" for s, e in value[:8])
+        more = f" ... (+{len(value) - 8})" if len(value) > 8 else ""
+        tree.add(f"[bold]ranges[/] ({len(value)}): {shown}{more}")
+    else:
+        tree.add(f"[bold]{key}[/]: {value}")
+
+
+def print_report(title: str, report: dict[str, Any], console: Console) -> None:
+    tree = Tree(f"[bold cyan]{title}[/]")
+    for k, v in report.items():
+        _add(tree, k, v)
+    console.print(tree)

@@ -1,0 +1,36 @@
+"""The one exception root of the project.
+
+Every error a user, a test or another kernel can see is a :class:`LiveUpdateError`: an errno
+(the value a Linux kernel would return for the same failure) and a one-line message.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class LiveUpdateError(Exception):
+    """An error with an errno and a one-line message."""
+
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(err, message)
+        self.errno = err
+        self.message = message
+
+    @property
+    def errno_name(self) -> str:
+        return _errno.errorcode.get(self.errno, str(self.errno))
+
+    def __str__(self) -> str:
+        return f"{self.message} [{self.errno_name}: {os.strerror(self.errno)}]"
+
+
+class AbiError(LiveUpdateError):
+    """Bytes that cross a kexec or the uAPI are malformed, or cannot be encoded.
+
+    Every decoder in :mod:`liveupdate.abi` raises exactly this, whatever the input.
+    """
+
+    def __init__(self, message: str, err: int = _errno.EINVAL) -> None:
+        super().__init__(err, message)
