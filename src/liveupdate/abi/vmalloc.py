@@ -67,8 +67,9 @@ def encode_chunks(block_phys: np.ndarray, chunk_phys: np.ndarray) -> np.ndarray:
         raise AbiError("a vmalloc block at physical address 0 cannot be listed")
     out = np.zeros((len(chunk_phys), PAGE_SIZE // 8), dtype="<u8")
     out[:-1, 0] = chunk_phys[1:]
-    flat = out[:, 1:].reshape(-1)
-    flat[: len(block_phys)] = block_phys
+    for i in range(len(chunk_phys)):
+        part = block_phys[i * CHUNK_ENTRIES : (i + 1) * CHUNK_ENTRIES]
+        out[i, 1 : 1 + len(part)] = part
     return out.view(np.uint8).reshape(len(chunk_phys), PAGE_SIZE)
 
 

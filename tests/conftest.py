@@ -1,0 +1,60 @@
+"""Shared test helpers: a RAM buffer with an allocator, used to lay out handover structures."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from liveupdate.abi.consts import PAGE_SIZE
+from liveupdate.abi.physmem import PhysMem
+
+
+class FakeRam:
+    """A small RAM (bytearray) at ``base``, with a page allocator."""
+
+    def __init__(self, pages: int = 64, base: int = 0x100000) -> None:
+        self.buf = bytearray(pages * PAGE_SIZE)
+        self.base = base
+        self.next = base
+
+    def alloc(self, pages: int = 1) -> int:
+        phys = self.next
+        self.next += pages * PAGE_SIZE
+        assert self.next <= self.base + len(self.buf), "FakeRam exhausted"
+        return phys
+
+    def put(self, phys: int, data: bytes | np.ndarray) -> None:
+        raw = bytes(data)
+        off = phys - self.base
+        self.buf[off : off + len(raw)] = raw
+
+    def mem(self) -> PhysMem:
+        return PhysMem(self.buf, base=self.base)
+
+
+@pytest.fixture
+def ram() -> FakeRam:
+    return FakeRam()
+
+
+def dtc_available() -> bool:
+    return shutil.which("dtc") is not None and shutil.which("fdtdump") is not None
+
+
+needs_dtc = pytest.mark.skipif(
+    not dtc_available(),
+    reason="device-tree-compiler not installed (apt-get install device-tree-compiler)",
+)
+
+
+def dtc_decompile(blob: bytes) -> str:
+    return subprocess.run(["dtc", "-q", "-I", "dtb", "-O", "dts", "-"], input=blob,
+                          capture_output=True, check=True).stdout.decode()
+
+
+def dtc_recompile(dts: str) -> bytes:
+    return subprocess.run(["dtc", "-q", "-I", "dts", "-O", "dtb", "-"], input=dts.encode(),
+                          capture_output=True, check=True).stdout
