@@ -6,6 +6,13 @@ blob whose ``totalsize`` lies makes libfdt read past the buffer (pylibfdt 1.7.2 
 every header field and block against the real length in Python before libfdt sees a byte, and
 libfdt only ever gets a copy cut to ``totalsize``.
 
+**pylibfdt crashes on a bad structure block too.** Its wrappers turn the ``NULL`` that libfdt
+returns for a property name offset outside the strings block into a string, and segfault (found
+by our fuzz test). :func:`check_struct` therefore walks the structure block's tokens once in
+Python -- names terminated inside the block, property lengths inside the block, name offsets
+inside the strings block and terminated there, nodes balanced, ``FDT_END`` last -- before libfdt
+parses anything.
+
 ``fdt_check_full`` is deliberately *not* the gate: it rejects the v3 LUO files FDT, whose root
 node is named ``file-descriptors`` (spec/luo.md section 1.5 errata), which dtc and the kernel
 accept. Instead :func:`parse` walks the whole structure block once and returns a plain tree.
@@ -100,6 +107,71 @@ def check_header(blob: bytes | bytearray | memoryview, what: str = "FDT") -> Hea
     return hdr
 
 
+FDT_BEGIN_NODE, FDT_END_NODE, FDT_PROP, FDT_NOP, FDT_END = 1, 2, 3, 4, 9
+
+
+def _check_name(raw: bytes, what: str, kind: str) -> None:
+    # Printable ASCII only: pylibfdt cannot return other names without failing inside C.
+    if any(c < 0x21 or c > 0x7E or c == 0x2F for c in raw):
+        raise AbiError(f"{what}: {kind} name {raw[:32]!r} has characters outside printable "
+                       "ASCII")
+
+
+def check_struct(data: bytes, hdr: Header, what: str = "FDT") -> None:
+    """Walk every token of the structure block; raise AbiError on anything libfdt could
+    misread. ``data`` is the blob cut to totalsize and ``hdr`` its checked header."""
+    start, end = hdr.off_dt_struct, hdr.off_dt_struct + hdr.size_dt_struct
+    strings = data[hdr.off_dt_strings : hdr.off_dt_strings + hdr.size_dt_strings]
+    off, depth, seen_root = start, 0, False
+
+    def need(n: int) -> None:
+        if off + n > end:
+            raise AbiError(f"{what}: structure block truncated at {off - start:#x}")
+
+    while True:
+        need(4)
+        (tag,) = struct.unpack_from(">I", data, off)
+        off += 4
+        if tag == FDT_BEGIN_NODE:
+            if depth == 0 and seen_root:
+                raise AbiError(f"{what}: a second root node")
+            nul = data.find(b"\0", off, end)
+            if nul < 0:
+                raise AbiError(f"{what}: node name not terminated in the structure block")
+            _check_name(data[off:nul], what, "node")
+            off = (nul + 4) & ~3
+            depth, seen_root = depth + 1, True
+            if depth > FDT_MAX_DEPTH:
+                raise AbiError(f"{what}: nodes nested deeper than {FDT_MAX_DEPTH}")
+        elif tag == FDT_END_NODE:
+            if depth == 0:
+                raise AbiError(f"{what}: unbalanced end of node")
+            depth -= 1
+        elif tag == FDT_PROP:
+            if depth == 0:
+                raise AbiError(f"{what}: property outside any node")
+            need(8)
+            length, nameoff = struct.unpack_from(">II", data, off)
+            off += 8
+            need(length)
+            off = (off + length + 3) & ~3
+            name_end = strings.find(b"\0", nameoff) if nameoff < len(strings) else -1
+            if name_end < 0:
+                raise AbiError(f"{what}: property name offset {nameoff:#x} outside the "
+                               "strings block")
+            _check_name(strings[nameoff:name_end], what, "property")
+        elif tag == FDT_NOP:
+            continue
+        elif tag == FDT_END:
+            if depth or not seen_root:
+                raise AbiError(f"{what}: structure block ends inside a node or has no root")
+            return
+        else:
+            raise AbiError(f"{what}: bad structure tag {tag:#x} at {off - 4 - start:#x}")
+        if off > end:
+            raise AbiError(f"{what}: structure block overrun")
+
+
 @dataclass
 class Node:
     """A decoded FDT node: properties in byte-stream order, children in byte-stream order."""
@@ -185,6 +257,7 @@ def parse(blob: bytes | bytearray | memoryview, what: str = "FDT") -> Tree:
     """Validate and fully decode an FDT. The only error raised is AbiError."""
     hdr = check_header(blob, what)
     data = bytes(blob[: hdr.totalsize])
+    check_struct(data, hdr, what)
     try:
         fdt = libfdt.Fdt(data)
         quiet = (libfdt.NOTFOUND,)

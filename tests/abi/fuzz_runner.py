@@ -1,0 +1,202 @@
+"""Fuzz one decoder with hypothesis; run as ``python -m tests.abi.fuzz_runner NAME [N]``.
+
+Runs in its own process (see test_fuzz.py) so that a segfault in libfdt or a hang fails a
+test instead of killing pytest. Inputs are random bytes and mutations of valid blobs:
+truncated, oversized, wrong magic, wrong compatible, lying header fields, flipped bytes.
+Exit status 0 means every input either decoded or raised AbiError.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from collections.abc import Callable
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from liveupdate.abi import (
+    bootparams,
+    fdt,
+    inspect,
+    kho,
+    kho_memmap,
+    kho_test,
+    luo_session,
+    luo_v3,
+    memblock,
+    memfd,
+    uapi,
+    vmalloc,
+)
+from liveupdate.abi.physmem import PhysMem
+from liveupdate.errors import AbiError
+from tests.conftest import FakeRam
+
+# The blob that segfaults pylibfdt 1.7.2 when libfdt sees it unchecked.
+SEGFAULT_BLOB = struct.pack(">10I", 0xD00DFEED, 0x7FFFFFFF, 0x38, 0x40000000, 0x28, 17, 16, 0,
+                            0x100, 0x10) + bytes(64)
+
+
+def _seeds() -> dict[str, bytes]:
+    v = vmalloc.KhoVmalloc(0x101000, 1, 1, 0)
+    f = memfd.Folios(np.array([0x200], np.uint64), np.array([3], np.uint16),
+                     np.array([0], np.uint64))
+    return {
+        "root": kho.encode_root_sequential(0x116BE4000, [("memblock", 0x117150000)]),
+        "luo_v3": luo_v3.encode_luo_fdt([("file-descriptors", 0x1000)]),
+        "files": luo_v3.encode_files_fdt([luo_v3.FileEntry(0x1A, "memfd-v1", 0x2000)]),
+        "luo_session": luo_session.encode_luo_fdt(1, 0x100000, 0x200000),
+        "memfd_fdt": memfd.encode_fdt(memfd.MemfdState(0, 4096, f)),
+        "kho_test": kho_test.encode(kho_test.KhoTest(1, 5, None, v)),
+        "kho_test_inline": kho_test.encode(kho_test.KhoTest(1, 5, np.array([0x2000]), None)),
+        "memblock": memblock.encode([memblock.ReserveMem("trace", 0x1000, 0x2000)]),
+        "setup_data": bootparams.kho_setup_data(bootparams.KhoData(0x100000, 4096,
+                                                                   0x101000, 16)),
+        "boot_params": bootparams.BootParams(cmd_line_ptr=0x100000).encode(),
+        "memfd_v1": memfd.encode_ser(memfd.MemfdSer(0, 4096, 1, v)),
+        "memfd_v2": memfd.encode_ser(memfd.MemfdSer(0, 4096, 1, v, 1, memfd.MEMFD_V2)),
+        "ioctl": uapi.ioctl(uapi.Gen.V6_19, "CREATE_SESSION").pack(name="x"),
+    }
+
+
+SEEDS = _seeds()
+
+
+@st.composite
+def mutated(draw: st.DrawFn, seed: bytes) -> bytes:
+    kind = draw(st.sampled_from(["random", "truncate", "extend", "flip", "header", "magic",
+                                 "compat", "segv"]))
+    b = bytearray(seed)
+    if kind == "random":
+        return draw(st.binary(max_size=512))
+    if kind == "truncate":
+        return bytes(b[: draw(st.integers(0, max(0, len(b) - 1)))])
+    if kind == "extend":
+        return bytes(b) + draw(st.binary(min_size=1, max_size=64))
+    if kind == "flip":
+        for _ in range(draw(st.integers(1, 8))):
+            i = draw(st.integers(0, len(b) - 1))
+            b[i] = draw(st.integers(0, 255))
+        return bytes(b)
+    if kind == "header" and len(b) >= 40:
+        i = draw(st.integers(0, 9))
+        b[4 * i : 4 * i + 4] = struct.pack(">I", draw(st.sampled_from(
+            [0, 1, 0x28, 0x38, len(b), len(b) + 1, 0x7FFFFFFF, 0x40000000, 0xFFFFFFFF])
+            | st.integers(0, 2**32 - 1)))
+        return bytes(b)
+    if kind == "magic":
+        return b"\xd0\x0d\xfe\xee" + bytes(b[4:])
+    if kind == "compat":
+        for old in (b"kho-v1", b"luo-v1", b"memfd-v1", b"kho-test-v1", b"memblock-v1",
+                    b"file-descriptors-v1", b"luo-session-v2", b"reserve-mem-v1"):
+            b = bytearray(bytes(b).replace(old, old[:-1] + b"9"))
+        return bytes(b)
+    return SEGFAULT_BLOB
+
+
+def ram_mutated(draw: st.DrawFn) -> tuple[PhysMem, int]:
+    """A small RAM with a valid structure at its base, then mutated; plus a pointer."""
+    ram = FakeRam(pages=24, base=0x100000)
+    raw = draw(st.binary(min_size=0, max_size=256))
+    off = draw(st.integers(0, len(ram.buf) - 1))
+    ram.buf[off : off + len(raw)] = raw[: len(ram.buf) - off]
+    ptr = draw(st.sampled_from([0x100000, 0x101000, 0x100008, 0, 0xFFFFFFFFFFFFF000])
+               | st.integers(0, 2**64 - 1))
+    return ram.mem(), ptr
+
+
+def _mem_map(draw: st.DrawFn) -> None:
+    ram = FakeRam(pages=24, base=0x100000)
+    bm = kho_memmap.build_bitmaps(np.array([0x200000, 0x400000], np.uint64),
+                                  np.array([0, 9], np.uint8))
+    bphys = np.array([0x100000 + 0x1000 * (i + 2) for i in range(len(bm))], np.uint64)
+    for p, bits in zip(bphys.tolist(), bm.bits, strict=True):
+        ram.put(p, bits.tobytes())
+    chunks = np.array([0x100000 + 0x1000 * i for i in range(bm.chunks_needed())], np.uint64)
+    for p, page in zip(chunks.tolist(), kho_memmap.encode_chunks(bm, bphys, chunks),
+                       strict=True):
+        ram.put(p, page)
+    raw = draw(st.binary(max_size=64))
+    off = draw(st.integers(0, 0x3000))
+    ram.buf[off : off + len(raw)] = raw
+    kho_memmap.decode_mem_map(ram.mem(), draw(st.sampled_from([0x100000, 0x100010])),
+                              draw(st.sampled_from([None, 4096, 512])))
+
+
+def _sessions(draw: st.DrawFn) -> None:
+    mem, ptr = ram_mutated(draw)
+    luo_session.decode_sessions(mem, ptr)
+    luo_session.decode_flbs(mem, ptr)
+
+
+def _vmalloc(draw: st.DrawFn) -> None:
+    mem, ptr = ram_mutated(draw)
+    desc = vmalloc.KhoVmalloc.decode(draw(mutated(SEEDS["memfd_v1"]))[24:40].ljust(16, b"\0"))
+    vmalloc.decode(mem, vmalloc.KhoVmalloc(ptr, desc.total_pages, desc.flags, desc.order))
+
+
+def _boot(draw: st.DrawFn) -> None:
+    mem, ptr = ram_mutated(draw)
+    bp = bootparams.BootParams.decode(draw(mutated(SEEDS["boot_params"])))
+    bootparams.BootParams(bp.e820, ptr, bp.cmdline_size, 0).read_cmdline(mem)
+    bootparams.read_setup_chain(mem, ptr)
+
+
+def _inspect(draw: st.DrawFn) -> None:
+    mem, _ = ram_mutated(draw)
+    blob = draw(mutated(draw(st.sampled_from(sorted(SEEDS.values())))))
+    inspect.describe(blob, mem)
+
+
+def _blob(seed: str, fn: Callable[[bytes], object]) -> Callable[[st.DrawFn], None]:
+    return lambda draw: (fn(draw(mutated(SEEDS[seed]))), None)[1]
+
+
+DECODERS: dict[str, Callable[[st.DrawFn], None]] = {
+    "fdt.parse": _blob("root", fdt.parse),
+    "kho.decode_root": _blob("root", kho.decode_root),
+    "kho_memmap.decode_mem_map": _mem_map,
+    "vmalloc.decode": _vmalloc,
+    "bootparams.setup_data": _blob("setup_data", lambda b: bootparams.decode_kho_setup_data(
+        bootparams.decode_setup_data(b)[0])),
+    "bootparams.boot_params": _boot,
+    "bootparams.scratch": _blob("setup_data", bootparams.decode_scratch),
+    "bootparams.chosen": _blob("setup_data", lambda b: bootparams.decode_chosen_range(b[:16])),
+    "luo_v3.decode_luo_fdt": _blob("luo_v3", luo_v3.decode_luo_fdt),
+    "luo_v3.decode_files_fdt": _blob("files", luo_v3.decode_files_fdt),
+    "luo_session.decode_luo_fdt": _blob("luo_session", luo_session.decode_luo_fdt),
+    "luo_session.decode_sessions": _sessions,
+    "memfd.decode_fdt": _blob("memfd_fdt", memfd.decode_fdt),
+    "memfd.decode_ser_v1": _blob("memfd_v1", lambda b: memfd.decode_ser(b, memfd.MEMFD_V1)),
+    "memfd.decode_ser_v2": _blob("memfd_v2", lambda b: memfd.decode_ser(b, memfd.MEMFD_V2)),
+    "memfd.decode_folio_array": _blob("memfd_v1", lambda b: memfd.decode_folio_array(
+        b, len(b) // 16, 1 << 20)),
+    "kho_test.decode": _blob("kho_test", kho_test.decode),
+    "kho_test.decode_inline": _blob("kho_test_inline", kho_test.decode),
+    "memblock.decode": _blob("memblock", memblock.decode),
+    "uapi.lookup": _blob("ioctl", lambda b: uapi.lookup(
+        uapi.Gen.V6_19, uapi.Target.DEVICE, 0xBA00, b)),
+    "inspect.describe": _inspect,
+}
+
+
+def run(name: str, examples: int) -> None:
+    body = DECODERS[name]
+
+    @settings(max_examples=examples, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def fuzz(data: st.DataObject) -> None:
+        try:
+            body(data.draw)
+        except AbiError:
+            pass
+
+    fuzz()
+
+
+if __name__ == "__main__":
+    run(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 300)
+    print(f"{sys.argv[1]}: ok")
