@@ -8,6 +8,7 @@ Exit status 0 means every input either decoded or raised AbiError.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import sys
 from collections.abc import Callable
@@ -189,10 +190,8 @@ def run(name: str, examples: int) -> None:
               suppress_health_check=list(HealthCheck))
     @given(st.data())
     def fuzz(data: st.DataObject) -> None:
-        try:
+        with contextlib.suppress(AbiError):  # the one documented error
             body(data.draw)
-        except AbiError:
-            pass
 
     fuzz()
 

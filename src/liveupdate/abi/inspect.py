@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from liveupdate.abi import (
     memfd,
     vmalloc,
 )
+from liveupdate.abi.consts import MAX_PAGE_ORDER
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError, LiveUpdateError
 
@@ -73,6 +75,10 @@ def describe(blob: bytes, mem: PhysMem | None = None, bitmap_bytes: int | None =
     return _DESCRIBE[kind](blob, mem, bitmap_bytes)
 
 
+def _describe_at(mem: PhysMem, phys: int, what: str, bb: int | None) -> Report:
+    return describe(mem.read_fdt(phys, what), mem, bb)
+
+
 def _describe_setup_data(blob: bytes, mem: PhysMem | None, bb: int | None) -> Report:
     node, nxt = bootparams.decode_setup_data(blob)
     kd = bootparams.decode_kho_setup_data(node)
@@ -94,7 +100,7 @@ def _describe_setup_data(blob: bytes, mem: PhysMem | None, bb: int | None) -> Re
 
 def memory_summary(pm: kho_memmap.PreservedMemory) -> Report:
     per_order = []
-    for o in range(kho_memmap.MAX_PAGE_ORDER + 1):
+    for o in range(MAX_PAGE_ORDER + 1):
         n = int(np.count_nonzero(pm.order == o))
         if n:
             per_order.append({"order": o, "blocks": n, "pages": n << o})
@@ -111,8 +117,7 @@ def describe_root(blob: bytes, mem: PhysMem | None = None, bb: int | None = None
     for name, phys in root.subtrees:
         sub: Report = {"name": name, "fdt": hx(phys)}
         if mem is not None:
-            sub["content"] = _guard(
-                lambda p=phys, n=name: describe(mem.read_fdt(p, f"subtree {n}"), mem, bb))
+            sub["content"] = _guard(partial(_describe_at, mem, phys, f"subtree {name}", bb))
         rep["subtrees"].append(sub)
     if mem is not None and root.mem_map:
         rep["memory"] = _guard(
@@ -194,8 +199,7 @@ def _describe_luo_v3(blob: bytes, mem: PhysMem | None, bb: int | None) -> Report
                    "subsystems": {k: hx(v) for k, v in luo.subsystems.items()}}
     files_phys = luo.files_fdt
     if mem is not None and files_phys:
-        rep["files"] = _guard(lambda: describe(
-            mem.read_fdt(files_phys, "files FDT"), mem, bb))
+        rep["files"] = _guard(partial(_describe_at, mem, files_phys, "files FDT", bb))
     return rep
 
 
@@ -204,8 +208,7 @@ def _describe_files_fdt(blob: bytes, mem: PhysMem | None, bb: int | None) -> Rep
     for f in luo_v3.decode_files_fdt(blob):
         entry: Report = {"token": hx(f.token), "compatible": f.compatible, "data": hx(f.data)}
         if mem is not None and f.compatible == memfd.MEMFD_V1 and f.data:
-            entry["memfd"] = _guard(lambda d=f.data: describe(
-                mem.read_fdt(d, "memfd FDT"), mem, bb))
+            entry["memfd"] = _guard(partial(_describe_at, mem, f.data, "memfd FDT", bb))
         files.append(entry)
     return {"kind": "files-fdt", "compatible": luo_v3.FILES_COMPATIBLE, "files": files}
 
@@ -229,7 +232,7 @@ def _describe_luo_session(blob: bytes, mem: PhysMem | None, bb: int | None) -> R
                                  "data": hx(f.data)}
                 if f.compatible in (memfd.MEMFD_V1, memfd.MEMFD_V2):
                     entry["memfd"] = _guard(
-                        lambda d=f.data, c=f.compatible: describe_memfd_ser(mem, d, c))
+                        partial(describe_memfd_ser, mem, f.data, f.compatible))
                 files.append(entry)
             out.append({"name": s.name, "files": files})
         return {"list": out}

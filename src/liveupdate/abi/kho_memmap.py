@@ -22,7 +22,6 @@ whole chain is checked before anything is returned -- chunk alignment and bounds
 
 from __future__ import annotations
 
-import errno
 from dataclasses import dataclass
 
 import numpy as np

@@ -9,10 +9,9 @@ inside one RAM range, so a hostile pointer becomes an :class:`AbiError` (EFAULT)
 from __future__ import annotations
 
 import errno
+import struct
 from collections.abc import Iterable
 from typing import Protocol
-
-import struct
 
 import numpy as np
 

@@ -118,7 +118,8 @@ class Ioctl:
         return self._codes()[self.fields.index(field)].endswith("s")
 
     def _codes(self) -> list[str]:
-        out, num = [], ""
+        out: list[str] = []
+        num = ""
         for ch in self.layout:
             if ch.isdigit():
                 num += ch
@@ -129,7 +130,8 @@ class Ioctl:
         return out
 
     def _pad_offsets(self) -> list[int]:
-        offsets, pos, num = [], 0, ""
+        offsets: list[int] = []
+        pos, num = 0, ""
         for ch in self.layout:
             if ch.isdigit():
                 num += ch

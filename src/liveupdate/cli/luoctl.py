@@ -21,7 +21,7 @@ from liveupdate.errors import LiveUpdateError
 SIZE_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-class SizeParam(click.ParamType):
+class SizeParam(click.ParamType[int]):
     """A byte size with an optional K/M/G/T suffix, as memparse."""
 
     name = "SIZE"
@@ -94,8 +94,8 @@ def inspect(file: Path, ram: Path | None, bitmap_bytes: str, as_json: bool) -> N
         click.echo(json.dumps(report, indent=2))
     else:
         print_report(str(file), report, Console())
-    for e in errs:
-        click.echo(f"luoctl: error: {e}", err=True)
+    for line in errs:
+        click.echo(f"luoctl: error: {line}", err=True)
     sys.exit(1 if errs else 0)
 
 
