@@ -6,8 +6,10 @@ Built sequentially::
         data { nr_folios = <u32>; folios_info = <...>; csum = <u32>; }; };
 
 ``folios_info`` is an inline ``u64[nr_folios]`` of ``phys | order`` (6.16) or a 16-byte
-``struct kho_vmalloc`` of that array (6.18+); the reader tells them apart by length, exactly as
-test_kho requires ``8 * n`` or 16 bytes.
+``struct kho_vmalloc`` of that array (6.18+). test_kho of each version requires exactly ``8 * n``
+or 16 bytes; ``decode`` takes the form when the caller knows the producer, and otherwise infers
+it from the length -- ambiguous only for ``nr_folios == 2``, read then as the 6.18+ vmalloc
+form.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def encode(t: KhoTest) -> bytes:
     return b.end_node().end_node().finish()
 
 
-def decode(blob: bytes) -> KhoTest:
+def decode(blob: bytes, form: str | None = None) -> KhoTest:
+    """``form`` is ``"inline"`` (6.16), ``"vmalloc"`` (6.18+) or None to infer."""
     what = "kho_test FDT"
     tree = fdt.parse(blob, what)
     tree.root.check_compatible(KHO_TEST_COMPAT, what)
@@ -62,12 +65,17 @@ def decode(blob: bytes) -> KhoTest:
     n = data.u32("nr_folios", what)
     csum = data.u32("csum", what)
     raw = data.need("folios_info", what)
-    if len(raw) == 8 * n:
+    if form not in (None, "inline", "vmalloc"):
+        raise AbiError(f"unknown kho_test form {form!r}")
+    if form is None:
+        form = "vmalloc" if len(raw) == DESC_SIZE else "inline"
+    if form == "inline" and len(raw) == 8 * n:
         info = np.frombuffer(raw, "<u8").copy()
         order = info & np.uint64(PAGE_SIZE - 1)
         if n and int(order.max()) > MAX_PAGE_ORDER:
             raise AbiError(f"{what}: a folio order exceeds {MAX_PAGE_ORDER}")
         return KhoTest(n, csum, info, None)
-    if len(raw) == DESC_SIZE:
+    if form == "vmalloc" and len(raw) == DESC_SIZE:
         return KhoTest(n, csum, None, KhoVmalloc.decode(raw))
-    raise AbiError(f"{what}: folios_info is {len(raw)} bytes, neither {8 * n} nor 16")
+    want = 8 * n if form == "inline" else DESC_SIZE
+    raise AbiError(f"{what}: folios_info is {len(raw)} bytes, not {want} ({form} form)")

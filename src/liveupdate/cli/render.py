@@ -20,14 +20,14 @@ def _table(rows: list[dict[str, Any]]) -> Table:
     return t
 
 
-def _add(tree: Tree, key: str, value: Any) -> None:
+def _add(tree: Tree, key: str, value: Any, skip: str = "") -> None:
     if isinstance(value, dict):
         label = f"[bold]{key}[/]"
         if "error" in value:
             label += f"  [red]error: {value['error']}[/]"
         branch = tree.add(label)
         for k, v in value.items():
-            if k != "error":
+            if k not in ("error", skip):
                 _add(branch, k, v)
     elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
         if key in _TABLES:
@@ -35,8 +35,8 @@ def _add(tree: Tree, key: str, value: Any) -> None:
             return
         branch = tree.add(f"[bold]{key}[/] ({len(value)})")
         for i, v in enumerate(value):
-            name = v.get("name") or v.get("token") or str(i)
-            _add(branch, str(name), v)
+            label = "name" if "name" in v else "token" if "token" in v else ""
+            _add(branch, str(v[label]) if label else str(i), v, skip=label)
     elif key == "ranges" and isinstance(value, list):
         shown = ", ".join(f"[{s}, {e})" for s, e in value[:8])
         more = f" ... (+{len(value) - 8})" if len(value) > 8 else ""
