@@ -6,9 +6,11 @@ real x86 offsets (Documentation/arch/x86/zero-page.rst, boot.rst)::
 
     0x0c8 u32 ext_cmd_line_ptr     0x1e8 u8  e820_entries      0x1fe u16 boot_flag = 0xAA55
     0x202 u32 header = "HdrS"      0x206 u16 version = 0x020f   0x228 u32 cmd_line_ptr
-    0x238 u32 cmdline_size         0x250 u64 setup_data        0x2d0 e820_table[128] (20 B each)
+    0x238 u32 cmdline_size         0x250 u64 setup_data        0x258 u64 pref_address
+    0x2d0 e820_table[128] (20 B each)
 
-Every other byte is zero. The command line is a NUL-terminated string at
+``pref_address`` carries where the running kernel's image lies (the emulated kernel reads its
+own image header there); every other byte is zero. The command line is a NUL-terminated string at
 ``cmd_line_ptr | ext_cmd_line_ptr << 32``. ``setup_data`` nodes are
 ``{u64 next; u32 type; u32 len; u8 data[len]}``; type 10 (``SETUP_KEXEC_KHO``) carries the
 packed 32-byte ``struct kho_data {u64 fdt_addr, fdt_size, scratch_addr, scratch_size}``.
@@ -36,6 +38,7 @@ OFF_VERSION = 0x206
 OFF_CMD_LINE_PTR = 0x228
 OFF_CMDLINE_SIZE = 0x238
 OFF_SETUP_DATA = 0x250
+OFF_PREF_ADDRESS = 0x258
 OFF_E820_TABLE = 0x2D0
 E820_MAX_ENTRIES_ZEROPAGE = 128
 BOOT_FLAG = 0xAA55
@@ -182,6 +185,7 @@ class BootParams:
     cmd_line_ptr: int = 0
     cmdline_size: int = CMDLINE_MAX
     setup_data: int = 0
+    kernel_addr: int = 0
 
     def encode(self) -> bytes:
         if len(self.e820) > E820_MAX_ENTRIES_ZEROPAGE:
@@ -195,6 +199,7 @@ class BootParams:
         struct.pack_into("<I", page, OFF_CMD_LINE_PTR, self.cmd_line_ptr & 0xFFFFFFFF)
         struct.pack_into("<I", page, OFF_CMDLINE_SIZE, self.cmdline_size)
         struct.pack_into("<Q", page, OFF_SETUP_DATA, self.setup_data)
+        struct.pack_into("<Q", page, OFF_PREF_ADDRESS, self.kernel_addr)
         table = np.asarray(self.e820, dtype=E820_DTYPE).tobytes()
         page[OFF_E820_TABLE : OFF_E820_TABLE + len(table)] = table
         return bytes(page)
@@ -217,7 +222,8 @@ class BootParams:
         (ptr,) = struct.unpack_from("<I", raw, OFF_CMD_LINE_PTR)
         (size,) = struct.unpack_from("<I", raw, OFF_CMDLINE_SIZE)
         (sd,) = struct.unpack_from("<Q", raw, OFF_SETUP_DATA)
-        return cls(e820, ptr | ext << 32, size, sd)
+        (kaddr,) = struct.unpack_from("<Q", raw, OFF_PREF_ADDRESS)
+        return cls(e820, ptr | ext << 32, size, sd, kaddr)
 
     def ram_ranges(self) -> list[tuple[int, int]]:
         ram = self.e820[self.e820["type"] == E820_RAM]

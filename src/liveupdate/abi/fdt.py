@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import errno
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import libfdt
 
@@ -332,11 +334,11 @@ class RwTree:
     def blob(self) -> bytes:
         return self._blob
 
-    def _edit(self, what: str, op: object) -> int:
+    def _edit(self, what: str, op: Callable[[Any], object]) -> int:
         try:
             fdt = libfdt.Fdt(self._blob)
             fdt.resize(self.capacity)
-            ret = op(fdt)  # type: ignore[operator]
+            ret = op(fdt)
             if self._pack:
                 fdt.pack()
             data = fdt.as_bytearray()

@@ -256,17 +256,22 @@ def decode_mem_map(mem: PhysMem, first: int, bitmap_bytes: int | None = None) ->
     return PreservedMemory(phys, order.astype(np.uint8), bitmap_bytes)
 
 
-def merged_ranges(phys: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """Merge blocks into sorted, disjoint ``[start, end)`` ranges: uint64[n, 2]."""
-    phys = np.asarray(phys, dtype=np.uint64)
-    if phys.size == 0:
+def merge_intervals(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Sorted, disjoint ``[start, end)`` ranges covering the given ones: uint64[n, 2]."""
+    starts = np.asarray(starts, dtype=np.uint64)
+    ends = np.asarray(ends, dtype=np.uint64)
+    if starts.size == 0:
         return np.zeros((0, 2), dtype=np.uint64)
-    end = phys + (np.uint64(PAGE_SIZE) << np.asarray(order, dtype=np.uint64))
-    idx = np.argsort(phys, kind="stable")
-    s, e = phys[idx], end[idx]
+    idx = np.argsort(starts, kind="stable")
+    s, e = starts[idx], ends[idx]
     run_end = np.maximum.accumulate(e)
     new = np.ones(len(s), dtype=bool)
     new[1:] = s[1:] > run_end[:-1]
-    starts = s[new]
-    ends = run_end[np.r_[np.flatnonzero(new)[1:] - 1, len(s) - 1]]
-    return np.stack([starts, ends], axis=1)
+    last = np.r_[np.flatnonzero(new)[1:] - 1, len(s) - 1]
+    return np.stack([s[new], run_end[last]], axis=1)
+
+
+def merged_ranges(phys: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Merge preserved blocks into sorted, disjoint ``[start, end)`` ranges: uint64[n, 2]."""
+    phys = np.asarray(phys, dtype=np.uint64)
+    return merge_intervals(phys, phys + (np.uint64(PAGE_SIZE) << np.asarray(order, np.uint64)))

@@ -1,0 +1,81 @@
+"""Kernel image files of the emulated machine (our own format; Linux has none to copy).
+
+An image is what ``kexec_file_load`` reads and the firmware loads: a 16-byte preamble
+``"LUKIMG01" | u32 header_len | u32 0`` then a UTF-8 JSON header::
+
+    {"entry": "liveupdate.kernel.main", "release": "6.19.0-lu", "load_size": 33554432,
+     "kho": "kho-v1", "kho_bitmap_bytes": 4096, "luo": "6.19", "memfd": "memfd-v1"}
+
+``entry`` names the Python module that is the kernel's code; ``load_size`` is the memory the
+image occupies once loaded (its "text + data + bss"): the loader reserves that much, so scratch
+sizing behaves as in Linux. At the jump the machine reads this header back *from RAM* at the
+entry address, never from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import asdict, dataclass
+
+from liveupdate.abi.consts import PAGE_SIZE
+from liveupdate.errors import AbiError
+
+MAGIC = b"LUKIMG01"
+PREAMBLE = struct.Struct("<8sII")
+MAX_HEADER = PAGE_SIZE - PREAMBLE.size
+ENTRY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+KHO_FORMATS = ("kho-v1",)
+LUO_GENERATIONS = ("v3", "6.19", "7.1")
+MEMFD_FORMATS = ("memfd-v1", "memfd-v2")
+
+
+@dataclass(frozen=True)
+class KernelImage:
+    entry: str = "liveupdate.kernel.main"
+    release: str = "6.19.0-lu"
+    load_size: int = 32 << 20
+    kho: str = "kho-v1"
+    kho_bitmap_bytes: int = 4096
+    luo: str = "6.19"
+    memfd: str = "memfd-v1"
+
+    def validate(self) -> KernelImage:
+        if not ENTRY_RE.match(self.entry) or not self.entry.startswith("liveupdate."):
+            raise AbiError(f"image entry {self.entry!r} is not a liveupdate module")
+        if not 0 < self.load_size <= 1 << 32 or self.load_size % PAGE_SIZE:
+            raise AbiError(f"image load_size {self.load_size} is not a page multiple "
+                           "up to 4 GiB")
+        if self.kho not in KHO_FORMATS or self.kho_bitmap_bytes not in (4096, 512):
+            raise AbiError(f"image KHO format {self.kho}/{self.kho_bitmap_bytes} unsupported")
+        if self.luo not in LUO_GENERATIONS or self.memfd not in MEMFD_FORMATS:
+            raise AbiError(f"image LUO generation {self.luo}/{self.memfd} unsupported")
+        if not self.release or len(self.release) > 64:
+            raise AbiError("image release must be 1-64 characters")
+        return self
+
+    def encode(self) -> bytes:
+        self.validate()
+        head = json.dumps(asdict(self), sort_keys=True).encode()
+        return PREAMBLE.pack(MAGIC, len(head), 0) + head
+
+
+def decode(raw: bytes) -> KernelImage:
+    if len(raw) < PREAMBLE.size:
+        raise AbiError("kernel image shorter than its preamble")
+    magic, n, zero = PREAMBLE.unpack_from(raw)
+    if magic != MAGIC or zero:
+        raise AbiError("not a liveupdate kernel image (bad magic)")
+    if n > MAX_HEADER or PREAMBLE.size + n > len(raw):
+        raise AbiError(f"kernel image header length {n} is out of bounds")
+    try:
+        fields = json.loads(raw[PREAMBLE.size : PREAMBLE.size + n])
+        img = KernelImage(**fields)
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
+        raise AbiError(f"kernel image header is malformed: {e}") from e
+    for name, typ in (("entry", str), ("release", str), ("load_size", int), ("kho", str),
+                      ("kho_bitmap_bytes", int), ("luo", str), ("memfd", str)):
+        if not isinstance(getattr(img, name), typ) or isinstance(getattr(img, name), bool):
+            raise AbiError(f"kernel image field {name} has the wrong type")
+    return img.validate()

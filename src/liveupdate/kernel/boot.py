@@ -1,0 +1,156 @@
+"""Boot: from the machine's "go" (RAM + the boot parameters' address) to a running userspace.
+
+Cold boot and KHO boot share this path; only the boot parameters differ. The order follows
+Linux: setup_arch (e820 -> memblock, command line, image and setup_data reservations,
+``kho_populate``), early allocations (the memmap, ``reserve_mem``) -- from scratch only on a
+KHO boot -- then ``kho_memory_init`` (reserve preserved memory, or size and reserve fresh
+scratch on a cold boot), ``memblock_free_all`` (scratch-only ends; free memory goes to the
+buddy allocator, scratch to the kexec pool), ``kho_init`` (the new live root FDT), test
+components, and init.
+
+If the handover does not validate, the console says why and "disabling KHO revival", and the
+boot continues as a cold boot using nothing the previous kernel left.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from liveupdate.abi import bootparams, image, kho_memmap
+from liveupdate.abi.consts import PAGE_SHIFT, PAGE_SIZE
+from liveupdate.abi.physmem import PhysMem
+from liveupdate.errors import AbiError, LiveUpdateError
+from liveupdate.kernel import scratch_sizing, testmods
+from liveupdate.kernel.cmdline import Cmdline
+from liveupdate.kernel.kho import KhoIn, KhoOut, validate_handover
+from liveupdate.kernel.mm import reserve_mem
+from liveupdate.kernel.mm.memblock import (
+    MEMBLOCK_RSRV_KERN,
+    MEMBLOCK_RSRV_NOINIT,
+    Region,
+)
+from liveupdate.kernel.mm.pages import MEMMAP_BYTES_PER_PAGE
+
+if TYPE_CHECKING:
+    from liveupdate.kernel.kernel import Kernel
+
+LOW_MEMORY = 1 << 20
+
+
+def setup_arch(k: Kernel, bp_phys: int) -> bootparams.KhoData | None:
+    try:
+        bp = bootparams.BootParams.decode(k.mem.read(bp_phys, PAGE_SIZE, "boot params"))
+        k.mem = PhysMem(k.ram, ranges=bp.ram_ranges())
+        k.cmdline = Cmdline.parse(bp.read_cmdline(k.mem))
+        k.image = image.decode(k.mem.read(bp.kernel_addr, PAGE_SIZE, "kernel image"))
+        chain = bootparams.read_setup_chain(k.mem, bp.setup_data)
+    except AbiError as e:
+        k.panic(f"invalid boot parameters: {e}")
+    k.boot_params = bp
+    k.printk(f"Linux version {k.image.release} (liveupdate emulated kernel, "
+             f"KHO {k.image.kho}/{k.image.kho_bitmap_bytes}, LUO {k.image.luo})")
+    k.printk(f"Command line: {k.cmdline.raw}")
+    for start, size in k.mem.ranges:
+        k.memblock.add(start, size)
+        k.printk(f"BIOS-e820: [mem {start:#018x}-{start + size - 1:#018x}] usable")
+    k.memblock.reserve(0, LOW_MEMORY)  # firmware and real-mode area, as on x86
+    k.memblock.reserve(bp.kernel_addr, k.image.load_size, MEMBLOCK_RSRV_KERN)
+    k.memblock.reserve(bp_phys, PAGE_SIZE)
+    if bp.cmd_line_ptr:
+        k.memblock.reserve(bp.cmd_line_ptr, len(k.cmdline.raw) + 1)
+    for node in chain:
+        k.memblock.reserve(node.phys, bootparams.SETUP_HDR_SIZE + len(node.data))
+    k.disk_dir = k.cmdline.get("lu.disk")
+    k.kho_enabled = k.cmdline.flag("kho")
+    for node in chain:
+        if node.type == bootparams.SETUP_KEXEC_KHO:
+            try:
+                return bootparams.decode_kho_setup_data(node)
+            except AbiError as e:
+                k.printk(f"KHO: setup: {e.message}")
+                k.printk("KHO: disabling KHO revival")
+    return None
+
+
+def kho_populate(k: Kernel, kd: bootparams.KhoData) -> KhoIn | None:
+    try:
+        kin = validate_handover(k.mem, kd, k.image.kho_bitmap_bytes)
+    except AbiError as e:
+        k.printk(f"KHO: setup: {e.message}")
+        k.printk("KHO: disabling KHO revival")
+        return None
+    for a, s in zip(kin.scratch["addr"].tolist(), kin.scratch["size"].tolist(), strict=True):
+        k.memblock.mark_kho_scratch(a, s)
+    k.memblock.reserve(kin.scratch_phys, kin.scratch_len)
+    k.memblock.scratch_only = True
+    k.printk("KHO: found kexec handover data.")
+    return kin
+
+
+def kho_memory_init(k: Kernel) -> np.ndarray | None:
+    """Reserve preserved memory (KHO boot) or fresh scratch (cold boot, kho=on)."""
+    kin = k.kho_in
+    if kin is not None:
+        ranges = kho_memmap.merged_ranges(kin.preserved.phys, kin.preserved.order)
+        k.memblock.reserve_many(ranges[:, 0], ranges[:, 1], MEMBLOCK_RSRV_NOINIT)
+        k.meta.mark_kho_preserved(kin.preserved.phys, kin.preserved.order)
+        k.printk(f"KHO: reserved {kin.preserved.pages()} preserved pages in "
+                 f"{len(ranges)} ranges")
+        return kin.scratch
+    if k.kho_enabled:
+        return scratch_sizing.reserve(k)
+    return None
+
+
+def memblock_free_all(k: Kernel, scratch: np.ndarray | None) -> None:
+    k.memblock.scratch_only = False
+    areas = [] if scratch is None else list(zip(scratch["addr"].tolist(),
+                                                scratch["size"].tolist(), strict=True))
+    for start, end in k.memblock.free_ranges():
+        cur = start
+        for a, s in sorted(areas):
+            if a + s <= cur or a >= end:
+                continue
+            if a > cur:
+                k.buddy.free_range(cur >> PAGE_SHIFT, a >> PAGE_SHIFT)
+            cur = max(cur, a + s)
+        if cur < end:
+            k.buddy.free_range(-(-cur // PAGE_SIZE), end >> PAGE_SHIFT)
+    for a, s in areas:
+        if k.kho_in is not None:  # inherited: only what this boot did not take
+            for fs, fe in k.memblock.free_ranges([Region(a, s)]):
+                k.scratch_pool.add(fs, fe)
+        else:
+            k.scratch_pool.add(a, a + s)
+
+
+def start_kernel(k: Kernel, bp_phys: int) -> None:
+    kd = setup_arch(k, bp_phys)
+    if kd is not None:
+        k.kho_in = kho_populate(k, kd)
+    try:
+        k.memblock.alloc(-(-k.meta.nr_pages * MEMMAP_BYTES_PER_PAGE // PAGE_SIZE) * PAGE_SIZE,
+                         PAGE_SIZE)
+    except LiveUpdateError as e:
+        k.panic(f"cannot allocate the memmap: {e.message}")
+    reserve_mem.init(k)
+    scratch = kho_memory_init(k)
+    testmods.run(k, "early")
+    memblock_free_all(k, scratch)
+    k.printk(f"Memory: {k.buddy.nr_free << 2}K available, "
+             f"{sum(e - s for s, e in k.scratch_pool.free) >> 20}M in KHO scratch")
+    if k.kho_enabled and scratch is not None:
+        k.kho_out = KhoOut(k, scratch, k.image.kho_bitmap_bytes)
+        reserve_mem.preserve(k)
+        k.printk(f"KHO: root FDT at {k.kho_out.root_phys:#x}")
+    elif k.kho_enabled:
+        k.kho_enabled = False
+    run_base = k.cmdline.get("lu.run")
+    if run_base:
+        k.run_dir = os.path.join(run_base, f"kernel-{k.boot_id}")
+        os.makedirs(k.run_dir, exist_ok=True)
+    testmods.run(k, "late")
+    k.pre_jump_hooks = [m.pre_jump for m in testmods.enabled(k) if hasattr(m, "pre_jump")]

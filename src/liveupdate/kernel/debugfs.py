@@ -1,0 +1,104 @@
+"""The debugfs view of KHO (``/sys/kernel/debug/kho/``, 6.19 layout) and a status summary.
+
+Files: ``out/finalize`` (read 0/1; writing non-zero finalizes, 0 is EINVAL), ``out/fdt``,
+``out/scratch_phys`` / ``out/scratch_len`` (``0x%llx\\n`` per area), ``out/sub_fdts/<name>``,
+``in/fdt``, ``in/sub_fdts/<name>``. Unlike Linux, ``out/fdt`` exists on KHO boots too and is
+always the current tree.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from liveupdate.abi import fdt
+from liveupdate.errors import AbiError, LiveUpdateError
+
+if TYPE_CHECKING:
+    from liveupdate.kernel.kernel import Kernel
+
+
+def _sub_fdt(k: Kernel, subtrees: tuple[tuple[str, int], ...], name: str) -> bytes:
+    for n, phys in subtrees:
+        if n == name:
+            try:
+                return k.mem.read_fdt(phys, f"sub FDT {name}")
+            except AbiError as e:
+                raise LiveUpdateError(errno.EIO, e.message) from e
+    raise LiveUpdateError(errno.ENOENT, f"no sub FDT {name}")
+
+
+def _lines(values: list[int]) -> bytes:
+    return "".join(f"{v:#x}\n" for v in values).encode()
+
+
+def read(k: Kernel, path: str) -> bytes:
+    kout, kin = k.kho_out, k.kho_in
+    parts = path.strip("/").split("/")
+    if parts[0] == "out" and kout is not None:
+        if parts[1:] == ["finalize"]:
+            return f"{int(kout.finalized)}\n".encode()
+        if parts[1:] == ["fdt"]:
+            return kout.root.blob
+        if parts[1:] == ["scratch_phys"]:
+            return _lines(kout.scratch["addr"].tolist())
+        if parts[1:] == ["scratch_len"]:
+            return _lines(kout.scratch["size"].tolist())
+        if len(parts) == 3 and parts[1] == "sub_fdts":
+            return _sub_fdt(k, kout.subtrees(), parts[2])
+    if parts[0] == "in" and kin is not None:
+        if parts[1:] == ["fdt"]:
+            return kin.fdt[: fdt.check_header(kin.fdt).totalsize]
+        if len(parts) == 3 and parts[1] == "sub_fdts":
+            if parts[2] in kin.sub_fdts:
+                return kin.sub_fdts[parts[2]]
+            return _sub_fdt(k, kin.root.subtrees, parts[2])
+    raise LiveUpdateError(errno.ENOENT, f"no debugfs file kho/{path}")
+
+
+def write(k: Kernel, path: str, value: bytes) -> None:
+    if path.strip("/") != "out/finalize":
+        raise LiveUpdateError(errno.EACCES, f"kho/{path} is not writable")
+    kout = k.require_kho()
+    try:
+        on = int(value.strip(b"\0\n ") or b"0", 0)
+    except ValueError as e:
+        raise LiveUpdateError(errno.EINVAL, "finalize takes a number") from e
+    if not on:
+        raise LiveUpdateError(errno.EINVAL, "writing 0 to finalize is not supported")
+    kout.finalize()
+
+
+def status(k: Kernel) -> dict[str, Any]:
+    kout, kin = k.kho_out, k.kho_in
+    rep: dict[str, Any] = {"enabled": kout is not None, "kho_boot": kin is not None,
+                           "release": k.image.release, "boot_id": k.boot_id}
+    if kout is not None:
+        _, order = kout.preserved()
+        counts: list[int] = np.bincount(order.astype(np.int64), minlength=11).tolist()
+        rep["out"] = {
+            "finalized": kout.finalized,
+            "root_fdt": f"{kout.root_phys:#x}",
+            "preserved_memory_map": f"{kout.mem_map:#x}",
+            "scratch": [{"addr": f"{a:#x}", "size": int(s)} for a, s in
+                        zip(kout.scratch["addr"].tolist(), kout.scratch["size"].tolist(),
+                            strict=True)],
+            "preserved": [{"order": o, "blocks": int(c), "pages": int(c) << o}
+                          for o, c in enumerate(counts) if c],
+            "preserved_pages": int((np.uint64(1) << order.astype(np.uint64)).sum()),
+            "subtrees": [{"name": n, "fdt": f"{p:#x}"} for n, p in kout.subtrees()],
+        }
+    if kin is not None:
+        rep["in"] = {
+            "root_fdt": f"{kin.fdt_phys:#x}",
+            "preserved_pages": kin.preserved.pages(),
+            "restored_pages": kin.restored,
+            "scratch": [{"addr": f"{a:#x}", "size": int(s)} for a, s in
+                        zip(kin.scratch["addr"].tolist(), kin.scratch["size"].tolist(),
+                            strict=True)],
+            "subtrees": [{"name": n, "fdt": f"{p:#x}"} for n, p in kin.root.subtrees],
+        }
+    rep["reserve_mem"] = k.reserve_mem
+    return rep

@@ -1,0 +1,100 @@
+"""The running kernel's state: RAM, memory management, KHO, kexec, userspace.
+
+One :class:`Kernel` per boot. It owns the RAM mapping the machine handed over and provides
+the small memory-management interface KHO, kexec and the test components use.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import sys
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NoReturn
+
+from liveupdate.abi.bootparams import BootParams
+from liveupdate.abi.consts import PAGE_SHIFT, PAGE_SIZE
+from liveupdate.abi.image import KernelImage
+from liveupdate.abi.physmem import PhysMem
+from liveupdate.errors import LiveUpdateError
+from liveupdate.kernel.cmdline import Cmdline
+from liveupdate.kernel.kho import KhoIn, KhoOut
+from liveupdate.kernel.link import Link
+from liveupdate.kernel.mm.buddy import Buddy
+from liveupdate.kernel.mm.memblock import Memblock
+from liveupdate.kernel.mm.pages import PageMeta
+from liveupdate.kernel.mm.scratch import ScratchPool
+from liveupdate.kernel.syscalls.process import Userspace
+
+if TYPE_CHECKING:
+    from liveupdate.kernel.kexec import Loaded
+
+
+class Kernel:
+    def __init__(self, ram_fd: int, link: Link) -> None:
+        self.ram_size = os.fstat(ram_fd).st_size
+        self.ram = mmap.mmap(ram_fd, self.ram_size, mmap.MAP_SHARED,
+                             mmap.PROT_READ | mmap.PROT_WRITE)
+        self.link = link
+        self.lock = threading.RLock()  # the big kernel lock: syscalls and link requests
+        self.mem = PhysMem(self.ram)
+        self.memblock = Memblock()
+        self.meta = PageMeta(self.ram_size >> PAGE_SHIFT)
+        self.buddy = Buddy(self.meta)
+        self.scratch_pool = ScratchPool()
+        self.cmdline = Cmdline.parse("")
+        self.image = KernelImage()
+        self.kernel_addr = 0
+        self.boot_params = BootParams()
+        self.kho_enabled = False
+        self.kho_out: KhoOut | None = None
+        self.kho_in: KhoIn | None = None
+        self.reserve_mem: list[dict[str, object]] = []
+        self.userspace: Userspace | None = None
+        self.kexec_image: Loaded | None = None
+        self.pre_jump_hooks: list[Callable[[Kernel], None]] = []
+        self.boot_id = os.urandom(4).hex()
+        self.run_dir = ""
+        self.disk_dir = ""
+
+    # -- console --------------------------------------------------------------------------
+    def printk(self, msg: str) -> None:
+        sys.stdout.write(msg + "\n")
+        sys.stdout.flush()
+
+    def panic(self, reason: str) -> NoReturn:
+        from liveupdate.kernel import power
+
+        power.panic(self, reason)
+
+    # -- MmOps for KHO --------------------------------------------------------------------
+    def alloc_pages(self, order: int) -> int:
+        return self.buddy.alloc(order) << PAGE_SHIFT
+
+    def free_pages(self, phys: int, order: int) -> None:
+        self.buddy.free(phys >> PAGE_SHIFT, order)
+
+    def write(self, phys: int, data: bytes) -> None:
+        self.mem.check(phys, len(data), "kernel write")
+        self.ram[phys : phys + len(data)] = data
+
+    def zero(self, phys: int, size: int) -> None:
+        # Zeroing by punching keeps untouched RAM free on the host.
+        if phys % PAGE_SIZE == 0 and size % PAGE_SIZE == 0:
+            self.ram.madvise(mmap.MADV_REMOVE, phys, size)
+        else:
+            self.write(phys, bytes(size))
+
+    def read(self, phys: int, size: int) -> bytes:
+        return self.mem.read(phys, size)
+
+    def require_userspace(self) -> Userspace:
+        assert self.userspace is not None, "userspace starts before any syscall"
+        return self.userspace
+
+    def require_kho(self) -> KhoOut:
+        if self.kho_out is None:
+            raise LiveUpdateError(errno.EOPNOTSUPP, "KHO is disabled (boot with kho=on)")
+        return self.kho_out

@@ -1,0 +1,318 @@
+"""Kexec HandOver in the emulated kernel (kernel/liveupdate/kexec_handover.c, 6.19 semantics).
+
+Outgoing (:class:`KhoOut`): the tracker is Linux's -- per order, bitmaps indexed by
+``(pfn >> order) // BITS`` -- held as numpy arrays; the root FDT is built at boot in a
+preserved page and edited live as subtrees come and go; :meth:`KhoOut.finalize` serializes
+the memory map into freshly allocated, *not* preserved, chunk and bitmap pages.
+
+Incoming (:func:`validate_handover`, :class:`KhoIn`): the whole handover is validated before
+any of it is used -- root FDT, scratch array, every chunk and bitmap pointer, every preserved
+block inside RAM and outside scratch, every subtree pointer inside RAM. This is stricter than
+Linux, which checks the map only while reserving it; any failure makes the caller boot cold.
+
+Errors follow upstream: preserve -> EINVAL (scratch overlap, as CONFIG_KEXEC_HANDOVER_DEBUG
+does; we always check), ENOMEM; ``kho_alloc_preserve`` -> EINVAL (size 0), E2BIG (order > 10);
+``kho_add_subtree`` -> EEXIST, ENOMEM; ``kho_retrieve_subtree`` -> ENOENT; ``kho_finalize`` ->
+EOPNOTSUPP when KHO is disabled. Restore returns None where Linux returns NULL (with a WARN).
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from liveupdate.abi import bootparams, kho, kho_memmap, vmalloc
+from liveupdate.abi.consts import MAX_PAGE_ORDER, PAGE_SHIFT, PAGE_SIZE
+from liveupdate.abi.physmem import PhysMem
+from liveupdate.errors import AbiError, LiveUpdateError
+from liveupdate.kernel.mm.buddy import block_orders
+from liveupdate.kernel.mm.pages import KHO_PAGE_MAGIC, PageMeta
+
+
+class MmOps(Protocol):
+    """What KHO needs from the rest of the kernel."""
+
+    mem: PhysMem
+    meta: PageMeta
+
+    def alloc_pages(self, order: int) -> int: ...
+    def free_pages(self, phys: int, order: int) -> None: ...
+    def write(self, phys: int, data: bytes) -> None: ...
+    def zero(self, phys: int, size: int) -> None: ...
+
+
+def _order_for(size: int) -> int:
+    return max(0, (-(-size // PAGE_SIZE) - 1).bit_length())
+
+
+class KhoOut:
+    def __init__(self, mm: MmOps, scratch: np.ndarray, bitmap_bytes: int) -> None:
+        self.mm = mm
+        self.scratch = scratch  # structured array of (addr, size)
+        self.bitmap_bytes = bitmap_bytes
+        self.bits_per = bitmap_bytes * 8
+        self.tracker: dict[int, dict[int, np.ndarray]] = {}
+        self.finalized = False
+        self.mem_map = 0
+        self.meta_pages: list[int] = []
+        self.vmallocs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.root = kho.LiveRoot()
+        self.root_phys = self.alloc_preserve(PAGE_SIZE)
+        self._flush_root()
+
+    # -- the tracker ----------------------------------------------------------------------
+    def _check(self, phys: int, order: int) -> None:
+        if not 0 <= order <= MAX_PAGE_ORDER or phys % (PAGE_SIZE << order):
+            raise LiveUpdateError(errno.EINVAL, f"KHO: bad block {phys:#x} order {order}")
+        end = phys + (PAGE_SIZE << order)
+        for a, s in zip(self.scratch["addr"].tolist(), self.scratch["size"].tolist(),
+                        strict=True):
+            if phys < a + s and a < end:
+                raise LiveUpdateError(errno.EINVAL,
+                                      f"KHO: {phys:#x} order {order} overlaps scratch")
+
+    def _bit(self, phys: int, order: int, value: bool) -> None:
+        high = phys >> (PAGE_SHIFT + order)
+        bitmaps = self.tracker.setdefault(order, {})
+        idx = high // self.bits_per
+        if idx not in bitmaps:
+            if not value:
+                return
+            bitmaps[idx] = np.zeros(self.bits_per, bool)
+        bitmaps[idx][high % self.bits_per] = value
+
+    def preserve_folio(self, phys: int, order: int) -> None:
+        self._check(phys, order)
+        self._bit(phys, order, True)
+
+    def unpreserve_folio(self, phys: int, order: int) -> None:
+        self._bit(phys, order, False)
+
+    def preserve_pages(self, phys: int, nr: int) -> None:
+        blocks = block_orders(phys >> PAGE_SHIFT, (phys >> PAGE_SHIFT) + nr)
+        for pfn, order in blocks:  # all checks first: nothing is half-preserved
+            self._check(pfn << PAGE_SHIFT, order)
+        for pfn, order in blocks:
+            self._bit(pfn << PAGE_SHIFT, order, True)
+
+    def unpreserve_pages(self, phys: int, nr: int) -> None:
+        for pfn, order in block_orders(phys >> PAGE_SHIFT, (phys >> PAGE_SHIFT) + nr):
+            self._bit(pfn << PAGE_SHIFT, order, False)
+
+    def preserve_blocks(self, phys: np.ndarray, order: np.ndarray) -> None:
+        """Bulk preserve, vectorized (one array operation per bitmap touched)."""
+        phys = np.asarray(phys, np.uint64)
+        order = np.asarray(order, np.uint8)
+        for o in np.unique(order).tolist():
+            p = phys[order == o]
+            if len(p):
+                lo, hi = int(p.min()), int(p.max())
+                self._check(lo, o)
+                self._check(hi, o)
+                ends = p + np.uint64(PAGE_SIZE << o)
+                for a, s in zip(self.scratch["addr"].tolist(), self.scratch["size"].tolist(),
+                                strict=True):
+                    if np.any((p < np.uint64(a + s)) & (ends > np.uint64(a))):
+                        raise LiveUpdateError(errno.EINVAL, "KHO: a block overlaps scratch")
+                if np.any(p % np.uint64(PAGE_SIZE << o)):
+                    raise LiveUpdateError(errno.EINVAL, "KHO: a block is misaligned")
+        for o in np.unique(order).tolist():
+            high = phys[order == o] >> np.uint64(PAGE_SHIFT + o)
+            idx = high // np.uint64(self.bits_per)
+            bitmaps = self.tracker.setdefault(o, {})
+            for i in np.unique(idx).tolist():
+                bm = bitmaps.setdefault(i, np.zeros(self.bits_per, bool))
+                bm[(high[idx == i] % np.uint64(self.bits_per)).astype(np.int64)] = True
+
+    def preserved(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every preserved block as (phys, order) arrays."""
+        phys, order = [], []
+        for o, bitmaps in sorted(self.tracker.items()):
+            for i, bm in sorted(bitmaps.items()):
+                high = np.flatnonzero(bm).astype(np.uint64) + np.uint64(i * self.bits_per)
+                phys.append(high << np.uint64(PAGE_SHIFT + o))
+                order.append(np.full(len(high), o, np.uint8))
+        if not phys:
+            return np.zeros(0, np.uint64), np.zeros(0, np.uint8)
+        return np.concatenate(phys), np.concatenate(order)
+
+    # -- preserved allocations ------------------------------------------------------------
+    def alloc_preserve(self, size: int) -> int:
+        if size <= 0:
+            raise LiveUpdateError(errno.EINVAL, "kho_alloc_preserve: size 0")
+        order = _order_for(size)
+        if order > MAX_PAGE_ORDER:
+            raise LiveUpdateError(errno.E2BIG, f"kho_alloc_preserve: {size} bytes is too big")
+        phys = self.mm.alloc_pages(order)
+        self.mm.zero(phys, PAGE_SIZE << order)
+        try:
+            self.preserve_folio(phys, order)
+        except LiveUpdateError:
+            self.mm.free_pages(phys, order)
+            raise
+        return phys
+
+    def unpreserve_free(self, phys: int, size: int) -> None:
+        order = _order_for(size)
+        self.unpreserve_folio(phys, order)
+        self.mm.free_pages(phys, order)
+
+    def store(self, data: bytes) -> int:
+        """kho_alloc_preserve + copy: a preserved folio holding ``data``."""
+        phys = self.alloc_preserve(len(data))
+        self.mm.write(phys, data)
+        return phys
+
+    def preserve_vmalloc(self, data: bytes) -> vmalloc.KhoVmalloc:
+        """Preserve ``data`` as a vmalloc area of order-0 pages (kho_preserve_vmalloc)."""
+        pages = max(1, -(-len(data) // PAGE_SIZE))
+        blocks = np.array([self.mm.alloc_pages(0) for _ in range(pages)], np.uint64)
+        chunks = np.array([self.mm.alloc_pages(0) for _ in range(vmalloc.chunks_needed(pages))],
+                          np.uint64)
+        blocks_b, chunks_b = blocks << np.uint64(PAGE_SHIFT), chunks << np.uint64(PAGE_SHIFT)
+        data = data.ljust(pages * PAGE_SIZE, b"\0")
+        for i, p in enumerate(blocks_b.tolist()):
+            self.mm.write(p, data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
+        for p, page in zip(chunks_b.tolist(), vmalloc.encode_chunks(blocks_b, chunks_b),
+                           strict=True):
+            self.mm.write(p, page.tobytes())
+        self.preserve_blocks(np.concatenate([blocks_b, chunks_b]),
+                             np.zeros(len(blocks_b) + len(chunks_b), np.uint8))
+        desc = vmalloc.KhoVmalloc(int(chunks_b[0]), pages, vmalloc.KHO_VMALLOC_ALLOC, 0)
+        self.vmallocs[desc.first] = (blocks_b, chunks_b)
+        return desc
+
+    def unpreserve_vmalloc(self, desc: vmalloc.KhoVmalloc, free: bool = True) -> None:
+        blocks, chunks = self.vmallocs.pop(desc.first)
+        for p in np.concatenate([blocks, chunks]).tolist():
+            self.unpreserve_folio(p, 0)
+            if free:
+                self.mm.free_pages(p, 0)
+
+    # -- subtrees and the root ------------------------------------------------------------
+    def _flush_root(self) -> None:
+        self.mm.write(self.root_phys, self.root.blob.ljust(PAGE_SIZE, b"\0"))
+
+    def add_subtree(self, name: str, phys: int) -> None:
+        try:
+            self.root.add_subtree(name, phys)
+        except AbiError as e:
+            raise LiveUpdateError(e.errno, f"kho_add_subtree({name}): {e.message}") from e
+        self._flush_root()
+
+    def remove_subtree(self, phys: int) -> None:
+        if self.root.remove_subtree(phys):
+            self._flush_root()
+
+    def subtrees(self) -> tuple[tuple[str, int], ...]:
+        return kho.decode_root(self.root.blob).subtrees
+
+    # -- finalize -------------------------------------------------------------------------
+    def finalize(self) -> int:
+        """Serialize the memory map (again); returns the map pointer."""
+        for p in self.meta_pages:
+            self.mm.free_pages(p, 0)
+        self.meta_pages = []
+        phys, order = self.preserved()
+        bm = kho_memmap.build_bitmaps(phys, order, self.bitmap_bytes)
+        bitmap_pages = [self.mm.alloc_pages(0) for _ in range(len(bm))]
+        chunk_pages = [self.mm.alloc_pages(0) for _ in range(bm.chunks_needed())]
+        self.meta_pages = bitmap_pages + chunk_pages
+        for p, bits in zip(bitmap_pages, bm.bits, strict=True):
+            self.mm.write(p, bits.tobytes())
+        chunks = kho_memmap.encode_chunks(bm, np.array(bitmap_pages, np.uint64),
+                                          np.array(chunk_pages, np.uint64))
+        for p, page in zip(chunk_pages, chunks, strict=True):
+            self.mm.write(p, page.tobytes())
+        self.mem_map = chunk_pages[0] if chunk_pages else 0
+        self.root.set_mem_map(self.mem_map)
+        self._flush_root()
+        self.finalized = True
+        return self.mem_map
+
+
+# -- incoming -----------------------------------------------------------------------------
+
+@dataclass
+class KhoIn:
+    fdt_phys: int
+    fdt: bytes
+    root: kho.KhoRoot
+    scratch: np.ndarray
+    scratch_phys: int
+    scratch_len: int
+    preserved: kho_memmap.PreservedMemory
+    restored: int = 0
+    sub_fdts: dict[str, bytes] = field(default_factory=dict)
+
+    def retrieve_subtree(self, name: str) -> int:
+        try:
+            return self.root.subtree(name)
+        except AbiError as e:
+            raise LiveUpdateError(errno.ENOENT, f"kho_retrieve_subtree({name}): not found") \
+                from e
+
+
+def validate_handover(mem: PhysMem, kd: bootparams.KhoData, bitmap_bytes: int) -> KhoIn:
+    """Everything kho_populate and kho_mem_deserialize would meet, checked up front."""
+    if kd.fdt_size != PAGE_SIZE:
+        raise AbiError(f"root FDT size {kd.fdt_size} is not one page")
+    blob = mem.read(kd.fdt_addr, kd.fdt_size, "KHO root FDT")
+    root = kho.decode_root(blob, require_map=True)
+    scratch = bootparams.decode_scratch(mem.read(kd.scratch_addr, kd.scratch_size,
+                                                 "KHO scratch array"))
+    for a, s in zip(scratch["addr"].tolist(), scratch["size"].tolist(), strict=True):
+        if s == 0 or a % PAGE_SIZE or s % PAGE_SIZE:
+            raise AbiError(f"scratch area {a:#x}+{s:#x} is empty or not page aligned")
+        mem.check(a, s, "KHO scratch area")
+    order = np.argsort(scratch["addr"])
+    sa, ss = scratch["addr"][order], scratch["size"][order]
+    if np.any(sa[1:] < sa[:-1] + ss[:-1]):
+        raise AbiError("KHO scratch areas overlap")
+    pm = kho_memmap.decode_mem_map(mem, root.mem_map, bitmap_bytes)
+    ends = pm.phys + (np.uint64(PAGE_SIZE) << pm.order.astype(np.uint64))
+    inside = np.zeros(len(pm), bool)
+    for s, n in mem.ranges:
+        inside |= (pm.phys >= np.uint64(s)) & (ends <= np.uint64(s + n))
+    if not np.all(inside):
+        bad = int(pm.phys[~inside][0])
+        raise AbiError(f"preserved block {bad:#x} lies outside RAM")
+    for a, s in zip(sa.tolist(), ss.tolist(), strict=True):
+        if np.any((pm.phys < np.uint64(a + s)) & (ends > np.uint64(a))):
+            raise AbiError(f"a preserved block overlaps scratch area {a:#x}")
+    for name, phys in root.subtrees:
+        mem.check(phys, 8, f"subtree {name}")
+    return KhoIn(kd.fdt_addr, blob, root, scratch, kd.scratch_addr, kd.scratch_size, pm)
+
+
+def restore_folio(kin: KhoIn, meta: PageMeta, phys: int) -> int | None:
+    """kho_restore_folio: the order, or None if ``phys`` is not a preserved head page."""
+    pfn = phys >> PAGE_SHIFT
+    if not meta.pfn_valid(pfn):
+        return None
+    info = int(meta.private[pfn])
+    order = info & 0xFFFFFFFF
+    if info >> 32 != KHO_PAGE_MAGIC or order > MAX_PAGE_ORDER:
+        return None
+    meta.private[pfn] = 0
+    meta.refcount[pfn : pfn + (1 << order)] = 0
+    meta.refcount[pfn] = 1
+    meta.order[pfn] = order
+    kin.restored += 1 << order
+    return order
+
+
+def restore_pages(kin: KhoIn, meta: PageMeta, phys: int, nr: int) -> bool:
+    """kho_restore_pages: mirror the preserve call's split; all or nothing."""
+    blocks = block_orders(phys >> PAGE_SHIFT, (phys >> PAGE_SHIFT) + nr)
+    for pfn, order in blocks:
+        info = int(meta.private[pfn]) if meta.pfn_valid(pfn) else 0
+        if info >> 32 != KHO_PAGE_MAGIC or info & 0xFFFFFFFF != order:
+            return False
+    for pfn, _ in blocks:
+        restore_folio(kin, meta, pfn << PAGE_SHIFT)
+        meta.refcount[pfn : pfn + (1 << meta.order[pfn])] = 1
+    return True

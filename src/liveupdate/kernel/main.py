@@ -1,0 +1,107 @@
+"""The kernel process: ``python -m liveupdate.kernel.main --ram-fd N --link-fd M``.
+
+The machine may start it early: it imports its code, then waits on the link for "go" with the
+physical address of the boot parameters. From then on it holds exactly the fds the machine gave
+(RAM, link, stdio to the console) and reads everything else from RAM. After boot it serves the
+machine's requests (run a program, KHO debugfs and status) while userspace runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import socket
+import subprocess
+import sys
+import threading
+import traceback
+from typing import Any
+
+from liveupdate.errors import LiveUpdateError
+from liveupdate.kernel import boot, debugfs, init
+from liveupdate.kernel.kernel import Kernel
+from liveupdate.kernel.link import Link
+from liveupdate.kernel.syscalls import server
+from liveupdate.kernel.syscalls.process import Userspace, become_subreaper
+
+
+def _run(k: Kernel, h: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    argv = h.get("argv")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise LiveUpdateError(errno.EINVAL, "run: argv must be a non-empty list of strings")
+    timeout = float(h.get("timeout", 60))
+    proc = k.require_userspace().spawn(argv, capture=True, cwd=k.disk_dir or "/")
+    try:
+        out, err = proc.popen.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        proc.popen.kill()
+        proc.popen.communicate()
+        raise LiveUpdateError(errno.ETIMEDOUT, f"run: {argv[0]} did not exit in {timeout}s") \
+            from e
+    finally:
+        k.require_userspace().reap(proc)
+    return {"status": proc.popen.returncode, "stdout": out.decode(errors="replace"),
+            "stderr": err.decode(errors="replace")}, b""
+
+
+def _request(k: Kernel, h: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    op = h.get("op")
+    if op == "run":
+        return _run(k, h)
+    with k.lock:
+        if op == "kho_status":
+            return {"status": debugfs.status(k)}, b""
+        if op == "debugfs":
+            return {}, debugfs.read(k, str(h.get("path", "")))
+        if op == "ping":
+            return {"boot_id": k.boot_id}, b""
+    raise LiveUpdateError(errno.ENOSYS, f"kernel: unknown request {op!r}")
+
+
+def _serve_request(k: Kernel, link: Link, h: dict[str, Any]) -> None:
+    try:
+        reply, data = _request(k, h)
+        reply["errno"] = 0
+    except LiveUpdateError as e:
+        reply, data = {"errno": e.errno, "message": e.message}, b""
+    reply["id"] = h.get("id")
+    with contextlib.suppress(OSError):  # the machine is gone; nobody to answer
+        link.send(reply, data)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="liveupdate-kernel")
+    ap.add_argument("--ram-fd", type=int, required=True)
+    ap.add_argument("--link-fd", type=int, required=True)
+    args = ap.parse_args()
+    link = Link(socket.socket(fileno=args.link_fd))
+    msg = link.recv()
+    if msg is None or msg[0].get("op") != "go":
+        sys.exit(0)  # the machine let this warm kernel go unused
+    k = Kernel(args.ram_fd, link)
+    become_subreaper()
+    k.userspace = Userspace(lambda conn, proc: server.serve(k, conn, proc))
+    try:
+        with k.lock:
+            boot.start_kernel(k, int(msg[0]["boot_params"]))
+            k.printk("Run /init as init process")
+            init.start_services(k)
+    except Exception as e:  # a bug in the kernel is a kernel panic, as BUG() is
+        traceback.print_exc(file=sys.stdout)
+        k.panic(f"unexpected {type(e).__name__} during boot: {e}")
+    link.send({"op": "booted", "release": k.image.release, "boot_id": k.boot_id,
+               "run_dir": k.run_dir, "kho_boot": k.kho_in is not None})
+    while True:
+        try:
+            req = link.recv()
+        except OSError:
+            req = None
+        if req is None:  # the machine went away: power is gone
+            k.require_userspace().kill_all()
+            return
+        threading.Thread(target=_serve_request, args=(k, link, req[0]), daemon=True).start()
+
+
+if __name__ == "__main__":
+    main()

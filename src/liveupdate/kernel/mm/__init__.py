@@ -1,0 +1,1 @@
+"""Memory management: memblock, page metadata, the buddy allocator, scratch (CMA) areas."""

@@ -1,0 +1,38 @@
+"""Power transitions of the emulated kernel: panic, power off, restart.
+
+Where Linux would ``panic()``, the kernel stops with the reason on the console and tells the
+machine, which reports PANIC and can be power-cycled. Every path ends userspace first.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from liveupdate.kernel.kernel import Kernel
+
+
+def _end(k: Kernel, event: dict[str, object]) -> NoReturn:
+    if k.userspace is not None:
+        k.userspace.kill_all()
+    try:
+        k.link.send(event)
+    finally:
+        os._exit(0)
+
+
+def panic(k: Kernel, reason: str) -> NoReturn:
+    k.printk(f"Kernel panic - not syncing: {reason}")
+    k.printk("---[ end Kernel panic - not syncing: " + reason + " ]---")
+    _end(k, {"op": "panic", "reason": reason})
+
+
+def power_off(k: Kernel) -> NoReturn:
+    k.printk("reboot: Power down")
+    _end(k, {"op": "poweroff"})
+
+
+def restart(k: Kernel) -> NoReturn:
+    k.printk("reboot: Restarting system")
+    _end(k, {"op": "restart"})

@@ -1,0 +1,1 @@
+"""The server side of the syscall transport, and userspace process lifecycle."""

@@ -1,0 +1,35 @@
+"""Damage the handover after KHO finalize (``kho_corrupt=KIND``), so the next kernel must
+refuse it: ``root_fdt``, ``compatible``, ``map_outside_ram``, ``chunk_loop``, ``num_elms``,
+``bitmap_outside_ram``."""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from liveupdate.kernel.kernel import Kernel
+
+
+def pre_jump(k: Kernel) -> None:
+    kind = k.cmdline.get("kho_corrupt")
+    kout = k.require_kho()
+    root, first = kout.root_phys, kout.mem_map
+    if kind == "root_fdt":
+        k.write(root + 8, struct.pack(">I", 0x7FFFFFFF))  # off_dt_struct far outside
+    elif kind == "compatible":
+        blob = k.read(root, 4096)
+        k.write(root, blob.replace(b"kho-v1\0", b"kho-v9\0"))
+    elif kind == "map_outside_ram":
+        kout.root.set_mem_map(k.ram_size + 0x10000)
+        k.write(root, kout.root.blob)
+    elif kind == "chunk_loop":
+        k.write(first, struct.pack("<Q", first))
+    elif kind == "num_elms":
+        k.write(first + 12, struct.pack("<I", 256))
+    elif kind == "bitmap_outside_ram":
+        k.write(first + 16 + 8, struct.pack("<Q", k.ram_size + 0x20000))
+    else:
+        k.printk(f"kho_corrupt: unknown kind {kind!r}")
+        return
+    k.printk(f"kho_corrupt: damaged the handover ({kind})")

@@ -1,0 +1,96 @@
+"""Port of lib/test_kho.c, 6.16 inline variant (spec/kho.md 7.1); ``test_kho=1``.
+
+First boot: allocate folios of random orders until ``max_mem`` (8 MiB), fill them with random
+bytes, checksum them, describe them in a ``kho-test-v1`` sub-FDT (inline ``folios_info`` of
+``phys | order``) and preserve everything under the ``kho_test`` subtree. Next boot: check the
+FDT, restore every folio requiring the recorded order, re-checksum, and print "KHO restore
+succeeded". Unlike 6.16, a successful restore saves a fresh set, so chained kexecs verify every
+hop. The checksum is a 32-bit ones'-complement sum of 16-bit words (csum_partial's arithmetic,
+not bit-identical to x86's; both boots use this one).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from liveupdate.abi import kho_test
+from liveupdate.abi.consts import MAX_PAGE_ORDER, PAGE_SIZE
+from liveupdate.errors import AbiError, LiveUpdateError
+from liveupdate.kernel import kho
+
+if TYPE_CHECKING:
+    from liveupdate.kernel.kernel import Kernel
+
+MAX_MEM = (PAGE_SIZE << MAX_PAGE_ORDER) * 2
+
+
+def csum_partial(data: bytes, csum: int = 0) -> int:
+    s = int(np.frombuffer(data, "<u2").astype(np.uint64).sum()) + csum
+    while s >> 32:
+        s = (s & 0xFFFFFFFF) + (s >> 32)
+    return s
+
+
+def save(k: Kernel) -> None:
+    kout = k.require_kho()
+    rng = random.Random(os.urandom(8))
+    info, csum, total = [], 0, 0
+    while total < MAX_MEM:
+        order = rng.randrange(0, MAX_PAGE_ORDER + 1)
+        while (PAGE_SIZE << order) > MAX_MEM - total:
+            order -= 1
+        phys = k.alloc_pages(order)
+        data = rng.randbytes(PAGE_SIZE << order)
+        k.write(phys, data)
+        csum = csum_partial(data, csum)
+        info.append(phys | order)
+        total += PAGE_SIZE << order
+    blob = kho_test.encode(kho_test.KhoTest(len(info), csum, np.array(info, np.uint64), None))
+    for entry in info:
+        kout.preserve_folio(entry & ~0xFFF, entry & 0xFFF)
+    kout.add_subtree(kho_test.KHO_TEST_SUBTREE, kout.store(blob))
+    k.printk(f"test_kho: preserved {len(info)} folios ({total >> 20} MiB), csum {csum:#x}")
+
+
+def restore(k: Kernel, phys: int) -> str | None:
+    """None on success, else why it failed."""
+    assert k.kho_in is not None
+    try:
+        t = kho_test.decode(k.mem.read_fdt(phys, "kho_test FDT"), "inline")
+    except AbiError as e:
+        return str(e)
+    assert t.folios_info is not None
+    csum = 0
+    for entry in t.folios_info.tolist():
+        addr, order = entry & ~0xFFF, entry & 0xFFF
+        got = kho.restore_folio(k.kho_in, k.meta, addr)
+        if got is None:
+            return f"cannot restore folio {addr:#x}"
+        if got != order:
+            return f"folio {addr:#x} has order {got}, expected {order}"
+        csum = csum_partial(k.read(addr, PAGE_SIZE << order), csum)
+        k.free_pages(addr, order)
+    if csum != t.csum:
+        return f"checksum {csum:#x} != {t.csum:#x}"
+    return None
+
+
+def late(k: Kernel) -> None:
+    if k.kho_out is None:
+        k.printk("test_kho: KHO is disabled")
+        return
+    try:
+        phys = k.kho_in.retrieve_subtree(kho_test.KHO_TEST_SUBTREE) if k.kho_in else None
+    except LiveUpdateError:
+        phys = None
+    if phys is not None:
+        why = restore(k, phys)
+        if why is not None:
+            k.printk(f"test_kho: KHO restore failed: {why}")
+            return
+        k.printk("KHO restore succeeded")
+    save(k)

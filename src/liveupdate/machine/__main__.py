@@ -1,0 +1,41 @@
+"""``python -m liveupdate.machine DIR``: run a machine in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from liveupdate.errors import LiveUpdateError
+from liveupdate.machine.machine import DEFAULT_CMDLINE, Machine
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="liveupdate-machine")
+    ap.add_argument("dir")
+    ap.add_argument("--memory", type=int, default=4 << 30)
+    ap.add_argument("--image", default="")
+    ap.add_argument("--cmdline", default=DEFAULT_CMDLINE)
+    ap.add_argument("--no-boot", action="store_true")
+    ap.add_argument("--ready-fd", type=int)
+    args = ap.parse_args()
+    m = Machine(args.dir)
+    def terminate(*_: object) -> None:
+        m.power_off()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, terminate)
+    if not args.no_boot:
+        try:
+            m.power_on({"memory": args.memory, "image": args.image, "cmdline": args.cmdline})
+        except LiveUpdateError as e:
+            print(f"machine: {e}", file=sys.stderr)
+            sys.exit(1)
+    try:
+        m.serve(args.ready_fd)
+    finally:
+        m.power_off()
+
+
+if __name__ == "__main__":
+    main()

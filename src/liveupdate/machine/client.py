@@ -1,0 +1,142 @@
+"""The machine's control-socket client, used by ``luoctl`` and the tests.
+
+:func:`start` runs a machine process and returns once its control socket accepts
+connections (the machine reports readiness on a pipe: no polling, no sleeps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import subprocess
+import sys
+import threading
+from typing import Any
+
+from liveupdate.errors import LiveUpdateError
+from liveupdate.machine import protocol
+
+
+class MachineClient:
+    def __init__(self, folder: str) -> None:
+        self.dir = os.path.abspath(folder)
+        self.path = os.path.join(self.dir, "run", "control.sock")
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    def _connect(self) -> socket.socket:
+        if self._sock is None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(self.path)
+            except OSError as e:
+                s.close()
+                raise LiveUpdateError(errno.ECONNREFUSED,
+                                      f"no machine at {self.dir} ({e.strerror})") from e
+            self._sock = s
+        return self._sock
+
+    def call(self, op: str, payload: bytes = b"", **args: Any) -> tuple[dict[str, Any], bytes]:
+        with self._lock:
+            sock = self._connect()
+            try:
+                protocol.send(sock, {"op": op, **args}, payload)
+                msg = protocol.recv(sock)
+            except OSError as e:
+                self.close()
+                raise LiveUpdateError(errno.ECONNRESET, f"machine connection lost: {e}") from e
+            if msg is None:
+                self.close()
+                raise LiveUpdateError(errno.ECONNRESET, "machine closed the connection")
+        reply, data = msg
+        if reply.get("errno"):
+            raise LiveUpdateError(int(reply["errno"]), str(reply.get("message", "")))
+        return reply, data
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    # -- conveniences ---------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return self.call("status")[0]
+
+    def wait(self, pattern: str, *, offset: int = 0, timeout: float = 60) -> dict[str, Any]:
+        return self.call("wait", pattern=pattern, offset=offset, timeout=timeout)[0]
+
+    def wait_state(self, *states: str, timeout: float = 60) -> dict[str, Any]:
+        return self.call("wait_state", states=list(states), timeout=timeout)[0]
+
+    def booted(self, timeout: float = 60) -> dict[str, Any]:
+        """Wait for the running kernel; EIO if it panicked or powered off instead."""
+        st = self.wait_state("running", "panic", "off", timeout=timeout)
+        if st["state"] != "running":
+            raise LiveUpdateError(errno.EIO, f"machine is {st['state']}: {st['reason']}")
+        return st
+
+    def console(self, offset: int = 0) -> tuple[int, bytes]:
+        reply, data = self.call("console", offset=offset)
+        return int(reply["end"]), data
+
+    def run(self, argv: list[str], timeout: float = 60) -> dict[str, Any]:
+        return self.call("run", argv=argv, timeout=timeout)[0]
+
+    def kho_status(self) -> dict[str, Any]:
+        status: dict[str, Any] = self.call("kho_status")[0]["status"]
+        return status
+
+    def debugfs(self, path: str) -> bytes:
+        return self.call("debugfs", path=path)[1]
+
+    def ram_read(self, phys: int, size: int) -> bytes:
+        return self.call("ram_read", phys=phys, size=size)[1]
+
+    def ram_write(self, phys: int, data: bytes) -> None:
+        self.call("ram_write", data, phys=phys)
+
+    def power_on(self, **config: Any) -> dict[str, Any]:
+        return self.call("power_on", **config)[0]
+
+    def power_cycle(self, **config: Any) -> dict[str, Any]:
+        return self.call("power_cycle", **config)[0]
+
+    def power_off(self) -> dict[str, Any]:
+        return self.call("power_off")[0]
+
+    def shutdown(self) -> None:
+        with contextlib.suppress(LiveUpdateError):  # already gone is fine
+            self.call("shutdown")
+        self.close()
+
+
+def start(folder: str, *, memory: int = 4 << 30, image: str = "", cmdline: str = "",
+          boot: bool = True, detach: bool = False,
+          log: str | None = None) -> tuple[subprocess.Popen[bytes], MachineClient]:
+    """Start a machine process for ``folder``; return it and a connected client."""
+    os.makedirs(folder, exist_ok=True)
+    rd, wr = os.pipe()
+    argv = [sys.executable, "-m", "liveupdate.machine", folder, "--memory", str(memory),
+            "--ready-fd", str(wr)]
+    if image:
+        argv += ["--image", image]
+    if cmdline:
+        argv += ["--cmdline", cmdline]
+    if not boot:
+        argv.append("--no-boot")
+    out = open(log or os.devnull, "ab")  # noqa: SIM115 - handed to the child
+    try:
+        proc = subprocess.Popen(argv, pass_fds=(wr,), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=out, start_new_session=detach)
+    finally:
+        os.close(wr)
+        out.close()
+    with os.fdopen(rd, "rb") as ready:
+        line = ready.readline()
+    if line != b"ready\n":
+        proc.wait()
+        raise LiveUpdateError(errno.EIO, f"machine failed to start (exit {proc.returncode}"
+                              + (f", see {log}" if log else "") + ")")
+    return proc, MachineClient(folder)
