@@ -169,10 +169,9 @@ class KhoOut:
     def preserve_vmalloc(self, data: bytes) -> vmalloc.KhoVmalloc:
         """Preserve ``data`` as a vmalloc area of order-0 pages (kho_preserve_vmalloc)."""
         pages = max(1, -(-len(data) // PAGE_SIZE))
-        blocks = np.array([self.mm.alloc_pages(0) for _ in range(pages)], np.uint64)
-        chunks = np.array([self.mm.alloc_pages(0) for _ in range(vmalloc.chunks_needed(pages))],
-                          np.uint64)
-        blocks_b, chunks_b = blocks << np.uint64(PAGE_SHIFT), chunks << np.uint64(PAGE_SHIFT)
+        blocks_b = np.array([self.mm.alloc_pages(0) for _ in range(pages)], np.uint64)
+        chunks_b = np.array([self.mm.alloc_pages(0)
+                             for _ in range(vmalloc.chunks_needed(pages))], np.uint64)
         data = data.ljust(pages * PAGE_SIZE, b"\0")
         for i, p in enumerate(blocks_b.tolist()):
             self.mm.write(p, data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
@@ -312,7 +311,7 @@ def restore_pages(kin: KhoIn, meta: PageMeta, phys: int, nr: int) -> bool:
         info = int(meta.private[pfn]) if meta.pfn_valid(pfn) else 0
         if info >> 32 != KHO_PAGE_MAGIC or info & 0xFFFFFFFF != order:
             return False
-    for pfn, _ in blocks:
+    for pfn, order in blocks:
         restore_folio(kin, meta, pfn << PAGE_SHIFT)
-        meta.refcount[pfn : pfn + (1 << meta.order[pfn])] = 1
+        meta.refcount[pfn : pfn + (1 << order)] = 1  # pages, not a folio: each page is 1
     return True

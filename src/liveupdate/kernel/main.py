@@ -66,6 +66,8 @@ def _serve_request(k: Kernel, link: Link, h: dict[str, Any]) -> None:
     except LiveUpdateError as e:
         reply, data = {"errno": e.errno, "message": e.message}, b""
     reply["id"] = h.get("id")
+    if k.require_userspace().dying:
+        return  # going down: the machine fails what is pending when this kernel is gone
     with contextlib.suppress(OSError):  # the machine is gone; nobody to answer
         link.send(reply, data)
 

@@ -84,6 +84,27 @@ class MachineClient:
     def run(self, argv: list[str], timeout: float = 60) -> dict[str, Any]:
         return self.call("run", argv=argv, timeout=timeout)[0]
 
+    def kexec(self, image: str = "images/default.img", *, cmdline: str | None = None,
+              append: str = "", timeout: float = 60) -> dict[str, Any]:
+        """Load ``image`` (relative to the disk folder) with the kexec tool inside the machine,
+        execute it, and wait for the next kernel. Returns the new status."""
+        argv = [sys.executable, "-m", "liveupdate.cli.kexec", "-l", image]
+        if cmdline is not None:
+            argv += ["--command-line", cmdline]
+        if append:
+            argv += ["--append", append]
+        r = self.run(argv, timeout=timeout)
+        if r["status"] != 0:
+            raise LiveUpdateError(errno.EINVAL, f"kexec load failed: {r['stderr'].strip()}")
+        try:
+            r = self.run([sys.executable, "-m", "liveupdate.cli.kexec", "-e"], timeout=timeout)
+        except LiveUpdateError as e:
+            if e.errno != errno.EIO:  # EIO: the kernel went away, as it should
+                raise
+        else:
+            raise LiveUpdateError(errno.EINVAL, f"kexec -e returned: {r['stderr'].strip()}")
+        return self.booted(timeout)
+
     def kho_status(self) -> dict[str, Any]:
         status: dict[str, Any] = self.call("kho_status")[0]["status"]
         return status

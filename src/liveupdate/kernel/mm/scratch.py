@@ -20,7 +20,16 @@ class ScratchPool:
     def add(self, start: int, end: int) -> None:
         if start < end:
             self.free.append((start, end))
-            self.free.sort()
+            self._normalize()
+
+    def _normalize(self) -> None:
+        merged: list[tuple[int, int]] = []
+        for s, e in sorted(self.free):
+            if merged and s <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(e, merged[-1][1]))
+            else:
+                merged.append((s, e))
+        self.free = merged
 
     def alloc(self, size: int, align: int, top_down: bool = True) -> int:
         """A hole of ``size`` bytes inside scratch; EADDRNOTAVAIL when none fits."""
@@ -36,12 +45,4 @@ class ScratchPool:
                               f"no {size:#x}-byte hole in KHO scratch for a kexec segment")
 
     def release(self, start: int, size: int) -> None:
-        self.free.append((start, start + size))
-        self.free.sort()
-        merged: list[tuple[int, int]] = []
-        for s, e in self.free:
-            if merged and s <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(e, merged[-1][1]))
-            else:
-                merged.append((s, e))
-        self.free = merged
+        self.add(start, start + size)

@@ -16,7 +16,7 @@ def pre_jump(k: Kernel) -> None:
     kout = k.require_kho()
     root, first = kout.root_phys, kout.mem_map
     if kind == "root_fdt":
-        k.write(root + 8, struct.pack(">I", 0x7FFFFFFF))  # off_dt_struct far outside
+        k.write(root + 4, struct.pack(">I", 0x7FFFFFFF))  # a lying totalsize
     elif kind == "compatible":
         blob = k.read(root, 4096)
         k.write(root, blob.replace(b"kho-v1\0", b"kho-v9\0"))

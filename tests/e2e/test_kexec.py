@@ -1,0 +1,127 @@
+"""Conformance across real kexecs of the emulated machine (spec/kho.md 7)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from liveupdate.errors import LiveUpdateError
+from tests.e2e.conftest import Factory
+
+
+def fd_targets(pid: int) -> list[str]:
+    fds = sorted(os.listdir(f"/proc/{pid}/fd"), key=int)
+    return [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in fds]
+
+
+def test_honest_handover(machine: Factory) -> None:
+    m = machine("kho=on test_kho=1")
+    first = m.status()
+    old_run = first["kernel"]["run_dir"]
+    assert os.path.isdir(old_run)
+    st = m.kexec()
+    pid = st["kernel_pid"]
+    assert pid != first["kernel_pid"] and st["kernel"]["kho_boot"]
+    targets = fd_targets(pid)
+    # stdin, console (stdout+stderr), RAM (Python's mmap keeps a dup of it), the link
+    assert targets[:3] == ["/dev/null", targets[1], targets[1]], targets
+    assert targets[1].startswith("pipe:")
+    objects = set(targets[3:])
+    assert len(objects) == 2, targets
+    assert {t.split(":")[0] for t in objects} == {"/memfd", "socket"}
+    assert "/memfd:lu-ram (deleted)" in objects
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        assert f.read() == b""
+    assert not os.path.exists(old_run)  # the previous kernel's runtime folder is gone
+    assert os.path.isdir(st["kernel"]["run_dir"])
+    m.wait("KHO restore succeeded", offset=first["console_bytes"])
+    kho = m.kho_status()
+    assert kho["kho_boot"] and kho["in"]["restored_pages"] == 2048  # test_kho's 8 MiB
+
+
+def test_three_kexecs_carry_state(machine: Factory) -> None:
+    m = machine("kho=on test_kho=1 reserve_mem=4M:4096:trace")
+    region = m.kho_status()["reserve_mem"][0]
+    start = int(region["start"], 16)
+    boot_ids = {m.status()["kernel"]["boot_id"]}
+    for hop in range(3):
+        m.ram_write(start + 4096 * hop, f"hop {hop}".encode())
+        off = m.status()["console_bytes"]
+        st = m.kexec()
+        boot_ids.add(st["kernel"]["boot_id"])
+        m.wait("KHO restore succeeded", offset=off)
+        rm = m.kho_status()["reserve_mem"][0]
+        assert rm["revived"] and int(rm["start"], 16) == start
+        for seen in range(hop + 1):
+            assert m.ram_read(start + 4096 * seen, 5) == f"hop {seen}".encode()
+    assert len(boot_ids) == 4 and m.status()["boot_count"] == 4
+
+
+@pytest.mark.parametrize("sanitize, verdict", [("on", "caught"), ("off", "not caught")])
+def test_sanitizer_catches_the_cheat(machine: Factory, sanitize: str, verdict: str) -> None:
+    m = machine(f"kho=on kho_cheat=1 kho_sanitize={sanitize}")
+    off = m.status()["console_bytes"]
+    m.kexec()
+    line = m.wait(r"kho_cheat: unpreserved page \S+ .*", offset=off)["line"]
+    assert line.endswith(f": {verdict}") or line.endswith(f"({verdict})"), line
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("root_fdt", "totalsize 0x7fffffff exceeds"),
+    ("compatible", "not ('kho-v1',)"),
+    ("map_outside_ram", "outside RAM"),
+    ("chunk_loop", "loops back"),
+    ("num_elms", "num_elms 256 > 255"),
+    ("bitmap_outside_ram", "bitmap at"),
+])
+def test_bad_handover_boots_cold(machine: Factory, kind: str, reason: str) -> None:
+    m = machine(f"kho=on test_kho=1 kho_corrupt={kind}")
+    off = m.status()["console_bytes"]
+    st = m.kexec(cmdline="kho=on test_kho=1")
+    assert not st["kernel"]["kho_boot"]
+    line = m.wait("KHO: setup: .*", offset=off)["line"]
+    assert reason in line, line
+    m.wait("KHO: disabling KHO revival", offset=off)
+    m.wait("test_kho: preserved", offset=off)  # cold path: a fresh save, no restore
+    assert m.kho_status()["enabled"]
+
+
+def test_userspace_ends_at_kexec_even_daemonized(machine: Factory) -> None:
+    m = machine()
+    daemon = ("import os,sys,time\n"
+              "if os.fork(): sys.exit(0)\n"
+              "os.setsid()\n"
+              "if os.fork(): sys.exit(0)\n"
+              "print(os.getpid(), flush=True)\n"
+              "os.close(1); os.close(2)\n"
+              "time.sleep(3600)\n")
+    r = m.run([sys.executable, "-c", daemon])
+    pid = int(r["stdout"].split()[0])
+    assert os.path.exists(f"/proc/{pid}")
+    m.kexec()
+    assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_kexec_errors_reach_userspace(machine: Factory) -> None:
+    m = machine()
+    r = m.run([sys.executable, "-m", "liveupdate.cli.kexec", "-e"])
+    assert r["status"] == 1 and "no kexec image loaded" in r["stderr"]
+    with open(os.path.join(m.dir, "disk", "images", "junk.img"), "wb") as f:
+        f.write(b"junk")
+    r = m.run([sys.executable, "-m", "liveupdate.cli.kexec", "-l", "images/junk.img"])
+    assert r["status"] == 1 and "ENOEXEC" in r["stderr"]
+    assert m.status()["state"] == "running"
+
+
+def test_panic_and_power_cycle(machine: Factory) -> None:
+    m = machine("kho=on test_panic=oops", wait=False)
+    st = m.wait_state("panic", "running", timeout=60)
+    assert st["state"] == "panic" and "test_panic: oops" in st["reason"]
+    m.wait("Kernel panic - not syncing: test_panic: oops")
+    with pytest.raises(LiveUpdateError) as e:
+        m.run([sys.executable, "-c", "pass"])
+    assert e.value.errno == 11  # EAGAIN: nothing running
+    m.power_cycle(cmdline="kho=on")
+    assert m.booted()["state"] == "running"

@@ -1,0 +1,152 @@
+"""KHO on an in-process kernel: the API's errors, scratch sizing, and restore checks across a
+kexec whose handover crosses only through RAM."""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+import pytest
+
+from liveupdate.abi import image
+from liveupdate.abi.consts import PAGE_SIZE
+from liveupdate.errors import LiveUpdateError
+from liveupdate.kernel import kexec, kho
+from tests.kernel.conftest import Rig
+
+MiB = 1 << 20
+
+
+def scratch_sizes(k) -> list[int]:  # type: ignore[no-untyped-def]
+    return k.require_kho().scratch["size"].tolist()
+
+
+def test_cold_boot_scratch_is_200_percent_of_kernel_reservations(rig: Rig) -> None:
+    k = rig.boot()
+    # image load size 32 MiB + memmap (64 B per 4 KiB page of 1 GiB = 16 MiB) = 48 MiB
+    assert k.memblock.reserved_kern() == 48 * MiB
+    assert scratch_sizes(k) == [96 * MiB, 96 * MiB]  # lowmem, pernode (global is 0)
+    assert k.kho_in is None and k.kho_out is not None
+
+
+@pytest.mark.parametrize("param, sizes", [
+    ("kho_scratch=50%", [24 * MiB, 24 * MiB]),
+    ("kho_scratch=16M,32M,8M", [16 * MiB, 32 * MiB, 8 * MiB]),
+    ("kho_scratch=3M,0,0", [4 * MiB]),  # rounded to 2 MiB CMA alignment
+    ("kho_scratch=bogus", [96 * MiB, 96 * MiB]),  # parse error: defaults kept
+])
+def test_kho_scratch_parameter(param: str, sizes: list[int]) -> None:
+    r = Rig()
+    try:
+        assert scratch_sizes(r.boot(f"kho=on {param}")) == sizes
+    finally:
+        r.close()
+
+
+def test_kho_off_means_no_outgoing_kho(rig: Rig) -> None:
+    k = rig.boot("kho=off")
+    assert k.kho_out is None
+    with pytest.raises(LiveUpdateError) as e:
+        kexec.file_load(k, image.KernelImage().encode(), "")
+    assert e.value.errno == errno.EADDRNOTAVAIL
+
+
+def test_api_errors(rig: Rig) -> None:
+    k = rig.boot()
+    kout = k.require_kho()
+    cases = [
+        (lambda: kout.alloc_preserve(0), errno.EINVAL),
+        (lambda: kout.alloc_preserve(8 * MiB), errno.E2BIG),
+        (lambda: kout.preserve_folio(int(kout.scratch["addr"][0]), 0), errno.EINVAL),
+        (lambda: kout.preserve_folio(0x1000, 1), errno.EINVAL),  # misaligned for order 1
+        (lambda: kout.preserve_pages(int(kout.scratch["addr"][0]) - PAGE_SIZE, 2),
+         errno.EINVAL),
+        (lambda: kout.add_subtree("x", 1) or kout.add_subtree("x", 2), errno.EEXIST),
+    ]
+    for fn, want in cases:
+        with pytest.raises(LiveUpdateError) as e:
+            fn()
+        assert e.value.errno == want, e.value
+    # the failed preserve_pages straddling scratch left nothing half-preserved
+    phys, _ = kout.preserved()
+    assert int(kout.scratch["addr"][0]) - PAGE_SIZE not in phys.tolist()
+
+
+def test_restore_checks_across_kexec(rig: Rig) -> None:
+    k1 = rig.boot()
+    kout = k1.require_kho()
+    folio = k1.alloc_pages(3)
+    k1.write(folio, b"folio-data")
+    kout.preserve_folio(folio, 3)
+    pages = k1.alloc_pages(4)  # 16 pages; preserve pfn+3 .. +9 as pages (split 0,2,0)
+    base = pages + 3 * PAGE_SIZE
+    kout.preserve_pages(base, 6)
+    never = k1.alloc_pages(0)
+    k1.write(never, b"never preserved")
+    vm = kout.preserve_vmalloc(b"vmalloc " * 1000)
+    kout.add_subtree("t", kout.store(vm.encode()))
+    k2 = rig.kexec(k1)
+    kin = k2.kho_in
+    assert kin is not None
+    assert kho.restore_folio(kin, k2.meta, folio + PAGE_SIZE) is None  # a tail page
+    assert kho.restore_folio(kin, k2.meta, folio) == 3
+    assert k2.read(folio, 10) == b"folio-data"  # zero copy: same bytes, same place
+    assert kho.restore_folio(kin, k2.meta, folio) is None  # a second restore fails
+    assert kho.restore_folio(kin, k2.meta, never) is None
+    assert k2.read(never, 15) == bytes(15)  # the sanitizer punched it
+    assert not kho.restore_pages(kin, k2.meta, base, 4)  # (3,o0)(4,o1): not how it was split
+    assert kho.restore_pages(kin, k2.meta, base, 6)
+    assert not kho.restore_pages(kin, k2.meta, base, 6)
+    from liveupdate.abi import vmalloc
+
+    desc = vmalloc.KhoVmalloc.decode(k2.read(kin.retrieve_subtree("t"), 16))
+    assert vmalloc.decode(k2.mem, desc).read(k2.mem)[:8000] == b"vmalloc " * 1000
+    with pytest.raises(LiveUpdateError) as e:
+        kin.retrieve_subtree("missing")
+    assert e.value.errno == errno.ENOENT
+
+
+def test_kho_boot_allocates_early_memory_from_scratch_only(rig: Rig) -> None:
+    k1 = rig.boot()
+    k2 = rig.kexec(k1)
+    scratch = list(zip(k2.require_kho().scratch["addr"].tolist(),
+                       k2.require_kho().scratch["size"].tolist(), strict=True))
+    # the next kernel reuses exactly the inherited areas
+    assert scratch == list(zip(k1.require_kho().scratch["addr"].tolist(),
+                               k1.require_kho().scratch["size"].tolist(), strict=True))
+    memmap = 16 * MiB  # the only early memblock allocation in these boots
+    rs, re_ = k2.memblock.reserved_ranges()
+    assert any(any(a <= int(s) and int(e) <= a + n for a, n in scratch) and int(e - s) >= memmap
+               for s, e in zip(rs, re_, strict=True))
+    assert not k2.memblock.scratch_only
+
+
+def test_kexec_segments_must_fit_scratch(rig: Rig) -> None:
+    k = rig.boot()
+    with pytest.raises(LiveUpdateError) as e:
+        kexec.file_load(k, image.KernelImage(load_size=512 * MiB).encode(), "")
+    assert e.value.errno == errno.EADDRNOTAVAIL
+    with pytest.raises(LiveUpdateError) as e:
+        kexec.file_load(k, b"not an image", "")
+    assert e.value.errno == errno.ENOEXEC
+    with pytest.raises(LiveUpdateError) as e:
+        kexec.file_load(k, image.KernelImage().encode(), "x" * 3000)
+    assert e.value.errno == errno.EINVAL
+    before = list(k.scratch_pool.free)
+    kexec.file_load(k, image.KernelImage().encode(), "a")
+    kexec.file_load(k, image.KernelImage().encode(), "b")  # replaces, does not leak
+    kexec.unload(k)
+    assert k.scratch_pool.free == before
+
+
+def test_memory_map_round_trips_through_finalize(rig: Rig) -> None:
+    k1 = rig.boot()
+    kout = k1.require_kho()
+    blocks = np.array([k1.alloc_pages(2) for _ in range(50)], np.uint64)
+    kout.preserve_blocks(blocks, np.full(50, 2, np.uint8))
+    want_phys, want_order = kout.preserved()
+    k2 = rig.kexec(k1)
+    assert k2.kho_in is not None
+    got = set(zip(k2.kho_in.preserved.phys.tolist(), k2.kho_in.preserved.order.tolist(),
+                  strict=True))
+    assert got == set(zip(want_phys.tolist(), want_order.tolist(), strict=True))

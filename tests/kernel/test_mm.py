@@ -1,0 +1,79 @@
+import errno
+
+import numpy as np
+import pytest
+
+from liveupdate.errors import LiveUpdateError
+from liveupdate.kernel.mm.buddy import Buddy, block_orders
+from liveupdate.kernel.mm.memblock import MEMBLOCK_KHO_SCRATCH, MEMBLOCK_RSRV_KERN, Memblock
+from liveupdate.kernel.mm.pages import PageMeta
+from liveupdate.kernel.mm.scratch import ScratchPool
+
+MiB = 1 << 20
+
+
+def test_block_orders_match_kho_split() -> None:
+    assert block_orders(3, 9) == [(3, 0), (4, 2), (8, 0)]  # spec/kho.md 3.3 example
+    assert block_orders(0, 4096) == [(0, 10), (1024, 10), (2048, 10), (3072, 10)]
+
+
+def test_memblock_top_down_and_scratch_only() -> None:
+    mb = Memblock()
+    mb.add(0, 256 * MiB)
+    mb.mark_kho_scratch(64 * MiB, 32 * MiB)
+    assert [r.flags for r in mb.memory] == [0, MEMBLOCK_KHO_SCRATCH, 0]
+    top = mb.alloc(MiB, MiB)
+    assert top == 255 * MiB
+    mb.scratch_only = True
+    a = mb.alloc(8 * MiB, 2 * MiB)
+    assert 64 * MiB <= a and a + 8 * MiB <= 96 * MiB
+    with pytest.raises(LiveUpdateError) as e:
+        mb.alloc(64 * MiB, MiB)
+    assert e.value.errno == errno.ENOMEM and "scratch" in e.value.message
+    assert mb.reserved_kern() == 9 * MiB
+    mb.reserve(0, MiB)
+    assert mb.reserved_kern() == 9 * MiB  # plain reservations do not count
+    assert mb.reserved_kern(0, 128 * MiB) == 8 * MiB
+
+
+def test_memblock_free_ranges_and_bulk_reserve() -> None:
+    mb = Memblock()
+    mb.add(0, 64 * MiB)
+    starts = np.arange(1000, dtype=np.uint64) * np.uint64(2 * 4096)
+    mb.reserve_many(starts, starts + np.uint64(4096), MEMBLOCK_RSRV_KERN)
+    free = mb.free_ranges()
+    assert free[0] == (4096, 8192) and free[-1] == (999 * 8192 + 4096, 64 * MiB)
+    assert sum(e - s for s, e in free) == 64 * MiB - 1000 * 4096
+
+
+def test_buddy_split_and_coalesce() -> None:
+    meta = PageMeta(4096)
+    b = Buddy(meta)
+    b.free_range(0, 4096)
+    assert b.nr_free == 4096 and all(len(fl) == 0 for fl in b.free_lists[:10])
+    pfns = [b.alloc(0) for _ in range(3)]
+    assert len(set(pfns)) == 3 and b.nr_free == 4093
+    big = b.alloc(10)
+    assert big % 1024 == 0 and meta.refcount[big] == 1 and meta.order[big] == 10
+    for p in pfns:
+        b.free(p, 0)
+    b.free(big, 10)
+    assert b.nr_free == 4096 and len(b.free_lists[10]) == 4  # fully coalesced again
+    with pytest.raises(LiveUpdateError) as e:
+        [b.alloc(10) for _ in range(5)]
+    assert e.value.errno == errno.ENOMEM
+
+
+def test_scratch_pool_holes() -> None:
+    pool = ScratchPool()
+    pool.add(16 * MiB, 48 * MiB)
+    a = pool.alloc(8 * MiB, 2 * MiB)
+    assert a == 40 * MiB
+    b = pool.alloc(4096, 64 << 10)
+    assert b % (64 << 10) == 0 and b + 4096 <= 40 * MiB
+    with pytest.raises(LiveUpdateError) as e:
+        pool.alloc(64 * MiB, 2 * MiB)
+    assert e.value.errno == errno.EADDRNOTAVAIL
+    pool.release(a, 8 * MiB)
+    pool.release(b, 4096)
+    assert pool.free == [(16 * MiB, 48 * MiB)]
