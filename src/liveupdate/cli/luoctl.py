@@ -7,7 +7,6 @@ import mmap
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 from rich.console import Console
@@ -15,32 +14,11 @@ from rich.console import Console
 from liveupdate import example as example_mod
 from liveupdate.abi import inspect as inspect_mod
 from liveupdate.abi.physmem import PhysMem
+from liveupdate.cli.common import SizeParam, fail
+from liveupdate.cli.kho import kho
+from liveupdate.cli.machine import machine
 from liveupdate.cli.render import print_report
 from liveupdate.errors import LiveUpdateError
-
-SIZE_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-class SizeParam(click.ParamType[int]):
-    """A byte size with an optional K/M/G/T suffix, as memparse."""
-
-    name = "SIZE"
-
-    def convert(self, value: Any, param: click.Parameter | None,
-                ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        s = str(value).strip().upper().removesuffix("B").removesuffix("I")
-        mult = SIZE_SUFFIXES.get(s[-1:], 1)
-        digits = s[:-1] if s[-1:] in SIZE_SUFFIXES else s
-        if not digits.isdigit() or int(digits) == 0:
-            self.fail(f"{value!r} is not a size such as 4G or 512M", param, ctx)
-        return int(digits) * mult
-
-
-def _fail(err: Exception) -> None:
-    click.echo(f"luoctl: error: {err}", err=True)
-    sys.exit(1)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -51,6 +29,10 @@ def main() -> None:
     Every command prints for people by default and for scripts with --json. Errors are one
     line on standard error with the errno name, and a non-zero exit status.
     """
+
+
+main.add_command(machine)
+main.add_command(kho)
 
 
 @main.command()
@@ -88,7 +70,7 @@ def inspect(file: Path, ram: Path | None, bitmap_bytes: str, as_json: bool) -> N
             with open(ram, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
                 report = inspect_mod.describe(blob, PhysMem(m), bb)
     except (LiveUpdateError, OSError, ValueError) as e:
-        _fail(e)
+        fail(e)
     errs = inspect_mod.errors(report)
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -133,7 +115,7 @@ def example(out: Path, generation: str, memory: int, vm_memory: int, bitmap_byte
             os.close(fd)
         (out / "setup_data.bin").write_bytes(ex.setup_data)
     except (LiveUpdateError, OSError) as e:
-        _fail(e)
+        fail(e)
     info = {"ram": str(ram_path), "setup_data": str(out / "setup_data.bin"),
             "generation": generation, "ram_size": ex.ram_size,
             "boot_params": f"{ex.boot_params_phys:#x}", "preserved_pages": ex.preserved_pages}

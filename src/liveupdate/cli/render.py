@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 
-_TABLES = {"per_order", "areas", "reserve_mem"}
+_TABLES = {"per_order", "areas", "reserve_mem", "scratch", "preserved", "subtrees"}
 
 
 def _table(rows: list[dict[str, Any]]) -> Table:

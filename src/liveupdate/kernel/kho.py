@@ -304,6 +304,22 @@ def restore_folio(kin: KhoIn, meta: PageMeta, phys: int) -> int | None:
     return order
 
 
+def restore_folios(kin: KhoIn, meta: PageMeta, phys: np.ndarray, order: int) -> np.ndarray:
+    """Bulk kho_restore_folio of same-order folios; returns which ones were restored."""
+    pfn = (np.asarray(phys, np.uint64) >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+    ok = (pfn >= 0) & (pfn < meta.nr_pages)
+    want = np.uint64(order | KHO_PAGE_MAGIC << 32)
+    ok[ok] = meta.private[pfn[ok]] == want
+    good = pfn[ok]
+    meta.private[good] = 0
+    meta.order[good] = order
+    for p in good.tolist():  # per folio, not per page
+        meta.refcount[p : p + (1 << order)] = 0
+    meta.refcount[good] = 1
+    kin.restored += len(good) << order
+    return ok
+
+
 def restore_pages(kin: KhoIn, meta: PageMeta, phys: int, nr: int) -> bool:
     """kho_restore_pages: mirror the preserve call's split; all or nothing."""
     blocks = block_orders(phys >> PAGE_SHIFT, (phys >> PAGE_SHIFT) + nr)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import signal
 import sys
 
@@ -35,6 +37,8 @@ def main() -> None:
         m.serve(args.ready_fd)
     finally:
         m.power_off()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(m.socket_path)
 
 
 if __name__ == "__main__":

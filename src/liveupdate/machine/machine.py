@@ -315,6 +315,7 @@ class Machine:
     def status(self) -> dict[str, Any]:
         kp = self.kernel
         return {"state": self.state, "reason": self.reason, "dir": self.dir,
+                "machine_pid": os.getpid(),
                 "memory": self.ram.size if self.ram else 0,
                 "ram_resident": self.ram.resident() if self.ram else 0,
                 "boot_count": self.boot_count, "console_bytes": len(self.console),

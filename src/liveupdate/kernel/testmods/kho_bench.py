@@ -1,7 +1,8 @@
 """``kho_bench=SIZE``: preserve SIZE of memory in order-10 folios for the kexec benchmark.
 
 Only the first ``kho_bench_dirty`` (default 64M) is written, so the host-side footprint is
-fixed whatever SIZE is. The next boot restores every folio and checks the dirty part's stamps.
+fixed whatever SIZE is. The next boot restores every folio, checks the dirty part's stamps and
+frees them before preserving a fresh SIZE.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ def _restore(k: Kernel) -> None:
     except (LiveUpdateError, AbiError) as e:
         k.printk(f"kho_bench: nothing to restore: {e}")
         return
-    bad = 0
-    for i, p in enumerate(folios.tolist()):
-        restored = kho.restore_folio(k.kho_in, k.meta, p) == MAX_PAGE_ORDER
-        stamped = i * FOLIO >= dirty or k.read(p, 8) == p.to_bytes(8, "little")
-        bad += not (restored and stamped)
+    restored = kho.restore_folios(k.kho_in, k.meta, folios, MAX_PAGE_ORDER)
+    bad = int((~restored).sum())
+    for i, p in enumerate(folios[: dirty // FOLIO].tolist()):
+        bad += k.read(p, 8) != p.to_bytes(8, "little") or not restored[i]
+    for p in folios[restored].tolist():
+        k.free_pages(p, MAX_PAGE_ORDER)  # folio_put: the next hop preserves afresh
     k.printk(f"kho_bench: restored {len(folios) - bad}/{len(folios)} folios")
 
 
@@ -49,7 +51,6 @@ def late(k: Kernel) -> None:
     dirty = memparse(k.cmdline.get("kho_bench_dirty", "64M"))
     n = size // FOLIO
     folios = np.array([k.alloc_pages(MAX_PAGE_ORDER) for _ in range(n)], np.uint64)
-    folios <<= np.uint64(12)
     for i, p in enumerate(folios.tolist()):
         if i * FOLIO >= dirty:
             break
