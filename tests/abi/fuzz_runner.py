@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from liveupdate.abi import (
     bootparams,
     fdt,
+    image,
     inspect,
     kho,
     kho_memmap,
@@ -30,6 +31,7 @@ from liveupdate.abi import (
     memfd,
     uapi,
     vmalloc,
+    wire,
 )
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError
@@ -59,6 +61,8 @@ def _seeds() -> dict[str, bytes]:
         "memfd_v1": memfd.encode_ser(memfd.MemfdSer(0, 4096, 1, v)),
         "memfd_v2": memfd.encode_ser(memfd.MemfdSer(0, 4096, 1, v, 1, memfd.MEMFD_V2)),
         "ioctl": uapi.ioctl(uapi.Gen.V6_19, "CREATE_SESSION").pack(name="x"),
+        "image": image.KernelImage().encode(),
+        "wire": wire.pack({"op": "kexec_file_load", "cmdline": "kho=on"}, b"payload"),
     }
 
 
@@ -180,6 +184,8 @@ DECODERS: dict[str, Callable[[st.DrawFn], None]] = {
     "uapi.lookup": _blob("ioctl", lambda b: uapi.lookup(
         uapi.Gen.V6_19, uapi.Target.DEVICE, 0xBA00, b)),
     "inspect.describe": _inspect,
+    "image.decode": _blob("image", image.decode),
+    "wire.unpack": _blob("wire", wire.unpack),
 }
 
 

@@ -292,28 +292,41 @@ def parse(blob: bytes | bytearray | memoryview, what: str = "FDT") -> Tree:
 
 
 class SwBuilder:
-    """Sequential-write FDT construction, as the kernel's fdt_create()...fdt_finish()."""
+    """Sequential-write FDT construction, as the kernel's fdt_create()...fdt_finish().
+
+    libfdt errors (a bad name, say) become AbiError."""
 
     def __init__(self) -> None:
         self._sw = libfdt.FdtSw()
         self._sw.finish_reservemap()
 
-    def begin_node(self, name: str) -> SwBuilder:
-        self._sw.begin_node(name)
+    def _do(self, what: str, op: Callable[[], object]) -> SwBuilder:
+        try:
+            op()
+        except libfdt.FdtException as e:
+            raise AbiError(f"FDT build: {what}: {libfdt.fdt_strerror(-abs(e.err))}") from e
         return self
+
+    def begin_node(self, name: str) -> SwBuilder:
+        return self._do(f"node {name!r}", lambda: self._sw.begin_node(name))
 
     def end_node(self) -> SwBuilder:
-        self._sw.end_node()
-        return self
+        return self._do("end of node", self._sw.end_node)
 
     def prop(self, name: str, value: bytes) -> SwBuilder:
-        self._sw.property(name, value)
-        return self
+        return self._do(f"property {name!r}", lambda: self._sw.property(name, value))
 
     def finish(self) -> bytes:
         """fdt_finish: the compact blob (totalsize bytes)."""
-        fdt = self._sw.as_fdt()
-        return bytes(fdt.as_bytearray()[: fdt.totalsize()])
+        while True:
+            try:
+                fdt = self._sw.as_fdt()
+                return bytes(fdt.as_bytearray()[: fdt.totalsize()])
+            except libfdt.FdtException as e:
+                # pylibfdt grows the buffer for every call but fdt_finish's FDT_END tag
+                if e.err not in (-libfdt.NOSPACE, libfdt.NOSPACE):
+                    raise AbiError(f"FDT build: {libfdt.fdt_strerror(-abs(e.err))}") from e
+                self._sw.resize(len(self._sw.as_bytearray()) + self._sw.INC_SIZE)
 
 
 class RwTree:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from typing import Any
 
 import click
 from rich.console import Console
 
+from liveupdate.abi import inspect as inspect_mod
+from liveupdate.abi.physmem import PhysMem
 from liveupdate.cli.common import fail
 from liveupdate.cli.render import print_report
 from liveupdate.errors import LiveUpdateError
-from liveupdate.machine.client import MachineClient
+from liveupdate.machine.client import MachineClient, RemoteRam
 
 
 @click.group()
@@ -33,8 +37,43 @@ def status(folder: str, as_json: bool) -> None:
     except LiveUpdateError as e:
         fail(e)
     if as_json:
-        import json
-
         click.echo(json.dumps(st, indent=2))
     else:
         print_report("KHO", st, Console())
+
+
+@kho.command("inspect")
+@click.option("--dir", "folder", envvar="LIVEUPDATE_MACHINE", default=".machine",
+              show_default=True, help="The machine's folder.")
+@click.option("--in", "incoming", is_flag=True,
+              help="Decode what this kernel received (kho/in/fdt) instead of what it will "
+                   "hand over (kho/out/fdt).")
+@click.option("--finalize", is_flag=True,
+              help="Serialize the memory map first (writes 1 to kho/out/finalize).")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def inspect_cmd(folder: str, incoming: bool, finalize: bool, as_json: bool) -> None:
+    """Decode the running kernel's real handover, following every pointer through RAM.
+
+    The outgoing memory map exists only once finalized (--finalize, or at kexec). The
+    incoming one was not preserved, as in Linux: once this kernel reuses those pages the
+    map decodes with errors, which are shown in place.
+    """
+    c = MachineClient(folder)
+    try:
+        if finalize:
+            r = c.run([sys.executable, "-c", "from liveupdate.client.syscall import Kernel; "
+                       "Kernel().debugfs_write('out/finalize', b'1')"])
+            if r["status"]:
+                fail(r["stderr"].strip().splitlines()[-1])
+        blob = c.debugfs("in/fdt" if incoming else "out/fdt")
+        mem = PhysMem(RemoteRam(c, int(c.status()["memory"])))
+        report = inspect_mod.describe(blob, mem)
+    except LiveUpdateError as e:
+        fail(e)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        print_report("kho/in/fdt" if incoming else "kho/out/fdt", report, Console())
+    for line in inspect_mod.errors(report):
+        click.echo(f"luoctl: error: {line}", err=True)
+    sys.exit(1 if inspect_mod.errors(report) else 0)

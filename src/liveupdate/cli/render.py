@@ -30,7 +30,8 @@ def _add(tree: Tree, key: str, value: Any, skip: str = "") -> None:
             if k not in ("error", skip):
                 _add(branch, k, v)
     elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        if key in _TABLES:
+        flat = all(not isinstance(x, dict | list) for row in value for x in row.values())
+        if key in _TABLES and flat:
             tree.add(f"[bold]{key}[/]").add(_table(value))
             return
         branch = tree.add(f"[bold]{key}[/] ({len(value)})")

@@ -133,6 +133,22 @@ class MachineClient:
         self.close()
 
 
+class RemoteRam:
+    """The machine's RAM as a read-only buffer, read over the control socket's debug port
+    (so :class:`liveupdate.abi.physmem.PhysMem` decoders can follow pointers in it)."""
+
+    def __init__(self, client: MachineClient, size: int) -> None:
+        self.client = client
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, key: slice, /) -> bytes:
+        start, stop, _ = key.indices(self.size)
+        return self.client.ram_read(start, max(0, stop - start))
+
+
 def start(folder: str, *, memory: int = 4 << 30, image: str = "", cmdline: str = "",
           boot: bool = True, detach: bool = False,
           log: str | None = None) -> tuple[subprocess.Popen[bytes], MachineClient]:

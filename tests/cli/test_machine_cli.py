@@ -1,0 +1,51 @@
+"""luoctl machine / luoctl kho against a real background machine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+LUOCTL = [sys.executable, "-m", "liveupdate.cli.luoctl"]
+
+
+def luoctl(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*LUOCTL, *args], capture_output=True, text=True, timeout=120,
+                          env={"LIVEUPDATE_MACHINE": str(folder), "PATH": "/usr/bin:/bin"})
+
+
+def test_machine_lifecycle(tmp_path: Path) -> None:
+    m = tmp_path / "m"
+    r = luoctl(m, "machine", "start", "--memory", "1G", "--cmdline",
+               "kho=on test_kho=1", "--json")
+    assert r.returncode == 0, r.stderr
+    try:
+        st = json.loads(r.stdout)
+        assert st["state"] == "running" and not st["kernel"]["kho_boot"]
+        again = luoctl(m, "machine", "start")
+        assert again.returncode == 1 and "already running" in again.stderr
+        r = luoctl(m, "machine", "kexec", "load")
+        assert r.returncode == 0 and "kexec: loaded images/default.img" in r.stdout
+        r = luoctl(m, "machine", "kexec", "exec", "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["kernel"]["kho_boot"]
+        r = luoctl(m, "kho", "status", "--json")
+        kho = json.loads(r.stdout)
+        assert kho["kho_boot"] and kho["in"]["restored_pages"] == 2048
+        assert kho["out"]["scratch"] == kho["in"]["scratch"]
+        r = luoctl(m, "kho", "inspect", "--finalize", "--json")
+        assert r.returncode == 0, r.stderr
+        rep = json.loads(r.stdout)
+        assert rep["memory"]["pages"] == kho["out"]["preserved_pages"]
+        assert [s["name"] for s in rep["subtrees"]] == ["kho_test"]
+        r = luoctl(m, "machine", "console")
+        assert "KHO restore succeeded" in r.stdout
+        assert r.stdout.count("Linux version") == 2
+        r = luoctl(m, "machine", "run", "--", sys.executable, "-c", "raise SystemExit(3)")
+        assert r.returncode == 3
+    finally:
+        r = luoctl(m, "machine", "poweroff")
+    assert r.returncode == 0 and "powered off" in r.stdout
+    r = luoctl(m, "machine", "status")
+    assert r.returncode == 1 and r.stderr.startswith("luoctl: error: no machine at")

@@ -1,0 +1,63 @@
+"""Garbage on the syscall transport and the control socket gets an errno, never a crash."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import sys
+
+from liveupdate.machine import protocol
+from tests.e2e.conftest import Factory
+
+GARBAGE_SYSCALLS = r"""
+import os, socket, struct
+from liveupdate.abi import wire
+s = socket.socket(fileno=int(os.environ["LU_SYSCALL_FD"]))
+def ask(msg):
+    s.send(msg)
+    return wire.unpack(s.recv(1 << 20))[0]
+out = []
+out.append(ask(b"\xff\xff\xff\xff garbage")["errno"])
+out.append(ask(struct.pack("<I", 4) + b"[1,2]")["errno"])
+out.append(ask(wire.pack({"op": "no_such_call"}))["errno"])
+out.append(ask(wire.pack({"op": "kexec_file_load", "cmdline": 7}, b"x"))["errno"])
+out.append(ask(wire.pack({"op": "kexec_file_load", "cmdline": ""}, b"LUKIMG01" + b"\xff" * 40))["errno"])
+out.append(ask(wire.pack({"op": "reboot", "cmd": 12345}))["errno"])
+out.append(ask(wire.pack({"op": "debugfs_read", "path": "../../etc/passwd"}))["errno"])
+out.append(ask(wire.pack({"op": "uname"}))["errno"])
+print(out)
+"""
+
+
+def test_syscall_garbage_gets_errnos(machine: Factory) -> None:
+    m = machine()
+    r = m.run([sys.executable, "-c", GARBAGE_SYSCALLS])
+    assert r["status"] == 0, r["stderr"]
+    # EINVAL, EINVAL, ENOSYS, EINVAL, ENOEXEC, EINVAL, ENOENT, then a healthy call
+    assert r["stdout"].strip() == "[22, 22, 38, 22, 8, 22, 2, 0]"
+    assert m.status()["state"] == "running"
+
+
+def test_control_socket_garbage(machine: Factory) -> None:
+    m = machine()
+    path = m.path
+    with socket.socket(socket.AF_UNIX) as s:  # a frame announcing 4 GiB: dropped
+        s.connect(path)
+        s.sendall(struct.pack("<I", 0xFFFFFFFF) + b"xx")
+        try:
+            data = s.recv(16)
+        except ConnectionResetError:  # closed with our bytes unread
+            data = b""
+        assert data == b""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(path)
+        protocol.send(s, {"op": "ram_read", "phys": 1 << 62, "size": 8})
+        reply = protocol.recv(s)
+        assert reply is not None and reply[0]["errno"] == 14  # EFAULT
+        protocol.send(s, {"op": "wait", "pattern": "(", "timeout": 1})
+        reply = protocol.recv(s)
+        assert reply is not None and reply[0]["errno"] == 22  # EINVAL: bad regex
+        protocol.send(s, {"op": "ram_read"})
+        reply = protocol.recv(s)
+        assert reply is not None and reply[0]["errno"] == 22
+    assert m.status()["state"] == "running"
