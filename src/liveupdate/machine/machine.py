@@ -160,11 +160,9 @@ class Machine:
         return self._spawn(entry)
 
     def _discard(self, kp: KernelProc) -> None:
-        kp.link.close()
         if kp.popen.poll() is None:
             kp.popen.kill()
-        kp.popen.wait()
-        kp.drained.wait(10)
+        self._finish(kp)
 
     def _start(self, entry: str, bp_phys: int) -> None:
         kp = self._take_kernel(entry)
