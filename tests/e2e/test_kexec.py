@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
+from liveupdate.abi import kho, kho_test
 from liveupdate.errors import LiveUpdateError
 from tests.e2e.conftest import Factory
 
@@ -125,3 +127,26 @@ def test_panic_and_power_cycle(machine: Factory) -> None:
     assert e.value.errno == 11  # EAGAIN: nothing running
     m.power_cycle(cmdline="kho=on")
     assert m.booted()["state"] == "running"
+
+
+def test_init_services_and_debugfs(machine: Factory, tmp_path: Path) -> None:
+    disk = tmp_path / "m0" / "disk"
+    disk.mkdir(parents=True)
+    (disk / "services").write_text(
+        "# started by init at every boot\n"
+        f"{sys.executable} -c 'print(\"service says hello\", flush=True)'\n")
+    m = machine("kho=on test_kho=1")
+    m.wait("service says hello")
+    scratch = m.debugfs("out/scratch_phys").decode().split()
+    assert scratch == [a["addr"] for a in m.kho_status()["out"]["scratch"]]
+    assert m.debugfs("out/finalize") == b"0\n"
+    off = m.status()["console_bytes"]
+    m.kexec()
+    m.wait("service says hello", offset=off)  # the new kernel's init starts it again
+    root = kho.decode_root(m.debugfs("in/fdt"), require_map=True)
+    assert [n for n, _ in root.subtrees] == ["kho_test"]
+    sub = m.debugfs("in/sub_fdts/kho_test")
+    assert kho_test.decode(sub, "inline").nr_folios > 0
+    with pytest.raises(LiveUpdateError) as e:
+        m.debugfs("in/sub_fdts/nope")
+    assert e.value.errno == 2

@@ -100,7 +100,12 @@ def test_restore_checks_across_kexec(rig: Rig) -> None:
     from liveupdate.abi import vmalloc
 
     desc = vmalloc.KhoVmalloc.decode(k2.read(kin.retrieve_subtree("t"), 16))
-    assert vmalloc.decode(k2.mem, desc).read(k2.mem)[:8000] == b"vmalloc " * 1000
+    bad = vmalloc.KhoVmalloc(desc.first, desc.total_pages, desc.flags, 1)
+    assert kho.restore_vmalloc(kin, k2.meta, k2.mem, bad) is None  # wrong order: nothing
+    area = kho.restore_vmalloc(kin, k2.meta, k2.mem, desc)
+    assert area is not None and area.read(k2.mem)[:8000] == b"vmalloc " * 1000
+    assert kho.restore_vmalloc(kin, k2.meta, k2.mem, desc) is None  # restored once only
+    assert k2.is_kho_boot() and not k1.is_kho_boot()
     with pytest.raises(LiveUpdateError) as e:
         kin.retrieve_subtree("missing")
     assert e.value.errno == errno.ENOENT

@@ -90,6 +90,9 @@ class Kernel:
     def read(self, phys: int, size: int) -> bytes:
         return self.mem.read(phys, size)
 
+    def is_kho_boot(self) -> bool:
+        return self.kho_in is not None
+
     def require_userspace(self) -> Userspace:
         assert self.userspace is not None, "userspace starts before any syscall"
         return self.userspace

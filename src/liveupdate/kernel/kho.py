@@ -320,6 +320,29 @@ def restore_folios(kin: KhoIn, meta: PageMeta, phys: np.ndarray, order: int) -> 
     return ok
 
 
+def restore_vmalloc(kin: KhoIn, meta: PageMeta, mem: PhysMem,
+                    desc: vmalloc.KhoVmalloc) -> vmalloc.VmallocArea | None:
+    """kho_restore_vmalloc: validate the chunk chain, restore every block as pages and the
+    chunk pages themselves (which the caller then frees). None if any page is not a preserved
+    block of the right order -- nothing is restored then."""
+    try:
+        area = vmalloc.decode(mem, desc)
+    except AbiError:
+        return None
+    nr = 1 << desc.order
+    for p in np.concatenate([area.chunk_phys, area.block_phys]).tolist():
+        pfn = p >> PAGE_SHIFT
+        info = int(meta.private[pfn]) if meta.pfn_valid(pfn) else 0
+        if info >> 32 != KHO_PAGE_MAGIC or info & 0xFFFFFFFF != (
+                0 if p in area.chunk_phys else desc.order):
+            return None
+    for p in area.chunk_phys.tolist():
+        restore_folio(kin, meta, p)
+    for p in area.block_phys.tolist():
+        restore_pages(kin, meta, p, nr)
+    return area
+
+
 def restore_pages(kin: KhoIn, meta: PageMeta, phys: int, nr: int) -> bool:
     """kho_restore_pages: mirror the preserve call's split; all or nothing."""
     blocks = block_orders(phys >> PAGE_SHIFT, (phys >> PAGE_SHIFT) + nr)
