@@ -26,7 +26,7 @@ from liveupdate.abi import (
     memfd,
     vmalloc,
 )
-from liveupdate.abi.consts import MAX_PAGE_ORDER, PAGE_SHIFT, PAGE_SIZE
+from liveupdate.abi.consts import MAX_PAGE_ORDER, PAGE_SHIFT, PAGE_SIZE, get_order
 from liveupdate.errors import AbiError
 
 GENERATIONS = ("6.19", "v3")
@@ -51,7 +51,7 @@ class Ram:
         return phys
 
     def alloc_bytes(self, nbytes: int) -> int:
-        return self.alloc(max(0, (-(-nbytes // PAGE_SIZE) - 1).bit_length()))
+        return self.alloc(get_order(nbytes))
 
     def put(self, phys: int, data: bytes) -> None:
         self.writes[phys] = bytes(data)
@@ -63,7 +63,7 @@ class Ram:
         """kho_alloc_preserve + copy: a preserved folio holding ``data``."""
         phys = self.alloc_bytes(len(data))
         self.put(phys, data)
-        self.preserve(phys, max(0, (-(-len(data) // PAGE_SIZE) - 1).bit_length()))
+        self.preserve(phys, get_order(len(data)))
         return phys
 
     def store_vmalloc(self, data: bytes) -> vmalloc.KhoVmalloc:

@@ -158,6 +158,11 @@ def decode_scratch(raw: bytes) -> np.ndarray:
     return arr
 
 
+def scratch_areas(arr: np.ndarray) -> list[tuple[int, int]]:
+    """A decoded scratch array as ``(addr, size)`` pairs."""
+    return list(zip(arr["addr"].tolist(), arr["size"].tolist(), strict=True))
+
+
 def encode_chosen_range(addr: int, size: int, addr_cells: int = 2, size_cells: int = 2) -> bytes:
     """``fdt_appendprop_addrrange``: big-endian cells sized by the root's #cells."""
     out = b""

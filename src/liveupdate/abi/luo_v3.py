@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import libfdt
 
 from liveupdate.abi import fdt
-from liveupdate.abi.consts import PAGE_SIZE
+from liveupdate.abi.consts import PAGE_SIZE, get_order
 from liveupdate.errors import AbiError
 
 LUO_KHO_ENTRY_NAME = "LUO"
@@ -108,9 +108,7 @@ class FileEntry:
 
 def files_fdt_alloc_size(nfiles: int) -> int:
     """The kernel's buffer for the files FDT: ``PAGE_SIZE << get_order(1 KiB + 128 n)``."""
-    need = 1024 + 128 * nfiles
-    pages = -(-need // PAGE_SIZE)
-    return PAGE_SIZE << max(0, (pages - 1).bit_length())
+    return PAGE_SIZE << get_order(1024 + 128 * nfiles)
 
 
 def encode_files_fdt(files: list[FileEntry]) -> bytes:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from liveupdate.abi import fdt
-from liveupdate.abi.consts import PAGE_SHIFT, PAGE_SIZE
+from liveupdate.abi.consts import PAGE_SHIFT, PAGE_SIZE, get_order
 from liveupdate.abi.vmalloc import DESC_SIZE, KhoVmalloc
 from liveupdate.errors import AbiError
 
@@ -79,9 +79,8 @@ class MemfdState:
 
 
 def fdt_alloc_size(nr_folios: int) -> int:
-    need = -(-nr_folios * FOLIO_DTYPE.itemsize // PAGE_SIZE) * PAGE_SIZE + PAGE_SIZE
-    pages = need // PAGE_SIZE
-    return PAGE_SIZE << (pages - 1).bit_length()
+    array = -(-nr_folios * FOLIO_DTYPE.itemsize // PAGE_SIZE) * PAGE_SIZE
+    return PAGE_SIZE << get_order(array + PAGE_SIZE)
 
 
 def encode_fdt(state: MemfdState) -> bytes:

@@ -82,7 +82,7 @@ def kho_populate(k: Kernel, kd: bootparams.KhoData) -> KhoIn | None:
         k.printk(f"KHO: setup: {e.message}")
         k.printk("KHO: disabling KHO revival")
         return None
-    for a, s in zip(kin.scratch["addr"].tolist(), kin.scratch["size"].tolist(), strict=True):
+    for a, s in bootparams.scratch_areas(kin.scratch):
         k.memblock.mark_kho_scratch(a, s)
     k.memblock.reserve(kin.scratch_phys, kin.scratch_len)
     k.memblock.scratch_only = True
@@ -107,8 +107,7 @@ def kho_memory_init(k: Kernel) -> np.ndarray | None:
 
 def memblock_free_all(k: Kernel, scratch: np.ndarray | None) -> None:
     k.memblock.scratch_only = False
-    areas = [] if scratch is None else list(zip(scratch["addr"].tolist(),
-                                                scratch["size"].tolist(), strict=True))
+    areas = [] if scratch is None else bootparams.scratch_areas(scratch)
     for start, end in k.memblock.free_ranges():
         cur = start
         for a, s in sorted(areas):

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from liveupdate.abi import fdt
+from liveupdate.abi import bootparams, fdt
 from liveupdate.errors import AbiError, LiveUpdateError
 
 if TYPE_CHECKING:
@@ -71,6 +71,10 @@ def write(k: Kernel, path: str, value: bytes) -> None:
     kout.finalize()
 
 
+def _areas(scratch: np.ndarray) -> list[dict[str, Any]]:
+    return [{"addr": f"{a:#x}", "size": s} for a, s in bootparams.scratch_areas(scratch)]
+
+
 def status(k: Kernel) -> dict[str, Any]:
     kout, kin = k.kho_out, k.kho_in
     rep: dict[str, Any] = {"enabled": kout is not None, "kho_boot": kin is not None,
@@ -82,9 +86,7 @@ def status(k: Kernel) -> dict[str, Any]:
             "finalized": kout.finalized,
             "root_fdt": f"{kout.root_phys:#x}",
             "preserved_memory_map": f"{kout.mem_map:#x}",
-            "scratch": [{"addr": f"{a:#x}", "size": int(s)} for a, s in
-                        zip(kout.scratch["addr"].tolist(), kout.scratch["size"].tolist(),
-                            strict=True)],
+            "scratch": _areas(kout.scratch),
             "preserved": [{"order": o, "blocks": int(c), "pages": int(c) << o}
                           for o, c in enumerate(counts) if c],
             "preserved_pages": int((np.uint64(1) << order.astype(np.uint64)).sum()),
@@ -95,9 +97,7 @@ def status(k: Kernel) -> dict[str, Any]:
             "root_fdt": f"{kin.fdt_phys:#x}",
             "preserved_pages": kin.preserved.pages(),
             "restored_pages": kin.restored,
-            "scratch": [{"addr": f"{a:#x}", "size": int(s)} for a, s in
-                        zip(kin.scratch["addr"].tolist(), kin.scratch["size"].tolist(),
-                            strict=True)],
+            "scratch": _areas(kin.scratch),
             "subtrees": [{"name": n, "fdt": f"{p:#x}"} for n, p in kin.root.subtrees],
         }
     rep["reserve_mem"] = k.reserve_mem

@@ -25,7 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from liveupdate.abi import bootparams, kho, kho_memmap, vmalloc
-from liveupdate.abi.consts import MAX_PAGE_ORDER, PAGE_SHIFT, PAGE_SIZE
+from liveupdate.abi.consts import MAX_PAGE_ORDER, PAGE_SHIFT, PAGE_SIZE, get_order
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.kernel.mm.buddy import block_orders
@@ -42,10 +42,6 @@ class MmOps(Protocol):
     def free_pages(self, phys: int, order: int) -> None: ...
     def write(self, phys: int, data: bytes) -> None: ...
     def zero(self, phys: int, size: int) -> None: ...
-
-
-def _order_for(size: int) -> int:
-    return max(0, (-(-size // PAGE_SIZE) - 1).bit_length())
 
 
 class KhoOut:
@@ -68,8 +64,7 @@ class KhoOut:
         if not 0 <= order <= MAX_PAGE_ORDER or phys % (PAGE_SIZE << order):
             raise LiveUpdateError(errno.EINVAL, f"KHO: bad block {phys:#x} order {order}")
         end = phys + (PAGE_SIZE << order)
-        for a, s in zip(self.scratch["addr"].tolist(), self.scratch["size"].tolist(),
-                        strict=True):
+        for a, s in bootparams.scratch_areas(self.scratch):
             if phys < a + s and a < end:
                 raise LiveUpdateError(errno.EINVAL,
                                       f"KHO: {phys:#x} order {order} overlaps scratch")
@@ -113,8 +108,7 @@ class KhoOut:
                 self._check(lo, o)
                 self._check(hi, o)
                 ends = p + np.uint64(PAGE_SIZE << o)
-                for a, s in zip(self.scratch["addr"].tolist(), self.scratch["size"].tolist(),
-                                strict=True):
+                for a, s in bootparams.scratch_areas(self.scratch):
                     if np.any((p < np.uint64(a + s)) & (ends > np.uint64(a))):
                         raise LiveUpdateError(errno.EINVAL, "KHO: a block overlaps scratch")
                 if np.any(p % np.uint64(PAGE_SIZE << o)):
@@ -143,7 +137,7 @@ class KhoOut:
     def alloc_preserve(self, size: int) -> int:
         if size <= 0:
             raise LiveUpdateError(errno.EINVAL, "kho_alloc_preserve: size 0")
-        order = _order_for(size)
+        order = get_order(size)
         if order > MAX_PAGE_ORDER:
             raise LiveUpdateError(errno.E2BIG, f"kho_alloc_preserve: {size} bytes is too big")
         phys = self.mm.alloc_pages(order)
@@ -156,7 +150,7 @@ class KhoOut:
         return phys
 
     def unpreserve_free(self, phys: int, size: int) -> None:
-        order = _order_for(size)
+        order = get_order(size)
         self.unpreserve_folio(phys, order)
         self.mm.free_pages(phys, order)
 
@@ -263,7 +257,7 @@ def validate_handover(mem: PhysMem, kd: bootparams.KhoData, bitmap_bytes: int) -
     root = kho.decode_root(blob, require_map=True)
     scratch = bootparams.decode_scratch(mem.read(kd.scratch_addr, kd.scratch_size,
                                                  "KHO scratch array"))
-    for a, s in zip(scratch["addr"].tolist(), scratch["size"].tolist(), strict=True):
+    for a, s in bootparams.scratch_areas(scratch):
         if s == 0 or a % PAGE_SIZE or s % PAGE_SIZE:
             raise AbiError(f"scratch area {a:#x}+{s:#x} is empty or not page aligned")
         mem.check(a, s, "KHO scratch area")
