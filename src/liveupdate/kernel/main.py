@@ -65,6 +65,10 @@ def _serve_request(k: Kernel, link: Link, h: dict[str, Any]) -> None:
         reply["errno"] = 0
     except LiveUpdateError as e:
         reply, data = {"errno": e.errno, "message": e.message}, b""
+    except Exception as e:  # a kernel bug: oops, fail the request, keep the kernel up
+        k.printk(f"BUG: {type(e).__name__} serving {h.get('op')!r}: {e}")
+        traceback.print_exc(file=sys.stdout)
+        reply, data = {"errno": errno.EFAULT, "message": f"kernel oops: {e}"}, b""
     reply["id"] = h.get("id")
     if k.require_userspace().dying:
         return  # going down: the machine fails what is pending when this kernel is gone

@@ -36,6 +36,7 @@ from liveupdate.machine.ram import Ram
 DEFAULT_CMDLINE = "console=ttyS0 kho=on"
 DEFAULT_IMAGE = "images/default.img"
 LINK_RECORD = 1 << 20
+CONSOLE_KEEP = 32 << 20  # bytes of console kept in memory for wait/console requests
 
 
 @dataclass
@@ -61,7 +62,8 @@ class Machine:
                 f.write(image.KernelImage().encode())
         self.socket_path = os.path.join(self.run, "control.sock")
         self.console_path = os.path.join(self.run, "console.log")
-        self.console = bytearray()
+        self.console = bytearray()  # the newest part of the console; all of it is in the file
+        self.console_base = 0  # absolute offset of self.console[0]
         self.console_file = open(self.console_path, "wb")  # noqa: SIM115 - lives with the machine
         self.cond = threading.Condition()
         self.lock = threading.RLock()
@@ -81,6 +83,10 @@ class Machine:
     def _append_console(self, data: bytes) -> None:
         with self.cond:
             self.console += data
+            if len(self.console) > CONSOLE_KEEP:
+                drop = len(self.console) - CONSOLE_KEEP // 2
+                del self.console[:drop]
+                self.console_base += drop
             self.console_file.write(data)
             self.console_file.flush()
             self.cond.notify_all()
@@ -104,12 +110,13 @@ class Machine:
         deadline = time.monotonic() + timeout
         with self.cond:
             while True:
-                m = rx.search(self.console, offset)
+                m = rx.search(self.console, max(0, offset - self.console_base))
                 if m:
                     line_start = self.console.rfind(b"\n", 0, m.start()) + 1
                     line_end = self.console.find(b"\n", m.end())
                     line = self.console[line_start : line_end if line_end >= 0 else None]
-                    return {"start": m.start(), "end": m.end(),
+                    base = self.console_base
+                    return {"start": base + m.start(), "end": base + m.end(),
                             "line": line.decode(errors="replace")}
                 kp = self.kernel
                 if self.state in ("panic", "off") and (kp is None or kp.drained.is_set()):
@@ -316,7 +323,7 @@ class Machine:
                 "machine_pid": os.getpid(),
                 "memory": self.ram.size if self.ram else 0,
                 "ram_resident": self.ram.resident() if self.ram else 0,
-                "boot_count": self.boot_count, "console_bytes": len(self.console),
+                "boot_count": self.boot_count, "console_bytes": self.console_base + len(self.console),
                 "kernel_pid": kp.popen.pid if kp else None,
                 "spare_pid": self.spare.popen.pid if self.spare else None,
                 "kernel": kp.info if kp else {}}
@@ -338,7 +345,12 @@ class Machine:
             return self.status(), b""
         if op == "console":
             off = int(h.get("offset", 0))
-            return {"end": len(self.console)}, bytes(self.console[off:])
+            with self.cond:
+                end = self.console_base + len(self.console)
+                if off < self.console_base:
+                    raise LiveUpdateError(errno.ERANGE, f"console before byte "
+                                          f"{self.console_base} is only in {self.console_path}")
+                return {"end": end}, bytes(self.console[off - self.console_base :])
         if op == "wait":
             return self.wait_console(str(h["pattern"]), int(h.get("offset", 0)),
                                      float(h.get("timeout", 60))), b""

@@ -12,6 +12,8 @@ import array
 import errno
 import os
 import socket
+import sys
+import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -96,6 +98,10 @@ def dispatch(k: Kernel, msg: bytes) -> bytes:
         return wire.pack(reply, data)
     except LiveUpdateError as e:
         return wire.pack({"errno": e.errno, "message": e.message})
+    except Exception as e:  # a kernel bug: oops, fail the call, keep the kernel up
+        k.printk(f"BUG: {type(e).__name__} in syscall: {e}")
+        traceback.print_exc(file=sys.stdout)
+        return wire.pack({"errno": errno.EFAULT, "message": f"kernel oops: {e}"})
 
 
 def serve(k: Kernel, conn: socket.socket, proc: Proc) -> None:
