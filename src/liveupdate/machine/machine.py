@@ -323,7 +323,8 @@ class Machine:
                 "machine_pid": os.getpid(),
                 "memory": self.ram.size if self.ram else 0,
                 "ram_resident": self.ram.resident() if self.ram else 0,
-                "boot_count": self.boot_count, "console_bytes": self.console_base + len(self.console),
+                "boot_count": self.boot_count,
+                "console_bytes": self.console_base + len(self.console),
                 "kernel_pid": kp.popen.pid if kp else None,
                 "spare_pid": self.spare.popen.pid if self.spare else None,
                 "kernel": kp.info if kp else {}}
