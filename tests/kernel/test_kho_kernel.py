@@ -138,6 +138,10 @@ def test_kexec_segments_must_fit_scratch(rig: Rig) -> None:
         kexec.file_load(k, image.KernelImage().encode(), "x" * 3000)
     assert e.value.errno == errno.EINVAL
     before = list(k.scratch_pool.free)
+    loaded = kexec.file_load(k, image.KernelImage().encode(), "a")
+    with pytest.raises(LiveUpdateError):  # a failed load keeps the loaded image
+        kexec.file_load(k, image.KernelImage(load_size=512 * MiB).encode(), "")
+    assert k.kexec_image is loaded
     kexec.file_load(k, image.KernelImage().encode(), "a")
     kexec.file_load(k, image.KernelImage().encode(), "b")  # replaces, does not leak
     kexec.unload(k)

@@ -66,6 +66,9 @@ def file_load(k: Kernel, raw: bytes, cmdline: str) -> Loaded:
     if kout is None:
         raise LiveUpdateError(errno.EADDRNOTAVAIL,
                               "kexec_file_load: no KHO scratch to load into (boot with kho=on)")
+    # The new image may reuse the old one's room, but a failed load leaves the old one loaded
+    # (kexec_file_load swaps images only on success): nothing is written until all fits.
+    before, previous = list(k.scratch_pool.free), k.kexec_image
     unload(k)
     placed: list[tuple[int, int]] = []
     try:
@@ -73,8 +76,7 @@ def file_load(k: Kernel, raw: bytes, cmdline: str) -> Loaded:
                             (16 * len(kout.scratch), SCRATCH_ARRAY_ALIGN)):
             placed.append((k.scratch_pool.alloc(size, align), size))
     except LiveUpdateError:
-        for phys, size in placed:
-            k.scratch_pool.release(phys, size)
+        k.scratch_pool.free, k.kexec_image = before, previous
         raise
     (img_phys, _), (setup_phys, _), (array_phys, array_len) = placed
     k.zero(img_phys, -(-len(raw) // PAGE_SIZE) * PAGE_SIZE)
