@@ -159,3 +159,10 @@ def test_memory_map_round_trips_through_finalize(rig: Rig) -> None:
     got = set(zip(k2.kho_in.preserved.phys.tolist(), k2.kho_in.preserved.order.tolist(),
                   strict=True))
     assert got == set(zip(want_phys.tolist(), want_order.tolist(), strict=True))
+
+
+def test_reserve_mem_first_seen_on_a_kho_boot_is_not_preserved(rig: Rig) -> None:
+    k1 = rig.boot("kho=on")
+    k2 = rig.kexec(k1, cmdline="kho=on reserve_mem=2M:4096:late")
+    assert [r["revived"] for r in k2.reserve_mem] == [False]
+    assert k2.require_kho().subtrees() == ()  # allocated from scratch: nothing published

@@ -65,7 +65,15 @@ def preserve(k: Kernel) -> None:
         return
     regions = [memblock_abi.ReserveMem(str(r["name"]), int(str(r["start"]), 16),
                                        int(str(r["size"]))) for r in k.reserve_mem]
+    kept = []
     for r in regions:
-        k.kho_out.preserve_pages(r.start, -(-r.size // PAGE_SIZE))
-    phys = k.kho_out.store(memblock_abi.encode(regions))
+        try:
+            k.kho_out.preserve_pages(r.start, -(-r.size // PAGE_SIZE))
+            kept.append(r)
+        except LiveUpdateError as e:
+            # a region first allocated on a KHO boot came from scratch: it cannot be kept
+            k.printk(f"reserve_mem: {r.name} will not survive a kexec: {e.message}")
+    if not kept:
+        return
+    phys = k.kho_out.store(memblock_abi.encode(kept))
     k.kho_out.add_subtree(memblock_abi.MEMBLOCK_KHO_NODE, phys)
