@@ -10,6 +10,15 @@ any of it is used -- root FDT, scratch array, every chunk and bitmap pointer, ev
 block inside RAM and outside scratch, every subtree pointer inside RAM. This is stricter than
 Linux, which checks the map only while reserving it; any failure makes the caller boot cold.
 
+Upstream names, here: ``kho_preserve_folio/pages``, ``kho_unpreserve_folio/pages``,
+``kho_preserve_vmalloc``, ``kho_unpreserve_vmalloc``, ``kho_alloc_preserve``,
+``kho_unpreserve_free``, ``kho_add_subtree``, ``kho_remove_subtree``, ``kho_finalize`` are the
+:class:`KhoOut` methods without the ``kho_`` prefix; ``kho_retrieve_subtree`` is
+:meth:`KhoIn.retrieve_subtree`; ``kho_restore_folio/pages/vmalloc`` are the module functions
+:func:`restore_folio`, :func:`restore_pages`, :func:`restore_vmalloc`; ``is_kho_boot`` is
+``Kernel.is_kho_boot``. :meth:`KhoOut.preserve_blocks` and :func:`restore_folios` are bulk forms
+(one numpy operation for many blocks) that Linux does not have.
+
 Errors follow upstream: preserve -> EINVAL (scratch overlap, as CONFIG_KEXEC_HANDOVER_DEBUG
 does; we always check), ENOMEM; ``kho_alloc_preserve`` -> EINVAL (size 0), E2BIG (order > 10);
 ``kho_add_subtree`` -> EEXIST, ENOMEM; ``kho_retrieve_subtree`` -> ENOENT; ``kho_finalize`` ->
