@@ -49,3 +49,16 @@ def test_machine_lifecycle(tmp_path: Path) -> None:
     assert r.returncode == 0 and "powered off" in r.stdout
     r = luoctl(m, "machine", "status")
     assert r.returncode == 1 and r.stderr.startswith("luoctl: error: no machine at")
+
+
+def test_power_cycle_out_of_panic(tmp_path: Path) -> None:
+    m = tmp_path / "m"
+    r = luoctl(m, "machine", "start", "--memory", "1G", "--cmdline", "kho=on test_panic=boom")
+    try:
+        assert r.returncode == 1 and "panic" in r.stderr and "test_panic: boom" in r.stderr
+        r = luoctl(m, "machine", "power-cycle", "--cmdline", "kho=on", "--json")
+        assert r.returncode == 0, r.stderr
+        st = json.loads(r.stdout)
+        assert st["state"] == "running" and st["memory"] == 1 << 30
+    finally:
+        luoctl(m, "machine", "poweroff")

@@ -176,6 +176,27 @@ def run(ctx: click.Context, argv: tuple[str, ...], timeout: float) -> None:
     sys.exit(r["status"] if r["status"] >= 0 else 128 - r["status"])
 
 
+@machine.command("power-cycle")
+@click.option("--memory", type=SizeParam(), default=None, help="New RAM size [default: same].")
+@click.option("--image", default=None, help="Kernel image, relative to disk/ [default: same].")
+@click.option("--cmdline", default=None, help="Kernel command line [default: same].")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.pass_context
+def power_cycle(ctx: click.Context, memory: int | None, image: str | None,
+                cmdline: str | None, as_json: bool) -> None:
+    """Cut power and cold-boot again (from any state, PANIC included); RAM starts empty."""
+    config = {k: v for k, v in (("memory", memory), ("image", image), ("cmdline", cmdline))
+              if v is not None}
+    c = _client(ctx)
+    try:
+        st = c.status()
+        c.power_cycle(**{"memory": st["memory"] or 4 << 30, **config})
+        st = c.booted(120)
+    except LiveUpdateError as e:
+        fail(e)
+    emit(st, as_json, _describe(st))
+
+
 @machine.command()
 @click.pass_context
 def poweroff(ctx: click.Context) -> None:

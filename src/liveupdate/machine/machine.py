@@ -341,8 +341,9 @@ class Machine:
             self.power_off()
             return self.status(), b""
         if op == "power_cycle":
+            config = {**self.config, **{k: v for k, v in h.items() if k != "op"}}
             self.power_off()
-            self.power_on(h or self.config)
+            self.power_on(config)
             return self.status(), b""
         if op == "console":
             off = int(h.get("offset", 0))
