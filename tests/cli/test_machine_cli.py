@@ -62,3 +62,25 @@ def test_power_cycle_out_of_panic(tmp_path: Path) -> None:
         assert st["state"] == "running" and st["memory"] == 1 << 30
     finally:
         luoctl(m, "machine", "poweroff")
+
+
+def test_image_create(tmp_path: Path) -> None:
+    m = tmp_path / "m"
+    r = luoctl(m, "image", "create", "old", "--release", "6.17.0-lu", "--kho-bitmap-bytes",
+               "512", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["kho_bitmap_bytes"] == 512 and info["release"] == "6.17.0-lu"
+    assert Path(info["path"]).read_bytes().startswith(b"LUKIMG01")
+    r = luoctl(m, "image", "create", "old")
+    assert r.returncode == 1 and "exists" in r.stderr
+    r = luoctl(m, "image", "create", "bad/name")
+    assert r.returncode == 1 and "must be letters" in r.stderr
+    r = luoctl(m, "image", "create", "tiny", "--load-size", "1000")
+    assert r.returncode == 1 and "page multiple" in r.stderr
+    r = luoctl(m, "machine", "start", "--memory", "1G", "--image", "images/old.img", "--json")
+    try:
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["kernel"]["release"] == "6.17.0-lu"
+    finally:
+        luoctl(m, "machine", "poweroff")

@@ -19,9 +19,10 @@ def machine(tmp_path: Path) -> Iterator[Factory]:
     """``machine(cmdline=..., memory=...)`` starts a machine and waits for its kernel."""
     running: list[tuple[subprocess.Popen[bytes], MachineClient]] = []
 
-    def make(cmdline: str = "kho=on", memory: int = GiB, wait: bool = True) -> MachineClient:
+    def make(cmdline: str = "kho=on", memory: int = GiB, wait: bool = True,
+             image: str = "") -> MachineClient:
         folder = tmp_path / f"m{len(running)}"
-        proc, client = start(str(folder), memory=memory, cmdline=cmdline,
+        proc, client = start(str(folder), memory=memory, cmdline=cmdline, image=image,
                              log=str(tmp_path / f"m{len(running)}.log"))
         running.append((proc, client))
         if wait:

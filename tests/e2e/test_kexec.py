@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from liveupdate.abi import kho, kho_test
+from liveupdate.abi import image, inspect, kho, kho_test
+from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import LiveUpdateError
+from liveupdate.machine.client import RemoteRam
 from tests.e2e.conftest import Factory
 
 
@@ -150,3 +152,21 @@ def test_init_services_and_debugfs(machine: Factory, tmp_path: Path) -> None:
     with pytest.raises(LiveUpdateError) as e:
         m.debugfs("in/sub_fdts/nope")
     assert e.value.errno == 2
+
+
+def test_616_bitmaps_round_trip_and_are_detected(machine: Factory, tmp_path: Path) -> None:
+    images = tmp_path / "m0" / "disk" / "images"
+    images.mkdir(parents=True)
+    (images / "v616.img").write_bytes(
+        image.KernelImage(release="6.16.0-lu", kho_bitmap_bytes=512).encode())
+    m = machine("kho=on test_kho=1", image="images/v616.img")
+    off = m.status()["console_bytes"]
+    st = m.kexec("images/v616.img")
+    assert st["kernel"]["release"] == "6.16.0-lu" and st["kernel"]["kho_boot"]
+    m.wait("KHO restore succeeded", offset=off)
+    m.run([sys.executable, "-c", "from liveupdate.client.syscall import Kernel; "
+           "Kernel().debugfs_write('out/finalize', b'1')"])
+    mem = PhysMem(RemoteRam(m, m.status()["memory"]))
+    rep = inspect.describe(m.debugfs("out/fdt"), mem)  # size detected, not told
+    assert rep["memory"]["bitmap_bytes"] == 512
+    assert rep["memory"]["pages"] == m.kho_status()["out"]["preserved_pages"]

@@ -15,6 +15,7 @@ from liveupdate import example as example_mod
 from liveupdate.abi import inspect as inspect_mod
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.cli.common import SizeParam, fail
+from liveupdate.cli.image import image
 from liveupdate.cli.kho import kho
 from liveupdate.cli.machine import machine
 from liveupdate.cli.render import print_report
@@ -33,6 +34,7 @@ def main() -> None:
 
 main.add_command(machine)
 main.add_command(kho)
+main.add_command(image)
 
 
 @main.command()

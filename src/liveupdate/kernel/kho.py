@@ -220,13 +220,17 @@ class KhoOut:
         self.meta_pages = []
         phys, order = self.preserved()
         bm = kho_memmap.build_bitmaps(phys, order, self.bitmap_bytes)
-        bitmap_pages = [self.mm.alloc_pages(0) for _ in range(len(bm))]
+        # 6.16/6.17 bitmaps are kmalloc-512 objects: eight share a page, as here
+        per_page = PAGE_SIZE // self.bitmap_bytes
+        bitmap_pages = [self.mm.alloc_pages(0) for _ in range(-(-len(bm) // per_page))]
         chunk_pages = [self.mm.alloc_pages(0) for _ in range(bm.chunks_needed())]
         self.meta_pages = bitmap_pages + chunk_pages
-        for p, bits in zip(bitmap_pages, bm.bits, strict=True):
-            self.mm.write(p, bits.tobytes())
-        chunks = kho_memmap.encode_chunks(bm, np.array(bitmap_pages, np.uint64),
-                                          np.array(chunk_pages, np.uint64))
+        bitmap_phys = np.array([bitmap_pages[i // per_page] + (i % per_page) * self.bitmap_bytes
+                                for i in range(len(bm))], np.uint64)
+        for i, p in enumerate(bitmap_pages):
+            self.mm.write(p, bm.bits[i * per_page : (i + 1) * per_page].tobytes()
+                          .ljust(PAGE_SIZE, b"\0"))
+        chunks = kho_memmap.encode_chunks(bm, bitmap_phys, np.array(chunk_pages, np.uint64))
         for p, page in zip(chunk_pages, chunks, strict=True):
             self.mm.write(p, page.tobytes())
         self.mem_map = chunk_pages[0] if chunk_pages else 0
