@@ -13,6 +13,9 @@ files FDT, built sequentially (compact totalsize) in token order::
     file-descriptors { compatible = "file-descriptors-v1";
         "<token as %#0llx>" { compatible = "<handler, e.g. memfd-v1>"; data = <u64 native>; }; };
 
+Sources read: ``luo_subsystems.c`` (d4d1b22) and ``luo_files.c`` (7b499d2) in the
+kernelorg-mirror of Pratyush's tree, and the v3 ``luo_fdt_setup`` patch
+(``fdt_create_empty_tree`` + ``fdt_setprop_string``); the orders above follow from them.
 Its root node is literally named ``file-descriptors``, which ``fdt_check_full`` rejects and the
 kernel accepts; so do we. Token names parse as ``kstrtou64(name, 0)``.
 """

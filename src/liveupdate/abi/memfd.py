@@ -10,6 +10,11 @@
 * **struct ``memfd-v2``** (7.1+): 48 bytes ``{u64 pos, size; u32 seals, flags (must be 0);
   u64 nr_folios; struct kho_vmalloc folios}``; ``seals`` must be within ``0x3F``.
 
+Sources: the FDT-era property order (``pos``, ``size``, then the ``folios`` placeholder) is read
+in the v2/v3 memfd patch; that ``memfd_luo_create_fdt`` is ``fdt_create`` + an empty
+reservation map + root node ``""`` is inferred. The struct layouts are from
+``include/linux/kho/abi/memfd.h`` as quoted in spec/luo.md 5.3.
+
 Flags: bit 0 DIRTY, bit 1 UPTODATE; any other bit is refused on decode.
 """
 
