@@ -7,11 +7,12 @@ KHO subtree ``LUO`` -> one-page FDT built sequentially at boot::
         luo-flb     { compatible = "luo-flb-v1";     luo-flb-header     = <u64 phys>; }; }; // 7.0+
 
 The node and property order is ``luo_session_setup_outgoing``'s (read in the 6.19 patch mails:
-``fdt_begin_node``, ``compatible``, header). The session header is a 16-page block:
-``u64 count`` then ``luo_session_ser[count]`` (80 bytes: ``char name[64]; u64 files; u64 count``), at most 819. Each session's files are a
-2-page array of ``luo_file_ser`` (64 bytes: ``char compatible[48]; u64 data; u64 token``), at
-most 128, ``files == 0`` when empty. The FLB header is one page: ``u64 pgcnt (=1); u64 count``
-then ``luo_flb_ser[count]`` (64 bytes: ``char name[48]; u64 data; u64 count``), at most 63.
+``fdt_begin_node``, ``compatible``, header). The session header is a 16-page block: ``u64
+count`` then ``luo_session_ser[count]`` (80 bytes: ``char name[64]; u64 files; u64 count``), at
+most 819. Each session's files are a 2-page array of ``luo_file_ser`` (64 bytes: ``char
+compatible[48]; u64 data; u64 token``), at most 128, ``files == 0`` when empty. The FLB header
+is one page: ``u64 pgcnt (=1); u64 count`` then ``luo_flb_ser[count]`` (64 bytes: ``char
+name[48]; u64 data; u64 count``), at most 63.
 """
 
 from __future__ import annotations

@@ -10,9 +10,10 @@ knows must be zero (E2BIG), a shorter struct is zero-extended. :func:`lookup` ap
 dispatcher's checks in the kernel's order: number out of the table (EINVAL, not ENOTTY), then
 a number that is in range but not exactly the table's (ENOTTY), then the size rules.
 
-v3's ``GET_FD_STATE`` is coded as first posted, read in the v3 patch mail and its review
-(``{u32 size; u8 incoming; u64 token; u32 state}`` with natural alignment = 24 bytes); review asked for explicit zero-checked padding,
-so we require the padding bytes to be zero (EINVAL) -- a deliberate, documented difference.
+v3's ``GET_FD_STATE`` is coded as first posted, read in the v3 patch mail and its review (``{u32
+size; u8 incoming; u64 token; u32 state}`` with natural alignment = 24 bytes); review asked for
+explicit zero-checked padding, so we require the padding bytes to be zero (EINVAL) -- a
+deliberate, documented difference.
 """
 
 from __future__ import annotations
