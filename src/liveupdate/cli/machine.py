@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import sys
@@ -63,11 +64,9 @@ def start_cmd(ctx: click.Context, memory: int, image: str, cmdline: str, as_json
     folder = ctx.obj["dir"]
     try:
         if os.path.exists(os.path.join(folder, "run", "control.sock")):
-            try:
+            with contextlib.suppress(LiveUpdateError):  # a stale socket: that machine is gone
                 st = MachineClient(folder).status()
                 fail(f"a machine is already running in {folder} ({st['state']})")
-            except LiveUpdateError:
-                pass  # a stale socket from a machine that is gone
         log = os.path.join(folder, "machine.log")
         os.makedirs(folder, exist_ok=True)
         _, client = start(folder, memory=memory, image=image, cmdline=cmdline, detach=True,

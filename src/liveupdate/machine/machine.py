@@ -74,7 +74,7 @@ class Machine:
         self.kernel: KernelProc | None = None
         self.spare: KernelProc | None = None
         self.boot_count = 0
-        self.jump_times: list[float] = []
+        self.jump_times: list[float] = []  # old kernel's jump request to the next one's "go"
         self.pending: dict[int, tuple[threading.Event, list[Any]]] = {}
         self.next_id = 1
         self.server: socketserver.ThreadingUnixStreamServer | None = None
@@ -324,6 +324,7 @@ class Machine:
                 "memory": self.ram.size if self.ram else 0,
                 "ram_resident": self.ram.resident() if self.ram else 0,
                 "boot_count": self.boot_count,
+                "last_jump_seconds": self.jump_times[-1] if self.jump_times else None,
                 "console_bytes": self.console_base + len(self.console),
                 "kernel_pid": kp.popen.pid if kp else None,
                 "spare_pid": self.spare.popen.pid if self.spare else None,
