@@ -79,6 +79,13 @@ class Machine:
         self.next_id = 1
         self.server: socketserver.ThreadingUnixStreamServer | None = None
 
+    def _set_state(self, state: str, reason: str | None = None) -> None:
+        with self.cond:
+            self.state = state
+            if reason is not None:
+                self.reason = reason
+            self.cond.notify_all()
+
     # -- console --------------------------------------------------------------------------
     def _append_console(self, data: bytes) -> None:
         with self.cond:
@@ -174,7 +181,7 @@ class Machine:
     def _start(self, entry: str, bp_phys: int) -> None:
         kp = self._take_kernel(entry)
         self.kernel = kp
-        self.state = "booting"
+        self._set_state("booting")
         self.boot_count += 1
         kp.link.send(wire.pack({"op": "go", "boot_params": bp_phys}))
         threading.Thread(target=self._link_reader, args=(kp,), daemon=True).start()
@@ -200,10 +207,8 @@ class Machine:
                 continue
             op = header.get("op")
             if op == "booted":
-                with self.cond:
-                    kp.info = header
-                    self.state = "running"
-                    self.cond.notify_all()
+                kp.info = header
+                self._set_state("running")
             elif op == "jump":
                 self._jump(kp, int(header["entry"]), int(header["boot_params"]))
                 return
@@ -234,25 +239,20 @@ class Machine:
     def _stopped(self, kp: KernelProc, op: str, reason: str) -> None:
         with self.lock:
             self._finish(kp)
-            with self.cond:
-                self.state = {"panic": "panic", "poweroff": "off"}.get(op, "off")
-                self.reason = reason
-                self.cond.notify_all()
+            self._set_state("panic" if op == "panic" else "off", reason)
             if op == "restart":
                 self.power_on(self.config)
 
     def _jump(self, kp: KernelProc, entry: int, bp_phys: int) -> None:
         t0 = time.monotonic()
         with self.lock:
-            self.state = "jumping"
+            self._set_state("jumping")
             self._finish(kp)
             assert self.ram is not None
             try:
                 img = image.decode(self.ram.read(entry, PAGE_SIZE))
             except (AbiError, LiveUpdateError) as e:
-                with self.cond:
-                    self.state, self.reason = "panic", f"jump to {entry:#x}: {e}"
-                    self.cond.notify_all()
+                self._set_state("panic", f"jump to {entry:#x}: {e}")
                 return
             self._start(img.entry, bp_phys)
         self.jump_times.append(time.monotonic() - t0)
@@ -293,9 +293,7 @@ class Machine:
             if self.ram is not None:
                 self.ram.close()
                 self.ram = None
-            with self.cond:
-                self.state = "off"
-                self.cond.notify_all()
+            self._set_state("off")
 
     # -- requests to the running kernel ---------------------------------------------------
     def ask_kernel(self, header: dict[str, Any], timeout: float) -> tuple[dict[str, Any], bytes]:
