@@ -166,3 +166,13 @@ def test_reserve_mem_first_seen_on_a_kho_boot_is_not_preserved(rig: Rig) -> None
     k2 = rig.kexec(k1, cmdline="kho=on reserve_mem=2M:4096:late")
     assert [r["revived"] for r in k2.reserve_mem] == [False]
     assert k2.require_kho().subtrees() == ()  # allocated from scratch: nothing published
+
+
+def test_partly_reserved_pages_never_reach_the_page_allocator(rig: Rig) -> None:
+    k = rig.boot("kho=on")
+    rs, re_ = k.memblock.reserved_ranges()
+    free = {pfn for order, fl in enumerate(k.buddy.free_lists) for head in fl
+            for pfn in (head, head + (1 << order) - 1)}
+    for s, e in zip(rs.tolist(), re_.tolist(), strict=True):
+        for pfn in {s // PAGE_SIZE, (e - 1) // PAGE_SIZE}:
+            assert pfn not in free, f"page {pfn:#x} holds reserved bytes but is free"

@@ -108,16 +108,19 @@ def kho_memory_init(k: Kernel) -> np.ndarray | None:
 def memblock_free_all(k: Kernel, scratch: np.ndarray | None) -> None:
     k.memblock.scratch_only = False
     areas = [] if scratch is None else bootparams.scratch_areas(scratch)
+    def give(lo: int, hi: int) -> None:  # whole free pages only: a partly reserved one stays
+        first, last = -(-lo // PAGE_SIZE), hi >> PAGE_SHIFT
+        if first < last:
+            k.buddy.free_range(first, last)
+
     for start, end in k.memblock.free_ranges():
         cur = start
         for a, s in sorted(areas):
             if a + s <= cur or a >= end:
                 continue
-            if a > cur:
-                k.buddy.free_range(cur >> PAGE_SHIFT, a >> PAGE_SHIFT)
+            give(cur, a)
             cur = max(cur, a + s)
-        if cur < end:
-            k.buddy.free_range(-(-cur // PAGE_SIZE), end >> PAGE_SHIFT)
+        give(cur, end)
     for a, s in areas:
         if k.kho_in is not None:  # inherited: only what this boot did not take
             for fs, fe in k.memblock.free_ranges([Region(a, s)]):
