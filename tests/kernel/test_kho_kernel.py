@@ -8,7 +8,7 @@ import errno
 import numpy as np
 import pytest
 
-from liveupdate.abi import image
+from liveupdate.abi import bootparams, image
 from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel import kexec, kho
@@ -169,10 +169,24 @@ def test_reserve_mem_first_seen_on_a_kho_boot_is_not_preserved(rig: Rig) -> None
 
 
 def test_partly_reserved_pages_never_reach_the_page_allocator(rig: Rig) -> None:
-    k = rig.boot("kho=on")
-    rs, re_ = k.memblock.reserved_ranges()
-    free = {pfn for order, fl in enumerate(k.buddy.free_lists) for head in fl
-            for pfn in (head, head + (1 << order) - 1)}
-    for s, e in zip(rs.tolist(), re_.tolist(), strict=True):
-        for pfn in {s // PAGE_SIZE, (e - 1) // PAGE_SIZE}:
-            assert pfn not in free, f"page {pfn:#x} holds reserved bytes but is free"
+    from liveupdate.kernel import boot
+    from liveupdate.kernel.kernel import Kernel
+
+    k = Kernel(rig.ram.fd, link=None)
+    try:
+        k.memblock.add(0, 64 * MiB)
+        k.memblock.reserve(5 * MiB + 100, 200)  # bytes in the middle of a page
+        k.memblock.reserve(8 * MiB - 10, 20)  # bytes straddling two pages
+        scratch = np.array([(32 * MiB, 8 * MiB)], bootparams.SCRATCH_DTYPE)
+        boot.memblock_free_all(k, scratch)  # free ranges are split around scratch
+        free = np.zeros(64 * MiB // PAGE_SIZE, bool)
+        for order, heads in enumerate(k.buddy.free_lists):
+            for head in heads:
+                free[head : head + (1 << order)] = True
+        assert not free[(5 * MiB) // PAGE_SIZE]
+        assert not free[8 * MiB // PAGE_SIZE - 1] and not free[8 * MiB // PAGE_SIZE]
+        assert not free[32 * MiB // PAGE_SIZE : 40 * MiB // PAGE_SIZE].any()  # scratch
+        assert free.sum() == (64 - 8) * MiB // PAGE_SIZE - 3
+        assert k.scratch_pool.free == [(32 * MiB, 40 * MiB)]
+    finally:
+        k.ram.close()
