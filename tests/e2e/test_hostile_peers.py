@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 import sys
@@ -54,11 +55,11 @@ def test_control_socket_garbage(machine: Factory) -> None:
         s.connect(path)
         protocol.send(s, {"op": "ram_read", "phys": 1 << 62, "size": 8})
         reply = protocol.recv(s)
-        assert reply is not None and reply[0]["errno"] == 14  # EFAULT
+        assert reply is not None and reply[0]["errno"] == errno.EFAULT
         protocol.send(s, {"op": "wait", "pattern": "(", "timeout": 1})
         reply = protocol.recv(s)
-        assert reply is not None and reply[0]["errno"] == 22  # EINVAL: bad regex
+        assert reply is not None and reply[0]["errno"] == errno.EINVAL  # bad regex
         protocol.send(s, {"op": "ram_read"})
         reply = protocol.recv(s)
-        assert reply is not None and reply[0]["errno"] == 22
+        assert reply is not None and reply[0]["errno"] == errno.EINVAL
     assert m.status()["state"] == "running"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -126,7 +127,7 @@ def test_panic_and_power_cycle(machine: Factory) -> None:
     m.wait("Kernel panic - not syncing: test_panic: oops")
     with pytest.raises(LiveUpdateError) as e:
         m.run([sys.executable, "-c", "pass"])
-    assert e.value.errno == 11  # EAGAIN: nothing running
+    assert e.value.errno == errno.EAGAIN  # nothing running
     m.power_cycle(cmdline="kho=on")
     assert m.booted()["state"] == "running"
 
@@ -151,7 +152,7 @@ def test_init_services_and_debugfs(machine: Factory, tmp_path: Path) -> None:
     assert kho_test.decode(sub, "inline").nr_folios > 0
     with pytest.raises(LiveUpdateError) as e:
         m.debugfs("in/sub_fdts/nope")
-    assert e.value.errno == 2
+    assert e.value.errno == errno.ENOENT
 
 
 def test_616_bitmaps_round_trip_and_are_detected(machine: Factory, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
 import sys
@@ -107,7 +108,7 @@ def console(ctx: click.Context, follow: bool, offset: int) -> None:
             try:
                 c.wait(r"[\s\S]", offset=offset, timeout=3600)
             except LiveUpdateError as e:
-                if e.errno != 110:  # ETIMEDOUT: keep following
+                if e.errno != errno.ETIMEDOUT:  # keep following
                     raise
     except LiveUpdateError as e:
         fail(e)
@@ -151,7 +152,7 @@ def kexec_exec(ctx: click.Context, as_json: bool) -> None:
         r = c.run([sys.executable, "-m", "liveupdate.cli.kexec", "-e"])
         fail(r["stderr"].strip() or "kexec -e returned")
     except LiveUpdateError as e:
-        if e.errno != 5:  # EIO: the kernel went away, as it should
+        if e.errno != errno.EIO:  # the kernel went away, as it should
             fail(e)
     try:
         st = c.booted(120)
