@@ -62,6 +62,10 @@ def test_api_errors(rig: Rig) -> None:
         (lambda: kout.preserve_pages(int(kout.scratch["addr"][0]) - PAGE_SIZE, 2),
          errno.EINVAL),
         (lambda: kout.add_subtree("x", 1) or kout.add_subtree("x", 2), errno.EEXIST),
+        (lambda: kout.preserve_blocks(np.array([0x200000, int(kout.scratch["addr"][0])]),
+                                      np.zeros(2, np.uint8)), errno.EINVAL),
+        (lambda: kout.preserve_blocks(np.array([0x201000]), np.array([1])), errno.EINVAL),
+        (lambda: kout.preserve_blocks(np.array([0]), np.array([11])), errno.EINVAL),
     ]
     for fn, want in cases:
         with pytest.raises(LiveUpdateError) as e:
@@ -70,6 +74,7 @@ def test_api_errors(rig: Rig) -> None:
     # the failed preserve_pages straddling scratch left nothing half-preserved
     phys, _ = kout.preserved()
     assert int(kout.scratch["addr"][0]) - PAGE_SIZE not in phys.tolist()
+    assert 0x200000 not in phys.tolist()  # a rejected bulk call preserved nothing
 
 
 def test_restore_checks_across_kexec(rig: Rig) -> None:

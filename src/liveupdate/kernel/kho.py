@@ -53,6 +53,15 @@ class MmOps(Protocol):
     def zero(self, phys: int, size: int) -> None: ...
 
 
+def overlaps_scratch(starts: np.ndarray, ends: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """Which of the ``[start, end)`` blocks overlap any scratch area (a bool per block)."""
+    starts, ends = np.asarray(starts, np.uint64), np.asarray(ends, np.uint64)
+    hit = np.zeros(len(starts), bool)
+    for a, s in bootparams.scratch_areas(scratch):
+        hit |= (starts < np.uint64(a + s)) & (ends > np.uint64(a))
+    return hit
+
+
 class KhoOut:
     def __init__(self, mm: MmOps, scratch: np.ndarray, bitmap_bytes: int) -> None:
         self.mm = mm
@@ -72,11 +81,9 @@ class KhoOut:
     def _check(self, phys: int, order: int) -> None:
         if not 0 <= order <= MAX_PAGE_ORDER or phys % (PAGE_SIZE << order):
             raise LiveUpdateError(errno.EINVAL, f"KHO: bad block {phys:#x} order {order}")
-        end = phys + (PAGE_SIZE << order)
-        for a, s in bootparams.scratch_areas(self.scratch):
-            if phys < a + s and a < end:
-                raise LiveUpdateError(errno.EINVAL,
-                                      f"KHO: {phys:#x} order {order} overlaps scratch")
+        if overlaps_scratch(np.array([phys]), np.array([phys + (PAGE_SIZE << order)]),
+                            self.scratch)[0]:
+            raise LiveUpdateError(errno.EINVAL, f"KHO: {phys:#x} order {order} overlaps scratch")
 
     def _bit(self, phys: int, order: int, value: bool) -> None:
         high = phys >> (PAGE_SHIFT + order)
@@ -110,18 +117,13 @@ class KhoOut:
         """Bulk preserve, vectorized (one array operation per bitmap touched)."""
         phys = np.asarray(phys, np.uint64)
         order = np.asarray(order, np.uint8)
-        for o in np.unique(order).tolist():
-            p = phys[order == o]
-            if len(p):
-                lo, hi = int(p.min()), int(p.max())
-                self._check(lo, o)
-                self._check(hi, o)
-                ends = p + np.uint64(PAGE_SIZE << o)
-                for a, s in bootparams.scratch_areas(self.scratch):
-                    if np.any((p < np.uint64(a + s)) & (ends > np.uint64(a))):
-                        raise LiveUpdateError(errno.EINVAL, "KHO: a block overlaps scratch")
-                if np.any(p % np.uint64(PAGE_SIZE << o)):
-                    raise LiveUpdateError(errno.EINVAL, "KHO: a block is misaligned")
+        if len(order) and int(order.max()) > MAX_PAGE_ORDER:
+            raise LiveUpdateError(errno.EINVAL, f"KHO: order {int(order.max())} out of range")
+        size = np.uint64(PAGE_SIZE) << order.astype(np.uint64)
+        if np.any(phys % size):  # all checks first: nothing is half-preserved
+            raise LiveUpdateError(errno.EINVAL, "KHO: a block is misaligned")
+        if np.any(overlaps_scratch(phys, phys + size, self.scratch)):
+            raise LiveUpdateError(errno.EINVAL, "KHO: a block overlaps scratch")
         for o in np.unique(order).tolist():
             high = phys[order == o] >> np.uint64(PAGE_SHIFT + o)
             idx = high // np.uint64(self.bits_per)
@@ -286,9 +288,9 @@ def validate_handover(mem: PhysMem, kd: bootparams.KhoData, bitmap_bytes: int) -
     if not np.all(inside):
         bad = int(pm.phys[~inside][0])
         raise AbiError(f"preserved block {bad:#x} lies outside RAM")
-    for a, s in zip(sa.tolist(), ss.tolist(), strict=True):
-        if np.any((pm.phys < np.uint64(a + s)) & (ends > np.uint64(a))):
-            raise AbiError(f"a preserved block overlaps scratch area {a:#x}")
+    hit = overlaps_scratch(pm.phys, ends, scratch)
+    if np.any(hit):
+        raise AbiError(f"preserved block {int(pm.phys[hit][0]):#x} overlaps scratch")
     for name, phys in root.subtrees:
         mem.check(phys, 8, f"subtree {name}")
     return KhoIn(kd.fdt_addr, blob, root, scratch, kd.scratch_addr, kd.scratch_size, pm)
