@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any
 
 import click
-from rich.console import Console
 
 from liveupdate.abi import inspect as inspect_mod
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.cli.common import fail
-from liveupdate.cli.render import print_report
+from liveupdate.cli.render import exit_with_report, show
 from liveupdate.errors import LiveUpdateError
 from liveupdate.machine.client import MachineClient, RemoteRam
 
@@ -36,10 +34,7 @@ def status(folder: str, as_json: bool) -> None:
         st: dict[str, Any] = MachineClient(folder).kho_status()
     except LiveUpdateError as e:
         fail(e)
-    if as_json:
-        click.echo(json.dumps(st, indent=2))
-    else:
-        print_report("KHO", st, Console())
+    show("KHO", st, as_json)
 
 
 @kho.command("inspect")
@@ -70,10 +65,4 @@ def inspect_cmd(folder: str, incoming: bool, finalize: bool, as_json: bool) -> N
         report = inspect_mod.describe(blob, mem)
     except LiveUpdateError as e:
         fail(e)
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-    else:
-        print_report("kho/in/fdt" if incoming else "kho/out/fdt", report, Console())
-    for line in inspect_mod.errors(report):
-        click.echo(f"luoctl: error: {line}", err=True)
-    sys.exit(1 if inspect_mod.errors(report) else 0)
+    exit_with_report("kho/in/fdt" if incoming else "kho/out/fdt", report, as_json)

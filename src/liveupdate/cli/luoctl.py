@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import sys
 from pathlib import Path
 
 import click
-from rich.console import Console
 
 from liveupdate import example as example_mod
 from liveupdate.abi import inspect as inspect_mod
@@ -18,7 +16,7 @@ from liveupdate.cli.common import SizeParam, fail
 from liveupdate.cli.image import image
 from liveupdate.cli.kho import kho
 from liveupdate.cli.machine import machine
-from liveupdate.cli.render import print_report
+from liveupdate.cli.render import exit_with_report
 from liveupdate.errors import LiveUpdateError
 
 
@@ -73,14 +71,7 @@ def inspect(file: Path, ram: Path | None, bitmap_bytes: str, as_json: bool) -> N
                 report = inspect_mod.describe(blob, PhysMem(m), bb)
     except (LiveUpdateError, OSError, ValueError) as e:
         fail(e)
-    errs = inspect_mod.errors(report)
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-    else:
-        print_report(str(file), report, Console())
-    for line in errs:
-        click.echo(f"luoctl: error: {line}", err=True)
-    sys.exit(1 if errs else 0)
+    exit_with_report(str(file), report, as_json)
 
 
 @main.command()

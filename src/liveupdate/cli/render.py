@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import sys
+from typing import Any, NoReturn
 
 from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
+
+from liveupdate.abi import inspect
 
 _TABLES = {"per_order", "areas", "reserve_mem", "scratch", "preserved", "subtrees"}
 
@@ -44,6 +48,24 @@ def _add(tree: Tree, key: str, value: Any, skip: str = "") -> None:
         tree.add(f"[bold]ranges[/] ({len(value)}): {shown}{more}")
     else:
         tree.add(f"[bold]{key}[/]: {value}")
+
+
+def show(title: str, report: dict[str, Any], as_json: bool) -> None:
+    """Print a report as JSON or as a tree."""
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(title, report, Console())
+
+
+def exit_with_report(title: str, report: dict[str, Any], as_json: bool) -> NoReturn:
+    """Show a decoded handover, then each error met while decoding it (one line each on
+    standard error); exit 1 if there were any."""
+    show(title, report, as_json)
+    errs = inspect.errors(report)
+    for line in errs:
+        print(f"luoctl: error: {line}", file=sys.stderr)
+    sys.exit(1 if errs else 0)
 
 
 def print_report(title: str, report: dict[str, Any], console: Console) -> None:
