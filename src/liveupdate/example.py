@@ -68,16 +68,13 @@ class Ram:
 
     def store_vmalloc(self, data: bytes) -> vmalloc.KhoVmalloc:
         """kho_preserve_vmalloc of order-0 pages holding ``data``."""
-        pages = -(-len(data) // PAGE_SIZE)
-        blocks = np.array([self.alloc() for _ in range(pages)], dtype=np.uint64)
-        for i, p in enumerate(blocks.tolist()):
-            self.put(p, data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
+        nblocks, nchunks = vmalloc.pages_needed(len(data))
+        lay = vmalloc.layout(data, np.array([self.alloc() for _ in range(nblocks)], np.uint64),
+                             np.array([self.alloc() for _ in range(nchunks)], np.uint64))
+        for p, page in lay.pages:
+            self.put(p, page)
             self.preserve(p)
-        chunks = np.array([self.alloc() for _ in range(vmalloc.chunks_needed(pages))], np.uint64)
-        for p, page in zip(chunks.tolist(), vmalloc.encode_chunks(blocks, chunks), strict=True):
-            self.put(p, page.tobytes())
-            self.preserve(p)
-        return vmalloc.KhoVmalloc(int(chunks[0]), pages, vmalloc.KHO_VMALLOC_ALLOC, 0)
+        return lay.desc
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,40 @@ def encode_chunks(block_phys: np.ndarray, chunk_phys: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class Layout:
+    """An order-0 vmalloc area laid out at given addresses: what to write where."""
+
+    desc: KhoVmalloc
+    blocks: np.ndarray  # uint64 phys of the data pages
+    chunks: np.ndarray  # uint64 phys of the chunk pages
+    pages: list[tuple[int, bytes]]  # (phys, 4096 bytes) for every block and chunk page
+
+    def all_pages(self) -> np.ndarray:
+        return np.concatenate([self.blocks, self.chunks])
+
+
+def pages_needed(nbytes: int) -> tuple[int, int]:
+    """(data pages, chunk pages) for an order-0 area of ``nbytes`` (at least one page)."""
+    pages = max(1, -(-nbytes // PAGE_SIZE))
+    return pages, chunks_needed(pages)
+
+
+def layout(data: bytes, blocks: np.ndarray, chunks: np.ndarray) -> Layout:
+    """Lay ``data`` out as order-0 pages at ``blocks`` listed by chunks at ``chunks``
+    (sizes from :func:`pages_needed`)."""
+    blocks = np.asarray(blocks, np.uint64)
+    chunks = np.asarray(chunks, np.uint64)
+    if (len(blocks), len(chunks)) != pages_needed(len(data)):
+        raise AbiError(f"{pages_needed(len(data))} (data, chunk) pages are needed")
+    data = data.ljust(len(blocks) * PAGE_SIZE, b"\0")
+    out = [(p, data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]) for i, p in enumerate(blocks.tolist())]
+    out += [(p, page.tobytes()) for p, page in
+            zip(chunks.tolist(), encode_chunks(blocks, chunks), strict=True)]
+    desc = KhoVmalloc(int(chunks[0]), len(blocks), KHO_VMALLOC_ALLOC, 0)
+    return Layout(desc, blocks, chunks, out)
+
+
+@dataclass(frozen=True)
 class VmallocArea:
     desc: KhoVmalloc
     chunk_phys: np.ndarray  # uint64[chunks]

@@ -171,23 +171,18 @@ class KhoOut:
         self.mm.write(phys, data)
         return phys
 
+    def _pages(self, n: int) -> np.ndarray:
+        return np.array([self.mm.alloc_pages(0) for _ in range(n)], np.uint64)
+
     def preserve_vmalloc(self, data: bytes) -> vmalloc.KhoVmalloc:
         """Preserve ``data`` as a vmalloc area of order-0 pages (kho_preserve_vmalloc)."""
-        pages = max(1, -(-len(data) // PAGE_SIZE))
-        blocks_b = np.array([self.mm.alloc_pages(0) for _ in range(pages)], np.uint64)
-        chunks_b = np.array([self.mm.alloc_pages(0)
-                             for _ in range(vmalloc.chunks_needed(pages))], np.uint64)
-        data = data.ljust(pages * PAGE_SIZE, b"\0")
-        for i, p in enumerate(blocks_b.tolist()):
-            self.mm.write(p, data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
-        for p, page in zip(chunks_b.tolist(), vmalloc.encode_chunks(blocks_b, chunks_b),
-                           strict=True):
-            self.mm.write(p, page.tobytes())
-        self.preserve_blocks(np.concatenate([blocks_b, chunks_b]),
-                             np.zeros(len(blocks_b) + len(chunks_b), np.uint8))
-        desc = vmalloc.KhoVmalloc(int(chunks_b[0]), pages, vmalloc.KHO_VMALLOC_ALLOC, 0)
-        self.vmallocs[desc.first] = (blocks_b, chunks_b)
-        return desc
+        nblocks, nchunks = vmalloc.pages_needed(len(data))
+        lay = vmalloc.layout(data, self._pages(nblocks), self._pages(nchunks))
+        for p, page in lay.pages:
+            self.mm.write(p, page)
+        self.preserve_blocks(lay.all_pages(), np.zeros(len(lay.pages), np.uint8))
+        self.vmallocs[lay.desc.first] = (lay.blocks, lay.chunks)
+        return lay.desc
 
     def unpreserve_vmalloc(self, desc: vmalloc.KhoVmalloc, free: bool = True) -> None:
         blocks, chunks = self.vmallocs.pop(desc.first)
