@@ -47,6 +47,8 @@ class KernelProc:
     entry: str
     drained: threading.Event = field(default_factory=threading.Event)
     info: dict[str, Any] = field(default_factory=dict)
+    # requests sent to this kernel, by id: failed when it goes, never another kernel's
+    pending: dict[int, tuple[threading.Event, list[Any]]] = field(default_factory=dict)
 
 
 class Machine:
@@ -75,7 +77,6 @@ class Machine:
         self.spare: KernelProc | None = None
         self.boot_count = 0
         self.jump_times: list[float] = []  # old kernel's jump request to the next one's "go"
-        self.pending: dict[int, tuple[threading.Event, list[Any]]] = {}
         self.next_id = 1
         self.server: socketserver.ThreadingUnixStreamServer | None = None
 
@@ -200,7 +201,7 @@ class Machine:
             except AbiError:
                 continue
             if "id" in header:
-                slot = self.pending.pop(int(header["id"]), None)
+                slot = kp.pending.pop(int(header["id"]), None)
                 if slot is not None:
                     slot[1].extend([header, payload])
                     slot[0].set()
@@ -221,8 +222,8 @@ class Machine:
         self._fail_pending(kp)
 
     def _fail_pending(self, kp: KernelProc) -> None:
-        for key in list(self.pending):
-            slot = self.pending.pop(key, None)
+        for key in list(kp.pending):
+            slot = kp.pending.pop(key, None)
             if slot is not None:
                 slot[1].extend([{"errno": errno.EIO, "message": "the kernel went away"}, b""])
                 slot[0].set()
@@ -305,10 +306,10 @@ class Machine:
             rid = self.next_id
             self.next_id += 1
             slot: tuple[threading.Event, list[Any]] = (threading.Event(), [])
-            self.pending[rid] = slot
+            kp.pending[rid] = slot
             kp.link.send(wire.pack({**header, "id": rid}))
         if not slot[0].wait(timeout):
-            self.pending.pop(rid, None)
+            kp.pending.pop(rid, None)
             raise LiveUpdateError(errno.ETIMEDOUT, f"kernel did not answer {header['op']}")
         reply, payload = slot[1]
         if reply.get("errno"):
