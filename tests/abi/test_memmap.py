@@ -10,6 +10,7 @@ from liveupdate.abi import kho_memmap as mm
 from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError
+from liveupdate.kernel.mm.buddy import block_orders
 from tests.conftest import FakeRam
 
 
@@ -107,7 +108,7 @@ def _chunk(ram: FakeRam, nxt: int, order: int, entries: list[tuple[int, int]],
 
 
 @pytest.mark.parametrize("case, message", [
-    ("loop", "loops"), ("num_elms", "num_elms 256"), ("order", "order 11"),
+    ("loop", "loops"), ("num_elms", "num_elms 256"), ("order", "order 37"),
     ("bitmap_outside", "bitmap at"), ("chunk_outside", "chunk at"),
     ("misaligned_chunk", "not page aligned"), ("phys_start", "not aligned"),
 ])
@@ -122,7 +123,7 @@ def test_rejects_bad_maps(case: str, message: str) -> None:
     elif case == "num_elms":
         first = _chunk(ram, 0, 0, [], num=256)
     elif case == "order":
-        first = _chunk(ram, 0, 11, [(0, bm)])
+        first = _chunk(ram, 0, 37, [(0, bm)])
     elif case == "bitmap_outside":
         first = _chunk(ram, 0, 0, [(0, 0xDEAD000)])
     elif case == "chunk_outside":
@@ -139,8 +140,34 @@ def test_rejects_bad_maps(case: str, message: str) -> None:
 def test_encode_rejects_unaligned_and_big_orders() -> None:
     with pytest.raises(AbiError, match="aligned"):
         mm.build_bitmaps(np.array([0x1000], np.uint64), np.array([1], np.uint8))
-    with pytest.raises(AbiError, match="order 11"):
-        mm.build_bitmaps(np.array([0], np.uint64), np.array([11], np.uint8))
+    with pytest.raises(AbiError, match="order 37"):
+        mm.build_bitmaps(np.array([0], np.uint64), np.array([37], np.uint8))
+
+
+def test_reserve_mem_range_golden_upstream_split() -> None:
+    """reserve_mem=24M:16M at 16 MiB: kho_preserve_pages splits by min(ctz(pfn),
+    ilog2(end_pfn - pfn)) with no MAX_PAGE_ORDER cap -> one order-12 and one order-11 block,
+    serialized as two chains (order 11 first, as the tracker's xarray walk goes)."""
+    pfn, nr = (16 << 20) >> 12, (24 << 20) >> 12
+    blocks = block_orders(pfn, pfn + nr)
+    assert blocks == [(4096, 12), (8192, 11)]
+    phys = np.array([p << 12 for p, _ in blocks], np.uint64)
+    order = np.array([o for _, o in blocks], np.uint8)
+    bm = mm.build_bitmaps(phys, order)
+    bitmaps, chunks = [0x5000, 0x6000], [0x7000, 0x8000]
+    pages = mm.encode_chunks(bm, np.array(bitmaps, np.uint64), np.array(chunks, np.uint64))
+    # order 11: pfn 8192 >> 11 = bit 4; order 12: pfn 4096 >> 12 = bit 1; both in bitmap 0
+    assert bm.bits[0].tobytes() == b"\x10" + bytes(4095)
+    assert bm.bits[1].tobytes() == b"\x02" + bytes(4095)
+    assert pages[0].tobytes() == (struct.pack("<QIIQQ", 0x8000, 11, 1, 0, 0x5000)
+                                  .ljust(4096, b"\0"))
+    assert pages[1].tobytes() == struct.pack("<QIIQQ", 0, 12, 1, 0, 0x6000).ljust(4096, b"\0")
+    ram = FakeRam(pages=16, base=0)
+    for p, page in zip(bitmaps + chunks, [*bm.bits, *pages], strict=True):
+        ram.put(p, page.tobytes())
+    got = mm.decode_mem_map(ram.mem(), chunks[0], 4096)
+    got_blocks = sorted(zip(got.phys.tolist(), got.order.tolist(), strict=True))
+    assert got_blocks == [(16 << 20, 12), (32 << 20, 11)]
 
 
 def test_merged_ranges() -> None:

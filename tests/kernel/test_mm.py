@@ -14,7 +14,8 @@ MiB = 1 << 20
 
 def test_block_orders_match_kho_split() -> None:
     assert block_orders(3, 9) == [(3, 0), (4, 2), (8, 0)]  # spec/kho.md 3.3 example
-    assert block_orders(0, 4096) == [(0, 10), (1024, 10), (2048, 10), (3072, 10)]
+    assert block_orders(0, 4096) == [(0, 12)]  # kho_preserve_pages: no MAX_PAGE_ORDER cap
+    assert block_orders(0, 4096, 10) == [(0, 10), (1024, 10), (2048, 10), (3072, 10)]
 
 
 def test_memblock_top_down_and_scratch_only() -> None:

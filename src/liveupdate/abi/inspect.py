@@ -28,7 +28,6 @@ from liveupdate.abi import (
     memfd,
     vmalloc,
 )
-from liveupdate.abi.consts import MAX_PAGE_ORDER
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError, LiveUpdateError
 
@@ -99,11 +98,9 @@ def _describe_setup_data(blob: bytes, mem: PhysMem | None, bb: int | None) -> Re
 
 
 def memory_summary(pm: kho_memmap.PreservedMemory) -> Report:
-    per_order = []
-    for o in range(MAX_PAGE_ORDER + 1):
-        n = int(np.count_nonzero(pm.order == o))
-        if n:
-            per_order.append({"order": o, "blocks": n, "pages": n << o})
+    orders, counts = np.unique(pm.order, return_counts=True)
+    per_order = [{"order": int(o), "blocks": int(n), "pages": int(n) << int(o)}
+                 for o, n in zip(orders.tolist(), counts.tolist(), strict=True)]
     ranges = kho_memmap.merged_ranges(pm.phys, pm.order)
     return {"bitmap_bytes": pm.bitmap_bytes, "blocks": len(pm), "pages": pm.pages(),
             "per_order": per_order,

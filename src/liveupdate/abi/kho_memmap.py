@@ -14,9 +14,16 @@ chain of 4096-byte chunks::
 Everything is numpy end to end: encoders take arrays of block addresses and orders, decoders
 return arrays. There is no Python object per page.
 
+Orders are not capped at ``MAX_PAGE_ORDER``: upstream ``kho_preserve_pages()`` splits a range
+into blocks of order ``min(ctz(pfn), ilog2(end_pfn - pfn))`` with no cap, so a large aligned
+``reserve_mem`` region is carried as order-11, -12 ... blocks, and ``kho_mem_deserialize()``
+accepts any order. Our one bound is :data:`MAX_MAP_ORDER`: a larger block (over 256 TiB)
+cannot be RAM, and its bitmap span would overflow 64 bits. Whether each block lies in RAM is
+the booting kernel's check (``liveupdate.kernel.kho.validate_handover``).
+
 Validation on decode is stricter than Linux (which only finds map errors while reserving): the
 whole chain is checked before anything is returned -- chunk alignment and bounds, loops,
-``num_elms <= 255``, ``order <= MAX_PAGE_ORDER``, bitmap pointers inside RAM, and
+``num_elms <= 255``, ``order <= MAX_MAP_ORDER``, bitmap pointers inside RAM, and
 ``phys_start`` alignment.
 """
 
@@ -26,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from liveupdate.abi.consts import MAX_PAGE_ORDER, PAGE_SHIFT, PAGE_SIZE
+from liveupdate.abi.consts import PAGE_SHIFT, PAGE_SIZE
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError
 
@@ -38,6 +45,9 @@ BITMAP_BYTES_6_16 = 512  # PRESERVE_BITS = 512 * 8
 BITMAP_SIZES = (BITMAP_BYTES_6_18, BITMAP_BYTES_6_16)
 # A chain longer than this cannot describe any RAM we emulate; it is a corrupt or hostile map.
 MAX_CHUNKS = 1 << 20
+# The largest order a map may carry: 2^36 pages is 256 TiB, and with 32768-bit bitmaps the span
+# of one bitmap (2^(15 + 12 + 36) bytes) is the largest that still fits a u64.
+MAX_MAP_ORDER = 36
 
 CHUNK_HDR_DTYPE = np.dtype([("next", "<u8"), ("order", "<u4"), ("num_elms", "<u4")])
 ENTRY_DTYPE = np.dtype([("phys_start", "<u8"), ("bitmap", "<u8")])
@@ -84,8 +94,12 @@ def _validate_blocks(phys: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, n
     order = np.asarray(order, dtype=np.uint8)
     if phys.shape != order.shape or phys.ndim != 1:
         raise AbiError("preserved blocks: phys and order arrays differ in shape")
-    if phys.size and int(order.max()) > MAX_PAGE_ORDER:
-        raise AbiError(f"preserved blocks: order {int(order.max())} > {MAX_PAGE_ORDER}")
+    if phys.size and int(order.max()) > MAX_MAP_ORDER:
+        raise AbiError(f"preserved blocks: order {int(order.max())} > {MAX_MAP_ORDER}")
+    if phys.size and int(order.max()) == 0:  # the common case, without a per-block shift
+        if np.any(phys & np.uint64(PAGE_SIZE - 1)):
+            raise AbiError("preserved blocks: a block is not aligned to its order")
+        return phys, order
     mask = (np.uint64(1) << (order.astype(np.uint64) + np.uint64(PAGE_SHIFT))) - np.uint64(1)
     if np.any(phys & mask):
         raise AbiError("preserved blocks: a block is not aligned to its order")
@@ -99,16 +113,22 @@ def build_bitmaps(phys: np.ndarray, order: np.ndarray,
         raise AbiError(f"bitmap size {bitmap_bytes} is neither 4096 nor 512 bytes")
     phys, order = _validate_blocks(phys, order)
     bits_per = bitmap_bytes * 8
-    high = phys >> (order.astype(np.uint64) + np.uint64(PAGE_SHIFT))  # pfn >> order
-    index = high // np.uint64(bits_per)
-    bit = (high % np.uint64(bits_per)).astype(np.int64)
+    bits_shift = np.uint64(bits_per.bit_length() - 1)  # bitmap sizes are powers of two
+    if order.size and int(order.max()) == 0:
+        high = phys >> np.uint64(PAGE_SHIFT)  # pfn >> order
+    else:
+        high = phys >> (order.astype(np.uint64) + np.uint64(PAGE_SHIFT))
+    index = high >> bits_shift
+    bit = (high & np.uint64(bits_per - 1)).astype(np.int64)
     # Group by (order, index). A dense presence table is O(n) when the index range is small
     # (always, for RAM we emulate); np.unique's sort is the general fallback.
-    key = (order.astype(np.uint64) << np.uint64(40)) | index
     max_index = int(index.max()) if index.size else 0
+    nr_orders = int(order.max()) + 1 if order.size else 1
     if max_index < (1 << 16):
-        dense = order.astype(np.int64) * (max_index + 1) + index.astype(np.int64)
-        present = np.zeros((MAX_PAGE_ORDER + 1) * (max_index + 1), dtype=bool)
+        dense = index.astype(np.int64)
+        if nr_orders > 1:
+            dense += order.astype(np.int64) * (max_index + 1)
+        present = np.zeros(nr_orders * (max_index + 1), dtype=bool)
         present[dense] = True
         slots = np.flatnonzero(present)
         group_of_slot = np.cumsum(present) - 1
@@ -116,15 +136,14 @@ def build_bitmaps(phys: np.ndarray, order: np.ndarray,
         g_order = (slots // (max_index + 1)).astype(np.uint32)
         g_index = (slots % (max_index + 1)).astype(np.uint64)
     else:
+        key = (order.astype(np.uint64) << np.uint64(40)) | index
         ukeys, group = np.unique(key, return_inverse=True)
         g_order = (ukeys >> np.uint64(40)).astype(np.uint32)
         g_index = ukeys & np.uint64((1 << 40) - 1)
     flat = np.zeros(len(g_order) * bits_per, dtype=bool)
-    flat[group.astype(np.int64) * bits_per + bit] = True
+    flat[(group.astype(np.int64) << int(bits_shift)) + bit] = True
     bits = np.packbits(flat, bitorder="little").reshape(len(g_order), bitmap_bytes)
-    phys_start = (g_index * np.uint64(bits_per)) << (
-        g_order.astype(np.uint64) + np.uint64(PAGE_SHIFT)
-    )
+    phys_start = (g_index << bits_shift) << (g_order.astype(np.uint64) + np.uint64(PAGE_SHIFT))
     return Bitmaps(g_order, phys_start, bits)
 
 
@@ -190,8 +209,9 @@ def read_chunks(mem: PhysMem, first: int) -> ChunkEntries:
         order, num = int(hdr["order"]), int(hdr["num_elms"])
         if num > CHUNK_ENTRIES:
             raise AbiError(f"KHO memory map: chunk {phys:#x} has num_elms {num} > 255")
-        if order > MAX_PAGE_ORDER:
-            raise AbiError(f"KHO memory map: chunk {phys:#x} has order {order} > 10")
+        if order > MAX_MAP_ORDER:
+            raise AbiError(f"KHO memory map: chunk {phys:#x} has order {order} > "
+                           f"{MAX_MAP_ORDER}")
         seen.add(phys)
         chunks.append(phys)
         orders.append(np.full(num, order, dtype=np.uint32))
@@ -235,8 +255,10 @@ def decode_mem_map(mem: PhysMem, first: int, bitmap_bytes: int | None = None) ->
     n = len(ce.order)
     if n == 0:
         return PreservedMemory(np.zeros(0, np.uint64), np.zeros(0, np.uint8), bitmap_bytes)
-    span = np.uint64(bits_per) << (ce.order.astype(np.uint64) + np.uint64(PAGE_SHIFT))
-    bad = np.flatnonzero(ce.phys_start % span)
+    bits_shift = bits_per.bit_length() - 1
+    shift = ce.order.astype(np.uint64) + np.uint64(PAGE_SHIFT)
+    span_mask = (np.uint64(bits_per) << shift) - np.uint64(1)
+    bad = np.flatnonzero(ce.phys_start & span_mask)
     if bad.size:
         i = int(bad[0])
         raise AbiError(
@@ -246,14 +268,20 @@ def decode_mem_map(mem: PhysMem, first: int, bitmap_bytes: int | None = None) ->
     for bp in ce.bitmap_phys.tolist():
         mem.check(bp, bitmap_bytes, "KHO memory map bitmap")
     bits = np.frombuffer(
-        b"".join(mem.read(bp, bitmap_bytes) for bp in ce.bitmap_phys.tolist()), np.uint8
-    ).reshape(n, bitmap_bytes)
-    row, bit = np.nonzero(np.unpackbits(bits, axis=1, bitorder="little"))
-    order = ce.order[row].astype(np.uint64)
-    phys = ce.phys_start[row] + (bit.astype(np.uint64) << (order + np.uint64(PAGE_SHIFT)))
-    if np.any(phys < ce.phys_start[row]):
-        raise AbiError("KHO memory map: a preserved block wraps past 2^64")
-    return PreservedMemory(phys, order.astype(np.uint8), bitmap_bytes)
+        b"".join(mem.read(bp, bitmap_bytes) for bp in ce.bitmap_phys.tolist()), np.uint8)
+    # Bit i of the flat stream is bit (i & (bits_per - 1)) of bitmap (i >> bits_shift).
+    flat = np.flatnonzero(np.unpackbits(bits, bitorder="little")).astype(np.uint64)
+    row = (flat >> np.uint64(bits_shift)).astype(np.intp)
+    bit = flat & np.uint64(bits_per - 1)
+    if int(ce.order.max()) == int(ce.order.min()):  # one order: no per-block order lookup
+        o = int(ce.order[0])
+        order = np.full(len(flat), o, np.uint8)
+        phys = ce.phys_start[row] + (bit << np.uint64(o + PAGE_SHIFT))
+    else:
+        order = ce.order[row].astype(np.uint8)
+        phys = ce.phys_start[row] + (bit << shift[row])
+    # No wrap is possible: phys_start is span-aligned and the span fits a u64 (MAX_MAP_ORDER).
+    return PreservedMemory(phys, order, bitmap_bytes)
 
 
 def merge_intervals(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:

@@ -14,13 +14,17 @@ from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel.mm.pages import PageMeta
 
 
-def block_orders(pfn: int, end: int) -> list[tuple[int, int]]:
-    """Split [pfn, end) into naturally aligned blocks: order = min(ctz(pfn), ilog2(left),
-    MAX_PAGE_ORDER), as kho_preserve_pages and the boot-time free do."""
+def block_orders(pfn: int, end: int, max_order: int | None = None) -> list[tuple[int, int]]:
+    """Split [pfn, end) into naturally aligned blocks of order min(ctz(pfn), ilog2(left)).
+
+    Uncapped (``max_order=None``) it is upstream ``kho_preserve_pages()``/
+    ``kho_restore_pages()``'s split, which has no MAX_PAGE_ORDER cap; the boot-time free
+    (``memblock_free_all``) caps at MAX_PAGE_ORDER, the buddy's largest block."""
     out = []
     while pfn < end:
-        align = (pfn & -pfn).bit_length() - 1 if pfn else MAX_PAGE_ORDER
-        order = min(align, (end - pfn).bit_length() - 1, MAX_PAGE_ORDER)
+        left = (end - pfn).bit_length() - 1
+        align = (pfn & -pfn).bit_length() - 1 if pfn else left
+        order = min(align, left) if max_order is None else min(align, left, max_order)
         out.append((pfn, order))
         pfn += 1 << order
     return out
@@ -34,7 +38,7 @@ class Buddy:
 
     def free_range(self, start_pfn: int, end_pfn: int) -> None:
         """Give a whole range to the allocator (memblock_free_all)."""
-        for pfn, order in block_orders(start_pfn, end_pfn):
+        for pfn, order in block_orders(start_pfn, end_pfn, MAX_PAGE_ORDER):
             self._insert(pfn, order)
 
     def _insert(self, pfn: int, order: int) -> None:
