@@ -1,8 +1,8 @@
 """An in-process kernel on real RAM (a memfd), booted by the real firmware layout.
 
-``kexec_in_process`` runs the reboot path's KHO steps (finalize, sanitizer) and boots a second
-Kernel object on the same RAM from the boot parameters kexec_file_load wrote -- the handover
-still crosses only through RAM.
+:meth:`Rig.kexec` runs the reboot path's steps (``reboot.prepare_jump``: the same ordered list
+the kernel process runs) and boots a second Kernel object on the same RAM from the boot
+parameters kexec_file_load wrote -- the handover still crosses only through RAM.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from liveupdate.abi import image
-from liveupdate.kernel import boot, kexec
+from liveupdate.kernel import boot, kexec, reboot
 from liveupdate.kernel.kernel import Kernel
 from liveupdate.machine import firmware
 from liveupdate.machine.ram import Ram
@@ -38,14 +38,10 @@ class Rig:
         return k
 
     def kexec(self, k: Kernel, cmdline: str | None = None,
-              img: image.KernelImage | None = None, sanitize: bool = True) -> Kernel:
-        loaded = kexec.file_load(k, (img or image.KernelImage()).encode(),
-                                 k.cmdline.raw if cmdline is None else cmdline)
-        k.require_kho().finalize()
-        for hook in k.pre_jump_hooks:
-            hook(k)
-        if sanitize:
-            kexec.sanitize(k)
+              img: image.KernelImage | None = None) -> Kernel:
+        kexec.file_load(k, (img or image.KernelImage()).encode(),
+                        k.cmdline.raw if cmdline is None else cmdline)
+        loaded = reboot.prepare_jump(k)
         k.ram.close()
         return self._start(loaded.boot_params)
 

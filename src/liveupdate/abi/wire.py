@@ -8,11 +8,16 @@ ride beside it as SCM_RIGHTS. Everything received is validated: a bad frame is A
 
 from __future__ import annotations
 
+import errno
 import json
 import struct
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from liveupdate.errors import AbiError
+from liveupdate.errors import AbiError, LiveUpdateError
+
+T = TypeVar("T")
 
 MAX_MESSAGE = 64 << 20
 _LEN = struct.Struct("<I")
@@ -39,3 +44,52 @@ def unpack(msg: bytes) -> tuple[dict[str, Any], bytes]:
     if not isinstance(header, dict):
         raise AbiError("message header is not a JSON object")
     return header, bytes(msg[4 + n :])
+
+
+# -- requests and the reply envelope ------------------------------------------------------
+
+@dataclass
+class Message:
+    """One request or reply: a JSON header, payload bytes, and file descriptors beside them."""
+
+    header: dict[str, Any]
+    payload: bytes = b""
+    fds: list[int] = field(default_factory=list)
+
+
+Ctx = TypeVar("Ctx")
+Handler = Callable[[Ctx, Message], Message]
+
+
+def arg(msg: Message, name: str, kind: type[T], default: T | None = None) -> T:
+    """A typed request argument; a missing or mistyped one is EINVAL, never a KeyError."""
+    value = msg.header.get(name, default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise AbiError(f"{msg.header.get('op')}: argument {name!r} must be {kind.__name__}")
+    return value
+
+
+def dispatch(table: Mapping[str, Handler[Ctx]], ctx: Ctx, msg: Message, *, server: str,
+             on_bug: Callable[[str], None]) -> Message:
+    """Run the handler named by ``msg.header["op"]`` and make the reply envelope.
+
+    The one request helper of every server (machine control socket, kernel link, syscalls):
+    success is ``errno: 0`` plus the handler's header; a :class:`LiveUpdateError` is its
+    errno and message; any other exception is a bug in the server -- ``on_bug`` reports it
+    (an oops on the console) and the caller gets EFAULT, but the server stays up.
+    """
+    op = msg.header.get("op")
+    try:
+        handler = table.get(op) if isinstance(op, str) else None
+        if handler is None:
+            raise LiveUpdateError(errno.ENOSYS, f"{server}: unknown operation {op!r}")
+        reply = handler(ctx, msg)
+        reply.header = {**reply.header, "errno": 0}
+        return reply
+    except LiveUpdateError as e:
+        return Message({"errno": e.errno, "message": e.message})
+    except Exception as e:
+        on_bug(f"BUG: {type(e).__name__} in {server} {op!r}: {e}")
+        return Message({"errno": errno.EFAULT, "message": f"{server} oops: {e}"})

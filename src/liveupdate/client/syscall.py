@@ -1,11 +1,13 @@
 """The userspace end of the emulated kernel's syscall transport.
 
 A process started by the emulated kernel finds its connection's fd in ``LU_SYSCALL_FD``. Each
-call sends one request and waits for its reply; an errno reply raises LiveUpdateError.
+call sends one request (with any fds it passes, SCM_RIGHTS) and waits for its reply; an errno
+reply raises LiveUpdateError. Fds in a reply become the caller's own.
 """
 
 from __future__ import annotations
 
+import array
 import errno
 import os
 import socket
@@ -16,6 +18,7 @@ from liveupdate.abi import syscalls, wire
 from liveupdate.errors import LiveUpdateError
 
 MAX_REPLY = 64 << 20
+MAX_FDS = 253  # SCM_MAX_FD
 
 
 class Kernel:
@@ -31,19 +34,35 @@ class Kernel:
         self.sock = socket.socket(fileno=fd)
         self._lock = threading.Lock()
 
-    def call(self, op: str, payload: bytes = b"", **args: Any) -> tuple[dict[str, Any], bytes]:
+    def call_fds(self, op: str, payload: bytes = b"", fds: list[int] | None = None,
+                 **args: Any) -> wire.Message:
+        """One call passing ``fds``; the reply's fds are the caller's to close."""
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         with self._lock:
             try:
-                self.sock.send(wire.pack({"op": op, **args}, payload))
-                msg = self.sock.recv(MAX_REPLY)
+                self.sock.sendmsg([wire.pack({"op": op, **args}, payload)], anc)
+                msg, ranc, _flags, _addr = self.sock.recvmsg(MAX_REPLY,
+                                                             socket.CMSG_SPACE(4 * MAX_FDS))
             except OSError as e:
                 raise LiveUpdateError(errno.EIO, f"syscall {op}: {e}") from e
+        got = array.array("i")
+        for level, kind, data in ranc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                got.frombytes(data[: len(data) - len(data) % got.itemsize])
         if not msg:
             raise LiveUpdateError(errno.EIO, f"syscall {op}: the kernel closed the connection")
         reply, data = wire.unpack(msg)
         if reply.get("errno"):
+            for fd in got:
+                os.close(fd)
             raise LiveUpdateError(int(reply["errno"]), str(reply.get("message", "")))
-        return reply, data
+        return wire.Message(reply, data, got.tolist())
+
+    def call(self, op: str, payload: bytes = b"", **args: Any) -> tuple[dict[str, Any], bytes]:
+        m = self.call_fds(op, payload, **args)
+        for fd in m.fds:  # a call that returns no file: nothing to keep
+            os.close(fd)
+        return m.header, m.payload
 
     def uname(self) -> str:
         return str(self.call("uname")[0]["release"])

@@ -155,4 +155,5 @@ def start_kernel(k: Kernel, bp_phys: int) -> None:
         k.run_dir = os.path.join(run_base, f"kernel-{k.boot_id}")
         os.makedirs(k.run_dir, exist_ok=True)
     testmods.run(k, "late")
-    k.pre_jump_hooks = [m.pre_jump for m in testmods.enabled(k) if hasattr(m, "pre_jump")]
+    k.reboot_notifiers = [m.reboot_notifier for m in testmods.enabled(k)
+                          if hasattr(m, "reboot_notifier")]

@@ -75,20 +75,23 @@ def _areas(scratch: np.ndarray) -> list[dict[str, Any]]:
     return [{"addr": f"{a:#x}", "size": s} for a, s in bootparams.scratch_areas(scratch)]
 
 
+def _per_order(order: np.ndarray) -> list[dict[str, int]]:
+    counts: list[int] = np.bincount(order.astype(np.int64)).tolist()
+    return [{"order": o, "blocks": c, "pages": c << o} for o, c in enumerate(counts) if c]
+
+
 def status(k: Kernel) -> dict[str, Any]:
     kout, kin = k.kho_out, k.kho_in
     rep: dict[str, Any] = {"enabled": kout is not None, "kho_boot": kin is not None,
                            "release": k.image.release, "boot_id": k.boot_id}
     if kout is not None:
         _, order = kout.preserved()
-        counts: list[int] = np.bincount(order.astype(np.int64), minlength=11).tolist()
         rep["out"] = {
             "finalized": kout.finalized,
             "root_fdt": f"{kout.root_phys:#x}",
             "preserved_memory_map": f"{kout.mem_map:#x}",
             "scratch": _areas(kout.scratch),
-            "preserved": [{"order": o, "blocks": int(c), "pages": int(c) << o}
-                          for o, c in enumerate(counts) if c],
+            "preserved": _per_order(order),
             "preserved_pages": int((np.uint64(1) << order.astype(np.uint64)).sum()),
             "subtrees": [{"name": n, "fdt": f"{p:#x}"} for n, p in kout.subtrees()],
         }
@@ -96,9 +99,15 @@ def status(k: Kernel) -> dict[str, Any]:
         rep["in"] = {
             "root_fdt": f"{kin.fdt_phys:#x}",
             "preserved_pages": kin.preserved.pages(),
+            "preserved": _per_order(kin.preserved.order),
             "restored_pages": kin.restored,
             "scratch": _areas(kin.scratch),
             "subtrees": [{"name": n, "fdt": f"{p:#x}"} for n, p in kin.root.subtrees],
         }
     rep["reserve_mem"] = k.reserve_mem
+    loaded = k.kexec_image
+    rep["kexec"] = None if loaded is None else {
+        "release": loaded.release, "entry": f"{loaded.entry:#x}",
+        "segments": [{"phys": f"{s.phys:#x}", "bufsz": s.bufsz, "memsz": s.memsz}
+                     for s in loaded.segments]}
     return rep

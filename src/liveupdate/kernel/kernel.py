@@ -19,6 +19,7 @@ from liveupdate.abi.consts import PAGE_SHIFT, PAGE_SIZE
 from liveupdate.abi.image import KernelImage
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import LiveUpdateError
+from liveupdate.kernel import power
 from liveupdate.kernel.cmdline import Cmdline
 from liveupdate.kernel.kho import KhoIn, KhoOut
 from liveupdate.kernel.link import Link
@@ -54,7 +55,7 @@ class Kernel:
         self.reserve_mem: list[dict[str, object]] = []
         self.userspace: Userspace | None = None
         self.kexec_image: Loaded | None = None
-        self.pre_jump_hooks: list[Callable[[Kernel], None]] = []
+        self.reboot_notifiers: list[Callable[[Kernel], None]] = []
         self.boot_id = os.urandom(4).hex()
         self.run_dir = ""
         self.disk_dir = ""
@@ -65,8 +66,6 @@ class Kernel:
         sys.stdout.flush()
 
     def panic(self, reason: str) -> NoReturn:
-        from liveupdate.kernel import power
-
         power.panic(self, reason)
 
     # -- MmOps for KHO --------------------------------------------------------------------

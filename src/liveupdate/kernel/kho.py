@@ -22,7 +22,10 @@ Upstream names, here: ``kho_preserve_folio/pages``, ``kho_unpreserve_folio/pages
 Errors follow upstream: preserve -> EINVAL (scratch overlap, as CONFIG_KEXEC_HANDOVER_DEBUG
 does; we always check), ENOMEM; ``kho_alloc_preserve`` -> EINVAL (size 0), E2BIG (order > 10);
 ``kho_add_subtree`` -> EEXIST, ENOMEM; ``kho_retrieve_subtree`` -> ENOENT; ``kho_finalize`` ->
-EOPNOTSUPP when KHO is disabled. Restore returns None where Linux returns NULL (with a WARN).
+EOPNOTSUPP when KHO is disabled; unpreserve after finalize -> EBUSY (as the 6.17
+``kho_unpreserve_folio``/``_phys`` do: ``if (kho_out.finalized) return -EBUSY``), which is also
+what makes the reboot path's "frozen means frozen" hold. Restore returns None where Linux
+returns NULL (with a WARN).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import numpy as np
 
 from liveupdate.abi import bootparams, kho, kho_memmap, vmalloc
 from liveupdate.abi.consts import MAX_PAGE_ORDER, PAGE_SHIFT, PAGE_SIZE, get_order
+from liveupdate.abi.kho_memmap import MAX_MAP_ORDER
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.kernel.mm.buddy import block_orders
@@ -78,8 +82,8 @@ class KhoOut:
         self._flush_root()
 
     # -- the tracker ----------------------------------------------------------------------
-    def _check(self, phys: int, order: int) -> None:
-        if not 0 <= order <= MAX_PAGE_ORDER or phys % (PAGE_SIZE << order):
+    def _check(self, phys: int, order: int, max_order: int = MAX_PAGE_ORDER) -> None:
+        if not 0 <= order <= max_order or phys % (PAGE_SIZE << order):
             raise LiveUpdateError(errno.EINVAL, f"KHO: bad block {phys:#x} order {order}")
         if overlaps_scratch(np.array([phys]), np.array([phys + (PAGE_SIZE << order)]),
                             self.scratch)[0]:
@@ -99,17 +103,25 @@ class KhoOut:
         self._check(phys, order)
         self._bit(phys, order, True)
 
+    def _check_unfinalized(self, what: str) -> None:
+        if self.finalized:
+            raise LiveUpdateError(errno.EBUSY, f"{what}: KHO is finalized")
+
     def unpreserve_folio(self, phys: int, order: int) -> None:
+        self._check_unfinalized("kho_unpreserve_folio")
         self._bit(phys, order, False)
 
     def preserve_pages(self, phys: int, nr: int) -> None:
+        """kho_preserve_pages: upstream's split has no MAX_PAGE_ORDER cap (see block_orders),
+        so an aligned 16 MiB range is one order-12 block in the map."""
         blocks = block_orders(phys >> PAGE_SHIFT, (phys >> PAGE_SHIFT) + nr)
         for pfn, order in blocks:  # all checks first: nothing is half-preserved
-            self._check(pfn << PAGE_SHIFT, order)
+            self._check(pfn << PAGE_SHIFT, order, MAX_MAP_ORDER)
         for pfn, order in blocks:
             self._bit(pfn << PAGE_SHIFT, order, True)
 
     def unpreserve_pages(self, phys: int, nr: int) -> None:
+        self._check_unfinalized("kho_unpreserve_pages")
         for pfn, order in block_orders(phys >> PAGE_SHIFT, (phys >> PAGE_SHIFT) + nr):
             self._bit(pfn << PAGE_SHIFT, order, False)
 
@@ -185,6 +197,7 @@ class KhoOut:
         return lay.desc
 
     def unpreserve_vmalloc(self, desc: vmalloc.KhoVmalloc, free: bool = True) -> None:
+        self._check_unfinalized("kho_unpreserve_vmalloc")
         blocks, chunks = self.vmallocs.pop(desc.first)
         for p in np.concatenate([blocks, chunks]).tolist():
             self.unpreserve_folio(p, 0)

@@ -18,6 +18,8 @@ import threading
 import traceback
 from typing import Any
 
+from liveupdate.abi import wire
+from liveupdate.abi.wire import Handler, Message, arg
 from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel import boot, debugfs, init
 from liveupdate.kernel.kernel import Kernel
@@ -26,11 +28,11 @@ from liveupdate.kernel.syscalls import server
 from liveupdate.kernel.syscalls.process import Userspace, become_subreaper
 
 
-def _run(k: Kernel, h: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
-    argv = h.get("argv")
-    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+def _run(k: Kernel, m: Message) -> Message:
+    argv = arg(m, "argv", list)
+    if not argv or not all(isinstance(a, str) for a in argv):
         raise LiveUpdateError(errno.EINVAL, "run: argv must be a non-empty list of strings")
-    timeout = float(h.get("timeout", 60))
+    timeout = arg(m, "timeout", float, 60.0)
     proc = k.require_userspace().spawn(argv, capture=True, cwd=k.disk_dir or "/")
     try:
         out, err = proc.popen.communicate(timeout=timeout)
@@ -41,39 +43,38 @@ def _run(k: Kernel, h: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
             from e
     finally:
         k.require_userspace().reap(proc)
-    return {"status": proc.popen.returncode, "stdout": out.decode(errors="replace"),
-            "stderr": err.decode(errors="replace")}, b""
+    return Message({"status": proc.popen.returncode, "stdout": out.decode(errors="replace"),
+                    "stderr": err.decode(errors="replace")})
 
 
-def _request(k: Kernel, h: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
-    op = h.get("op")
-    if op == "run":
-        return _run(k, h)
-    with k.lock:
-        if op == "kho_status":
-            return {"status": debugfs.status(k)}, b""
-        if op == "debugfs":
-            return {}, debugfs.read(k, str(h.get("path", "")))
-        if op == "ping":
-            return {"boot_id": k.boot_id}, b""
-    raise LiveUpdateError(errno.ENOSYS, f"kernel: unknown request {op!r}")
+def _locked(fn: Handler[Kernel]) -> Handler[Kernel]:
+    def run(k: Kernel, m: Message) -> Message:
+        with k.lock:
+            return fn(k, m)
+    return run
+
+
+REQUESTS: dict[str, Handler[Kernel]] = {
+    "run": _run,  # not under the lock: the program makes syscalls while it runs
+    "kho_status": _locked(lambda k, m: Message({"status": debugfs.status(k)})),
+    "debugfs": _locked(lambda k, m: Message({}, debugfs.read(k, arg(m, "path", str)))),
+    "ping": _locked(lambda k, m: Message({"boot_id": k.boot_id})),
+}
+
+
+def _oops(k: Kernel, line: str) -> None:
+    k.printk(line)
+    traceback.print_exc(file=sys.stdout)
 
 
 def _serve_request(k: Kernel, link: Link, h: dict[str, Any]) -> None:
-    try:
-        reply, data = _request(k, h)
-        reply["errno"] = 0
-    except LiveUpdateError as e:
-        reply, data = {"errno": e.errno, "message": e.message}, b""
-    except Exception as e:  # a kernel bug: oops, fail the request, keep the kernel up
-        k.printk(f"BUG: {type(e).__name__} serving {h.get('op')!r}: {e}")
-        traceback.print_exc(file=sys.stdout)
-        reply, data = {"errno": errno.EFAULT, "message": f"kernel oops: {e}"}, b""
-    reply["id"] = h.get("id")
+    reply = wire.dispatch(REQUESTS, k, Message(h), server="kernel",
+                          on_bug=lambda line: _oops(k, line))
+    reply.header["id"] = h.get("id")
     if k.require_userspace().dying:
         return  # going down: the machine fails what is pending when this kernel is gone
     with contextlib.suppress(OSError):  # the machine is gone; nobody to answer
-        link.send(reply, data)
+        link.send(reply.header, reply.payload)
 
 
 def main() -> None:

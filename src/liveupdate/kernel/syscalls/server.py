@@ -1,82 +1,78 @@
-"""Serve one userspace process's syscalls over its connection.
+"""Serve one userspace process's system calls over its connection.
 
-Each request is handled under the big kernel lock; a handler returns a reply header and
-payload or raises LiveUpdateError, which becomes an errno reply. Malformed requests get EINVAL,
-unknown operations ENOSYS; the connection is never the kernel's problem: a process that sends
-garbage only hurts itself.
+A request is one SOCK_SEQPACKET record (:mod:`liveupdate.abi.wire`) with up to
+:data:`MAX_FDS` file descriptors beside it (SCM_RIGHTS); the reply is one record with the
+errno envelope and the fds the call returns. Each call runs under the big kernel lock through
+:func:`liveupdate.abi.wire.dispatch`: unknown operations are ENOSYS, malformed arguments
+EINVAL, a kernel bug an oops on the console and EFAULT. A process that sends garbage only
+hurts itself.
+
+Ownership of fds: the kernel closes its received copies after the call (a handler that needs
+a file keeps its own reference, as ``fget`` does); fds in a reply are sent, then closed here --
+the process owns its copy, the kernel keeps whatever it needs on its side.
 """
 
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import os
 import socket
 import sys
 import traceback
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from liveupdate.abi import syscalls, wire
-from liveupdate.errors import LiveUpdateError
+from liveupdate.abi.wire import Message, arg
+from liveupdate.errors import AbiError, LiveUpdateError
+from liveupdate.kernel import debugfs, kexec, power, reboot
 
 if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
     from liveupdate.kernel.syscalls.process import Proc
 
-Reply = tuple[dict[str, Any], bytes]
-Handler = Callable[["Kernel", dict[str, Any], bytes], Reply]
 MAX_REQUEST = 64 << 20
+MAX_FDS = 253  # SCM_MAX_FD
 
 
-def _uname(k: Kernel, h: dict[str, Any], p: bytes) -> Reply:
-    return {"release": k.image.release, "machine": "x86_64-lu"}, b""
+def _uname(k: Kernel, m: Message) -> Message:
+    return Message({"release": k.image.release, "machine": "x86_64-lu"})
 
 
-def _cmdline(k: Kernel, h: dict[str, Any], p: bytes) -> Reply:
-    return {"cmdline": k.cmdline.raw}, b""
+def _cmdline(k: Kernel, m: Message) -> Message:
+    return Message({"cmdline": k.cmdline.raw})
 
 
-def _kexec_file_load(k: Kernel, h: dict[str, Any], p: bytes) -> Reply:
-    from liveupdate.kernel import kexec
-
-    cmdline = h.get("cmdline", "")
-    if not isinstance(cmdline, str):
-        raise LiveUpdateError(errno.EINVAL, "cmdline must be a string")
-    if h.get("unload"):
+def _kexec_file_load(k: Kernel, m: Message) -> Message:
+    if arg(m, "unload", bool, False):
         kexec.unload(k)
-        return {}, b""
-    seg = kexec.file_load(k, p, cmdline)
-    return {"entry": seg.entry, "boot_params": seg.boot_params}, b""
+        return Message({})
+    loaded = kexec.file_load(k, m.payload, arg(m, "cmdline", str, ""))
+    return Message({"entry": loaded.entry, "boot_params": loaded.boot_params})
 
 
-def _reboot(k: Kernel, h: dict[str, Any], p: bytes) -> Reply:
-    from liveupdate.kernel import kexec, power
-
-    cmd = h.get("cmd")
+def _reboot(k: Kernel, m: Message) -> Message:
+    cmd = arg(m, "cmd", int)
     if cmd == syscalls.LINUX_REBOOT_CMD_KEXEC:
-        kexec.kernel_kexec(k)
+        reboot.kernel_kexec(k)
     elif cmd == syscalls.LINUX_REBOOT_CMD_POWER_OFF:
         power.power_off(k)
     elif cmd == syscalls.LINUX_REBOOT_CMD_RESTART:
         power.restart(k)
-    raise LiveUpdateError(errno.EINVAL, f"unknown reboot command {cmd!r}")
+    raise LiveUpdateError(errno.EINVAL, f"unknown reboot command {cmd:#x}")
 
 
-def _debugfs_read(k: Kernel, h: dict[str, Any], p: bytes) -> Reply:
-    from liveupdate.kernel import debugfs
-
-    return {}, debugfs.read(k, str(h.get("path", "")))
+def _debugfs_read(k: Kernel, m: Message) -> Message:
+    return Message({}, debugfs.read(k, arg(m, "path", str)))
 
 
-def _debugfs_write(k: Kernel, h: dict[str, Any], p: bytes) -> Reply:
-    from liveupdate.kernel import debugfs
-
-    debugfs.write(k, str(h.get("path", "")), p)
-    return {}, b""
+def _debugfs_write(k: Kernel, m: Message) -> Message:
+    debugfs.write(k, arg(m, "path", str), m.payload)
+    return Message({})
 
 
-SYSCALLS: dict[str, Handler] = {
+SYSCALLS: dict[str, wire.Handler[Kernel]] = {
     "uname": _uname,
     "cmdline": _cmdline,
     "kexec_file_load": _kexec_file_load,
@@ -86,39 +82,63 @@ SYSCALLS: dict[str, Handler] = {
 }
 
 
-def dispatch(k: Kernel, msg: bytes) -> bytes:
+def _oops(k: Kernel, line: str) -> None:
+    k.printk(line)
+    traceback.print_exc(file=sys.stdout)
+
+
+def call(k: Kernel, msg: Message) -> Message:
+    """One system call under the big kernel lock."""
+    with k.lock:
+        return wire.dispatch(SYSCALLS, k, msg, server="syscall",
+                             on_bug=lambda line: _oops(k, line))
+
+
+def _received_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
+    fds = array.array("i")
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return fds.tolist()
+
+
+def _answer(k: Kernel, raw: bytes, fds: list[int], flags: int) -> tuple[bytes, list[int]]:
+    """The reply record and the fds to send with it."""
     try:
-        header, payload = wire.unpack(msg)
-        handler = SYSCALLS.get(str(header.get("op")))
-        if handler is None:
-            raise LiveUpdateError(errno.ENOSYS, f"no syscall {header.get('op')!r}")
-        with k.lock:
-            reply, data = handler(k, header, payload)
-        reply["errno"] = 0
-        return wire.pack(reply, data)
-    except LiveUpdateError as e:
-        return wire.pack({"errno": e.errno, "message": e.message})
-    except Exception as e:  # a kernel bug: oops, fail the call, keep the kernel up
-        k.printk(f"BUG: {type(e).__name__} in syscall: {e}")
-        traceback.print_exc(file=sys.stdout)
-        return wire.pack({"errno": errno.EFAULT, "message": f"kernel oops: {e}"})
+        if flags & socket.MSG_CTRUNC:
+            raise AbiError(f"more than {MAX_FDS} file descriptors in one call")
+        header, payload = wire.unpack(raw)
+    except AbiError as e:
+        return wire.pack({"errno": e.errno, "message": e.message}), []
+    reply = call(k, Message(header, payload, fds))
+    try:
+        return wire.pack(reply.header, reply.payload), reply.fds
+    except AbiError as e:  # a reply too large to send: nothing is returned
+        for fd in reply.fds:
+            os.close(fd)
+        return wire.pack({"errno": e.errno, "message": e.message}), []
 
 
 def serve(k: Kernel, conn: socket.socket, proc: Proc) -> None:
     while True:
         try:
-            msg, anc, _flags, _addr = conn.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(4 * 16))
+            raw, anc, flags, _addr = conn.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(4 * MAX_FDS))
         except OSError:
             return
-        for level, kind, data in anc:  # no syscall takes fds yet: close what was sent
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-                for fd in fds:
-                    os.close(fd)
-        if not msg:
-            return
+        fds = _received_fds(anc)
         try:
-            conn.send(dispatch(k, msg))
-        except OSError:
-            return
+            if not raw:
+                return
+            out, out_fds = _answer(k, raw, fds, flags)
+            try:
+                conn.sendmsg([out], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                      array.array("i", out_fds))] if out_fds else [])
+            except OSError:
+                return
+            finally:
+                for fd in out_fds:
+                    os.close(fd)
+        finally:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)

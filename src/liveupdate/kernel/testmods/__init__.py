@@ -1,8 +1,9 @@
 """Kernel-side test components, enabled from the command line like test modules.
 
 Each module may define ``early(k)`` (a KHO boot, after preserved memory is reserved and before
-the page allocator takes free memory), ``late(k)`` (after ``kho_init``) and ``pre_jump(k)``
-(in the reboot path, after KHO finalize). ``PARAMS`` maps the command-line switch to the module.
+the page allocator takes free memory), ``late(k)`` (after ``kho_init``) and ``reboot_notifier(k)``
+(the reboot path's notifier step, after KHO finalize; see ``kernel/reboot.py``). ``PARAMS``
+maps the command-line switch to the module.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
 
 
-def pre_jump(k: Kernel) -> None:
+def reboot_notifier(k: Kernel) -> None:
     kind = k.cmdline.get("kho_corrupt")
     kout = k.require_kho()
     root, first = kout.root_phys, kout.mem_map

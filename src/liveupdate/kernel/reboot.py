@@ -1,0 +1,82 @@
+"""The reboot path of ``reboot(LINUX_REBOOT_CMD_KEXEC)``, as one ordered list of steps.
+
+Linux's ``kernel_kexec()`` runs, in order: ``liveupdate_reboot()`` (LUO freeze; 6.19 also
+finalizes KHO from there), ``kernel_restart_prepare()`` (the reboot notifier chain), then
+``migrate_to_reboot_cpu()``/``machine_shutdown()`` and ``machine_kexec()``. Here the same
+order, with what an emulated machine needs in between:
+
+1. ``finalize`` -- KHO finalize: the memory map is serialized.
+2. ``notifiers`` -- reboot notifiers registered by kernel components (test components that
+   act after finalize, e.g. ``kho_corrupt``).
+3. ``end_userspace`` -- every userspace process ends (subreaper + pidfds). KHO is finalized
+   by then, and a finalized KHO refuses every unpreserve with EBUSY (``KhoOut``), so the
+   hang-ups of ended processes cannot change what crosses.
+4. ``sanitize`` -- everything outside the kept set is punched (``kho_sanitize=off`` skips it).
+
+then the jump, which only the real kernel process does (:func:`kernel_kexec`); the in-process
+test rig runs :func:`prepare_jump` and boots the next kernel object on the same RAM. There is
+no second copy of this order anywhere.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NoReturn
+
+from liveupdate.errors import LiveUpdateError
+from liveupdate.kernel import kexec
+
+if TYPE_CHECKING:
+    from liveupdate.kernel.kernel import Kernel
+    from liveupdate.kernel.kexec import Loaded
+
+
+def _finalize(k: Kernel) -> None:
+    k.require_kho().finalize()
+
+
+def _notifiers(k: Kernel) -> None:
+    for notifier in k.reboot_notifiers:
+        notifier(k)
+
+
+def _end_userspace(k: Kernel) -> None:
+    if k.userspace is not None:
+        killed = k.userspace.kill_all()
+        k.printk(f"kexec: ended {killed} userspace processes")
+
+
+def _sanitize(k: Kernel) -> None:
+    if k.cmdline.flag("kho_sanitize", True):
+        punched = kexec.sanitize(k)
+        k.printk(f"kexec: sanitizer punched {punched >> 20} MiB of unpreserved RAM")
+
+
+STEPS: tuple[tuple[str, Callable[[Kernel], None]], ...] = (
+    ("finalize", _finalize),
+    ("notifiers", _notifiers),
+    ("end_userspace", _end_userspace),
+    ("sanitize", _sanitize),
+)
+
+
+def prepare_jump(k: Kernel) -> Loaded:
+    """Every step before the jump, in order; returns the image to jump to."""
+    loaded = k.kexec_image
+    if loaded is None:
+        raise LiveUpdateError(errno.EINVAL, "reboot(KEXEC): no kexec image loaded")
+    k.require_kho()
+    for _name, step in STEPS:
+        step(k)
+    return loaded
+
+
+def kernel_kexec(k: Kernel) -> NoReturn:
+    loaded = prepare_jump(k)
+    k.printk(f"kexec: jumping to {loaded.release} at {loaded.entry:#x}")
+    try:
+        k.link.send({"op": "jump", "entry": loaded.entry, "boot_params": loaded.boot_params})
+    finally:
+        os._exit(0)
