@@ -10,16 +10,24 @@ of time with its code imported, waiting for "go" -- a loaded kexec image already
 memory -- so a jump costs no Python start-up. At a jump the machine waits for the old kernel to
 exit and its console to drain, reads the next image's header *from RAM* at the entry address,
 and sends "go" with the boot parameters' address; the old kernel says nothing else.
+
+The machine's state is :class:`State`, with every legal transition declared once in
+:data:`TRANSITIONS` (qemu.qmp's ``Runstate`` is the model). Control requests go through one
+handler table and :func:`liveupdate.abi.wire.dispatch`. The RAM debug port (``ram_read``,
+``ram_write``) answers host-side tools only: a peer (SO_PEERCRED) that descends from this
+machine process -- a kernel process or any of its userspace -- gets EPERM.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import os
 import re
 import shutil
 import socket
 import socketserver
+import struct
 import subprocess
 import sys
 import threading
@@ -29,6 +37,7 @@ from typing import Any
 
 from liveupdate.abi import image, wire
 from liveupdate.abi.consts import PAGE_SIZE
+from liveupdate.abi.wire import Message, arg
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.machine import firmware, protocol
 from liveupdate.machine.ram import Ram
@@ -37,6 +46,46 @@ DEFAULT_CMDLINE = "console=ttyS0 kho=on"
 DEFAULT_IMAGE = "images/default.img"
 LINK_RECORD = 1 << 20
 CONSOLE_KEEP = 32 << 20  # bytes of console kept in memory for wait/console requests
+
+
+class State(enum.Enum):
+    OFF = "off"
+    BOOTING = "booting"
+    RUNNING = "running"
+    JUMPING = "jumping"
+    PANIC = "panic"
+
+
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.OFF: frozenset({State.OFF, State.BOOTING}),
+    State.BOOTING: frozenset({State.RUNNING, State.PANIC, State.OFF}),
+    State.RUNNING: frozenset({State.JUMPING, State.PANIC, State.OFF}),
+    State.JUMPING: frozenset({State.BOOTING, State.PANIC, State.OFF}),
+    State.PANIC: frozenset({State.OFF}),
+}
+STOPPED = frozenset({State.OFF, State.PANIC})
+
+
+def parse_states(names: object) -> list[State]:
+    if not isinstance(names, list) or not names:
+        raise LiveUpdateError(errno.EINVAL, "states must be a non-empty list")
+    try:
+        return [State(n) for n in names]
+    except ValueError as e:
+        raise LiveUpdateError(errno.EINVAL, f"unknown machine state: {e}") from e
+
+
+@dataclass
+class Pending:
+    """A request sent to one kernel process, waiting for its reply."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    reply: dict[str, Any] = field(default_factory=dict)
+    payload: bytes = b""
+
+    def answer(self, reply: dict[str, Any], payload: bytes = b"") -> None:
+        self.reply, self.payload = reply, payload
+        self.done.set()
 
 
 @dataclass
@@ -48,7 +97,7 @@ class KernelProc:
     drained: threading.Event = field(default_factory=threading.Event)
     info: dict[str, Any] = field(default_factory=dict)
     # requests sent to this kernel, by id: failed when it goes, never another kernel's
-    pending: dict[int, tuple[threading.Event, list[Any]]] = field(default_factory=dict)
+    pending: dict[int, Pending] = field(default_factory=dict)
 
 
 class Machine:
@@ -69,7 +118,7 @@ class Machine:
         self.console_file = open(self.console_path, "wb")  # noqa: SIM115 - lives with the machine
         self.cond = threading.Condition()
         self.lock = threading.RLock()
-        self.state = "off"
+        self.state = State.OFF
         self.reason = ""
         self.ram: Ram | None = None
         self.config: dict[str, Any] = {}
@@ -80,8 +129,10 @@ class Machine:
         self.next_id = 1
         self.server: socketserver.ThreadingUnixStreamServer | None = None
 
-    def _set_state(self, state: str, reason: str | None = None) -> None:
+    def _set_state(self, state: State, reason: str | None = None) -> None:
         with self.cond:
+            if state not in TRANSITIONS[self.state]:
+                raise RuntimeError(f"machine: no transition {self.state.value} -> {state.value}")
             self.state = state
             if reason is not None:
                 self.reason = reason
@@ -127,8 +178,8 @@ class Machine:
                     return {"start": base + m.start(), "end": base + m.end(),
                             "line": line.decode(errors="replace")}
                 kp = self.kernel
-                if self.state in ("panic", "off") and (kp is None or kp.drained.is_set()):
-                    raise LiveUpdateError(errno.EIO, f"machine is {self.state}"
+                if self.state in STOPPED and (kp is None or kp.drained.is_set()):
+                    raise LiveUpdateError(errno.EIO, f"machine is {self.state.value}"
                                           + (f" ({self.reason})" if self.reason else "")
                                           + f" and the console never matched {pattern!r}")
                 left = deadline - time.monotonic()
@@ -137,14 +188,15 @@ class Machine:
                                           f"console did not match {pattern!r} in {timeout}s")
                 self.cond.wait(left)
 
-    def wait_state(self, states: list[str], timeout: float) -> dict[str, Any]:
+    def wait_state(self, states: list[State], timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         with self.cond:
             while self.state not in states:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise LiveUpdateError(errno.ETIMEDOUT, f"machine stayed {self.state}, "
-                                          f"not {'/'.join(states)}, for {timeout}s")
+                    names = "/".join(s.value for s in states)
+                    raise LiveUpdateError(errno.ETIMEDOUT, f"machine stayed "
+                                          f"{self.state.value}, not {names}, for {timeout}s")
                 self.cond.wait(left)
         return self.status()
 
@@ -182,7 +234,7 @@ class Machine:
     def _start(self, entry: str, bp_phys: int) -> None:
         kp = self._take_kernel(entry)
         self.kernel = kp
-        self._set_state("booting")
+        self._set_state(State.BOOTING)
         self.boot_count += 1
         kp.link.send(wire.pack({"op": "go", "boot_params": bp_phys}))
         threading.Thread(target=self._link_reader, args=(kp,), daemon=True).start()
@@ -201,15 +253,14 @@ class Machine:
             except AbiError:
                 continue
             if "id" in header:
-                slot = kp.pending.pop(int(header["id"]), None)
-                if slot is not None:
-                    slot[1].extend([header, payload])
-                    slot[0].set()
+                pending = kp.pending.pop(int(header["id"]), None)
+                if pending is not None:
+                    pending.answer(header, payload)
                 continue
             op = header.get("op")
             if op == "booted":
                 kp.info = header
-                self._set_state("running")
+                self._set_state(State.RUNNING)
             elif op == "jump":
                 self._jump(kp, int(header["entry"]), int(header["boot_params"]))
                 return
@@ -217,16 +268,15 @@ class Machine:
                 self._stopped(kp, op, str(header.get("reason", "")))
                 return
         with self.lock:  # the kernel process died without saying why
-            if self.kernel is kp and self.state in ("booting", "running"):
+            if self.kernel is kp and self.state in (State.BOOTING, State.RUNNING):
                 self._stopped(kp, "panic", "kernel process exited unexpectedly")
         self._fail_pending(kp)
 
     def _fail_pending(self, kp: KernelProc) -> None:
         for key in list(kp.pending):
-            slot = kp.pending.pop(key, None)
-            if slot is not None:
-                slot[1].extend([{"errno": errno.EIO, "message": "the kernel went away"}, b""])
-                slot[0].set()
+            pending = kp.pending.pop(key, None)
+            if pending is not None:
+                pending.answer({"errno": errno.EIO, "message": "the kernel went away"})
 
     def _finish(self, kp: KernelProc) -> None:
         kp.popen.wait()
@@ -240,20 +290,20 @@ class Machine:
     def _stopped(self, kp: KernelProc, op: str, reason: str) -> None:
         with self.lock:
             self._finish(kp)
-            self._set_state("panic" if op == "panic" else "off", reason)
+            self._set_state(State.PANIC if op == "panic" else State.OFF, reason)
             if op == "restart":
                 self.power_on(self.config)
 
     def _jump(self, kp: KernelProc, entry: int, bp_phys: int) -> None:
         t0 = time.monotonic()
         with self.lock:
-            self._set_state("jumping")
+            self._set_state(State.JUMPING)
             self._finish(kp)
             assert self.ram is not None
             try:
                 img = image.decode(self.ram.read(entry, PAGE_SIZE))
             except (AbiError, LiveUpdateError) as e:
-                self._set_state("panic", f"jump to {entry:#x}: {e}")
+                self._set_state(State.PANIC, f"jump to {entry:#x}: {e}")
                 return
             self._start(img.entry, bp_phys)
         self.jump_times.append(time.monotonic() - t0)
@@ -261,10 +311,12 @@ class Machine:
     # -- power ----------------------------------------------------------------------------
     def power_on(self, config: dict[str, Any]) -> None:
         with self.lock:
-            if self.state != "off" and self.state != "panic":
-                raise LiveUpdateError(errno.EBUSY, f"machine is {self.state}")
+            if self.state not in STOPPED:
+                raise LiveUpdateError(errno.EBUSY, f"machine is {self.state.value}")
+            memory = config.get("memory", 4 << 30)
+            if not isinstance(memory, int) or isinstance(memory, bool):
+                raise LiveUpdateError(errno.EINVAL, "memory must be a number of bytes")
             self.power_off()
-            memory = int(config.get("memory", 4 << 30))
             img_path = os.path.join(self.disk, str(config.get("image") or DEFAULT_IMAGE))
             try:
                 with open(img_path, "rb") as f:
@@ -294,31 +346,31 @@ class Machine:
             if self.ram is not None:
                 self.ram.close()
                 self.ram = None
-            self._set_state("off")
+            self._set_state(State.OFF)
 
     # -- requests to the running kernel ---------------------------------------------------
     def ask_kernel(self, header: dict[str, Any], timeout: float) -> tuple[dict[str, Any], bytes]:
         with self.lock:
             kp = self.kernel
-            if kp is None or self.state != "running":
+            if kp is None or self.state is not State.RUNNING:
                 raise LiveUpdateError(errno.EAGAIN, f"no running kernel (machine is "
-                                      f"{self.state})")
+                                      f"{self.state.value})")
             rid = self.next_id
             self.next_id += 1
-            slot: tuple[threading.Event, list[Any]] = (threading.Event(), [])
-            kp.pending[rid] = slot
+            pending = Pending()
+            kp.pending[rid] = pending
             kp.link.send(wire.pack({**header, "id": rid}))
-        if not slot[0].wait(timeout):
+        if not pending.done.wait(timeout):
             kp.pending.pop(rid, None)
             raise LiveUpdateError(errno.ETIMEDOUT, f"kernel did not answer {header['op']}")
-        reply, payload = slot[1]
-        if reply.get("errno"):
-            raise LiveUpdateError(int(reply["errno"]), str(reply.get("message", "")))
-        return reply, payload
+        if pending.reply.get("errno"):
+            raise LiveUpdateError(int(pending.reply["errno"]),
+                                  str(pending.reply.get("message", "")))
+        return pending.reply, pending.payload
 
     def status(self) -> dict[str, Any]:
         kp = self.kernel
-        return {"state": self.state, "reason": self.reason, "dir": self.dir,
+        return {"state": self.state.value, "reason": self.reason, "dir": self.dir,
                 "machine_pid": os.getpid(),
                 "memory": self.ram.size if self.ram else 0,
                 "ram_resident": self.ram.resident() if self.ram else 0,
@@ -330,56 +382,31 @@ class Machine:
                 "kernel": kp.info if kp else {}}
 
     # -- control socket -------------------------------------------------------------------
-    def handle(self, h: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
-        op = h.get("op")
-        if op == "status":
-            return self.status(), b""
-        if op == "power_on":
-            self.power_on(h)
-            return self.status(), b""
-        if op == "power_off":
-            self.power_off()
-            return self.status(), b""
-        if op == "power_cycle":
-            config = {**self.config, **{k: v for k, v in h.items() if k != "op"}}
-            self.power_off()
-            self.power_on(config)
-            return self.status(), b""
-        if op == "console":
-            off = int(h.get("offset", 0))
-            with self.cond:
-                end = self.console_base + len(self.console)
-                if off < self.console_base:
-                    raise LiveUpdateError(errno.ERANGE, f"console before byte "
-                                          f"{self.console_base} is only in {self.console_path}")
-                return {"end": end}, bytes(self.console[off - self.console_base :])
-        if op == "wait":
-            return self.wait_console(str(h["pattern"]), int(h.get("offset", 0)),
-                                     float(h.get("timeout", 60))), b""
-        if op == "wait_state":
-            return self.wait_state(list(h["states"]), float(h.get("timeout", 60))), b""
-        if op in ("run", "kho_status", "debugfs"):
-            return self.ask_kernel(h, float(h.get("timeout", 60)) + 5)
-        if op == "ram_read":
-            if self.ram is None:
-                raise LiveUpdateError(errno.EAGAIN, "machine is off")
-            return {}, self.ram.read(int(h["phys"]), int(h["size"]))
-        if op == "ram_write":
-            if self.ram is None:
-                raise LiveUpdateError(errno.EAGAIN, "machine is off")
-            self.ram.write(int(h["phys"]), payload)
-            return {}, b""
-        if op == "shutdown":
-            self.power_off()
-            threading.Thread(target=self.stop, daemon=True).start()
-            return {}, b""
-        raise LiveUpdateError(errno.ENOSYS, f"unknown machine operation {op!r}")
+    def is_guest(self, pid: int) -> bool:
+        """Whether ``pid`` descends from this machine process: one of its kernels or their
+        userspace (kernels are subreapers, so daemons stay below them)."""
+        me = os.getpid()
+        for _ in range(4096):  # a parent chain is finite; bounded anyway
+            if pid == me:
+                return True
+            if pid <= 1:
+                return False
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                return False
+            pid = int(stat[stat.rfind(b")") + 2 :].split()[1])
+        return False
 
     def serve(self, ready_fd: int | None = None) -> None:
         machine = self
 
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
+                creds = self.request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                struct.calcsize("3i"))
+                peer = Peer(machine, machine.is_guest(struct.unpack("3i", creds)[0]))
                 while True:
                     try:
                         msg = protocol.recv(self.request)
@@ -387,15 +414,10 @@ class Machine:
                         return
                     if msg is None:
                         return
+                    reply = wire.dispatch(CONTROL, peer, Message(*msg), server="machine",
+                                          on_bug=_log_bug)
                     try:
-                        reply, data = machine.handle(*msg)
-                        reply = {**reply, "errno": 0}
-                    except LiveUpdateError as e:
-                        reply, data = {"errno": e.errno, "message": e.message}, b""
-                    except (KeyError, ValueError, TypeError) as e:
-                        reply, data = {"errno": errno.EINVAL, "message": f"bad request: {e}"}, b""
-                    try:
-                        protocol.send(self.request, reply, data)
+                        protocol.send(self.request, reply.header, reply.payload)
                     except OSError:
                         return
 
@@ -411,3 +433,103 @@ class Machine:
     def stop(self) -> None:
         if self.server is not None:
             self.server.shutdown()
+
+
+# -- the control socket's operations -----------------------------------------------------
+
+@dataclass(frozen=True)
+class Peer:
+    """One control connection: the machine, and whether the peer is its own guest."""
+
+    machine: Machine
+    guest: bool
+
+
+def _log_bug(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _ram(peer: Peer) -> Ram:
+    if peer.guest:
+        raise LiveUpdateError(errno.EPERM, "the RAM debug port answers host-side tools only, "
+                              "not the machine's own kernels or their userspace")
+    if peer.machine.ram is None:
+        raise LiveUpdateError(errno.EAGAIN, "machine is off")
+    return peer.machine.ram
+
+
+def _status(p: Peer, m: Message) -> Message:
+    return Message(p.machine.status())
+
+
+def _power_on(p: Peer, m: Message) -> Message:
+    p.machine.power_on(m.header)
+    return Message(p.machine.status())
+
+
+def _power_off(p: Peer, m: Message) -> Message:
+    p.machine.power_off()
+    return Message(p.machine.status())
+
+
+def _power_cycle(p: Peer, m: Message) -> Message:
+    config = {**p.machine.config, **{k: v for k, v in m.header.items() if k != "op"}}
+    p.machine.power_off()
+    p.machine.power_on(config)
+    return Message(p.machine.status())
+
+
+def _console(p: Peer, m: Message) -> Message:
+    mc, off = p.machine, arg(m, "offset", int, 0)
+    with mc.cond:
+        end = mc.console_base + len(mc.console)
+        if off < mc.console_base:
+            raise LiveUpdateError(errno.ERANGE, f"console before byte {mc.console_base} is "
+                                  f"only in {mc.console_path}")
+        return Message({"end": end}, bytes(mc.console[off - mc.console_base :]))
+
+
+def _wait(p: Peer, m: Message) -> Message:
+    return Message(p.machine.wait_console(arg(m, "pattern", str), arg(m, "offset", int, 0),
+                                          arg(m, "timeout", float, 60.0)))
+
+
+def _wait_state(p: Peer, m: Message) -> Message:
+    return Message(p.machine.wait_state(parse_states(m.header.get("states")),
+                                        arg(m, "timeout", float, 60.0)))
+
+
+def _to_kernel(p: Peer, m: Message) -> Message:
+    return Message(*p.machine.ask_kernel(m.header, arg(m, "timeout", float, 60.0) + 5))
+
+
+def _ram_read(p: Peer, m: Message) -> Message:
+    return Message({}, _ram(p).read(arg(m, "phys", int), arg(m, "size", int)))
+
+
+def _ram_write(p: Peer, m: Message) -> Message:
+    _ram(p).write(arg(m, "phys", int), m.payload)
+    return Message({})
+
+
+def _shutdown(p: Peer, m: Message) -> Message:
+    p.machine.power_off()
+    threading.Thread(target=p.machine.stop, daemon=True).start()
+    return Message({})
+
+
+CONTROL: dict[str, wire.Handler[Peer]] = {
+    "status": _status,
+    "power_on": _power_on,
+    "power_off": _power_off,
+    "power_cycle": _power_cycle,
+    "console": _console,
+    "wait": _wait,
+    "wait_state": _wait_state,
+    "run": _to_kernel,
+    "kho_status": _to_kernel,
+    "debugfs": _to_kernel,
+    "ram_read": _ram_read,
+    "ram_write": _ram_write,
+    "shutdown": _shutdown,
+}
