@@ -63,12 +63,12 @@ def kexec_round_trip(preserved: int, runs: int) -> tuple[float, float, int]:
             for _ in range(runs):
                 off = c.status()["console_bytes"]
                 t = time.perf_counter()
-                c.run([sys.executable, "-m", "liveupdate.cli.kexec", "-l",
+                c.run([sys.executable, "-m", "liveupdate.userspace.kexec", "-l",
                        "images/default.img"])
                 loads.append(time.perf_counter() - t)
                 t = time.perf_counter()
                 with contextlib.suppress(LiveUpdateError):  # EIO: the kernel went away
-                    c.run([sys.executable, "-m", "liveupdate.cli.kexec", "-e"])
+                    c.run([sys.executable, "-m", "liveupdate.userspace.kexec", "-e"])
                 c.booted(120)
                 times.append(time.perf_counter() - t)
                 if preserved:

@@ -21,10 +21,9 @@ from liveupdate.abi import (
     bootparams,
     fdt,
     image,
-    inspect,
     kho,
     kho_memmap,
-    kho_test,
+    khotest,
     luo_session,
     luo_v3,
     memblock,
@@ -35,6 +34,7 @@ from liveupdate.abi import (
 )
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError
+from liveupdate.tools import report
 from tests.conftest import FakeRam
 
 # The blob that segfaults pylibfdt 1.7.2 when libfdt sees it unchecked.
@@ -52,8 +52,8 @@ def _seeds() -> dict[str, bytes]:
         "files": luo_v3.encode_files_fdt([luo_v3.FileEntry(0x1A, "memfd-v1", 0x2000)]),
         "luo_session": luo_session.encode_luo_fdt(1, 0x100000, 0x200000),
         "memfd_fdt": memfd.encode_fdt(memfd.MemfdState(0, 4096, f)),
-        "kho_test": kho_test.encode(kho_test.KhoTest(1, 5, None, v)),
-        "kho_test_inline": kho_test.encode(kho_test.KhoTest(1, 5, np.array([0x2000]), None)),
+        "kho_test": khotest.encode(khotest.KhoTest(1, 5, None, v)),
+        "kho_test_inline": khotest.encode(khotest.KhoTest(1, 5, np.array([0x2000]), None)),
         "memblock": memblock.encode([memblock.ReserveMem("trace", 0x1000, 0x2000)]),
         "setup_data": bootparams.kho_setup_data(bootparams.KhoData(0x100000, 4096,
                                                                    0x101000, 16)),
@@ -152,7 +152,7 @@ def _boot(draw: st.DrawFn) -> None:
 def _inspect(draw: st.DrawFn) -> None:
     mem, _ = ram_mutated(draw)
     blob = draw(mutated(draw(st.sampled_from(sorted(SEEDS.values())))))
-    inspect.describe(blob, mem)
+    report.describe(blob, mem)
 
 
 def _blob(seed: str, fn: Callable[[bytes], object]) -> Callable[[st.DrawFn], None]:
@@ -178,8 +178,8 @@ DECODERS: dict[str, Callable[[st.DrawFn], None]] = {
     "memfd.decode_ser_v2": _blob("memfd_v2", lambda b: memfd.decode_ser(b, memfd.MEMFD_V2)),
     "memfd.decode_folio_array": _blob("memfd_v1", lambda b: memfd.decode_folio_array(
         b, len(b) // 16, 1 << 20)),
-    "kho_test.decode": _blob("kho_test", kho_test.decode),
-    "kho_test.decode_inline": _blob("kho_test_inline", kho_test.decode),
+    "khotest.decode": _blob("kho_test", khotest.decode),
+    "khotest.decode_inline": _blob("kho_test_inline", khotest.decode),
     "memblock.decode": _blob("memblock", memblock.decode),
     "uapi.lookup": _blob("ioctl", lambda b: uapi.lookup(
         uapi.Gen.V6_19, uapi.Target.DEVICE, 0xBA00, b)),

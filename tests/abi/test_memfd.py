@@ -81,8 +81,20 @@ def test_round_trips(entries: list[tuple[int, int]], pos: int) -> None:
                      np.array([fl for _, fl in entries], np.uint16),
                      np.arange(n, dtype=np.uint64))
     got = memfd.decode_folio_array(memfd.encode_folio_array(f), n, n * 4096)
-    assert got.pfn.tolist() == f.pfn.tolist() and got.flags.tolist() == f.flags.tolist()
-    nz = [(p, fl) for p, fl in entries if p or fl]  # foliodesc 0 entries are skipped
+    kept = [(p, fl) for p, fl in entries if p]  # struct era: pfn 0 entries are skipped
+    assert list(zip(got.pfn.tolist(), got.flags.tolist(), strict=True)) == kept
+    nz = [(p, fl) for p, fl in entries if p or fl]  # FDT era: foliodesc 0 entries are skipped
     if len(nz) == n:
         st_ = memfd.decode_fdt(memfd.encode_fdt(memfd.MemfdState(pos, n * 4096, f)))
         assert st_.pos == pos and st_.folios.pfn.tolist() == f.pfn.tolist()
+
+
+def test_struct_era_skips_pfn_zero_entries() -> None:
+    """mm/memfd_luo.c skips folio entries with pfn == 0 on retrieve, finish and unpreserve."""
+    f = memfd.Folios(np.array([0x300, 0x301], np.uint64),
+                     np.array([memfd.FOLIO_UPTODATE, memfd.FOLIO_DIRTY], np.uint16),
+                     np.array([0, 2], np.uint64))
+    hole = np.zeros(1, memfd.FOLIO_DTYPE).tobytes()  # an entry never filled: desc 0, index 0
+    raw = memfd.encode_folio_array(f)[:16] + hole + memfd.encode_folio_array(f)[16:]
+    got = memfd.decode_folio_array(raw, 3, 3 * 4096)
+    assert got.pfn.tolist() == [0x300, 0x301] and got.index.tolist() == [0, 2]

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from liveupdate.abi import (
     bootparams,
     kho,
-    kho_test,
+    khotest,
     luo_session,
     luo_v3,
     memblock,
@@ -69,12 +69,12 @@ def test_luo_v3_fdt(subsystems: list[tuple[str, int]]) -> None:
        st.booleans())
 def test_kho_test(csum: int, info: list[int], vm: KhoVmalloc, inline: bool) -> None:
     if inline:
-        t = kho_test.KhoTest(len(info), csum, np.array(info, np.uint64), None)
-        got = kho_test.decode(kho_test.encode(t), "inline")
+        t = khotest.KhoTest(len(info), csum, np.array(info, np.uint64), None)
+        got = khotest.decode(khotest.encode(t), "inline")
         assert got.folios_info is not None and got.folios_info.tolist() == info
     else:
-        t = kho_test.KhoTest(len(info), csum, None, vm)
-        got = kho_test.decode(kho_test.encode(t), "vmalloc")
+        t = khotest.KhoTest(len(info), csum, None, vm)
+        got = khotest.decode(khotest.encode(t), "vmalloc")
         assert got.folios_vmalloc == vm
     assert (got.nr_folios, got.csum) == (len(info), csum)
 
@@ -124,8 +124,8 @@ def _fdts() -> list[tuple[str, bytes, Callable[[bytes], object]]]:
         ("luo 6.19", luo_session.encode_luo_fdt(3, 0x10000, 0x20000),
          luo_session.decode_luo_fdt),
         ("memfd fdt", memfd.encode_fdt(memfd.MemfdState(7, 4096, f)), memfd.decode_fdt),
-        ("kho_test", kho_test.encode(kho_test.KhoTest(1, 2, np.array([0x2003]), None)),
-         kho_test.decode),
+        ("kho_test", khotest.encode(khotest.KhoTest(1, 2, np.array([0x2003]), None)),
+         khotest.decode),
         ("memblock", memblock.encode([memblock.ReserveMem("trace", 1 << 30, 1 << 22)]),
          memblock.decode),
     ]

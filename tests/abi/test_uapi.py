@@ -91,3 +91,16 @@ def test_session_names() -> None:
         uapi.session_name(b"A" * 64, strict=True)
     with pytest.raises(AbiError, match="empty"):
         uapi.session_name(bytes(64), strict=True)
+
+
+def test_v3_get_fd_state_accepts_offsetofend_token() -> None:
+    """v3's table entry is offsetofend(struct liveupdate_ioctl_get_fd_state, token) = 16: a
+    16-byte argument is zero-extended; 15 bytes is EINVAL."""
+    entry = uapi.ioctl(uapi.Gen.V3, "GET_FD_STATE")
+    assert (entry.min_size, entry.size) == (16, 24)
+    arg = struct.pack("<IB3xQ", 16, 1, 0xABC)
+    got, fields = uapi.lookup(uapi.Gen.V3, uapi.Target.DEVICE, entry.number, arg)
+    assert got is entry and fields == {"size": 16, "incoming": 1, "token": 0xABC, "state": 0}
+    with pytest.raises(AbiError) as e:
+        uapi.lookup(uapi.Gen.V3, uapi.Target.DEVICE, entry.number, struct.pack("<I11x", 15))
+    assert e.value.errno == errno.EINVAL

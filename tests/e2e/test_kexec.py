@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from liveupdate.abi import image, inspect, kho, kho_test
+from liveupdate.abi import image, kho, khotest
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import LiveUpdateError
 from liveupdate.machine.client import RemoteRam
+from liveupdate.tools import report
 from tests.e2e.conftest import Factory
 
 
@@ -111,11 +112,11 @@ def test_userspace_ends_at_kexec_even_daemonized(machine: Factory) -> None:
 
 def test_kexec_errors_reach_userspace(machine: Factory) -> None:
     m = machine()
-    r = m.run([sys.executable, "-m", "liveupdate.cli.kexec", "-e"])
+    r = m.run([sys.executable, "-m", "liveupdate.userspace.kexec", "-e"])
     assert r["status"] == 1 and "no kexec image loaded" in r["stderr"]
     with open(os.path.join(m.dir, "disk", "images", "junk.img"), "wb") as f:
         f.write(b"junk")
-    r = m.run([sys.executable, "-m", "liveupdate.cli.kexec", "-l", "images/junk.img"])
+    r = m.run([sys.executable, "-m", "liveupdate.userspace.kexec", "-l", "images/junk.img"])
     assert r["status"] == 1 and "ENOEXEC" in r["stderr"]
     assert m.status()["state"] == "running"
 
@@ -149,7 +150,7 @@ def test_init_services_and_debugfs(machine: Factory, tmp_path: Path) -> None:
     root = kho.decode_root(m.debugfs("in/fdt"), require_map=True)
     assert [n for n, _ in root.subtrees] == ["kho_test"]
     sub = m.debugfs("in/sub_fdts/kho_test")
-    assert kho_test.decode(sub, "inline").nr_folios > 0
+    assert khotest.decode(sub, "inline").nr_folios > 0
     with pytest.raises(LiveUpdateError) as e:
         m.debugfs("in/sub_fdts/nope")
     assert e.value.errno == errno.ENOENT
@@ -168,6 +169,6 @@ def test_616_bitmaps_round_trip_and_are_detected(machine: Factory, tmp_path: Pat
     m.run([sys.executable, "-c", "from liveupdate.client.syscall import Kernel; "
            "Kernel().debugfs_write('out/finalize', b'1')"])
     mem = PhysMem(RemoteRam(m, m.status()["memory"]))
-    rep = inspect.describe(m.debugfs("out/fdt"), mem)  # size detected, not told
+    rep = report.describe(m.debugfs("out/fdt"), mem)  # size detected, not told
     assert rep["memory"]["bitmap_bytes"] == 512
     assert rep["memory"]["pages"] == m.kho_status()["out"]["preserved_pages"]

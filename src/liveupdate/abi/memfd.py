@@ -176,11 +176,15 @@ def encode_folio_array(folios: Folios) -> bytes:
 
 
 def decode_folio_array(raw: bytes, nr_folios: int, size: int) -> Folios:
-    """The first ``nr_folios`` entries of a restored vmalloc area."""
+    """The first ``nr_folios`` entries of a restored vmalloc area.
+
+    Entries whose PFN is 0 are skipped, as ``mm/memfd_luo.c`` does in retrieve, finish and
+    unpreserve (``if (!pfn) continue;``): an entry the preserving kernel never filled."""
     what = "memfd folio array"
     if nr_folios * FOLIO_DTYPE.itemsize > len(raw):
         raise AbiError(f"{what}: {nr_folios} folios do not fit {len(raw)} bytes")
     arr = np.frombuffer(raw, FOLIO_DTYPE, count=nr_folios)
+    arr = arr[(arr["desc"] & np.uint64(PFN_MASK)) != 0]
     flags = arr["desc"] >> np.uint64(PFN_BITS)
     _flags_ok(flags, what)
     folios = Folios(arr["desc"] & np.uint64(PFN_MASK), flags.astype(np.uint16),

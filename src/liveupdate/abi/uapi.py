@@ -75,6 +75,7 @@ class Ioctl:
     fd_in: tuple[str, ...] = ()
     fd_out: tuple[str, ...] = ()
     zero_pad: bool = False  # padding bytes must be zero (EINVAL)
+    min_end: str = ""  # the field whose end is min_size (offsetofend); "" = the whole struct
 
     @property
     def number(self) -> int:
@@ -90,7 +91,27 @@ class Ioctl:
 
     @property
     def min_size(self) -> int:
-        return self.size  # every LUO ioctl so far has min_size == sizeof
+        """The dispatcher table's ``min_size``: ``offsetofend(last mandatory field)``."""
+        if not self.min_end:
+            return self.size
+        layout, n = "", 0
+        for code in self._codes_with_pad():
+            layout += code
+            if not code.endswith("x"):
+                n += 1
+                if self.fields[n - 1] == self.min_end:
+                    return struct.calcsize("<" + layout)
+        raise AbiError(f"{self.name}: no field {self.min_end}")
+
+    def _codes_with_pad(self) -> list[str]:
+        out, num = [], ""
+        for ch in self.layout:
+            if ch.isdigit():
+                num += ch
+                continue
+            out.append(num + ch)
+            num = ""
+        return out
 
     def pack(self, **values: Any) -> bytes:
         values.setdefault("size", self.size)
@@ -119,32 +140,17 @@ class Ioctl:
         return self._codes()[self.fields.index(field)].endswith("s")
 
     def _codes(self) -> list[str]:
-        out: list[str] = []
-        num = ""
-        for ch in self.layout:
-            if ch.isdigit():
-                num += ch
-                continue
-            if ch != "x":
-                out.append(num + ch)
-            num = ""
-        return out
+        return [c for c in self._codes_with_pad() if not c.endswith("x")]
 
     def _pad_offsets(self) -> list[int]:
         offsets: list[int] = []
-        pos, num = 0, ""
-        for ch in self.layout:
-            if ch.isdigit():
-                num += ch
-                continue
-            n = int(num or 1)
-            width = n if ch in "sx" else struct.calcsize("<" + ch) * n
-            if ch == "x":
+        pos = 0
+        for code in self._codes_with_pad():
+            width = struct.calcsize("<" + code)
+            if code.endswith("x"):
                 offsets.extend(range(pos, pos + width))
             pos += width
-            num = ""
         return offsets
-
 
 D, S = Target.DEVICE, Target.SESSION
 _V3 = (
@@ -154,7 +160,7 @@ _V3 = (
     Ioctl("GET_STATE", 0x03, D, "II", ("size", "state")),
     Ioctl("SET_EVENT", 0x04, D, "II", ("size", "event")),
     Ioctl("GET_FD_STATE", 0x05, D, "IB3xQI4x", ("size", "incoming", "token", "state"),
-          zero_pad=True),
+          zero_pad=True, min_end="token"),  # v3 table: offsetofend(..., token) = 16
     Ioctl("SET_FD_EVENT", 0x06, D, "IIQ", ("size", "event", "token")),
 )
 _V4 = (

@@ -7,12 +7,12 @@ from typing import Any
 
 import click
 
-from liveupdate.abi import inspect as inspect_mod
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.cli.common import fail
 from liveupdate.cli.render import exit_with_report, show
 from liveupdate.errors import LiveUpdateError
 from liveupdate.machine.client import MachineClient, RemoteRam
+from liveupdate.tools import report as report_mod
 
 
 @click.group()
@@ -62,7 +62,7 @@ def inspect_cmd(folder: str, incoming: bool, finalize: bool, as_json: bool) -> N
                 fail(r["stderr"].strip().splitlines()[-1])
         blob = c.debugfs("in/fdt" if incoming else "out/fdt")
         mem = PhysMem(RemoteRam(c, int(c.status()["memory"])))
-        report = inspect_mod.describe(blob, mem)
+        report = report_mod.describe(blob, mem)
     except LiveUpdateError as e:
         fail(e)
     exit_with_report("kho/in/fdt" if incoming else "kho/out/fdt", report, as_json)

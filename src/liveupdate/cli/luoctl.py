@@ -9,8 +9,6 @@ from pathlib import Path
 
 import click
 
-from liveupdate import example as example_mod
-from liveupdate.abi import inspect as inspect_mod
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.cli.common import SizeParam, fail
 from liveupdate.cli.image import image
@@ -18,6 +16,8 @@ from liveupdate.cli.kho import kho
 from liveupdate.cli.machine import machine
 from liveupdate.cli.render import exit_with_report
 from liveupdate.errors import LiveUpdateError
+from liveupdate.tools import example as example_mod
+from liveupdate.tools import report as report_mod
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -65,10 +65,10 @@ def inspect(file: Path, ram: Path | None, bitmap_bytes: str, as_json: bool) -> N
         blob = file.read_bytes()
         bb = None if bitmap_bytes == "auto" else int(bitmap_bytes)
         if ram is None:
-            report = inspect_mod.describe(blob, None, bb)
+            report = report_mod.describe(blob, None, bb)
         else:
             with open(ram, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
-                report = inspect_mod.describe(blob, PhysMem(m), bb)
+                report = report_mod.describe(blob, PhysMem(m), bb)
     except (LiveUpdateError, OSError, ValueError) as e:
         fail(e)
     exit_with_report(str(file), report, as_json)

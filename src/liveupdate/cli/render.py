@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 
-from liveupdate.abi import inspect
+from liveupdate.tools.report import errors as report_errors
 
 _TABLES = {"per_order", "areas", "reserve_mem", "scratch", "preserved", "subtrees"}
 
@@ -62,7 +62,7 @@ def exit_with_report(title: str, report: dict[str, Any], as_json: bool) -> NoRet
     """Show a decoded handover, then each error met while decoding it (one line each on
     standard error); exit 1 if there were any."""
     show(title, report, as_json)
-    errs = inspect.errors(report)
+    errs = report_errors(report)
     for line in errs:
         print(f"luoctl: error: {line}", file=sys.stderr)
     sys.exit(1 if errs else 0)

@@ -18,6 +18,9 @@ from typing import Any
 from liveupdate.errors import LiveUpdateError
 from liveupdate.machine import protocol
 
+KEXEC_TOOL = "liveupdate.userspace.kexec"
+RAM_PIECE = 16 << 20  # bytes per debug-port message (a message is at most 64 MiB)
+
 
 class MachineClient:
     def __init__(self, folder: str) -> None:
@@ -84,11 +87,11 @@ class MachineClient:
     def run(self, argv: list[str], timeout: float = 60) -> dict[str, Any]:
         return self.call("run", argv=argv, timeout=timeout)[0]
 
-    def kexec(self, image: str = "images/default.img", *, cmdline: str | None = None,
-              append: str = "", timeout: float = 60) -> dict[str, Any]:
-        """Load ``image`` (relative to the disk folder) with the kexec tool inside the machine,
-        execute it, and wait for the next kernel. Returns the new status."""
-        argv = [sys.executable, "-m", "liveupdate.cli.kexec", "-l", image]
+    def kexec_load(self, image: str = "images/default.img", *, cmdline: str | None = None,
+                   append: str = "", timeout: float = 60) -> str:
+        """Load ``image`` (relative to the disk folder) with the kexec tool inside the
+        machine (``kexec_file_load``); returns what the tool printed."""
+        argv = [sys.executable, "-m", KEXEC_TOOL, "-l", image]
         if cmdline is not None:
             argv += ["--command-line", cmdline]
         if append:
@@ -96,14 +99,25 @@ class MachineClient:
         r = self.run(argv, timeout=timeout)
         if r["status"] != 0:
             raise LiveUpdateError(errno.EINVAL, f"kexec load failed: {r['stderr'].strip()}")
+        return str(r["stdout"]).strip()
+
+    def kexec_exec(self, timeout: float = 60) -> dict[str, Any]:
+        """``reboot(LINUX_REBOOT_CMD_KEXEC)`` from inside the machine; wait for the next
+        kernel and return the new status."""
         try:
-            r = self.run([sys.executable, "-m", "liveupdate.cli.kexec", "-e"], timeout=timeout)
+            r = self.run([sys.executable, "-m", KEXEC_TOOL, "-e"], timeout=timeout)
         except LiveUpdateError as e:
             if e.errno != errno.EIO:  # EIO: the kernel went away, as it should
                 raise
         else:
-            raise LiveUpdateError(errno.EINVAL, f"kexec -e returned: {r['stderr'].strip()}")
+            raise LiveUpdateError(errno.EINVAL, r["stderr"].strip() or "kexec -e returned")
         return self.booted(timeout)
+
+    def kexec(self, image: str = "images/default.img", *, cmdline: str | None = None,
+              append: str = "", timeout: float = 60) -> dict[str, Any]:
+        """Load ``image`` and execute it; returns the new kernel's status."""
+        self.kexec_load(image, cmdline=cmdline, append=append, timeout=timeout)
+        return self.kexec_exec(timeout)
 
     def kho_status(self) -> dict[str, Any]:
         status: dict[str, Any] = self.call("kho_status")[0]["status"]
@@ -113,10 +127,19 @@ class MachineClient:
         return self.call("debugfs", path=path)[1]
 
     def ram_read(self, phys: int, size: int) -> bytes:
-        return self.call("ram_read", phys=phys, size=size)[1]
+        """Read RAM through the debug port, in pieces that fit one control message."""
+        if size <= RAM_PIECE:
+            return self.call("ram_read", phys=phys, size=size)[1]
+        return b"".join(self.call("ram_read", phys=p, size=min(RAM_PIECE, phys + size - p))[1]
+                        for p in range(phys, phys + size, RAM_PIECE))
 
     def ram_write(self, phys: int, data: bytes) -> None:
-        self.call("ram_write", data, phys=phys)
+        """Write RAM through the debug port; the whole range is checked before any piece is
+        written, so an out-of-range write changes nothing."""
+        if len(data) > RAM_PIECE:
+            self.call("ram_read", phys=phys + len(data) - 1, size=1)  # bounds check first
+        for off in range(0, max(len(data), 1), RAM_PIECE):
+            self.call("ram_write", data[off : off + RAM_PIECE], phys=phys + off)
 
     def power_on(self, **config: Any) -> dict[str, Any]:
         return self.call("power_on", **config)[0]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from liveupdate.abi import kho_test
+from liveupdate.abi import khotest
 from liveupdate.abi.consts import MAX_PAGE_ORDER, PAGE_SIZE
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.kernel import kho
@@ -49,10 +49,10 @@ def save(k: Kernel) -> None:
         csum = csum_partial(data, csum)
         info.append(phys | order)
         total += PAGE_SIZE << order
-    blob = kho_test.encode(kho_test.KhoTest(len(info), csum, np.array(info, np.uint64), None))
+    blob = khotest.encode(khotest.KhoTest(len(info), csum, np.array(info, np.uint64), None))
     for entry in info:
         kout.preserve_folio(entry & ~0xFFF, entry & 0xFFF)
-    kout.add_subtree(kho_test.KHO_TEST_SUBTREE, kout.store(blob))
+    kout.add_subtree(khotest.KHO_TEST_SUBTREE, kout.store(blob))
     k.printk(f"test_kho: preserved {len(info)} folios ({total >> 20} MiB), csum {csum:#x}")
 
 
@@ -60,7 +60,7 @@ def restore(k: Kernel, phys: int) -> str | None:
     """None on success, else why it failed."""
     assert k.kho_in is not None
     try:
-        t = kho_test.decode(k.mem.read_fdt(phys, "kho_test FDT"), "inline")
+        t = khotest.decode(k.mem.read_fdt(phys, "kho_test FDT"), "inline")
     except AbiError as e:
         return str(e)
     assert t.folios_info is not None
@@ -84,7 +84,7 @@ def late(k: Kernel) -> None:
         k.printk("test_kho: KHO is disabled")
         return
     try:
-        phys = k.kho_in.retrieve_subtree(kho_test.KHO_TEST_SUBTREE) if k.kho_in else None
+        phys = k.kho_in.retrieve_subtree(khotest.KHO_TEST_SUBTREE) if k.kho_in else None
     except LiveUpdateError:
         phys = None
     if phys is not None:

@@ -21,7 +21,7 @@ from liveupdate.abi import (
     fdt,
     kho,
     kho_memmap,
-    kho_test,
+    khotest,
     luo_session,
     luo_v3,
     memblock,
@@ -46,7 +46,7 @@ def identify(blob: bytes) -> str:
         compat = root.compatible()
         for name, kind in ((kho.KHO_FDT_COMPATIBLE, "kho-root"),
                            (memblock.MEMBLOCK_COMPATIBLE, "memblock"),
-                           (kho_test.KHO_TEST_COMPAT, "kho-test"),
+                           (khotest.KHO_TEST_COMPAT, "kho-test"),
                            (luo_v3.FILES_COMPATIBLE, "files-fdt")):
             if name in compat:
                 return kind
@@ -134,8 +134,8 @@ def _order_counts(order: np.ndarray) -> dict[str, int]:
 
 
 def _describe_kho_test(blob: bytes, mem: PhysMem | None, bb: int | None) -> Report:
-    t = kho_test.decode(blob)
-    rep: Report = {"kind": "kho-test", "compatible": kho_test.KHO_TEST_COMPAT,
+    t = khotest.decode(blob)
+    rep: Report = {"kind": "kho-test", "compatible": khotest.KHO_TEST_COMPAT,
                    "nr_folios": t.nr_folios, "csum": hx(t.csum)}
     info = t.folios_info
     if t.folios_vmalloc is not None:

@@ -1,8 +1,8 @@
 """``kexec``: load and execute the next kernel, for userspace on the emulated kernel.
 
-    python -m liveupdate.cli.kexec -l IMAGE [--command-line LINE | --append WORDS]
-    python -m liveupdate.cli.kexec -e
-    python -m liveupdate.cli.kexec -u
+    python -m liveupdate.userspace.kexec -l IMAGE [--command-line LINE | --append WORDS]
+    python -m liveupdate.userspace.kexec -e
+    python -m liveupdate.userspace.kexec -u
 
 As kexec-tools with ``-s`` (``kexec_file_load``): by default the current command line is
 reused; ``--append`` adds words to it, ``--command-line`` replaces it.

@@ -19,7 +19,7 @@ from liveupdate.abi import (
     bootparams,
     kho,
     kho_memmap,
-    kho_test,
+    khotest,
     luo_session,
     luo_v3,
     memblock,
@@ -131,10 +131,10 @@ def build(generation: str = "6.19", ram_size: int = 1 << 30, vm_mib: int = 16,
     info_arr = np.array(info, np.uint64)
     csum = int(rng.integers(0, 1 << 32))
     if generation == "v3":
-        test = kho_test.KhoTest(len(info), csum, info_arr, None)
+        test = khotest.KhoTest(len(info), csum, info_arr, None)
     else:
-        test = kho_test.KhoTest(len(info), csum, None, ram.store_vmalloc(info_arr.tobytes()))
-    test_phys = ram.store_preserved(kho_test.encode(test))
+        test = khotest.KhoTest(len(info), csum, None, ram.store_vmalloc(info_arr.tobytes()))
+    test_phys = ram.store_preserved(khotest.encode(test))
 
     folios = _memfd_folios(ram, rng, vm_mib)
     size = (int(folios.index.max()) + 1) * PAGE_SIZE
@@ -154,7 +154,7 @@ def build(generation: str = "6.19", ram_size: int = 1 << 30, vm_mib: int = 16,
             [("vm1", files_phys, 1), ("empty", 0, 0)]))
         luo_phys = ram.store_preserved(luo_session.encode_luo_fdt(1, header_phys))
 
-    subtrees = [("memblock", memblock_phys), (kho_test.KHO_TEST_SUBTREE, test_phys),
+    subtrees = [("memblock", memblock_phys), (khotest.KHO_TEST_SUBTREE, test_phys),
                 (luo_v3.LUO_KHO_ENTRY_NAME, luo_phys)]
     root_phys = ram.alloc()
     ram.preserve(root_phys)

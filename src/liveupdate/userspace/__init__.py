@@ -1,0 +1,1 @@
+"""Programs that run as userspace of the emulated kernel (started by init or ``machine run``)."""
