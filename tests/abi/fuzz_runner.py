@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from liveupdate.abi import (
     bootparams,
     fdt,
+    formats,
     image,
     kho,
     kho_memmap,
@@ -47,19 +48,20 @@ def _seeds() -> dict[str, bytes]:
     f = memfd.Folios(np.array([0x200], np.uint64), np.array([3], np.uint16),
                      np.array([0], np.uint64))
     return {
-        "root": kho.encode_root_sequential(0x116BE4000, [("memblock", 0x117150000)]),
-        "luo_v3": luo_v3.encode_luo_fdt([("file-descriptors", 0x1000)]),
-        "files": luo_v3.encode_files_fdt([luo_v3.FileEntry(0x1A, "memfd-v1", 0x2000)]),
-        "luo_session": luo_session.encode_luo_fdt(1, 0x100000, 0x200000),
-        "memfd_fdt": memfd.encode_fdt(memfd.MemfdState(0, 4096, f)),
-        "kho_test": khotest.encode(khotest.KhoTest(1, 5, None, v)),
-        "kho_test_inline": khotest.encode(khotest.KhoTest(1, 5, np.array([0x2000]), None)),
+        "kho-root": kho.encode_root_sequential(0x116BE4000, [("memblock", 0x117150000)]),
+        "luo-v3": luo_v3.encode_luo_fdt([("file-descriptors", 0x1000)]),
+        "files-fdt": luo_v3.encode_files_fdt([luo_v3.FileEntry(0x1A, "memfd-v1", 0x2000)]),
+        "luo-session": luo_session.encode_luo_fdt(1, 0x100000, None),
+        "luo-flb": luo_session.encode_luo_fdt(1, 0x100000, 0x200000),
+        "memfd-fdt": memfd.encode_fdt(memfd.MemfdState(0, 4096, f)),
+        "kho-test": khotest.encode(khotest.KhoTest(1, 5, None, v)),
+        "kho-test-inline": khotest.encode(khotest.KhoTest(1, 5, np.array([0x2000]), None)),
         "memblock": memblock.encode([memblock.ReserveMem("trace", 0x1000, 0x2000)]),
         "setup_data": bootparams.kho_setup_data(bootparams.KhoData(0x100000, 4096,
                                                                    0x101000, 16)),
         "boot_params": bootparams.BootParams(cmd_line_ptr=0x100000).encode(),
-        "memfd_v1": memfd.encode_ser(memfd.MemfdSer(0, 4096, 1, v)),
-        "memfd_v2": memfd.encode_ser(memfd.MemfdSer(0, 4096, 1, v, 1, memfd.MEMFD_V2)),
+        "memfd-v1": memfd.encode_ser(memfd.MemfdSer(0, 4096, 1, v)),
+        "memfd-v2": memfd.encode_ser(memfd.MemfdSer(0, 4096, 1, v, 1, memfd.MEMFD_V2)),
         "ioctl": uapi.ioctl(uapi.Gen.V6_19, "CREATE_SESSION").pack(name="x"),
         "image": image.KernelImage().encode(),
         "wire": wire.pack({"op": "kexec_file_load", "cmdline": "kho=on"}, b"payload"),
@@ -138,7 +140,7 @@ def _sessions(draw: st.DrawFn) -> None:
 
 def _vmalloc(draw: st.DrawFn) -> None:
     mem, ptr = ram_mutated(draw)
-    desc = vmalloc.KhoVmalloc.decode(draw(mutated(SEEDS["memfd_v1"]))[24:40].ljust(16, b"\0"))
+    desc = vmalloc.KhoVmalloc.decode(draw(mutated(SEEDS["memfd-v1"]))[24:40].ljust(16, b"\0"))
     vmalloc.decode(mem, vmalloc.KhoVmalloc(ptr, desc.total_pages, desc.flags, desc.order))
 
 
@@ -159,31 +161,22 @@ def _blob(seed: str, fn: Callable[[bytes], object]) -> Callable[[st.DrawFn], Non
     return lambda draw: (fn(draw(mutated(SEEDS[seed]))), None)[1]
 
 
+# Every handover format of the one table, with its seed; then what is not a handover format.
 DECODERS: dict[str, Callable[[st.DrawFn], None]] = {
-    "fdt.parse": _blob("root", fdt.parse),
-    "kho.decode_root": _blob("root", kho.decode_root),
+    **{f"format.{f.name}": _blob(f.name, f.decode) for f in formats.FORMATS},
+    "fdt.parse": _blob("kho-root", fdt.parse),
     "kho_memmap.decode_mem_map": _mem_map,
     "vmalloc.decode": _vmalloc,
-    "bootparams.setup_data": _blob("setup_data", lambda b: bootparams.decode_kho_setup_data(
-        bootparams.decode_setup_data(b)[0])),
     "bootparams.boot_params": _boot,
     "bootparams.scratch": _blob("setup_data", bootparams.decode_scratch),
     "bootparams.chosen": _blob("setup_data", lambda b: bootparams.decode_chosen_range(b[:16])),
-    "luo_v3.decode_luo_fdt": _blob("luo_v3", luo_v3.decode_luo_fdt),
-    "luo_v3.decode_files_fdt": _blob("files", luo_v3.decode_files_fdt),
-    "luo_session.decode_luo_fdt": _blob("luo_session", luo_session.decode_luo_fdt),
     "luo_session.decode_sessions": _sessions,
-    "memfd.decode_fdt": _blob("memfd_fdt", memfd.decode_fdt),
-    "memfd.decode_ser_v1": _blob("memfd_v1", lambda b: memfd.decode_ser(b, memfd.MEMFD_V1)),
-    "memfd.decode_ser_v2": _blob("memfd_v2", lambda b: memfd.decode_ser(b, memfd.MEMFD_V2)),
-    "memfd.decode_folio_array": _blob("memfd_v1", lambda b: memfd.decode_folio_array(
+    "memfd.decode_folio_array": _blob("memfd-v1", lambda b: memfd.decode_folio_array(
         b, len(b) // 16, 1 << 20)),
-    "khotest.decode": _blob("kho_test", khotest.decode),
-    "khotest.decode_inline": _blob("kho_test_inline", khotest.decode),
-    "memblock.decode": _blob("memblock", memblock.decode),
+    "khotest.decode_inline": _blob("kho-test-inline", khotest.decode),
     "uapi.lookup": _blob("ioctl", lambda b: uapi.lookup(
         uapi.Gen.V6_19, uapi.Target.DEVICE, 0xBA00, b)),
-    "inspect.describe": _inspect,
+    "report.describe": _inspect,
     "image.decode": _blob("image", image.decode),
     "wire.unpack": _blob("wire", wire.unpack),
 }

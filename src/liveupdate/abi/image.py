@@ -19,6 +19,7 @@ import re
 import struct
 from dataclasses import asdict, dataclass
 
+from liveupdate.abi import formats
 from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.errors import AbiError
 
@@ -27,7 +28,7 @@ PREAMBLE = struct.Struct("<8sII")
 MAX_HEADER = PAGE_SIZE - PREAMBLE.size
 ENTRY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 KHO_FORMATS = ("kho-v1",)
-LUO_GENERATIONS = ("v3", "6.19", "7.1")
+LUO_GENERATIONS = formats.GENERATIONS
 MEMFD_FORMATS = ("memfd-v1", "memfd-v2")
 
 

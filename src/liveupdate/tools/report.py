@@ -71,7 +71,7 @@ def _guard(fn: Callable[[], Report]) -> Report:
 
 def describe(blob: bytes, mem: PhysMem | None = None, bitmap_bytes: int | None = None) -> Report:
     kind = identify(blob)
-    return _DESCRIBE[kind](blob, mem, bitmap_bytes)
+    return DESCRIBERS[kind](blob, mem, bitmap_bytes)
 
 
 def _describe_at(mem: PhysMem, phys: int, what: str, bb: int | None) -> Report:
@@ -174,12 +174,19 @@ def _describe_memfd_fdt(blob: bytes, mem: PhysMem | None, bb: int | None) -> Rep
 
 def describe_memfd_ser(mem: PhysMem, phys: int, compatible: str) -> Report:
     size = memfd.SER_V2_SIZE if compatible == memfd.MEMFD_V2 else memfd.SER_V1_SIZE
-    ser = memfd.decode_ser(mem.read(phys, size, f"{compatible} struct"), compatible)
+    return _describe_memfd_struct(mem.read(phys, size, f"{compatible} struct"), mem,
+                                  compatible)
+
+
+def _describe_memfd_struct(raw: bytes, mem: PhysMem | None, compatible: str) -> Report:
+    ser = memfd.decode_ser(raw, compatible)
     rep: Report = {"kind": "memfd-ser", "compatible": compatible, "pos": ser.pos,
                    "size": ser.size, "nr_folios": ser.nr_folios,
                    "folios_vmalloc": _vmalloc_report(ser.folios)}
     if compatible == memfd.MEMFD_V2:
         rep["seals"] = hx(ser.seals)
+    if mem is None:
+        return rep
 
     def folios() -> Report:
         if ser.nr_folios == 0:
@@ -242,15 +249,21 @@ def _describe_luo_session(blob: bytes, mem: PhysMem | None, bb: int | None) -> R
     return rep
 
 
-_DESCRIBE: dict[str, Callable[[bytes, PhysMem | None, int | None], Report]] = {
+Describer = Callable[[bytes, PhysMem | None, int | None], Report]
+
+# One describer per format of abi/formats.py (tests hold the two to the same names).
+DESCRIBERS: dict[str, Describer] = {
     "setup_data": _describe_setup_data,
     "kho-root": describe_root,
     "memblock": _describe_memblock,
     "kho-test": _describe_kho_test,
     "luo-v3": _describe_luo_v3,
     "luo-session": _describe_luo_session,
+    "luo-flb": _describe_luo_session,
     "files-fdt": _describe_files_fdt,
     "memfd-fdt": _describe_memfd_fdt,
+    "memfd-v1": lambda raw, mem, bb: _describe_memfd_struct(raw, mem, memfd.MEMFD_V1),
+    "memfd-v2": lambda raw, mem, bb: _describe_memfd_struct(raw, mem, memfd.MEMFD_V2),
 }
 
 
