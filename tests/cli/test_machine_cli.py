@@ -84,3 +84,40 @@ def test_image_create(tmp_path: Path) -> None:
         assert json.loads(r.stdout)["kernel"]["release"] == "6.17.0-lu"
     finally:
         luoctl(m, "machine", "poweroff")
+
+
+def test_machine_memory_read_write(tmp_path: Path) -> None:
+    m = tmp_path / "m"
+    r = luoctl(m, "machine", "start", "--memory", "256M")
+    assert r.returncode == 0, r.stderr
+    try:
+        r = luoctl(m, "machine", "memory", "write", "0x9f100", "4b484f21")
+        assert r.returncode == 0 and "wrote 4 bytes at 0x9f100" in r.stdout, r.stderr
+        r = luoctl(m, "machine", "memory", "read", "0x9f0f8", "16")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith("0x000000000009f0f8: 00 00 00 00 00 00 00 00 4b 48 4f 21")
+        assert r.stdout.rstrip().endswith("|........KHO!....|")
+        raw = subprocess.run([*LUOCTL, "machine", "memory", "read", "0x9f100", "4", "--raw"],
+                             capture_output=True, timeout=60,
+                             env={"LIVEUPDATE_MACHINE": str(m), "PATH": "/usr/bin:/bin"})
+        assert raw.returncode == 0 and raw.stdout == b"KHO!"
+        blob = tmp_path / "blob.bin"
+        blob.write_bytes(bytes(range(256)) * 4096)  # 1 MiB through --file and --out
+        assert luoctl(m, "machine", "memory", "write", "0x1000000", "--file",
+                      str(blob)).returncode == 0
+        out = tmp_path / "out.bin"
+        r = luoctl(m, "machine", "memory", "read", "16M", "1M", "--out", str(out))
+        assert r.returncode == 0 and out.read_bytes() == blob.read_bytes()
+        end = 256 << 20
+        for args in (("read", hex(end - 8), "16"), ("write", hex(end - 2), "00112233"),
+                     ("read", "0x1" + "0" * 12, "1"), ("write", "0x100", "xyz")):
+            r = luoctl(m, "machine", "memory", *args)
+            assert r.returncode == 1 and r.stdout == "", (args, r)
+            assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+            assert r.stderr.startswith("luoctl: error:")
+        assert "outside RAM" in luoctl(m, "machine", "memory", "read", hex(end),
+                                       "1").stderr
+        r = luoctl(m, "machine", "memory", "read", hex(end - 4), "4")  # the last bytes: fine
+        assert r.returncode == 0, r.stderr
+    finally:
+        luoctl(m, "machine", "poweroff")

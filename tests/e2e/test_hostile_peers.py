@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import struct
 import sys
@@ -63,3 +64,26 @@ def test_control_socket_garbage(machine: Factory) -> None:
         reply = protocol.recv(s)
         assert reply is not None and reply[0]["errno"] == errno.EINVAL
     assert m.status()["state"] == "running"
+
+
+FDS_TO_KERNEL = r"""
+import array, os, socket
+from liveupdate.client.syscall import Kernel
+k = Kernel()
+pipes = [os.pipe() for _ in range(4)]
+mine = [r for r, _ in pipes]
+for _ in range(50):  # fds that a call does not take are closed by the kernel, every time
+    m = k.call_fds("uname", fds=mine)
+    assert m.fds == [] and m.header["release"]
+print(k.call_fds("uname", fds=mine).header["errno"])
+"""
+
+
+def test_syscalls_close_fds_they_do_not_take(machine: Factory) -> None:
+    m = machine()
+    kpid = m.status()["kernel_pid"]
+    r = m.run([sys.executable, "-c", FDS_TO_KERNEL])
+    assert r["status"] == 0 and r["stdout"].strip() == "0", r["stderr"]
+    pipes = [fd for fd in os.listdir(f"/proc/{kpid}/fd")
+             if int(fd) > 2 and os.readlink(f"/proc/{kpid}/fd/{fd}").startswith("pipe:")]
+    assert pipes == []  # 204 pipe ends were sent in; none stayed

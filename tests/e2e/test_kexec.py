@@ -17,36 +17,6 @@ from liveupdate.tools import report
 from tests.e2e.conftest import Factory
 
 
-def fd_targets(pid: int) -> list[str]:
-    fds = sorted(os.listdir(f"/proc/{pid}/fd"), key=int)
-    return [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in fds]
-
-
-def test_honest_handover(machine: Factory) -> None:
-    m = machine("kho=on test_kho=1")
-    first = m.status()
-    old_run = first["kernel"]["run_dir"]
-    assert os.path.isdir(old_run)
-    st = m.kexec()
-    pid = st["kernel_pid"]
-    assert pid != first["kernel_pid"] and st["kernel"]["kho_boot"]
-    targets = fd_targets(pid)
-    # stdin, console (stdout+stderr), RAM (Python's mmap keeps a dup of it), the link
-    assert targets[:3] == ["/dev/null", targets[1], targets[1]], targets
-    assert targets[1].startswith("pipe:")
-    objects = set(targets[3:])
-    assert len(objects) == 2, targets
-    assert {t.split(":")[0] for t in objects} == {"/memfd", "socket"}
-    assert "/memfd:lu-ram (deleted)" in objects
-    with open(f"/proc/{pid}/environ", "rb") as f:
-        assert f.read() == b""
-    assert not os.path.exists(old_run)  # the previous kernel's runtime folder is gone
-    assert os.path.isdir(st["kernel"]["run_dir"])
-    m.wait("KHO restore succeeded", offset=first["console_bytes"])
-    kho = m.kho_status()
-    assert kho["kho_boot"] and kho["in"]["restored_pages"] == 2048  # test_kho's 8 MiB
-
-
 def test_three_kexecs_carry_state(machine: Factory) -> None:
     m = machine("kho=on test_kho=1 reserve_mem=4M:4096:trace")
     region = m.kho_status()["reserve_mem"][0]

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 PARAMS = {
     "test_kho": "test_kho",
     "kho_cheat": "kho_cheat",
+    "kho_leak": "kho_leak",
     "kho_corrupt": "kho_corrupt",
     "kho_bench": "kho_bench",
     "test_panic": "test_panic",

@@ -1,0 +1,204 @@
+"""Only RAM and the boot parameters' address cross a kexec (ARCHITECTURE.md, invariant 1).
+
+The kernel process is checked by object identity, not by name: every fd it holds is the
+machine's RAM memfd (and Python's mmap duplicate of it), its link to the machine (whose peer
+the machine process holds), /dev/null and the console pipe -- or a socket whose peer one of its
+own userspace processes holds. Its parent is the machine, its argv exactly what the machine
+passes, its environment empty. A test component that leaks one file across the jump must
+make the check fail.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from liveupdate.abi.consts import PAGE_SIZE
+from liveupdate.abi.physmem import PhysMem
+from liveupdate.machine.client import RemoteRam
+from liveupdate.tools import report
+from tests.e2e.conftest import Factory
+from tests.e2e.unix_diag import unix_peers
+
+Obj = tuple[int, int]  # (st_dev, st_ino)
+
+
+def _fds(pid: int) -> dict[int, tuple[Obj, str]]:
+    out = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        path = f"/proc/{pid}/fd/{name}"
+        try:
+            st, target = os.stat(path), os.readlink(path)
+        except FileNotFoundError:  # closed while we looked
+            continue
+        out[int(name)] = ((st.st_dev, st.st_ino), target)
+    return out
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return int(stat[stat.rfind(b")") + 2 :].split()[1])
+
+
+def _descendants(pid: int) -> set[int]:
+    found, frontier = set(), {pid}
+    procs = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    parent = {}
+    for p in procs:
+        try:
+            parent[p] = _ppid(p)
+        except OSError:
+            continue
+    while frontier:
+        frontier = {p for p, pp in parent.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+def honesty_violations(st: dict[str, Any]) -> list[str]:
+    kpid, mpid = int(st["kernel_pid"]), int(st["machine_pid"])
+    bad = []
+    if _ppid(kpid) != mpid:
+        bad.append(f"parent is {_ppid(kpid)}, not the machine {mpid}")
+    with open(f"/proc/{kpid}/cmdline", "rb") as f:
+        argv = f.read().decode().split("\0")[:-1]
+    want = [sys.executable, "-u", "-m", "liveupdate.kernel.main", "--ram-fd", "?",
+            "--link-fd", "?"]
+    if len(argv) != len(want) or any(w not in ("?", a) for a, w in zip(argv, want,
+                                                                        strict=False)):
+        bad.append(f"argv {argv} is not what the machine passes")
+    with open(f"/proc/{kpid}/environ", "rb") as f:
+        if f.read():
+            bad.append("environment is not empty")
+    machine = _fds(mpid)
+    ram = {obj for obj, t in machine.values() if t.startswith("/memfd:lu-ram")}
+    pipes = {obj for obj, t in machine.values() if t.startswith("pipe:")}
+    machine_socks = {obj[1] for obj, t in machine.values() if t.startswith("socket:")}
+    user_socks = {obj[1] for d in _descendants(kpid) for obj, t in _fds(d).values()
+                  if t.startswith("socket:")}
+    devnull = os.stat("/dev/null")
+    peers = unix_peers()
+    link_fd = int(argv[7]) if len(argv) == 8 and argv[7].isdigit() else -1
+    held = _fds(kpid)
+    if sum(obj in ram for obj, _ in held.values()) not in (1, 2):
+        bad.append("the RAM memfd is not held once (plus its mmap duplicate)")
+    for fd, (obj, target) in sorted(held.items()):
+        peer = peers.get(obj[1])
+        if fd == 0 and obj == (devnull.st_dev, devnull.st_ino):
+            continue
+        if fd in (1, 2) and obj in pipes:
+            continue
+        if obj in ram:
+            continue
+        if fd == link_fd and peer in machine_socks:
+            continue
+        if fd > 2 and fd != link_fd and peer is not None and peer in user_socks:
+            continue
+        bad.append(f"fd {fd} ({target}) is not RAM, the link, stdio or a socket to its own "
+                   "userspace")
+    return bad
+
+
+def _service(tmp_path: Path) -> None:
+    disk = tmp_path / "m0" / "disk"
+    disk.mkdir(parents=True, exist_ok=True)
+    (disk / "services").write_text(f"{sys.executable} -c 'import signal; signal.pause()'\n")
+
+
+def test_kernel_holds_only_what_the_machine_gave(machine: Factory, tmp_path: Path) -> None:
+    _service(tmp_path)  # a userspace process with its own syscall socket
+    m = machine("kho=on test_kho=1")
+    first = m.status()
+    assert honesty_violations(first) == []
+    old_run = first["kernel"]["run_dir"]
+    spare = {"kernel_pid": first["spare_pid"], "machine_pid": first["machine_pid"]}
+    assert honesty_violations(spare) == []  # the next kernel, before the jump
+    st = m.kexec()
+    assert st["kernel_pid"] == first["spare_pid"] and st["kernel"]["kho_boot"]
+    m.wait("init: started", offset=first["console_bytes"])
+    assert honesty_violations(st) == []
+    assert not os.path.exists(old_run)  # the previous kernel's runtime folder is gone
+    m.wait("KHO restore succeeded", offset=first["console_bytes"])
+    assert m.kho_status()["in"]["restored_pages"] == 2048  # test_kho's 8 MiB
+
+
+def test_a_leaked_file_is_caught(machine: Factory) -> None:
+    m = machine("kho=on kho_leak=1")
+    off = m.status()["console_bytes"]
+    st = m.kexec()
+    m.wait("kho_leak: read the previous kernel's boot id", offset=off)
+    bad = honesty_violations(st)
+    assert len(bad) == 1 and ".kho_leak" in bad[0], bad
+
+
+def test_ram_debug_port_refuses_the_machines_own_processes(machine: Factory) -> None:
+    m = machine()
+    probe = ("import os, sys\n"
+             "from liveupdate.client.syscall import Kernel\n"
+             "from liveupdate.errors import LiveUpdateError\n"
+             "from liveupdate.machine.client import MachineClient\n"
+             "run = [w[7:] for w in Kernel().cmdline().split() if w.startswith('lu.run=')][0]\n"
+             "c = MachineClient(os.path.dirname(run))\n"
+             "print(c.status()['state'])\n"
+             "for op in (lambda: c.ram_read(0x1000, 8), lambda: c.ram_write(0x1000, b'x')):\n"
+             "    try:\n        op()\n    except LiveUpdateError as e:\n"
+             "        print(e.errno_name)\n")
+    r = m.run([sys.executable, "-c", probe])
+    assert r["status"] == 0, r["stderr"]
+    assert r["stdout"].split() == ["running", "EPERM", "EPERM"]
+    assert m.ram_read(0x1000, 8) is not None  # host-side tools still have it
+
+
+MARKER = b"UNPRESERVED-MARK"
+
+
+def test_unpreserved_markers_read_zero_after_kexec(machine: Factory) -> None:
+    m = machine("kho=on", memory=1 << 30)
+    m.kexec_load()
+    segs = m.kho_status()["kexec"]["segments"]
+    assert len(segs) == 3
+    places = [0x9F000 + 0x80, 0xFFFF0]  # the e820 hole below 1 MiB
+    for s in segs:
+        phys, bufsz, memsz = int(s["phys"], 16), s["bufsz"], s["memsz"]
+        if bufsz % PAGE_SIZE and bufsz % PAGE_SIZE + 2 * len(MARKER) < PAGE_SIZE:
+            places.append(phys + bufsz + len(MARKER))  # same page as the data, after it
+        if memsz - bufsz > 2 * PAGE_SIZE:
+            places.append(phys + -(-bufsz // PAGE_SIZE) * PAGE_SIZE + PAGE_SIZE)
+            places.append(phys + memsz - len(MARKER))  # the segment's last bytes
+    places += [(600 << 20) + i * (7 << 20) for i in range(8)]  # free pages
+    for p in places:
+        m.ram_write(p, MARKER)
+    assert all(m.ram_read(p, len(MARKER)) == MARKER for p in places)
+    st = m.kexec_exec()
+    assert st["kernel"]["kho_boot"]
+    # Nothing of the handover lives at these places (the hole and segment tails are reserved
+    # by the next kernel, the free pages are not preserved): every byte reads zero.
+    survivors = [hex(p) for p in places if m.ram_read(p, len(MARKER)) != bytes(len(MARKER))]
+    assert survivors == []
+
+
+def test_big_reserve_mem_keeps_upstreams_uncapped_orders(machine: Factory) -> None:
+    m = machine("kho=on reserve_mem=24M:16M:big")
+    region = m.kho_status()["reserve_mem"][0]
+    start = int(region["start"], 16)
+    assert start % (16 << 20) == 0
+    m.ram_write(start + (20 << 20), b"in the order-11 block")
+    off = m.status()["console_bytes"]
+    m.kexec()
+    m.wait("reserve_mem: big at .* \\(revived from KHO\\)", offset=off)
+    kho = m.kho_status()
+    orders = {p["order"]: p["blocks"] for p in kho["in"]["preserved"]}
+    assert orders.get(12) == 1 and orders.get(11) == 1, orders
+    assert {p["order"] for p in kho["out"]["preserved"]} >= {11, 12}  # preserved again
+    assert m.ram_read(start + (20 << 20), 21) == b"in the order-11 block"
+    # luoctl kho inspect's view: the outgoing handover, finalized, decoded through RAM
+    m.run([sys.executable, "-c", "from liveupdate.client.syscall import Kernel; "
+           "Kernel().debugfs_write('out/finalize', b'1')"])
+    rep = report.describe(m.debugfs("out/fdt"), PhysMem(RemoteRam(m, m.status()["memory"])))
+    per_order = {p["order"]: p["blocks"] for p in rep["memory"]["per_order"]}
+    assert per_order[12] == 1 and per_order[11] == 1, per_order
+    assert [start, start + (24 << 20)] in [[int(a, 16), int(b, 16)]
+                                          for a, b in rep["memory"]["ranges"]]
