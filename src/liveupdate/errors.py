@@ -11,12 +11,15 @@ import os
 
 
 class LiveUpdateError(Exception):
-    """An error with an errno and a one-line message."""
+    """An error with an errno and a one-line message.
 
-    def __init__(self, err: int, message: str) -> None:
-        super().__init__(err, message)
+    The constructors are keyword-only (``LiveUpdateError(err=errno.EINVAL, msg="...")``), so
+    an errno and a message are never passed in the wrong order."""
+
+    def __init__(self, *, err: int, msg: str) -> None:
+        super().__init__(err, msg)
         self.errno = err
-        self.message = message
+        self.message = msg
 
     @property
     def errno_name(self) -> str:
@@ -32,5 +35,5 @@ class AbiError(LiveUpdateError):
     Every decoder in :mod:`liveupdate.abi` raises exactly this, whatever the input.
     """
 
-    def __init__(self, message: str, err: int = _errno.EINVAL) -> None:
-        super().__init__(err, message)
+    def __init__(self, *, msg: str, err: int = _errno.EINVAL) -> None:
+        super().__init__(err=err, msg=msg)

@@ -79,16 +79,16 @@ class KhoData:
     def encode(self) -> bytes:
         if any(not 0 <= v < 1 << 64 for v in (self.fdt_addr, self.fdt_size,
                                                self.scratch_addr, self.scratch_size)):
-            raise AbiError("kho_data field out of u64 range")
+            raise AbiError(msg="kho_data field out of u64 range")
         return KHO_DATA.pack(self.fdt_addr, self.fdt_size, self.scratch_addr, self.scratch_size)
 
     @classmethod
     def decode(cls, raw: bytes) -> KhoData:
         if len(raw) != KHO_DATA_SIZE:
-            raise AbiError(f"kho_data is {len(raw)} bytes, not {KHO_DATA_SIZE}")
+            raise AbiError(msg=f"kho_data is {len(raw)} bytes, not {KHO_DATA_SIZE}")
         kd = cls(*KHO_DATA.unpack(raw))
         if kd.scratch_size % SCRATCH_DTYPE.itemsize:
-            raise AbiError(f"kho_data: scratch_size {kd.scratch_size} is not a multiple of 16")
+            raise AbiError(msg=f"kho_data: scratch_size {kd.scratch_size} is not a multiple of 16")
         return kd
 
 
@@ -101,17 +101,17 @@ class SetupData:
 
 def encode_setup_data(type_: int, data: bytes, next_phys: int = 0) -> bytes:
     if not 0 <= type_ < 1 << 32 or len(data) >= 1 << 32:
-        raise AbiError("setup_data type or length out of range")
+        raise AbiError(msg="setup_data type or length out of range")
     return SETUP_HDR.pack(next_phys, type_, len(data)) + data
 
 
 def decode_setup_data(raw: bytes, phys: int = 0) -> tuple[SetupData, int]:
     """One standalone node: (node, next). The data must be exactly ``len`` bytes."""
     if len(raw) < SETUP_HDR_SIZE:
-        raise AbiError(f"setup_data is {len(raw)} bytes, shorter than its 16-byte header")
+        raise AbiError(msg=f"setup_data is {len(raw)} bytes, shorter than its 16-byte header")
     nxt, type_, length = SETUP_HDR.unpack_from(raw)
     if len(raw) != SETUP_HDR_SIZE + length:
-        raise AbiError(f"setup_data header says {length} data bytes, blob has "
+        raise AbiError(msg=f"setup_data header says {length} data bytes, blob has "
                        f"{len(raw) - SETUP_HDR_SIZE}")
     return SetupData(phys, type_, bytes(raw[SETUP_HDR_SIZE:])), nxt
 
@@ -122,7 +122,7 @@ def kho_setup_data(kd: KhoData, next_phys: int = 0) -> bytes:
 
 def decode_kho_setup_data(node: SetupData) -> KhoData:
     if node.type != SETUP_KEXEC_KHO:
-        raise AbiError(f"setup_data type {node.type} is not SETUP_KEXEC_KHO (10)")
+        raise AbiError(msg=f"setup_data type {node.type} is not SETUP_KEXEC_KHO (10)")
     return KhoData.decode(node.data)
 
 
@@ -132,10 +132,10 @@ def read_setup_chain(mem: PhysMem, first: int) -> list[SetupData]:
     phys = first
     while phys:
         if len(nodes) >= SETUP_CHAIN_MAX or any(n.phys == phys for n in nodes):
-            raise AbiError(f"setup_data chain loops or exceeds {SETUP_CHAIN_MAX} nodes")
+            raise AbiError(msg=f"setup_data chain loops or exceeds {SETUP_CHAIN_MAX} nodes")
         nxt, type_, length = SETUP_HDR.unpack(mem.read(phys, SETUP_HDR_SIZE, "setup_data"))
         if length > PAGE_SIZE * 16:
-            raise AbiError(f"setup_data at {phys:#x}: implausible length {length}")
+            raise AbiError(msg=f"setup_data at {phys:#x}: implausible length {length}")
         nodes.append(SetupData(phys, type_, mem.read(phys + SETUP_HDR_SIZE, length,
                                                      "setup_data payload")))
         phys = nxt
@@ -151,10 +151,11 @@ def encode_scratch(addr: np.ndarray, size: np.ndarray) -> bytes:
 
 def decode_scratch(raw: bytes) -> np.ndarray:
     if len(raw) == 0 or len(raw) % SCRATCH_DTYPE.itemsize:
-        raise AbiError(f"KHO scratch array of {len(raw)} bytes is not a whole number of entries")
+        raise AbiError(
+            msg=f"KHO scratch array of {len(raw)} bytes is not a whole number of entries")
     arr = np.frombuffer(raw, dtype=SCRATCH_DTYPE)
     if np.any(arr["addr"] + arr["size"] < arr["addr"]):
-        raise AbiError("KHO scratch area wraps past 2^64")
+        raise AbiError(msg="KHO scratch area wraps past 2^64")
     return arr
 
 
@@ -168,7 +169,7 @@ def encode_chosen_range(addr: int, size: int, addr_cells: int = 2, size_cells: i
     out = b""
     for value, cells in ((addr, addr_cells), (size, size_cells)):
         if cells not in (1, 2) or value >= 1 << (32 * cells) or value < 0:
-            raise AbiError(f"value {value:#x} does not fit {cells} cells")
+            raise AbiError(msg=f"value {value:#x} does not fit {cells} cells")
         out += value.to_bytes(4 * cells, "big")
     return out
 
@@ -177,9 +178,9 @@ def decode_chosen_range(raw: bytes, addr_cells: int = 2, size_cells: int = 2) ->
     """``early_init_dt_check_kho``: exact length required."""
     want = 4 * (addr_cells + size_cells)
     if addr_cells not in (1, 2) or size_cells not in (1, 2):
-        raise AbiError("#address-cells and #size-cells must be 1 or 2")
+        raise AbiError(msg="#address-cells and #size-cells must be 1 or 2")
     if len(raw) != want:
-        raise AbiError(f"/chosen KHO property is {len(raw)} bytes, not {want}")
+        raise AbiError(msg=f"/chosen KHO property is {len(raw)} bytes, not {want}")
     return (int.from_bytes(raw[: 4 * addr_cells], "big"),
             int.from_bytes(raw[4 * addr_cells :], "big"))
 
@@ -194,7 +195,7 @@ class BootParams:
 
     def encode(self) -> bytes:
         if len(self.e820) > E820_MAX_ENTRIES_ZEROPAGE:
-            raise AbiError(f"{len(self.e820)} e820 entries, more than "
+            raise AbiError(msg=f"{len(self.e820)} e820 entries, more than "
                            f"{E820_MAX_ENTRIES_ZEROPAGE}")
         page = bytearray(BOOT_PARAMS_SIZE)
         struct.pack_into("<I", page, OFF_EXT_CMD_LINE_PTR, self.cmd_line_ptr >> 32)
@@ -212,17 +213,17 @@ class BootParams:
     @classmethod
     def decode(cls, raw: bytes) -> BootParams:
         if len(raw) != BOOT_PARAMS_SIZE:
-            raise AbiError(f"boot_params is {len(raw)} bytes, not {BOOT_PARAMS_SIZE}")
+            raise AbiError(msg=f"boot_params is {len(raw)} bytes, not {BOOT_PARAMS_SIZE}")
         (flag,) = struct.unpack_from("<H", raw, OFF_BOOT_FLAG)
         magic, _version = struct.unpack_from("<IH", raw, OFF_HEADER)
         if flag != BOOT_FLAG or magic != HDRS_MAGIC:
-            raise AbiError("boot_params: missing boot_flag 0xAA55 or \"HdrS\" header")
+            raise AbiError(msg="boot_params: missing boot_flag 0xAA55 or \"HdrS\" header")
         n = raw[OFF_E820_ENTRIES]
         if n > E820_MAX_ENTRIES_ZEROPAGE:
-            raise AbiError(f"boot_params: e820_entries {n} > {E820_MAX_ENTRIES_ZEROPAGE}")
+            raise AbiError(msg=f"boot_params: e820_entries {n} > {E820_MAX_ENTRIES_ZEROPAGE}")
         e820 = np.frombuffer(raw, E820_DTYPE, count=n, offset=OFF_E820_TABLE).copy()
         if np.any(e820["addr"] + e820["size"] < e820["addr"]):
-            raise AbiError("boot_params: an e820 entry wraps past 2^64")
+            raise AbiError(msg="boot_params: an e820 entry wraps past 2^64")
         (ext,) = struct.unpack_from("<I", raw, OFF_EXT_CMD_LINE_PTR)
         (ptr,) = struct.unpack_from("<I", raw, OFF_CMD_LINE_PTR)
         (size,) = struct.unpack_from("<I", raw, OFF_CMDLINE_SIZE)
@@ -241,8 +242,8 @@ class BootParams:
         n = min(limit, mem.room(self.cmd_line_ptr))
         raw = mem.read(self.cmd_line_ptr, n, "command line") if n else b""
         if b"\0" not in raw:
-            raise AbiError("boot_params: command line is not NUL-terminated within its size")
+            raise AbiError(msg="boot_params: command line is not NUL-terminated within its size")
         try:
             return raw[: raw.index(b"\0")].decode()
         except UnicodeDecodeError as e:
-            raise AbiError("boot_params: command line is not valid UTF-8") from e
+            raise AbiError(msg="boot_params: command line is not valid UTF-8") from e

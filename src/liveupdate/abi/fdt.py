@@ -69,40 +69,40 @@ class Header:
 
 def _block(what: str, off: int, size: int, total: int) -> None:
     if off < FDT_HEADER_SIZE or off + size > total:
-        raise AbiError(f"{what}: FDT block {off:#x}+{size:#x} outside totalsize {total:#x}")
+        raise AbiError(msg=f"{what}: FDT block {off:#x}+{size:#x} outside totalsize {total:#x}")
 
 
 def check_header(blob: bytes | bytearray | memoryview, what: str = "FDT") -> Header:
     """Validate the header against the real buffer; return it. Raises AbiError."""
     if len(blob) < FDT_HEADER_SIZE:
-        raise AbiError(f"{what}: {len(blob)} bytes is shorter than an FDT header")
+        raise AbiError(msg=f"{what}: {len(blob)} bytes is shorter than an FDT header")
     hdr = Header(*_HEADER.unpack_from(bytes(blob[:FDT_HEADER_SIZE])))
     if hdr.magic != FDT_MAGIC:
-        raise AbiError(f"{what}: bad FDT magic {hdr.magic:#010x}")
+        raise AbiError(msg=f"{what}: bad FDT magic {hdr.magic:#010x}")
     if hdr.version < 17 or hdr.last_comp_version > 17:
         raise AbiError(
-            f"{what}: unsupported FDT version {hdr.version} (last compatible "
+            msg=f"{what}: unsupported FDT version {hdr.version} (last compatible "
             f"{hdr.last_comp_version}); need version 17"
         )
     if not FDT_HEADER_SIZE <= hdr.totalsize <= len(blob):
         raise AbiError(
-            f"{what}: header totalsize {hdr.totalsize:#x} exceeds the {len(blob):#x}-byte buffer"
-            if hdr.totalsize > len(blob)
+            msg=f"{what}: header totalsize {hdr.totalsize:#x} exceeds the "
+            f"{len(blob):#x}-byte buffer" if hdr.totalsize > len(blob)
             else f"{what}: header totalsize {hdr.totalsize:#x} is too small"
         )
     total = hdr.totalsize
     if hdr.off_mem_rsvmap % 8 or hdr.off_dt_struct % 4 or hdr.size_dt_struct % 4:
-        raise AbiError(f"{what}: misaligned FDT block")
+        raise AbiError(msg=f"{what}: misaligned FDT block")
     _block(what + " memory reservation map", hdr.off_mem_rsvmap, 16, total)
     _block(what + " structure block", hdr.off_dt_struct, hdr.size_dt_struct, total)
     _block(what + " strings block", hdr.off_dt_strings, hdr.size_dt_strings, total)
     if hdr.size_dt_struct < 8:
-        raise AbiError(f"{what}: empty structure block")
+        raise AbiError(msg=f"{what}: empty structure block")
     # The reservation map runs until an all-zero entry; it must end inside the blob.
     off = hdr.off_mem_rsvmap
     while True:
         if off + 16 > total:
-            raise AbiError(f"{what}: memory reservation map is not terminated")
+            raise AbiError(msg=f"{what}: memory reservation map is not terminated")
         if bytes(blob[off : off + 16]) == bytes(16):
             break
         off += 16
@@ -115,7 +115,7 @@ FDT_BEGIN_NODE, FDT_END_NODE, FDT_PROP, FDT_NOP, FDT_END = 1, 2, 3, 4, 9
 def _check_name(raw: bytes, what: str, kind: str) -> None:
     # Printable ASCII only: pylibfdt cannot return other names without failing inside C.
     if any(c < 0x21 or c > 0x7E or c == 0x2F for c in raw):
-        raise AbiError(f"{what}: {kind} name {raw[:32]!r} has characters outside printable "
+        raise AbiError(msg=f"{what}: {kind} name {raw[:32]!r} has characters outside printable "
                        "ASCII")
 
 
@@ -128,7 +128,7 @@ def check_struct(data: bytes, hdr: Header, what: str = "FDT") -> None:
 
     def need(n: int) -> None:
         if off + n > end:
-            raise AbiError(f"{what}: structure block truncated at {off - start:#x}")
+            raise AbiError(msg=f"{what}: structure block truncated at {off - start:#x}")
 
     while True:
         need(4)
@@ -136,22 +136,22 @@ def check_struct(data: bytes, hdr: Header, what: str = "FDT") -> None:
         off += 4
         if tag == FDT_BEGIN_NODE:
             if depth == 0 and seen_root:
-                raise AbiError(f"{what}: a second root node")
+                raise AbiError(msg=f"{what}: a second root node")
             nul = data.find(b"\0", off, end)
             if nul < 0:
-                raise AbiError(f"{what}: node name not terminated in the structure block")
+                raise AbiError(msg=f"{what}: node name not terminated in the structure block")
             _check_name(data[off:nul], what, "node")
             off = (nul + 4) & ~3
             depth, seen_root = depth + 1, True
             if depth > FDT_MAX_DEPTH:
-                raise AbiError(f"{what}: nodes nested deeper than {FDT_MAX_DEPTH}")
+                raise AbiError(msg=f"{what}: nodes nested deeper than {FDT_MAX_DEPTH}")
         elif tag == FDT_END_NODE:
             if depth == 0:
-                raise AbiError(f"{what}: unbalanced end of node")
+                raise AbiError(msg=f"{what}: unbalanced end of node")
             depth -= 1
         elif tag == FDT_PROP:
             if depth == 0:
-                raise AbiError(f"{what}: property outside any node")
+                raise AbiError(msg=f"{what}: property outside any node")
             need(8)
             length, nameoff = struct.unpack_from(">II", data, off)
             off += 8
@@ -159,19 +159,19 @@ def check_struct(data: bytes, hdr: Header, what: str = "FDT") -> None:
             off = (off + length + 3) & ~3
             name_end = strings.find(b"\0", nameoff) if nameoff < len(strings) else -1
             if name_end < 0:
-                raise AbiError(f"{what}: property name offset {nameoff:#x} outside the "
+                raise AbiError(msg=f"{what}: property name offset {nameoff:#x} outside the "
                                "strings block")
             _check_name(strings[nameoff:name_end], what, "property")
         elif tag == FDT_NOP:
             continue
         elif tag == FDT_END:
             if depth or not seen_root:
-                raise AbiError(f"{what}: structure block ends inside a node or has no root")
+                raise AbiError(msg=f"{what}: structure block ends inside a node or has no root")
             return
         else:
-            raise AbiError(f"{what}: bad structure tag {tag:#x} at {off - 4 - start:#x}")
+            raise AbiError(msg=f"{what}: bad structure tag {tag:#x} at {off - 4 - start:#x}")
         if off > end:
-            raise AbiError(f"{what}: structure block overrun")
+            raise AbiError(msg=f"{what}: structure block overrun")
 
 
 @dataclass
@@ -192,24 +192,25 @@ class Node:
     def need_child(self, name: str, what: str) -> Node:
         c = self.child(name)
         if c is None:
-            raise AbiError(f"{what}: node {self.path.rstrip('/')}/{name} missing", errno.ENOENT)
+            raise AbiError(
+                msg=f"{what}: node {self.path.rstrip('/')}/{name} missing", err=errno.ENOENT)
         return c
 
     def need(self, name: str, what: str) -> bytes:
         if name not in self.props:
-            raise AbiError(f"{what}: property {self.path}:{name} missing", errno.ENOENT)
+            raise AbiError(msg=f"{what}: property {self.path}:{name} missing", err=errno.ENOENT)
         return self.props[name]
 
     def u64(self, name: str, what: str) -> int:
         value = self.need(name, what)
         if len(value) != 8:
-            raise AbiError(f"{what}: property {self.path}:{name} is {len(value)} bytes, not 8")
+            raise AbiError(msg=f"{what}: property {self.path}:{name} is {len(value)} bytes, not 8")
         return int(struct.unpack("<Q", value)[0])
 
     def u32(self, name: str, what: str) -> int:
         value = self.need(name, what)
         if len(value) != 4:
-            raise AbiError(f"{what}: property {self.path}:{name} is {len(value)} bytes, not 4")
+            raise AbiError(msg=f"{what}: property {self.path}:{name} is {len(value)} bytes, not 4")
         return int(struct.unpack("<I", value)[0])
 
     def string(self, name: str, what: str) -> str:
@@ -230,16 +231,16 @@ class Node:
         have = self.compatible()
         if want not in have:
             shown = ", ".join(have) if have else "none"
-            raise AbiError(f"{what}: {self.path} is compatible with {shown}, not {want}")
+            raise AbiError(msg=f"{what}: {self.path} is compatible with {shown}, not {want}")
 
 
 def _one_string(value: bytes, what: str) -> str:
     if not value or value[-1:] != b"\0" or b"\0" in value[:-1]:
-        raise AbiError(f"{what} is not one NUL-terminated string")
+        raise AbiError(msg=f"{what} is not one NUL-terminated string")
     try:
         return value[:-1].decode()
     except UnicodeDecodeError as e:
-        raise AbiError(f"{what} is not valid UTF-8") from e
+        raise AbiError(msg=f"{what} is not valid UTF-8") from e
 
 
 @dataclass
@@ -251,7 +252,7 @@ class Tree:
 
 def _check(ret: int, what: str) -> int:
     if ret < 0 and ret != -libfdt.NOTFOUND:
-        raise AbiError(f"{what}: libfdt: {libfdt.fdt_strerror(ret)}")
+        raise AbiError(msg=f"{what}: libfdt: {libfdt.fdt_strerror(ret)}")
     return ret
 
 
@@ -266,14 +267,14 @@ def parse(blob: bytes | bytearray | memoryview, what: str = "FDT") -> Tree:
 
         def walk(offset: int, path: str, depth: int) -> Node:
             if depth > FDT_MAX_DEPTH:
-                raise AbiError(f"{what}: nodes nested deeper than {FDT_MAX_DEPTH}")
+                raise AbiError(msg=f"{what}: nodes nested deeper than {FDT_MAX_DEPTH}")
             name = fdt.get_name(offset)
             node = Node(name, path)
             poff = _check(fdt.first_property_offset(offset, quiet), what)
             while poff >= 0:
                 prop = fdt.get_property_by_offset(poff)
                 if prop.name in node.props:
-                    raise AbiError(f"{what}: duplicate property {path}:{prop.name}")
+                    raise AbiError(msg=f"{what}: duplicate property {path}:{prop.name}")
                 node.props[prop.name] = bytes(prop)
                 poff = _check(fdt.next_property_offset(poff, quiet), what)
             coff = _check(fdt.first_subnode(offset, quiet), what)
@@ -285,9 +286,9 @@ def parse(blob: bytes | bytearray | memoryview, what: str = "FDT") -> Tree:
 
         root = walk(0, "/", 0)
     except libfdt.FdtException as e:
-        raise AbiError(f"{what}: libfdt: {libfdt.fdt_strerror(-abs(e.err))}") from e
+        raise AbiError(msg=f"{what}: libfdt: {libfdt.fdt_strerror(-abs(e.err))}") from e
     except UnicodeDecodeError as e:
-        raise AbiError(f"{what}: node or property name is not valid UTF-8") from e
+        raise AbiError(msg=f"{what}: node or property name is not valid UTF-8") from e
     return Tree(hdr, root, data)
 
 
@@ -304,7 +305,7 @@ class SwBuilder:
         try:
             op()
         except libfdt.FdtException as e:
-            raise AbiError(f"FDT build: {what}: {libfdt.fdt_strerror(-abs(e.err))}") from e
+            raise AbiError(msg=f"FDT build: {what}: {libfdt.fdt_strerror(-abs(e.err))}") from e
         return self
 
     def begin_node(self, name: str) -> SwBuilder:
@@ -325,7 +326,7 @@ class SwBuilder:
             except libfdt.FdtException as e:
                 # pylibfdt grows the buffer for every call but fdt_finish's FDT_END tag
                 if e.err not in (-libfdt.NOSPACE, libfdt.NOSPACE):
-                    raise AbiError(f"FDT build: {libfdt.fdt_strerror(-abs(e.err))}") from e
+                    raise AbiError(msg=f"FDT build: {libfdt.fdt_strerror(-abs(e.err))}") from e
                 self._sw.resize(len(self._sw.as_bytearray()) + self._sw.INC_SIZE)
 
 
@@ -359,16 +360,17 @@ class RwTree:
             return int(ret) if isinstance(ret, int) else 0
         except libfdt.FdtException as e:
             if e.err in (-libfdt.NOSPACE, libfdt.NOSPACE):
-                raise AbiError(f"{what}: FDT full ({self.capacity} bytes)", errno.ENOMEM) from e
+                raise AbiError(
+                    msg=f"{what}: FDT full ({self.capacity} bytes)", err=errno.ENOMEM) from e
             if e.err in (-libfdt.EXISTS, libfdt.EXISTS):
-                raise AbiError(f"{what}: already exists", errno.EEXIST) from e
-            raise AbiError(f"{what}: libfdt: {libfdt.fdt_strerror(-abs(e.err))}") from e
+                raise AbiError(msg=f"{what}: already exists", err=errno.EEXIST) from e
+            raise AbiError(msg=f"{what}: libfdt: {libfdt.fdt_strerror(-abs(e.err))}") from e
 
     def path_offset(self, path: str) -> int:
         try:
             return int(libfdt.Fdt(self._blob).path_offset(path))
         except libfdt.FdtException as e:
-            raise AbiError(f"no node {path}", errno.ENOENT) from e
+            raise AbiError(msg=f"no node {path}", err=errno.ENOENT) from e
 
     def add_subnode(self, parent: str, name: str) -> None:
         self._edit(f"add node {name}",

@@ -91,12 +91,12 @@ def get(name: str) -> Format:
     try:
         return BY_NAME[name]
     except KeyError:
-        raise AbiError(f"no handover format {name!r}") from None
+        raise AbiError(msg=f"no handover format {name!r}") from None
 
 
 def check_generation(gen: str) -> str:
     if gen not in GENERATIONS:
-        raise AbiError(f"unknown LUO generation {gen!r} (known: {', '.join(GENERATIONS)})")
+        raise AbiError(msg=f"unknown LUO generation {gen!r} (known: {', '.join(GENERATIONS)})")
     return gen
 
 

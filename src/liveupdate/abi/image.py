@@ -44,16 +44,16 @@ class KernelImage:
 
     def validate(self) -> KernelImage:
         if not ENTRY_RE.match(self.entry) or not self.entry.startswith("liveupdate."):
-            raise AbiError(f"image entry {self.entry!r} is not a liveupdate module")
+            raise AbiError(msg=f"image entry {self.entry!r} is not a liveupdate module")
         if not 0 < self.load_size <= 1 << 32 or self.load_size % PAGE_SIZE:
-            raise AbiError(f"image load_size {self.load_size} is not a page multiple "
+            raise AbiError(msg=f"image load_size {self.load_size} is not a page multiple "
                            "up to 4 GiB")
         if self.kho not in KHO_FORMATS or self.kho_bitmap_bytes not in (4096, 512):
-            raise AbiError(f"image KHO format {self.kho}/{self.kho_bitmap_bytes} unsupported")
+            raise AbiError(msg=f"image KHO format {self.kho}/{self.kho_bitmap_bytes} unsupported")
         if self.luo not in LUO_GENERATIONS or self.memfd not in MEMFD_FORMATS:
-            raise AbiError(f"image LUO generation {self.luo}/{self.memfd} unsupported")
+            raise AbiError(msg=f"image LUO generation {self.luo}/{self.memfd} unsupported")
         if not self.release or len(self.release) > 64:
-            raise AbiError("image release must be 1-64 characters")
+            raise AbiError(msg="image release must be 1-64 characters")
         return self
 
     def encode(self) -> bytes:
@@ -64,19 +64,19 @@ class KernelImage:
 
 def decode(raw: bytes) -> KernelImage:
     if len(raw) < PREAMBLE.size:
-        raise AbiError("kernel image shorter than its preamble")
+        raise AbiError(msg="kernel image shorter than its preamble")
     magic, n, zero = PREAMBLE.unpack_from(raw)
     if magic != MAGIC or zero:
-        raise AbiError("not a liveupdate kernel image (bad magic)")
+        raise AbiError(msg="not a liveupdate kernel image (bad magic)")
     if n > MAX_HEADER or PREAMBLE.size + n > len(raw):
-        raise AbiError(f"kernel image header length {n} is out of bounds")
+        raise AbiError(msg=f"kernel image header length {n} is out of bounds")
     try:
         fields = json.loads(raw[PREAMBLE.size : PREAMBLE.size + n])
         img = KernelImage(**fields)
     except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
-        raise AbiError(f"kernel image header is malformed: {e}") from e
+        raise AbiError(msg=f"kernel image header is malformed: {e}") from e
     for name, typ in (("entry", str), ("release", str), ("load_size", int), ("kho", str),
                       ("kho_bitmap_bytes", int), ("luo", str), ("memfd", str)):
         if not isinstance(getattr(img, name), typ) or isinstance(getattr(img, name), bool):
-            raise AbiError(f"kernel image field {name} has the wrong type")
+            raise AbiError(msg=f"kernel image field {name} has the wrong type")
     return img.validate()

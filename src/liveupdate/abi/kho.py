@@ -44,7 +44,7 @@ class KhoRoot:
         for n, phys in self.subtrees:
             if n == name:
                 return phys
-        raise AbiError(f"no KHO subtree {name!r}", errno.ENOENT)
+        raise AbiError(msg=f"no KHO subtree {name!r}", err=errno.ENOENT)
 
 
 def encode_root_sequential(mem_map: int, subtrees: list[tuple[str, int]]) -> bytes:
@@ -56,7 +56,8 @@ def encode_root_sequential(mem_map: int, subtrees: list[tuple[str, int]]) -> byt
         b.begin_node(name).prop(SUBTREE_PROP, fdt.u64(phys)).end_node()
     blob = b.end_node().finish()
     if len(blob) > ROOT_FDT_SIZE:
-        raise AbiError(f"KHO root FDT needs {len(blob)} bytes, more than a page", errno.ENOMEM)
+        raise AbiError(
+            msg=f"KHO root FDT needs {len(blob)} bytes, more than a page", err=errno.ENOMEM)
     return blob
 
 
@@ -73,7 +74,7 @@ class LiveRoot:
     def add_subtree(self, name: str, phys: int) -> None:
         """kho_add_subtree: EEXIST if the name is taken, ENOMEM when the page is full."""
         if not name or "/" in name or "@" in name:
-            raise AbiError(f"invalid KHO subtree name {name!r}")
+            raise AbiError(msg=f"invalid KHO subtree name {name!r}")
         before = self._tree.blob
         self._tree.add_subnode("/", name)
         try:
@@ -108,10 +109,10 @@ def decode_root(blob: bytes | bytearray | memoryview, *,
     have = root.compatible()
     match = [c for c in accept if c in have]
     if not match:
-        raise AbiError(f"KHO root FDT is compatible with {have or 'nothing'}, not {accept}")
+        raise AbiError(msg=f"KHO root FDT is compatible with {have or 'nothing'}, not {accept}")
     mem_map = root.u64(MEM_MAP_PROP, "KHO root FDT")
     if require_map and mem_map == 0:
-        raise AbiError("KHO root FDT: preserved-memory-map is 0 (never finalized)")
+        raise AbiError(msg="KHO root FDT: preserved-memory-map is 0 (never finalized)")
     subtrees = tuple(
         (child.name, child.u64(SUBTREE_PROP, "KHO root FDT")) for child in root.children
     )

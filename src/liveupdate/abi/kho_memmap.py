@@ -93,16 +93,16 @@ def _validate_blocks(phys: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, n
     phys = np.asarray(phys, dtype=np.uint64)
     order = np.asarray(order, dtype=np.uint8)
     if phys.shape != order.shape or phys.ndim != 1:
-        raise AbiError("preserved blocks: phys and order arrays differ in shape")
+        raise AbiError(msg="preserved blocks: phys and order arrays differ in shape")
     if phys.size and int(order.max()) > MAX_MAP_ORDER:
-        raise AbiError(f"preserved blocks: order {int(order.max())} > {MAX_MAP_ORDER}")
+        raise AbiError(msg=f"preserved blocks: order {int(order.max())} > {MAX_MAP_ORDER}")
     if phys.size and int(order.max()) == 0:  # the common case, without a per-block shift
         if np.any(phys & np.uint64(PAGE_SIZE - 1)):
-            raise AbiError("preserved blocks: a block is not aligned to its order")
+            raise AbiError(msg="preserved blocks: a block is not aligned to its order")
         return phys, order
     mask = (np.uint64(1) << (order.astype(np.uint64) + np.uint64(PAGE_SHIFT))) - np.uint64(1)
     if np.any(phys & mask):
-        raise AbiError("preserved blocks: a block is not aligned to its order")
+        raise AbiError(msg="preserved blocks: a block is not aligned to its order")
     return phys, order
 
 
@@ -110,7 +110,7 @@ def build_bitmaps(phys: np.ndarray, order: np.ndarray,
                   bitmap_bytes: int = BITMAP_BYTES_6_18) -> Bitmaps:
     """The bitmaps the kho-v1 tracker holds for these blocks (duplicates collapse)."""
     if bitmap_bytes not in BITMAP_SIZES:
-        raise AbiError(f"bitmap size {bitmap_bytes} is neither 4096 nor 512 bytes")
+        raise AbiError(msg=f"bitmap size {bitmap_bytes} is neither 4096 nor 512 bytes")
     phys, order = _validate_blocks(phys, order)
     bits_per = bitmap_bytes * 8
     bits_shift = np.uint64(bits_per.bit_length() - 1)  # bitmap sizes are powers of two
@@ -157,11 +157,11 @@ def encode_chunks(bm: Bitmaps, bitmap_phys: np.ndarray, chunk_phys: np.ndarray) 
     bitmap_phys = np.asarray(bitmap_phys, dtype=np.uint64)
     chunk_phys = np.asarray(chunk_phys, dtype=np.uint64)
     if bitmap_phys.shape != (len(bm),):
-        raise AbiError("one bitmap address per bitmap is needed")
+        raise AbiError(msg="one bitmap address per bitmap is needed")
     if chunk_phys.shape != (bm.chunks_needed(),):
-        raise AbiError(f"{bm.chunks_needed()} chunk addresses are needed")
+        raise AbiError(msg=f"{bm.chunks_needed()} chunk addresses are needed")
     if np.any(chunk_phys % np.uint64(PAGE_SIZE)):
-        raise AbiError("chunk addresses must be page aligned")
+        raise AbiError(msg="chunk addresses must be page aligned")
     out = np.zeros((len(chunk_phys), CHUNK_SIZE), dtype=np.uint8)
     ci = 0
     orders, starts = np.unique(bm.order, return_index=True)
@@ -199,18 +199,18 @@ def read_chunks(mem: PhysMem, first: int) -> ChunkEntries:
     phys = first
     while phys:
         if phys in seen:
-            raise AbiError(f"KHO memory map: chunk chain loops back to {phys:#x}")
+            raise AbiError(msg=f"KHO memory map: chunk chain loops back to {phys:#x}")
         if len(chunks) >= MAX_CHUNKS:
-            raise AbiError(f"KHO memory map: more than {MAX_CHUNKS} chunks")
+            raise AbiError(msg=f"KHO memory map: more than {MAX_CHUNKS} chunks")
         if phys % PAGE_SIZE:
-            raise AbiError(f"KHO memory map: chunk {phys:#x} is not page aligned")
+            raise AbiError(msg=f"KHO memory map: chunk {phys:#x} is not page aligned")
         page = np.frombuffer(mem.read(phys, CHUNK_SIZE, "KHO memory map chunk"), np.uint8)
         hdr = page[:CHUNK_HDR_SIZE].view(CHUNK_HDR_DTYPE)[0]
         order, num = int(hdr["order"]), int(hdr["num_elms"])
         if num > CHUNK_ENTRIES:
-            raise AbiError(f"KHO memory map: chunk {phys:#x} has num_elms {num} > 255")
+            raise AbiError(msg=f"KHO memory map: chunk {phys:#x} has num_elms {num} > 255")
         if order > MAX_MAP_ORDER:
-            raise AbiError(f"KHO memory map: chunk {phys:#x} has order {order} > "
+            raise AbiError(msg=f"KHO memory map: chunk {phys:#x} has order {order} > "
                            f"{MAX_MAP_ORDER}")
         seen.add(phys)
         chunks.append(phys)
@@ -250,7 +250,7 @@ def decode_mem_map(mem: PhysMem, first: int, bitmap_bytes: int | None = None) ->
     if bitmap_bytes is None:
         bitmap_bytes = detect_bitmap_bytes(ce)
     if bitmap_bytes not in BITMAP_SIZES:
-        raise AbiError(f"bitmap size {bitmap_bytes} is neither 4096 nor 512 bytes")
+        raise AbiError(msg=f"bitmap size {bitmap_bytes} is neither 4096 nor 512 bytes")
     bits_per = bitmap_bytes * 8
     n = len(ce.order)
     if n == 0:
@@ -262,7 +262,7 @@ def decode_mem_map(mem: PhysMem, first: int, bitmap_bytes: int | None = None) ->
     if bad.size:
         i = int(bad[0])
         raise AbiError(
-            f"KHO memory map: entry phys_start {int(ce.phys_start[i]):#x} is not aligned to "
+            msg=f"KHO memory map: entry phys_start {int(ce.phys_start[i]):#x} is not aligned to "
             f"its {bitmap_bytes}-byte bitmap span"
         )
     for bp in ce.bitmap_phys.tolist():

@@ -38,11 +38,11 @@ class KhoTest:
 
 def encode(t: KhoTest) -> bytes:
     if (t.folios_info is None) == (t.folios_vmalloc is None):
-        raise AbiError("kho_test: give exactly one of inline folios_info or its vmalloc")
+        raise AbiError(msg="kho_test: give exactly one of inline folios_info or its vmalloc")
     if t.folios_info is not None:
         info = np.asarray(t.folios_info, dtype="<u8")
         if len(info) != t.nr_folios:
-            raise AbiError("kho_test: nr_folios does not match folios_info")
+            raise AbiError(msg="kho_test: nr_folios does not match folios_info")
         info_bytes = info.tobytes()
     else:
         assert t.folios_vmalloc is not None
@@ -60,22 +60,22 @@ def decode(blob: bytes, form: str | None = None) -> KhoTest:
     tree = fdt.parse(blob, what)
     tree.root.check_compatible(KHO_TEST_COMPAT, what)
     if tree.root.u32("magic", what) != KHO_TEST_MAGIC:
-        raise AbiError(f"{what}: bad magic")
+        raise AbiError(msg=f"{what}: bad magic")
     data = tree.root.need_child("data", what)
     n = data.u32("nr_folios", what)
     csum = data.u32("csum", what)
     raw = data.need("folios_info", what)
     if form not in (None, "inline", "vmalloc"):
-        raise AbiError(f"unknown kho_test form {form!r}")
+        raise AbiError(msg=f"unknown kho_test form {form!r}")
     if form is None:
         form = "vmalloc" if len(raw) == DESC_SIZE else "inline"
     if form == "inline" and len(raw) == 8 * n:
         info = np.frombuffer(raw, "<u8").copy()
         order = info & np.uint64(PAGE_SIZE - 1)
         if n and int(order.max()) > MAX_PAGE_ORDER:
-            raise AbiError(f"{what}: a folio order exceeds {MAX_PAGE_ORDER}")
+            raise AbiError(msg=f"{what}: a folio order exceeds {MAX_PAGE_ORDER}")
         return KhoTest(n, csum, info, None)
     if form == "vmalloc" and len(raw) == DESC_SIZE:
         return KhoTest(n, csum, None, KhoVmalloc.decode(raw))
     want = 8 * n if form == "inline" else DESC_SIZE
-    raise AbiError(f"{what}: folios_info is {len(raw)} bytes, not {want} ({form} form)")
+    raise AbiError(msg=f"{what}: folios_info is {len(raw)} bytes, not {want} ({form} form)")

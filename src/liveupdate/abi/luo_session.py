@@ -82,7 +82,7 @@ def decode_luo_fdt(blob: bytes, *, require_flb: bool = False) -> LuoFdt:
     header = sess.u64(SESSION_HEADER_PROP, what)
     flb = tree.root.child(FLB_NODE)
     if flb is None and require_flb:
-        raise AbiError(f"{what}: no {FLB_NODE} node", errno.ENOENT)
+        raise AbiError(msg=f"{what}: no {FLB_NODE} node", err=errno.ENOENT)
     flb_header = None
     if flb is not None:
         flb.check_compatible(FLB_COMPATIBLE, what)
@@ -95,17 +95,17 @@ def _cstr(raw: bytes, size: int, what: str) -> str:
     if b"\0" in raw:
         raw = raw[: raw.index(b"\0")]
     elif len(raw) >= size:
-        raise AbiError(f"{what} is not NUL-terminated within {size} bytes")
+        raise AbiError(msg=f"{what} is not NUL-terminated within {size} bytes")
     try:
         return raw.decode()
     except UnicodeDecodeError as e:
-        raise AbiError(f"{what} is not valid UTF-8") from e
+        raise AbiError(msg=f"{what} is not valid UTF-8") from e
 
 
 def _name_field(name: str, size: int, what: str) -> bytes:
     raw = name.encode()
     if len(raw) >= size or b"\0" in raw:
-        raise AbiError(f"{what} {name!r} does not fit {size - 1} bytes")
+        raise AbiError(msg=f"{what} {name!r} does not fit {size - 1} bytes")
     return raw
 
 
@@ -126,7 +126,8 @@ class SessionSer:
 def encode_files(files: list[FileSer]) -> bytes:
     """A session's 2-page ``luo_file_ser`` array (empty sessions store none)."""
     if len(files) > FILE_MAX:
-        raise AbiError(f"{len(files)} files, more than {FILE_MAX} per session", errno.ENOSPC)
+        raise AbiError(
+            msg=f"{len(files)} files, more than {FILE_MAX} per session", err=errno.ENOSPC)
     arr = np.zeros(FILE_MAX, FILE_DTYPE)
     for i, f in enumerate(files):
         arr[i] = (_name_field(f.compatible, HNDL_COMPAT_LEN, "handler compatible"),
@@ -137,7 +138,7 @@ def encode_files(files: list[FileSer]) -> bytes:
 def encode_sessions(sessions: list[tuple[str, int, int]]) -> bytes:
     """The 16-page header block from ``(name, files_phys, nr_files)``."""
     if len(sessions) > SESSION_MAX:
-        raise AbiError(f"{len(sessions)} sessions, more than {SESSION_MAX}", errno.ENOMEM)
+        raise AbiError(msg=f"{len(sessions)} sessions, more than {SESSION_MAX}", err=errno.ENOMEM)
     arr = np.zeros(SESSION_MAX, SESSION_DTYPE)
     for i, (name, files, count) in enumerate(sessions):
         arr[i] = (_name_field(name, SESSION_NAME_LEN, "session name"), files, count)
@@ -149,20 +150,20 @@ def decode_sessions(mem: PhysMem, header_phys: int) -> list[SessionSer]:
     """Read every session and its files, validating counts, names and pointers."""
     (count,) = np.frombuffer(mem.read(header_phys, 8, "luo session header"), "<u8")
     if count > SESSION_MAX:
-        raise AbiError(f"luo session header: count {int(count)} > {SESSION_MAX}")
+        raise AbiError(msg=f"luo session header: count {int(count)} > {SESSION_MAX}")
     arr = mem.read_array(header_phys + 8, int(count), SESSION_DTYPE, "luo_session_ser array")
     out: list[SessionSer] = []
     names: set[str] = set()
     for s in arr:
         name = _cstr(bytes(s["name"]), SESSION_NAME_LEN, "luo_session_ser.name")
         if name in names:
-            raise AbiError(f"duplicate session name {name!r}", errno.EEXIST)
+            raise AbiError(msg=f"duplicate session name {name!r}", err=errno.EEXIST)
         names.add(name)
         nfiles, files_phys = int(s["count"]), int(s["files"])
         if nfiles > FILE_MAX:
-            raise AbiError(f"session {name!r}: {nfiles} files > {FILE_MAX}")
+            raise AbiError(msg=f"session {name!r}: {nfiles} files > {FILE_MAX}")
         if nfiles and not files_phys:
-            raise AbiError(f"session {name!r}: {nfiles} files but no file array")
+            raise AbiError(msg=f"session {name!r}: {nfiles} files but no file array")
         files = mem.read_array(files_phys, nfiles, FILE_DTYPE, f"session {name!r} files") \
             if nfiles else np.zeros(0, FILE_DTYPE)
         tokens: set[int] = set()
@@ -171,7 +172,8 @@ def decode_sessions(mem: PhysMem, header_phys: int) -> list[SessionSer]:
             compat = _cstr(bytes(f["compatible"]), HNDL_COMPAT_LEN, "luo_file_ser.compatible")
             token = int(f["token"])
             if token in tokens:
-                raise AbiError(f"session {name!r}: duplicate token {token:#x}", errno.EEXIST)
+                raise AbiError(
+                    msg=f"session {name!r}: duplicate token {token:#x}", err=errno.EEXIST)
             tokens.add(token)
             entries.append(FileSer(compat, int(f["data"]), token))
         out.append(SessionSer(name, files_phys, tuple(entries)))
@@ -187,7 +189,7 @@ class FlbSer:
 
 def encode_flbs(flbs: list[FlbSer]) -> bytes:
     if len(flbs) > FLB_MAX:
-        raise AbiError(f"{len(flbs)} FLBs, more than {FLB_MAX}", errno.ENOSPC)
+        raise AbiError(msg=f"{len(flbs)} FLBs, more than {FLB_MAX}", err=errno.ENOSPC)
     arr = np.zeros(FLB_MAX, FLB_DTYPE)
     for i, f in enumerate(flbs):
         arr[i] = (_name_field(f.name, HNDL_COMPAT_LEN, "FLB name"), f.data, f.count)
@@ -197,7 +199,7 @@ def encode_flbs(flbs: list[FlbSer]) -> bytes:
 def decode_flbs(mem: PhysMem, header_phys: int) -> list[FlbSer]:
     pgcnt, count = np.frombuffer(mem.read(header_phys, 16, "luo FLB header"), "<u8")
     if pgcnt != 1 or count > FLB_MAX:
-        raise AbiError(f"luo FLB header: pgcnt {int(pgcnt)}, count {int(count)} invalid")
+        raise AbiError(msg=f"luo FLB header: pgcnt {int(pgcnt)}, count {int(count)} invalid")
     arr = mem.read_array(header_phys + 16, int(count), FLB_DTYPE, "luo_flb_ser array")
     return [FlbSer(_cstr(bytes(f["name"]), HNDL_COMPAT_LEN, "luo_flb_ser.name"),
                    int(f["data"]), int(f["count"])) for f in arr]

@@ -56,10 +56,10 @@ def parse_token(name: str) -> int:
         s, base = s[1:], 8
     digits = "0123456789abcdef"[:base]
     if not s or any(c not in digits for c in s.lower()):
-        raise AbiError(f"files FDT: node name {name!r} is not a token")
+        raise AbiError(msg=f"files FDT: node name {name!r} is not a token")
     value = int(s, base)
     if value >= 1 << 64:
-        raise AbiError(f"files FDT: token {name!r} overflows u64", errno.ERANGE)
+        raise AbiError(msg=f"files FDT: token {name!r} overflows u64", err=errno.ERANGE)
     return value
 
 
@@ -68,7 +68,7 @@ def encode_luo_fdt(subsystems: list[tuple[str, int]]) -> bytes:
     try:
         empty = libfdt.Fdt.create_empty_tree(LUO_FDT_SIZE)
     except libfdt.FdtException as e:  # pragma: no cover - libfdt on a fixed size
-        raise AbiError(f"cannot create LUO FDT: {e}") from e
+        raise AbiError(msg=f"cannot create LUO FDT: {e}") from e
     tree = fdt.RwTree(bytes(empty.as_bytearray()), LUO_FDT_SIZE, pack=False)
     tree.setprop("/", "compatible", fdt.string(LUO_COMPATIBLE))
     tree.add_subnode("/", SUBSYSTEMS_NODE)
@@ -76,7 +76,7 @@ def encode_luo_fdt(subsystems: list[tuple[str, int]]) -> bytes:
     tree.setprop(path, "compatible", fdt.string(SUBSYSTEMS_COMPATIBLE))
     names = [n for n, _ in subsystems]
     if len(set(names)) != len(names):
-        raise AbiError("duplicate subsystem name", errno.EEXIST)
+        raise AbiError(msg="duplicate subsystem name", err=errno.EEXIST)
     for name, _ in subsystems:  # registration: zero placeholders
         tree.setprop(path, name, fdt.u64(0))
     for name, data in subsystems:  # commit: values in place
@@ -117,7 +117,7 @@ def files_fdt_alloc_size(nfiles: int) -> int:
 def encode_files_fdt(files: list[FileEntry]) -> bytes:
     tokens = [f.token for f in files]
     if len(set(tokens)) != len(tokens):
-        raise AbiError("duplicate token in files FDT", errno.EEXIST)
+        raise AbiError(msg="duplicate token in files FDT", err=errno.EEXIST)
     b = fdt.SwBuilder().begin_node(FILES_NODE)
     b.prop("compatible", fdt.string(FILES_COMPATIBLE))
     for f in sorted(files, key=lambda f: f.token):
@@ -126,7 +126,7 @@ def encode_files_fdt(files: list[FileEntry]) -> bytes:
         b.end_node()
     blob = b.end_node().finish()
     if len(blob) > files_fdt_alloc_size(len(files)):
-        raise AbiError("files FDT outgrew its allocation", errno.ENOSPC)
+        raise AbiError(msg="files FDT outgrew its allocation", err=errno.ENOSPC)
     return blob
 
 
@@ -139,7 +139,7 @@ def decode_files_fdt(blob: bytes) -> list[FileEntry]:
     for node in tree.root.children:
         token = parse_token(node.name)
         if token in seen:
-            raise AbiError(f"files FDT: duplicate token {token:#x}", errno.EEXIST)
+            raise AbiError(msg=f"files FDT: duplicate token {token:#x}", err=errno.EEXIST)
         seen.add(token)
         out.append(FileEntry(token, node.string("compatible", "files FDT"),
                              node.u64("data", "files FDT")))

@@ -32,7 +32,7 @@ class ReserveMem:
 def encode(regions: list[ReserveMem]) -> bytes:
     names = [r.name for r in regions]
     if len(set(names)) != len(names):
-        raise AbiError("duplicate reserve_mem name", errno.EEXIST)
+        raise AbiError(msg="duplicate reserve_mem name", err=errno.EEXIST)
     b = fdt.SwBuilder().begin_node("").prop("compatible", fdt.string(MEMBLOCK_COMPATIBLE))
     for r in regions:
         b.begin_node(r.name).prop("compatible", fdt.string(RESERVE_MEM_COMPATIBLE))

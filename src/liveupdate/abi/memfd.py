@@ -64,14 +64,14 @@ class Folios:
 
 def _check_folios(f: Folios) -> None:
     if not (f.pfn.shape == f.flags.shape == f.index.shape):
-        raise AbiError("folio arrays differ in length")
+        raise AbiError(msg="folio arrays differ in length")
     if len(f) and (int(f.pfn.max()) > PFN_MASK or int(f.flags.max()) & ~FOLIO_FLAGS):
-        raise AbiError("folio pfn exceeds 52 bits or flags hold unknown bits")
+        raise AbiError(msg="folio pfn exceeds 52 bits or flags hold unknown bits")
 
 
 def _flags_ok(flags: np.ndarray, what: str) -> None:
     if np.any(flags & ~np.uint64(FOLIO_FLAGS)):
-        raise AbiError(f"{what}: a folio has unknown flag bits")
+        raise AbiError(msg=f"{what}: a folio has unknown flag bits")
 
 
 # -- FDT era -----------------------------------------------------------------------------------
@@ -105,7 +105,7 @@ def decode_fdt(blob: bytes) -> MemfdState:
     pos, size = tree.root.u64("pos", what), tree.root.u64("size", what)
     raw = tree.root.need("folios", what)
     if len(raw) % FOLIO_DTYPE.itemsize:
-        raise AbiError(f"{what}: folios is {len(raw)} bytes, not a multiple of 16")
+        raise AbiError(msg=f"{what}: folios is {len(raw)} bytes, not a multiple of 16")
     arr = np.frombuffer(raw, FOLIO_DTYPE)
     arr = arr[arr["desc"] != 0]
     flags = arr["desc"] & np.uint64((1 << PAGE_SHIFT) - 1)
@@ -120,9 +120,9 @@ def _check_layout(size: int, folios: Folios, what: str) -> None:
     if len(folios) == 0:
         return
     if len(np.unique(folios.index)) != len(folios):
-        raise AbiError(f"{what}: two folios claim the same file index")
+        raise AbiError(msg=f"{what}: two folios claim the same file index")
     if int(folios.index.max()) >= -(-size // PAGE_SIZE):
-        raise AbiError(f"{what}: a folio lies beyond the file size {size}")
+        raise AbiError(msg=f"{what}: a folio lies beyond the file size {size}")
 
 
 # -- struct era --------------------------------------------------------------------------------
@@ -140,31 +140,31 @@ class MemfdSer:
 def encode_ser(ser: MemfdSer) -> bytes:
     if ser.compatible == MEMFD_V1:
         if ser.seals:
-            raise AbiError("memfd-v1 cannot carry seals", errno.EOPNOTSUPP)
+            raise AbiError(msg="memfd-v1 cannot carry seals", err=errno.EOPNOTSUPP)
         return SER_V1.pack(ser.pos, ser.size, ser.nr_folios) + ser.folios.encode()
     if ser.compatible == MEMFD_V2:
         if ser.seals & ~ALL_SEALS:
-            raise AbiError(f"unknown seals {ser.seals:#x}", errno.EOPNOTSUPP)
+            raise AbiError(msg=f"unknown seals {ser.seals:#x}", err=errno.EOPNOTSUPP)
         return SER_V2.pack(ser.pos, ser.size, ser.seals, 0, ser.nr_folios) + ser.folios.encode()
-    raise AbiError(f"unknown memfd format {ser.compatible!r}", errno.ENOENT)
+    raise AbiError(msg=f"unknown memfd format {ser.compatible!r}", err=errno.ENOENT)
 
 
 def decode_ser(raw: bytes, compatible: str) -> MemfdSer:
     if compatible == MEMFD_V1:
         if len(raw) != SER_V1_SIZE:
-            raise AbiError(f"memfd-v1 is {len(raw)} bytes, not {SER_V1_SIZE}")
+            raise AbiError(msg=f"memfd-v1 is {len(raw)} bytes, not {SER_V1_SIZE}")
         pos, size, nr = SER_V1.unpack_from(raw)
         return MemfdSer(pos, size, nr, KhoVmalloc.decode(raw[SER_V1.size :]))
     if compatible == MEMFD_V2:
         if len(raw) != SER_V2_SIZE:
-            raise AbiError(f"memfd-v2 is {len(raw)} bytes, not {SER_V2_SIZE}")
+            raise AbiError(msg=f"memfd-v2 is {len(raw)} bytes, not {SER_V2_SIZE}")
         pos, size, seals, flags, nr = SER_V2.unpack_from(raw)
         if seals & ~ALL_SEALS:
-            raise AbiError(f"memfd-v2: unknown seals {seals:#x}", errno.EOPNOTSUPP)
+            raise AbiError(msg=f"memfd-v2: unknown seals {seals:#x}", err=errno.EOPNOTSUPP)
         if flags:
-            raise AbiError(f"memfd-v2: flags {flags:#x} must be 0")
+            raise AbiError(msg=f"memfd-v2: flags {flags:#x} must be 0")
         return MemfdSer(pos, size, nr, KhoVmalloc.decode(raw[SER_V2.size :]), seals, MEMFD_V2)
-    raise AbiError(f"unknown memfd format {compatible!r}", errno.ENOENT)
+    raise AbiError(msg=f"unknown memfd format {compatible!r}", err=errno.ENOENT)
 
 
 def encode_folio_array(folios: Folios) -> bytes:
@@ -182,7 +182,7 @@ def decode_folio_array(raw: bytes, nr_folios: int, size: int) -> Folios:
     unpreserve (``if (!pfn) continue;``): an entry the preserving kernel never filled."""
     what = "memfd folio array"
     if nr_folios * FOLIO_DTYPE.itemsize > len(raw):
-        raise AbiError(f"{what}: {nr_folios} folios do not fit {len(raw)} bytes")
+        raise AbiError(msg=f"{what}: {nr_folios} folios do not fit {len(raw)} bytes")
     arr = np.frombuffer(raw, FOLIO_DTYPE, count=nr_folios)
     arr = arr[(arr["desc"] & np.uint64(PFN_MASK)) != 0]
     flags = arr["desc"] >> np.uint64(PFN_BITS)

@@ -44,8 +44,8 @@ class PhysMem:
         for start, size in self.ranges:
             if start < base or start + size > base + len(buf):
                 raise AbiError(
-                    f"RAM range {start:#x}+{size:#x} lies outside the backing buffer",
-                    errno.EFAULT,
+                    msg=f"RAM range {start:#x}+{size:#x} lies outside the backing buffer",
+                    err=errno.EFAULT,
                 )
 
     @property
@@ -67,7 +67,7 @@ class PhysMem:
     def check(self, phys: int, size: int, what: str) -> None:
         if not self.contains(phys, size):
             raise AbiError(
-                f"{what} at {phys:#x}+{size:#x} is outside RAM", errno.EFAULT
+                msg=f"{what} at {phys:#x}+{size:#x} is outside RAM", err=errno.EFAULT
             )
 
     def read(self, phys: int, size: int, what: str = "read") -> bytes:
@@ -85,7 +85,7 @@ class PhysMem:
         head = self.read(phys, 8, what)
         magic, total = struct.unpack(">II", head)
         if magic != 0xD00DFEED:
-            raise AbiError(f"{what} at {phys:#x}: bad FDT magic {magic:#010x}")
+            raise AbiError(msg=f"{what} at {phys:#x}: bad FDT magic {magic:#010x}")
         if total > limit:
-            raise AbiError(f"{what} at {phys:#x}: totalsize {total:#x} is implausibly large")
+            raise AbiError(msg=f"{what} at {phys:#x}: totalsize {total:#x} is implausibly large")
         return self.read(phys, max(total, 40), what)

@@ -101,7 +101,7 @@ class Ioctl:
                 n += 1
                 if self.fields[n - 1] == self.min_end:
                     return struct.calcsize("<" + layout)
-        raise AbiError(f"{self.name}: no field {self.min_end}")
+        raise AbiError(msg=f"{self.name}: no field {self.min_end}")
 
     def _codes_with_pad(self) -> list[str]:
         out, num = [], ""
@@ -117,7 +117,7 @@ class Ioctl:
         values.setdefault("size", self.size)
         unknown = set(values) - set(self.fields)
         if unknown:
-            raise AbiError(f"{self.name}: no field {sorted(unknown)[0]}")
+            raise AbiError(msg=f"{self.name}: no field {sorted(unknown)[0]}")
         args = []
         for f in self.fields:
             v = values.get(f, b"" if self._is_bytes(f) else 0)
@@ -127,13 +127,13 @@ class Ioctl:
         try:
             return self.struct.pack(*args)
         except struct.error as e:
-            raise AbiError(f"{self.name}: {e}") from e
+            raise AbiError(msg=f"{self.name}: {e}") from e
 
     def unpack(self, raw: bytes) -> dict[str, Any]:
         if len(raw) != self.size:
-            raise AbiError(f"{self.name}: {len(raw)} bytes, not {self.size}")
+            raise AbiError(msg=f"{self.name}: {len(raw)} bytes, not {self.size}")
         if self.zero_pad and any(raw[i] for i in self._pad_offsets()):
-            raise AbiError(f"{self.name}: padding bytes must be zero")
+            raise AbiError(msg=f"{self.name}: padding bytes must be zero")
         return dict(zip(self.fields, self.struct.unpack(raw), strict=True))
 
     def _is_bytes(self, field: str) -> bool:
@@ -199,17 +199,17 @@ def ioctl(gen: Gen, name: str) -> Ioctl:
     for i in TABLES[gen]:
         if i.name == name:
             return i
-    raise AbiError(f"generation {gen} has no ioctl {name}", errno.ENOTTY)
+    raise AbiError(msg=f"generation {gen} has no ioctl {name}", err=errno.ENOTTY)
 
 
 def copy_struct_from_user(ksize: int, min_size: int, user: bytes) -> bytes:
     """The kernel's size rules: EINVAL below ``min_size``, E2BIG for a non-zero tail past
     ``ksize``, zero-extension of a shorter struct."""
     if len(user) < min_size:
-        raise AbiError(f"struct of {len(user)} bytes is shorter than {min_size}")
+        raise AbiError(msg=f"struct of {len(user)} bytes is shorter than {min_size}")
     if len(user) > ksize:
         if any(user[ksize:]):
-            raise AbiError(f"non-zero bytes past the {ksize} the kernel knows", errno.E2BIG)
+            raise AbiError(msg=f"non-zero bytes past the {ksize} the kernel knows", err=errno.E2BIG)
         return bytes(user[:ksize])
     return bytes(user) + bytes(ksize - len(user))
 
@@ -224,14 +224,15 @@ def lookup(gen: Gen, target: Target, cmd: int, arg: bytes) -> tuple[Ioctl, dict[
     nr = cmd & 0xFF
     entry = next((i for i in tab if i.nr == nr), None)
     if entry is None:
-        raise AbiError(f"ioctl nr {nr:#x} is not a {target} command of LUO {gen}")
+        raise AbiError(msg=f"ioctl nr {nr:#x} is not a {target} command of LUO {gen}")
     if len(arg) < 4:
-        raise AbiError("ioctl argument too short to hold its size", errno.EFAULT)
+        raise AbiError(msg="ioctl argument too short to hold its size", err=errno.EFAULT)
     if cmd != entry.number:
-        raise AbiError(f"ioctl {cmd:#x} is not {entry.name} ({entry.number:#x})", errno.ENOTTY)
+        raise AbiError(
+            msg=f"ioctl {cmd:#x} is not {entry.name} ({entry.number:#x})", err=errno.ENOTTY)
     (size,) = struct.unpack_from("<I", arg)
     if size > len(arg):
-        raise AbiError(f"size {size} exceeds the {len(arg)}-byte buffer", errno.EFAULT)
+        raise AbiError(msg=f"size {size} exceeds the {len(arg)}-byte buffer", err=errno.EFAULT)
     data = copy_struct_from_user(entry.size, entry.min_size, arg[:size])
     return entry, entry.unpack(data)
 
@@ -242,12 +243,12 @@ def session_name(raw: bytes, *, strict: bool) -> str:
     if b"\0" in raw:
         raw = raw[: raw.index(b"\0")]
     elif strict:
-        raise AbiError("session name is not NUL-terminated")
+        raise AbiError(msg="session name is not NUL-terminated")
     else:
         raw = raw[: SESSION_NAME_LENGTH - 1]
     if strict and not raw:
-        raise AbiError("session name is empty")
+        raise AbiError(msg="session name is empty")
     try:
         return raw.decode()
     except UnicodeDecodeError as e:
-        raise AbiError("session name is not valid UTF-8") from e
+        raise AbiError(msg="session name is not valid UTF-8") from e

@@ -42,13 +42,13 @@ class KhoVmalloc:
         for name, value, bits in (("first", self.first, 64), ("total_pages", self.total_pages,
                                   32), ("flags", self.flags, 16), ("order", self.order, 16)):
             if not 0 <= value < (1 << bits):
-                raise AbiError(f"kho_vmalloc.{name} {value} does not fit in {bits} bits")
+                raise AbiError(msg=f"kho_vmalloc.{name} {value} does not fit in {bits} bits")
         return DESC.pack(self.first, self.total_pages, self.flags, self.order)
 
     @classmethod
     def decode(cls, raw: bytes) -> KhoVmalloc:
         if len(raw) != DESC_SIZE:
-            raise AbiError(f"kho_vmalloc is {len(raw)} bytes, not {DESC_SIZE}")
+            raise AbiError(msg=f"kho_vmalloc is {len(raw)} bytes, not {DESC_SIZE}")
         return cls(*DESC.unpack(raw))
 
 
@@ -62,9 +62,9 @@ def encode_chunks(block_phys: np.ndarray, chunk_phys: np.ndarray) -> np.ndarray:
     block_phys = np.asarray(block_phys, dtype=np.uint64)
     chunk_phys = np.asarray(chunk_phys, dtype=np.uint64)
     if chunk_phys.shape != (chunks_needed(len(block_phys)),):
-        raise AbiError(f"{chunks_needed(len(block_phys))} vmalloc chunk addresses are needed")
+        raise AbiError(msg=f"{chunks_needed(len(block_phys))} vmalloc chunk addresses are needed")
     if np.any(block_phys == 0):
-        raise AbiError("a vmalloc block at physical address 0 cannot be listed")
+        raise AbiError(msg="a vmalloc block at physical address 0 cannot be listed")
     out = np.zeros((len(chunk_phys), PAGE_SIZE // 8), dtype="<u8")
     out[:-1, 0] = chunk_phys[1:]
     for i in range(len(chunk_phys)):
@@ -98,7 +98,7 @@ def layout(data: bytes, blocks: np.ndarray, chunks: np.ndarray) -> Layout:
     blocks = np.asarray(blocks, np.uint64)
     chunks = np.asarray(chunks, np.uint64)
     if (len(blocks), len(chunks)) != pages_needed(len(data)):
-        raise AbiError(f"{pages_needed(len(data))} (data, chunk) pages are needed")
+        raise AbiError(msg=f"{pages_needed(len(data))} (data, chunk) pages are needed")
     data = data.ljust(len(blocks) * PAGE_SIZE, b"\0")
     out = [(p, data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]) for i, p in enumerate(blocks.tolist())]
     out += [(p, page.tobytes()) for p, page in
@@ -122,9 +122,9 @@ class VmallocArea:
 def decode(mem: PhysMem, desc: KhoVmalloc) -> VmallocArea:
     """kho_restore_vmalloc's checks, on the whole chain before anything is used."""
     if desc.flags & ~KHO_VMALLOC_FLAGS:
-        raise AbiError(f"kho_vmalloc: unknown flags {desc.flags:#x}")
+        raise AbiError(msg=f"kho_vmalloc: unknown flags {desc.flags:#x}")
     if desc.order > MAX_PAGE_ORDER:
-        raise AbiError(f"kho_vmalloc: order {desc.order} > {MAX_PAGE_ORDER}")
+        raise AbiError(msg=f"kho_vmalloc: order {desc.order} > {MAX_PAGE_ORDER}")
     contig = 1 << desc.order
     chunks: list[int] = []
     blocks: list[np.ndarray] = []
@@ -132,26 +132,26 @@ def decode(mem: PhysMem, desc: KhoVmalloc) -> VmallocArea:
     idx = 0
     while phys:
         if phys in chunks:
-            raise AbiError(f"kho_vmalloc: chunk chain loops back to {phys:#x}")
+            raise AbiError(msg=f"kho_vmalloc: chunk chain loops back to {phys:#x}")
         if len(chunks) >= MAX_CHUNKS or phys % PAGE_SIZE:
-            raise AbiError(f"kho_vmalloc: bad chunk pointer {phys:#x}")
+            raise AbiError(msg=f"kho_vmalloc: bad chunk pointer {phys:#x}")
         page = np.frombuffer(mem.read(phys, PAGE_SIZE, "kho_vmalloc chunk"), "<u8")
         entries = page[1:]
         zero = np.flatnonzero(entries == 0)
         used = entries[: int(zero[0])] if zero.size else entries
         if np.any(used % np.uint64(PAGE_SIZE << desc.order)):
-            raise AbiError("kho_vmalloc: a block is not aligned to the area's order")
+            raise AbiError(msg="kho_vmalloc: a block is not aligned to the area's order")
         idx += len(used) * contig
         if idx > desc.total_pages:
             raise AbiError(
-                f"kho_vmalloc: blocks cover more than total_pages {desc.total_pages}"
+                msg=f"kho_vmalloc: blocks cover more than total_pages {desc.total_pages}"
             )
         chunks.append(phys)
         blocks.append(used.copy())
         phys = int(page[0])
     if idx != desc.total_pages:
-        raise AbiError(f"kho_vmalloc: blocks cover {idx} pages, total_pages says "
-                       f"{desc.total_pages}", errno.EINVAL)
+        raise AbiError(msg=f"kho_vmalloc: blocks cover {idx} pages, total_pages says "
+                       f"{desc.total_pages}", err=errno.EINVAL)
     return VmallocArea(
         desc,
         np.array(chunks, dtype=np.uint64),

@@ -27,22 +27,22 @@ def pack(header: dict[str, Any], payload: bytes = b"") -> bytes:
     head = json.dumps(header, separators=(",", ":")).encode()
     msg = _LEN.pack(len(head)) + head + payload
     if len(msg) > MAX_MESSAGE:
-        raise AbiError(f"message of {len(msg)} bytes exceeds {MAX_MESSAGE}")
+        raise AbiError(msg=f"message of {len(msg)} bytes exceeds {MAX_MESSAGE}")
     return msg
 
 
 def unpack(msg: bytes) -> tuple[dict[str, Any], bytes]:
     if len(msg) < 4:
-        raise AbiError("message shorter than its header length")
+        raise AbiError(msg="message shorter than its header length")
     (n,) = _LEN.unpack_from(msg)
     if 4 + n > len(msg):
-        raise AbiError(f"message header length {n} exceeds the {len(msg)}-byte message")
+        raise AbiError(msg=f"message header length {n} exceeds the {len(msg)}-byte message")
     try:
         header = json.loads(msg[4 : 4 + n])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AbiError(f"message header is not JSON: {e}") from e
+        raise AbiError(msg=f"message header is not JSON: {e}") from e
     if not isinstance(header, dict):
-        raise AbiError("message header is not a JSON object")
+        raise AbiError(msg="message header is not a JSON object")
     return header, bytes(msg[4 + n :])
 
 
@@ -67,7 +67,7 @@ def arg(msg: Message, name: str, kind: type[T], default: T | None = None) -> T:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise AbiError(f"{msg.header.get('op')}: argument {name!r} must be {kind.__name__}")
+        raise AbiError(msg=f"{msg.header.get('op')}: argument {name!r} must be {kind.__name__}")
     return value
 
 
@@ -84,7 +84,7 @@ def dispatch(table: Mapping[str, Handler[Ctx]], ctx: Ctx, msg: Message, *, serve
     try:
         handler = table.get(op) if isinstance(op, str) else None
         if handler is None:
-            raise LiveUpdateError(errno.ENOSYS, f"{server}: unknown operation {op!r}")
+            raise LiveUpdateError(err=errno.ENOSYS, msg=f"{server}: unknown operation {op!r}")
         reply = handler(ctx, msg)
         reply.header = {**reply.header, "errno": 0}
         return reply

@@ -28,7 +28,7 @@ class Kernel:
         if fd is None:
             value = os.environ.get(syscalls.SYSCALL_FD_ENV)
             if value is None or not value.isdigit():
-                raise LiveUpdateError(errno.ENOSYS, "not running on the emulated kernel "
+                raise LiveUpdateError(err=errno.ENOSYS, msg="not running on the emulated kernel "
                                       f"({syscalls.SYSCALL_FD_ENV} is not set)")
             fd = int(value)
         self.sock = socket.socket(fileno=fd)
@@ -44,18 +44,19 @@ class Kernel:
                 msg, ranc, _flags, _addr = self.sock.recvmsg(MAX_REPLY,
                                                              socket.CMSG_SPACE(4 * MAX_FDS))
             except OSError as e:
-                raise LiveUpdateError(errno.EIO, f"syscall {op}: {e}") from e
+                raise LiveUpdateError(err=errno.EIO, msg=f"syscall {op}: {e}") from e
         got = array.array("i")
         for level, kind, data in ranc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 got.frombytes(data[: len(data) - len(data) % got.itemsize])
         if not msg:
-            raise LiveUpdateError(errno.EIO, f"syscall {op}: the kernel closed the connection")
+            raise LiveUpdateError(
+                err=errno.EIO, msg=f"syscall {op}: the kernel closed the connection")
         reply, data = wire.unpack(msg)
         if reply.get("errno"):
             for fd in got:
                 os.close(fd)
-            raise LiveUpdateError(int(reply["errno"]), str(reply.get("message", "")))
+            raise LiveUpdateError(err=int(reply["errno"]), msg=str(reply.get("message", "")))
         return wire.Message(reply, data, got.tolist())
 
     def call(self, op: str, payload: bytes = b"", **args: Any) -> tuple[dict[str, Any], bytes]:

@@ -18,13 +18,13 @@ def kstrtobool(value: str) -> bool:
         return True
     if v in ("0", "n", "no", "off", "false"):
         return False
-    raise LiveUpdateError(errno.EINVAL, f"{value!r} is not a boolean")
+    raise LiveUpdateError(err=errno.EINVAL, msg=f"{value!r} is not a boolean")
 
 
 def memparse(value: str) -> int:
     m = re.fullmatch(r"(0[xX][0-9a-fA-F]+|\d+)([KMGTPEkmgtpe]?)", value.strip())
     if not m:
-        raise LiveUpdateError(errno.EINVAL, f"{value!r} is not a size")
+        raise LiveUpdateError(err=errno.EINVAL, msg=f"{value!r} is not a size")
     n = int(m.group(1), 0)
     return n << _SUFFIX[m.group(2).upper()] if m.group(2) else n
 
@@ -42,14 +42,14 @@ def parse_kho_scratch(value: str) -> ScratchSizes:
     if value.endswith("%"):
         digits = value[:-1]
         if not digits.isdigit() or len(digits) > 10:
-            raise LiveUpdateError(errno.EINVAL, f"kho_scratch={value}: bad percentage")
+            raise LiveUpdateError(err=errno.EINVAL, msg=f"kho_scratch={value}: bad percentage")
         return ScratchSizes(scale=int(digits))
     parts = value.split(",")
     if len(parts) != 3:
-        raise LiveUpdateError(errno.EINVAL, f"kho_scratch={value}: need L,G,P")
+        raise LiveUpdateError(err=errno.EINVAL, msg=f"kho_scratch={value}: need L,G,P")
     lo, gl, pn = (memparse(p) for p in parts)
     if lo + gl + pn == 0:
-        raise LiveUpdateError(errno.EINVAL, f"kho_scratch={value}: all sizes are zero")
+        raise LiveUpdateError(err=errno.EINVAL, msg=f"kho_scratch={value}: all sizes are zero")
     return ScratchSizes(0, lo, gl, pn)
 
 
@@ -64,10 +64,10 @@ def parse_reserve_mem(value: str) -> ReserveMem:
     """``reserve_mem=size:align:name``."""
     parts = value.split(":")
     if len(parts) != 3 or not parts[2] or len(parts[2]) > 15:
-        raise LiveUpdateError(errno.EINVAL, f"reserve_mem={value}: need size:align:name")
+        raise LiveUpdateError(err=errno.EINVAL, msg=f"reserve_mem={value}: need size:align:name")
     size, align = memparse(parts[0]), memparse(parts[1])
     if size == 0 or align & (align - 1):
-        raise LiveUpdateError(errno.EINVAL, f"reserve_mem={value}: bad size or alignment")
+        raise LiveUpdateError(err=errno.EINVAL, msg=f"reserve_mem={value}: bad size or alignment")
     return ReserveMem(size, max(align, 1), parts[2])
 
 

@@ -26,8 +26,8 @@ def _sub_fdt(k: Kernel, subtrees: tuple[tuple[str, int], ...], name: str) -> byt
             try:
                 return k.mem.read_fdt(phys, f"sub FDT {name}")
             except AbiError as e:
-                raise LiveUpdateError(errno.EIO, e.message) from e
-    raise LiveUpdateError(errno.ENOENT, f"no sub FDT {name}")
+                raise LiveUpdateError(err=errno.EIO, msg=e.message) from e
+    raise LiveUpdateError(err=errno.ENOENT, msg=f"no sub FDT {name}")
 
 
 def _lines(values: list[int]) -> bytes:
@@ -55,19 +55,19 @@ def read(k: Kernel, path: str) -> bytes:
             if parts[2] in kin.sub_fdts:
                 return kin.sub_fdts[parts[2]]
             return _sub_fdt(k, kin.root.subtrees, parts[2])
-    raise LiveUpdateError(errno.ENOENT, f"no debugfs file kho/{path}")
+    raise LiveUpdateError(err=errno.ENOENT, msg=f"no debugfs file kho/{path}")
 
 
 def write(k: Kernel, path: str, value: bytes) -> None:
     if path.strip("/") != "out/finalize":
-        raise LiveUpdateError(errno.EACCES, f"kho/{path} is not writable")
+        raise LiveUpdateError(err=errno.EACCES, msg=f"kho/{path} is not writable")
     kout = k.require_kho()
     try:
         on = int(value.strip(b"\0\n ") or b"0", 0)
     except ValueError as e:
-        raise LiveUpdateError(errno.EINVAL, "finalize takes a number") from e
+        raise LiveUpdateError(err=errno.EINVAL, msg="finalize takes a number") from e
     if not on:
-        raise LiveUpdateError(errno.EINVAL, "writing 0 to finalize is not supported")
+        raise LiveUpdateError(err=errno.EINVAL, msg="writing 0 to finalize is not supported")
     kout.finalize()
 
 

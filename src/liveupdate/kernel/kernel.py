@@ -98,5 +98,5 @@ class Kernel:
 
     def require_kho(self) -> KhoOut:
         if self.kho_out is None:
-            raise LiveUpdateError(errno.EOPNOTSUPP, "KHO is disabled (boot with kho=on)")
+            raise LiveUpdateError(err=errno.EOPNOTSUPP, msg="KHO is disabled (boot with kho=on)")
         return self.kho_out

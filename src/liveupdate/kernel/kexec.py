@@ -74,14 +74,14 @@ def file_load(k: Kernel, raw: bytes, cmdline: str) -> Loaded:
     try:
         img = image.decode(raw)
     except AbiError as e:
-        raise LiveUpdateError(errno.ENOEXEC, f"kexec_file_load: {e.message}") from e
+        raise LiveUpdateError(err=errno.ENOEXEC, msg=f"kexec_file_load: {e.message}") from e
     line = cmdline.encode() + b"\0"
     if len(line) > KEXEC_CMDLINE_MAX:
-        raise LiveUpdateError(errno.EINVAL, "kexec_file_load: command line too long")
+        raise LiveUpdateError(err=errno.EINVAL, msg="kexec_file_load: command line too long")
     kout = k.kho_out
     if kout is None:
-        raise LiveUpdateError(errno.EADDRNOTAVAIL,
-                              "kexec_file_load: no KHO scratch to load into (boot with kho=on)")
+        raise LiveUpdateError(err=errno.EADDRNOTAVAIL,
+                              msg="kexec_file_load: no KHO scratch to load into (boot with kho=on)")
     # The new image may reuse the old one's room, but a failed load leaves the old one loaded
     # (kexec_file_load swaps images only on success): nothing is written until all fits.
     before, previous = list(k.scratch_pool.free), k.kexec_image

@@ -84,10 +84,11 @@ class KhoOut:
     # -- the tracker ----------------------------------------------------------------------
     def _check(self, phys: int, order: int, max_order: int = MAX_PAGE_ORDER) -> None:
         if not 0 <= order <= max_order or phys % (PAGE_SIZE << order):
-            raise LiveUpdateError(errno.EINVAL, f"KHO: bad block {phys:#x} order {order}")
+            raise LiveUpdateError(err=errno.EINVAL, msg=f"KHO: bad block {phys:#x} order {order}")
         if overlaps_scratch(np.array([phys]), np.array([phys + (PAGE_SIZE << order)]),
                             self.scratch)[0]:
-            raise LiveUpdateError(errno.EINVAL, f"KHO: {phys:#x} order {order} overlaps scratch")
+            raise LiveUpdateError(
+                err=errno.EINVAL, msg=f"KHO: {phys:#x} order {order} overlaps scratch")
 
     def _bit(self, phys: int, order: int, value: bool) -> None:
         high = phys >> (PAGE_SHIFT + order)
@@ -105,7 +106,7 @@ class KhoOut:
 
     def _check_unfinalized(self, what: str) -> None:
         if self.finalized:
-            raise LiveUpdateError(errno.EBUSY, f"{what}: KHO is finalized")
+            raise LiveUpdateError(err=errno.EBUSY, msg=f"{what}: KHO is finalized")
 
     def unpreserve_folio(self, phys: int, order: int) -> None:
         self._check_unfinalized("kho_unpreserve_folio")
@@ -130,12 +131,13 @@ class KhoOut:
         phys = np.asarray(phys, np.uint64)
         order = np.asarray(order, np.uint8)
         if len(order) and int(order.max()) > MAX_PAGE_ORDER:
-            raise LiveUpdateError(errno.EINVAL, f"KHO: order {int(order.max())} out of range")
+            raise LiveUpdateError(
+                err=errno.EINVAL, msg=f"KHO: order {int(order.max())} out of range")
         size = np.uint64(PAGE_SIZE) << order.astype(np.uint64)
         if np.any(phys % size):  # all checks first: nothing is half-preserved
-            raise LiveUpdateError(errno.EINVAL, "KHO: a block is misaligned")
+            raise LiveUpdateError(err=errno.EINVAL, msg="KHO: a block is misaligned")
         if np.any(overlaps_scratch(phys, phys + size, self.scratch)):
-            raise LiveUpdateError(errno.EINVAL, "KHO: a block overlaps scratch")
+            raise LiveUpdateError(err=errno.EINVAL, msg="KHO: a block overlaps scratch")
         for o in np.unique(order).tolist():
             high = phys[order == o] >> np.uint64(PAGE_SHIFT + o)
             idx = high // np.uint64(self.bits_per)
@@ -159,10 +161,11 @@ class KhoOut:
     # -- preserved allocations ------------------------------------------------------------
     def alloc_preserve(self, size: int) -> int:
         if size <= 0:
-            raise LiveUpdateError(errno.EINVAL, "kho_alloc_preserve: size 0")
+            raise LiveUpdateError(err=errno.EINVAL, msg="kho_alloc_preserve: size 0")
         order = get_order(size)
         if order > MAX_PAGE_ORDER:
-            raise LiveUpdateError(errno.E2BIG, f"kho_alloc_preserve: {size} bytes is too big")
+            raise LiveUpdateError(
+                err=errno.E2BIG, msg=f"kho_alloc_preserve: {size} bytes is too big")
         phys = self.mm.alloc_pages(order)
         self.mm.zero(phys, PAGE_SIZE << order)
         try:
@@ -212,7 +215,7 @@ class KhoOut:
         try:
             self.root.add_subtree(name, phys)
         except AbiError as e:
-            raise LiveUpdateError(e.errno, f"kho_add_subtree({name}): {e.message}") from e
+            raise LiveUpdateError(err=e.errno, msg=f"kho_add_subtree({name}): {e.message}") from e
         self._flush_root()
 
     def remove_subtree(self, phys: int) -> None:
@@ -268,26 +271,27 @@ class KhoIn:
         try:
             return self.root.subtree(name)
         except AbiError as e:
-            raise LiveUpdateError(errno.ENOENT, f"kho_retrieve_subtree({name}): not found") \
+            raise LiveUpdateError(
+                err=errno.ENOENT, msg=f"kho_retrieve_subtree({name}): not found") \
                 from e
 
 
 def validate_handover(mem: PhysMem, kd: bootparams.KhoData, bitmap_bytes: int) -> KhoIn:
     """Everything kho_populate and kho_mem_deserialize would meet, checked up front."""
     if kd.fdt_size != PAGE_SIZE:
-        raise AbiError(f"root FDT size {kd.fdt_size} is not one page")
+        raise AbiError(msg=f"root FDT size {kd.fdt_size} is not one page")
     blob = mem.read(kd.fdt_addr, kd.fdt_size, "KHO root FDT")
     root = kho.decode_root(blob, require_map=True)
     scratch = bootparams.decode_scratch(mem.read(kd.scratch_addr, kd.scratch_size,
                                                  "KHO scratch array"))
     for a, s in bootparams.scratch_areas(scratch):
         if s == 0 or a % PAGE_SIZE or s % PAGE_SIZE:
-            raise AbiError(f"scratch area {a:#x}+{s:#x} is empty or not page aligned")
+            raise AbiError(msg=f"scratch area {a:#x}+{s:#x} is empty or not page aligned")
         mem.check(a, s, "KHO scratch area")
     order = np.argsort(scratch["addr"])
     sa, ss = scratch["addr"][order], scratch["size"][order]
     if np.any(sa[1:] < sa[:-1] + ss[:-1]):
-        raise AbiError("KHO scratch areas overlap")
+        raise AbiError(msg="KHO scratch areas overlap")
     pm = kho_memmap.decode_mem_map(mem, root.mem_map, bitmap_bytes)
     ends = pm.phys + (np.uint64(PAGE_SIZE) << pm.order.astype(np.uint64))
     inside = np.zeros(len(pm), bool)
@@ -295,10 +299,10 @@ def validate_handover(mem: PhysMem, kd: bootparams.KhoData, bitmap_bytes: int) -
         inside |= (pm.phys >= np.uint64(s)) & (ends <= np.uint64(s + n))
     if not np.all(inside):
         bad = int(pm.phys[~inside][0])
-        raise AbiError(f"preserved block {bad:#x} lies outside RAM")
+        raise AbiError(msg=f"preserved block {bad:#x} lies outside RAM")
     hit = overlaps_scratch(pm.phys, ends, scratch)
     if np.any(hit):
-        raise AbiError(f"preserved block {int(pm.phys[hit][0]):#x} overlaps scratch")
+        raise AbiError(msg=f"preserved block {int(pm.phys[hit][0]):#x} overlaps scratch")
     for name, phys in root.subtrees:
         mem.check(phys, 8, f"subtree {name}")
     return KhoIn(kd.fdt_addr, blob, root, scratch, kd.scratch_addr, kd.scratch_size, pm)

@@ -31,7 +31,7 @@ from liveupdate.kernel.syscalls.process import Userspace, become_subreaper
 def _run(k: Kernel, m: Message) -> Message:
     argv = arg(m, "argv", list)
     if not argv or not all(isinstance(a, str) for a in argv):
-        raise LiveUpdateError(errno.EINVAL, "run: argv must be a non-empty list of strings")
+        raise LiveUpdateError(err=errno.EINVAL, msg="run: argv must be a non-empty list of strings")
     timeout = arg(m, "timeout", float, 60.0)
     proc = k.require_userspace().spawn(argv, capture=True, cwd=k.disk_dir or "/")
     try:
@@ -39,7 +39,8 @@ def _run(k: Kernel, m: Message) -> Message:
     except subprocess.TimeoutExpired as e:
         proc.popen.kill()
         proc.popen.communicate()
-        raise LiveUpdateError(errno.ETIMEDOUT, f"run: {argv[0]} did not exit in {timeout}s") \
+        raise LiveUpdateError(
+            err=errno.ETIMEDOUT, msg=f"run: {argv[0]} did not exit in {timeout}s") \
             from e
     finally:
         k.require_userspace().reap(proc)

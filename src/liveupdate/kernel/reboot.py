@@ -66,7 +66,7 @@ def prepare_jump(k: Kernel) -> Loaded:
     """Every step before the jump, in order; returns the image to jump to."""
     loaded = k.kexec_image
     if loaded is None:
-        raise LiveUpdateError(errno.EINVAL, "reboot(KEXEC): no kexec image loaded")
+        raise LiveUpdateError(err=errno.EINVAL, msg="reboot(KEXEC): no kexec image loaded")
     k.require_kho()
     for _name, step in STEPS:
         step(k)

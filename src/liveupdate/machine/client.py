@@ -36,8 +36,8 @@ class MachineClient:
                 s.connect(self.path)
             except OSError as e:
                 s.close()
-                raise LiveUpdateError(errno.ECONNREFUSED,
-                                      f"no machine at {self.dir} ({e.strerror})") from e
+                raise LiveUpdateError(err=errno.ECONNREFUSED,
+                                      msg=f"no machine at {self.dir} ({e.strerror})") from e
             self._sock = s
         return self._sock
 
@@ -49,13 +49,14 @@ class MachineClient:
                 msg = protocol.recv(sock)
             except OSError as e:
                 self.close()
-                raise LiveUpdateError(errno.ECONNRESET, f"machine connection lost: {e}") from e
+                raise LiveUpdateError(
+                    err=errno.ECONNRESET, msg=f"machine connection lost: {e}") from e
             if msg is None:
                 self.close()
-                raise LiveUpdateError(errno.ECONNRESET, "machine closed the connection")
+                raise LiveUpdateError(err=errno.ECONNRESET, msg="machine closed the connection")
         reply, data = msg
         if reply.get("errno"):
-            raise LiveUpdateError(int(reply["errno"]), str(reply.get("message", "")))
+            raise LiveUpdateError(err=int(reply["errno"]), msg=str(reply.get("message", "")))
         return reply, data
 
     def close(self) -> None:
@@ -77,7 +78,7 @@ class MachineClient:
         """Wait for the running kernel; EIO if it panicked or powered off instead."""
         st = self.wait_state("running", "panic", "off", timeout=timeout)
         if st["state"] != "running":
-            raise LiveUpdateError(errno.EIO, f"machine is {st['state']}: {st['reason']}")
+            raise LiveUpdateError(err=errno.EIO, msg=f"machine is {st['state']}: {st['reason']}")
         return st
 
     def console(self, offset: int = 0) -> tuple[int, bytes]:
@@ -98,7 +99,7 @@ class MachineClient:
             argv += ["--append", append]
         r = self.run(argv, timeout=timeout)
         if r["status"] != 0:
-            raise LiveUpdateError(errno.EINVAL, f"kexec load failed: {r['stderr'].strip()}")
+            raise LiveUpdateError(err=errno.EINVAL, msg=f"kexec load failed: {r['stderr'].strip()}")
         return str(r["stdout"]).strip()
 
     def kexec_exec(self, timeout: float = 60) -> dict[str, Any]:
@@ -110,7 +111,7 @@ class MachineClient:
             if e.errno != errno.EIO:  # EIO: the kernel went away, as it should
                 raise
         else:
-            raise LiveUpdateError(errno.EINVAL, r["stderr"].strip() or "kexec -e returned")
+            raise LiveUpdateError(err=errno.EINVAL, msg=r["stderr"].strip() or "kexec -e returned")
         return self.booted(timeout)
 
     def kexec(self, image: str = "images/default.img", *, cmdline: str | None = None,
@@ -197,6 +198,6 @@ def start(folder: str, *, memory: int = 4 << 30, image: str = "", cmdline: str =
         line = ready.readline()
     if line != b"ready\n":
         proc.wait()
-        raise LiveUpdateError(errno.EIO, f"machine failed to start (exit {proc.returncode}"
+        raise LiveUpdateError(err=errno.EIO, msg=f"machine failed to start (exit {proc.returncode}"
                               + (f", see {log}" if log else "") + ")")
     return proc, MachineClient(folder)

@@ -30,10 +30,10 @@ def cold_boot(ram: Ram, image_bytes: bytes, cmdline: str) -> int:
     """Lay out a cold boot; returns the boot parameters' physical address."""
     img = image.decode(image_bytes)
     if IMAGE_BASE + img.load_size > ram.size:
-        raise LiveUpdateError(errno.ENOMEM, "the kernel image does not fit in RAM")
+        raise LiveUpdateError(err=errno.ENOMEM, msg="the kernel image does not fit in RAM")
     line = cmdline.encode() + b"\0"
     if len(line) > bootparams.CMDLINE_MAX:
-        raise LiveUpdateError(errno.EINVAL, "command line longer than 2048 bytes")
+        raise LiveUpdateError(err=errno.EINVAL, msg="command line longer than 2048 bytes")
     ram.write(IMAGE_BASE, image_bytes)
     ram.write(CMDLINE, line)
     bp = bootparams.BootParams(e820(ram.size), CMDLINE, bootparams.CMDLINE_MAX, 0, IMAGE_BASE)

@@ -68,11 +68,11 @@ STOPPED = frozenset({State.OFF, State.PANIC})
 
 def parse_states(names: object) -> list[State]:
     if not isinstance(names, list) or not names:
-        raise LiveUpdateError(errno.EINVAL, "states must be a non-empty list")
+        raise LiveUpdateError(err=errno.EINVAL, msg="states must be a non-empty list")
     try:
         return [State(n) for n in names]
     except ValueError as e:
-        raise LiveUpdateError(errno.EINVAL, f"unknown machine state: {e}") from e
+        raise LiveUpdateError(err=errno.EINVAL, msg=f"unknown machine state: {e}") from e
 
 
 @dataclass
@@ -165,7 +165,7 @@ class Machine:
         try:
             rx = re.compile(pattern.encode())
         except re.error as e:
-            raise LiveUpdateError(errno.EINVAL, f"bad pattern: {e}") from e
+            raise LiveUpdateError(err=errno.EINVAL, msg=f"bad pattern: {e}") from e
         deadline = time.monotonic() + timeout
         with self.cond:
             while True:
@@ -179,13 +179,13 @@ class Machine:
                             "line": line.decode(errors="replace")}
                 kp = self.kernel
                 if self.state in STOPPED and (kp is None or kp.drained.is_set()):
-                    raise LiveUpdateError(errno.EIO, f"machine is {self.state.value}"
+                    raise LiveUpdateError(err=errno.EIO, msg=f"machine is {self.state.value}"
                                           + (f" ({self.reason})" if self.reason else "")
                                           + f" and the console never matched {pattern!r}")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise LiveUpdateError(errno.ETIMEDOUT,
-                                          f"console did not match {pattern!r} in {timeout}s")
+                    raise LiveUpdateError(err=errno.ETIMEDOUT,
+                                          msg=f"console did not match {pattern!r} in {timeout}s")
                 self.cond.wait(left)
 
     def wait_state(self, states: list[State], timeout: float) -> dict[str, Any]:
@@ -195,7 +195,7 @@ class Machine:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     names = "/".join(s.value for s in states)
-                    raise LiveUpdateError(errno.ETIMEDOUT, f"machine stayed "
+                    raise LiveUpdateError(err=errno.ETIMEDOUT, msg=f"machine stayed "
                                           f"{self.state.value}, not {names}, for {timeout}s")
                 self.cond.wait(left)
         return self.status()
@@ -312,17 +312,18 @@ class Machine:
     def power_on(self, config: dict[str, Any]) -> None:
         with self.lock:
             if self.state not in STOPPED:
-                raise LiveUpdateError(errno.EBUSY, f"machine is {self.state.value}")
+                raise LiveUpdateError(err=errno.EBUSY, msg=f"machine is {self.state.value}")
             memory = config.get("memory", 4 << 30)
             if not isinstance(memory, int) or isinstance(memory, bool):
-                raise LiveUpdateError(errno.EINVAL, "memory must be a number of bytes")
+                raise LiveUpdateError(err=errno.EINVAL, msg="memory must be a number of bytes")
             self.power_off()
             img_path = os.path.join(self.disk, str(config.get("image") or DEFAULT_IMAGE))
             try:
                 with open(img_path, "rb") as f:
                     raw = f.read(PAGE_SIZE)
             except OSError as e:
-                raise LiveUpdateError(errno.ENOENT, f"image {img_path}: {e.strerror}") from e
+                raise LiveUpdateError(
+                    err=errno.ENOENT, msg=f"image {img_path}: {e.strerror}") from e
             cmdline = str(config.get("cmdline") or DEFAULT_CMDLINE)
             cmdline += f" lu.disk={self.disk} lu.run={self.run}"
             self.ram = Ram(memory)
@@ -353,7 +354,7 @@ class Machine:
         with self.lock:
             kp = self.kernel
             if kp is None or self.state is not State.RUNNING:
-                raise LiveUpdateError(errno.EAGAIN, f"no running kernel (machine is "
+                raise LiveUpdateError(err=errno.EAGAIN, msg=f"no running kernel (machine is "
                                       f"{self.state.value})")
             rid = self.next_id
             self.next_id += 1
@@ -362,10 +363,10 @@ class Machine:
             kp.link.send(wire.pack({**header, "id": rid}))
         if not pending.done.wait(timeout):
             kp.pending.pop(rid, None)
-            raise LiveUpdateError(errno.ETIMEDOUT, f"kernel did not answer {header['op']}")
+            raise LiveUpdateError(err=errno.ETIMEDOUT, msg=f"kernel did not answer {header['op']}")
         if pending.reply.get("errno"):
-            raise LiveUpdateError(int(pending.reply["errno"]),
-                                  str(pending.reply.get("message", "")))
+            raise LiveUpdateError(err=int(pending.reply["errno"]),
+                                  msg=str(pending.reply.get("message", "")))
         return pending.reply, pending.payload
 
     def status(self) -> dict[str, Any]:
@@ -451,10 +452,11 @@ def _log_bug(line: str) -> None:
 
 def _ram(peer: Peer) -> Ram:
     if peer.guest:
-        raise LiveUpdateError(errno.EPERM, "the RAM debug port answers host-side tools only, "
-                              "not the machine's own kernels or their userspace")
+        raise LiveUpdateError(
+            err=errno.EPERM, msg="the RAM debug port answers host-side tools only, "
+            "not the machine's own kernels or their userspace")
     if peer.machine.ram is None:
-        raise LiveUpdateError(errno.EAGAIN, "machine is off")
+        raise LiveUpdateError(err=errno.EAGAIN, msg="machine is off")
     return peer.machine.ram
 
 
@@ -484,7 +486,7 @@ def _console(p: Peer, m: Message) -> Message:
     with mc.cond:
         end = mc.console_base + len(mc.console)
         if off < mc.console_base:
-            raise LiveUpdateError(errno.ERANGE, f"console before byte {mc.console_base} is "
+            raise LiveUpdateError(err=errno.ERANGE, msg=f"console before byte {mc.console_base} is "
                                   f"only in {mc.console_path}")
         return Message({"end": end}, bytes(mc.console[off - mc.console_base :]))
 

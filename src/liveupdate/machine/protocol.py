@@ -34,7 +34,7 @@ def recv(sock: socket.socket) -> tuple[dict[str, Any], bytes] | None:
         return None
     (n,) = _LEN.unpack(head)
     if n > wire.MAX_MESSAGE:
-        raise LiveUpdateError(errno.EMSGSIZE, f"control message of {n} bytes is too large")
+        raise LiveUpdateError(err=errno.EMSGSIZE, msg=f"control message of {n} bytes is too large")
     msg = _recv_exact(sock, n)
     if msg is None:
         return None

@@ -15,8 +15,9 @@ MAX_MEMORY = 1 << 40
 class Ram:
     def __init__(self, size: int) -> None:
         if not MIN_MEMORY <= size <= MAX_MEMORY or size % (2 << 20):
-            raise LiveUpdateError(errno.EINVAL, f"memory must be a multiple of 2 MiB between "
-                                  f"{MIN_MEMORY >> 20} MiB and {MAX_MEMORY >> 40} TiB")
+            raise LiveUpdateError(
+                err=errno.EINVAL, msg=f"memory must be a multiple of 2 MiB between "
+                f"{MIN_MEMORY >> 20} MiB and {MAX_MEMORY >> 40} TiB")
         self.size = size
         self.fd = os.memfd_create("lu-ram", 0)
         os.set_inheritable(self.fd, False)
@@ -25,7 +26,7 @@ class Ram:
 
     def _check(self, phys: int, n: int) -> None:
         if phys < 0 or n < 0 or phys + n > self.size:
-            raise LiveUpdateError(errno.EFAULT, f"{phys:#x}+{n:#x} is outside RAM")
+            raise LiveUpdateError(err=errno.EFAULT, msg=f"{phys:#x}+{n:#x} is outside RAM")
 
     def read(self, phys: int, n: int) -> bytes:
         self._check(phys, n)

@@ -46,7 +46,7 @@ class Ram:
         align = PAGE_SIZE << order
         phys = -(-self.next // align) * align
         if phys + align > self.size:
-            raise AbiError(f"example does not fit in {self.size // MiB} MiB of RAM")
+            raise AbiError(msg=f"example does not fit in {self.size // MiB} MiB of RAM")
         self.next = phys + align
         return phys
 
@@ -109,7 +109,7 @@ def _memfd_folios(ram: Ram, rng: np.random.Generator, vm_mib: int) -> memfd.Foli
 def build(generation: str = "6.19", ram_size: int = 1 << 30, vm_mib: int = 16,
           bitmap_bytes: int = kho_memmap.BITMAP_BYTES_6_18, seed: int = 1) -> Example:
     if generation not in GENERATIONS:
-        raise AbiError(f"unknown generation {generation!r} (choose from {GENERATIONS})")
+        raise AbiError(msg=f"unknown generation {generation!r} (choose from {GENERATIONS})")
     rng = np.random.default_rng(seed)
     ram = Ram(ram_size)
     scratch = np.array([[16 * MiB, 64 * MiB], [96 * MiB, 128 * MiB]], dtype=np.uint64)

@@ -54,12 +54,12 @@ def identify(blob: bytes) -> str:
             return "luo-v3" if root.child(luo_v3.SUBSYSTEMS_NODE) else "luo-session"
         if not compat and {"pos", "size", "folios"} <= set(root.props):
             return "memfd-fdt"
-        raise AbiError(f"unknown FDT (compatible: {compat or 'none'})")
+        raise AbiError(msg=f"unknown FDT (compatible: {compat or 'none'})")
     if len(blob) >= bootparams.SETUP_HDR_SIZE:
         _, type_, length = bootparams.SETUP_HDR.unpack_from(blob)
         if type_ == bootparams.SETUP_KEXEC_KHO and length == bootparams.KHO_DATA_SIZE:
             return "setup_data"
-    raise AbiError("not a KHO root FDT, setup_data blob or known sub-FDT")
+    raise AbiError(msg="not a KHO root FDT, setup_data blob or known sub-FDT")
 
 
 def _guard(fn: Callable[[], Report]) -> Report:
@@ -145,7 +145,7 @@ def _describe_kho_test(blob: bytes, mem: PhysMem | None, bb: int | None) -> Repo
                 assert t.folios_vmalloc is not None
                 area = vmalloc.decode(mem, t.folios_vmalloc).read(mem)
                 if len(area) < 8 * t.nr_folios:
-                    raise AbiError("kho_test: folios_info area is shorter than nr_folios")
+                    raise AbiError(msg="kho_test: folios_info area is shorter than nr_folios")
                 arr = np.frombuffer(area, "<u8", count=t.nr_folios)
                 return {"folios_per_order": _order_counts(arr & np.uint64(0xFFF))}
             rep["folios"] = _guard(load)

@@ -57,7 +57,7 @@ class Buddy:
     def alloc(self, order: int) -> int:
         """Allocate 2^order pages; returns the head PFN (refcount 1). ENOMEM."""
         if not 0 <= order <= MAX_PAGE_ORDER:
-            raise LiveUpdateError(errno.EINVAL, f"page order {order} out of range")
+            raise LiveUpdateError(err=errno.EINVAL, msg=f"page order {order} out of range")
         for o in range(order, MAX_PAGE_ORDER + 1):
             if self.free_lists[o]:
                 pfn = self.free_lists[o].pop()
@@ -70,7 +70,7 @@ class Buddy:
                 self.meta.refcount[pfn] = 1
                 self.meta.order[pfn] = order
                 return pfn
-        raise LiveUpdateError(errno.ENOMEM, f"out of memory allocating order {order}")
+        raise LiveUpdateError(err=errno.ENOMEM, msg=f"out of memory allocating order {order}")
 
     def free(self, pfn: int, order: int) -> None:
         self._insert(pfn, order)

@@ -136,5 +136,5 @@ class Memblock:
             if addr >= max(start, lo) and top - size >= 0:
                 self.reserve(addr, size, flags)
                 return addr
-        raise LiveUpdateError(errno.ENOMEM, f"memblock: cannot allocate {size:#x} bytes"
+        raise LiveUpdateError(err=errno.ENOMEM, msg=f"memblock: cannot allocate {size:#x} bytes"
                               + (" from scratch" if want_scratch else ""))

@@ -41,8 +41,8 @@ class ScratchPool:
                 rest = [(s, addr), (addr + size, e)]
                 self.free[i : i + 1] = [(a, b) for a, b in rest if a < b]
                 return addr
-        raise LiveUpdateError(errno.EADDRNOTAVAIL,
-                              f"no {size:#x}-byte hole in KHO scratch for a kexec segment")
+        raise LiveUpdateError(err=errno.EADDRNOTAVAIL,
+                              msg=f"no {size:#x}-byte hole in KHO scratch for a kexec segment")
 
     def release(self, start: int, size: int) -> None:
         self.add(start, start + size)

@@ -60,7 +60,7 @@ def _reboot(k: Kernel, m: Message) -> Message:
         power.power_off(k)
     elif cmd == syscalls.LINUX_REBOOT_CMD_RESTART:
         power.restart(k)
-    raise LiveUpdateError(errno.EINVAL, f"unknown reboot command {cmd:#x}")
+    raise LiveUpdateError(err=errno.EINVAL, msg=f"unknown reboot command {cmd:#x}")
 
 
 def _debugfs_read(k: Kernel, m: Message) -> Message:
@@ -106,7 +106,7 @@ def _answer(k: Kernel, raw: bytes, fds: list[int], flags: int) -> tuple[bytes, l
     """The reply record and the fds to send with it."""
     try:
         if flags & socket.MSG_CTRUNC:
-            raise AbiError(f"more than {MAX_FDS} file descriptors in one call")
+            raise AbiError(msg=f"more than {MAX_FDS} file descriptors in one call")
         header, payload = wire.unpack(raw)
     except AbiError as e:
         return wire.pack({"errno": e.errno, "message": e.message}), []
