@@ -113,6 +113,34 @@ class Ioctl:
             num = ""
         return out
 
+    def _field_span(self, name: str) -> tuple[int, str]:
+        """(offset, struct code) of a field."""
+        pos, n = 0, 0
+        for code in self._codes_with_pad():
+            if not code.endswith("x"):
+                if self.fields[n] == name:
+                    return pos, code
+                n += 1
+            pos += struct.calcsize("<" + code)
+        raise AbiError(msg=f"{self.name}: no field {name}")
+
+    def field(self, raw: bytes, name: str) -> int:
+        """An integer field read from user bytes (0 where the bytes are too short)."""
+        off, code = self._field_span(name)
+        size = struct.calcsize("<" + code)
+        if len(raw) < off + size:
+            return 0
+        value: int = struct.unpack_from("<" + code, raw, off)[0]
+        return value
+
+    def field_end(self, name: str) -> int:
+        off, code = self._field_span(name)
+        return off + struct.calcsize("<" + code)
+
+    def set_field(self, buf: bytearray, name: str, value: int) -> None:
+        off, code = self._field_span(name)
+        struct.pack_into("<" + code, buf, off, value)
+
     def pack(self, **values: Any) -> bytes:
         values.setdefault("size", self.size)
         unknown = set(values) - set(self.fields)
@@ -200,6 +228,11 @@ def ioctl(gen: Gen, name: str) -> Ioctl:
         if i.name == name:
             return i
     raise AbiError(msg=f"generation {gen} has no ioctl {name}", err=errno.ENOTTY)
+
+
+def entry_for(gen: Gen, cmd: int) -> Ioctl | None:
+    """The table entry whose number is exactly ``cmd`` (for userspace fd translation)."""
+    return next((i for i in TABLES[gen] if i.number == cmd), None)
 
 
 def copy_struct_from_user(ksize: int, min_size: int, user: bytes) -> bytes:

@@ -14,7 +14,9 @@ import socket
 import threading
 from typing import Any
 
-from liveupdate.abi import syscalls, wire
+from liveupdate.abi import syscalls, uapi, wire
+from liveupdate.client.generation import generation_of
+from liveupdate.client.mapping import Mapping, map_extents
 from liveupdate.errors import LiveUpdateError
 
 MAX_REPLY = 64 << 20
@@ -33,6 +35,7 @@ class Kernel:
             fd = int(value)
         self.sock = socket.socket(fileno=fd)
         self._lock = threading.Lock()
+        self._gen: uapi.Gen | None = None
 
     def call_fds(self, op: str, payload: bytes = b"", fds: list[int] | None = None,
                  **args: Any) -> wire.Message:
@@ -85,3 +88,100 @@ class Kernel:
 
     def debugfs_write(self, path: str, value: bytes) -> None:
         self.call("debugfs_write", value, path=path)
+
+    # -- files ----------------------------------------------------------------------------
+    def _new_fd(self, op: str, payload: bytes = b"", fds: list[int] | None = None,
+                **args: Any) -> int:
+        m = self.call_fds(op, payload, fds, **args)
+        if len(m.fds) != 1:
+            for fd in m.fds:
+                os.close(fd)
+            raise LiveUpdateError(err=errno.EIO, msg=f"{op}: expected one fd back")
+        return m.fds[0]
+
+    def _on(self, op: str, fd: int, payload: bytes = b"", **args: Any) -> wire.Message:
+        return self.call_fds(op, payload, [fd], **args)
+
+    def open(self, path: str) -> int:
+        """``open(path, O_RDWR)``: a handle the caller owns (close it with ``os.close``)."""
+        return self._new_fd("open", path=path)
+
+    def memfd_create(self, name: str, flags: int = 0) -> int:
+        return self._new_fd("memfd_create", name=name, flags=flags)
+
+    def ftruncate(self, fd: int, size: int) -> None:
+        self._on("ftruncate", fd, size=size)
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        return int(self._on("pwrite", fd, data, offset=offset).header["written"])
+
+    def pread(self, fd: int, count: int, offset: int) -> bytes:
+        return self._on("pread", fd, count=count, offset=offset).payload
+
+    def write(self, fd: int, data: bytes) -> int:
+        return int(self._on("write", fd, data).header["written"])
+
+    def read(self, fd: int, count: int) -> bytes:
+        return self._on("read", fd, count=count).payload
+
+    def lseek(self, fd: int, offset: int, whence: int = os.SEEK_SET) -> int:
+        return int(self._on("lseek", fd, offset=offset, whence=whence).header["offset"])
+
+    def fstat(self, fd: int) -> dict[str, Any]:
+        return self._on("fstat", fd).header
+
+    def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
+        self._on("fallocate", fd, mode=mode, offset=offset, length=length)
+
+    def mmap(self, fd: int, length: int, offset: int = 0) -> Mapping:
+        """Map ``length`` bytes of a memfd as one contiguous range (zero copy, see
+        :mod:`liveupdate.client.mapping`). The mapping keeps the folios alive."""
+        m = self._on("mmap", fd, offset=offset, length=length)
+        try:
+            extents = [(int(p), int(n)) for p, n in m.header["extents"]]
+            return map_extents(m.fds[0], extents)
+        finally:
+            for f in m.fds:
+                os.close(f)
+
+    def extents(self, fd: int, length: int, offset: int = 0) -> list[tuple[int, int]]:
+        """The physical extents ``mmap`` would map (for tools that prove zero copy)."""
+        m = self._on("mmap", fd, offset=offset, length=length)
+        for f in m.fds:
+            os.close(f)
+        return [(int(p), int(n)) for p, n in m.header["extents"]]
+
+    def ioctl(self, fd: int, cmd: int, buf: bytearray) -> None:
+        """``ioctl(fd, cmd, buf)`` with the uAPI struct bytes in ``buf`` (updated in place).
+
+        fd fields of the struct are translated as a real kernel's would be read: the fds
+        named by ``fd_in`` fields ride along (a negative or closed fd is not attached, and
+        the kernel answers EBADF); fds the kernel returns are patched into ``fd_out``
+        fields as numbers of this process."""
+        entry = uapi.entry_for(self.generation, cmd)
+        fds: list[int] = []
+        if entry is not None:
+            for name in entry.fd_in:
+                value = entry.field(bytes(buf), name)
+                if value >= 0 and _is_open(value):
+                    fds.append(value)
+        m = self.call_fds("ioctl", bytes(buf), [fd, *fds], cmd=cmd)
+        buf[: len(m.payload)] = m.payload
+        if entry is not None:
+            for name, new in zip(entry.fd_out, m.fds, strict=False):
+                if len(m.payload) >= entry.field_end(name):
+                    entry.set_field(buf, name, new)
+
+    @property
+    def generation(self) -> uapi.Gen:
+        if self._gen is None:
+            self._gen = generation_of(self.uname())
+        return self._gen
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True

@@ -26,6 +26,7 @@ from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.kernel import scratch_sizing, testmods
 from liveupdate.kernel.cmdline import Cmdline
 from liveupdate.kernel.kho import KhoIn, KhoOut, validate_handover
+from liveupdate.kernel.luo import boot as luo_boot
 from liveupdate.kernel.mm import reserve_mem
 from liveupdate.kernel.mm.memblock import (
     MEMBLOCK_RSRV_KERN,
@@ -150,6 +151,7 @@ def start_kernel(k: Kernel, bp_phys: int) -> None:
         k.printk(f"KHO: root FDT at {k.kho_out.root_phys:#x}")
     elif k.kho_enabled:
         k.kho_enabled = False
+    luo_boot.init(k)
     run_base = k.cmdline.get("lu.run")
     if run_base:
         k.run_dir = os.path.join(run_base, f"kernel-{k.boot_id}")

@@ -105,6 +105,7 @@ def status(k: Kernel) -> dict[str, Any]:
             "subtrees": [{"name": n, "fdt": f"{p:#x}"} for n, p in kin.root.subtrees],
         }
     rep["reserve_mem"] = k.reserve_mem
+    rep["luo"] = k.luo.status() if k.luo is not None else None
     loaded = k.kexec_image
     rep["kexec"] = None if loaded is None else {
         "release": loaded.release, "entry": f"{loaded.entry:#x}",

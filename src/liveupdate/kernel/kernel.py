@@ -21,6 +21,8 @@ from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel import power
 from liveupdate.kernel.cmdline import Cmdline
+from liveupdate.kernel.fs.file import FileTable
+from liveupdate.kernel.fs.memfd import THP_MODES, Memfd
 from liveupdate.kernel.kho import KhoIn, KhoOut
 from liveupdate.kernel.link import Link
 from liveupdate.kernel.mm.buddy import Buddy
@@ -31,10 +33,12 @@ from liveupdate.kernel.syscalls.process import Userspace
 
 if TYPE_CHECKING:
     from liveupdate.kernel.kexec import Loaded
+    from liveupdate.kernel.luo.v3 import LuoV3
 
 
 class Kernel:
     def __init__(self, ram_fd: int, link: Link) -> None:
+        self.ram_fd = ram_fd
         self.ram_size = os.fstat(ram_fd).st_size
         self.ram = mmap.mmap(ram_fd, self.ram_size, mmap.MAP_SHARED,
                              mmap.PROT_READ | mmap.PROT_WRITE)
@@ -56,6 +60,9 @@ class Kernel:
         self.userspace: Userspace | None = None
         self.kexec_image: Loaded | None = None
         self.reboot_notifiers: list[Callable[[Kernel], None]] = []
+        self.files = FileTable(self.printk)
+        self.luo: LuoV3 | None = None
+        self.next_ino = 1
         self.boot_id = os.urandom(4).hex()
         self.run_dir = ""
         self.disk_dir = ""
@@ -88,6 +95,12 @@ class Kernel:
 
     def read(self, phys: int, size: int) -> bytes:
         return self.mem.read(phys, size)
+
+    def new_memfd(self, name: str) -> Memfd:
+        thp = self.cmdline.get("transparent_hugepage_shmem", "within_size")
+        m = Memfd(self, name, self.next_ino, thp if thp in THP_MODES else "within_size")
+        self.next_ino += 1
+        return m
 
     def is_kho_boot(self) -> bool:
         return self.kho_in is not None

@@ -146,6 +146,20 @@ class KhoOut:
                 bm = bitmaps.setdefault(i, np.zeros(self.bits_per, bool))
                 bm[(high[idx == i] % np.uint64(self.bits_per)).astype(np.int64)] = True
 
+    def unpreserve_blocks(self, phys: np.ndarray, order: np.ndarray) -> None:
+        """Bulk unpreserve, the symmetric pair of :meth:`preserve_blocks`."""
+        self._check_unfinalized("kho_unpreserve_folio")
+        phys = np.asarray(phys, np.uint64)
+        order = np.asarray(order, np.uint8)
+        for o in np.unique(order).tolist():
+            high = phys[order == o] >> np.uint64(PAGE_SHIFT + o)
+            idx = high // np.uint64(self.bits_per)
+            bitmaps = self.tracker.get(o, {})
+            for i in np.unique(idx).tolist():
+                bm = bitmaps.get(i)
+                if bm is not None:
+                    bm[(high[idx == i] % np.uint64(self.bits_per)).astype(np.int64)] = False
+
     def preserved(self) -> tuple[np.ndarray, np.ndarray]:
         """Every preserved block as (phys, order) arrays."""
         phys, order = [], []

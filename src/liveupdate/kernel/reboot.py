@@ -5,13 +5,16 @@ finalizes KHO from there), ``kernel_restart_prepare()`` (the reboot notifier cha
 ``migrate_to_reboot_cpu()``/``machine_shutdown()`` and ``machine_kexec()``. Here the same
 order, with what an emulated machine needs in between:
 
-1. ``finalize`` -- KHO finalize: the memory map is serialized.
-2. ``notifiers`` -- reboot notifiers registered by kernel components (test components that
+1. ``luo_freeze`` -- ``liveupdate_reboot()``: LUO freezes what it prepared; a failure has
+   already cancelled everything (back to NORMAL) and ``reboot()`` fails with its errno --
+   nothing irreversible has happened yet.
+2. ``finalize`` -- KHO finalize: the memory map is serialized.
+3. ``notifiers`` -- reboot notifiers registered by kernel components (test components that
    act after finalize, e.g. ``kho_corrupt``).
-3. ``end_userspace`` -- every userspace process ends (subreaper + pidfds). KHO is finalized
+4. ``end_userspace`` -- every userspace process ends (subreaper + pidfds). KHO is finalized
    by then, and a finalized KHO refuses every unpreserve with EBUSY (``KhoOut``), so the
    hang-ups of ended processes cannot change what crosses.
-4. ``sanitize`` -- everything outside the kept set is punched (``kho_sanitize=off`` skips it).
+5. ``sanitize`` -- everything outside the kept set is punched (``kho_sanitize=off`` skips it).
 
 then the jump, which only the real kernel process does (:func:`kernel_kexec`); the in-process
 test rig runs :func:`prepare_jump` and boots the next kernel object on the same RAM. There is
@@ -31,6 +34,11 @@ from liveupdate.kernel import kexec
 if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
     from liveupdate.kernel.kexec import Loaded
+
+
+def _luo_freeze(k: Kernel) -> None:
+    if k.luo is not None:
+        k.luo.freeze()
 
 
 def _finalize(k: Kernel) -> None:
@@ -55,6 +63,7 @@ def _sanitize(k: Kernel) -> None:
 
 
 STEPS: tuple[tuple[str, Callable[[Kernel], None]], ...] = (
+    ("luo_freeze", _luo_freeze),
     ("finalize", _finalize),
     ("notifiers", _notifiers),
     ("end_userspace", _end_userspace),

@@ -16,7 +16,8 @@ import socket
 import subprocess
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from liveupdate.abi.syscalls import SYSCALL_FD_ENV
 
@@ -45,11 +46,13 @@ def children_of(ppid: int) -> list[int]:
     return out
 
 
-@dataclass
+@dataclass(eq=False)
 class Proc:
     popen: subprocess.Popen[bytes]
     argv: list[str]
     conn: socket.socket
+    # what this process mapped (memfds): references dropped when the process is gone
+    mappings: list[Any] = field(default_factory=list)
 
 
 class Userspace:

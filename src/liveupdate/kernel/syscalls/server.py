@@ -27,6 +27,7 @@ from liveupdate.abi import syscalls, wire
 from liveupdate.abi.wire import Message, arg
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.kernel import debugfs, kexec, power, reboot
+from liveupdate.kernel.syscalls.files import FILE_SYSCALLS, Caller
 
 if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
@@ -36,24 +37,24 @@ MAX_REQUEST = 64 << 20
 MAX_FDS = 253  # SCM_MAX_FD
 
 
-def _uname(k: Kernel, m: Message) -> Message:
-    return Message({"release": k.image.release, "machine": "x86_64-lu"})
+def _uname(c: Caller, m: Message) -> Message:
+    return Message({"release": c.k.image.release, "machine": "x86_64-lu"})
 
 
-def _cmdline(k: Kernel, m: Message) -> Message:
-    return Message({"cmdline": k.cmdline.raw})
+def _cmdline(c: Caller, m: Message) -> Message:
+    return Message({"cmdline": c.k.cmdline.raw})
 
 
-def _kexec_file_load(k: Kernel, m: Message) -> Message:
+def _kexec_file_load(c: Caller, m: Message) -> Message:
     if arg(m, "unload", bool, False):
-        kexec.unload(k)
+        kexec.unload(c.k)
         return Message({})
-    loaded = kexec.file_load(k, m.payload, arg(m, "cmdline", str, ""))
+    loaded = kexec.file_load(c.k, m.payload, arg(m, "cmdline", str, ""))
     return Message({"entry": loaded.entry, "boot_params": loaded.boot_params})
 
 
-def _reboot(k: Kernel, m: Message) -> Message:
-    cmd = arg(m, "cmd", int)
+def _reboot(c: Caller, m: Message) -> Message:
+    k, cmd = c.k, arg(m, "cmd", int)
     if cmd == syscalls.LINUX_REBOOT_CMD_KEXEC:
         reboot.kernel_kexec(k)
     elif cmd == syscalls.LINUX_REBOOT_CMD_POWER_OFF:
@@ -63,16 +64,17 @@ def _reboot(k: Kernel, m: Message) -> Message:
     raise LiveUpdateError(err=errno.EINVAL, msg=f"unknown reboot command {cmd:#x}")
 
 
-def _debugfs_read(k: Kernel, m: Message) -> Message:
-    return Message({}, debugfs.read(k, arg(m, "path", str)))
+def _debugfs_read(c: Caller, m: Message) -> Message:
+    return Message({}, debugfs.read(c.k, arg(m, "path", str)))
 
 
-def _debugfs_write(k: Kernel, m: Message) -> Message:
-    debugfs.write(k, arg(m, "path", str), m.payload)
+def _debugfs_write(c: Caller, m: Message) -> Message:
+    debugfs.write(c.k, arg(m, "path", str), m.payload)
     return Message({})
 
 
-SYSCALLS: dict[str, wire.Handler[Kernel]] = {
+SYSCALLS: dict[str, wire.Handler[Caller]] = {
+    **FILE_SYSCALLS,
     "uname": _uname,
     "cmdline": _cmdline,
     "kexec_file_load": _kexec_file_load,
@@ -87,10 +89,12 @@ def _oops(k: Kernel, line: str) -> None:
     traceback.print_exc(file=sys.stdout)
 
 
-def call(k: Kernel, msg: Message) -> Message:
-    """One system call under the big kernel lock."""
+def call(k: Kernel, proc: Proc | None, msg: Message) -> Message:
+    """One system call under the big kernel lock, after the pending hang-ups: a handle
+    closed before this call is gone by the time it runs."""
     with k.lock:
-        return wire.dispatch(SYSCALLS, k, msg, server="syscall",
+        k.files.drain()
+        return wire.dispatch(SYSCALLS, Caller(k, proc), msg, server="syscall",
                              on_bug=lambda line: _oops(k, line))
 
 
@@ -102,7 +106,8 @@ def _received_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
     return fds.tolist()
 
 
-def _answer(k: Kernel, raw: bytes, fds: list[int], flags: int) -> tuple[bytes, list[int]]:
+def _answer(k: Kernel, proc: Proc | None, raw: bytes, fds: list[int],
+            flags: int) -> tuple[bytes, list[int]]:
     """The reply record and the fds to send with it."""
     try:
         if flags & socket.MSG_CTRUNC:
@@ -110,7 +115,7 @@ def _answer(k: Kernel, raw: bytes, fds: list[int], flags: int) -> tuple[bytes, l
         header, payload = wire.unpack(raw)
     except AbiError as e:
         return wire.pack({"errno": e.errno, "message": e.message}), []
-    reply = call(k, Message(header, payload, fds))
+    reply = call(k, proc, Message(header, payload, fds))
     try:
         return wire.pack(reply.header, reply.payload), reply.fds
     except AbiError as e:  # a reply too large to send: nothing is returned
@@ -120,6 +125,16 @@ def _answer(k: Kernel, raw: bytes, fds: list[int], flags: int) -> tuple[bytes, l
 
 
 def serve(k: Kernel, conn: socket.socket, proc: Proc) -> None:
+    try:
+        _serve(k, conn, proc)
+    finally:  # the process is gone: what it mapped is no longer pinned by it
+        with k.lock:
+            for mf in proc.mappings:
+                mf.put()
+            proc.mappings.clear()
+
+
+def _serve(k: Kernel, conn: socket.socket, proc: Proc) -> None:
     while True:
         try:
             raw, anc, flags, _addr = conn.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(4 * MAX_FDS))
@@ -129,7 +144,7 @@ def serve(k: Kernel, conn: socket.socket, proc: Proc) -> None:
         try:
             if not raw:
                 return
-            out, out_fds = _answer(k, raw, fds, flags)
+            out, out_fds = _answer(k, proc, raw, fds, flags)
             try:
                 conn.sendmsg([out], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                       array.array("i", out_fds))] if out_fds else [])

@@ -1,0 +1,303 @@
+"""memfd: an anonymous shmem file over folios of the emulated kernel's RAM (``mm/shmem.c``,
+``mm/memfd.c``).
+
+A :class:`Memfd` is the inode: a size, and folios held as three numpy arrays sorted by file
+page index (head index, physical address, order) -- no Python object per page. Holes are
+unallocated and read as zeros; a write, an mmap or a preservation allocates them.
+
+Folio sizes follow ``transparent_hugepage_shmem=`` from the command line: ``within_size``
+(the default on our images' command line) gives, at each hole, the largest naturally aligned
+folio up to PMD order 9 that lies within ``i_size``; ``never`` gives 4 KiB folios; ``always``
+gives up to order 9 regardless of size.
+
+``mmap`` does not copy: the kernel returns the folios' physical extents (physically adjacent
+folios merged) and the process maps them from the RAM fd the kernel hands it, as ``/dev/mem``
+would. A mapping pins the file's folios for as long as the mapping process lives (the kernel
+drops the reference when the process's connection ends). The emulation trusts its userspace
+with RAM mappings (ARCHITECTURE.md).
+
+Preservation freezes the size (``shmem_freeze``, ``SHMEM_F_MAPPING_FROZEN``): ``ftruncate`` to
+another size, a write past ``i_size`` and ``fallocate`` fail with EPERM; reads, writes inside
+the size and mmap keep working.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from liveupdate.abi.consts import PAGE_SHIFT, PAGE_SIZE
+from liveupdate.errors import LiveUpdateError
+from liveupdate.kernel.fs.file import File
+
+HPAGE_PMD_ORDER = 9
+MAX_LFS_FILESIZE = (1 << 63) - 1
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+SEEK_SET, SEEK_CUR, SEEK_END = 0, 1, 2
+THP_MODES = ("within_size", "never", "always")
+
+
+class PageOps(Protocol):
+    """What a memfd needs from the kernel's memory management."""
+
+    def alloc_pages(self, order: int) -> int: ...
+    def free_pages(self, phys: int, order: int) -> None: ...
+    def read(self, phys: int, size: int) -> bytes: ...
+    def write(self, phys: int, data: bytes) -> None: ...
+    def zero(self, phys: int, size: int) -> None: ...
+
+
+def _pages(size: int) -> int:
+    return -(-size // PAGE_SIZE)
+
+
+@dataclass(eq=False)
+class Memfd:
+    mm: PageOps
+    name: str
+    ino: int
+    thp: str = "within_size"
+    size: int = 0
+    index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    phys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    order: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
+    frozen: bool = False  # SHMEM_F_MAPPING_FROZEN: preserved, the size cannot change
+    refs: int = 0  # open files, mappings and LUO
+    on_free: Callable[[Memfd], None] | None = None
+
+    # -- references -----------------------------------------------------------------------
+    def get(self) -> Memfd:
+        self.refs += 1
+        return self
+
+    def put(self) -> None:
+        self.refs -= 1
+        if self.refs == 0:
+            self.free_folios(0)
+            if self.on_free is not None:
+                self.on_free(self)
+
+    # -- folios ---------------------------------------------------------------------------
+    @property
+    def nr_pages(self) -> int:
+        """Pages held (``st_blocks`` / 8)."""
+        return int((np.int64(1) << self.order.astype(np.int64)).sum())
+
+    def _folio_order(self, idx: int, hole_end: int) -> int:
+        if self.thp == "never":
+            return 0
+        limit = hole_end if self.thp == "always" else min(hole_end, _pages(self.size))
+        o = HPAGE_PMD_ORDER
+        while o and (idx % (1 << o) or idx + (1 << o) > limit):
+            o -= 1
+        return o
+
+    def holes(self, first: int, last: int) -> list[tuple[int, int]]:
+        """Unallocated page ranges inside ``[first, last)``."""
+        out, cur = [], first
+        ends = self.index + (np.int64(1) << self.order.astype(np.int64))
+        lo = int(np.searchsorted(ends, first, "right"))
+        for i in range(lo, len(self.index)):
+            start, end = int(self.index[i]), int(ends[i])
+            if start >= last:
+                break
+            if start > cur:
+                out.append((cur, start))
+            cur = max(cur, end)
+        if cur < last:
+            out.append((cur, last))
+        return out
+
+    def populate(self, first: int, last: int) -> int:
+        """Allocate every hole in pages ``[first, last)`` (zeroed folios); all or nothing.
+        Returns the pages allocated; ENOMEM leaves the file as it was.
+
+        With huge folios a fault allocates the whole aligned PMD block around the page (as
+        ``shmem_get_folio`` does), so the range grows to 2 MiB boundaries -- within
+        ``i_size`` for ``within_size``."""
+        if self.thp != "never":
+            span = 1 << HPAGE_PMD_ORDER
+            end = -(-last // span) * span
+            first = first // span * span
+            last = end if self.thp == "always" else max(last, min(end, _pages(self.size)))
+        new_idx: list[int] = []
+        new_phys: list[int] = []
+        new_order: list[int] = []
+        try:
+            for h0, h1 in self.holes(first, last):
+                i = h0
+                while i < h1:
+                    o = self._folio_order(i, h1)
+                    p = self.mm.alloc_pages(o)
+                    new_idx.append(i)
+                    new_phys.append(p)
+                    new_order.append(o)
+                    self.mm.zero(p, PAGE_SIZE << o)
+                    i += 1 << o
+        except LiveUpdateError:
+            for p, o in zip(new_phys, new_order, strict=True):
+                self.mm.free_pages(p, o)
+            raise
+        if new_idx:
+            idx = np.concatenate([self.index, np.array(new_idx, np.int64)])
+            srt = np.argsort(idx, kind="stable")
+            self.index = idx[srt]
+            self.phys = np.concatenate([self.phys, np.array(new_phys, np.uint64)])[srt]
+            self.order = np.concatenate([self.order, np.array(new_order, np.uint8)])[srt]
+        return sum(1 << o for o in new_order)
+
+    def adopt(self, index: np.ndarray, phys: np.ndarray, order: np.ndarray) -> None:
+        """Take folios restored from a previous kernel (they become this file's)."""
+        srt = np.argsort(index, kind="stable")
+        self.index = np.asarray(index, np.int64)[srt]
+        self.phys = np.asarray(phys, np.uint64)[srt]
+        self.order = np.asarray(order, np.uint8)[srt]
+
+    def free_folios(self, first_page: int) -> None:
+        """Free every folio that starts at or after ``first_page``."""
+        keep = self.index < first_page
+        for p, o in zip(self.phys[~keep].tolist(), self.order[~keep].tolist(), strict=True):
+            self.mm.free_pages(p, o)
+        self.index, self.phys, self.order = self.index[keep], self.phys[keep], self.order[keep]
+
+    def extents(self, first: int, last: int) -> list[tuple[int, int]]:
+        """(phys, bytes) runs covering pages ``[first, last)`` in file order, physically
+        adjacent folios merged. Every page must be allocated."""
+        ends = self.index + (np.int64(1) << self.order.astype(np.int64))
+        lo = int(np.searchsorted(ends, first, "right"))
+        hi = int(np.searchsorted(self.index, last, "left"))
+        out: list[tuple[int, int]] = []
+        for i in range(lo, hi):
+            start = max(int(self.index[i]), first)
+            end = min(int(ends[i]), last)
+            phys = int(self.phys[i]) + ((start - int(self.index[i])) << PAGE_SHIFT)
+            n = (end - start) << PAGE_SHIFT
+            if out and out[-1][0] + out[-1][1] == phys:
+                out[-1] = (out[-1][0], out[-1][1] + n)
+            else:
+                out.append((phys, n))
+        return out
+
+    # -- file operations ------------------------------------------------------------------
+    def _check_resize(self, what: str) -> None:
+        if self.frozen:
+            raise LiveUpdateError(err=errno.EPERM,
+                                  msg=f"{what}: the memfd is preserved; its size is frozen")
+
+    def truncate(self, size: int) -> None:
+        if not 0 <= size <= MAX_LFS_FILESIZE:
+            raise LiveUpdateError(err=errno.EINVAL, msg=f"ftruncate: bad size {size}")
+        if size != self.size:
+            self._check_resize("ftruncate")
+        if size < self.size:
+            self.free_folios(_pages(size))
+            tail = size % PAGE_SIZE  # the kept folio's bytes past the new end read as zero
+            if tail:
+                self._write_allocated(size, bytes(PAGE_SIZE - tail))
+        self.size = size
+
+    def pwrite(self, data: bytes, off: int) -> int:
+        if off < 0 or off + len(data) > MAX_LFS_FILESIZE:
+            raise LiveUpdateError(err=errno.EINVAL, msg=f"pwrite: bad offset {off}")
+        if not data:
+            return 0
+        end = off + len(data)
+        old = self.size
+        if end > old:
+            self._check_resize("write past the end")
+            self.size = end  # first, so that the folios fit the new size
+        try:
+            self.populate(off >> PAGE_SHIFT, _pages(end))
+        except LiveUpdateError:
+            self.size = old
+            raise
+        self._write_allocated(off, data)
+        return len(data)
+
+    def _write_allocated(self, off: int, data: bytes) -> None:
+        pos = 0
+        for phys, n in self.extents(off >> PAGE_SHIFT, _pages(off + len(data))):
+            skip = off % PAGE_SIZE if pos == 0 else 0
+            chunk = data[pos : pos + n - skip]
+            self.mm.write(phys + skip, chunk)
+            pos += len(chunk)
+
+    def pread(self, n: int, off: int) -> bytes:
+        if off < 0 or n < 0:
+            raise LiveUpdateError(err=errno.EINVAL, msg="pread: negative offset or count")
+        end = min(off + n, self.size)
+        if off >= end:
+            return b""
+        out = bytearray(end - off)
+        ends = self.index + (np.int64(1) << self.order.astype(np.int64))
+        lo = int(np.searchsorted(ends, off >> PAGE_SHIFT, "right"))
+        for i in range(lo, len(self.index)):
+            fstart = int(self.index[i]) << PAGE_SHIFT
+            fend = int(ends[i]) << PAGE_SHIFT
+            if fstart >= end:
+                break
+            a, b = max(fstart, off), min(fend, end)
+            out[a - off : b - off] = self.mm.read(int(self.phys[i]) + a - fstart, b - a)
+        return bytes(out)
+
+    def fallocate(self, mode: int, off: int, length: int) -> None:
+        if off < 0 or length <= 0 or mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE):
+            raise LiveUpdateError(err=errno.EINVAL, msg="fallocate: bad mode, offset or length")
+        self._check_resize("fallocate")
+        end = off + length
+        if mode & FALLOC_FL_PUNCH_HOLE:
+            if not mode & FALLOC_FL_KEEP_SIZE:
+                raise LiveUpdateError(err=errno.EOPNOTSUPP,
+                                      msg="fallocate: PUNCH_HOLE needs KEEP_SIZE")
+            self._punch(off, min(end, self.size))
+            return
+        self.populate(off >> PAGE_SHIFT, _pages(end))
+        if not mode & FALLOC_FL_KEEP_SIZE:
+            self.size = max(self.size, end)
+
+    def _punch(self, off: int, end: int) -> None:
+        """Free the folios wholly inside ``[off, end)``; zero the bytes of the others."""
+        if off >= end:
+            return
+        starts = self.index << PAGE_SHIFT
+        ends = (self.index + (np.int64(1) << self.order.astype(np.int64))) << PAGE_SHIFT
+        whole = (starts >= off) & (ends <= end)
+        for p, o in zip(self.phys[whole].tolist(), self.order[whole].tolist(), strict=True):
+            self.mm.free_pages(p, o)
+        self.index, self.phys, self.order = (self.index[~whole], self.phys[~whole],
+                                             self.order[~whole])
+        starts, ends = starts[~whole], ends[~whole]
+        for i in np.flatnonzero((starts < end) & (ends > off)).tolist():
+            a, b = max(int(starts[i]), off), min(int(ends[i]), end)
+            self.mm.write(int(self.phys[i]) + a - int(starts[i]), bytes(b - a))
+
+class MemfdOps:
+    """The memfd kind of file: releasing the last open file drops its inode reference."""
+
+    name = "memfd"
+
+    def release(self, f: File) -> None:
+        f.private.put()
+
+
+MEMFD_OPS = MemfdOps()
+
+
+def open_file(m: Memfd, pos: int = 0) -> File:
+    """A new open file of ``m`` (``alloc_file``); its handles keep it alive."""
+    return File(MEMFD_OPS, m.get(), pos)
+
+
+def lseek(pos: int, size: int, off: int, whence: int) -> int:
+    base = {SEEK_SET: 0, SEEK_CUR: pos, SEEK_END: size}.get(whence)
+    if base is None:
+        raise LiveUpdateError(err=errno.EINVAL, msg=f"lseek: bad whence {whence}")
+    new = base + off
+    if not 0 <= new <= MAX_LFS_FILESIZE:
+        raise LiveUpdateError(err=errno.EINVAL, msg=f"lseek: position {new} out of range")
+    return new

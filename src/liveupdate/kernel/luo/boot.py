@@ -1,0 +1,33 @@
+"""Bring LUO up at boot: on when the command line says ``liveupdate=on`` (``kstrtobool``, as
+every generation's ``early_param("liveupdate")``) and KHO is enabled, with the front end of
+the image's uAPI generation; then restore what the previous kernel preserved."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from liveupdate.errors import LiveUpdateError
+from liveupdate.kernel.luo.v3 import LuoV3
+
+if TYPE_CHECKING:
+    from liveupdate.kernel.kernel import Kernel
+
+
+def init(k: Kernel) -> None:
+    try:
+        enabled = k.cmdline.flag("liveupdate")
+    except LiveUpdateError:
+        k.printk(f"Malformed early option 'liveupdate={k.cmdline.get('liveupdate')}'")
+        enabled = False
+    if not enabled:
+        return
+    if k.kho_out is None:
+        k.printk("luo: KHO is disabled; LUO is disabled")
+        return
+    if k.image.luo != "v3":
+        k.printk(f"luo: the {k.image.luo} session uAPI is not in this kernel; LUO is "
+                 "disabled")
+        return
+    k.luo = LuoV3(k)
+    k.luo.boot()
+    k.printk(f"luo: LUO {k.image.luo} enabled, state {k.luo.state.name.lower()}")

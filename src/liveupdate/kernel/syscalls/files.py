@@ -1,0 +1,178 @@
+"""System calls on files: ``open`` of /dev/liveupdate, ``ioctl``, and memfd's
+``memfd_create``, ``ftruncate``, ``pread``/``pwrite``, ``read``/``write``, ``lseek``,
+``fstat``, ``fallocate`` and ``mmap``.
+
+A call that names a file attaches its handle (the first attached fd); one that returns a file
+returns a new handle. ``ioctl`` carries exactly the uAPI struct bytes a real ioctl carries:
+fd fields are translated by the client (attached fds in field order going in, returned
+handles in field order coming out). An fd that is not a file of this kernel is EBADF; an
+operation the file's kind does not have is the errno Linux gives (ENOTTY for an ioctl,
+EINVAL for reads and writes of /dev/liveupdate, ESPIPE for lseek).
+
+``mmap`` returns the physical extents of the range (allocating its holes, as faulting them
+in would) plus the RAM fd, as ``/dev/mem`` would; the calling process holds a reference to
+the file's inode until it exits, so the folios it maps stay allocated.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from liveupdate.abi.consts import PAGE_SHIFT, PAGE_SIZE
+from liveupdate.abi.wire import Message, arg
+from liveupdate.errors import LiveUpdateError
+from liveupdate.kernel.fs import memfd
+from liveupdate.kernel.fs.file import File
+
+if TYPE_CHECKING:
+    from liveupdate.kernel.kernel import Kernel
+    from liveupdate.kernel.syscalls.process import Proc
+
+MAX_IO = 16 << 20  # bytes per read or write call (a reply is one message)
+DEV_LIVEUPDATE = "/dev/liveupdate"
+
+
+@dataclass(frozen=True)
+class Caller:
+    k: Kernel
+    proc: Proc | None
+
+
+def _file(c: Caller, m: Message) -> File:
+    if not m.fds:
+        raise LiveUpdateError(err=errno.EBADF, msg=f"{m.header.get('op')}: no fd attached")
+    return c.k.files.lookup(m.fds[0])
+
+
+def _memfd(c: Caller, m: Message) -> tuple[File, memfd.Memfd]:
+    f = _file(c, m)
+    if not isinstance(f.private, memfd.Memfd):
+        op = m.header.get("op")
+        err = errno.ESPIPE if op == "lseek" else errno.EINVAL
+        raise LiveUpdateError(err=err, msg=f"{op}: not supported by a {f.ops.name} file")
+    return f, f.private
+
+
+def _handle(c: Caller, f: File) -> Message:
+    return Message({}, fds=[c.k.files.install(f)])
+
+
+def sys_open(c: Caller, m: Message) -> Message:
+    path = arg(m, "path", str)
+    if path != DEV_LIVEUPDATE:
+        raise LiveUpdateError(err=errno.ENOENT, msg=f"open: {path}: no such device")
+    if c.k.luo is None:
+        raise LiveUpdateError(err=errno.ENOENT, msg=f"open: {path}: LUO is not enabled "
+                              "(liveupdate=on, kho=on)")
+    return _handle(c, c.k.luo.open())
+
+
+def sys_ioctl(c: Caller, m: Message) -> Message:
+    f = _file(c, m)
+    cmd = arg(m, "cmd", int)
+    luo = c.k.luo
+    if luo is None or f.ops is not luo.device:
+        raise LiveUpdateError(err=errno.ENOTTY, msg=f"ioctl {cmd:#x}: not supported by a "
+                              f"{f.ops.name} file")
+    args = [c.k.files.lookup(fd) for fd in m.fds[1:]]
+    out, new = luo.ioctl(cmd, m.payload, args)
+    return Message({}, out, [c.k.files.install(nf) for nf in new])
+
+
+def sys_memfd_create(c: Caller, m: Message) -> Message:
+    name = arg(m, "name", str, "")
+    flags = arg(m, "flags", int, 0)
+    if len(name.encode()) > 249:  # MFD_NAME_MAX_LEN
+        raise LiveUpdateError(err=errno.EINVAL, msg="memfd_create: name too long")
+    if flags & ~0x1:  # MFD_CLOEXEC; MFD_HUGETLB and sealing are not emulated
+        raise LiveUpdateError(err=errno.EINVAL, msg=f"memfd_create: flags {flags:#x}")
+    return _handle(c, memfd.open_file(c.k.new_memfd(name)))
+
+
+def sys_ftruncate(c: Caller, m: Message) -> Message:
+    _, mf = _memfd(c, m)
+    mf.truncate(arg(m, "size", int))
+    return Message({})
+
+
+def _count(m: Message) -> int:
+    n = arg(m, "count", int)
+    if not 0 <= n <= MAX_IO:
+        raise LiveUpdateError(err=errno.EINVAL, msg=f"count must be 0..{MAX_IO}")
+    return n
+
+
+def sys_pread(c: Caller, m: Message) -> Message:
+    _, mf = _memfd(c, m)
+    return Message({}, mf.pread(_count(m), arg(m, "offset", int)))
+
+
+def sys_pwrite(c: Caller, m: Message) -> Message:
+    _, mf = _memfd(c, m)
+    return Message({"written": mf.pwrite(m.payload, arg(m, "offset", int))})
+
+
+def sys_read(c: Caller, m: Message) -> Message:
+    f, mf = _memfd(c, m)
+    data = mf.pread(_count(m), f.pos)
+    f.pos += len(data)
+    return Message({}, data)
+
+
+def sys_write(c: Caller, m: Message) -> Message:
+    f, mf = _memfd(c, m)
+    n = mf.pwrite(m.payload, f.pos)
+    f.pos += n
+    return Message({"written": n})
+
+
+def sys_lseek(c: Caller, m: Message) -> Message:
+    f, mf = _memfd(c, m)
+    f.pos = memfd.lseek(f.pos, mf.size, arg(m, "offset", int), arg(m, "whence", int))
+    return Message({"offset": f.pos})
+
+
+def sys_fstat(c: Caller, m: Message) -> Message:
+    _, mf = _memfd(c, m)
+    return Message({"size": mf.size, "blocks": mf.nr_pages * (PAGE_SIZE // 512),
+                    "ino": mf.ino, "name": f"memfd:{mf.name}", "frozen": mf.frozen})
+
+
+def sys_fallocate(c: Caller, m: Message) -> Message:
+    _, mf = _memfd(c, m)
+    mf.fallocate(arg(m, "mode", int), arg(m, "offset", int), arg(m, "length", int))
+    return Message({})
+
+
+def sys_mmap(c: Caller, m: Message) -> Message:
+    _, mf = _memfd(c, m)
+    off, length = arg(m, "offset", int), arg(m, "length", int)
+    if off < 0 or length <= 0 or off % PAGE_SIZE:
+        raise LiveUpdateError(err=errno.EINVAL, msg="mmap: offset must be page aligned and "
+                              "length positive")
+    first, last = off >> PAGE_SHIFT, -(-(off + length) // PAGE_SIZE)
+    if mf.frozen and last > -(-mf.size // PAGE_SIZE):
+        raise LiveUpdateError(err=errno.EINVAL, msg="mmap: past the end of a frozen memfd")
+    mf.populate(first, last)
+    if c.proc is not None:
+        c.proc.mappings.append(mf.get())
+    return Message({"extents": mf.extents(first, last)}, fds=[os.dup(c.k.ram_fd)])
+
+
+FILE_SYSCALLS = {
+    "open": sys_open,
+    "ioctl": sys_ioctl,
+    "memfd_create": sys_memfd_create,
+    "ftruncate": sys_ftruncate,
+    "pread": sys_pread,
+    "pwrite": sys_pwrite,
+    "read": sys_read,
+    "write": sys_write,
+    "lseek": sys_lseek,
+    "fstat": sys_fstat,
+    "fallocate": sys_fallocate,
+    "mmap": sys_mmap,
+}
