@@ -15,6 +15,7 @@ import click
 from liveupdate.cli.common import SizeParam, emit, fail
 from liveupdate.errors import LiveUpdateError
 from liveupdate.machine.client import MachineClient, start
+from liveupdate.machine.machine import DEFAULT_CMDLINE
 
 
 def _client(ctx: click.Context) -> MachineClient:
@@ -54,7 +55,8 @@ def machine(ctx: click.Context, folder: str) -> None:
 @click.option("--memory", type=SizeParam(), default="4G", show_default=True, help="RAM size.")
 @click.option("--image", default="", help="Kernel image, relative to disk/ "
               "[default: images/default.img].")
-@click.option("--cmdline", default="kho=on", show_default=True, help="Kernel command line.")
+@click.option("--cmdline", default=DEFAULT_CMDLINE, show_default=True,
+              help="Kernel command line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @click.pass_context
 def start_cmd(ctx: click.Context, memory: int, image: str, cmdline: str, as_json: bool) -> None:

@@ -83,7 +83,8 @@ def _per_order(order: np.ndarray) -> list[dict[str, int]]:
 def status(k: Kernel) -> dict[str, Any]:
     kout, kin = k.kho_out, k.kho_in
     rep: dict[str, Any] = {"enabled": kout is not None, "kho_boot": kin is not None,
-                           "release": k.image.release, "boot_id": k.boot_id}
+                           "release": k.image.release, "boot_id": k.boot_id,
+                           "free_pages": k.buddy.nr_free}
     if kout is not None:
         _, order = kout.preserved()
         rep["out"] = {

@@ -49,8 +49,11 @@ def _run(k: Kernel, m: Message) -> Message:
 
 
 def _locked(fn: Handler[Kernel]) -> Handler[Kernel]:
+    """Under the big kernel lock, after pending hang-ups (as every syscall is), so what a
+    request reports already reflects every handle closed before it."""
     def run(k: Kernel, m: Message) -> Message:
         with k.lock:
+            k.files.drain()
             return fn(k, m)
     return run
 

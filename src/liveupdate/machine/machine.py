@@ -42,7 +42,9 @@ from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.machine import firmware, protocol
 from liveupdate.machine.ram import Ram
 
-DEFAULT_CMDLINE = "console=ttyS0 kho=on"
+# What LUO needs to be on (every generation parses liveupdate= with kstrtobool) and the
+# shmem folio policy of our images (2 MiB folios for memfds that fit them).
+DEFAULT_CMDLINE = "console=ttyS0 kho=on liveupdate=on transparent_hugepage_shmem=within_size"
 DEFAULT_IMAGE = "images/default.img"
 LINK_RECORD = 1 << 20
 CONSOLE_KEEP = 32 << 20  # bytes of console kept in memory for wait/console requests

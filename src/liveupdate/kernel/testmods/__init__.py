@@ -19,6 +19,8 @@ PARAMS = {
     "test_kho": "test_kho",
     "kho_cheat": "kho_cheat",
     "kho_leak": "kho_leak",
+    "luo_trace": "luo_trace",
+    "luo_fail": "luo_fail",
     "kho_corrupt": "kho_corrupt",
     "kho_bench": "kho_bench",
     "test_panic": "test_panic",
