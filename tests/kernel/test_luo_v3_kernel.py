@@ -1,0 +1,137 @@
+"""LUO v3 on in-process kernels: what is preserved is exactly what the files serialized, and
+no ioctl input changes the state unless it is a valid command."""
+
+from __future__ import annotations
+
+import errno
+import struct
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from liveupdate.abi import image, kho_memmap, memfd, uapi
+from liveupdate.abi.consts import PAGE_SIZE, get_order
+from liveupdate.abi.uapi import Gen, State
+from liveupdate.errors import LiveUpdateError
+from liveupdate.kernel.fs import memfd as kmemfd
+from liveupdate.kernel.kernel import Kernel
+from liveupdate.kernel.luo.v3 import LuoV3
+from tests.kernel.conftest import Rig
+
+V3 = image.KernelImage(release="6.17.0-lu-v3", luo="v3")
+CMD = "kho=on liveupdate=on"
+
+
+def _luo(k: Kernel) -> LuoV3:
+    assert k.luo is not None
+    return k.luo
+
+
+def _ioctl(k: Kernel, dev: object, name: str, **fields: int) -> dict[str, int]:
+    entry = uapi.ioctl(Gen.V3, name)
+    out, _ = _luo(k).ioctl(entry.number, entry.pack(**fields), [dev] if dev else [])
+    return entry.unpack(out.ljust(entry.size, b"\0"))
+
+
+def test_preserved_map_is_exactly_what_was_serialized(rig: Rig) -> None:
+    k = rig.boot(CMD, V3)
+    luo = _luo(k)
+    files = []
+    for token, size in ((1, 6 << 20), (2, 3 * PAGE_SIZE)):
+        f = kmemfd.open_file(k.new_memfd(str(token)))
+        f.private.truncate(size)
+        luo.files.add(token, f)
+        files.append(f)
+    luo.prepare()
+    luo.freeze()
+    kout = k.require_kho()
+    phys, order = kout.preserved()
+    got = set(zip(phys.tolist(), order.tolist(), strict=True))
+    want = {(kout.root_phys, 0), (luo.luo_fdt, 0),
+            (luo.files_fdt[0], get_order(luo.files_fdt[1]))}
+    for e in luo.files:
+        m = e.file.private
+        want |= set(zip(m.phys.tolist(), m.order.tolist(), strict=True))
+        st = memfd.decode_fdt(k.read(e.data, PAGE_SIZE))
+        assert (st.folios.pfn << 12).tolist() == m.phys.tolist()  # the FDT names them all
+        want.add((e.data, get_order(memfd.fdt_alloc_size(len(m.phys)))))
+    assert got == want
+    k2 = rig.kexec(k, CMD, V3)
+    assert _luo(k2).state is State.UPDATED
+    pm = k2.kho_in.preserved if k2.kho_in else None
+    assert pm is not None
+    assert set(zip(pm.phys.tolist(), pm.order.tolist(), strict=True)) == want
+    assert kho_memmap.merged_ranges(pm.phys, pm.order).shape[0] >= 1
+
+
+def test_unpreserve_after_finalize_is_refused(rig: Rig) -> None:
+    """Frozen means frozen: once KHO is finalized (the reboot path), hang-ups of ended
+    processes cannot unpreserve anything."""
+    k = rig.boot(CMD, V3)
+    f = kmemfd.open_file(k.new_memfd("x"))
+    f.private.truncate(PAGE_SIZE)
+    _luo(k).files.add(9, f)
+    _luo(k).prepare()
+    k.require_kho().finalize()
+    try:
+        _luo(k).files.remove(9)
+    except LiveUpdateError as e:
+        assert e.errno == errno.EBUSY
+    else:
+        raise AssertionError("unpreserve after finalize succeeded")
+
+
+@settings(max_examples=300, deadline=None)
+@given(nr=st.integers(0, 0xFF), type_=st.sampled_from([0xBA, 0xBB]),
+       arg=st.binary(max_size=40))
+def test_garbage_ioctls_change_nothing(nr: int, type_: int, arg: bytes) -> None:
+    rig = Rig(256 << 20)
+    try:
+        k = rig.boot(CMD, V3)
+        luo = _luo(k)
+        f = kmemfd.open_file(k.new_memfd("g"))
+        luo.files.add(1, f)
+        before = (luo.state, [(e.token, e.state) for e in luo.files])
+        cmd = (type_ << 8) | nr
+        try:
+            luo.ioctl(cmd, arg, [])
+        except LiveUpdateError as e:
+            assert e.errno in (errno.EINVAL, errno.ENOTTY, errno.EFAULT, errno.E2BIG,
+                               errno.EBUSY, errno.ENOENT, errno.EBADF, errno.EEXIST)
+            assert (luo.state, [(e.token, e.state) for e in luo.files]) == before
+    finally:
+        rig.close()
+
+
+def test_ioctl_contract_in_process(rig: Rig) -> None:
+    k = rig.boot(CMD, V3)
+    f = kmemfd.open_file(k.new_memfd("c"))
+    luo = _luo(k)
+    fs = uapi.ioctl(Gen.V3, "GET_FD_STATE")
+    cases = [
+        (uapi.ioctl(Gen.V3, "FD_PRESERVE").number, struct.pack("<IiQ", 15, 0, 1), errno.EINVAL),
+        (uapi.ioctl(Gen.V3, "FD_PRESERVE").number, struct.pack("<IiQQ", 24, 0, 1, 5),
+         errno.E2BIG),
+        (uapi.ioctl(Gen.V3, "FD_PRESERVE").number, struct.pack("<IiQ", 16, 0, 1), errno.EBADF),
+        (0xBA07, struct.pack("<II", 8, 0), errno.EINVAL),  # out of the table
+        (0xC008BA03, struct.pack("<II", 8, 0), errno.ENOTTY),  # _IOWR-encoded number
+        (fs.number, struct.pack("<IB3xQ", 16, 0, 1), errno.ENOENT),
+        (fs.number, struct.pack("<IB3xI", 12, 0, 1), errno.EINVAL),  # below offsetofend(token)
+        (fs.number, struct.pack("<IB3xQI4x", 24, 0, 1, 0)[:12], errno.EFAULT),
+    ]
+    for cmd, arg, want in cases:
+        try:
+            luo.ioctl(cmd, arg, [])
+        except LiveUpdateError as e:
+            assert e.errno == want, (hex(cmd), e)
+        else:
+            raise AssertionError(f"{cmd:#x} succeeded")
+    out, _ = luo.ioctl(uapi.ioctl(Gen.V3, "FD_PRESERVE").number,
+                       struct.pack("<IiQ", 16, 0, 0x42), [f])
+    assert out == struct.pack("<IiQ", 16, 0, 0x42)
+    assert _ioctl(k, None, "GET_FD_STATE", token=0x42)["state"] == State.NORMAL
+    assert _ioctl(k, None, "SET_FD_EVENT", event=0, token=0x42) is not None  # per-file prepare
+    assert _ioctl(k, None, "GET_FD_STATE", token=0x42)["state"] == State.PREPARED
+    assert f.private.frozen
+    _ioctl(k, None, "SET_FD_EVENT", event=3, token=0x42)  # per-file cancel
+    assert not f.private.frozen and luo.state is State.NORMAL
