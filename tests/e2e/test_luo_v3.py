@@ -3,6 +3,9 @@ and memfd cases, run by userspace programs of the machine (tests/e2e/luo_prog.py
 
 from __future__ import annotations
 
+import errno
+import json
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from liveupdate.abi import image
+from liveupdate.errors import LiveUpdateError
 from liveupdate.machine.client import MachineClient
 from tests.e2e import luo_prog
 from tests.e2e.conftest import Factory
@@ -319,3 +323,58 @@ hold({"prepare": io(dev, "SET_EVENT", event=0).get("errno", "ok")})
     st = luo(m)
     assert st["state"] == "normal" and st["files"][0]["state"] == "normal"
     assert st["subtree"] is None
+
+
+def test_unreadable_luo_data_panics_the_next_kernel(v3: Callable[..., MachineClient]) -> None:
+    m = v3("kho_corrupt=luo_compatible")
+    body = r'''
+dev = k.open("/dev/liveupdate")
+fd = k.memfd_create("p")
+k.pwrite(fd, b"x", 0)
+io(dev, "FD_PRESERVE", fd=fd, token=1)
+hold({"prepare": io(dev, "SET_EVENT", event=0).get("errno", "ok")})
+'''
+    assert luo_prog.run(m, body) == {"prepare": "ok"}
+    m.kexec_load(V3, cmdline=CMDLINE)
+    try:
+        m.kexec_exec()
+    except LiveUpdateError as e:
+        assert e.errno == errno.EIO
+    st = m.wait_state("panic", timeout=60)
+    assert "LUO: cannot restore" in st["reason"] and "luo-v9" in st["reason"], st
+    m.wait("Kernel panic - not syncing: LUO")
+    m.power_cycle(cmdline=CMDLINE)  # the machine stays usable
+    assert m.booted()["state"] == "running"
+
+
+def test_luoctl_shows_live_luo_state(v3: Callable[..., MachineClient]) -> None:
+    m = v3()
+    body = r'''
+dev = k.open("/dev/liveupdate")
+fd = k.memfd_create("i")
+k.ftruncate(fd, 4 << 20)
+io(dev, "FD_PRESERVE", fd=fd, token=0x77)
+hold({"prepare": io(dev, "SET_EVENT", event=0).get("errno", "ok")})
+'''
+    assert luo_prog.run(m, body) == {"prepare": "ok"}
+    env = {"LIVEUPDATE_MACHINE": str(Path(m.dir)), "PATH": "/usr/bin:/bin"}
+    luoctl = [sys.executable, "-m", "liveupdate.cli.luoctl"]
+    r = subprocess.run([*luoctl, "kho", "status", "--json"], capture_output=True, text=True,
+                       env=env, timeout=60)
+    status = json.loads(r.stdout)["luo"]
+    assert status["state"] == "prepared"
+    assert status["files"] == [{"token": "0x77", "compatible": "memfd-v1",
+                                "state": "prepared", "data": status["files"][0]["data"]}]
+    r = subprocess.run([*luoctl, "kho", "status"], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 0 and "prepared" in r.stdout and "memfd-v1" in r.stdout
+    r = subprocess.run([*luoctl, "kho", "inspect", "--finalize", "--json"], capture_output=True,
+                       text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    luo_sub = next(s for s in rep["subtrees"] if s["name"] == "LUO")["content"]
+    assert luo_sub["kind"] == "luo-v3"
+    (entry,) = luo_sub["files"]["files"]
+    assert entry["token"] == "0x77" and entry["compatible"] == "memfd-v1"
+    assert entry["memfd"]["size"] == 4 << 20 and entry["memfd"]["folios"]["count"] == 2
+    assert luo(m)["state"] == "prepared"  # inspecting changed nothing

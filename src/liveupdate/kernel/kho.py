@@ -22,9 +22,11 @@ Upstream names, here: ``kho_preserve_folio/pages``, ``kho_unpreserve_folio/pages
 Errors follow upstream: preserve -> EINVAL (scratch overlap, as CONFIG_KEXEC_HANDOVER_DEBUG
 does; we always check), ENOMEM; ``kho_alloc_preserve`` -> EINVAL (size 0), E2BIG (order > 10);
 ``kho_add_subtree`` -> EEXIST, ENOMEM; ``kho_retrieve_subtree`` -> ENOENT; ``kho_finalize`` ->
-EOPNOTSUPP when KHO is disabled; unpreserve after finalize -> EBUSY (as the 6.17
-``kho_unpreserve_folio``/``_phys`` do: ``if (kho_out.finalized) return -EBUSY``), which is also
-what makes the reboot path's "frozen means frozen" hold. Restore returns None where Linux
+EOPNOTSUPP when KHO is disabled; unpreserve once the reboot path has finalized -> EBUSY (the
+6.17 ``kho_unpreserve_folio``/``_phys`` check ``if (kho_out.finalized) return -EBUSY``), which
+is what makes the reboot path's "frozen means frozen" hold. A finalize through debugfs (for
+inspection, 6.19 style) serializes the map but does not freeze the tracker: 6.19 dropped
+those checks, and LUO may still cancel. Restore returns None where Linux
 returns NULL (with a WARN).
 """
 
@@ -74,6 +76,7 @@ class KhoOut:
         self.bits_per = bitmap_bytes * 8
         self.tracker: dict[int, dict[int, np.ndarray]] = {}
         self.finalized = False
+        self.frozen = False  # finalized by the reboot path: nothing is unpreserved any more
         self.mem_map = 0
         self.meta_pages: list[int] = []
         self.vmallocs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -105,8 +108,9 @@ class KhoOut:
         self._bit(phys, order, True)
 
     def _check_unfinalized(self, what: str) -> None:
-        if self.finalized:
-            raise LiveUpdateError(err=errno.EBUSY, msg=f"{what}: KHO is finalized")
+        if self.frozen:
+            raise LiveUpdateError(err=errno.EBUSY, msg=f"{what}: KHO is finalized for the "
+                                  "reboot")
 
     def unpreserve_folio(self, phys: int, order: int) -> None:
         self._check_unfinalized("kho_unpreserve_folio")
@@ -240,8 +244,9 @@ class KhoOut:
         return kho.decode_root(self.root.blob).subtrees
 
     # -- finalize -------------------------------------------------------------------------
-    def finalize(self) -> int:
-        """Serialize the memory map (again); returns the map pointer."""
+    def finalize(self, *, freeze: bool = False) -> int:
+        """Serialize the memory map (again); returns the map pointer. ``freeze`` (the reboot
+        path) also refuses every later unpreserve."""
         for p in self.meta_pages:
             self.mm.free_pages(p, 0)
         self.meta_pages = []
@@ -264,6 +269,7 @@ class KhoOut:
         self.root.set_mem_map(self.mem_map)
         self._flush_root()
         self.finalized = True
+        self.frozen = self.frozen or freeze
         return self.mem_map
 
 

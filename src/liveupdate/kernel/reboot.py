@@ -11,9 +11,9 @@ order, with what an emulated machine needs in between:
 2. ``finalize`` -- KHO finalize: the memory map is serialized.
 3. ``notifiers`` -- reboot notifiers registered by kernel components (test components that
    act after finalize, e.g. ``kho_corrupt``).
-4. ``end_userspace`` -- every userspace process ends (subreaper + pidfds). KHO is finalized
-   by then, and a finalized KHO refuses every unpreserve with EBUSY (``KhoOut``), so the
-   hang-ups of ended processes cannot change what crosses.
+4. ``end_userspace`` -- every userspace process ends (subreaper + pidfds). KHO was finalized
+   for the reboot by then, which refuses every unpreserve with EBUSY (``KhoOut.frozen``), so
+   the hang-ups of ended processes cannot change what crosses.
 5. ``sanitize`` -- everything outside the kept set is punched (``kho_sanitize=off`` skips it).
 
 then the jump, which only the real kernel process does (:func:`kernel_kexec`); the in-process
@@ -42,7 +42,7 @@ def _luo_freeze(k: Kernel) -> None:
 
 
 def _finalize(k: Kernel) -> None:
-    k.require_kho().finalize()
+    k.require_kho().finalize(freeze=True)
 
 
 def _notifiers(k: Kernel) -> None:

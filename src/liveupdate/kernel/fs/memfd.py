@@ -256,9 +256,14 @@ class Memfd:
                                       msg="fallocate: PUNCH_HOLE needs KEEP_SIZE")
             self._punch(off, min(end, self.size))
             return
-        self.populate(off >> PAGE_SHIFT, _pages(end))
+        old = self.size
         if not mode & FALLOC_FL_KEEP_SIZE:
-            self.size = max(self.size, end)
+            self.size = max(old, end)  # first, so that within_size folios fit the new size
+        try:
+            self.populate(off >> PAGE_SHIFT, _pages(end))
+        except LiveUpdateError:
+            self.size = old
+            raise
 
     def _punch(self, off: int, end: int) -> None:
         """Free the folios wholly inside ``[off, end)``; zero the bytes of the others."""

@@ -1,6 +1,7 @@
 """Damage the handover after KHO finalize (``kho_corrupt=KIND``), so the next kernel must
 refuse it: ``root_fdt``, ``compatible``, ``map_outside_ram``, ``chunk_loop``, ``num_elms``,
-``bitmap_outside_ram``."""
+``bitmap_outside_ram``; ``luo_compatible`` (the LUO FDT claims ``luo-v9``: the next kernel
+must panic, as ``luo_restore_fail`` does)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,12 @@ def reboot_notifier(k: Kernel) -> None:
         k.write(first, struct.pack("<Q", first))
     elif kind == "num_elms":
         k.write(first + 12, struct.pack("<I", 256))
+    elif kind == "luo_compatible":
+        luo = dict(kout.subtrees()).get("LUO")
+        if luo is None:
+            k.printk("kho_corrupt: no LUO subtree to damage")
+            return
+        k.write(luo, k.read(luo, 4096).replace(b"luo-v1\0", b"luo-v9\0", 1))
     elif kind == "bitmap_outside_ram":
         k.write(first + 16 + 8, struct.pack("<Q", k.ram_size + 0x20000))
     else:
