@@ -87,3 +87,25 @@ def test_syscalls_close_fds_they_do_not_take(machine: Factory) -> None:
     pipes = [fd for fd in os.listdir(f"/proc/{kpid}/fd")
              if int(fd) > 2 and os.readlink(f"/proc/{kpid}/fd/{fd}").startswith("pipe:")]
     assert pipes == []  # 204 pipe ends were sent in; none stayed
+
+
+BIG_IO = r"""
+from liveupdate.client.syscall import Kernel
+from liveupdate.errors import LiveUpdateError
+k = Kernel()
+fd = k.memfd_create("io")
+data = bytes(range(256)) * 8192  # 2 MiB: many records each way
+assert k.pwrite(fd, data, 4096) == len(data)
+assert k.pread(fd, len(data) + 100, 4096) == data  # short only at the end of the file
+try:
+    k.call("pread", fds=[fd], count=64 << 20, offset=0)  # one oversized call
+except LiveUpdateError as e:
+    print(e.errno_name)
+"""
+
+
+def test_bulk_io_moves_in_pieces_and_oversized_calls_get_errnos(machine: Factory) -> None:
+    m = machine()
+    r = m.run([sys.executable, "-c", BIG_IO])
+    assert r["status"] == 0, r["stderr"]
+    assert r["stdout"].split() == ["EINVAL"]

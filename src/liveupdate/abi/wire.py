@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import socket
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +21,21 @@ from liveupdate.errors import AbiError, LiveUpdateError
 T = TypeVar("T")
 
 MAX_MESSAGE = 64 << 20
+# A SOCK_SEQPACKET record must fit the sender's socket buffer: at most net.core.wmem_max
+# (often 208 KiB). seqpacket_pair() asks for SEQPACKET_BUFFER; bulk data moves in pieces of
+# at most IO_PIECE so that it fits even where the system caps the buffer at its default.
+SEQPACKET_BUFFER = 4 << 20
+IO_PIECE = 128 << 10
 _LEN = struct.Struct("<I")
+
+
+def seqpacket_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected SOCK_SEQPACKET pair with buffers as large as the system allows."""
+    pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for sock in pair:
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            sock.setsockopt(socket.SOL_SOCKET, opt, SEQPACKET_BUFFER)  # capped by the system
+    return pair
 
 
 def pack(header: dict[str, Any], payload: bytes = b"") -> bytes:

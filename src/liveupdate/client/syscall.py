@@ -19,7 +19,7 @@ from liveupdate.client.generation import generation_of
 from liveupdate.client.mapping import Mapping, map_extents
 from liveupdate.errors import LiveUpdateError
 
-MAX_REPLY = 64 << 20
+MAX_REPLY = wire.SEQPACKET_BUFFER
 MAX_FDS = 253  # SCM_MAX_FD
 
 
@@ -113,16 +113,34 @@ class Kernel:
         self._on("ftruncate", fd, size=size)
 
     def pwrite(self, fd: int, data: bytes, offset: int) -> int:
-        return int(self._on("pwrite", fd, data, offset=offset).header["written"])
+        """Write all of ``data`` (in pieces of at most ``wire.IO_PIECE``)."""
+        done = 0
+        for off in range(0, len(data), wire.IO_PIECE):
+            piece = data[off : off + wire.IO_PIECE]
+            done += int(self._on("pwrite", fd, piece, offset=offset + off).header["written"])
+        return done
 
     def pread(self, fd: int, count: int, offset: int) -> bytes:
-        return self._on("pread", fd, count=count, offset=offset).payload
+        """Read up to ``count`` bytes (less only at the end of the file)."""
+        out = bytearray()
+        while len(out) < count:
+            piece = self._on("pread", fd, count=min(wire.IO_PIECE, count - len(out)),
+                             offset=offset + len(out)).payload
+            if not piece:
+                break
+            out += piece
+        return bytes(out)
 
     def write(self, fd: int, data: bytes) -> int:
-        return int(self._on("write", fd, data).header["written"])
+        done = 0
+        for off in range(0, len(data), wire.IO_PIECE):
+            done += int(self._on("write", fd, data[off : off + wire.IO_PIECE])
+                        .header["written"])
+        return done
 
     def read(self, fd: int, count: int) -> bytes:
-        return self._on("read", fd, count=count).payload
+        """One ``read``: at most ``wire.IO_PIECE`` bytes, as a short read is allowed."""
+        return self._on("read", fd, count=min(count, wire.IO_PIECE)).payload
 
     def lseek(self, fd: int, offset: int, whence: int = os.SEEK_SET) -> int:
         return int(self._on("lseek", fd, offset=offset, whence=whence).header["offset"])

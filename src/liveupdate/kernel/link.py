@@ -8,7 +8,7 @@ from typing import Any
 
 from liveupdate.abi import wire
 
-MAX_RECORD = 1 << 20
+MAX_RECORD = wire.SEQPACKET_BUFFER
 
 
 class Link:

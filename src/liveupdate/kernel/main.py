@@ -77,8 +77,14 @@ def _serve_request(k: Kernel, link: Link, h: dict[str, Any]) -> None:
     reply.header["id"] = h.get("id")
     if k.require_userspace().dying:
         return  # going down: the machine fails what is pending when this kernel is gone
-    with contextlib.suppress(OSError):  # the machine is gone; nobody to answer
+    try:
         link.send(reply.header, reply.payload)
+    except OSError as e:
+        if e.errno != errno.EMSGSIZE:
+            return  # the machine is gone; nobody to answer
+        with contextlib.suppress(OSError):
+            link.send({"id": h.get("id"), "errno": errno.EMSGSIZE,
+                       "message": f"the reply to {h.get('op')} does not fit one link record"})
 
 
 def main() -> None:

@@ -46,7 +46,7 @@ from liveupdate.machine.ram import Ram
 # shmem folio policy of our images (2 MiB folios for memfds that fit them).
 DEFAULT_CMDLINE = "console=ttyS0 kho=on liveupdate=on transparent_hugepage_shmem=within_size"
 DEFAULT_IMAGE = "images/default.img"
-LINK_RECORD = 1 << 20
+LINK_RECORD = wire.SEQPACKET_BUFFER
 CONSOLE_KEEP = 32 << 20  # bytes of console kept in memory for wait/console requests
 
 
@@ -205,7 +205,7 @@ class Machine:
     # -- kernel processes -----------------------------------------------------------------
     def _spawn(self, entry: str) -> KernelProc:
         assert self.ram is not None
-        mside, kside = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        mside, kside = wire.seqpacket_pair()
         rd, wr = os.pipe()
         try:
             popen = subprocess.Popen(

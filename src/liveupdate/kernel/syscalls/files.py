@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from liveupdate.abi import wire
 from liveupdate.abi.consts import PAGE_SHIFT, PAGE_SIZE
 from liveupdate.abi.wire import Message, arg
 from liveupdate.errors import LiveUpdateError
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
     from liveupdate.kernel.syscalls.process import Proc
 
-MAX_IO = 16 << 20  # bytes per read or write call (a reply is one message)
+MAX_IO = wire.IO_PIECE  # bytes per read or write call: a reply is one SEQPACKET record
 DEV_LIVEUPDATE = "/dev/liveupdate"
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from liveupdate.abi.syscalls import SYSCALL_FD_ENV
+from liveupdate.abi.wire import seqpacket_pair
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -64,7 +65,7 @@ class Userspace:
 
     def spawn(self, argv: list[str], *, capture: bool = False, cwd: str = "/",
               stdin: int | None = subprocess.DEVNULL) -> Proc:
-        kside, uside = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        kside, uside = seqpacket_pair()
         try:
             env = {SYSCALL_FD_ENV: str(uside.fileno()), "PYTHONUNBUFFERED": "1",
                    "PATH": "/usr/local/bin:/usr/bin:/bin"}

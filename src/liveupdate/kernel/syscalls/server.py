@@ -148,8 +148,14 @@ def _serve(k: Kernel, conn: socket.socket, proc: Proc) -> None:
             try:
                 conn.sendmsg([out], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                       array.array("i", out_fds))] if out_fds else [])
-            except OSError:
-                return
+            except OSError as e:
+                if e.errno != errno.EMSGSIZE:
+                    return
+                try:  # too big for one record: the caller gets an errno, not a hang-up
+                    conn.send(wire.pack({"errno": errno.EMSGSIZE, "message": "the reply "
+                                         "does not fit one record; ask for less"}))
+                except OSError:
+                    return
             finally:
                 for fd in out_fds:
                     os.close(fd)
