@@ -135,3 +135,56 @@ def test_ioctl_contract_in_process(rig: Rig) -> None:
     assert f.private.frozen
     _ioctl(k, None, "SET_FD_EVENT", event=3, token=0x42)  # per-file cancel
     assert not f.private.frozen and luo.state is State.NORMAL
+
+
+class _Sub:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.calls: list[str] = []
+
+    def prepare(self) -> int:
+        self.calls.append("prepare")
+        return 0x1234
+
+    def freeze(self, data: int) -> int:
+        self.calls.append("freeze")
+        return data + 1
+
+    def cancel(self, data: int) -> None:
+        self.calls.append(f"cancel {data:#x}")
+
+    def finish(self, data: int) -> None:
+        self.calls.append(f"finish {data:#x}")
+
+
+def test_subsystem_api_register_unregister_and_data(rig: Rig) -> None:
+    """v3 self-tests subsystem.register_unregister, .double_unregister,
+    .register_unregister_many and .getdata_verify."""
+    k = rig.boot(CMD, V3)
+    subs = _luo(k).subsystems
+    many = [_Sub(f"s{i}") for i in range(20)]
+    for s in many:
+        subs.register(s)
+    for s in many[1:]:
+        subs.unregister(s)
+    for bad, err in ((lambda: subs.register(_Sub("s0")), errno.EEXIST),
+                     (lambda: subs.unregister(many[5]), errno.ENOENT),
+                     (lambda: subs.get_data("s0"), errno.ENOENT)):
+        try:
+            bad()
+        except LiveUpdateError as e:
+            assert e.errno == err
+        else:
+            raise AssertionError("accepted")
+    _luo(k).prepare()
+    try:
+        subs.register(_Sub("late"))
+    except LiveUpdateError as e:
+        assert e.errno == errno.EBUSY
+    k2 = rig.kexec(k, CMD, V3)
+    assert _luo(k2).subsystems.get_data("s0") == 0x1235  # prepared, then frozen (+1)
+    assert many[0].calls == ["prepare", "freeze"]
+    mine = _Sub("s0")
+    _luo(k2).subsystems.register(mine)
+    _luo(k2).finish()
+    assert mine.calls == ["finish 0x1235"]
