@@ -27,9 +27,13 @@ def _luo(k: Kernel) -> LuoV3:
     return k.luo
 
 
-def _ioctl(k: Kernel, dev: object, name: str, **fields: int) -> dict[str, int]:
+def _no_fd(fd: int) -> kmemfd.File:
+    raise LiveUpdateError(err=errno.EBADF, msg=f"fd {fd} is not a file")
+
+
+def _ioctl(k: Kernel, name: str, **fields: int) -> dict[str, int]:
     entry = uapi.ioctl(Gen.V3, name)
-    out, _ = _luo(k).ioctl(entry.number, entry.pack(**fields), [dev] if dev else [])
+    out, _ = _luo(k).ioctl(entry.number, entry.pack(**fields), [], _no_fd)
     return entry.unpack(out.ljust(entry.size, b"\0"))
 
 
@@ -94,7 +98,7 @@ def test_garbage_ioctls_change_nothing(nr: int, type_: int, arg: bytes) -> None:
         before = (luo.state, [(e.token, e.state) for e in luo.files])
         cmd = (type_ << 8) | nr
         try:
-            luo.ioctl(cmd, arg, [])
+            luo.ioctl(cmd, arg, [], _no_fd)
         except LiveUpdateError as e:
             assert e.errno in (errno.EINVAL, errno.ENOTTY, errno.EFAULT, errno.E2BIG,
                                errno.EBUSY, errno.ENOENT, errno.EBADF, errno.EEXIST)
@@ -121,19 +125,19 @@ def test_ioctl_contract_in_process(rig: Rig) -> None:
     ]
     for cmd, arg, want in cases:
         try:
-            luo.ioctl(cmd, arg, [])
+            luo.ioctl(cmd, arg, [], _no_fd)
         except LiveUpdateError as e:
             assert e.errno == want, (hex(cmd), e)
         else:
             raise AssertionError(f"{cmd:#x} succeeded")
     out, _ = luo.ioctl(uapi.ioctl(Gen.V3, "FD_PRESERVE").number,
-                       struct.pack("<IiQ", 16, 0, 0x42), [f])
+                       struct.pack("<IiQ", 16, 0, 0x42), [3], lambda fd: f)
     assert out == struct.pack("<IiQ", 16, 0, 0x42)
-    assert _ioctl(k, None, "GET_FD_STATE", token=0x42)["state"] == State.NORMAL
-    assert _ioctl(k, None, "SET_FD_EVENT", event=0, token=0x42) is not None  # per-file prepare
-    assert _ioctl(k, None, "GET_FD_STATE", token=0x42)["state"] == State.PREPARED
+    assert _ioctl(k, "GET_FD_STATE", token=0x42)["state"] == State.NORMAL
+    assert _ioctl(k, "SET_FD_EVENT", event=0, token=0x42) is not None  # per-file prepare
+    assert _ioctl(k, "GET_FD_STATE", token=0x42)["state"] == State.PREPARED
     assert f.private.frozen
-    _ioctl(k, None, "SET_FD_EVENT", event=3, token=0x42)  # per-file cancel
+    _ioctl(k, "SET_FD_EVENT", event=3, token=0x42)  # per-file cancel
     assert not f.private.frozen and luo.state is State.NORMAL
 
 

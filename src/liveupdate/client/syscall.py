@@ -148,6 +148,14 @@ class Kernel:
     def fstat(self, fd: int) -> dict[str, Any]:
         return self._on("fstat", fd).header
 
+    def add_seals(self, fd: int, seals: int) -> None:
+        """``fcntl(fd, F_ADD_SEALS, seals)``."""
+        self._on("add_seals", fd, seals=seals)
+
+    def get_seals(self, fd: int) -> int:
+        """``fcntl(fd, F_GET_SEALS)``."""
+        return int(self._on("get_seals", fd).header["seals"])
+
     def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
         self._on("fallocate", fd, mode=mode, offset=offset, length=length)
 

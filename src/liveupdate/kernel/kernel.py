@@ -33,6 +33,7 @@ from liveupdate.kernel.syscalls.process import Userspace
 
 if TYPE_CHECKING:
     from liveupdate.kernel.kexec import Loaded
+    from liveupdate.kernel.luo.session import LuoSessions
     from liveupdate.kernel.luo.v3 import LuoV3
 
 
@@ -61,7 +62,7 @@ class Kernel:
         self.kexec_image: Loaded | None = None
         self.reboot_notifiers: list[Callable[[Kernel], None]] = []
         self.files = FileTable(self.printk)
-        self.luo: LuoV3 | None = None
+        self.luo: LuoV3 | LuoSessions | None = None
         self.next_ino = 1
         self.boot_id = os.urandom(4).hex()
         self.run_dir = ""

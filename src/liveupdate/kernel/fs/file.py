@@ -21,7 +21,7 @@ import select
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from liveupdate.errors import LiveUpdateError
 
@@ -34,6 +34,20 @@ class FileOps(Protocol):
     name: str
 
     def release(self, f: File) -> None: ...
+
+
+@runtime_checkable
+class IoctlOps(Protocol):
+    """A kind of file with ``unlocked_ioctl``: the struct bytes in, the bytes copied back and
+    the new files out; ``fds`` are the handles attached for fd fields, resolved (EBADF) by
+    ``resolve`` where the command takes them."""
+
+    name: str
+
+    def release(self, f: File) -> None: ...
+
+    def ioctl(self, f: File, cmd: int, arg: bytes, fds: list[int],
+              resolve: Callable[[int], File]) -> tuple[bytes, list[File]]: ...
 
 
 @dataclass(eq=False)

@@ -19,6 +19,11 @@ with RAM mappings (ARCHITECTURE.md).
 Preservation freezes the size (``shmem_freeze``, ``SHMEM_F_MAPPING_FROZEN``): ``ftruncate`` to
 another size, a write past ``i_size`` and ``fallocate`` fail with EPERM; reads, writes inside
 the size and mmap keep working.
+
+Seals (``memfd_add_seals``): a memfd made without ``MFD_ALLOW_SEALING`` starts with
+``F_SEAL_SEAL``; ``F_SEAL_SHRINK``/``GROW`` refuse size changes that way, ``F_SEAL_WRITE``
+and ``F_SEAL_FUTURE_WRITE`` refuse writes and writable mappings (EPERM); adding seals to a
+``F_SEAL_SEAL`` file is EPERM, unknown bits EINVAL.
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 SEEK_SET, SEEK_CUR, SEEK_END = 0, 1, 2
 THP_MODES = ("within_size", "never", "always")
+F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 0x1, 0x2, 0x4, 0x8
+F_SEAL_FUTURE_WRITE, F_SEAL_EXEC = 0x10, 0x20
+ALL_SEALS = 0x3F
+MFD_CLOEXEC, MFD_ALLOW_SEALING = 0x1, 0x2
 
 
 class PageOps(Protocol):
@@ -67,6 +76,7 @@ class Memfd:
     phys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     order: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
     frozen: bool = False  # SHMEM_F_MAPPING_FROZEN: preserved, the size cannot change
+    seals: int = F_SEAL_SEAL
     refs: int = 0  # open files, mappings and LUO
     on_free: Callable[[Memfd], None] | None = None
 
@@ -184,16 +194,30 @@ class Memfd:
         return out
 
     # -- file operations ------------------------------------------------------------------
-    def _check_resize(self, what: str) -> None:
+    def _check_resize(self, what: str, new_size: int | None = None) -> None:
         if self.frozen:
             raise LiveUpdateError(err=errno.EPERM,
                                   msg=f"{what}: the memfd is preserved; its size is frozen")
+        if new_size is not None and ((new_size < self.size and self.seals & F_SEAL_SHRINK)
+                                     or (new_size > self.size and self.seals & F_SEAL_GROW)):
+            raise LiveUpdateError(err=errno.EPERM, msg=f"{what}: the memfd is sealed")
+
+    def check_write(self, what: str) -> None:
+        if self.seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE):
+            raise LiveUpdateError(err=errno.EPERM, msg=f"{what}: the memfd is write-sealed")
+
+    def add_seals(self, seals: int) -> None:
+        if seals & ~ALL_SEALS:
+            raise LiveUpdateError(err=errno.EINVAL, msg=f"F_ADD_SEALS: unknown seals {seals:#x}")
+        if self.seals & F_SEAL_SEAL:
+            raise LiveUpdateError(err=errno.EPERM, msg="F_ADD_SEALS: the memfd has F_SEAL_SEAL")
+        self.seals |= seals
 
     def truncate(self, size: int) -> None:
         if not 0 <= size <= MAX_LFS_FILESIZE:
             raise LiveUpdateError(err=errno.EINVAL, msg=f"ftruncate: bad size {size}")
         if size != self.size:
-            self._check_resize("ftruncate")
+            self._check_resize("ftruncate", size)
         if size < self.size:
             self.free_folios(_pages(size))
             tail = size % PAGE_SIZE  # the kept folio's bytes past the new end read as zero
@@ -206,10 +230,11 @@ class Memfd:
             raise LiveUpdateError(err=errno.EINVAL, msg=f"pwrite: bad offset {off}")
         if not data:
             return 0
+        self.check_write("write")
         end = off + len(data)
         old = self.size
         if end > old:
-            self._check_resize("write past the end")
+            self._check_resize("write past the end", end)
             self.size = end  # first, so that the folios fit the new size
         try:
             self.populate(off >> PAGE_SHIFT, _pages(end))
@@ -248,8 +273,8 @@ class Memfd:
     def fallocate(self, mode: int, off: int, length: int) -> None:
         if off < 0 or length <= 0 or mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE):
             raise LiveUpdateError(err=errno.EINVAL, msg="fallocate: bad mode, offset or length")
-        self._check_resize("fallocate")
         end = off + length
+        self._check_resize("fallocate", None if mode & FALLOC_FL_KEEP_SIZE else max(end, self.size))
         if mode & FALLOC_FL_PUNCH_HOLE:
             if not mode & FALLOC_FL_KEEP_SIZE:
                 raise LiveUpdateError(err=errno.EOPNOTSUPP,

@@ -9,6 +9,8 @@ size and position are the preserved ones; an entry whose PFN is 0 is skipped, as
 does on retrieve, finish and unpreserve. ``finish`` of a file never retrieved restores and
 frees its folios. Only the serialized format differs between generations:
 
+* :class:`MemfdSerHandler` -- mainline: ``memfd-v1`` (6.19) / ``memfd-v2`` (7.1) structs with
+  the folio array in KHO vmalloc; heavy work at PRESERVE_FD.
 * :class:`MemfdFdtHandler` -- the v3 era ``memfd-v1`` FDT (``pos``, ``size``, ``folios``
   array of ``foliodesc = pfn << 12 | flags``, ``index``), in one allocation of order
   ``get_order(PAGE_ALIGN(16 n) + PAGE_SIZE)``. That allocation is ``__get_free_pages``: past
@@ -29,6 +31,7 @@ import numpy as np
 
 from liveupdate.abi import memfd as memfd_abi
 from liveupdate.abi.consts import MAX_PAGE_ORDER, PAGE_SHIFT, PAGE_SIZE, get_order
+from liveupdate.abi.vmalloc import KhoVmalloc
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.kernel import kho
 from liveupdate.kernel.fs import memfd
@@ -196,3 +199,99 @@ class MemfdFdtHandler(MemfdLuo):
             self.k.printk(f"memfd: finish: {e.message}; preserved pages stay reserved")
             return
         self.free_unretrieved(st.folios, st.size)
+
+
+class MemfdSerHandler(MemfdLuo):
+    """The mainline handler: ``struct memfd_luo_ser`` (``memfd-v1`` in 6.19, 40 bytes;
+    ``memfd-v2`` in 7.1, 48 bytes with the seals) in a ``kho_alloc_preserve`` page, the folio
+    array (``pfn:52 | flags:12``, ``index``) in a KHO vmalloc area. Heavy work at PRESERVE_FD;
+    ``freeze`` rewrites ``pos``. v1 retrieves an unsealable memfd (``F_SEAL_SEAL`` set); v2
+    restores the seal set (unknown bits: EOPNOTSUPP) and allows more sealing only if
+    ``F_SEAL_SEAL`` is absent."""
+
+    def __init__(self, k: Kernel, compatible: str) -> None:
+        super().__init__(k)
+        self.compatible = compatible
+        self.v2 = compatible == memfd_abi.MEMFD_V2
+
+    def _ser(self, f: File, desc: KhoVmalloc) -> bytes:
+        m = f.private
+        return memfd_abi.encode_ser(memfd_abi.MemfdSer(
+            f.pos, m.size, len(m.index), desc, m.seals if self.v2 else 0, self.compatible))
+
+    def preserve(self, f: File) -> int:
+        m = f.private
+        if self.v2 and m.seals & ~memfd.ALL_SEALS:
+            raise LiveUpdateError(err=errno.EOPNOTSUPP, msg="memfd: unknown seals")
+        self.pin(m)
+        kout = self.k.require_kho()
+        desc = KhoVmalloc(0, 0, 0, 0)
+        try:
+            if len(m.index):
+                desc = kout.preserve_vmalloc(memfd_abi.encode_folio_array(self.folios(m)))
+            return kout.store(self._ser(f, desc))
+        except (LiveUpdateError, AbiError):
+            if desc.first:
+                kout.unpreserve_vmalloc(desc)
+            self.unpin(m)
+            raise
+
+    def _decode(self, raw: bytes) -> memfd_abi.MemfdSer:
+        try:
+            return memfd_abi.decode_ser(raw, self.compatible)
+        except AbiError as e:
+            raise LiveUpdateError(err=e.errno, msg=e.message) from e
+
+    def unpreserve(self, f: File, data: int) -> None:
+        ser = self._decode(self.k.read(data, memfd_abi.SER_V2_SIZE if self.v2
+                                       else memfd_abi.SER_V1_SIZE))
+        kout = self.k.require_kho()
+        if ser.folios.first:
+            kout.unpreserve_vmalloc(ser.folios)
+        kout.unpreserve_free(data, PAGE_SIZE)
+        self.unpin(f.private)
+
+    def freeze(self, f: File, data: int) -> int:
+        size = memfd_abi.SER_V2_SIZE if self.v2 else memfd_abi.SER_V1_SIZE
+        ser = self._decode(self.k.read(data, size))
+        self.k.write(data, self._ser(f, ser.folios))
+        return data
+
+    def unfreeze(self, f: File, data: int) -> None:
+        """Nothing to undo: a newer pos is still a valid preservation."""
+
+    def _take(self, data: int) -> tuple[memfd_abi.MemfdSer, memfd_abi.Folios]:
+        """The struct and the folio array, with their pages taken back and freed."""
+        ser = self._decode(self.take_meta(data)[: memfd_abi.SER_V2_SIZE if self.v2
+                                                else memfd_abi.SER_V1_SIZE])
+        if ser.nr_folios == 0:
+            return ser, memfd_abi.Folios.empty()
+        kin = self.k.kho_in
+        area = None if kin is None else kho.restore_vmalloc(kin, self.k.meta, self.k.mem,
+                                                            ser.folios)
+        if area is None:
+            raise LiveUpdateError(err=errno.EIO, msg="memfd: the folio array was not "
+                                  "preserved as a KHO vmalloc area")
+        raw = area.read(self.k.mem)
+        for p in np.concatenate([area.chunk_phys, area.block_phys]).tolist():
+            self.k.free_pages(p, 0 if p in area.chunk_phys else ser.folios.order)
+        try:
+            return ser, memfd_abi.decode_folio_array(raw, ser.nr_folios, ser.size)
+        except AbiError as e:
+            raise LiveUpdateError(err=errno.EIO, msg=e.message) from e
+
+    def retrieve(self, data: int) -> File:
+        ser, folios = self._take(data)
+        m = self.restore_folios(folios, ser.size)
+        m.seals = ser.seals if self.v2 else memfd.F_SEAL_SEAL
+        return memfd.open_file(m, ser.pos)
+
+    def finish(self, data: int, retrieved: File | None) -> None:
+        if retrieved is not None:
+            return
+        try:
+            ser, folios = self._take(data)
+        except LiveUpdateError as e:
+            self.k.printk(f"memfd: finish: {e.message}; preserved pages stay reserved")
+            return
+        self.free_unretrieved(folios, ser.size)

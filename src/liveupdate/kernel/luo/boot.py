@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from liveupdate.abi.uapi import Gen
 from liveupdate.errors import LiveUpdateError
+from liveupdate.kernel.luo.session import LuoSessions
 from liveupdate.kernel.luo.v3 import LuoV3
 
 if TYPE_CHECKING:
@@ -24,10 +26,13 @@ def init(k: Kernel) -> None:
     if k.kho_out is None:
         k.printk("luo: KHO is disabled; LUO is disabled")
         return
-    if k.image.luo != "v3":
-        k.printk(f"luo: the {k.image.luo} session uAPI is not in this kernel; LUO is "
-                 "disabled")
+    if k.image.luo == "v3":
+        v3 = LuoV3(k)
+        k.luo = v3
+        v3.boot()
+        k.printk(f"luo: LUO v3 enabled, state {v3.state.name.lower()}")
         return
-    k.luo = LuoV3(k)
-    k.luo.boot()
-    k.printk(f"luo: LUO {k.image.luo} enabled, state {k.luo.state.name.lower()}")
+    sessions = LuoSessions(k, Gen(k.image.luo))
+    k.luo = sessions
+    sessions.boot()
+    k.printk(f"luo: LUO {k.image.luo} enabled (sessions), live update {sessions.number}")

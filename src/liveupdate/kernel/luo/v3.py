@@ -39,6 +39,7 @@ reboot (FROZEN) a release changes nothing: frozen means frozen.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from liveupdate.abi import luo_v3, uapi
@@ -75,6 +76,10 @@ class DeviceOps:
 
     def release(self, f: File) -> None:
         self.luo.release()
+
+    def ioctl(self, f: File, cmd: int, arg: bytes, fds: list[int],
+              resolve: Callable[[int], File]) -> tuple[bytes, list[File]]:
+        return self.luo.ioctl(cmd, arg, fds, resolve)
 
 
 class LuoV3:
@@ -239,7 +244,8 @@ class LuoV3:
             self.cancel()
         self.files.clear()
 
-    def ioctl(self, cmd: int, arg: bytes, fds: list[File]) -> tuple[bytes, list[File]]:
+    def ioctl(self, cmd: int, arg: bytes, fds: list[int],
+              resolve: Callable[[int], File]) -> tuple[bytes, list[File]]:
         """One ioctl on /dev/liveupdate: the dispatcher's checks (:func:`uapi.lookup`),
         then the command. Returns the bytes copied back and the files to install."""
         try:
@@ -257,7 +263,7 @@ class LuoV3:
             self._mutable("FD_PRESERVE")
             if not fds:
                 raise LiveUpdateError(err=errno.EBADF, msg="FD_PRESERVE: bad fd")
-            self.files.add(a["token"], fds[0])
+            self.files.add(a["token"], resolve(fds[0]))
         elif name == "FD_UNPRESERVE":
             self._mutable("FD_UNPRESERVE")
             self.files.remove(a["token"])

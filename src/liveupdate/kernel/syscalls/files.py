@@ -26,7 +26,7 @@ from liveupdate.abi.consts import PAGE_SHIFT, PAGE_SIZE
 from liveupdate.abi.wire import Message, arg
 from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel.fs import memfd
-from liveupdate.kernel.fs.file import File
+from liveupdate.kernel.fs.file import File, IoctlOps
 
 if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
@@ -72,14 +72,15 @@ def sys_open(c: Caller, m: Message) -> Message:
 
 
 def sys_ioctl(c: Caller, m: Message) -> Message:
+    """The file's kind answers (``unlocked_ioctl``); fds inside the struct are resolved by
+    the command itself, at the point where Linux would ``fget`` them."""
     f = _file(c, m)
     cmd = arg(m, "cmd", int)
-    luo = c.k.luo
-    if luo is None or f.ops is not luo.device:
+    ops = f.ops
+    if not isinstance(ops, IoctlOps):
         raise LiveUpdateError(err=errno.ENOTTY, msg=f"ioctl {cmd:#x}: not supported by a "
-                              f"{f.ops.name} file")
-    args = [c.k.files.lookup(fd) for fd in m.fds[1:]]
-    out, new = luo.ioctl(cmd, m.payload, args)
+                              f"{ops.name} file")
+    out, new = ops.ioctl(f, cmd, m.payload, m.fds[1:], c.k.files.lookup)
     return Message({}, out, [c.k.files.install(nf) for nf in new])
 
 
@@ -88,9 +89,25 @@ def sys_memfd_create(c: Caller, m: Message) -> Message:
     flags = arg(m, "flags", int, 0)
     if len(name.encode()) > 249:  # MFD_NAME_MAX_LEN
         raise LiveUpdateError(err=errno.EINVAL, msg="memfd_create: name too long")
-    if flags & ~0x1:  # MFD_CLOEXEC; MFD_HUGETLB and sealing are not emulated
+    if flags & ~(memfd.MFD_CLOEXEC | memfd.MFD_ALLOW_SEALING):  # MFD_HUGETLB: not emulated
         raise LiveUpdateError(err=errno.EINVAL, msg=f"memfd_create: flags {flags:#x}")
-    return _handle(c, memfd.open_file(c.k.new_memfd(name)))
+    mf = c.k.new_memfd(name)
+    if flags & memfd.MFD_ALLOW_SEALING:
+        mf.seals = 0
+    return _handle(c, memfd.open_file(mf))
+
+
+def sys_add_seals(c: Caller, m: Message) -> Message:
+    """``fcntl(F_ADD_SEALS)``."""
+    _, mf = _memfd(c, m)
+    mf.add_seals(arg(m, "seals", int))
+    return Message({})
+
+
+def sys_get_seals(c: Caller, m: Message) -> Message:
+    """``fcntl(F_GET_SEALS)``."""
+    _, mf = _memfd(c, m)
+    return Message({"seals": mf.seals})
 
 
 def sys_ftruncate(c: Caller, m: Message) -> Message:
@@ -139,7 +156,8 @@ def sys_lseek(c: Caller, m: Message) -> Message:
 def sys_fstat(c: Caller, m: Message) -> Message:
     _, mf = _memfd(c, m)
     return Message({"size": mf.size, "blocks": mf.nr_pages * (PAGE_SIZE // 512),
-                    "ino": mf.ino, "name": f"memfd:{mf.name}", "frozen": mf.frozen})
+                    "ino": mf.ino, "name": f"memfd:{mf.name}", "frozen": mf.frozen,
+                    "seals": mf.seals})
 
 
 def sys_fallocate(c: Caller, m: Message) -> Message:
@@ -157,6 +175,7 @@ def sys_mmap(c: Caller, m: Message) -> Message:
     first, last = off >> PAGE_SHIFT, -(-(off + length) // PAGE_SIZE)
     if mf.frozen and last > -(-mf.size // PAGE_SIZE):
         raise LiveUpdateError(err=errno.EINVAL, msg="mmap: past the end of a frozen memfd")
+    mf.check_write("mmap(PROT_WRITE)")
     mf.populate(first, last)
     if c.proc is not None:
         c.proc.mappings.append(mf.get())
@@ -176,4 +195,6 @@ FILE_SYSCALLS = {
     "fstat": sys_fstat,
     "fallocate": sys_fallocate,
     "mmap": sys_mmap,
+    "add_seals": sys_add_seals,
+    "get_seals": sys_get_seals,
 }

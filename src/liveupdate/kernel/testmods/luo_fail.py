@@ -9,6 +9,7 @@ import errno
 from typing import TYPE_CHECKING
 
 from liveupdate.errors import LiveUpdateError
+from liveupdate.kernel.luo.v3 import LuoV3
 
 if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
@@ -44,7 +45,7 @@ class FailOnce:
 
 def late(k: Kernel) -> None:
     step = k.cmdline.get("luo_fail")
-    if k.luo is None or step not in ("prepare", "freeze"):
+    if not isinstance(k.luo, LuoV3) or step not in ("prepare", "freeze"):
         k.printk(f"luo_fail: needs LUO v3 and prepare|freeze, not {step!r}")
         return
     k.luo.subsystems.register(FailOnce(k, step))

@@ -15,6 +15,7 @@ from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.abi.uapi import State
 from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel import kho
+from liveupdate.kernel.luo.v3 import LuoV3
 
 if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
@@ -56,7 +57,7 @@ class TraceBuffer:
 
 def late(k: Kernel) -> None:
     luo = k.luo
-    if luo is None:
+    if not isinstance(luo, LuoV3):  # the subsystem API is v3's; FLB replaced it
         k.printk("luo_trace: LUO v3 is not enabled")
         return
     buf = TraceBuffer(k)

@@ -1,0 +1,388 @@
+"""LUO of mainline Linux (6.19, and 7.1 with GET_NAME, FLB and ``memfd-v2``; spec/luo.md
+2-5): sessions. A thin front end over the same file lifecycle, handlers and memfd code as v3.
+
+``/dev/liveupdate`` (a single opener: EBUSY) creates *outgoing* sessions by name and retrieves
+*incoming* ones. A session fd preserves fds by token -- the heavy work runs inside PRESERVE_FD
+-- and in the next kernel retrieves them and finishes. There is no global state machine:
+closing an outgoing session fd before the reboot unpreserves its files (the abort path); the
+sessions whose fds are still open at ``reboot(KEXEC)`` are frozen, in creation order and each
+file in preservation order, and serialized; a failure unfreezes everything already frozen and
+``reboot()`` fails with the errno, the sessions still usable. Closing /dev/liveupdate never
+touches sessions.
+
+The handover, as ``luo_session.c``/``luo_core.c`` write it: at boot a one-page ``luo-v1`` FDT
+(``liveupdate-number`` = the previous one + 1) with the ``luo-session-v2`` node pointing at a
+16-page session header; 7.1 adds the ``luo-flb-v1`` node and its header page. Each session
+with files has a 2-page ``luo_file_ser`` array. Limits as 6.19-7.1 have them (the format's):
+819 sessions (ENOMEM on the 820th), 128 files per session (ENOSPC on the 129th).
+
+The next kernel checks the FDT and the session header at boot; anything it cannot read
+(compatible, missing FLB node on 7.1, a malformed header) is ``luo_restore_fail()``: a panic.
+The first open of /dev/liveupdate builds the incoming sessions; a file whose handler this
+kernel lacks (``memfd-v1`` on 7.1) makes that and every later open fail with EIO.
+
+Errnos and check orders are those of spec/luo.md 2.1 and 2.3: CREATE_SESSION EEXIST for a
+used outgoing name (6.19 ``strscpy`` truncation to 63 bytes; an empty name is accepted);
+RETRIEVE_SESSION ENOENT unknown, EINVAL when already retrieved this boot; PRESERVE_FD EEXIST
+token, ENOSPC, EBADF, (7.1) EBUSY when the file is already in a session, ENOENT without a
+handler, then the handler's errno; RETRIEVE_FD ENOENT, repeatable (the same file; 7.1 keeps a
+failure sticky); FINISH frees what was never retrieved, is idempotent and runs implicitly when
+a retrieved session fd is closed. Deliberately like 7.2 rather than 6.19, PRESERVE_FD on a
+retrieved session and RETRIEVE_FD/FINISH on an outgoing one are EINVAL: 6.19's ungated FINISH
+on live files is a bug nobody should rely on.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from liveupdate.abi import luo_session, memfd, uapi
+from liveupdate.abi.consts import PAGE_SIZE
+from liveupdate.abi.uapi import Gen, State, Target
+from liveupdate.errors import AbiError, LiveUpdateError
+from liveupdate.kernel import kho
+from liveupdate.kernel.fs.file import File
+from liveupdate.kernel.fs.memfd_luo import MemfdSerHandler
+from liveupdate.kernel.luo.files import FileSet, IncomingSet, InFile
+from liveupdate.kernel.luo.flb import FlbRegistry, IncomingFlb
+from liveupdate.kernel.luo.handler import FileHandler
+
+if TYPE_CHECKING:
+    from liveupdate.kernel.kernel import Kernel
+
+LUO_KHO_ENTRY_NAME = "LUO"
+Resolve = Callable[[int], File]
+
+
+@dataclass(eq=False)
+class Session:
+    name: str
+    files: FileSet | None = None  # outgoing
+    incoming: IncomingSet | None = None  # retrieved from the previous kernel
+    files_array: int = 0  # the outgoing luo_file_ser block, once a file was preserved
+    retrieved: bool = False
+    errors: dict[int, LiveUpdateError] = field(default_factory=dict)  # 7.1: sticky
+
+
+class DeviceOps:
+    name = "liveupdate"
+
+    def __init__(self, luo: LuoSessions) -> None:
+        self.luo = luo
+
+    def release(self, f: File) -> None:
+        self.luo.device_open = False  # sessions are independent files: untouched
+
+    def ioctl(self, f: File, cmd: int, arg: bytes, fds: list[int],
+              resolve: Resolve) -> tuple[bytes, list[File]]:
+        return self.luo.device_ioctl(cmd, arg)
+
+
+class SessionOps:
+    name = "luo_session"
+
+    def __init__(self, luo: LuoSessions) -> None:
+        self.luo = luo
+
+    def release(self, f: File) -> None:
+        self.luo.close(f.private)
+
+    def ioctl(self, f: File, cmd: int, arg: bytes, fds: list[int],
+              resolve: Resolve) -> tuple[bytes, list[File]]:
+        return self.luo.session_ioctl(f.private, cmd, arg, fds, resolve)
+
+
+class LuoSessions:
+    def __init__(self, k: Kernel, gen: Gen) -> None:
+        self.k = k
+        self.gen = gen
+        self.v7 = gen is Gen.V7_1
+        compat = memfd.MEMFD_V2 if self.v7 else memfd.MEMFD_V1
+        self.handlers: list[FileHandler] = [MemfdSerHandler(k, compat)]
+        self.flbs = FlbRegistry()
+        self.device = DeviceOps(self)
+        self.session_ops = SessionOps(self)
+        self.device_open = False
+        self.outgoing: dict[str, Session] = {}
+        self.incoming: dict[str, Session] = {}
+        self.number = 0
+        self.restore_failed = ""  # sticky EIO for every open
+        self.frozen = False
+        self._incoming_raw: list[luo_session.SessionSer] | None = None
+        self._incoming_meta: list[int] = []
+        self._flbs_raw: list[luo_session.FlbSer] = []
+        self.fdt = self.header = self.flb_header = 0
+
+    # -- boot -----------------------------------------------------------------------------
+    def boot(self) -> None:
+        """``luo_early_startup``: read and check the previous kernel's LUO data (a panic
+        when unreadable), then build this kernel's outgoing FDT in the live KHO tree."""
+        kin = self.k.kho_in
+        if kin is not None:
+            try:
+                phys = kin.retrieve_subtree(LUO_KHO_ENTRY_NAME)
+            except LiveUpdateError:
+                phys = 0
+            if phys:
+                self._read_incoming(phys)
+        kout = self.k.require_kho()
+        self.header = kout.alloc_preserve(luo_session.SESSION_BLOCK)
+        self.k.write(self.header, luo_session.encode_sessions([]))
+        if self.v7:
+            self.flb_header = kout.alloc_preserve(PAGE_SIZE)
+            self.k.write(self.flb_header, luo_session.encode_flbs([]))
+        self.fdt = kout.store(luo_session.encode_luo_fdt(
+            self.number + 1, self.header, self.flb_header if self.v7 else None))
+        kout.add_subtree(LUO_KHO_ENTRY_NAME, self.fdt)
+
+    def _read_incoming(self, phys: int) -> None:
+        try:
+            fdt = luo_session.decode_luo_fdt(self.k.mem.read_fdt(phys, "LUO FDT"),
+                                             require_flb=self.v7)
+            self._incoming_raw = luo_session.decode_sessions(self.k.mem, fdt.session_header)
+            if fdt.flb_header:
+                self._flbs_raw = luo_session.decode_flbs(self.k.mem, fdt.flb_header)
+        except AbiError as e:
+            self.k.panic(f"LUO: cannot restore the previous kernel's state: {e.message}")
+        self.number = fdt.liveupdate_number
+        self._incoming_meta = [phys, fdt.session_header] + (
+            [fdt.flb_header] if fdt.flb_header else []) + [
+            s.files_phys for s in self._incoming_raw if s.files]
+        self.k.printk(f"luo: live update {self.number}: {len(self._incoming_raw)} incoming "
+                      "sessions")
+
+    def _deserialize(self) -> None:
+        """First open: build the incoming sessions (``luo_session_deserialize``, once)."""
+        raw, self._incoming_raw = self._incoming_raw, None
+        if raw is None:
+            return
+        by_compat = {h.compatible: h for h in self.handlers}
+        sessions: dict[str, Session] = {}
+        for s in raw:
+            inc = IncomingSet()
+            for f in s.files:
+                handler = by_compat.get(f.compatible)
+                if handler is None:
+                    self.restore_failed = (f"session {s.name!r}: no handler for "
+                                           f"{f.compatible!r}")
+                    self.k.printk(f"luo: {self.restore_failed}; /dev/liveupdate is EIO")
+                    return
+                inc.files[f.token] = InFile(f.token, f.compatible, f.data, handler)
+            sessions[s.name] = Session(s.name, incoming=inc)
+        self.incoming = sessions
+        self.flbs.incoming = {f.name: IncomingFlb(f.name, f.data, f.count)
+                              for f in self._flbs_raw}
+        kin = self.k.kho_in
+        for p in self._incoming_meta:  # the previous kernel's LUO pages: read, give back
+            order = None if kin is None else kho.restore_folio(kin, self.k.meta, p)
+            if order is not None:
+                self.k.free_pages(p, order)
+        self._incoming_meta = []
+
+    # -- /dev/liveupdate ------------------------------------------------------------------
+    def open(self) -> File:
+        if self.device_open:
+            raise LiveUpdateError(err=errno.EBUSY, msg="/dev/liveupdate is already open")
+        self._deserialize()
+        if self.restore_failed:
+            raise LiveUpdateError(err=errno.EIO, msg=f"/dev/liveupdate: restoring the "
+                                  f"incoming sessions failed ({self.restore_failed})")
+        self.device_open = True
+        return File(self.device)
+
+    def _lookup(self, target: Target, cmd: int, arg: bytes) -> tuple[uapi.Ioctl,
+                                                                     dict[str, Any]]:
+        try:
+            return uapi.lookup(self.gen, target, cmd, arg)
+        except AbiError as e:
+            raise LiveUpdateError(err=e.errno, msg=e.message) from e
+
+    def _frozen_check(self) -> None:
+        if self.frozen:
+            raise LiveUpdateError(err=errno.EBUSY, msg="LUO: the reboot is under way")
+
+    def device_ioctl(self, cmd: int, arg: bytes) -> tuple[bytes, list[File]]:
+        entry, a = self._lookup(Target.DEVICE, cmd, arg)
+        self._frozen_check()
+        try:
+            name = uapi.session_name(a["name"], strict=False)
+        except AbiError as e:  # names are bytes to Linux; ours must be UTF-8 (documented)
+            raise LiveUpdateError(err=e.errno, msg=e.message) from e
+        create = entry.name == "CREATE_SESSION"
+        f = self._create(name) if create else self._retrieve_session(name)
+        reply = entry.pack(**{**a, "fd": 0})
+        return reply[: min(a["size"], entry.size)], [f]
+
+    def _create(self, name: str) -> File:
+        if name in self.outgoing:
+            raise LiveUpdateError(err=errno.EEXIST, msg=f"session {name!r} exists")
+        if len(self.outgoing) >= luo_session.SESSION_MAX:
+            raise LiveUpdateError(err=errno.ENOMEM, msg=f"more than {luo_session.SESSION_MAX}"
+                                  " sessions do not fit the session header")
+        s = Session(name, files=FileSet(lambda: self.handlers))
+        self.outgoing[name] = s
+        return File(self.session_ops, s)
+
+    def _retrieve_session(self, name: str) -> File:
+        s = self.incoming.get(name)
+        if s is None:
+            raise LiveUpdateError(err=errno.ENOENT, msg=f"no incoming session {name!r}")
+        if s.retrieved:
+            raise LiveUpdateError(err=errno.EINVAL, msg=f"session {name!r} was already "
+                                  "retrieved in this boot")
+        s.retrieved = True
+        return File(self.session_ops, s)
+
+    # -- a session fd ---------------------------------------------------------------------
+    def session_ioctl(self, s: Session, cmd: int, arg: bytes, fds: list[int],
+                      resolve: Resolve) -> tuple[bytes, list[File]]:
+        entry, a = self._lookup(Target.SESSION, cmd, arg)
+        self._frozen_check()
+        out: dict[str, Any] = {}
+        new: list[File] = []
+        if entry.name == "PRESERVE_FD":
+            self._preserve(s, a["token"], fds, resolve)
+        elif entry.name == "RETRIEVE_FD":
+            new.append(self._retrieve_fd(s, a["token"]))
+            out["fd"] = 0
+        elif entry.name == "FINISH":
+            self._finish(s)
+        elif entry.name == "GET_NAME":
+            if a["reserved"]:
+                raise LiveUpdateError(err=errno.EINVAL, msg="GET_NAME: reserved must be 0")
+            out["name"] = s.name.encode()
+        reply = entry.pack(**{**a, **out})
+        return reply[: min(a["size"], entry.size)], new
+
+    def _in_any_session(self, f: File) -> bool:
+        ident = f.private
+        for s in self.outgoing.values():
+            if s.files is not None and any(e.file.private is ident for e in s.files):
+                return True
+        return any(e.file is not None and e.file.private is ident
+                   for s in self.incoming.values() if s.incoming is not None
+                   for e in s.incoming.files.values())
+
+    def _preserve(self, s: Session, token: int, fds: list[int], resolve: Resolve) -> None:
+        if s.files is None:
+            raise LiveUpdateError(err=errno.EINVAL, msg="PRESERVE_FD on a retrieved session")
+        if token in s.files.files:
+            raise LiveUpdateError(err=errno.EEXIST, msg=f"token {token:#x} is already used "
+                                  f"in session {s.name!r}")
+        if len(s.files) >= luo_session.FILE_MAX:
+            raise LiveUpdateError(err=errno.ENOSPC, msg=f"session {s.name!r} holds "
+                                  f"{luo_session.FILE_MAX} files")
+        if not fds:
+            raise LiveUpdateError(err=errno.EBADF, msg="PRESERVE_FD: bad fd")
+        f = resolve(fds[0])
+        if self.v7 and self._in_any_session(f):
+            raise LiveUpdateError(err=errno.EBUSY, msg="PRESERVE_FD: the file is already "
+                                  "preserved in a session")
+        entry = s.files.add(token, f)
+        try:
+            self.flbs.file_preserved(entry.handler.compatible)
+            try:
+                s.files.prepare_one(entry)
+            except LiveUpdateError:
+                self.flbs.file_unpreserved(entry.handler.compatible)
+                raise
+        except LiveUpdateError:
+            del s.files.files[token]
+            f.put()
+            raise
+        if not s.files_array:
+            s.files_array = self.k.require_kho().alloc_preserve(luo_session.FILE_BLOCK)
+
+    def _retrieve_fd(self, s: Session, token: int) -> File:
+        if s.incoming is None:
+            raise LiveUpdateError(err=errno.EINVAL, msg="RETRIEVE_FD on an outgoing session")
+        if token in s.errors:
+            raise s.errors[token]
+        entry = s.incoming.get(token)
+        first = entry.file is None
+        try:
+            f = s.incoming.retrieve(entry)
+        except LiveUpdateError as e:
+            if self.v7:
+                s.errors[token] = e
+            raise
+        if first:
+            self.flbs.file_retrieved(entry.handler.compatible)
+        return f
+
+    def _finish(self, s: Session) -> None:
+        if s.incoming is None:
+            raise LiveUpdateError(err=errno.EINVAL, msg="FINISH on an outgoing session")
+        for entry in reversed(list(s.incoming.files.values())):
+            s.incoming.finish_one(entry)
+            self.flbs.file_finished(entry.handler.compatible)
+
+    def close(self, s: Session) -> None:
+        """The last handle of a session fd is gone."""
+        if self.frozen:
+            return  # the reboot is under way: frozen means frozen
+        if s.incoming is not None:
+            self._finish(s)  # implicit FINISH; the name stays retrieved for this boot
+            return
+        assert s.files is not None
+        for entry in reversed(list(s.files)):
+            compat = entry.handler.compatible
+            s.files.remove(entry.token)
+            self.flbs.file_unpreserved(compat)
+        if s.files_array:
+            self.k.require_kho().unpreserve_free(s.files_array, luo_session.FILE_BLOCK)
+        del self.outgoing[s.name]
+
+    # -- reboot ---------------------------------------------------------------------------
+    def freeze(self) -> None:
+        """``liveupdate_reboot``: freeze every file of every open session, then write the
+        session header, the file arrays and the FLB header. All or nothing."""
+        done: list[FileSet] = []
+        try:
+            for s in self.outgoing.values():
+                assert s.files is not None
+                s.files.freeze_all()
+                done.append(s.files)
+            self._serialize()
+        except (LiveUpdateError, AbiError) as e:
+            for fs in reversed(done):
+                for entry in reversed(list(fs)):
+                    entry.handler.unfreeze(entry.file, entry.data)
+                    entry.state = State.PREPARED
+            raise LiveUpdateError(err=e.errno, msg=f"LUO: freeze: {e.message}") from e
+        self.frozen = True
+        self.k.printk(f"luo: froze {len(self.outgoing)} sessions")
+
+    def _serialize(self) -> None:
+        rows: list[tuple[str, int, int]] = []
+        for s in self.outgoing.values():
+            assert s.files is not None
+            files = [luo_session.FileSer(e.handler.compatible, e.data, e.token)
+                     for e in s.files]
+            if files:
+                self.k.write(s.files_array, luo_session.encode_files(files))
+            rows.append((s.name, s.files_array if files else 0, len(files)))
+        self.k.write(self.header, luo_session.encode_sessions(rows))
+        if self.v7:
+            self.k.write(self.flb_header, luo_session.encode_flbs(self.flbs.serialize()))
+
+    # -- reports --------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return {
+            "generation": str(self.gen), "liveupdate_number": self.number,
+            "device_open": self.device_open, "restore_failed": self.restore_failed or None,
+            "sessions": [{"name": s.name, "files": [
+                {"token": f"{e.token:#x}", "compatible": e.handler.compatible,
+                 "state": e.state.name.lower(), "data": f"{e.data:#x}"}
+                for e in (s.files or [])]} for s in self.outgoing.values()],
+            "incoming": [{"name": s.name, "retrieved": s.retrieved, "files": [
+                {"token": f"{e.token:#x}", "compatible": e.compatible,
+                 "retrieved": e.file is not None}
+                for e in (s.incoming.files.values() if s.incoming else [])]}
+                for s in self.incoming.values()],
+            "pending_incoming": len(self._incoming_raw or []),
+            "flbs": [{"name": f.ops.name, "count": f.count} for f in self.flbs.flbs],
+        }
