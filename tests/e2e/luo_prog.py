@@ -1,11 +1,13 @@
-"""Programs that run as userspace of an emulated LUO v3 kernel, for the e2e tests.
+"""Programs that run as userspace of an emulated LUO kernel (any generation), for e2e tests.
 
 :func:`run` sends ``PRELUDE + body`` to the machine (``python -c``) and returns what the
-program printed last, as JSON. The prelude gives the body a syscall connection ``k``,
-``io(dev, NAME, **fields)`` (one v3 ioctl: the decoded reply struct, or
-``{"errno": NAME}``), ``fill``/``digest`` (a pattern over a mapping and its checksum), and
-``hold(result)``: print the result, then keep every fd open in a daemon, as the kernel
-self-tests' ``daemonize_and_wait`` does, until the reboot ends it.
+program printed last, as JSON. The prelude gives the body a syscall connection ``k`` and the
+kernel's uAPI generation ``G`` (from ``uname -r``, as userspace must), ``io(fd, NAME,
+**fields)`` (one ioctl: the decoded reply struct, or ``{"errno": NAME}``), ``err(fn, ...)``,
+``fill``/``digest`` (a pattern over a mapping and its checksum), session helpers (``create``,
+``retrieve``, ``preserve``, ``restore_text``) and ``hold(result)``: print the result, then
+keep every fd open in a daemon, as the kernel self-tests' ``daemonize_and_wait`` does, until
+the reboot ends it. RLIMIT_NOFILE is raised to its hard limit, as the stress self-tests do.
 """
 
 from __future__ import annotations
@@ -17,19 +19,20 @@ from typing import Any
 from liveupdate.machine.client import MachineClient
 
 PRELUDE = r'''
-import errno, hashlib, json, os, signal, sys
+import errno, hashlib, json, os, resource, signal, sys
 import numpy as np
 from liveupdate.abi import uapi
 from liveupdate.client.syscall import Kernel
 from liveupdate.errors import LiveUpdateError
 k = Kernel()
-G = uapi.Gen.V3
+G = k.generation
+resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
 
-def io(dev, name, **fields):
+def io(target, name, /, **fields):
     entry = uapi.ioctl(G, name)
     buf = bytearray(entry.pack(**fields))
     try:
-        k.ioctl(dev, entry.number, buf)
+        k.ioctl(target, entry.number, buf)
     except LiveUpdateError as e:
         return {"errno": e.errno_name}
     return entry.unpack(bytes(buf))
@@ -47,6 +50,33 @@ def fill(view, seed):
 
 def digest(view):
     return hashlib.blake2b(view, digest_size=16).hexdigest()
+
+def create(dev, name):
+    r = io(dev, "CREATE_SESSION", name=name.encode())
+    return r.get("fd", r.get("errno"))
+
+def retrieve(dev, name):
+    r = io(dev, "RETRIEVE_SESSION", name=name.encode())
+    return r.get("fd", r.get("errno"))
+
+def memfd_with(text, size=4096, flags=0):
+    fd = k.memfd_create("test_mfd", flags)
+    k.ftruncate(fd, size)
+    k.pwrite(fd, text.encode() + b"\0", 0)
+    return fd
+
+def preserve(sfd, token, text, size=4096):
+    fd = memfd_with(text, size)
+    r = io(sfd, "SESSION_PRESERVE_FD", fd=fd, token=token)
+    os.close(fd)  # the kernel holds its own reference
+    return r.get("errno", "ok")
+
+def read_text(fd):
+    return k.pread(fd, 4096, 0).split(b"\0")[0].decode()
+
+def restore_text(sfd, token):
+    r = io(sfd, "SESSION_RETRIEVE_FD", token=token)
+    return r["errno"] if "errno" in r else read_text(r["fd"])
 
 def hold(result):
     sys.stdout.write(json.dumps(result) + "\n")

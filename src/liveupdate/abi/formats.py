@@ -78,7 +78,7 @@ FORMATS: tuple[Format, ...] = (
            frozenset({"v3"}), handler=True),
     Format("luo-session", luo_session.SESSION_COMPATIBLE, _luo_session, SESSIONS, SESSIONS),
     Format("luo-flb", luo_session.FLB_COMPATIBLE, _luo_flb, frozenset({"7.1"}),
-           frozenset({"7.1"}), required_by=frozenset({"7.1"})),
+           SESSIONS, required_by=frozenset({"7.1"})),
     Format("memfd-v1", memfd.MEMFD_V1, lambda raw: memfd.decode_ser(raw, memfd.MEMFD_V1),
            frozenset({"6.19"}), frozenset({"6.19"}), handler=True),
     Format("memfd-v2", memfd.MEMFD_V2, lambda raw: memfd.decode_ser(raw, memfd.MEMFD_V2),
@@ -100,9 +100,17 @@ def check_generation(gen: str) -> str:
     return gen
 
 
-def written_by(gen: str) -> list[Format]:
+def written_by(gen: str, *, handlers: bool = True) -> list[Format]:
+    """What a ``gen`` kernel can write; ``handlers=False`` leaves out file handler formats
+    (those appear only when a file of that kind is preserved)."""
     check_generation(gen)
-    return [f for f in FORMATS if gen in f.writers]
+    return [f for f in FORMATS if gen in f.writers and (handlers or not f.handler)]
+
+
+def describe(bad: list[Incompatibility]) -> str:
+    """One line: what the reader cannot take."""
+    return "; ".join(f"{'it cannot read' if i.reason == 'cannot read' else 'it requires'} "
+                     f"{i.format.name} ({i.format.compatible})" for i in bad)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from liveupdate.abi import bootparams, image, kho_memmap
 from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.abi.syscalls import KEXEC_CMDLINE_MAX
 from liveupdate.errors import AbiError, LiveUpdateError
+from liveupdate.kernel.luo import compat
 
 if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
@@ -60,6 +61,7 @@ class Loaded:
     boot_params: int
     segments: tuple[Segment, ...]
     release: str
+    luo: str  # the next kernel's LUO generation, from its image header
 
 
 def unload(k: Kernel) -> None:
@@ -78,6 +80,7 @@ def file_load(k: Kernel, raw: bytes, cmdline: str) -> Loaded:
     line = cmdline.encode() + b"\0"
     if len(line) > KEXEC_CMDLINE_MAX:
         raise LiveUpdateError(err=errno.EINVAL, msg="kexec_file_load: command line too long")
+    compat.check_load(k, img.luo)
     kout = k.kho_out
     if kout is None:
         raise LiveUpdateError(err=errno.EADDRNOTAVAIL,
@@ -111,7 +114,7 @@ def file_load(k: Kernel, raw: bytes, cmdline: str) -> Loaded:
         k.zero(phys, memsz)  # punched: zero-filled beyond the data at no cost
         k.write(phys, data)
         segments.append(Segment(phys, len(data), memsz))
-    loaded = Loaded(img_phys, setup_phys, tuple(segments), img.release)
+    loaded = Loaded(img_phys, setup_phys, tuple(segments), img.release, img.luo)
     k.kexec_image = loaded
     k.printk(f"kexec: loaded {img.release} at {img_phys:#x}, boot params at {setup_phys:#x}")
     return loaded

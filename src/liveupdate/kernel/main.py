@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import resource
 import socket
 import subprocess
 import sys
@@ -98,6 +99,8 @@ def main() -> None:
         sys.exit(0)  # the machine let this warm kernel go unused
     k = Kernel(args.ram_fd, link)
     become_subreaper()
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # a handle per open file
     k.userspace = Userspace(lambda conn, proc: server.serve(k, conn, proc))
     try:
         with k.lock:

@@ -5,6 +5,8 @@ finalizes KHO from there), ``kernel_restart_prepare()`` (the reboot notifier cha
 ``migrate_to_reboot_cpu()``/``machine_shutdown()`` and ``machine_kexec()``. Here the same
 order, with what an emulated machine needs in between:
 
+0. ``luo_check`` -- beyond Linux (``kernel/luo/compat.py``): the next kernel must be able to
+   read what this handover holds, else EINVAL before anything is frozen.
 1. ``luo_freeze`` -- ``liveupdate_reboot()``: LUO freezes what it prepared; a failure has
    already cancelled everything (back to NORMAL) and ``reboot()`` fails with its errno --
    nothing irreversible has happened yet.
@@ -30,10 +32,15 @@ from typing import TYPE_CHECKING, NoReturn
 
 from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel import kexec
+from liveupdate.kernel.luo import compat
 
 if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
     from liveupdate.kernel.kexec import Loaded
+
+
+def _luo_check(k: Kernel) -> None:
+    compat.check_reboot(k)
 
 
 def _luo_freeze(k: Kernel) -> None:
@@ -63,6 +70,7 @@ def _sanitize(k: Kernel) -> None:
 
 
 STEPS: tuple[tuple[str, Callable[[Kernel], None]], ...] = (
+    ("luo_check", _luo_check),
     ("luo_freeze", _luo_freeze),
     ("finalize", _finalize),
     ("notifiers", _notifiers),

@@ -85,7 +85,11 @@ class FileTable:
     def install(self, f: File) -> int:
         """A new handle for ``f``: returns the process's end (the caller sends, then closes
         it); the kernel keeps the other end to notice the last close."""
-        kside, uside = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            kside, uside = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as e:  # the kernel's own fd table is full
+            raise LiveUpdateError(err=e.errno or errno.EMFILE,
+                                  msg=f"cannot open another file: {e.strerror}") from e
         st = os.fstat(uside.fileno())
         key = (st.st_dev, st.st_ino)
         self._by_key[key] = (f.get(), kside)

@@ -243,14 +243,14 @@ class LuoSessions:
         self._frozen_check()
         out: dict[str, Any] = {}
         new: list[File] = []
-        if entry.name == "PRESERVE_FD":
+        if entry.name == "SESSION_PRESERVE_FD":
             self._preserve(s, a["token"], fds, resolve)
-        elif entry.name == "RETRIEVE_FD":
+        elif entry.name == "SESSION_RETRIEVE_FD":
             new.append(self._retrieve_fd(s, a["token"]))
             out["fd"] = 0
-        elif entry.name == "FINISH":
+        elif entry.name == "SESSION_FINISH":
             self._finish(s)
-        elif entry.name == "GET_NAME":
+        elif entry.name == "SESSION_GET_NAME":
             if a["reserved"]:
                 raise LiveUpdateError(err=errno.EINVAL, msg="GET_NAME: reserved must be 0")
             out["name"] = s.name.encode()
@@ -368,6 +368,14 @@ class LuoSessions:
         self.k.write(self.header, luo_session.encode_sessions(rows))
         if self.v7:
             self.k.write(self.flb_header, luo_session.encode_flbs(self.flbs.serialize()))
+
+    def written_formats(self) -> set[str]:
+        """What a reboot now would hand over: the session FDT always (built at boot), the
+        FLB node on 7.1, and the format of every file in an open session."""
+        out = {"luo-session"} | ({"luo-flb"} if self.v7 else set())
+        for s in self.outgoing.values():
+            out |= {e.handler.format for e in (s.files or [])}
+        return out
 
     # -- reports --------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -1,0 +1,380 @@
+"""LUO sessions (6.19 and 7.1) across real kexecs: the mainline self-tests (spec/luo.md 6.1,
+6.2), limits, crash safety, and Linux's behaviour between generations (spec/luo.md 7)."""
+
+from __future__ import annotations
+
+import errno
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from liveupdate.abi import image, luo_session
+from liveupdate.abi.physmem import PhysMem
+from liveupdate.errors import LiveUpdateError
+from liveupdate.machine.client import MachineClient, RemoteRam
+from liveupdate.tools import report
+from tests.e2e import luo_prog
+from tests.e2e.conftest import Factory
+
+CMDLINE = "kho=on liveupdate=on transparent_hugepage_shmem=within_size"
+IMAGES = {"6.19": image.KernelImage(release="6.19.0-lu", luo="6.19"),
+          "7.1": image.KernelImage(release="7.1.0-lu", luo="7.1", memfd="memfd-v2"),
+          "v3": image.KernelImage(release="6.17.0-lu-v3", luo="v3")}
+Machine = Callable[..., MachineClient]
+
+
+@pytest.fixture
+def lu(machine: Factory, tmp_path: Path) -> Machine:
+    def make(gen: str = "6.19", extra: str = "", memory: int = 1 << 30) -> MachineClient:
+        images = tmp_path / "m0" / "disk" / "images"
+        images.mkdir(parents=True, exist_ok=True)
+        for name, img in IMAGES.items():
+            (images / f"{name}.img").write_bytes(img.encode())
+        return machine(f"{CMDLINE} {extra}".strip(), memory=memory, image=f"images/{gen}.img")
+    return make
+
+
+def update(m: MachineClient, gen: str = "6.19", cmdline: str | None = None) -> dict:
+    m.kexec_load(f"images/{gen}.img", cmdline=cmdline)
+    return m.kexec_exec()
+
+
+def luo(m: MachineClient) -> dict:
+    status: dict = m.kho_status()["luo"]
+    return status
+
+
+LIVEUPDATE_C = r'''
+out = {}
+dev = k.open("/dev/liveupdate")
+out["exclusive_open"] = err(k.open, "/dev/liveupdate")
+a = create(dev, "duplicate-session-test")
+out["create_duplicate_session"] = create(dev, "duplicate-session-test")
+out["create_distinct_sessions"] = [type(create(dev, f"distinct-session-{i}")).__name__
+                                   for i in (1, 2)]
+s = create(dev, "preserve-memfd")
+fd = memfd_with("hello liveupdate")
+out["preserve_memfd"] = io(s, "SESSION_PRESERVE_FD", fd=fd, token=0x1234).get("errno", "ok")
+out["memfd_size_frozen"] = err(k.ftruncate, fd, 1 << 20)
+os.close(s)  # closing the session unpreserves
+out["file_unharmed"] = read_text(fd)
+out["size_unfrozen"] = err(k.ftruncate, fd, 1 << 20)
+s = create(dev, "multi")
+out["preserve_multiple_memfds"] = [preserve(s, t, f"data {t:x}") for t in (0xAAAA, 0xBBBB)]
+out["token_reuse"] = preserve(s, 0xAAAA, "again")
+s1, s2 = create(dev, "complex-session-1"), create(dev, "complex-session-2")
+out["complex"] = [preserve(s1, 0x1111, "data"), preserve(s1, 0x2222, ""),
+                  preserve(s2, 0x3333, "data"), preserve(s2, 0x4444, ""),
+                  preserve(s2, 0x1111, "the same token in another session")]
+r, w = os.pipe()
+out["preserve_unsupported_fd"] = [io(s1, "SESSION_PRESERVE_FD", fd=r, token=9).get("errno"),
+                                  io(s1, "SESSION_PRESERVE_FD", fd=dev, token=9).get("errno"),
+                                  io(s1, "SESSION_PRESERVE_FD", fd=s2, token=9).get("errno")]
+out["session_ioctl_on_device"] = io(dev, "SESSION_PRESERVE_FD", fd=r, token=1).get("errno")
+out["device_ioctl_on_session"] = io(s1, "CREATE_SESSION", name=b"x").get("errno")
+out["retrieve_unknown_session"] = retrieve(dev, "nope")
+out["retrieve_fd_on_outgoing"] = io(s1, "SESSION_RETRIEVE_FD", token=0x1111).get("errno")
+if G == uapi.Gen.V7_1:
+    n = create(dev, "get-name-test-session")
+    out["get_name"] = io(n, "SESSION_GET_NAME")["name"].rstrip(b"\0").decode()
+    n = create(dev, "A" * 63)
+    out["get_name_max"] = len(io(n, "SESSION_GET_NAME")["name"].rstrip(b"\0"))
+    out["get_name_reserved"] = io(n, "SESSION_GET_NAME", reserved=1).get("errno")
+    fd = memfd_with("twice")
+    io(s1, "SESSION_PRESERVE_FD", fd=fd, token=0x5555)
+    out["double_preserve"] = io(s2, "SESSION_PRESERVE_FD", fd=fd, token=0x5555).get("errno")
+else:
+    entry = uapi.ioctl(uapi.Gen.V7_1, "SESSION_GET_NAME")
+    buf = bytearray(entry.pack())
+    out["get_name"] = err(k.ioctl, s1, entry.number, buf)
+    out["truncated_name"] = type(create(dev, "B" * 80)).__name__
+    out["truncated_name_exists"] = create(dev, "B" * 63)
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.parametrize("gen", ["6.19", "7.1"])
+def test_liveupdate_c_cases(lu: Machine, gen: str) -> None:
+    m = lu(gen)
+    got = luo_prog.run(m, LIVEUPDATE_C)
+    common = {
+        "exclusive_open": "EBUSY", "create_duplicate_session": "EEXIST",
+        "create_distinct_sessions": ["int", "int"], "preserve_memfd": "ok",
+        "memfd_size_frozen": "EPERM", "file_unharmed": "hello liveupdate",
+        "size_unfrozen": "ok", "preserve_multiple_memfds": ["ok", "ok"],
+        "token_reuse": "EEXIST", "complex": ["ok"] * 5,
+        "preserve_unsupported_fd": ["EBADF", "ENOENT", "ENOENT"],
+        "session_ioctl_on_device": "EINVAL", "device_ioctl_on_session": "EINVAL",
+        "retrieve_unknown_session": "ENOENT", "retrieve_fd_on_outgoing": "EINVAL",
+    }
+    if gen == "7.1":
+        want = {**common, "get_name": "get-name-test-session", "get_name_max": 63,
+                "get_name_reserved": "EINVAL", "double_preserve": "EBUSY"}
+    else:
+        want = {**common, "get_name": "EINVAL", "truncated_name": "int",
+                "truncated_name_exists": "EEXIST"}
+    assert got == want
+
+
+KEXEC_SIMPLE_1 = r'''
+dev = k.open("/dev/liveupdate")
+state = create(dev, "kexec_simple_state")
+preserve(state, 999, "2")
+s = create(dev, "test-session")
+preserve(s, 0x1A, "hello kexec world")
+os.close(dev)  # sessions outlive the device fd
+hold({"sessions": [state, s]})
+'''
+
+KEXEC_SIMPLE_2 = r'''
+dev = k.open("/dev/liveupdate")
+out = {}
+state = retrieve(dev, "kexec_simple_state")
+out["stage"] = restore_text(state, 999)
+s = retrieve(dev, "test-session")
+out["again"] = retrieve(dev, "test-session")
+f1 = io(s, "SESSION_RETRIEVE_FD", token=0x1A)["fd"]
+out["text"] = read_text(f1)
+k.lseek(f1, 5, os.SEEK_SET)
+f2 = io(s, "SESSION_RETRIEVE_FD", token=0x1A)["fd"]  # repeatable: the same open file
+out["shared_offset"] = k.lseek(f2, 0, os.SEEK_CUR)
+out["finish"] = io(s, "SESSION_FINISH").get("errno", "ok")
+out["finish_again"] = io(s, "SESSION_FINISH").get("errno", "ok")
+out["after_finish"] = io(s, "SESSION_RETRIEVE_FD", token=0x1A).get("errno")
+out["still_readable"] = read_text(f1)
+out["finish_state"] = io(state, "SESSION_FINISH").get("errno", "ok")
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.parametrize("gen", ["6.19", "7.1"])
+def test_luo_kexec_simple(lu: Machine, gen: str) -> None:
+    m = lu(gen)
+    luo_prog.run(m, KEXEC_SIMPLE_1)
+    st = update(m, gen)
+    assert st["kernel"]["kho_boot"]
+    assert luo(m)["liveupdate_number"] == 1
+    assert luo_prog.run(m, KEXEC_SIMPLE_2) == {
+        "stage": "2", "again": "EINVAL", "text": "hello kexec world", "shared_offset": 5,
+        "finish": "ok", "finish_again": "ok", "after_finish": "ENOENT",
+        "still_readable": "hello kexec world", "finish_state": "ok"}
+
+
+MULTI_1 = r'''
+dev = k.open("/dev/liveupdate")
+fds = [create(dev, "multi-test-empty-1"), create(dev, "multi-test-empty-2")]
+s1, s2 = create(dev, "multi-test-files-1"), create(dev, "multi-test-files-2")
+preserve(s1, 0x1001, "Data for session files 1")
+preserve(s2, 0x2002, "First file for session files 2")
+preserve(s2, 0x3003, "Second file for session files 2")
+closed = create(dev, "closed-before-kexec")
+preserve(closed, 0x4004, "dropped")
+os.close(closed)
+hold({})
+'''
+
+MULTI_2 = r'''
+dev = k.open("/dev/liveupdate")
+out = {}
+for name in ("multi-test-empty-1", "multi-test-empty-2"):
+    s = retrieve(dev, name)
+    out[name] = [io(s, "SESSION_RETRIEVE_FD", token=1).get("errno"),
+                 io(s, "SESSION_FINISH").get("errno", "ok")]
+s1, s2 = retrieve(dev, "multi-test-files-1"), retrieve(dev, "multi-test-files-2")
+out["files"] = [restore_text(s1, 0x1001), restore_text(s2, 0x3003), restore_text(s2, 0x2002)]
+out["finish"] = [io(s, "SESSION_FINISH").get("errno", "ok") for s in (s1, s2)]
+out["closed"] = retrieve(dev, "closed-before-kexec")
+print(json.dumps(out))
+'''
+
+
+def test_luo_multi_session(lu: Machine) -> None:
+    m = lu()
+    luo_prog.run(m, MULTI_1)
+    update(m)
+    assert luo_prog.run(m, MULTI_2) == {
+        "multi-test-empty-1": ["ENOENT", "ok"], "multi-test-empty-2": ["ENOENT", "ok"],
+        "files": ["Data for session files 1", "Second file for session files 2",
+                  "First file for session files 2"],
+        "finish": ["ok", "ok"], "closed": "ENOENT"}
+
+
+def test_unretrieved_sessions_are_dropped_at_the_next_kexec(lu: Machine) -> None:
+    m = lu()
+    luo_prog.run(m, 'dev = k.open("/dev/liveupdate")\ns = create(dev, "once")\n'
+                    'preserve(s, 1, "x")\nhold({})')
+    update(m)
+    assert luo_prog.run(m, 'k.open("/dev/liveupdate")\nprint(json.dumps(0))') == 0
+    assert [s["name"] for s in luo(m)["incoming"]] == ["once"]  # known, never retrieved
+    update(m)
+    body = 'dev = k.open("/dev/liveupdate")\nprint(json.dumps(retrieve(dev, "once")))'
+    assert luo_prog.run(m, body) == "ENOENT"
+    assert luo(m)["liveupdate_number"] == 2
+
+
+def test_stress_limits_of_the_6_19_format(lu: Machine) -> None:
+    m = lu()
+    body = r'''
+dev = k.open("/dev/liveupdate")
+out = {}
+sessions = [create(dev, f"many-test-{i}") for i in range(820)]
+out["sessions"] = [sum(isinstance(s, int) for s in sessions), sessions[-1]]
+for s in sessions[:-1]:
+    os.close(s)
+s = create(dev, "many_files_session")
+res = [preserve(s, t, f"file-data-{t}") for t in range(129)]
+out["files"] = [res.count("ok"), res[-1]]
+print(json.dumps(out))
+'''
+    # 6.19: ENOMEM at session 820 (819 fit the header), ENOSPC at file 129 (128 fit the array)
+    assert luo_prog.run(m, body, timeout=300) == {"sessions": [819, "ENOMEM"],
+                                                  "files": [128, "ENOSPC"]}
+
+
+def test_closing_the_device_or_the_last_session_holder(lu: Machine) -> None:
+    m = lu()
+    free = m.kho_status()["free_pages"]
+    body = r'''
+dev = k.open("/dev/liveupdate")
+s = create(dev, "keep")
+preserve(s, 1, "kept", 8 << 20)
+os.close(dev)
+print(json.dumps("exiting with the session fd open"))
+'''
+    luo_prog.run(m, body)  # the process dies: its session fd goes with it
+    st = luo(m)
+    assert st["sessions"] == [] and not st["device_open"]
+    assert m.kho_status()["free_pages"] == free  # unpinned, unpreserved, freed
+    body = r'''
+dev = k.open("/dev/liveupdate")
+s = create(dev, "survives-device-close")
+preserve(s, 1, "kept")
+os.close(dev)
+hold({})
+'''
+    luo_prog.run(m, body)
+    assert [s["name"] for s in luo(m)["sessions"]] == ["survives-device-close"]
+    update(m)
+    assert luo_prog.run(m, 'dev = k.open("/dev/liveupdate")\n'
+                           's = retrieve(dev, "survives-device-close")\n'
+                           'print(json.dumps(restore_text(s, 1)))') == "kept"
+
+
+ZERO_COPY_1 = r'''
+dev = k.open("/dev/liveupdate")
+s = create(dev, "vm")
+fd = k.memfd_create("guest", 2)
+k.ftruncate(fd, 256 << 20)
+mp = k.mmap(fd, 256 << 20)
+fill(mp.view, 7)
+if G == uapi.Gen.V7_1:
+    k.add_seals(fd, 0x2 | 0x4)  # F_SEAL_SHRINK | F_SEAL_GROW
+k.lseek(fd, 4242, os.SEEK_SET)
+assert io(s, "SESSION_PRESERVE_FD", fd=fd, token=0xBEEF).get("errno") is None
+ext = k.extents(fd, 256 << 20)
+mp.view[1 << 20 : (1 << 20) + 4] = b"LATE"
+hold({"extents": ext, "digest": digest(mp.view), "seals": k.get_seals(fd)})
+'''
+
+ZERO_COPY_2 = r'''
+dev = k.open("/dev/liveupdate")
+s = retrieve(dev, "vm")
+fd = io(s, "SESSION_RETRIEVE_FD", token=0xBEEF)["fd"]
+mp = k.mmap(fd, 256 << 20)
+print(json.dumps({"extents": k.extents(fd, 256 << 20), "digest": digest(mp.view),
+                  "seals": k.get_seals(fd), "pos": k.lseek(fd, 0, os.SEEK_CUR),
+                  "late": bytes(mp.view[1 << 20 : (1 << 20) + 4]).decode()}))
+'''
+
+
+@pytest.mark.parametrize("gen", ["6.19", "7.1"])
+def test_zero_copy_and_seals(lu: Machine, gen: str) -> None:
+    m = lu(gen)
+    before = luo_prog.run(m, ZERO_COPY_1)
+    resident = m.status()["ram_resident"]
+    update(m, gen)
+    after = luo_prog.run(m, ZERO_COPY_2)
+    assert after["extents"] == before["extents"] and after["pos"] == 4242
+    assert after["digest"] == before["digest"] and after["late"] == "LATE"
+    # v1 restores an unsealable memfd (F_SEAL_SEAL); v2 the exact seal set
+    assert after["seals"] == (before["seals"] if gen == "7.1" else 1)
+    assert before["seals"] == (6 if gen == "7.1" else 0)
+    assert m.status()["ram_resident"] < resident * 1.1
+
+
+def test_handover_decodes_byte_exact_with_the_abi_codec(lu: Machine) -> None:
+    m = lu()
+    luo_prog.run(m, 'dev = k.open("/dev/liveupdate")\ns = create(dev, "inspect-me")\n'
+                    'preserve(s, 0x77, "x", 3 << 20)\ne = create(dev, "empty")\nhold({})')
+    st = update(m)
+    mem = PhysMem(RemoteRam(m, st["memory"]))
+    root = report.describe(m.debugfs("in/fdt"), mem)  # before the first open: all intact
+    luo_sub = next(s for s in root["subtrees"] if s["name"] == "LUO")
+    rep = luo_sub["content"]
+    assert rep["kind"] == "luo-session" and rep["liveupdate_number"] == 1
+    sessions = rep["sessions"]["list"]
+    assert [s["name"] for s in sessions] == ["inspect-me", "empty"]
+    (f,) = sessions[0]["files"]
+    assert f["token"] == "0x77" and f["memfd"]["size"] == 3 << 20
+    assert f["memfd"]["folios"]["count"] == 2  # a 2 MiB and a 1 MiB folio
+    fdt_phys = int(luo_sub["fdt"], 16)
+    blob = mem.read_fdt(fdt_phys, "LUO FDT")
+    assert blob == luo_session.encode_luo_fdt(1, int(rep["session_header"], 16))
+    decoded = luo_session.decode_sessions(mem, int(rep["session_header"], 16))
+    rows = [(s.name, s.files_phys, len(s.files)) for s in decoded]
+    header = mem.read(int(rep["session_header"], 16), luo_session.SESSION_BLOCK)
+    assert header == luo_session.encode_sessions(rows)
+    files = mem.read(decoded[0].files_phys, luo_session.FILE_BLOCK)
+    assert files == luo_session.encode_files(list(decoded[0].files))
+
+
+@pytest.mark.parametrize("writer, reader, why", [
+    ("6.19", "7.1", "it cannot read memfd-v1"),
+    ("6.19", "v3", "it cannot read luo-session"),
+])
+def test_incompatible_images_are_refused_at_load(lu: Machine, writer: str, reader: str,
+                                                 why: str) -> None:
+    m = lu(writer)
+    with pytest.raises(LiveUpdateError) as e:
+        m.kexec_load(f"images/{reader}.img")
+    assert "kexec_file_load" in e.value.message and ("requires luo-flb" in e.value.message
+                                                     or why in e.value.message)
+    assert m.status()["state"] == "running"
+
+
+def test_reboot_refuses_a_handler_the_next_kernel_lacks(lu: Machine) -> None:
+    m = lu("7.1")
+    luo_prog.run(m, 'dev = k.open("/dev/liveupdate")\ns = create(dev, "v2")\n'
+                    'preserve(s, 1, "sealed world")\nhold({})')
+    m.kexec_load("images/6.19.img")  # the LUO formats match: the load is fine
+    r = m.run([sys.executable, "-m", "liveupdate.userspace.kexec", "-e"])
+    assert r["status"] == 1 and "cannot read memfd-v2" in r["stderr"], r
+    assert m.status()["state"] == "running"
+    assert [s["name"] for s in luo(m)["sessions"]] == ["v2"]  # nothing frozen, nothing lost
+    assert luo(m)["sessions"][0]["files"][0]["state"] == "prepared"
+
+
+@pytest.mark.parametrize("writer, reader, outcome", [
+    ("6.19", "7.1", "panic: luo-flb"),
+    ("6.19", "v3", "panic: subsystems"),
+    ("7.1", "6.19", "EIO"),
+])
+def test_linux_behaviour_with_the_refusal_off(lu: Machine, writer: str, reader: str,
+                                              outcome: str) -> None:
+    m = lu(writer, "liveupdate_compat=off")
+    luo_prog.run(m, 'dev = k.open("/dev/liveupdate")\ns = create(dev, "x")\n'
+                    'preserve(s, 1, "data")\nhold({})')
+    cmdline = f"{CMDLINE} liveupdate_compat=off"
+    if outcome.startswith("panic"):
+        with pytest.raises(LiveUpdateError) as e:
+            update(m, reader, cmdline)
+        assert e.value.errno == errno.EIO
+        st = m.wait_state("panic", timeout=60)
+        assert "LUO" in st["reason"] and outcome.split(": ")[1] in st["reason"], st
+        return
+    update(m, reader, cmdline)
+    body = 'print(json.dumps([err(k.open, "/dev/liveupdate"), err(k.open, "/dev/liveupdate")]))'
+    assert luo_prog.run(m, body) == ["EIO", "EIO"]  # sticky
+    assert "memfd-v2" in luo(m)["restore_failed"]
