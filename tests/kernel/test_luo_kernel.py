@@ -1,5 +1,5 @@
-"""LUO v3 on in-process kernels: what is preserved is exactly what the files serialized, and
-no ioctl input changes the state unless it is a valid command."""
+"""LUO on in-process kernels (v3 and sessions): what is preserved is exactly what the files
+serialized, and no ioctl input changes the state unless it is a valid command."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from liveupdate.abi.uapi import Gen, State
 from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel.fs import memfd as kmemfd
 from liveupdate.kernel.kernel import Kernel
+from liveupdate.kernel.luo.session import LuoSessions
 from liveupdate.kernel.luo.v3 import LuoV3
 from tests.kernel.conftest import Rig
 
@@ -192,3 +193,34 @@ def test_subsystem_api_register_unregister_and_data(rig: Rig) -> None:
     _luo(k2).subsystems.register(mine)
     _luo(k2).finish()
     assert mine.calls == ["finish 0x1235"]
+
+
+S_CMD = "kho=on liveupdate=on"
+V6_19 = image.KernelImage(release="6.19.0-lu", luo="6.19")
+
+
+@settings(max_examples=300, deadline=None)
+@given(nr=st.integers(0, 0x50), on_session=st.booleans(), arg=st.binary(max_size=80))
+def test_garbage_session_ioctls_change_nothing(nr: int, on_session: bool, arg: bytes) -> None:
+    """6.19 dispatcher: every answer is an errno of the contract and the sessions and their
+    files are as they were (a valid CREATE_SESSION is the only thing that may add one)."""
+    rig = Rig(256 << 20)
+    try:
+        k = rig.boot(S_CMD, V6_19)
+        luo = k.luo
+        assert isinstance(luo, LuoSessions)
+        dev = luo.open()
+        sess = luo._create("s")
+        f = kmemfd.open_file(k.new_memfd("g"))
+        luo._preserve(sess.private, 1, [3], lambda fd: f)
+        before = {n: sorted(s.files.files) for n, s in luo.outgoing.items() if s.files}
+        target = sess if on_session else dev
+        try:
+            target.ops.ioctl(target, 0xBA00 | nr, arg, [], _no_fd)  # type: ignore[attr-defined]
+        except LiveUpdateError as e:
+            assert e.errno in (errno.EINVAL, errno.ENOTTY, errno.EFAULT, errno.E2BIG,
+                               errno.ENOENT, errno.EBADF, errno.EEXIST, errno.ENOSPC)
+            after = {n: sorted(s.files.files) for n, s in luo.outgoing.items() if s.files}
+            assert after == before
+    finally:
+        rig.close()
