@@ -378,3 +378,26 @@ def test_linux_behaviour_with_the_refusal_off(lu: Machine, writer: str, reader: 
     body = 'print(json.dumps([err(k.open, "/dev/liveupdate"), err(k.open, "/dev/liveupdate")]))'
     assert luo_prog.run(m, body) == ["EIO", "EIO"]  # sticky
     assert "memfd-v2" in luo(m)["restore_failed"]
+
+
+def test_flb_lives_from_first_preserve_to_last_finish(lu: Machine) -> None:
+    m = lu("7.1", "luo_flb=1")
+    luo_prog.run(m, 'dev = k.open("/dev/liveupdate")\na, b = create(dev, "a"), '
+                    'create(dev, "b")\npreserve(a, 1, "one")\npreserve(b, 2, "two")\n'
+                    'c = create(dev, "c")\npreserve(c, 3, "three")\nos.close(c)\nhold({})')
+    assert luo(m)["flbs"] == [{"name": "test-flb-v1", "count": 2}]
+    boot = m.status()["kernel"]["boot_id"]
+    off = m.status()["console_bytes"]
+    update(m, "7.1")
+    body = r'''
+dev = k.open("/dev/liveupdate")
+a, b = retrieve(dev, "a"), retrieve(dev, "b")
+out = [restore_text(a, 1)]
+io(a, "SESSION_FINISH")
+out.append(io(b, "SESSION_FINISH").get("errno", "ok"))  # b's file never retrieved
+print(json.dumps(out))
+'''
+    assert luo_prog.run(m, body) == ["one", "ok"]
+    line = m.wait("luo_flb: retrieve: .*", offset=off)["line"]
+    assert line.endswith(f"flb from boot {boot}")
+    m.wait("luo_flb: finish: state freed", offset=off)

@@ -21,6 +21,7 @@ PARAMS = {
     "kho_leak": "kho_leak",
     "luo_trace": "luo_trace",
     "luo_fail": "luo_fail",
+    "luo_flb": "luo_flb",
     "kho_corrupt": "kho_corrupt",
     "kho_bench": "kho_bench",
     "test_panic": "test_panic",
