@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from liveupdate.abi.physmem import PhysMem
+from liveupdate.cli import update
 from liveupdate.cli.common import SizeParam, fail
 from liveupdate.cli.image import image
 from liveupdate.cli.kho import kho
@@ -31,6 +32,8 @@ def main() -> None:
 
 
 main.add_command(machine)
+for cmd in (update.status, update.load, update.update, update.cancel, update.sessions):
+    main.add_command(cmd)
 main.add_command(kho)
 main.add_command(image)
 

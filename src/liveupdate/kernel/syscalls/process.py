@@ -89,6 +89,16 @@ class Userspace:
         finally:
             proc.conn.close()
 
+    def wait(self, pid: int) -> int:
+        """Wait for a userspace process this kernel started; its exit status."""
+        with self._lock:
+            proc = self.procs.get(pid)
+        if proc is None:
+            return -1
+        status = proc.popen.wait()
+        self.reap(proc)
+        return status
+
     def reap(self, proc: Proc) -> None:
         with self._lock:
             self.procs.pop(proc.popen.pid, None)

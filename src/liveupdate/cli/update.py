@@ -1,0 +1,217 @@
+"""``luoctl status | load | update | cancel | sessions``: talk to luod.
+
+luod's socket is ``--socket``, else ``$LUOD_SOCKET``, else the emulated machine's
+(``$LIVEUPDATE_MACHINE/run/luod.sock``), else the host's ``/run/luod/luod.sock``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import time
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from liveupdate.cli.common import emit, fail
+from liveupdate.client.luod import LuodClient
+from liveupdate.errors import LiveUpdateError
+from liveupdate.luod import protocol
+
+RECONNECT_SECONDS = 120.0
+PHASES = ("start", "prepared", "frozen", "reboot", "updated", "normal")
+
+
+def _path(socket: str | None) -> str:
+    if socket:
+        return socket
+    if os.environ.get(protocol.SOCKET_ENV):
+        return os.environ[protocol.SOCKET_ENV]
+    machine = os.environ.get("LIVEUPDATE_MACHINE")
+    if machine:
+        return os.path.join(os.path.abspath(machine), "run", "luod.sock")
+    return protocol.HOST_SOCKET
+
+
+def _admin(socket: str | None, **kw: Any) -> LuodClient:
+    return LuodClient(f"luoctl-{os.getpid()}", path=_path(socket), admin=True, **kw)
+
+
+socket_option = click.option("--socket", default=None, help="luod's socket (see luoctl "
+                              "--help for the default).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+def _describe(st: dict[str, Any]) -> str:
+    lines = [f"luod     LUO {st['generation']}, {st['phase']}"
+             + (f" ({st['busy']})" if st.get("busy") else ""),
+             f"updates  {st['update']}",
+             "clients  " + (", ".join(f"{c['name']} (uid {c['uid']})" for c in st["clients"])
+                            or "none")]
+    if st.get("loaded"):
+        lines.append(f"loaded   {st['loaded']['image']} (LUO {st['loaded']['generation']})")
+    if st.get("last_error"):
+        lines.append(f"last     {st['last_error']}")
+    return "\n".join(lines)
+
+
+@click.command()
+@socket_option
+@json_option
+def status(socket: str | None, as_json: bool) -> None:
+    """Show luod's phase, its clients, the loaded next kernel and the last failure."""
+    try:
+        c = _admin(socket)
+        st = c.status()
+        c.close()
+    except LiveUpdateError as e:
+        fail(e)
+    emit(st, as_json, _describe(st))
+
+
+@click.command()
+@socket_option
+@json_option
+def sessions(socket: str | None, as_json: bool) -> None:
+    """What luod preserves for whom: each client, its tokens (v3) or session (6.19+)."""
+    try:
+        c = _admin(socket)
+        got = c.request("sessions")[0]["clients"]
+        c.close()
+    except LiveUpdateError as e:
+        fail(e)
+    human = "\n".join(f"{r['name']} (uid {r['uid']}): "
+                      + (f"session {r['session']}" if r["session"] else
+                         ", ".join(f"{k}->{v}" for k, v in r["tokens"].items()) or "nothing")
+                      for r in got) or "no clients"
+    emit(got, as_json, human)
+
+
+@click.command()
+@click.argument("image")
+@click.option("--cmdline", default=None, help="The next kernel's command line [default: "
+              "this kernel's].")
+@click.option("--release", default=None, help="The next kernel's release, for an image that "
+              "names no LUO generation (a real bzImage).")
+@socket_option
+@json_option
+def load(image: str, cmdline: str | None, release: str | None, socket: str | None,
+         as_json: bool) -> None:
+    """Load the next kernel (kexec_file_load) after checking it can read this handover.
+
+    IMAGE is a path as luod sees it (on the emulated machine, relative to its disk/).
+    """
+    try:
+        c = _admin(socket)
+        got = c.request("load", image=image, cmdline=cmdline, release=release)[0]
+        c.close()
+    except LiveUpdateError as e:
+        fail(e)
+    emit(got, as_json, f"loaded {got['image']} (LUO {got['generation']})"
+         + (f"; warning: {got['warning']}" if got.get("warning") else ""))
+
+
+@click.command()
+@socket_option
+@json_option
+def cancel(socket: str | None, as_json: bool) -> None:
+    """Cancel an update in progress: every client resumes, nothing stays preserved."""
+    try:
+        c = _admin(socket)
+        st = c.request("cancel")[0]
+        c.close()
+    except LiveUpdateError as e:
+        fail(e)
+    emit(st, as_json, _describe(st))
+
+
+def phase_table(timeline: dict[str, float]) -> Table:
+    t = Table(title="live update")
+    for col in ("phase", "start (s)", "duration (s)"):
+        t.add_column(col, justify="right" if col != "phase" else "left")
+    names = {"start": "Normal (preparing)", "prepared": "Prepared", "frozen": "Frozen",
+             "reboot": "kexec + next kernel boot + luod", "updated": "Updated (restore)",
+             "normal": "Normal"}
+    steps = [p for p in PHASES if p in timeline]
+    base = timeline.get("start", 0.0)
+    for i, p in enumerate(steps):
+        nxt = timeline[steps[i + 1]] if i + 1 < len(steps) else None
+        dur = f"{nxt - timeline[p]:.3f}" if nxt is not None else ""
+        t.add_row(names[p], f"{timeline[p] - base:.3f}", dur)
+    return t
+
+
+def _reconnect(socket: str | None) -> LuodClient:
+    deadline = time.monotonic() + RECONNECT_SECONDS
+    while True:
+        try:
+            return _admin(socket)
+        except LiveUpdateError as e:
+            if time.monotonic() > deadline or e.errno not in (
+                    errno.ENOENT, errno.ECONNREFUSED, errno.ECONNRESET, errno.EPIPE):
+                raise
+        time.sleep(0.05)  # a CLI waiting for the next kernel's luod to listen
+
+
+@click.command()
+@click.option("--image", default=None, help="Load this image first (else the loaded one).")
+@click.option("--cmdline", default=None, help="With --image: the next command line.")
+@click.option("--release", default=None, help="With --image: its release (real bzImage).")
+@socket_option
+@json_option
+def update(image: str | None, cmdline: str | None, release: str | None, socket: str | None,
+           as_json: bool) -> None:
+    """Live-update: prepare every client, freeze, kexec, and follow the next kernel's luod
+    until every client has its resources back; then print the phase table.
+
+    A live display shows the phase and the elapsed time on a terminal. Exit status 1, with
+    the reason on one line, when the update was refused or cancelled.
+    """
+    console = Console(stderr=True)
+    t0 = time.monotonic()
+    shown = {"phase": "normal"}
+    live = Live(console=console, transient=True, auto_refresh=True) \
+        if console.is_terminal and not as_json else None
+
+    def progress(ev: dict[str, Any]) -> None:
+        shown["phase"] = ev["phase"]
+        if live is not None:
+            live.update(f"[bold]{ev['phase']}[/] {time.monotonic() - t0:.2f}s")
+
+    try:
+        if live is not None:
+            live.start()
+        c = _admin(socket, on_phase=progress)
+        before = c.status()["update"]
+        try:
+            c.request("update", image=image, cmdline=cmdline, release=release)
+            raise LiveUpdateError(err=errno.EIO, msg="luod answered instead of rebooting")
+        except LiveUpdateError as e:
+            if e.errno != errno.ECONNRESET:  # luod going away is the kexec happening
+                raise
+        c.close()
+        progress({"phase": "kexec"})
+        c = _reconnect(socket)
+        st = c.request("wait", timeout=RECONNECT_SECONDS)[0]
+        c.close()
+        if st["update"] <= before:  # luod went away, but no kexec happened
+            raise LiveUpdateError(err=errno.ECANCELED, msg=st.get("last_error")
+                                  or "luod went away and the update did not happen")
+    except LiveUpdateError as e:
+        fail(e)
+    finally:
+        if live is not None:
+            live.stop()
+    report = st["reports"][-1] if st.get("reports") else {}
+    if as_json:
+        emit({"status": st, "report": report}, True, "")
+        return
+    Console().print(phase_table(report.get("timeline", {})))
+    click.echo(f"update {st['update']} done; FINISH: {report.get('finish', '?')}")
+    if st.get("last_error"):
+        click.echo(f"note: {st['last_error']}", err=True)
+    sys.stdout.flush()

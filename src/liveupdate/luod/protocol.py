@@ -1,0 +1,82 @@
+"""luod's client protocol, version 1 (docs/luod-protocol.md shows an example exchange).
+
+A client connects to luod's Unix socket (SOCK_SEQPACKET). Every message is one record: a
+UTF-8 JSON object, with file descriptors beside it as SCM_RIGHTS. Requests carry ``"op"``
+and an ``"id"`` the reply repeats; a reply is ``{"id", "ok": true, ...}`` or ``{"id", "ok":
+false, "errno": "EPERM", "error": "one line"}``. luod also sends events without an id
+(``{"event": "prepare"}``, ``"freeze"``, ``"cancel"``) that a client answers with
+``{"op": "ack", "event": ...}``. The first request must be ``hello`` with ``"v": 1`` and the
+client's name; the client is the pair (its uid from SO_PEERCRED, that name).
+
+Everything received is validated: a record that is not a JSON object within
+:data:`MAX_MESSAGE` bytes, or carries more than :data:`MAX_FDS` fds, is refused (its fds
+closed), never half-read.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import json
+import os
+import socket
+from typing import Any
+
+from liveupdate.errors import LiveUpdateError
+
+VERSION = 1
+MAX_MESSAGE = 64 << 10
+MAX_FDS = 8
+SOCKET_ENV = "LUOD_SOCKET"
+HOST_SOCKET = "/run/luod/luod.sock"
+
+
+def socket_path(cmdline: str) -> str:
+    """Where luod listens: ``$LUOD_SOCKET``; on the emulated machine the machine's run
+    folder (``lu.run=`` on its kernel's command line: stable across kernels, unlike a
+    kernel's per-boot folder); else :data:`HOST_SOCKET`."""
+    env = os.environ.get(SOCKET_ENV)
+    if env:
+        return env
+    return next((w[7:] + "/luod.sock" for w in cmdline.split() if w.startswith("lu.run=")),
+                HOST_SOCKET)
+
+
+def send(sock: socket.socket, msg: dict[str, Any], fds: list[int] | tuple[int, ...] = ()
+         ) -> None:
+    raw = json.dumps(msg, separators=(",", ":")).encode()
+    if len(raw) > MAX_MESSAGE:
+        raise LiveUpdateError(err=errno.EMSGSIZE, msg=f"luod message of {len(raw)} bytes")
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    sock.sendmsg([raw], anc)
+
+
+def recv(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
+    """One message, or None at the end of the connection. LiveUpdateError (EPROTO) for a
+    malformed one; its fds are closed."""
+    raw, anc, flags, _ = sock.recvmsg(MAX_MESSAGE + 1, socket.CMSG_SPACE(4 * MAX_FDS))
+    fds = array.array("i")
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    if not raw and not fds:
+        return None
+    try:
+        if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or len(raw) > MAX_MESSAGE:
+            raise ValueError("message or its fds too large")
+        msg = json.loads(raw)
+        if not isinstance(msg, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        for fd in fds:
+            os.close(fd)
+        raise LiveUpdateError(err=errno.EPROTO, msg=f"luod protocol: {e}") from e
+    return msg, fds.tolist()
+
+
+def field(msg: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
+    value = msg.get(name, default)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise LiveUpdateError(err=errno.EINVAL, msg=f"luod protocol: {name!r} must be "
+                              f"{kind.__name__}")
+    return value

@@ -1,0 +1,202 @@
+"""luod on the emulated machine, for both uAPI generations: clients keep their memfds across
+real live updates driven by ``luoctl update``, and every fault ends in a defined state."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from liveupdate.abi import image
+from liveupdate.machine.client import MachineClient
+from liveupdate.userspace.luod_client import digest, pattern
+from tests.e2e.conftest import Factory
+
+CMDLINE = "kho=on liveupdate=on transparent_hugepage_shmem=within_size"
+IMAGES = {"v3": image.KernelImage(release="6.17.0-lu-v3", luo="v3"),
+          "6.19": image.KernelImage(release="6.19.0-lu", luo="6.19")}
+PY = sys.executable
+LUOD = f"@restart {PY} -m liveupdate.cli.luod --prepare-timeout 5 --freeze-timeout 5 " \
+       "--finish-timeout 60"
+Machine = Callable[..., MachineClient]
+
+
+@pytest.fixture
+def lu(machine: Factory, tmp_path: Path) -> Iterator[Machine]:
+    def make(gen: str, extra: str = "", luod_args: str = "") -> MachineClient:
+        disk = tmp_path / "m0" / "disk"
+        (disk / "images").mkdir(parents=True, exist_ok=True)
+        for name, img in IMAGES.items():
+            (disk / "images" / f"{name}.img").write_bytes(img.encode())
+        (disk / "images" / "junk.img").write_bytes(b"not a kernel")
+        (disk / "services").write_text(f"{LUOD} {luod_args}\n")
+        m = machine(f"{CMDLINE} {extra}".strip(), image=f"images/{gen}.img")
+        m.wait("luod: LUO .* listening")
+        return m
+    yield make
+
+
+def luoctl(m: MachineClient, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PY, "-m", "liveupdate.cli.luoctl", *args], capture_output=True,
+                          text=True, timeout=180, env={**os.environ,
+                                                       "LIVEUPDATE_MACHINE": m.dir})
+
+
+def hold(m: MachineClient, name: str, *specs: str, fault: str = "none") -> dict:
+    r = m.run([PY, "-m", "liveupdate.userspace.luod_client", "hold", name, *specs,
+               "--fault", fault])
+    assert r["status"] == 0, r["stderr"]
+    got: dict = json.loads(r["stdout"])
+    return got
+
+
+def restore(m: MachineClient, name: str, *tokens: str) -> dict:
+    r = m.run([PY, "-m", "liveupdate.userspace.luod_client", "restore", name, *tokens])
+    assert r["status"] == 0, r["stderr"]
+    got: dict = json.loads(r["stdout"])
+    return got
+
+
+def status(m: MachineClient) -> dict:
+    r = luoctl(m, "status", "--json")
+    assert r.returncode == 0, r.stderr
+    st: dict = json.loads(r.stdout)
+    return st
+
+
+def want(name: str, token: int, size: int) -> dict:
+    return {"digest": digest(pattern(name, token, size)), "marker": "FROZEN", "size": size}
+
+
+@pytest.mark.parametrize("gen", ["v3", "6.19"])
+def test_two_clients_five_updates(lu: Machine, gen: str) -> None:
+    m = lu(gen)
+    for n in range(1, 6):
+        hold(m, "vm0", "0x1:4194304", "0x2:65536")
+        hold(m, "vm1", "0x1:2097152")
+        off = m.status()["console_bytes"]
+        upd = subprocess.Popen([PY, "-m", "liveupdate.cli.luoctl", "update", "--image",
+                                f"images/{gen}.img", "--json"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "LIVEUPDATE_MACHINE": m.dir})
+        m.wait(f"luod: LUO {gen}, updated", offset=off, timeout=120)
+        got0 = restore(m, "vm0", "0x1", "0x2")
+        got1 = restore(m, "vm1", "0x1", "0x2")  # 0x2 is vm0's: not vm1's to take
+        out, err = upd.communicate(timeout=120)
+        assert upd.returncode == 0, err
+        report = json.loads(out)
+        assert report["status"]["update"] == n and report["status"]["phase"] == "normal"
+        assert {"prepared", "frozen", "reboot", "updated", "normal"} <= set(
+            report["report"]["timeline"])
+        assert got0["restore"] and got0["memfds"] == {"0x1": want("vm0", 1, 4 << 20),
+                                                      "0x2": want("vm0", 2, 64 << 10)}
+        assert got1["memfds"] == {"0x1": want("vm1", 1, 2 << 20), "0x2": {"errno": "ENOENT"}}
+        assert report["report"]["finish"] == "every client is done"
+
+
+def test_second_luod_and_unprivileged_clients_are_refused(lu: Machine) -> None:
+    public = tempfile.TemporaryDirectory(prefix="luod-")  # nobody can reach it: the
+    os.chmod(public.name, 0o755)                            # policy, not the path, decides
+    sock = Path(public.name) / "luod.sock"
+    m = lu("6.19", luod_args=f"--socket {sock} --socket-mode 0666")
+    r = m.run([PY, "-m", "liveupdate.cli.luod", "--socket", m.dir + "/run/other.sock"])
+    assert r["status"] == 1 and "EBUSY" in r["stderr"], r
+    nobody = ("import os\nfrom liveupdate.client.luod import LuodClient\n"
+              "from liveupdate.errors import LiveUpdateError\n"
+              "os.setgid(65534)\nos.setuid(65534)\n"
+              f"try:\n    LuodClient('intruder', path={str(sock)!r})\n"
+              "except LiveUpdateError as e:\n    print(e.errno_name, e.message)\n")
+    r = m.run([PY, "-c", nobody])
+    assert r["stdout"].startswith("EPERM uid 65534 is not allowed"), r
+    r = luoctl(m, "status", "--json", "--socket", str(sock))
+    assert json.loads(r.stdout)["clients"] == []
+    public.cleanup()
+
+
+def _update_fails(m: MachineClient, gen: str, image_name: str | None = None) -> str:
+    r = luoctl(m, "update", "--image", f"images/{image_name or gen}.img")
+    assert r.returncode == 1, r.stdout
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    return r.stderr.strip()
+
+
+@pytest.mark.parametrize("fault, reason", [
+    ("die-in-prepare", "went away during prepare"),
+    ("no-freeze-ack", "did not acknowledge freeze"),
+])
+def test_misbehaving_client_cancels_the_update(lu: Machine, fault: str, reason: str) -> None:
+    m = lu("6.19")
+    hold(m, "good", "0x1:1048576")
+    hold(m, "bad", "0x1:1048576", fault=fault)
+    assert reason in _update_fails(m, "6.19")
+    st = status(m)
+    assert st["phase"] == "normal" and reason in st["last_error"]
+    # luod closed every session it held; only a client stuck in its callback still holds its
+    # own (the kernel keeps what an open fd holds), and it is the stuck one's
+    held = [s["name"] for s in m.kho_status()["luo"]["sessions"]]
+    assert held == ([] if fault == "die-in-prepare" else ["0:bad"])
+    assert m.status()["boot_count"] == 1  # no kexec happened
+    # the good client resumed: its memfd is its own again and can go through an update
+    off = m.status()["console_bytes"]
+    m.run([PY, "-c", "import os, signal\nfor l in os.popen('pgrep -f \"hold bad\"'):\n"
+                     "    os.kill(int(l), signal.SIGKILL)"])
+    upd = subprocess.Popen([PY, "-m", "liveupdate.cli.luoctl", "update", "--image",
+                            "images/6.19.img"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env={**os.environ, "LIVEUPDATE_MACHINE": m.dir})
+    m.wait("luod: LUO 6.19, updated", offset=off, timeout=120)
+    assert restore(m, "good", "0x1")["memfds"] == {"0x1": want("good", 1, 1 << 20)}
+    assert upd.wait(120) == 0
+
+
+def test_luod_killed_in_prepared(lu: Machine) -> None:
+    m = lu("6.19")
+    hold(m, "vm0", "0x1:1048576")
+    hold(m, "stuck", "0x1:4096", fault="no-prepare-ack")
+    pid = status(m)["pid"]
+    upd = subprocess.Popen([PY, "-m", "liveupdate.cli.luoctl", "update", "--image",
+                            "images/6.19.img"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env={**os.environ, "LIVEUPDATE_MACHINE": m.dir})
+    m.wait("luod: prepare: prepared", timeout=60)
+    off = m.status()["console_bytes"]
+    os.kill(pid, signal.SIGKILL)
+    m.wait("luod: LUO 6.19, normal, listening", offset=off, timeout=60)  # init restarted it
+    upd.communicate(timeout=60)
+    assert upd.returncode == 1
+    st = status(m)
+    assert st["phase"] == "normal" and "ended while prepared" in st["last_error"]
+    assert st["pid"] != pid and m.status()["boot_count"] == 1
+
+
+def test_bad_images_are_refused_before_anyone_pauses(lu: Machine) -> None:
+    m = lu("6.19")
+    hold(m, "vm0", "0x1:65536")
+    reason = _update_fails(m, "6.19", "v3")  # v3 cannot read the 6.19 handover
+    assert "cannot take this handover" in reason and "luo-session" in reason
+    st = status(m)
+    assert st["phase"] == "normal" and "cannot take this handover" in st["last_error"]
+    assert m.kho_status()["luo"]["sessions"] == [] and m.status()["boot_count"] == 1
+
+
+def test_junk_image_fails_to_load(lu: Machine) -> None:
+    m = lu("v3")
+    reason = _update_fails(m, "v3", "junk")
+    assert "names no LUO generation" in reason
+    assert status(m)["phase"] == "normal"
+
+
+def test_failing_freeze_in_reboot_cancels(lu: Machine) -> None:
+    m = lu("v3", "luo_fail=freeze")
+    hold(m, "vm0", "0x1:1048576")
+    reason = _update_fails(m, "v3")
+    assert "luo_fail: injected freeze failure" in reason
+    st = status(m)
+    assert st["phase"] == "normal" and "freeze" in st["last_error"]
+    assert m.kho_status()["luo"]["state"] == "normal" and m.kho_status()["luo"]["files"] == []
+    assert m.status()["boot_count"] == 1
