@@ -362,7 +362,7 @@ class Luod:
               ) -> tuple[dict[str, Any], list[int]]:
         with self.cond:
             self.done.add(c.key)
-            if self.phase is Phase.UPDATED and self.records.keys() <= self.done:
+            if self.phase is Phase.UPDATED and self._waiting_for() <= self.done:
                 self._finish("every client is done")
         return {"phase": self.phase.value}, []
 
@@ -461,10 +461,10 @@ class Luod:
     # -- the update -----------------------------------------------------------------------
     def _set_phase(self, event: Event) -> None:
         self.phase = next_phase(self.phase, event)
-        print(f"luod: {event.value}: {self.phase.value}", flush=True)
         now = time.time()
         self.reg.timeline[self.phase.value] = now
-        self._save_state()
+        self._save_state()  # before anyone hears of it: a luod killed now is explained
+        print(f"luod: {event.value}: {self.phase.value}", flush=True)
         self.cond.notify_all()
         for a in list(self.admins):  # progress for luoctl
             a.send({"event": "phase", "phase": self.phase.value, "time": now,
@@ -518,7 +518,13 @@ class Luod:
                 self.busy = ""
                 self.cond.notify_all()
 
+    def _holds(self, rec: registry.ClientRecord) -> bool:
+        return bool(rec.tokens or rec.session)
+
     def _prepare(self) -> None:
+        # a client that left holding nothing is forgotten: the next kernel must not wait
+        self.records = {k: r for k, r in self.records.items()
+                        if k in self.conns or self._holds(r)}
         self._set_phase(Event.PREPARE)
         self.busy = "prepare"
         for c in list(self.conns.values()):
@@ -588,12 +594,16 @@ class Luod:
         return self.status(), []
 
     # -- after the kexec ------------------------------------------------------------------
+    def _waiting_for(self) -> set[tuple[int, str]]:
+        """The clients the previous kernel's luod preserved something for."""
+        return {k for k, r in self.records.items() if self._holds(r)}
+
     def _finish_after_timeout(self) -> None:
         with self.cond:
             if self.cond.wait_for(lambda: self.phase is not Phase.UPDATED,
                                   self.timeouts.finish):
                 return
-            missing = sorted(f"{n} (uid {u})" for u, n in self.records.keys() - self.done)
+            missing = sorted(f"{n} (uid {u})" for u, n in self._waiting_for() - self.done)
             self._finish(f"timeout after {self.timeouts.finish}s; unclaimed resources of "
                          f"{', '.join(missing)} reclaimed")
 
@@ -606,7 +616,7 @@ class Luod:
                 s.close()
             self.in_sessions.clear()
             self.own = None
-        missing = self.records.keys() - self.done
+        missing = self._waiting_for() - self.done
         if missing:
             self.last_error = f"FINISH: {why}"
         self.reg.timeline["normal"] = time.time()

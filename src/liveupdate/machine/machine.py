@@ -20,6 +20,7 @@ machine process -- a kernel process or any of its userspace -- gets EPERM.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import os
@@ -47,7 +48,8 @@ from liveupdate.machine.ram import Ram
 DEFAULT_CMDLINE = "console=ttyS0 kho=on liveupdate=on transparent_hugepage_shmem=within_size"
 DEFAULT_IMAGE = "images/default.img"
 LINK_RECORD = wire.SEQPACKET_BUFFER
-CONSOLE_KEEP = 32 << 20  # bytes of console kept in memory for wait/console requests
+CONSOLE_KEEP = 32 << 20
+POWER_OFF_GRACE = 5.0  # bytes of console kept in memory for wait/console requests
 
 
 class State(enum.Enum):
@@ -229,8 +231,16 @@ class Machine:
         return self._spawn(entry)
 
     def _discard(self, kp: KernelProc) -> None:
+        """Power is cut: the kernel sees its link close and ends its userspace (daemons
+        included, which would otherwise outlive it holding the console); SIGKILL if it
+        does not go within :data:`POWER_OFF_GRACE` seconds."""
         if kp.popen.poll() is None:
-            kp.popen.kill()
+            with contextlib.suppress(OSError):
+                kp.link.shutdown(socket.SHUT_RDWR)
+            try:
+                kp.popen.wait(POWER_OFF_GRACE)
+            except subprocess.TimeoutExpired:
+                kp.popen.kill()
         self._finish(kp)
 
     def _start(self, entry: str, bp_phys: int) -> None:

@@ -76,7 +76,7 @@ def hold(name: str, specs: list[tuple[int, int]], fault: str, ready: int) -> Non
             threading.Event().wait()  # never returns: no acknowledgement
 
     client = LuodClient(name, backend=backend, on_prepare=prepare, on_freeze=freeze)
-    report = {"name": name, "generation": client.generation,
+    report = {"name": name, "generation": client.generation, "pid": os.getpid(),
               "memfds": {f"{t:#x}": digest(pattern(name, t, s)) for t, s in specs}}
     os.write(ready, (json.dumps(report) + "\n").encode())
     os.close(ready)
