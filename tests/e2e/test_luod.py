@@ -202,3 +202,15 @@ def test_failing_freeze_in_reboot_cancels(lu: Machine) -> None:
     assert st["phase"] == "normal" and "freeze" in st["last_error"]
     assert m.kho_status()["luo"]["state"] == "normal" and m.kho_status()["luo"]["files"] == []
     assert m.status()["boot_count"] == 1
+
+
+def test_finish_after_timeout_reclaims_what_nobody_claimed(lu: Machine) -> None:
+    m = lu("6.19", luod_args="--finish-timeout 2")
+    hold(m, "vm0", "0x1:2097152")
+    r = luoctl(m, "update", "--image", "images/6.19.img", "--json")  # vm0 never comes back
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)["report"]
+    assert "timeout after 2.0s; unclaimed resources of vm0 (uid 0) reclaimed" in \
+        report["finish"]
+    assert m.kho_status()["luo"]["incoming"][0]["name"] == "0:vm0"
+    assert restore(m, "vm0", "0x1")["memfds"]["0x1"] == {"errno": "ENOENT"}
