@@ -1,0 +1,40 @@
+"""``python -m liveupdate.vmm NAME [--memory SIZE] [--accel auto|kvm|tcg]``: run one VM as
+a luod client; see :mod:`liveupdate.vmm.vmm`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from liveupdate.errors import LiveUpdateError
+from liveupdate.luod import protocol
+from liveupdate.vmm.vmm import Vmm
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="vmm", description=__doc__)
+    ap.add_argument("name")
+    ap.add_argument("--memory", default="1G", help="guest memory, with K/M/G")
+    ap.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
+    args = ap.parse_args(argv)
+    units = {"K": 10, "M": 20, "G": 30}
+    m = args.memory.upper()
+    try:
+        size = int(m[:-1]) << units[m[-1]] if m[-1] in units else int(m)
+        vmm = Vmm(args.name, size, args.accel)
+        path = os.path.join(os.path.dirname(protocol.socket_path(vmm.backend.cmdline())),
+                            f"vmm-{args.name}.sock")
+        st = vmm.status()
+        print(f"vmm {args.name}: {st['accel']}, {size >> 20} MiB, "
+              + ("resumed at step " + str(st["steps"]) if st["restored"] else "started")
+              + f", control {path}", flush=True)
+        vmm.serve(path)
+    except (LiveUpdateError, ValueError, OSError) as e:
+        print(f"vmm {args.name}: {e}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

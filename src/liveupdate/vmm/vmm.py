@@ -1,0 +1,323 @@
+"""The VMM: one VM whose memory is a memfd of the (emulated or real) kernel, driven through a
+live update by luod.
+
+    python -m liveupdate.vmm NAME [--memory 1G] [--accel auto|kvm|tcg]
+
+Fresh start: a memfd of ``--memory`` bytes mapped as one range (zero copy), the guest laid
+out in it, one vCPU running it on a thread. On ``prepare`` the VMM enters limited mode --
+the VM keeps running but memory resize and device hot-plug are refused (EBUSY) -- and hands
+luod its guest memory (token 1) and a state memfd (token 2). On ``freeze`` it pauses the
+vCPU at the guest's next exit (a consistent point), writes the vCPU state, the guest's step
+count and the host time of that last exit into the state memfd. On ``cancel`` it resumes.
+
+In the next kernel init starts it again; luod says ``restore``: it retrieves both memfds,
+maps the same guest memory, loads the vCPU state (KVM: the TSC is set to the saved value plus
+the host time that passed; under TCG the guest reads the host's TSC and needs nothing) and
+resumes. The guest's step counter continues -- it never restarts. The blackout is measured
+twice: host clock (last exit before the pause to the first after the resume, across the two
+VMM processes: CLOCK_MONOTONIC is the host's) and the guest's own TSC timestamps.
+
+A control socket (``<luod socket folder>/vmm-NAME.sock``, luod's framing) answers
+``status``, ``verify`` (pause at an exit, check the guest's invariants over all of memory,
+resume) and ``resize`` (refused in limited mode).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from liveupdate.client.backends import Backend, open_backend
+from liveupdate.client.luod import LuodClient
+from liveupdate.client.mapping import Mapping
+from liveupdate.errors import LiveUpdateError
+from liveupdate.luod import protocol
+from liveupdate.vmm import guest
+from liveupdate.vmm.cpu import CpuState, fresh
+from liveupdate.vmm.tcg import Tcg
+
+RAM_TOKEN, STATE_TOKEN = 1, 2
+STATE_SIZE = 64 << 10
+
+
+class Accel(Protocol):
+    name: str
+    tsc_settable: bool
+
+    def load(self, st: CpuState) -> None: ...
+    def save(self) -> CpuState: ...
+    def run_to_exit(self) -> int: ...
+
+
+def make_accel(kind: str, address: int, size: int) -> Accel:
+    """``auto`` is QEMU's ``-accel kvm:tcg`` -- but this build has only the TCG accelerator
+    (unicorn); ``kvm`` says so instead of silently running TCG."""
+    if kind == "kvm":
+        raise LiveUpdateError(err=errno.ENODEV, msg="the KVM accelerator is not built yet; "
+                              "use --accel tcg (or auto)")
+    if kind not in ("auto", "tcg"):
+        raise LiveUpdateError(err=errno.EINVAL, msg=f"unknown accelerator {kind!r}")
+    return Tcg(address, size)
+
+
+@dataclass
+class Timing:
+    exits: int = 0
+    last_exit_ns: int = 0  # host CLOCK_MONOTONIC of the last exit
+    first_exit_after_resume_ns: int = 0
+    blackout: dict[str, Any] = field(default_factory=dict)
+    # (host ns, guest TSC) at the first and the latest exit: the guest TSC's frequency
+    first_sample: tuple[int, int] = (0, 0)
+    last_sample: tuple[int, int] = (0, 0)
+
+    @property
+    def tsc_hz(self) -> float:
+        """Guest TSC ticks per host second, measured (0 until 50 ms have passed)."""
+        dt = self.last_sample[0] - self.first_sample[0]
+        return (self.last_sample[1] - self.first_sample[1]) / dt * 1e9 if dt > 50e6 else 0.0
+
+
+class Vm:
+    """One vCPU on its own thread, pausable at the guest's exits."""
+
+    def __init__(self, accel: Accel, mapping: Mapping, size: int) -> None:
+        self.accel = accel
+        self.mapping = mapping
+        self.size = size
+        self.timing = Timing()
+        self.cond = threading.Condition()
+        self.want_pause = False
+        self.paused = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def mem(self) -> memoryview:
+        return self.mapping.view
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as e:  # a VMM bug: say so and end, rather than hang its callers
+            print(f"vmm: vCPU thread failed: {type(e).__name__}: {e}", flush=True)
+            os._exit(70)
+
+    def _loop(self) -> None:
+        while True:
+            self.accel.run_to_exit()
+            now = time.monotonic_ns()
+            tsc = guest.latest_tsc(self.mem)
+            with self.cond:
+                self.timing.exits += 1
+                self.timing.last_exit_ns = now
+                self.timing.last_sample = (now, tsc)
+                if not self.timing.first_sample[0]:
+                    self.timing.first_sample = (now, tsc)
+                if not self.timing.first_exit_after_resume_ns:
+                    self.timing.first_exit_after_resume_ns = now
+                self.cond.notify_all()
+                if self.want_pause:
+                    self.paused = True
+                    self.cond.notify_all()
+                    self.cond.wait_for(lambda: not self.want_pause)
+                    self.paused = False
+
+    def pause(self, timeout: float = 30.0) -> None:
+        with self.cond:
+            self.want_pause = True
+            if not self.cond.wait_for(lambda: self.paused, timeout):
+                raise LiveUpdateError(err=errno.ETIMEDOUT, msg="the vCPU did not reach an exit")
+
+    def resume(self) -> None:
+        with self.cond:
+            self.want_pause = False
+            self.cond.notify_all()
+
+    def wait_exits(self, n: int, timeout: float = 60.0) -> None:
+        with self.cond:
+            target = self.timing.exits + n
+            self.cond.wait_for(lambda: self.timing.exits >= target, timeout)
+
+
+class Vmm:
+    def __init__(self, name: str, size: int, accel: str, backend: Backend | None = None
+                 ) -> None:
+        self.name = name
+        self.size = size
+        self.accel_kind = accel
+        self.backend = backend or open_backend()
+        self.limited = False
+        self.started = time.monotonic_ns()
+        self.restored: dict[str, Any] | None = None
+        self.state_fd = -1
+        self.client = self._connect()
+        if self.client.restore:
+            self.ram_fd = self.client.retrieve(RAM_TOKEN)
+            saved = self._read_state(self.client.retrieve(STATE_TOKEN))
+        else:
+            self.ram_fd = self.backend.memfd_create(f"vm-{name}")
+            self.backend.ftruncate(self.ram_fd, size)
+            saved = None
+        self.mapping = self.backend.map(self.ram_fd, self.size)
+        accel_obj = make_accel(accel, self.mapping.address, self.size)
+        self.vm = Vm(accel_obj, self.mapping, self.size)
+        if saved is None:
+            guest.layout(self.mem, self.size)
+            accel_obj.load(fresh())
+        else:
+            self._resume_from(saved)
+        self.vm.start()
+        if saved is not None:
+            self._measure_blackout(saved)
+
+    @property
+    def mem(self) -> memoryview:
+        return self.mapping.view
+
+    # -- luod -----------------------------------------------------------------------------
+    def _connect(self) -> LuodClient:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                return LuodClient(self.name, backend=self.backend, on_prepare=self._prepare,
+                                  on_freeze=self._freeze, on_cancel=self._cancel)
+            except LiveUpdateError as e:
+                if time.monotonic() > deadline or e.errno not in (errno.ENOENT,
+                                                                   errno.ECONNREFUSED):
+                    raise
+            time.sleep(0.05)  # luod starts beside us after a kexec
+
+    def _prepare(self, c: LuodClient) -> None:
+        self.limited = True
+        if self.state_fd < 0:
+            self.state_fd = self.backend.memfd_create(f"vm-{self.name}-state")
+            self.backend.ftruncate(self.state_fd, STATE_SIZE)
+        c.preserve(self.ram_fd, RAM_TOKEN)
+        c.preserve(self.state_fd, STATE_TOKEN)
+
+    def _freeze(self, c: LuodClient) -> None:
+        self.vm.pause()
+        st = self.vm.accel.save()
+        state = {"cpu": st.to_json(), "size": self.size, "accel": self.vm.accel.name,
+                 "steps": guest.steps(self.mem), "tsc_hz": self.vm.timing.tsc_hz,
+                 "last_exit_ns": self.vm.timing.last_exit_ns, "paused_wall": time.time(),
+                 "ring": guest.ring(self.mem)}
+        raw = json.dumps(state).encode()
+        m = self.backend.map(self.state_fd, STATE_SIZE)
+        try:
+            m.view[:STATE_SIZE] = raw.ljust(STATE_SIZE, b"\0")
+        finally:
+            m.close()
+
+    def _cancel(self, c: LuodClient, reason: str) -> None:
+        self.limited = False
+        self.vm.resume()
+
+    # -- after the kexec ------------------------------------------------------------------
+    def _read_state(self, fd: int) -> dict[str, Any]:
+        m = self.backend.map(fd, STATE_SIZE)
+        try:
+            raw = bytes(m.view).rstrip(b"\0")
+        finally:
+            m.close()
+            os.close(fd)
+        try:
+            d = json.loads(raw)
+            if not isinstance(d, dict) or d["size"] != self.size:
+                raise ValueError(f"saved for a {d.get('size')}-byte guest")
+            d["cpu"] = CpuState.from_json(d["cpu"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise LiveUpdateError(err=errno.EINVAL, msg=f"vm {self.name}: the saved vCPU "
+                                  f"state is unusable: {e}") from e
+        return d
+
+    def _resume_from(self, saved: dict[str, Any]) -> None:
+        st: CpuState = saved["cpu"]
+        if self.vm.accel.tsc_settable:  # keep guest time in step with the wall clock
+            passed = max(0.0, time.time() - float(saved["paused_wall"]))
+            st.tsc += int(passed * float(saved["tsc_hz"]))
+        self.vm.accel.load(st)
+        self.restored = saved
+
+    def _measure_blackout(self, saved: dict[str, Any]) -> None:
+        self.vm.wait_exits(2)
+        t = self.vm.timing
+        before = saved["ring"]
+        after = guest.ring(self.mem)
+        # the guest's own view: the TSC gap across the pause, less one ordinary exit interval
+        gap = next((after[i] - after[i - 1] for i in range(1, len(after))
+                    if after[i - 1] == before[-1]), 0) if before else 0
+        per_exit = (before[-1] - before[0]) / (len(before) - 1) if len(before) > 1 else 0
+        hz = float(saved["tsc_hz"])
+        t.blackout = {
+            "host_s": (t.first_exit_after_resume_ns - int(saved["last_exit_ns"])) / 1e9,
+            "guest_s": (gap - per_exit) / hz if hz and gap else None,
+            "steps_before": saved["steps"], "steps_after": guest.steps(self.mem)}
+        self.client.done()
+
+    # -- control --------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        words = memoryview(self.mem).cast("B")
+        steps = int.from_bytes(bytes(words[guest.STATE_AT : guest.STATE_AT + 8]), "little")
+        return {"name": self.name, "accel": self.vm.accel.name, "memory": self.size,
+                "limited": self.limited, "steps": steps, "exits": self.vm.timing.exits,
+                "restored": self.restored is not None, "blackout": self.vm.timing.blackout,
+                "pid": os.getpid()}
+
+    def verify(self) -> dict[str, Any]:
+        self.vm.pause()
+        try:
+            chk = guest.verify(self.mem, self.size)
+        finally:
+            self.vm.resume()
+        return {"ok": chk.ok, "steps": chk.steps, "pages_touched": chk.pages_touched,
+                "problem": chk.problem}
+
+    def serve(self, path: str) -> None:
+        if os.path.exists(path):
+            os.unlink(path)
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        srv.bind(path)
+        os.chmod(path, 0o600)
+        srv.listen(8)
+        while True:
+            conn, _ = srv.accept()
+            threading.Thread(target=self._control, args=(conn,), daemon=True).start()
+
+    def _control(self, conn: socket.socket) -> None:
+        with conn:
+            while True:
+                try:
+                    got = protocol.recv(conn)
+                except (OSError, LiveUpdateError):
+                    return
+                if got is None:
+                    return
+                msg, fds = got
+                for fd in fds:
+                    os.close(fd)
+                try:
+                    op = msg.get("op")
+                    if op == "status":
+                        reply = {"ok": True, **self.status()}
+                    elif op == "verify":
+                        reply = {"ok": True, **self.verify()}
+                    elif op == "resize":
+                        if self.limited:
+                            raise LiveUpdateError(err=errno.EBUSY, msg="limited mode: a live "
+                                                  "update is under way; no memory resize")
+                        raise LiveUpdateError(err=errno.EOPNOTSUPP, msg="memory resize is not "
+                                              "emulated")
+                    else:
+                        raise LiveUpdateError(err=errno.EOPNOTSUPP, msg=f"unknown op {op!r}")
+                except LiveUpdateError as e:
+                    reply = {"ok": False, "errno": e.errno_name, "error": e.message}
+                protocol.send(conn, {"id": msg.get("id"), **reply})
