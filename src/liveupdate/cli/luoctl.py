@@ -12,6 +12,7 @@ import click
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.cli import update
 from liveupdate.cli.common import SizeParam, fail
+from liveupdate.cli.demo import demo
 from liveupdate.cli.image import image
 from liveupdate.cli.kho import kho
 from liveupdate.cli.machine import machine
@@ -32,6 +33,7 @@ def main() -> None:
 
 
 main.add_command(machine)
+main.add_command(demo)
 for cmd in (update.status, update.load, update.update, update.cancel, update.sessions):
     main.add_command(cmd)
 main.add_command(kho)

@@ -6,7 +6,6 @@ luod's socket is ``--socket``, else ``$LUOD_SOCKET``, else the emulated machine'
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 import time
@@ -19,10 +18,10 @@ from rich.table import Table
 
 from liveupdate.cli.common import emit, fail
 from liveupdate.client.luod import LuodClient
+from liveupdate.client.update import admin, run_update
 from liveupdate.errors import LiveUpdateError
 from liveupdate.luod import protocol
 
-RECONNECT_SECONDS = 120.0
 PHASES = ("start", "prepared", "frozen", "reboot", "updated", "normal")
 
 
@@ -38,7 +37,7 @@ def _path(socket: str | None) -> str:
 
 
 def _admin(socket: str | None, **kw: Any) -> LuodClient:
-    return LuodClient(f"luoctl-{os.getpid()}", path=_path(socket), admin=True, **kw)
+    return admin(_path(socket), **kw)
 
 
 socket_option = click.option("--socket", default=None, help="luod's socket (see luoctl "
@@ -145,18 +144,6 @@ def phase_table(timeline: dict[str, float]) -> Table:
     return t
 
 
-def _reconnect(socket: str | None) -> LuodClient:
-    deadline = time.monotonic() + RECONNECT_SECONDS
-    while True:
-        try:
-            return _admin(socket)
-        except LiveUpdateError as e:
-            if time.monotonic() > deadline or e.errno not in (
-                    errno.ENOENT, errno.ECONNREFUSED, errno.ECONNRESET, errno.EPIPE):
-                raise
-        time.sleep(0.05)  # a CLI waiting for the next kernel's luod to listen
-
-
 @click.command()
 @click.option("--image", default=None, help="Load this image first (else the loaded one).")
 @click.option("--cmdline", default=None, help="With --image: the next command line.")
@@ -185,28 +172,13 @@ def update(image: str | None, cmdline: str | None, release: str | None, socket: 
     try:
         if live is not None:
             live.start()
-        c = _admin(socket, on_phase=progress)
-        before = c.status()["update"]
-        try:
-            c.request("update", image=image, cmdline=cmdline, release=release)
-            raise LiveUpdateError(err=errno.EIO, msg="luod answered instead of rebooting")
-        except LiveUpdateError as e:
-            if e.errno != errno.ECONNRESET:  # luod going away is the kexec happening
-                raise
-        c.close()
-        progress({"phase": "kexec"})
-        c = _reconnect(socket)
-        st = c.request("wait", timeout=RECONNECT_SECONDS)[0]
-        c.close()
-        if st["update"] <= before:  # luod went away, but no kexec happened
-            raise LiveUpdateError(err=errno.ECANCELED, msg=st.get("last_error")
-                                  or "luod went away and the update did not happen")
+        st, report = run_update(_path(socket), image=image, cmdline=cmdline,
+                                release=release, on_phase=progress)
     except LiveUpdateError as e:
         fail(e)
     finally:
         if live is not None:
             live.stop()
-    report = st["reports"][-1] if st.get("reports") else {}
     if as_json:
         emit({"status": st, "report": report}, True, "")
         return

@@ -32,7 +32,6 @@ from liveupdate.errors import LiveUpdateError
 from liveupdate.luod import protocol
 
 Callback = Callable[["LuodClient"], None]
-_ERRNO = {name: num for num, name in errno.errorcode.items()}
 
 
 class LuodClient:
@@ -103,7 +102,7 @@ class LuodClient:
         if not reply.get("ok"):
             for fd in got:
                 os.close(fd)
-            raise LiveUpdateError(err=_ERRNO.get(str(reply.get("errno")), errno.EIO),
+            raise LiveUpdateError(err=protocol.ERRNO.get(str(reply.get("errno")), errno.EIO),
                                   msg=str(reply.get("error", "luod refused")))
         return reply, got
 

@@ -493,6 +493,7 @@ class Luod:
                                       msg=f"luod is {self.busy or self.phase.value}")
             self.busy = "update"
         try:
+            started = time.time()
             if msg.get("image") is not None:
                 self.load(protocol.field(msg, "image", str), msg.get("cmdline"),
                           msg.get("release"))
@@ -500,7 +501,7 @@ class Luod:
                 raise LiveUpdateError(err=errno.EINVAL, msg="no next kernel loaded")
             with self.cond:
                 self.last_error = ""
-                self.reg.timeline = {"start": time.time()}
+                self.reg.timeline = {"start": started}
                 self._prepare()
                 self._freeze()
                 self.reg.update += 1

@@ -28,6 +28,7 @@ VERSION = 1
 MAX_MESSAGE = 64 << 10
 MAX_FDS = 8
 SOCKET_ENV = "LUOD_SOCKET"
+ERRNO = {name: num for num, name in errno.errorcode.items()}  # errno names on the wire
 HOST_SOCKET = "/run/luod/luod.sock"
 
 
@@ -80,3 +81,25 @@ def field(msg: dict[str, Any], name: str, kind: type, default: Any = None) -> An
         raise LiveUpdateError(err=errno.EINVAL, msg=f"luod protocol: {name!r} must be "
                               f"{kind.__name__}")
     return value
+
+
+def ask(path: str, op: str, timeout: float = 60.0, **fields: Any) -> dict[str, Any]:
+    """One request to a service speaking this framing (luod's admin side, a VMM's or the
+    cache's control socket); its reply, or LiveUpdateError with the service's errno."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(path)
+            send(s, {"op": op, "id": 1, **fields})
+            got = recv(s)
+        except OSError as e:
+            raise LiveUpdateError(err=e.errno or errno.EIO, msg=f"{path}: {e}") from e
+    if got is None:
+        raise LiveUpdateError(err=errno.ECONNRESET, msg=f"{path} hung up")
+    for fd in got[1]:
+        os.close(fd)
+    reply = got[0]
+    if not reply.get("ok"):
+        raise LiveUpdateError(err=ERRNO.get(str(reply.get("errno")), errno.EIO),
+                              msg=str(reply.get("error")))
+    return reply

@@ -17,9 +17,9 @@ resumes. The guest's step counter continues -- it never restarts. The blackout i
 twice: host clock (last exit before the pause to the first after the resume, across the two
 VMM processes: CLOCK_MONOTONIC is the host's) and the guest's own TSC timestamps.
 
-A control socket (``<luod socket folder>/vmm-NAME.sock``, luod's framing) answers
-``status``, ``verify`` (pause at an exit, check the guest's invariants over all of memory,
-resume) and ``resize`` (refused in limited mode).
+A control socket (``<luod socket folder>/vmm-NAME.sock``, luod's framing; ask it with
+:func:`liveupdate.luod.protocol.ask`) answers ``status``, ``verify`` (pause at an exit, check
+the guest's invariants over all of memory, resume) and ``resize`` (refused in limited mode).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from liveupdate.client.backends import Backend, open_backend
+from liveupdate.client.backends import Backend, EmulatedBackend, open_backend
 from liveupdate.client.luod import LuodClient
 from liveupdate.client.mapping import Mapping
 from liveupdate.errors import LiveUpdateError
@@ -167,6 +167,9 @@ class Vmm:
             self.backend.ftruncate(self.ram_fd, size)
             saved = None
         self.mapping = self.backend.map(self.ram_fd, self.size)
+        # where guest memory lies in (emulated) RAM: for tools that prove zero copy
+        self.extents = (self.backend.k.extents(self.ram_fd, self.size)
+                        if isinstance(self.backend, EmulatedBackend) else [])
         accel_obj = make_accel(accel, self.mapping.address, self.size)
         self.vm = Vm(accel_obj, self.mapping, self.size)
         if saved is None:
@@ -270,7 +273,7 @@ class Vmm:
         return {"name": self.name, "accel": self.vm.accel.name, "memory": self.size,
                 "limited": self.limited, "steps": steps, "exits": self.vm.timing.exits,
                 "restored": self.restored is not None, "blackout": self.vm.timing.blackout,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "extents": self.extents}
 
     def verify(self) -> dict[str, Any]:
         self.vm.pause()

@@ -1,0 +1,283 @@
+"""``luoctl demo``: boot an emulated machine with VMs and a cache, live-update it, and show
+what the update cost and that nothing was lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from liveupdate.abi import image as image_abi
+from liveupdate.cli.common import SizeParam, fail
+from liveupdate.client.update import run_update
+from liveupdate.errors import LiveUpdateError
+from liveupdate.luod.protocol import ask
+from liveupdate.machine.client import MachineClient, start
+from liveupdate.vmm import guest
+
+CMDLINE = "kho=on liveupdate=on transparent_hugepage_shmem=within_size"
+IMAGES = {"v3": image_abi.KernelImage(release="6.17.0-lu-v3", luo="v3"),
+          "6.19": image_abi.KernelImage(release="6.19.0-lu", luo="6.19")}
+CACHE_KEYS = 64
+HEADROOM = 768 << 20  # the kernel's own memory, scratch and the services' beside the VMs
+
+
+def _services(py: str, vms: int, vm_memory: int, accel: str, cache: bool) -> str:
+    lines = [f"@restart {py} -m liveupdate.cli.luod --finish-timeout 60"]
+    lines += [f"@restart {py} -m liveupdate.vmm vm{i} --memory {vm_memory} --accel {accel}"
+              for i in range(vms)]
+    if cache:
+        lines.append(f"@restart {py} -m liveupdate.userspace.kvcache cache")
+    return "\n".join(lines) + "\n"
+
+
+class Demo:
+    def __init__(self, folder: str, vms: int, vm_memory: int, machine_memory: int,
+                 generation: str, accel: str, cache: bool, say: Any) -> None:
+        self.folder = os.path.abspath(folder)
+        self.vms = [f"vm{i}" for i in range(vms)]
+        self.vm_memory, self.memory = vm_memory, machine_memory
+        self.generation, self.accel, self.cache = generation, accel, cache
+        self.say = say
+        self.run = os.path.join(self.folder, "run")
+        self.m: MachineClient | None = None
+        self.proc: Any = None
+
+    def sock(self, name: str) -> str:
+        return os.path.join(self.run, name)
+
+    def boot(self) -> MachineClient:
+        with_old = MachineClient(self.folder)
+        try:
+            with_old.shutdown()  # a previous demo's machine
+        finally:
+            with_old.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        disk = Path(self.folder) / "disk"
+        (disk / "images").mkdir(parents=True)
+        for name, img in IMAGES.items():
+            (disk / "images" / f"{name}.img").write_bytes(img.encode())
+        (disk / "services").write_text(_services(sys.executable, len(self.vms),
+                                                 self.vm_memory, self.accel, self.cache))
+        self.say(f"booting a {self.memory >> 30} GiB machine, LUO {self.generation}")
+        self.proc, m = start(self.folder, memory=self.memory, cmdline=CMDLINE,
+                             image=f"images/{self.generation}.img",
+                             log=os.path.join(self.folder, "machine.log"))
+        self.m = m
+        m.booted(120)
+        m.wait("luod: LUO .* listening", timeout=120)
+        for vm in self.vms:
+            m.wait(f"vmm {vm}: .* started", timeout=120)
+        self.say("guests running: waiting for each to walk all of its memory once")
+        pages = (self.vm_memory - guest.DATA_AT) // guest.PAGE
+        deadline = time.monotonic() + 300
+        while any(s["steps"] < pages for s in self.statuses().values()):
+            if time.monotonic() > deadline:
+                raise LiveUpdateError(err=110, msg="the guests made no progress in 300 s")
+            time.sleep(0.1)  # a CLI watching guests run
+        if self.cache:
+            m.wait("kvcache cache: started", timeout=120)
+            for i in range(CACHE_KEYS):
+                ask(self.sock("kvcache-cache.sock"), "put", key=f"key-{i}", value=f"value-{i}")
+        return m
+
+    def statuses(self) -> dict[str, dict[str, Any]]:
+        return {vm: ask(self.sock(f"vmm-{vm}.sock"), "status") for vm in self.vms}
+
+    def zero_a_guest_page(self, vm: str) -> int:
+        """Break it on purpose: zero a page the guest has counted, behind its back."""
+        assert self.m is not None
+        st = ask(self.sock(f"vmm-{vm}.sock"), "status")
+        off = guest.DATA_AT + 7 * guest.PAGE  # guest-physical, inside the data region
+        for phys, n in st["extents"]:
+            if off < n:
+                self.m.ram_write(phys + off, bytes(16))
+                return int(phys + off)
+            off -= n
+        raise LiveUpdateError(err=22, msg=f"{vm}: no extents reported")
+
+    def update(self, n: int, fault: str) -> dict[str, Any]:
+        assert self.m is not None
+        before = self.statuses()
+        off = self.m.status()["console_bytes"]
+        self.say(f"update {n}: prepare, freeze, kexec")
+        st, report = run_update(self.sock("luod.sock"), image=f"images/{self.generation}.img",
+                                on_phase=lambda ev: self.say(f"  {ev['phase']}"))
+        for vm in self.vms:
+            self.m.wait(f"vmm {vm}: .* resumed", offset=off, timeout=120)
+        if self.cache:
+            self.m.wait("kvcache cache: restored", offset=off, timeout=120)
+        zeroed = self.zero_a_guest_page(self.vms[0]) if fault == "zero-page" else None
+        after = self.statuses()
+        vms = {}
+        for vm in self.vms:
+            chk = ask(self.sock(f"vmm-{vm}.sock"), "verify")
+            b = after[vm]["blackout"]
+            vms[vm] = {"accel": after[vm]["accel"], "memory": self.vm_memory,
+                       "steps_before_update": before[vm]["steps"],
+                       "steps_at_pause": b.get("steps_before"),
+                       "steps_after_resume": b.get("steps_after"),
+                       "resumed": bool(after[vm]["restored"]) and
+                       b.get("steps_after", 0) > b.get("steps_before", 0) > 0,
+                       "blackout_host_s": b.get("host_s"),
+                       "blackout_guest_s": b.get("guest_s"),
+                       "integrity": chk["ok"], "problem": chk["problem"],
+                       "pages_verified": chk["pages_touched"]}
+        cache = None
+        if self.cache:
+            sock = self.sock("kvcache-cache.sock")
+            got = [ask(sock, "get", key=f"key-{i}") for i in range(CACHE_KEYS)]
+            cache = {"keys": CACHE_KEYS, "intact": all(
+                g["found"] and g["value"] == f"value-{i}" for i, g in enumerate(got))}
+        kho = self.m.kho_status()
+        return {"update": st["update"], "timeline": report.get("timeline", {}),
+                "finish": report.get("finish"), "jump_s": self.m.status()["last_jump_seconds"],
+                "vms": vms, "cache": cache, "zeroed_page": zeroed,
+                "preserved_pages": kho["out"]["preserved_pages"],
+                "free_pages": kho["free_pages"]}
+
+    def close(self) -> None:
+        if self.m is not None:
+            self.m.shutdown()
+        if self.proc is not None:
+            self.proc.wait(60)
+
+
+PHASE_NAMES = [("start", "prepared", "Normal: luod loads the next kernel, asks to prepare"),
+               ("prepared", "frozen", "Prepared: clients preserve, VMs keep running"),
+               ("frozen", "reboot", "Frozen: VMs paused, last state written"),
+               ("reboot", "updated", "kexec + next kernel boot + luod"),
+               ("updated", "normal", "Updated: VMMs and cache restore, FINISH")]
+
+
+def phases(timeline: dict[str, float]) -> list[dict[str, Any]]:
+    base = timeline.get("start", 0.0)
+    return [{"phase": label, "start_s": timeline[a] - base, "duration_s": timeline[b] - timeline[a]}
+            for a, b, label in PHASE_NAMES if a in timeline and b in timeline]
+
+
+def render(results: list[dict[str, Any]], verdict: bool) -> None:
+    console = Console()
+    for r in results:
+        t = Table(title=f"update {r['update']}: phases (host wall clock)")
+        for col in ("phase", "start s", "duration s"):
+            t.add_column(col, justify="left" if col == "phase" else "right")
+        for p in phases(r["timeline"]):
+            t.add_row(p["phase"], f"{p['start_s']:.3f}", f"{p['duration_s']:.3f}")
+        console.print(t)
+        v = Table(title=f"update {r['update']}: VMs")
+        for col in ("vm", "accel", "memory", "blackout (host)", "blackout (guest TSC)",
+                    "steps at pause -> after", "integrity"):
+            v.add_column(col, justify="right")
+        for name, vm in r["vms"].items():
+            guest_s = vm["blackout_guest_s"]
+            v.add_row(name, vm["accel"], f"{vm['memory'] >> 20} MiB",
+                      f"{vm['blackout_host_s']:.3f} s",
+                      f"{guest_s:.3f} s" if guest_s is not None else "-",
+                      f"{vm['steps_at_pause']:,} -> {vm['steps_after_resume']:,}",
+                      ("intact" if vm["integrity"] else f"BROKEN: {vm['problem']}")
+                      + ("" if vm["resumed"] else " (restarted!)"))
+        console.print(v)
+        if r["cache"] is not None:
+            console.print(f"cache: {r['cache']['keys']} keys "
+                          + ("intact" if r["cache"]["intact"] else "LOST"))
+        console.print(f"kexec jump (machine): {r['jump_s']:.3f} s; FINISH: {r['finish']}; "
+                      f"preserved pages {r['preserved_pages']}, free {r['free_pages']}")
+    console.print("[bold green]integrity: intact[/]" if verdict else
+                  "[bold red]integrity: FAILED[/]")
+
+
+def plot(results: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = results[-1]
+    rows = [(p["phase"], p["start_s"], p["duration_s"]) for p in phases(r["timeline"])]
+    pause = r["timeline"].get("frozen", 0.0) - r["timeline"].get("start", 0.0)
+    rows += [(f"{name} blackout (host clock)", pause, vm["blackout_host_s"])
+             for name, vm in r["vms"].items()]
+    fig, ax = plt.subplots(figsize=(10, 0.5 * len(rows) + 1.5))
+    for i, (label, start_s, dur) in enumerate(rows):
+        ax.barh(i, dur, left=start_s, color="tab:red" if "blackout" in label else "tab:blue")
+        ax.text(start_s + dur, i, f" {dur:.3f} s", va="center", fontsize=8)
+    ax.set_yticks(range(len(rows)), [label for label, _, _ in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds since the update started")
+    ax.set_title(f"live update {r['update']}: phases and VM blackout")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@click.command()
+@click.option("--dir", "folder", default=".demo/machine", show_default=True,
+              help="The demo machine's folder (replaced).")
+@click.option("--vms", type=click.IntRange(0, 16), default=2, show_default=True)
+@click.option("--vm-memory", type=SizeParam(), default="1G", show_default=True)
+@click.option("--machine-memory", type=SizeParam(), default="4G", show_default=True)
+@click.option("--generation", type=click.Choice(["v3", "6.19"]), default="6.19",
+              show_default=True, help="The kernels' LUO uAPI.")
+@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto",
+              show_default=True, help="vCPU accelerator, as QEMU's -accel kvm:tcg.")
+@click.option("--updates", type=click.IntRange(1, 100), default=1, show_default=True)
+@click.option("--cache/--no-cache", default=True, show_default=True,
+              help="Also run the key-value cache service.")
+@click.option("--fault", type=click.Choice(["none", "zero-page"]), default="none",
+              help="Break it on purpose: zero a guest page after the update; the guest's "
+                   "checksum must catch it and the demo exit non-zero.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG timeline of the last update: phases and each VM's blackout.")
+def demo(folder: str, vms: int, vm_memory: int, machine_memory: int, generation: str,
+         accel: str, updates: int, cache: bool, fault: str, as_json: bool,
+         plot_path: str | None) -> None:
+    """Boot an emulated machine with VMs (and a cache), let the guests run, live-update it
+    to a new kernel image, and report: a phase timeline, each VM's blackout measured by the
+    host clock and by the guest's own timestamps, and the integrity verdict (every guest page
+    checked against the guest's own counters and checksum; the cache's keys read back).
+
+    Exit status: 0 when everything came back intact, 1 otherwise (or on any error).
+    """
+    if vms * vm_memory + HEADROOM > machine_memory:
+        fail(f"{vms} VMs of {vm_memory >> 20} MiB do not fit a {machine_memory >> 20} MiB "
+             f"machine (leave {HEADROOM >> 20} MiB for the kernel and services)")
+    err = Console(stderr=True)
+    t0 = time.monotonic()
+
+    def say(msg: str) -> None:
+        if not as_json:
+            err.print(f"[dim]{time.monotonic() - t0:7.2f}s[/] {msg}")
+
+    d = Demo(folder, vms, vm_memory, machine_memory, generation, accel, cache, say)
+    results: list[dict[str, Any]] = []
+    try:
+        d.boot()
+        for n in range(1, updates + 1):
+            results.append(d.update(n, fault if n == updates else "none"))
+    except LiveUpdateError as e:
+        d.close()
+        fail(e)
+    d.close()
+    ok = all(vm["integrity"] and vm["resumed"] for r in results for vm in r["vms"].values()) \
+        and all(r["cache"] is None or r["cache"]["intact"] for r in results)
+    leak = len({(r["preserved_pages"], r["free_pages"]) for r in results}) > 1
+    if plot_path and results:
+        plot(results, plot_path)
+    if as_json:
+        click.echo(json.dumps({"integrity": ok, "leak": leak, "updates": results}, indent=2))
+    else:
+        render(results, ok)
+        if updates > 1:
+            click.echo("preserved and free pages " + ("GREW between updates (leak)" if leak
+                                                      else "identical after every update"))
+    sys.exit(0 if ok and not leak else 1)
