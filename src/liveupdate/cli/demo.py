@@ -129,7 +129,7 @@ class Demo:
                        b.get("steps_after", 0) > b.get("steps_before", 0) > 0,
                        "blackout_host_s": b.get("host_s"),
                        "blackout_guest_s": b.get("guest_s"),
-                       "integrity": chk["ok"], "problem": chk["problem"],
+                       "integrity": chk["intact"], "problem": chk["problem"],
                        "pages_verified": chk["pages_touched"]}
         cache = None
         if self.cache:

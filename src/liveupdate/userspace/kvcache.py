@@ -128,12 +128,15 @@ class Cache:
             return {}
         raise LiveUpdateError(err=errno.EOPNOTSUPP, msg=f"kvcache: unknown op {op!r}")
 
-    def serve(self, path: str) -> None:
+    def listen(self, path: str) -> socket.socket:
         if os.path.exists(path):
             os.unlink(path)
         srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         srv.bind(path)
         srv.listen(16)
+        return srv
+
+    def serve(self, srv: socket.socket) -> None:
         while True:
             conn, _ = srv.accept()
             threading.Thread(target=self._conn, args=(conn,), daemon=True).start()
@@ -168,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         cache = Cache(args.name, args.memory)
         path = os.path.join(os.path.dirname(protocol.socket_path(cache.backend.cmdline())),
                             f"kvcache-{args.name}.sock")
+        srv = cache.listen(path)  # bound before announced: it answers once it says so
         print(f"kvcache {args.name}: {'restored' if cache.restored else 'started'} with "
               f"{cache.table.count()} keys, serving {path}", flush=True)
-        cache.serve(path)
+        cache.serve(srv)
     except (LiveUpdateError, OSError, ValueError) as e:
         print(f"kvcache {args.name}: {e}", file=sys.stderr, flush=True)
         return 1

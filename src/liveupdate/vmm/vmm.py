@@ -281,16 +281,20 @@ class Vmm:
             chk = guest.verify(self.mem, self.size)
         finally:
             self.vm.resume()
-        return {"ok": chk.ok, "steps": chk.steps, "pages_touched": chk.pages_touched,
+        return {"intact": chk.ok, "steps": chk.steps, "pages_touched": chk.pages_touched,
                 "problem": chk.problem}
 
-    def serve(self, path: str) -> None:
+    def listen(self, path: str) -> socket.socket:
+        """Bind the control socket (before announcing the VMM: then it answers)."""
         if os.path.exists(path):
             os.unlink(path)
         srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         srv.bind(path)
         os.chmod(path, 0o600)
         srv.listen(8)
+        return srv
+
+    def serve(self, srv: socket.socket) -> None:
         while True:
             conn, _ = srv.accept()
             threading.Thread(target=self._control, args=(conn,), daemon=True).start()
