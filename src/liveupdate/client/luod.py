@@ -11,7 +11,8 @@ Events arrive on a background thread and run the client's callbacks in order: ``
 (resume; on 6.19 the session is closed first, which drops what it held). The acknowledgement
 is sent when the callback returns; a callback that raises does not acknowledge, and luod
 cancels the update when the barrier times out. If luod goes away mid-update the client
-behaves as on ``cancel``.
+behaves as on ``cancel`` -- unless it already acknowledged ``freeze``: then the kexec is
+under way and the client stays paused.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class LuodClient:
         self.retrieved: Session | None = None  # the previous kernel's, after the kexec
         self.lost = threading.Event()
         self.in_update = False
+        self.frozen = False  # acknowledged freeze: only an explicit cancel resumes
         threading.Thread(target=self._read, daemon=True).start()
         threading.Thread(target=self._dispatch, daemon=True).start()
         hello, fds = self.request("hello", v=protocol.VERSION, name=name,
@@ -141,7 +143,10 @@ class LuodClient:
         while True:
             item = self._events.get()
             if item is None:
-                if self.in_update:  # luod is gone mid-update: the update is off
+                # luod gone while preparing: the update is off, resume. Gone after freeze:
+                # that is the kexec under way -- stay paused (resuming now would let the
+                # workload run past the state it just saved).
+                if self.in_update and not self.frozen:
                     self._cancelled("luod went away")
                 return
             msg, fds = item
@@ -157,6 +162,7 @@ class LuodClient:
                 elif event == "freeze":
                     if self.on_freeze:
                         self.on_freeze(self)
+                    self.frozen = True
                     self._ack("freeze")
                 elif event == "cancel":
                     self._cancelled(str(msg.get("reason", "")))
@@ -166,7 +172,7 @@ class LuodClient:
                 print(f"luod client {self.name}: {event}: {e}", flush=True)
 
     def _cancelled(self, reason: str) -> None:
-        self.in_update = False
+        self.in_update = self.frozen = False
         if self.session is not None:
             self.session.close()  # the 6.19 abort path: closing the session unpreserves
             self.session = None

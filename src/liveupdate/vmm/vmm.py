@@ -244,6 +244,10 @@ class Vmm:
 
     def _resume_from(self, saved: dict[str, Any]) -> None:
         st: CpuState = saved["cpu"]
+        ahead = guest.steps(self.mem) - int(saved["steps"])
+        if ahead:  # the guest ran after its state was saved: memory and vCPU disagree
+            print(f"vmm {self.name}: memory is {ahead} steps ahead of the saved vCPU state",
+                  flush=True)
         if self.vm.accel.tsc_settable:  # keep guest time in step with the wall clock
             passed = max(0.0, time.time() - float(saved["paused_wall"]))
             st.tsc += int(passed * float(saved["tsc_hz"]))
