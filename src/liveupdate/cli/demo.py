@@ -95,14 +95,10 @@ class Demo:
     def zero_a_guest_page(self, vm: str) -> int:
         """Break it on purpose: zero a page the guest has counted, behind its back."""
         assert self.m is not None
-        st = ask(self.sock(f"vmm-{vm}.sock"), "status")
-        off = guest.DATA_AT + 7 * guest.PAGE  # guest-physical, inside the data region
-        for phys, n in st["extents"]:
-            if off < n:
-                self.m.ram_write(phys + off, bytes(16))
-                return int(phys + off)
-            off -= n
-        raise LiveUpdateError(err=22, msg=f"{vm}: no extents reported")
+        gpa = guest.DATA_AT + 7 * guest.PAGE  # inside the data region
+        hpa = int(ask(self.sock(f"vmm-{vm}.sock"), "phys", gpa=gpa)["hpa"])
+        self.m.ram_write(hpa, bytes(16))
+        return hpa
 
     def update(self, n: int, fault: str) -> dict[str, Any]:
         assert self.m is not None

@@ -19,7 +19,8 @@ VMM processes: CLOCK_MONOTONIC is the host's) and the guest's own TSC timestamps
 
 A control socket (``<luod socket folder>/vmm-NAME.sock``, luod's framing; ask it with
 :func:`liveupdate.luod.protocol.ask`) answers ``status``, ``verify`` (pause at an exit, check
-the guest's invariants over all of memory, resume) and ``resize`` (refused in limited mode).
+the guest's invariants over all of memory, resume), ``phys`` (where a guest-physical address
+lies in the machine's RAM) and ``resize`` (refused in limited mode).
 """
 
 from __future__ import annotations
@@ -277,7 +278,17 @@ class Vmm:
         return {"name": self.name, "accel": self.vm.accel.name, "memory": self.size,
                 "limited": self.limited, "steps": steps, "exits": self.vm.timing.exits,
                 "restored": self.restored is not None, "blackout": self.vm.timing.blackout,
-                "pid": os.getpid(), "extents": self.extents}
+                "pid": os.getpid(), "extents": len(self.extents)}
+
+    def host_phys(self, gpa: int) -> int:
+        """Where guest-physical ``gpa`` lies in the (emulated) machine's RAM."""
+        off = gpa
+        for phys, n in self.extents:
+            if 0 <= off < n:
+                return phys + off
+            off -= n
+        raise LiveUpdateError(err=errno.EINVAL, msg=f"guest address {gpa:#x} is not RAM of "
+                              "this (emulated) machine")
 
     def verify(self) -> dict[str, Any]:
         self.vm.pause()
@@ -321,6 +332,9 @@ class Vmm:
                         reply = {"ok": True, **self.status()}
                     elif op == "verify":
                         reply = {"ok": True, **self.verify()}
+                    elif op == "phys":
+                        reply = {"ok": True,
+                                 "hpa": self.host_phys(protocol.field(msg, "gpa", int))}
                     elif op == "resize":
                         if self.limited:
                             raise LiveUpdateError(err=errno.EBUSY, msg="limited mode: a live "
