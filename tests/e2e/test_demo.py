@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from liveupdate.vmm import kvm
+
 SMALL = ["--vms", "2", "--vm-memory", "64M", "--machine-memory", "1G"]
 
 
@@ -21,13 +23,22 @@ def demo(tmp_path: Path, *args: str) -> tuple[int, dict]:
     return r.returncode, json.loads(r.stdout)
 
 
-@pytest.mark.parametrize("generation", ["v3", "6.19"])
-def test_demo_is_intact(tmp_path: Path, generation: str) -> None:
-    rc, out = demo(tmp_path, "--generation", generation, "--plot", str(tmp_path / "t.png"))
+KVM_REASON = kvm.unusable()
+
+
+@pytest.mark.parametrize("generation, accel", [
+    ("v3", "tcg"), ("6.19", "tcg"),
+    pytest.param("6.19", "kvm", marks=pytest.mark.skipif(
+        KVM_REASON is not None, reason=f"KVM is not usable here: {KVM_REASON}")),
+])
+def test_demo_is_intact(tmp_path: Path, generation: str, accel: str) -> None:
+    rc, out = demo(tmp_path, "--generation", generation, "--accel", accel, "--plot",
+                   str(tmp_path / "t.png"))
     assert rc == 0 and out["integrity"] and not out["leak"], json.dumps(out)[-3000:]
     (u,) = out["updates"]
     assert set(u["vms"]) == {"vm0", "vm1"} and u["cache"] == {"keys": 64, "intact": True}
     for vm in u["vms"].values():
+        assert vm["accel"] == accel
         assert vm["integrity"] and vm["resumed"] and vm["pages_verified"] > 0
         assert vm["steps_after_resume"] > vm["steps_at_pause"] >= vm["steps_before_update"]
         assert 0 < vm["blackout_host_s"] < 30 and vm["blackout_guest_s"] is not None
@@ -35,7 +46,7 @@ def test_demo_is_intact(tmp_path: Path, generation: str) -> None:
 
 
 def test_updates_in_a_row_leak_nothing(tmp_path: Path) -> None:
-    rc, out = demo(tmp_path, "--updates", "4", "--vms", "1", "--no-cache")
+    rc, out = demo(tmp_path, "--updates", "4", "--vms", "1", "--no-cache", "--accel", "tcg")
     assert rc == 0 and not out["leak"]
     assert [u["update"] for u in out["updates"]] == [1, 2, 3, 4]
     steps = [u["vms"]["vm0"]["steps_at_pause"] for u in out["updates"]]
@@ -44,7 +55,7 @@ def test_updates_in_a_row_leak_nothing(tmp_path: Path) -> None:
 
 
 def test_a_zeroed_guest_page_fails_the_demo(tmp_path: Path) -> None:
-    rc, out = demo(tmp_path, "--fault", "zero-page", "--no-cache")
+    rc, out = demo(tmp_path, "--fault", "zero-page", "--no-cache", "--accel", "tcg")
     assert rc == 1 and not out["integrity"]
     vm0 = out["updates"][0]["vms"]["vm0"]
     assert not vm0["integrity"] and "sum to" in vm0["problem"]

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-import os
 import shutil
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
-from liveupdate.vmm import cpu, guest
+from liveupdate.vmm import cpu, guest, kvm
 from liveupdate.vmm.tcg import Tcg
+from liveupdate.vmm.vmm import Accel
 
 SIZE = 32 << 20
 
@@ -26,14 +26,21 @@ def ram() -> Iterator[tuple[mmap.mmap, int]]:
     yield buf, addr
 
 
-def run(accel: Tcg, exits: int) -> None:
+KVM_REASON = kvm.unusable()
+ACCELS = [pytest.param(Tcg, id="tcg"),
+          pytest.param(kvm.Kvm, id="kvm", marks=pytest.mark.skipif(
+              KVM_REASON is not None, reason=f"KVM is not usable here: {KVM_REASON}"))]
+
+
+def run(accel: Accel, exits: int) -> None:
     for _ in range(exits):
         accel.run_to_exit()
 
 
-def test_guest_walks_memory_and_verifies(ram: tuple[mmap.mmap, int]) -> None:
+@pytest.mark.parametrize("make", ACCELS)
+def test_guest_walks_memory_and_verifies(ram: tuple[mmap.mmap, int], make: type) -> None:
     buf, addr = ram
-    a = Tcg(addr, SIZE)
+    a = make(addr, SIZE)
     a.load(cpu.fresh())
     run(a, 6)  # 24576 steps over 7680 data pages: three passes and then some
     chk = guest.verify(memoryview(buf), SIZE)
@@ -42,17 +49,21 @@ def test_guest_walks_memory_and_verifies(ram: tuple[mmap.mmap, int]) -> None:
     assert len(ts) == 6 and ts == sorted(ts)  # the guest's clock moves forward
 
 
-def test_state_moves_between_accelerators(ram: tuple[mmap.mmap, int]) -> None:
+@pytest.mark.parametrize("make", ACCELS)
+def test_state_moves_between_accelerator_instances(ram: tuple[mmap.mmap, int],
+                                                   make: type) -> None:
     buf, addr = ram
-    a = Tcg(addr, SIZE)
+    a = make(addr, SIZE)
     a.load(cpu.fresh())
     run(a, 3)
     st = cpu.CpuState.from_json(a.save().to_json())  # as through the state memfd
-    b = Tcg(addr, SIZE)
+    b = make(addr, SIZE)
     b.load(st)
     run(b, 2)
     chk = guest.verify(memoryview(buf), SIZE)
     assert chk.ok and chk.steps == 5 * guest.STEPS_PER_EXIT  # continued, not restarted
+    if getattr(b, "tsc_settable", False):  # KVM: the guest TSC is state, and it was set
+        assert guest.ring(memoryview(buf))[-1] > st.tsc
 
 
 @pytest.mark.parametrize("damage, problem", [
@@ -97,7 +108,3 @@ def test_checked_in_guest_bytes_rebuild_from_source() -> None:
     assert guest.assemble() == guest.CODE
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="no /dev/kvm on this host")
-def test_kvm_accelerator() -> None:
-    pytest.skip("/dev/kvm is here, but the KVM accelerator is not built yet: VMs run under "
-                "TCG (unicorn); --accel kvm says so")

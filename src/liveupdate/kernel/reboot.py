@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
@@ -59,14 +60,18 @@ def _notifiers(k: Kernel) -> None:
 
 def _end_userspace(k: Kernel) -> None:
     if k.userspace is not None:
+        t0 = time.monotonic()
         killed = k.userspace.kill_all()
-        k.printk(f"kexec: ended {killed} userspace processes")
+        k.printk(f"kexec: ended {killed} userspace processes in "
+                 f"{(time.monotonic() - t0) * 1e3:.0f} ms")
 
 
 def _sanitize(k: Kernel) -> None:
     if k.cmdline.flag("kho_sanitize", True):
+        t0 = time.monotonic()
         punched = kexec.sanitize(k)
-        k.printk(f"kexec: sanitizer punched {punched >> 20} MiB of unpreserved RAM")
+        k.printk(f"kexec: sanitizer punched {punched >> 20} MiB of unpreserved RAM in "
+                 f"{(time.monotonic() - t0) * 1e3:.0f} ms")
 
 
 STEPS: tuple[tuple[str, Callable[[Kernel], None]], ...] = (

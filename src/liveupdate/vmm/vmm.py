@@ -1,5 +1,6 @@
 """The VMM: one VM whose memory is a memfd of the (emulated or real) kernel, driven through a
-live update by luod.
+live update by luod. vCPUs run under the host's /dev/kvm when it is usable (:mod:`kvm`), else
+under unicorn (:mod:`tcg`) -- the same guest either way, as QEMU's ``-accel kvm:tcg``.
 
     python -m liveupdate.vmm NAME [--memory 1G] [--accel auto|kvm|tcg]
 
@@ -39,7 +40,7 @@ from liveupdate.client.luod import LuodClient
 from liveupdate.client.mapping import Mapping
 from liveupdate.errors import LiveUpdateError
 from liveupdate.luod import protocol
-from liveupdate.vmm import guest
+from liveupdate.vmm import guest, kvm
 from liveupdate.vmm.cpu import CpuState, fresh
 from liveupdate.vmm.tcg import Tcg
 
@@ -57,13 +58,16 @@ class Accel(Protocol):
 
 
 def make_accel(kind: str, address: int, size: int) -> Accel:
-    """``auto`` is QEMU's ``-accel kvm:tcg`` -- but this build has only the TCG accelerator
-    (unicorn); ``kvm`` says so instead of silently running TCG."""
-    if kind == "kvm":
-        raise LiveUpdateError(err=errno.ENODEV, msg="the KVM accelerator is not built yet; "
-                              "use --accel tcg (or auto)")
-    if kind not in ("auto", "tcg"):
+    """``auto`` is QEMU's ``-accel kvm:tcg``: the host's /dev/kvm when it is usable, else
+    TCG; ``kvm`` fails with the reason when it is not."""
+    if kind not in ("auto", "kvm", "tcg"):
         raise LiveUpdateError(err=errno.EINVAL, msg=f"unknown accelerator {kind!r}")
+    if kind != "tcg":
+        reason = kvm.unusable()
+        if reason is None:
+            return kvm.Kvm(address, size)
+        if kind == "kvm":
+            raise LiveUpdateError(err=errno.ENODEV, msg=f"KVM is not usable: {reason}")
     return Tcg(address, size)
 
 

@@ -1,0 +1,138 @@
+"""The KVM accelerator: the guest runs on the host CPU through ``/dev/kvm`` (ioctls as in
+``include/uapi/linux/kvm.h``, x86-64).
+
+One VM, one memory slot over the VMM's mapping of the guest memfd (a contiguous virtual range
+built from ``MAP_FIXED`` mappings of scattered RAM extents -- KVM takes it as one region), one
+vCPU in 64-bit mode: flat code and data segments, paging on the VMM's identity map. The
+guest's ``out`` to port 0xE9 is a ``KVM_EXIT_IO`` exit: :meth:`Kvm.run_to_exit` returns there.
+The guest TSC is an MSR here: it is saved with the registers and set on load, so a VMM that
+restores adds the host time that passed and the guest's clock keeps real time.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import struct
+
+from liveupdate.errors import LiveUpdateError
+from liveupdate.vmm import guest
+from liveupdate.vmm.cpu import GPRS, MSR_IA32_TSC, CpuState
+
+KVM_GET_API_VERSION = 0xAE00
+KVM_CREATE_VM = 0xAE01
+KVM_GET_VCPU_MMAP_SIZE = 0xAE04
+KVM_CREATE_VCPU = 0xAE41
+KVM_SET_USER_MEMORY_REGION = 0x4020AE46
+KVM_RUN = 0xAE80
+KVM_GET_REGS, KVM_SET_REGS = 0x8090AE81, 0x4090AE82
+KVM_GET_SREGS, KVM_SET_SREGS = 0x8138AE83, 0x4138AE84
+KVM_GET_MSRS, KVM_SET_MSRS = 0xC008AE88, 0x4008AE89
+KVM_EXIT_IO, KVM_EXIT_HLT, KVM_EXIT_SHUTDOWN = 2, 5, 8
+KVM_EXIT_FAIL_ENTRY, KVM_EXIT_INTERNAL_ERROR = 9, 17
+API_VERSION = 12
+
+# kvm_regs: rax rbx rcx rdx rsi rdi rsp rbp r8-r15 rip rflags
+REGS_ORDER = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10",
+              "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
+REGS = struct.Struct("<18Q")
+# kvm_segment: base limit selector type present dpl db s l g avl unusable (+1 pad)
+SEGMENT = struct.Struct("<QIHBBBBBBBBBx")
+SREGS_SIZE = 312
+SREGS_CR = struct.Struct("<7Q")  # cr0 cr2 cr3 cr4 cr8 efer apic_base, at 224
+MSRS_HEAD = struct.Struct("<II")
+MSR_ENTRY = struct.Struct("<IIQ")
+assert set(REGS_ORDER) == set(GPRS)
+
+
+def unusable() -> str | None:
+    """Why /dev/kvm cannot run our guest here, or None when it can."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        return f"/dev/kvm: {e.strerror}"
+    try:
+        version = fcntl.ioctl(fd, KVM_GET_API_VERSION)
+    except OSError as e:
+        return f"KVM_GET_API_VERSION: {e.strerror}"
+    finally:
+        os.close(fd)
+    return None if version == API_VERSION else f"KVM API version {version}, not 12"
+
+
+def _ioctl(fd: int, cmd: int, arg: int | bytearray = 0, what: str = "") -> int:
+    try:
+        return fcntl.ioctl(fd, cmd, arg, True) if isinstance(arg, bytearray) else \
+            fcntl.ioctl(fd, cmd, arg)
+    except OSError as e:
+        raise LiveUpdateError(err=e.errno or errno.EIO, msg=f"KVM {what or hex(cmd)}: "
+                              f"{e.strerror}") from e
+
+
+class Kvm:
+    name = "kvm"
+    tsc_settable = True
+
+    def __init__(self, address: int, size: int) -> None:
+        self.kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+        self.vm = _ioctl(self.kvm, KVM_CREATE_VM, 0, "CREATE_VM")
+        region = bytearray(struct.pack("<IIQQQ", 0, 0, 0, size, address))
+        _ioctl(self.vm, KVM_SET_USER_MEMORY_REGION, region, "SET_USER_MEMORY_REGION")
+        self.vcpu = _ioctl(self.vm, KVM_CREATE_VCPU, 0, "CREATE_VCPU")
+        run_size = _ioctl(self.kvm, KVM_GET_VCPU_MMAP_SIZE, 0, "GET_VCPU_MMAP_SIZE")
+        self.run = mmap.mmap(self.vcpu, run_size, mmap.MAP_SHARED,
+                             mmap.PROT_READ | mmap.PROT_WRITE)
+
+    def _sregs(self) -> bytearray:
+        buf = bytearray(SREGS_SIZE)
+        _ioctl(self.vcpu, KVM_GET_SREGS, buf, "GET_SREGS")
+        return buf
+
+    def load(self, st: CpuState) -> None:
+        s = self._sregs()
+        code = SEGMENT.pack(0, 0xFFFFFFFF, 1 << 3, 11, 1, 0, 0, 1, 1, 1, 0, 0)
+        data = SEGMENT.pack(0, 0xFFFFFFFF, 2 << 3, 3, 1, 0, 1, 1, 0, 1, 0, 0)
+        s[0:24] = code  # cs
+        for i in range(1, 6):  # ds es fs gs ss
+            s[i * 24 : (i + 1) * 24] = data
+        cr = list(SREGS_CR.unpack_from(s, 224))
+        cr[0], cr[2], cr[3], cr[5] = st.cr0, st.cr3, st.cr4, st.efer
+        SREGS_CR.pack_into(s, 224, *cr)
+        _ioctl(self.vcpu, KVM_SET_SREGS, s, "SET_SREGS")
+        regs = bytearray(REGS.pack(*(st.regs[n] for n in REGS_ORDER)))
+        _ioctl(self.vcpu, KVM_SET_REGS, regs, "SET_REGS")
+        if st.tsc:
+            msrs = bytearray(MSRS_HEAD.pack(1, 0) + MSR_ENTRY.pack(MSR_IA32_TSC, 0, st.tsc))
+            _ioctl(self.vcpu, KVM_SET_MSRS, msrs, "SET_MSRS")
+
+    def save(self) -> CpuState:
+        regs = bytearray(REGS.size)
+        _ioctl(self.vcpu, KVM_GET_REGS, regs, "GET_REGS")
+        s = self._sregs()
+        cr0, _cr2, cr3, cr4, _cr8, efer, _apic = SREGS_CR.unpack_from(s, 224)
+        msrs = bytearray(MSRS_HEAD.pack(1, 0) + MSR_ENTRY.pack(MSR_IA32_TSC, 0, 0))
+        _ioctl(self.vcpu, KVM_GET_MSRS, msrs, "GET_MSRS")
+        tsc = MSR_ENTRY.unpack_from(msrs, MSRS_HEAD.size)[2]
+        return CpuState(dict(zip(REGS_ORDER, REGS.unpack(regs), strict=True)), cr0, cr3, cr4,
+                        efer, tsc)
+
+    def run_to_exit(self) -> int:
+        while True:
+            _ioctl(self.vcpu, KVM_RUN, 0, "RUN")
+            reason = struct.unpack_from("<I", self.run, 8)[0]
+            if reason == KVM_EXIT_IO:
+                direction, size, port, _count, off = struct.unpack_from("<BBHIQ", self.run, 32)
+                if port == guest.EXIT_PORT and direction == 1:
+                    value: int = int.from_bytes(self.run[off : off + size], "little")
+                    return value
+                continue  # any other port: ignored, as an absent device
+            raise LiveUpdateError(err=errno.EIO, msg=f"KVM exit {reason} (guest stopped: "
+                                  f"{'halted' if reason == KVM_EXIT_HLT else 'failed'})")
+
+    def close(self) -> None:
+        self.run.close()
+        for fd in (self.vcpu, self.vm, self.kvm):
+            os.close(fd)
+
