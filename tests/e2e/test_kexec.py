@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import sys
 from pathlib import Path
 
@@ -75,9 +76,13 @@ def test_userspace_ends_at_kexec_even_daemonized(machine: Factory) -> None:
               "time.sleep(3600)\n")
     r = m.run([sys.executable, "-c", daemon])
     pid = int(r["stdout"].split()[0])
-    assert os.path.exists(f"/proc/{pid}")
-    m.kexec()
-    assert not os.path.exists(f"/proc/{pid}")
+    fd = os.pidfd_open(pid)
+    try:
+        assert select.select([fd], [], [], 0)[0] == []  # alive
+        m.kexec()
+        assert select.select([fd], [], [], 30)[0] == [fd]  # it ended (pidfd readable)
+    finally:
+        os.close(fd)
 
 
 def test_kexec_errors_reach_userspace(machine: Factory) -> None:

@@ -26,7 +26,8 @@ from liveupdate.kernel import boot, debugfs, init
 from liveupdate.kernel.kernel import Kernel
 from liveupdate.kernel.link import Link
 from liveupdate.kernel.syscalls import server
-from liveupdate.kernel.syscalls.process import Userspace, become_subreaper
+from liveupdate.kernel.syscalls.process import Userspace
+from liveupdate.procs import become_subreaper
 
 
 def _run(k: Kernel, m: Message) -> Message:

@@ -13,9 +13,11 @@ order, with what an emulated machine needs in between:
 2. ``finalize`` -- KHO finalize: the memory map is serialized.
 3. ``notifiers`` -- reboot notifiers registered by kernel components (test components that
    act after finalize, e.g. ``kho_corrupt``).
-4. ``end_userspace`` -- every userspace process ends (subreaper + pidfds). KHO was finalized
-   for the reboot by then, which refuses every unpreserve with EBUSY (``KhoOut.frozen``), so
-   the hang-ups of ended processes cannot change what crosses.
+4. ``end_userspace`` -- every userspace process is stopped, its output forwarded, then
+   SIGKILLed (subreaper + pidfds; the host's teardown of its memory is not waited for: the
+   machine reaps those processes). KHO was finalized for the reboot by then, which refuses
+   every unpreserve with EBUSY (``KhoOut.frozen``), so the hang-ups of ended processes cannot
+   change what crosses.
 5. ``sanitize`` -- everything outside the kept set is punched (``kho_sanitize=off`` skips it).
 
 then the jump, which only the real kernel process does (:func:`kernel_kexec`); the in-process
@@ -61,7 +63,7 @@ def _notifiers(k: Kernel) -> None:
 def _end_userspace(k: Kernel) -> None:
     if k.userspace is not None:
         t0 = time.monotonic()
-        killed = k.userspace.kill_all()
+        killed = k.userspace.stop_and_kill()
         k.printk(f"kexec: ended {killed} userspace processes in "
                  f"{(time.monotonic() - t0) * 1e3:.0f} ms")
 

@@ -10,6 +10,7 @@ import sys
 
 from liveupdate.errors import LiveUpdateError
 from liveupdate.machine.machine import DEFAULT_CMDLINE, Machine
+from liveupdate.procs import become_subreaper
 
 
 def main() -> None:
@@ -21,6 +22,7 @@ def main() -> None:
     ap.add_argument("--no-boot", action="store_true")
     ap.add_argument("--ready-fd", type=int)
     args = ap.parse_args()
+    become_subreaper()  # what a kernel leaves dying at a jump is reaped here
     m = Machine(args.dir)
     def terminate(*_: object) -> None:
         m.power_off()

@@ -42,6 +42,7 @@ from liveupdate.abi.wire import Message, arg
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.machine import firmware, protocol
 from liveupdate.machine.ram import Ram
+from liveupdate.procs import children_of
 
 # What LUO needs to be on (every generation parses liveupdate= with kstrtobool) and the
 # shmem folio policy of our images (2 MiB folios for memfds that fit them).
@@ -319,6 +320,20 @@ class Machine:
                 return
             self._start(img.entry, bp_phys)
         self.jump_times.append(time.monotonic() - t0)
+        self._reap_orphans()
+
+    def _reap_orphans(self) -> None:
+        """The old kernel SIGKILLed its userspace without waiting for the host to tear it
+        down; those processes are re-parented here (subreaper). Reap them in the background."""
+        ours = {kp.popen.pid for kp in (self.kernel, self.spare) if kp is not None}
+        orphans = [p for p in children_of(os.getpid()) if p not in ours]
+
+        def reap() -> None:
+            for pid in orphans:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+        if orphans:
+            threading.Thread(target=reap, daemon=True).start()
 
     # -- power ----------------------------------------------------------------------------
     def power_on(self, config: dict[str, Any]) -> None:
