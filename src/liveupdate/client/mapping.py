@@ -38,6 +38,7 @@ class Mapping:
     address: int
     size: int
     extents: int
+    ranges: tuple[tuple[int, int], ...] = ()  # (phys, bytes) mapped in order, when known
 
     @property
     def view(self) -> memoryview:
@@ -72,4 +73,4 @@ def map_extents(ram_fd: int, extents: list[tuple[int, int]]) -> Mapping:
     except LiveUpdateError:
         _libc.munmap(base, total)
         raise
-    return Mapping(base, total, len(extents))
+    return Mapping(base, total, len(extents), tuple(extents))

@@ -354,8 +354,8 @@ def restore_folios(kin: KhoIn, meta: PageMeta, phys: np.ndarray, order: int) -> 
     good = pfn[ok]
     meta.private[good] = 0
     meta.order[good] = order
-    for p in good.tolist():  # per folio, not per page
-        meta.refcount[p : p + (1 << order)] = 0
+    if len(good):  # every page of every folio at once, then the heads
+        meta.refcount[(good[:, None] + np.arange(1 << order)).ravel()] = 0
     meta.refcount[good] = 1
     kin.restored += len(good) << order
     return ok

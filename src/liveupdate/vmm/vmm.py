@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from liveupdate.client.backends import Backend, EmulatedBackend, open_backend
+from liveupdate.client.backends import Backend, open_backend
 from liveupdate.client.luod import LuodClient
 from liveupdate.client.mapping import Mapping
 from liveupdate.errors import LiveUpdateError
@@ -173,8 +173,7 @@ class Vmm:
             saved = None
         self.mapping = self.backend.map(self.ram_fd, self.size)
         # where guest memory lies in (emulated) RAM: for tools that prove zero copy
-        self.extents = (self.backend.k.extents(self.ram_fd, self.size)
-                        if isinstance(self.backend, EmulatedBackend) else [])
+        self.extents = list(self.mapping.ranges)
         accel_obj = make_accel(accel, self.mapping.address, self.size)
         self.vm = Vm(accel_obj, self.mapping, self.size)
         if saved is None:

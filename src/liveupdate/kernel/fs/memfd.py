@@ -108,20 +108,14 @@ class Memfd:
         return o
 
     def holes(self, first: int, last: int) -> list[tuple[int, int]]:
-        """Unallocated page ranges inside ``[first, last)``."""
-        out, cur = [], first
+        """Unallocated page ranges inside ``[first, last)`` (folios never overlap)."""
         ends = self.index + (np.int64(1) << self.order.astype(np.int64))
         lo = int(np.searchsorted(ends, first, "right"))
-        for i in range(lo, len(self.index)):
-            start, end = int(self.index[i]), int(ends[i])
-            if start >= last:
-                break
-            if start > cur:
-                out.append((cur, start))
-            cur = max(cur, end)
-        if cur < last:
-            out.append((cur, last))
-        return out
+        hi = int(np.searchsorted(self.index, last, "left"))
+        starts = np.concatenate([[first], np.maximum(ends[lo:hi], first)])
+        stops = np.concatenate([np.minimum(self.index[lo:hi], last), [last]])
+        keep = stops > starts
+        return list(zip(starts[keep].tolist(), stops[keep].tolist(), strict=True))
 
     def populate(self, first: int, last: int) -> int:
         """Allocate every hole in pages ``[first, last)`` (zeroed folios); all or nothing.
@@ -181,17 +175,18 @@ class Memfd:
         ends = self.index + (np.int64(1) << self.order.astype(np.int64))
         lo = int(np.searchsorted(ends, first, "right"))
         hi = int(np.searchsorted(self.index, last, "left"))
-        out: list[tuple[int, int]] = []
-        for i in range(lo, hi):
-            start = max(int(self.index[i]), first)
-            end = min(int(ends[i]), last)
-            phys = int(self.phys[i]) + ((start - int(self.index[i])) << PAGE_SHIFT)
-            n = (end - start) << PAGE_SHIFT
-            if out and out[-1][0] + out[-1][1] == phys:
-                out[-1] = (out[-1][0], out[-1][1] + n)
-            else:
-                out.append((phys, n))
-        return out
+        start = np.maximum(self.index[lo:hi], first)
+        end = np.minimum(ends[lo:hi], last)
+        phys = self.phys[lo:hi].astype(np.int64) + ((start - self.index[lo:hi]) << PAGE_SHIFT)
+        size = (end - start) << PAGE_SHIFT
+        if not len(phys):
+            return []
+        # a run continues while each piece starts where the previous one ended in RAM
+        new = np.ones(len(phys), bool)
+        new[1:] = phys[1:] != phys[:-1] + size[:-1]
+        run = np.cumsum(new) - 1
+        lengths = np.bincount(run, weights=size).astype(np.int64)
+        return list(zip(phys[new].tolist(), lengths.tolist(), strict=True))
 
     # -- file operations ------------------------------------------------------------------
     def _check_resize(self, what: str, new_size: int | None = None) -> None:
