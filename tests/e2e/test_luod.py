@@ -3,9 +3,11 @@ real live updates driven by ``luoctl update``, and every fault ends in a defined
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -15,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from liveupdate.abi import image
+from liveupdate.errors import LiveUpdateError
+from liveupdate.luod.protocol import ask
 from liveupdate.machine.client import MachineClient
 from liveupdate.userspace.luod_client import digest, pattern
 from tests.e2e.conftest import Factory
@@ -214,3 +218,29 @@ def test_finish_after_timeout_reclaims_what_nobody_claimed(lu: Machine) -> None:
         report["finish"]
     assert m.kho_status()["luo"]["incoming"][0]["name"] == "0:vm0"
     assert restore(m, "vm0", "0x1")["memfds"]["0x1"] == {"errno": "ENOENT"}
+
+
+def test_garbage_on_luod_and_service_sockets_gets_errors(lu: Machine) -> None:
+    m = lu("6.19")
+    path = m.dir + "/run/luod.sock"
+    def exchange(*records: bytes) -> list[str | None]:
+        out = []
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            s.connect(path)
+            for raw in records:
+                s.send(raw)
+                out.append(json.loads(s.recv(65536)).get("errno"))
+        return out
+
+    # malformed records are answered and the connection stays usable ...
+    assert exchange(b"\xff not json", b"[1, 2]") == ["EPROTO", "EPROTO"]
+    # ... a refused hello ends it
+    for bad, err in (({"op": "status"}, "EPROTO"), ({"op": "hello", "v": 9, "name": "x"},
+                                                    "EPROTO"),
+                     ({"op": "hello", "v": 1, "name": "no spaces allowed"}, "EINVAL"),
+                     ({"op": "hello", "v": 1, "name": 7}, "EINVAL")):
+        assert exchange(json.dumps(bad).encode()) == [err]
+    with pytest.raises(LiveUpdateError) as e:
+        ask(path, "status")  # an admin op before hello
+    assert e.value.errno == errno.EPROTO
+    assert status(m)["phase"] == "normal"  # still serving

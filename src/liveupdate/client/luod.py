@@ -23,6 +23,7 @@ import os
 import queue
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -210,3 +211,15 @@ class LuodClient:
         with contextlib.suppress(OSError):  # already gone
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+
+
+def connect(name: str, timeout: float = 60.0, **kw: Any) -> LuodClient:
+    """A client that waits for luod to listen (services start beside it after a kexec)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return LuodClient(name, **kw)
+        except LiveUpdateError as e:
+            if time.monotonic() > deadline or e.errno not in (errno.ENOENT, errno.ECONNREFUSED):
+                raise
+        time.sleep(0.05)  # luod is starting

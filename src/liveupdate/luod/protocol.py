@@ -20,6 +20,8 @@ import errno
 import json
 import os
 import socket
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from liveupdate.errors import LiveUpdateError
@@ -103,3 +105,48 @@ def ask(path: str, op: str, timeout: float = 60.0, **fields: Any) -> dict[str, A
         raise LiveUpdateError(err=ERRNO.get(str(reply.get("errno")), errno.EIO),
                               msg=str(reply.get("error")))
     return reply
+
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def listen(path: str, mode: int = 0o600) -> socket.socket:
+    """A service's socket, bound and listening (bind before announcing the service: then it
+    answers as soon as it says it is up)."""
+    if os.path.exists(path):
+        os.unlink(path)  # a previous instance's
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    srv.bind(path)
+    os.chmod(path, mode)
+    srv.listen(16)
+    return srv
+
+
+def serve(srv: socket.socket, handle: Handler) -> None:
+    """Answer requests forever, one thread per connection: ``handle(msg)`` returns the
+    reply's fields or raises LiveUpdateError (the error envelope); received fds are closed."""
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=_answer, args=(conn, handle), daemon=True).start()
+
+
+def _answer(conn: socket.socket, handle: Handler) -> None:
+    with conn:
+        while True:
+            try:
+                got = recv(conn)
+            except (OSError, LiveUpdateError):
+                return
+            if got is None:
+                return
+            msg, fds = got
+            for fd in fds:
+                os.close(fd)
+            try:
+                reply = {"ok": True, **handle(msg)}
+            except LiveUpdateError as e:
+                reply = {"ok": False, "errno": e.errno_name, "error": e.message}
+            try:
+                send(conn, {"id": msg.get("id"), **reply})
+            except OSError:
+                return

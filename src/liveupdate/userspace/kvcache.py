@@ -14,15 +14,12 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import socket
 import struct
 import sys
-import threading
-import time
 from typing import Any
 
 from liveupdate.client.backends import open_backend
-from liveupdate.client.luod import LuodClient
+from liveupdate.client.luod import LuodClient, connect
 from liveupdate.errors import LiveUpdateError
 from liveupdate.luod import protocol
 
@@ -93,16 +90,8 @@ class Cache:
             self.client.done()
 
     def _connect(self, name: str) -> LuodClient:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                return LuodClient(name, backend=self.backend, on_prepare=self._prepare,
-                                  on_cancel=self._cancel)
-            except LiveUpdateError as e:
-                if time.monotonic() > deadline or e.errno not in (errno.ENOENT,
-                                                                   errno.ECONNREFUSED):
-                    raise
-            time.sleep(0.05)  # luod starts beside us after a kexec
+        return connect(name, backend=self.backend, on_prepare=self._prepare,
+                       on_cancel=self._cancel)
 
     def _prepare(self, c: LuodClient) -> None:
         self.limited = True
@@ -128,37 +117,6 @@ class Cache:
             return {}
         raise LiveUpdateError(err=errno.EOPNOTSUPP, msg=f"kvcache: unknown op {op!r}")
 
-    def listen(self, path: str) -> socket.socket:
-        if os.path.exists(path):
-            os.unlink(path)
-        srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        srv.bind(path)
-        srv.listen(16)
-        return srv
-
-    def serve(self, srv: socket.socket) -> None:
-        while True:
-            conn, _ = srv.accept()
-            threading.Thread(target=self._conn, args=(conn,), daemon=True).start()
-
-    def _conn(self, conn: socket.socket) -> None:
-        with conn:
-            while True:
-                try:
-                    got = protocol.recv(conn)
-                except (OSError, LiveUpdateError):
-                    return
-                if got is None:
-                    return
-                msg, fds = got
-                for fd in fds:
-                    os.close(fd)
-                try:
-                    reply = {"ok": True, **self.handle(msg)}
-                except LiveUpdateError as e:
-                    reply = {"ok": False, "errno": e.errno_name, "error": e.message}
-                protocol.send(conn, {"id": msg.get("id"), **reply})
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="kvcache", description=__doc__,
@@ -171,10 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         cache = Cache(args.name, args.memory)
         path = os.path.join(os.path.dirname(protocol.socket_path(cache.backend.cmdline())),
                             f"kvcache-{args.name}.sock")
-        srv = cache.listen(path)  # bound before announced: it answers once it says so
+        srv = protocol.listen(path)  # bound before announced: it answers once it says so
         print(f"kvcache {args.name}: {'restored' if cache.restored else 'started'} with "
               f"{cache.table.count()} keys, serving {path}", flush=True)
-        cache.serve(srv)
+        protocol.serve(srv, cache.handle)
     except (LiveUpdateError, OSError, ValueError) as e:
         print(f"kvcache {args.name}: {e}", file=sys.stderr, flush=True)
         return 1

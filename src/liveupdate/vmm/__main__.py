@@ -25,12 +25,12 @@ def main(argv: list[str] | None = None) -> int:
         vmm = Vmm(args.name, size, args.accel)
         path = os.path.join(os.path.dirname(protocol.socket_path(vmm.backend.cmdline())),
                             f"vmm-{args.name}.sock")
-        srv = vmm.listen(path)
+        srv = protocol.listen(path)
         st = vmm.status()
         print(f"vmm {args.name}: {st['accel']}, {size >> 20} MiB, "
               + ("resumed at step " + str(st["steps"]) if st["restored"] else "started")
               + f", control {path}", flush=True)
-        vmm.serve(srv)
+        protocol.serve(srv, vmm.handle)
     except (LiveUpdateError, ValueError, OSError) as e:
         print(f"vmm {args.name}: {e}", file=sys.stderr, flush=True)
         return 1

@@ -29,14 +29,13 @@ from __future__ import annotations
 import errno
 import json
 import os
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from liveupdate.client.backends import Backend, open_backend
-from liveupdate.client.luod import LuodClient
+from liveupdate.client.luod import LuodClient, connect
 from liveupdate.client.mapping import Mapping
 from liveupdate.errors import LiveUpdateError
 from liveupdate.luod import protocol
@@ -191,16 +190,8 @@ class Vmm:
 
     # -- luod -----------------------------------------------------------------------------
     def _connect(self) -> LuodClient:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                return LuodClient(self.name, backend=self.backend, on_prepare=self._prepare,
-                                  on_freeze=self._freeze, on_cancel=self._cancel)
-            except LiveUpdateError as e:
-                if time.monotonic() > deadline or e.errno not in (errno.ENOENT,
-                                                                   errno.ECONNREFUSED):
-                    raise
-            time.sleep(0.05)  # luod starts beside us after a kexec
+        return connect(self.name, backend=self.backend, on_prepare=self._prepare,
+                       on_freeze=self._freeze, on_cancel=self._cancel)
 
     def _prepare(self, c: LuodClient) -> None:
         self.limited = True
@@ -302,50 +293,18 @@ class Vmm:
         return {"intact": chk.ok, "steps": chk.steps, "pages_touched": chk.pages_touched,
                 "problem": chk.problem}
 
-    def listen(self, path: str) -> socket.socket:
-        """Bind the control socket (before announcing the VMM: then it answers)."""
-        if os.path.exists(path):
-            os.unlink(path)
-        srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        srv.bind(path)
-        os.chmod(path, 0o600)
-        srv.listen(8)
-        return srv
-
-    def serve(self, srv: socket.socket) -> None:
-        while True:
-            conn, _ = srv.accept()
-            threading.Thread(target=self._control, args=(conn,), daemon=True).start()
-
-    def _control(self, conn: socket.socket) -> None:
-        with conn:
-            while True:
-                try:
-                    got = protocol.recv(conn)
-                except (OSError, LiveUpdateError):
-                    return
-                if got is None:
-                    return
-                msg, fds = got
-                for fd in fds:
-                    os.close(fd)
-                try:
-                    op = msg.get("op")
-                    if op == "status":
-                        reply = {"ok": True, **self.status()}
-                    elif op == "verify":
-                        reply = {"ok": True, **self.verify()}
-                    elif op == "phys":
-                        reply = {"ok": True,
-                                 "hpa": self.host_phys(protocol.field(msg, "gpa", int))}
-                    elif op == "resize":
-                        if self.limited:
-                            raise LiveUpdateError(err=errno.EBUSY, msg="limited mode: a live "
-                                                  "update is under way; no memory resize")
-                        raise LiveUpdateError(err=errno.EOPNOTSUPP, msg="memory resize is not "
-                                              "emulated")
-                    else:
-                        raise LiveUpdateError(err=errno.EOPNOTSUPP, msg=f"unknown op {op!r}")
-                except LiveUpdateError as e:
-                    reply = {"ok": False, "errno": e.errno_name, "error": e.message}
-                protocol.send(conn, {"id": msg.get("id"), **reply})
+    def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """One control request (see the module docstring)."""
+        op = msg.get("op")
+        if op == "status":
+            return self.status()
+        if op == "verify":
+            return self.verify()
+        if op == "phys":
+            return {"hpa": self.host_phys(protocol.field(msg, "gpa", int))}
+        if op == "resize":
+            if self.limited:
+                raise LiveUpdateError(err=errno.EBUSY, msg="limited mode: a live update is "
+                                      "under way; no memory resize")
+            raise LiveUpdateError(err=errno.EOPNOTSUPP, msg="memory resize is not emulated")
+        raise LiveUpdateError(err=errno.EOPNOTSUPP, msg=f"unknown op {op!r}")
