@@ -45,7 +45,7 @@ def setup_arch(k: Kernel, bp_phys: int) -> bootparams.KhoData | None:
     try:
         bp = bootparams.BootParams.decode(k.mem.read(bp_phys, PAGE_SIZE, "boot params"))
         k.mem = PhysMem(k.ram, ranges=bp.ram_ranges())
-        k.cmdline = Cmdline.parse(bp.read_cmdline(k.mem))
+        k.cmdline = Cmdline.parse(bp.read_cmdline(k.mem), warn=k.printk)
         k.image = image.decode(k.mem.read(bp.kernel_addr, PAGE_SIZE, "kernel image"))
         chain = bootparams.read_setup_chain(k.mem, bp.setup_data)
     except AbiError as e:
@@ -154,8 +154,11 @@ def start_kernel(k: Kernel, bp_phys: int) -> None:
     luo_boot.init(k)
     run_base = k.cmdline.get("lu.run")
     if run_base:
-        k.run_dir = os.path.join(run_base, f"kernel-{k.boot_id}")
-        os.makedirs(k.run_dir, exist_ok=True)
+        try:
+            os.makedirs(os.path.join(run_base, f"kernel-{k.boot_id}"), exist_ok=True)
+            k.run_dir = os.path.join(run_base, f"kernel-{k.boot_id}")
+        except OSError as e:  # the machine's folder: without it, no runtime folder
+            k.printk(f"lu.run={run_base}: {e.strerror}")
     testmods.run(k, "late")
     k.reboot_notifiers = [m.reboot_notifier for m in testmods.enabled(k)
                           if hasattr(m, "reboot_notifier")]

@@ -35,8 +35,8 @@ def sizes(k: Kernel) -> tuple[int, int, int]:
     if "kho_scratch" in k.cmdline.params:
         try:
             spec = parse_kho_scratch(k.cmdline.get("kho_scratch"))
-        except LiveUpdateError as e:
-            k.printk(f"KHO: {e.message}; using defaults")
+        except LiveUpdateError:
+            k.cmdline.malformed_option("kho_scratch")
     if spec.scale:
         k.printk(f"KHO: scratch scale is {spec.scale}%")
         low = _round(k.memblock.reserved_kern(0, ARCH_LOW_ADDRESS_LIMIT) * spec.scale // 100)

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from liveupdate.abi.uapi import Gen
-from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel.luo.session import LuoSessions
 from liveupdate.kernel.luo.v3 import LuoV3
 
@@ -16,12 +15,7 @@ if TYPE_CHECKING:
 
 
 def init(k: Kernel) -> None:
-    try:
-        enabled = k.cmdline.flag("liveupdate")
-    except LiveUpdateError:
-        k.printk(f"Malformed early option 'liveupdate={k.cmdline.get('liveupdate')}'")
-        enabled = False
-    if not enabled:
+    if not k.cmdline.flag("liveupdate"):
         return
     if k.kho_out is None:
         k.printk("luo: KHO is disabled; LUO is disabled")

@@ -28,10 +28,7 @@ if TYPE_CHECKING:
 
 
 def _enabled(k: Kernel) -> bool:
-    try:
-        return k.luo is not None and k.cmdline.flag("liveupdate_compat", True)
-    except LiveUpdateError:
-        return True  # a malformed switch keeps the default
+    return k.luo is not None and k.cmdline.flag("liveupdate_compat", True)
 
 
 def check(k: Kernel, reader: str, written: list[formats.Format], what: str) -> None:

@@ -15,7 +15,7 @@ from liveupdate.abi import fdt
 from liveupdate.abi.consts import MAX_PAGE_ORDER, PAGE_SIZE
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.kernel import kho
-from liveupdate.kernel.cmdline import memparse
+from liveupdate.kernel.cmdline import size_option
 
 if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
@@ -47,10 +47,14 @@ def late(k: Kernel) -> None:
     if k.kho_in is not None:
         _restore(k)
     kout = k.require_kho()
-    size = memparse(k.cmdline.get("kho_bench"))
-    dirty = memparse(k.cmdline.get("kho_bench_dirty", "64M"))
-    n = size // FOLIO
-    folios = np.array([k.alloc_pages(MAX_PAGE_ORDER) for _ in range(n)], np.uint64)
+    try:
+        size = size_option(k.cmdline.get("kho_bench"), "kho_bench")
+        dirty = size_option(k.cmdline.get("kho_bench_dirty", "64M"), "kho_bench_dirty")
+        n = size // FOLIO
+        folios = np.array([k.alloc_pages(MAX_PAGE_ORDER) for _ in range(n)], np.uint64)
+    except LiveUpdateError as e:
+        k.printk(f"kho_bench: {e.message}")
+        return
     for i, p in enumerate(folios.tolist()):
         if i * FOLIO >= dirty:
             break
