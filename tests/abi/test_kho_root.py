@@ -115,13 +115,28 @@ def test_decode_rejects() -> None:
         kho.decode_root(b.prop("preserved-memory-map", fdt.u32(1)).end_node().finish())
     with pytest.raises(AbiError, match="never finalized"):
         kho.decode_root(kho.encode_root_sequential(0, []), require_map=True)
-    b = fdt.SwBuilder().begin_node("").prop("compatible", fdt.string("kho-v1"))
-    b.prop("preserved-memory-map", fdt.u64(1)).begin_node("x").prop("fdt", b"1234")
-    with pytest.raises(AbiError, match="x:fdt is 4 bytes"):
-        kho.decode_root(b.end_node().end_node().finish())
     with pytest.raises(AbiError) as e:
         kho.decode_root(GOLDEN_616).subtree("LUO")
     assert e.value.errno == errno.ENOENT
+
+
+def test_a_broken_child_fails_only_its_own_retrieve() -> None:
+    """kho_retrieve_subtree: a child whose ``fdt`` is missing, misshapen or (given RAM) out of
+    it gives EINVAL for that name; the root and its other children decode."""
+    b = fdt.SwBuilder().begin_node("").prop("compatible", fdt.string("kho-v1"))
+    b.prop("preserved-memory-map", fdt.u64(1))
+    b.begin_node("short").prop("fdt", b"1234").end_node()
+    b.begin_node("none").prop("other", fdt.u64(0x3000)).end_node()
+    b.begin_node("far").prop("fdt", fdt.u64(1 << 40)).end_node()
+    b.begin_node("good").prop("fdt", fdt.u64(0x2000)).end_node()
+    root = kho.decode_root(b.end_node().finish(), ram=lambda p, n: p + n <= 1 << 30)
+    assert root.subtree("good") == 0x2000
+    assert [n for n, _ in root.broken] == ["short", "none", "far"]
+    for name, why in (("short", "short:fdt is 4 bytes"), ("none", "missing"),
+                      ("far", "outside RAM")):
+        with pytest.raises(AbiError, match=why) as e:
+            root.subtree(name)
+        assert e.value.errno == errno.EINVAL, name
 
 
 @needs_dtc

@@ -60,9 +60,28 @@ def test_bad_handover_boots_cold(machine: Factory, kind: str, reason: str) -> No
     assert not st["kernel"]["kho_boot"]
     line = m.wait("KHO: setup: .*", offset=off)["line"]
     assert reason in line, line
-    m.wait("KHO: disabling KHO revival", offset=off)
+    m.wait(r"KHO: disabling KHO revival: -\d+\n", offset=off)  # with its errno, as Linux
     m.wait("test_kho: preserved", offset=off)  # cold path: a fresh save, no restore
     assert m.kho_status()["enabled"]
+
+
+@pytest.mark.parametrize("quirks", ["broken_child+fdt_total", "fdt_2page"])
+def test_what_linux_writes_revives(machine: Factory, quirks: str) -> None:
+    """Linux's own output is never refused: zero-size scratch entries (this 1 GiB machine's
+    global area is 0 in scale mode, as on Linux), a root FDT size other than one page, root
+    children without a usable ``fdt`` that no one retrieves."""
+    m = machine(f"kho=on test_kho=1 kho_quirks={quirks}")
+    sent = m.kho_status()["out"]["scratch"]
+    assert [a["size"] for a in sent].count(0) == 1
+    off = m.status()["console_bytes"]
+    st = m.kexec(cmdline="kho=on test_kho=1")
+    assert st["kernel"]["kho_boot"]
+    m.wait("KHO restore succeeded", offset=off)
+    got = m.kho_status()["in"]
+    assert got["scratch"] == sent
+    broken = sorted(b["name"] for b in got["unretrievable"])
+    assert broken == (["nofdt", "short"] if "broken_child" in quirks else [])
+    assert [s["name"] for s in got["subtrees"]] == ["kho_test"]
 
 
 def test_userspace_ends_at_kexec_even_daemonized(machine: Factory) -> None:

@@ -32,8 +32,10 @@ def test_memparse_as_linux() -> None:
 def test_kho_scratch_as_upstream() -> None:
     assert parse_kho_scratch("010M,0x1G,2m").lowmem == 8 << 20
     assert parse_kho_scratch("150%").scale == 150
+    assert parse_kho_scratch("0,0,4M").pernode == 4 << 20  # one zero is fine (6.19)
     for bad, err in (("99999999999%", errno.EINVAL), ("4294967296%", errno.ERANGE),
-                     ("%", errno.EINVAL), ("1M,2M", errno.EINVAL), ("", errno.EINVAL)):
+                     ("%", errno.EINVAL), ("1M,2M", errno.EINVAL), ("", errno.EINVAL),
+                     ("0,0,0", errno.EINVAL), ("1M,2M,3Mx", errno.EINVAL)):
         with pytest.raises(LiveUpdateError) as e:
             parse_kho_scratch(bad)
         assert e.value.errno == err, bad

@@ -21,6 +21,7 @@ The root FDT always fits in one page; an addition that does not fit fails with E
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from liveupdate.abi import fdt
@@ -38,12 +39,17 @@ class KhoRoot:
     compatible: str
     mem_map: int
     subtrees: tuple[tuple[str, int], ...]  # (name, phys) in byte-stream order
+    broken: tuple[tuple[str, str], ...] = ()  # (name, why): children no one can retrieve
 
     def subtree(self, name: str) -> int:
-        """kho_retrieve_subtree: the phys of a named subtree, ENOENT if absent."""
+        """kho_retrieve_subtree: the phys of a named subtree; ENOENT if absent, EINVAL if
+        the child exists but its ``fdt`` property is unusable."""
         for n, phys in self.subtrees:
             if n == name:
                 return phys
+        for n, why in self.broken:
+            if n == name:
+                raise AbiError(msg=why)
         raise AbiError(msg=f"no KHO subtree {name!r}", err=errno.ENOENT)
 
 
@@ -98,11 +104,13 @@ class LiveRoot:
 
 def decode_root(blob: bytes | bytearray | memoryview, *,
                 accept: tuple[str, ...] = (KHO_FDT_COMPATIBLE,),
-                require_map: bool = False) -> KhoRoot:
+                require_map: bool = False,
+                ram: Callable[[int, int], bool] | None = None) -> KhoRoot:
     """Decode and validate a root FDT as ``kho_populate`` does, plus every child.
 
-    Stricter than Linux: a child without an 8-byte ``fdt`` property is an error here, where
-    Linux would only fail ``kho_retrieve_subtree`` for that name.
+    A child whose ``fdt`` is missing or not 8 bytes -- or, given ``ram``, points outside it --
+    is kept aside in ``broken``: as in Linux, only ``kho_retrieve_subtree`` of that name fails
+    (EINVAL); the handover as a whole stays good.
     """
     tree = fdt.parse(blob, "KHO root FDT")
     root = tree.root
@@ -113,7 +121,16 @@ def decode_root(blob: bytes | bytearray | memoryview, *,
     mem_map = root.u64(MEM_MAP_PROP, "KHO root FDT")
     if require_map and mem_map == 0:
         raise AbiError(msg="KHO root FDT: preserved-memory-map is 0 (never finalized)")
-    subtrees = tuple(
-        (child.name, child.u64(SUBTREE_PROP, "KHO root FDT")) for child in root.children
-    )
-    return KhoRoot(match[0], mem_map, subtrees)
+    subtrees: list[tuple[str, int]] = []
+    broken: list[tuple[str, str]] = []
+    for child in root.children:
+        try:
+            phys = child.u64(SUBTREE_PROP, "KHO root FDT")
+        except AbiError as e:
+            broken.append((child.name, e.message))
+            continue
+        if ram is not None and not ram(phys, 8):
+            broken.append((child.name, f"KHO subtree {child.name} at {phys:#x} is outside RAM"))
+            continue
+        subtrees.append((child.name, phys))
+    return KhoRoot(match[0], mem_map, tuple(subtrees), tuple(broken))

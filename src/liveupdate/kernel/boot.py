@@ -8,8 +8,9 @@ scratch on a cold boot), ``memblock_free_all`` (scratch-only ends; free memory g
 buddy allocator, scratch to the kexec pool), ``kho_init`` (the new live root FDT), test
 components, and init.
 
-If the handover does not validate, the console says why and "disabling KHO revival", and the
-boot continues as a cold boot using nothing the previous kernel left.
+If the handover does not validate, the console says why and "disabling KHO revival: -errno"
+(as upstream ``kho_populate``), and the boot continues as a cold boot using nothing the
+previous kernel left.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def setup_arch(k: Kernel, bp_phys: int) -> bootparams.KhoData | None:
                 return bootparams.decode_kho_setup_data(node)
             except AbiError as e:
                 k.printk(f"KHO: setup: {e.message}")
-                k.printk("KHO: disabling KHO revival")
+                k.printk(f"KHO: disabling KHO revival: {-e.errno}")
     return None
 
 
@@ -81,7 +82,7 @@ def kho_populate(k: Kernel, kd: bootparams.KhoData) -> KhoIn | None:
         kin = validate_handover(k.mem, kd, k.image.kho_bitmap_bytes)
     except AbiError as e:
         k.printk(f"KHO: setup: {e.message}")
-        k.printk("KHO: disabling KHO revival")
+        k.printk(f"KHO: disabling KHO revival: {-e.errno}")
         return None
     for a, s in bootparams.scratch_areas(kin.scratch):
         k.memblock.mark_kho_scratch(a, s)
@@ -108,7 +109,8 @@ def kho_memory_init(k: Kernel) -> np.ndarray | None:
 
 def memblock_free_all(k: Kernel, scratch: np.ndarray | None) -> None:
     k.memblock.scratch_only = False
-    areas = [] if scratch is None else bootparams.scratch_areas(scratch)
+    areas = [] if scratch is None else [(a, s) for a, s in bootparams.scratch_areas(scratch)
+                                        if s]
     def give(lo: int, hi: int) -> None:  # whole free pages only: a partly reserved one stays
         first, last = -(-lo // PAGE_SIZE), hi >> PAGE_SHIFT
         if first < last:

@@ -78,7 +78,8 @@ class ScratchSizes:
 
 def parse_kho_scratch(value: str) -> ScratchSizes:
     """``kho_scratch=N%`` or ``kho_scratch=lowmem,global,pernode``: upstream
-    ``kho_parse_scratch_size``'s rules and errnos."""
+    ``kho_parse_scratch_size``'s rules and errnos as of 6.19 (any one size may be 0, not all;
+    the string must be consumed whole -- 6.16 refused each zero and ignored trailing text)."""
     if not value:
         raise LiveUpdateError(err=errno.EINVAL, msg="kho_scratch: no value")
     if value.endswith("%"):
@@ -99,6 +100,8 @@ def parse_kho_scratch(value: str) -> ScratchSizes:
             raise LiveUpdateError(err=errno.EINVAL, msg=f"kho_scratch={value}: need L,G,P")
         sizes.append(n)
         pos += used
+    if not any(sizes) or pos != len(value):
+        raise LiveUpdateError(err=errno.EINVAL, msg=f"kho_scratch={value}: need L,G,P, not all 0")
     return ScratchSizes(0, *sizes)
 
 

@@ -104,6 +104,7 @@ def status(k: Kernel) -> dict[str, Any]:
             "restored_pages": kin.restored,
             "scratch": _areas(kin.scratch),
             "subtrees": [{"name": n, "fdt": f"{p:#x}"} for n, p in kin.root.subtrees],
+            "unretrievable": [{"name": n, "why": why} for n, why in kin.root.broken],
         }
     rep["reserve_mem"] = k.reserve_mem
     rep["luo"] = k.luo.status() if k.luo is not None else None

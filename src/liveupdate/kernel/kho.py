@@ -40,6 +40,7 @@ import numpy as np
 
 from liveupdate.abi import bootparams, kho, kho_memmap, vmalloc
 from liveupdate.abi.consts import MAX_PAGE_ORDER, PAGE_SHIFT, PAGE_SIZE, get_order
+from liveupdate.abi.fdt import FDT_HEADER_SIZE
 from liveupdate.abi.kho_memmap import MAX_MAP_ORDER
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError, LiveUpdateError
@@ -64,7 +65,8 @@ def overlaps_scratch(starts: np.ndarray, ends: np.ndarray, scratch: np.ndarray) 
     starts, ends = np.asarray(starts, np.uint64), np.asarray(ends, np.uint64)
     hit = np.zeros(len(starts), bool)
     for a, s in bootparams.scratch_areas(scratch):
-        hit |= (starts < np.uint64(a + s)) & (ends > np.uint64(a))
+        if s:
+            hit |= (starts < np.uint64(a + s)) & (ends > np.uint64(a))
     return hit
 
 
@@ -288,30 +290,53 @@ class KhoIn:
     sub_fdts: dict[str, bytes] = field(default_factory=dict)
 
     def retrieve_subtree(self, name: str) -> int:
+        """kho_retrieve_subtree: ENOENT if absent, EINVAL if its ``fdt`` is unusable."""
         try:
             return self.root.subtree(name)
         except AbiError as e:
-            raise LiveUpdateError(
-                err=errno.ENOENT, msg=f"kho_retrieve_subtree({name}): not found") \
+            raise LiveUpdateError(err=e.errno, msg=f"kho_retrieve_subtree({name}): {e.message}") \
                 from e
 
 
+def _read_root_fdt(mem: PhysMem, kd: bootparams.KhoData) -> bytes:
+    """The root FDT, at most ``fdt_size`` bytes and at most its own ``totalsize``.
+
+    Linux's ``kho_populate`` maps ``fdt_len`` bytes and runs ``fdt_check_header``; it does not
+    require one page (6.16 passes PAGE_SIZE, later kernels may pass less or more). Reading the
+    header first keeps a hostile ``fdt_size`` from making us copy more than the FDT claims.
+    """
+    head = mem.read(kd.fdt_addr, min(kd.fdt_size, FDT_HEADER_SIZE), "KHO root FDT")
+    claimed = int.from_bytes(head[4:8], "big") if len(head) >= 8 else 0
+    return mem.read(kd.fdt_addr, min(kd.fdt_size, max(claimed, len(head))), "KHO root FDT")
+
+
 def validate_handover(mem: PhysMem, kd: bootparams.KhoData, bitmap_bytes: int) -> KhoIn:
-    """Everything kho_populate and kho_mem_deserialize would meet, checked up front."""
-    if kd.fdt_size != PAGE_SIZE:
-        raise AbiError(msg=f"root FDT size {kd.fdt_size} is not one page")
-    blob = mem.read(kd.fdt_addr, kd.fdt_size, "KHO root FDT")
-    root = kho.decode_root(blob, require_map=True)
+    """Everything kho_populate and kho_mem_deserialize would meet, checked up front.
+
+    Stricter than Linux where it protects memory: scratch areas inside RAM, page aligned and
+    disjoint; every preserved block inside RAM and outside scratch; the chunk list bounded
+    (``decode_mem_map``). Never stricter where Linux's own output would be refused: zero-size
+    scratch entries (``kho_reserve_scratch`` allocates them), FDT sizes other than a page,
+    and children whose ``fdt`` is missing, misshapen or outside RAM -- those fail only their
+    own ``kho_retrieve_subtree`` (EINVAL), as in Linux, and only if someone asks.
+    """
+    blob = _read_root_fdt(mem, kd)
+    root = kho.decode_root(blob, require_map=True, ram=mem.contains)
     scratch = bootparams.decode_scratch(mem.read(kd.scratch_addr, kd.scratch_size,
                                                  "KHO scratch array"))
     for a, s in bootparams.scratch_areas(scratch):
-        if s == 0 or a % PAGE_SIZE or s % PAGE_SIZE:
-            raise AbiError(msg=f"scratch area {a:#x}+{s:#x} is empty or not page aligned")
+        if s == 0:
+            continue
+        if a % PAGE_SIZE or s % PAGE_SIZE:
+            raise AbiError(msg=f"scratch area {a:#x}+{s:#x} is not page aligned")
         mem.check(a, s, "KHO scratch area")
-    order = np.argsort(scratch["addr"])
-    sa, ss = scratch["addr"][order], scratch["size"][order]
+    used = scratch[scratch["size"] > 0]
+    order = np.argsort(used["addr"])
+    sa, ss = used["addr"][order], used["size"][order]
     if np.any(sa[1:] < sa[:-1] + ss[:-1]):
         raise AbiError(msg="KHO scratch areas overlap")
+    if len(used) == 0:
+        raise AbiError(msg="KHO scratch array has no non-empty area")
     pm = kho_memmap.decode_mem_map(mem, root.mem_map, bitmap_bytes)
     ends = pm.phys + (np.uint64(PAGE_SIZE) << pm.order.astype(np.uint64))
     inside = np.zeros(len(pm), bool)
@@ -323,8 +348,6 @@ def validate_handover(mem: PhysMem, kd: bootparams.KhoData, bitmap_bytes: int) -
     hit = overlaps_scratch(pm.phys, ends, scratch)
     if np.any(hit):
         raise AbiError(msg=f"preserved block {int(pm.phys[hit][0]):#x} overlaps scratch")
-    for name, phys in root.subtrees:
-        mem.check(phys, 8, f"subtree {name}")
     return KhoIn(kd.fdt_addr, blob, root, scratch, kd.scratch_addr, kd.scratch_size, pm)
 
 

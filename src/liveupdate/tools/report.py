@@ -116,6 +116,8 @@ def describe_root(blob: bytes, mem: PhysMem | None = None, bb: int | None = None
         if mem is not None:
             sub["content"] = _guard(partial(_describe_at, mem, phys, f"subtree {name}", bb))
         rep["subtrees"].append(sub)
+    if root.broken:  # Linux skips these; only retrieving one by name fails
+        rep["unretrievable"] = [{"name": n, "why": why} for n, why in root.broken]
     if mem is not None and root.mem_map:
         rep["memory"] = _guard(
             lambda: memory_summary(kho_memmap.decode_mem_map(mem, root.mem_map, bb)))

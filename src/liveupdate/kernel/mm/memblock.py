@@ -80,6 +80,8 @@ class Memblock:
 
     # -- reserved -------------------------------------------------------------------------
     def reserve(self, base: int, size: int, flags: int = 0) -> None:
+        if not size:  # memblock_add_range ignores an empty range
+            return
         self.reserve_many(np.array([base], np.uint64), np.array([base + size], np.uint64),
                           flags)
 

@@ -48,8 +48,9 @@ def init(k: Kernel) -> None:
             k.memblock.reserve(start, rm.size)
         else:
             try:
+                # memblock_phys_alloc reserves MEMBLOCK_RSRV_KERN: part of scratch sizing
                 start = k.memblock.alloc(-(-rm.size // PAGE_SIZE) * PAGE_SIZE,
-                                         max(rm.align, PAGE_SIZE), flags=0)
+                                         max(rm.align, PAGE_SIZE))
             except LiveUpdateError as e:
                 k.printk(f"reserve_mem: {rm.name}: {e.message}")
                 continue

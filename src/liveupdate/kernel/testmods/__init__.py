@@ -23,6 +23,7 @@ PARAMS = {
     "luo_fail": "luo_fail",
     "luo_flb": "luo_flb",
     "kho_corrupt": "kho_corrupt",
+    "kho_quirks": "kho_quirks",
     "kho_bench": "kho_bench",
     "test_panic": "test_panic",
 }
