@@ -218,3 +218,14 @@ def test_partly_reserved_pages_never_reach_the_page_allocator(rig: Rig) -> None:
         assert k.scratch_pool.free == [(32 * MiB, 40 * MiB)]
     finally:
         k.ram.close()
+
+
+@pytest.mark.parametrize("order, left, want", [
+    (10, 4 << 12, 1),   # a power of two left: one below it, as lib/test_kho.c
+    (10, 3 << 12, 1),   # get_order rounds 3 pages up to 2, minus 1
+    (10, 1 << 12, 0),
+    (2, 8 << 12, 2),    # fits: unchanged
+])
+def test_test_kho_clamps_like_upstream(order: int, left: int, want: int) -> None:
+    from liveupdate.kernel.testmods.test_kho import clamp_order
+    assert clamp_order(order, left) == want

@@ -6,7 +6,8 @@
         <name> { compatible = "reserve-mem-v1"; start = <u64 native>; size = <u64 native>; }; };
 
 Revival in the next kernel requires the same name, compatible, 8-byte properties, ``start``
-aligned to the requested alignment and the same size.
+aligned to the requested alignment and the same size. Linux (``reserve_mem_kho_revive``)
+looks each region up by name, so one malformed child fails only itself: :func:`lookup`.
 """
 
 from __future__ import annotations
@@ -41,11 +42,22 @@ def encode(regions: list[ReserveMem]) -> bytes:
 
 
 def decode(blob: bytes) -> list[ReserveMem]:
+    """Every region; any malformed child is an error (for tools, not for revival)."""
+    root = open_subtree(blob)
+    return [lookup(root, node.name) for node in root.children]
+
+
+def open_subtree(blob: bytes) -> fdt.Node:
+    """``reserve_mem_kho_retrieve_fdt``: the root, if it parses and is ``memblock-v1``."""
     what = "memblock FDT"
-    tree = fdt.parse(blob, what)
-    tree.root.check_compatible(MEMBLOCK_COMPATIBLE, what)
-    out = []
-    for node in tree.root.children:
-        node.check_compatible(RESERVE_MEM_COMPATIBLE, what)
-        out.append(ReserveMem(node.name, node.u64("start", what), node.u64("size", what)))
-    return out
+    root = fdt.parse(blob, what).root
+    root.check_compatible(MEMBLOCK_COMPATIBLE, what)
+    return root
+
+
+def lookup(root: fdt.Node, name: str) -> ReserveMem:
+    """One region by name; ENOENT if absent, EINVAL if that child is malformed."""
+    what = "memblock FDT"
+    node = root.need_child(name, what)
+    node.check_compatible(RESERVE_MEM_COMPATIBLE, what)
+    return ReserveMem(name, node.u64("start", what), node.u64("size", what))

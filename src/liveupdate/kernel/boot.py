@@ -149,7 +149,6 @@ def start_kernel(k: Kernel, bp_phys: int) -> None:
              f"{sum(e - s for s, e in k.scratch_pool.free) >> 20}M in KHO scratch")
     if k.kho_enabled and scratch is not None:
         k.kho_out = KhoOut(k, scratch, k.image.kho_bitmap_bytes)
-        reserve_mem.preserve(k)
         k.printk(f"KHO: root FDT at {k.kho_out.root_phys:#x}")
     elif k.kho_enabled:
         k.kho_enabled = False
@@ -161,6 +160,7 @@ def start_kernel(k: Kernel, bp_phys: int) -> None:
             k.run_dir = os.path.join(run_base, f"kernel-{k.boot_id}")
         except OSError as e:  # the machine's folder: without it, no runtime folder
             k.printk(f"lu.run={run_base}: {e.strerror}")
-    testmods.run(k, "late")
+    testmods.run(k, "late")  # module_init: before memblock's late_initcall below
+    reserve_mem.preserve(k)
     k.reboot_notifiers = [m.reboot_notifier for m in testmods.enabled(k)
                           if hasattr(m, "reboot_notifier")]

@@ -113,14 +113,16 @@ class ReserveMem:
 
 
 def parse_reserve_mem(value: str) -> ReserveMem:
-    """``reserve_mem=size:align:name``."""
-    parts = value.split(":")
-    if len(parts) != 3 or not parts[2] or len(parts[2]) > 15:
+    """``reserve_mem=size:align:name`` as upstream ``reserve_mem`` parses it: the name is the
+    rest of the string (1-15 characters, not all blank). Stricter where the allocator would
+    misbehave: the alignment must be a power of two (or 0) and the size at most 2^48."""
+    parts = value.split(":", 2)
+    if len(parts) != 3 or not parts[2].strip() or len(parts[2]) > 15:
         raise LiveUpdateError(err=errno.EINVAL, msg=f"reserve_mem={value}: need size:align:name")
     size, align = size_option(parts[0], "reserve_mem"), size_option(parts[1], "reserve_mem")
     if size == 0 or align & (align - 1) or size > 1 << 48:
         raise LiveUpdateError(err=errno.EINVAL, msg=f"reserve_mem={value}: bad size or alignment")
-    return ReserveMem(size, max(align, 1), parts[2])
+    return ReserveMem(size, align, parts[2])
 
 
 @dataclass

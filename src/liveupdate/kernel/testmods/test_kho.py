@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from liveupdate.abi import khotest
-from liveupdate.abi.consts import MAX_PAGE_ORDER, PAGE_SIZE
+from liveupdate.abi.consts import MAX_PAGE_ORDER, PAGE_SIZE, get_order
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.kernel import kho
 
@@ -35,14 +35,20 @@ def csum_partial(data: bytes, csum: int = 0) -> int:
     return s
 
 
+def clamp_order(order: int, left: int) -> int:
+    """kho_test_generate_data: an order that overshoots ``left`` bytes becomes one below
+    ``get_order(left)`` -- so 16 KiB left gives an 8 KiB folio, as upstream, not 16 KiB."""
+    if PAGE_SIZE << order > left:
+        order = max(get_order(left) - 1, 0)
+    return order
+
+
 def save(k: Kernel) -> None:
     kout = k.require_kho()
     rng = random.Random(os.urandom(8))
     info, csum, total = [], 0, 0
     while total < MAX_MEM:
-        order = rng.randrange(0, MAX_PAGE_ORDER + 1)
-        while (PAGE_SIZE << order) > MAX_MEM - total:
-            order -= 1
+        order = clamp_order(rng.randrange(0, MAX_PAGE_ORDER + 1), MAX_MEM - total)
         phys = k.alloc_pages(order)
         data = rng.randbytes(PAGE_SIZE << order)
         k.write(phys, data)
