@@ -7,7 +7,6 @@ from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel.mm.buddy import Buddy, block_orders
 from liveupdate.kernel.mm.memblock import MEMBLOCK_KHO_SCRATCH, MEMBLOCK_RSRV_KERN, Memblock
 from liveupdate.kernel.mm.pages import PageMeta
-from liveupdate.kernel.mm.scratch import ScratchPool
 
 MiB = 1 << 20
 
@@ -63,18 +62,3 @@ def test_buddy_split_and_coalesce() -> None:
     with pytest.raises(LiveUpdateError) as e:
         [b.alloc(10) for _ in range(5)]
     assert e.value.errno == errno.ENOMEM
-
-
-def test_scratch_pool_holes() -> None:
-    pool = ScratchPool()
-    pool.add(16 * MiB, 48 * MiB)
-    a = pool.alloc(8 * MiB, 2 * MiB)
-    assert a == 40 * MiB
-    b = pool.alloc(4096, 64 << 10)
-    assert b % (64 << 10) == 0 and b + 4096 <= 40 * MiB
-    with pytest.raises(LiveUpdateError) as e:
-        pool.alloc(64 * MiB, 2 * MiB)
-    assert e.value.errno == errno.EADDRNOTAVAIL
-    pool.release(a, 8 * MiB)
-    pool.release(b, 4096)
-    assert pool.free == [(16 * MiB, 48 * MiB)]

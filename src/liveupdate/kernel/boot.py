@@ -32,7 +32,6 @@ from liveupdate.kernel.mm import reserve_mem
 from liveupdate.kernel.mm.memblock import (
     MEMBLOCK_RSRV_KERN,
     MEMBLOCK_RSRV_NOINIT,
-    Region,
 )
 from liveupdate.kernel.mm.pages import MEMMAP_BYTES_PER_PAGE
 
@@ -109,8 +108,11 @@ def kho_memory_init(k: Kernel) -> np.ndarray | None:
 
 def memblock_free_all(k: Kernel, scratch: np.ndarray | None) -> None:
     k.memblock.scratch_only = False
+    """Free memory to the buddy allocator; scratch stays out of it (Linux makes it
+    MIGRATE_CMA, which only movable allocations and kexec segments use)."""
     areas = [] if scratch is None else [(a, s) for a, s in bootparams.scratch_areas(scratch)
                                         if s]
+
     def give(lo: int, hi: int) -> None:  # whole free pages only: a partly reserved one stays
         first, last = -(-lo // PAGE_SIZE), hi >> PAGE_SHIFT
         if first < last:
@@ -124,12 +126,6 @@ def memblock_free_all(k: Kernel, scratch: np.ndarray | None) -> None:
             give(cur, a)
             cur = max(cur, a + s)
         give(cur, end)
-    for a, s in areas:
-        if k.kho_in is not None:  # inherited: only what this boot did not take
-            for fs, fe in k.memblock.free_ranges([Region(a, s)]):
-                k.scratch_pool.add(fs, fe)
-        else:
-            k.scratch_pool.add(a, a + s)
 
 
 def start_kernel(k: Kernel, bp_phys: int) -> None:
@@ -145,8 +141,8 @@ def start_kernel(k: Kernel, bp_phys: int) -> None:
     scratch = kho_memory_init(k)
     testmods.run(k, "early")
     memblock_free_all(k, scratch)
-    k.printk(f"Memory: {k.buddy.nr_free << 2}K available, "
-             f"{sum(e - s for s, e in k.scratch_pool.free) >> 20}M in KHO scratch")
+    in_scratch = 0 if scratch is None else int(scratch["size"].sum())
+    k.printk(f"Memory: {k.buddy.nr_free << 2}K available, {in_scratch >> 20}M in KHO scratch")
     if k.kho_enabled and scratch is not None:
         k.kho_out = KhoOut(k, scratch, k.image.kho_bitmap_bytes)
         k.printk(f"KHO: root FDT at {k.kho_out.root_phys:#x}")

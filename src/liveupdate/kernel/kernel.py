@@ -28,7 +28,6 @@ from liveupdate.kernel.link import Link
 from liveupdate.kernel.mm.buddy import Buddy
 from liveupdate.kernel.mm.memblock import Memblock
 from liveupdate.kernel.mm.pages import PageMeta
-from liveupdate.kernel.mm.scratch import ScratchPool
 from liveupdate.kernel.syscalls.process import Userspace
 
 if TYPE_CHECKING:
@@ -49,7 +48,6 @@ class Kernel:
         self.memblock = Memblock()
         self.meta = PageMeta(self.ram_size >> PAGE_SHIFT)
         self.buddy = Buddy(self.meta)
-        self.scratch_pool = ScratchPool()
         self.cmdline = Cmdline.parse("")
         self.image = KernelImage()
         self.kernel_addr = 0

@@ -1,19 +1,29 @@
-"""kexec: loading the next kernel into scratch, and the sanitizer.
+"""kexec: loading the next kernel, placing its segments as Linux does, and the jump.
 
-``kexec_file_load`` places every segment inside KHO scratch (``kho_locate_mem_hole``;
-EADDRNOTAVAIL when none fits): the image (its declared load size, 2 MiB aligned), a setup
-segment holding the next boot parameters, their ``SETUP_KEXEC_KHO`` node and the command line,
-and a copy of the scratch array (64 KiB aligned, top-down). The root FDT is passed by address,
-never copied. Each segment is zero-filled beyond its data (``memsz > bufsz``), as
-``kimage_load_segment`` does.
+Placement matches ``kexec_file_load`` (6.16-6.19): ``kho_fill_kimage`` adds the scratch-array
+segment first (4 KiB after ``kexec_add_buffer``'s page rounding, 64 KiB aligned, top-down),
+then the image loader adds its own: the boot parameters page with the ``SETUP_KEXEC_KHO``
+node and the command line (``bzImage64_load``: 16-byte alignment raised to a page, at least
+``MIN_BOOTPARAM_ADDR``), then the kernel (its load size, its 2 MiB ``kernel_alignment``, at
+least its 16 MiB preferred address). Each goes through ``kexec_locate_mem_hole``: with KHO
+enabled ``kho_locate_mem_hole`` walks the scratch areas *in array order* (lowmem, global, per
+node; zero-size ones never fit) and ``locate_mem_hole_top_down`` takes the first that fits --
+aligned down from the top, stepping a page below any earlier segment of the image; with KHO
+disabled the walk is over System RAM, highest range first (``walk_system_ram_res_rev``).
+EADDRNOTAVAIL when nothing fits. There is no purgatory segment: the emulated jump needs none.
+
+Like Linux, the segments' bytes are staged in the running kernel's memory at load time and
+copied to their destinations at the jump (``machine_kexec``'s relocation), so a destination
+may be memory this kernel is still using -- on a KHO boot every inherited scratch area is
+usable, though early boot allocated from it. The copy is of kexec segments only (tens of KiB
+of data; the rest of ``memsz`` is punched to zero), never of preserved memory
+(``bench/bench_machine.py`` measures it).
 
 The sanitizer (a step of :mod:`liveupdate.kernel.reboot`) punches every byte of RAM -- usable
-or not, the e820 hole below 1 MiB included -- outside the kept set: preserved blocks, KHO
-metadata and each segment's *data* (``[phys, phys + bufsz)``). A segment's tail is zeroed
-again at the jump, since userspace could have written into it after the load. A next kernel
-that leans on memory it did not preserve then reads zeros instead of working by luck
-(``kho_sanitize=off`` disables it). Linux has no sanitizer; it is our test harness for
-"only what was preserved crosses".
+or not, the e820 hole below 1 MiB included -- outside the kept set: preserved blocks and KHO
+metadata; the segments are written after it. A next kernel that leans on memory it did not
+preserve then reads zeros instead of working by luck (``kho_sanitize=off`` disables it).
+Linux has no sanitizer; it is our test harness for "only what was preserved crosses".
 """
 
 from __future__ import annotations
@@ -34,11 +44,14 @@ from liveupdate.kernel.luo import compat
 if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
 
-IMAGE_ALIGN = 2 << 20
 SCRATCH_ARRAY_ALIGN = 64 << 10
 SETUP_SEGMENT = 2 * PAGE_SIZE
 SETUP_DATA_OFF = PAGE_SIZE
 CMDLINE_OFF = PAGE_SIZE + 64
+MIN_BOOTPARAM_ADDR = 0x3000
+MIN_KERNEL_LOAD_ADDR = 16 << 20  # x86 LOAD_PHYSICAL_ADDR, the bzImage pref_address
+KERNEL_ALIGNMENT = 2 << 20
+U64_MAX = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -50,9 +63,8 @@ class Segment:
     memsz: int
 
     @property
-    def data_end(self) -> int:
-        """End of the pages holding data: what the sanitizer keeps."""
-        return self.phys + -(-self.bufsz // PAGE_SIZE) * PAGE_SIZE
+    def last(self) -> int:
+        return self.phys + self.memsz - 1
 
 
 @dataclass(frozen=True)
@@ -60,19 +72,72 @@ class Loaded:
     entry: int
     boot_params: int
     segments: tuple[Segment, ...]
+    staged: tuple[bytearray, ...]  # each segment's data, until the jump copies it
     release: str
     luo: str  # the next kernel's LUO generation, from its image header
 
+    def patch(self, phys: int, data: bytes) -> None:
+        """Change staged segment bytes by destination address (test components)."""
+        for seg, buf in zip(self.segments, self.staged, strict=True):
+            if seg.phys <= phys and phys + len(data) <= seg.phys + seg.bufsz:
+                buf[phys - seg.phys : phys - seg.phys + len(data)] = data
+                return
+        raise LiveUpdateError(err=errno.EINVAL, msg=f"no segment data at {phys:#x}")
+
+
+def locate_mem_hole(areas: list[tuple[int, int]], placed: list[Segment], memsz: int,
+                    align: int, buf_min: int = 0, buf_max: int = U64_MAX) -> int | None:
+    """The first of ``areas`` (in order) where ``locate_mem_hole_top_down`` finds room.
+
+    ``locate_mem_hole_callback`` skips an area smaller than ``memsz`` or outside
+    ``[buf_min, buf_max]``; inside one, the start is aligned down from the top and moved a page
+    lower (then aligned again) while it overlaps an earlier segment
+    (``kimage_is_destination_range``).
+    """
+    for start, size in areas:
+        end = start + size - 1
+        if size < memsz or end < buf_min or start > buf_max:
+            continue
+        temp_start = min(end, buf_max) - memsz + 1
+        while True:
+            temp_start = temp_start // align * align
+            if temp_start < start or temp_start < buf_min:
+                break
+            temp_end = temp_start + memsz - 1
+            if any(s.phys <= temp_end and temp_start <= s.last for s in placed):
+                temp_start -= PAGE_SIZE
+                continue
+            return temp_start
+    return None
+
+
+def _areas(k: Kernel) -> tuple[list[tuple[int, int]], str]:
+    if k.kho_out is not None:
+        return bootparams.scratch_areas(k.kho_out.scratch), "KHO scratch"
+    return sorted(k.mem.ranges, reverse=True), "System RAM"
+
+
+def add_buffer(k: Kernel, placed: list[Segment], data: bytes, memsz: int, align: int,
+               buf_min: int = 0) -> Segment:
+    """``kexec_add_buffer``: memsz rounded up to a page, alignment at least a page."""
+    memsz = -(-memsz // PAGE_SIZE) * PAGE_SIZE
+    areas, where = _areas(k)
+    phys = locate_mem_hole(areas, placed, memsz, max(align, PAGE_SIZE), buf_min)
+    if phys is None:
+        raise LiveUpdateError(err=errno.EADDRNOTAVAIL,
+                              msg=f"kexec_file_load: no {memsz:#x}-byte hole in {where}")
+    seg = Segment(phys, len(data), memsz)
+    placed.append(seg)
+    return seg
+
 
 def unload(k: Kernel) -> None:
-    loaded = k.kexec_image
-    if loaded is not None:
-        for seg in loaded.segments:
-            k.scratch_pool.release(seg.phys, seg.memsz)
-        k.kexec_image = None
+    k.kexec_image = None
 
 
 def file_load(k: Kernel, raw: bytes, cmdline: str) -> Loaded:
+    """``kexec_file_load``: nothing changes unless every segment finds a place (the loaded
+    image is swapped only on success)."""
     try:
         img = image.decode(raw)
     except AbiError as e:
@@ -82,64 +147,63 @@ def file_load(k: Kernel, raw: bytes, cmdline: str) -> Loaded:
         raise LiveUpdateError(err=errno.EINVAL, msg="kexec_file_load: command line too long")
     compat.check_load(k, img.luo)
     kout = k.kho_out
-    if kout is None:
-        raise LiveUpdateError(err=errno.EADDRNOTAVAIL,
-                              msg="kexec_file_load: no KHO scratch to load into (boot with kho=on)")
-    # The new image may reuse the old one's room, but a failed load leaves the old one loaded
-    # (kexec_file_load swaps images only on success): nothing is written until all fits.
-    before, previous = list(k.scratch_pool.free), k.kexec_image
-    unload(k)
-    placed: list[int] = []
-    sizes = ((img.load_size, IMAGE_ALIGN), (SETUP_SEGMENT, PAGE_SIZE),
-             (16 * len(kout.scratch), SCRATCH_ARRAY_ALIGN))
-    try:
-        for size, align in sizes:
-            placed.append(k.scratch_pool.alloc(size, align))
-    except LiveUpdateError:
-        k.scratch_pool.free, k.kexec_image = before, previous
-        raise
-    img_phys, setup_phys, array_phys = placed
-    array = kout.scratch.tobytes()
-    kd = bootparams.KhoData(kout.root_phys, PAGE_SIZE, array_phys, len(array))
+    placed: list[Segment] = []
+    staged: list[bytes] = []
+    kho_node = b""
+    if kout is not None:  # kho_fill_kimage, before the image loader
+        array = kout.scratch.tobytes()
+        arr_seg = add_buffer(k, placed, array, len(array), SCRATCH_ARRAY_ALIGN)
+        staged.append(array)
+        kd = bootparams.KhoData(kout.root_phys, PAGE_SIZE, arr_seg.phys, len(array))
+        kho_node = bootparams.kho_setup_data(kd)
+    setup_len = CMDLINE_OFF + len(line)
+    setup_seg = add_buffer(k, placed, bytes(setup_len), -(-setup_len // 16) * 16, 16,
+                           MIN_BOOTPARAM_ADDR)
+    img_seg = add_buffer(k, placed, raw, img.load_size, KERNEL_ALIGNMENT, MIN_KERNEL_LOAD_ADDR)
     bp = k.boot_params
-    nxt = bootparams.BootParams(bp.e820, setup_phys + CMDLINE_OFF, KEXEC_CMDLINE_MAX,
-                                setup_phys + SETUP_DATA_OFF, img_phys)
-    setup = bytearray(CMDLINE_OFF + len(line))
-    setup[: PAGE_SIZE] = nxt.encode().ljust(PAGE_SIZE, b"\0")
-    kho_node = bootparams.kho_setup_data(kd)
+    nxt = bootparams.BootParams(bp.e820, setup_seg.phys + CMDLINE_OFF, KEXEC_CMDLINE_MAX,
+                                setup_seg.phys + SETUP_DATA_OFF if kho_node else 0,
+                                img_seg.phys)
+    setup = bytearray(setup_len)
+    setup[:PAGE_SIZE] = nxt.encode().ljust(PAGE_SIZE, b"\0")
     setup[SETUP_DATA_OFF : SETUP_DATA_OFF + len(kho_node)] = kho_node
     setup[CMDLINE_OFF:] = line
-    segments = []
-    for phys, data, (memsz, _) in zip(placed, (raw, bytes(setup), array), sizes, strict=True):
-        k.zero(phys, memsz)  # punched: zero-filled beyond the data at no cost
-        k.write(phys, data)
-        segments.append(Segment(phys, len(data), memsz))
-    loaded = Loaded(img_phys, setup_phys, tuple(segments), img.release, img.luo)
+    staged += [bytes(setup), raw]
+    loaded = Loaded(img_seg.phys, setup_seg.phys, tuple(placed),
+                    tuple(bytearray(b) for b in staged), img.release, img.luo)
     k.kexec_image = loaded
-    k.printk(f"kexec: loaded {img.release} at {img_phys:#x}, boot params at {setup_phys:#x}")
+    k.printk(f"kexec: loaded {img.release} at {img_seg.phys:#x}, boot params at "
+             f"{setup_seg.phys:#x}")
     return loaded
 
 
+def copy_segments(k: Kernel) -> int:
+    """The jump's relocation: each segment's staged data to its destination, the rest of
+    ``memsz`` zeroed (punched). Returns the bytes copied."""
+    loaded = k.kexec_image
+    if loaded is None:
+        return 0
+    for seg, data in zip(loaded.segments, loaded.staged, strict=True):
+        k.zero(seg.phys, seg.memsz)
+        k.write(seg.phys, bytes(data))
+    return sum(len(d) for d in loaded.staged)
+
+
 def keep_ranges(k: Kernel) -> np.ndarray:
-    """What must survive the jump: preserved blocks, KHO metadata, each segment's data."""
-    kout = k.require_kho()
+    """What must survive the jump besides the segments: preserved blocks, KHO metadata."""
+    kout = k.kho_out
+    if kout is None:
+        return np.zeros((0, 2), np.uint64)
     phys, order = kout.preserved()
     meta = np.array(kout.meta_pages, np.uint64)
-    segs = k.kexec_image.segments if k.kexec_image else ()
-    seg_start = np.array([s.phys for s in segs], np.uint64)
-    seg_end = np.array([s.data_end for s in segs], np.uint64)
     return kho_memmap.merge_intervals(
-        np.concatenate([phys, meta, seg_start]),
+        np.concatenate([phys, meta]),
         np.concatenate([phys + (np.uint64(PAGE_SIZE) << order.astype(np.uint64)),
-                        meta + np.uint64(PAGE_SIZE), seg_end]))
+                        meta + np.uint64(PAGE_SIZE)]))
 
 
 def sanitize(k: Kernel) -> int:
     """Punch every byte of RAM outside :func:`keep_ranges`; returns bytes punched."""
-    for seg in k.kexec_image.segments if k.kexec_image else ():
-        tail = seg.data_end - (seg.phys + seg.bufsz)  # the data page's bytes after the data
-        if tail:
-            k.write(seg.phys + seg.bufsz, bytes(tail))
     punched, cur = 0, 0
     for ks, ke in [*keep_ranges(k).tolist(), (k.ram_size, k.ram_size)]:
         if ks > cur:

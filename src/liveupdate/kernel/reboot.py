@@ -10,7 +10,7 @@ order, with what an emulated machine needs in between:
 1. ``luo_freeze`` -- ``liveupdate_reboot()``: LUO freezes what it prepared; a failure has
    already cancelled everything (back to NORMAL) and ``reboot()`` fails with its errno --
    nothing irreversible has happened yet.
-2. ``finalize`` -- KHO finalize: the memory map is serialized.
+2. ``finalize`` -- KHO finalize: the memory map is serialized (skipped with ``kho=off``).
 3. ``notifiers`` -- reboot notifiers registered by kernel components (test components that
    act after finalize, e.g. ``kho_corrupt``).
 4. ``end_userspace`` -- every userspace process is stopped, its output forwarded, then
@@ -19,6 +19,8 @@ order, with what an emulated machine needs in between:
    every unpreserve with EBUSY (``KhoOut.frozen``), so the hang-ups of ended processes cannot
    change what crosses.
 5. ``sanitize`` -- everything outside the kept set is punched (``kho_sanitize=off`` skips it).
+6. ``machine_kexec`` -- the segments' staged bytes are copied to their destinations, as
+   ``machine_kexec``'s relocation does (``kernel/kexec.py``).
 
 then the jump, which only the real kernel process does (:func:`kernel_kexec`); the in-process
 test rig runs :func:`prepare_jump` and boots the next kernel object on the same RAM. There is
@@ -52,7 +54,8 @@ def _luo_freeze(k: Kernel) -> None:
 
 
 def _finalize(k: Kernel) -> None:
-    k.require_kho().finalize(freeze=True)
+    if k.kho_out is not None:  # kho=off: nothing to hand over, the image boots cold
+        k.kho_out.finalize(freeze=True)
 
 
 def _notifiers(k: Kernel) -> None:
@@ -76,6 +79,13 @@ def _sanitize(k: Kernel) -> None:
                  f"{(time.monotonic() - t0) * 1e3:.0f} ms")
 
 
+def _machine_kexec(k: Kernel) -> None:
+    t0 = time.monotonic()
+    copied = kexec.copy_segments(k)
+    k.printk(f"kexec: copied {copied} bytes of segment data in "
+             f"{(time.monotonic() - t0) * 1e3:.1f} ms")
+
+
 STEPS: tuple[tuple[str, Callable[[Kernel], None]], ...] = (
     ("luo_check", _luo_check),
     ("luo_freeze", _luo_freeze),
@@ -83,6 +93,7 @@ STEPS: tuple[tuple[str, Callable[[Kernel], None]], ...] = (
     ("notifiers", _notifiers),
     ("end_userspace", _end_userspace),
     ("sanitize", _sanitize),
+    ("machine_kexec", _machine_kexec),
 )
 
 
@@ -91,7 +102,6 @@ def prepare_jump(k: Kernel) -> Loaded:
     loaded = k.kexec_image
     if loaded is None:
         raise LiveUpdateError(err=errno.EINVAL, msg="reboot(KEXEC): no kexec image loaded")
-    k.require_kho()
     for _name, step in STEPS:
         step(k)
     return loaded

@@ -3,7 +3,8 @@ the next kernel must revive it: ``broken_child`` adds two root children no one r
 whose ``fdt`` is 4 bytes, one without it (Linux only fails ``kho_retrieve_subtree`` for them);
 ``fdt_total`` / ``fdt_2page`` make the ``kho_data`` say the root FDT is its ``totalsize`` /
 two pages long instead of one page (``kho_populate`` maps ``fdt_len`` bytes, whatever it is).
-Runs after finalize, so it edits the bytes the next kernel will read."""
+Runs after finalize, so it edits the bytes the next kernel will read (the setup segment
+in its staged copy, which the jump writes out)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def reboot_notifier(k: Kernel) -> None:
         elif kind in ("fdt_total", "fdt_2page") and k.kexec_image is not None:
             node = k.kexec_image.boot_params + kexec.SETUP_DATA_OFF + bootparams.SETUP_HDR_SIZE
             size = total if kind == "fdt_total" else 2 * PAGE_SIZE
-            k.write(node + 8, struct.pack("<Q", size))  # kho_data.fdt_size
+            k.kexec_image.patch(node + 8, struct.pack("<Q", size))  # kho_data.fdt_size
         else:
             k.printk(f"kho_quirks: unknown kind {kind!r}")
             continue
