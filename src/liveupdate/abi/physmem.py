@@ -81,11 +81,13 @@ class PhysMem:
         return np.frombuffer(self.read(phys, count * dt.itemsize, what), dtype=dt)
 
     def read_fdt(self, phys: int, what: str, limit: int = 1 << 24) -> bytes:
-        """Read a whole FDT starting at ``phys``: its header first, then totalsize bytes."""
+        """Read a whole FDT starting at ``phys``: its header first, then totalsize bytes --
+        never more than ``limit`` (a hostile header cannot make us copy more)."""
         head = self.read(phys, 8, what)
         magic, total = struct.unpack(">II", head)
         if magic != 0xD00DFEED:
             raise AbiError(msg=f"{what} at {phys:#x}: bad FDT magic {magic:#010x}")
         if total > limit:
-            raise AbiError(msg=f"{what} at {phys:#x}: totalsize {total:#x} is implausibly large")
+            raise AbiError(
+                msg=f"{what} at {phys:#x}: totalsize {total:#x} exceeds the {limit:#x}-byte limit")
         return self.read(phys, max(total, 40), what)

@@ -5,8 +5,8 @@ Linux: setup_arch (e820 -> memblock, command line, image and setup_data reservat
 ``kho_populate``), early allocations (the memmap, ``reserve_mem``) -- from scratch only on a
 KHO boot -- then ``kho_memory_init`` (reserve preserved memory, or size and reserve fresh
 scratch on a cold boot), ``memblock_free_all`` (scratch-only ends; free memory goes to the
-buddy allocator, scratch to the kexec pool), ``kho_init`` (the new live root FDT), test
-components, and init.
+buddy allocator, scratch stays apart for kexec segments), ``kho_init`` (the new live root
+FDT), test components (module_init), ``reserve_mem``'s preservation (late_initcall), and init.
 
 If the handover does not validate, the console says why and "disabling KHO revival: -errno"
 (as upstream ``kho_populate``), and the boot continues as a cold boot using nothing the
@@ -107,9 +107,9 @@ def kho_memory_init(k: Kernel) -> np.ndarray | None:
 
 
 def memblock_free_all(k: Kernel, scratch: np.ndarray | None) -> None:
-    k.memblock.scratch_only = False
     """Free memory to the buddy allocator; scratch stays out of it (Linux makes it
     MIGRATE_CMA, which only movable allocations and kexec segments use)."""
+    k.memblock.scratch_only = False
     areas = [] if scratch is None else [(a, s) for a, s in bootparams.scratch_areas(scratch)
                                         if s]
 
@@ -151,9 +151,10 @@ def start_kernel(k: Kernel, bp_phys: int) -> None:
     luo_boot.init(k)
     run_base = k.cmdline.get("lu.run")
     if run_base:
+        run_dir = os.path.join(run_base, f"kernel-{k.boot_id}")
         try:
-            os.makedirs(os.path.join(run_base, f"kernel-{k.boot_id}"), exist_ok=True)
-            k.run_dir = os.path.join(run_base, f"kernel-{k.boot_id}")
+            os.makedirs(run_dir, exist_ok=True)
+            k.run_dir = run_dir
         except OSError as e:  # the machine's folder: without it, no runtime folder
             k.printk(f"lu.run={run_base}: {e.strerror}")
     testmods.run(k, "late")  # module_init: before memblock's late_initcall below

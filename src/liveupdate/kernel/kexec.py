@@ -45,7 +45,6 @@ if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
 
 SCRATCH_ARRAY_ALIGN = 64 << 10
-SETUP_SEGMENT = 2 * PAGE_SIZE
 SETUP_DATA_OFF = PAGE_SIZE
 CMDLINE_OFF = PAGE_SIZE + 64
 MIN_BOOTPARAM_ADDR = 0x3000
@@ -111,24 +110,27 @@ def locate_mem_hole(areas: list[tuple[int, int]], placed: list[Segment], memsz: 
     return None
 
 
-def _areas(k: Kernel) -> tuple[list[tuple[int, int]], str]:
-    if k.kho_out is not None:
-        return bootparams.scratch_areas(k.kho_out.scratch), "KHO scratch"
-    return sorted(k.mem.ranges, reverse=True), "System RAM"
+class Placer:
+    """``kexec_add_buffer`` over one image: each buffer's memsz rounded up to a page, its
+    alignment at least a page, placed by :func:`locate_mem_hole` in KHO scratch
+    (``kho_locate_mem_hole``) or, with KHO disabled, System RAM highest first."""
 
+    def __init__(self, k: Kernel) -> None:
+        if k.kho_out is not None:
+            self.areas, self.where = bootparams.scratch_areas(k.kho_out.scratch), "KHO scratch"
+        else:
+            self.areas, self.where = sorted(k.mem.ranges, reverse=True), "System RAM"
+        self.placed: list[Segment] = []
 
-def add_buffer(k: Kernel, placed: list[Segment], data: bytes, memsz: int, align: int,
-               buf_min: int = 0) -> Segment:
-    """``kexec_add_buffer``: memsz rounded up to a page, alignment at least a page."""
-    memsz = -(-memsz // PAGE_SIZE) * PAGE_SIZE
-    areas, where = _areas(k)
-    phys = locate_mem_hole(areas, placed, memsz, max(align, PAGE_SIZE), buf_min)
-    if phys is None:
-        raise LiveUpdateError(err=errno.EADDRNOTAVAIL,
-                              msg=f"kexec_file_load: no {memsz:#x}-byte hole in {where}")
-    seg = Segment(phys, len(data), memsz)
-    placed.append(seg)
-    return seg
+    def add(self, bufsz: int, memsz: int, align: int, buf_min: int = 0) -> Segment:
+        memsz = -(-memsz // PAGE_SIZE) * PAGE_SIZE
+        phys = locate_mem_hole(self.areas, self.placed, memsz, max(align, PAGE_SIZE), buf_min)
+        if phys is None:
+            raise LiveUpdateError(err=errno.EADDRNOTAVAIL,
+                                  msg=f"kexec_file_load: no {memsz:#x}-byte hole in {self.where}")
+        seg = Segment(phys, bufsz, memsz)
+        self.placed.append(seg)
+        return seg
 
 
 def unload(k: Kernel) -> None:
@@ -147,19 +149,18 @@ def file_load(k: Kernel, raw: bytes, cmdline: str) -> Loaded:
         raise LiveUpdateError(err=errno.EINVAL, msg="kexec_file_load: command line too long")
     compat.check_load(k, img.luo)
     kout = k.kho_out
-    placed: list[Segment] = []
+    placer = Placer(k)
     staged: list[bytes] = []
     kho_node = b""
     if kout is not None:  # kho_fill_kimage, before the image loader
         array = kout.scratch.tobytes()
-        arr_seg = add_buffer(k, placed, array, len(array), SCRATCH_ARRAY_ALIGN)
+        arr_seg = placer.add(len(array), len(array), SCRATCH_ARRAY_ALIGN)
         staged.append(array)
         kd = bootparams.KhoData(kout.root_phys, PAGE_SIZE, arr_seg.phys, len(array))
         kho_node = bootparams.kho_setup_data(kd)
     setup_len = CMDLINE_OFF + len(line)
-    setup_seg = add_buffer(k, placed, bytes(setup_len), -(-setup_len // 16) * 16, 16,
-                           MIN_BOOTPARAM_ADDR)
-    img_seg = add_buffer(k, placed, raw, img.load_size, KERNEL_ALIGNMENT, MIN_KERNEL_LOAD_ADDR)
+    setup_seg = placer.add(setup_len, -(-setup_len // 16) * 16, 16, MIN_BOOTPARAM_ADDR)
+    img_seg = placer.add(len(raw), img.load_size, KERNEL_ALIGNMENT, MIN_KERNEL_LOAD_ADDR)
     bp = k.boot_params
     nxt = bootparams.BootParams(bp.e820, setup_seg.phys + CMDLINE_OFF, KEXEC_CMDLINE_MAX,
                                 setup_seg.phys + SETUP_DATA_OFF if kho_node else 0,
@@ -169,7 +170,7 @@ def file_load(k: Kernel, raw: bytes, cmdline: str) -> Loaded:
     setup[SETUP_DATA_OFF : SETUP_DATA_OFF + len(kho_node)] = kho_node
     setup[CMDLINE_OFF:] = line
     staged += [bytes(setup), raw]
-    loaded = Loaded(img_seg.phys, setup_seg.phys, tuple(placed),
+    loaded = Loaded(img_seg.phys, setup_seg.phys, tuple(placer.placed),
                     tuple(bytearray(b) for b in staged), img.release, img.luo)
     k.kexec_image = loaded
     k.printk(f"kexec: loaded {img.release} at {img_seg.phys:#x}, boot params at "

@@ -40,7 +40,6 @@ import numpy as np
 
 from liveupdate.abi import bootparams, kho, kho_memmap, vmalloc
 from liveupdate.abi.consts import MAX_PAGE_ORDER, PAGE_SHIFT, PAGE_SIZE, get_order
-from liveupdate.abi.fdt import FDT_HEADER_SIZE
 from liveupdate.abi.kho_memmap import MAX_MAP_ORDER
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError, LiveUpdateError
@@ -298,18 +297,6 @@ class KhoIn:
                 from e
 
 
-def _read_root_fdt(mem: PhysMem, kd: bootparams.KhoData) -> bytes:
-    """The root FDT, at most ``fdt_size`` bytes and at most its own ``totalsize``.
-
-    Linux's ``kho_populate`` maps ``fdt_len`` bytes and runs ``fdt_check_header``; it does not
-    require one page (6.16 passes PAGE_SIZE, later kernels may pass less or more). Reading the
-    header first keeps a hostile ``fdt_size`` from making us copy more than the FDT claims.
-    """
-    head = mem.read(kd.fdt_addr, min(kd.fdt_size, FDT_HEADER_SIZE), "KHO root FDT")
-    claimed = int.from_bytes(head[4:8], "big") if len(head) >= 8 else 0
-    return mem.read(kd.fdt_addr, min(kd.fdt_size, max(claimed, len(head))), "KHO root FDT")
-
-
 def validate_handover(mem: PhysMem, kd: bootparams.KhoData, bitmap_bytes: int) -> KhoIn:
     """Everything kho_populate and kho_mem_deserialize would meet, checked up front.
 
@@ -320,7 +307,9 @@ def validate_handover(mem: PhysMem, kd: bootparams.KhoData, bitmap_bytes: int) -
     and children whose ``fdt`` is missing, misshapen or outside RAM -- those fail only their
     own ``kho_retrieve_subtree`` (EINVAL), as in Linux, and only if someone asks.
     """
-    blob = _read_root_fdt(mem, kd)
+    # kho_populate maps fdt_len bytes and checks the header; any fdt_len will do (6.16 passes
+    # a page, later kernels may not), but no more than it and the FDT's own totalsize is read
+    blob = mem.read_fdt(kd.fdt_addr, "KHO root FDT", limit=kd.fdt_size)
     root = kho.decode_root(blob, require_map=True, ram=mem.contains)
     scratch = bootparams.decode_scratch(mem.read(kd.scratch_addr, kd.scratch_size,
                                                  "KHO scratch array"))

@@ -93,7 +93,7 @@ def _describe_setup_data(blob: bytes, mem: PhysMem | None, bb: int | None) -> Re
                               for a, s in zip(arr["addr"], arr["size"], strict=True)]}
         rep["scratch"] = _guard(scratch)
         rep["root"] = _guard(lambda: describe_root(
-            mem.read(kd.fdt_addr, kd.fdt_size, "KHO root FDT"), mem, bb))
+            mem.read_fdt(kd.fdt_addr, "KHO root FDT", limit=kd.fdt_size), mem, bb))
     return rep
 
 

@@ -44,7 +44,7 @@ def _previous(k: Kernel) -> fdt.Node | None:
         return None
 
 
-def _revive(k: Kernel, prev: fdt.Node | None, rm: ReserveMem) -> int | None:
+def _revive(k: Kernel, prev: fdt.Node | None, rm: ReserveMem, align: int) -> int | None:
     """reserve_mem_kho_revive: the previous start of this region, or None."""
     if prev is None:
         return None
@@ -53,7 +53,7 @@ def _revive(k: Kernel, prev: fdt.Node | None, rm: ReserveMem) -> int | None:
     except AbiError as e:
         k.printk(f"reserve_mem: {rm.name}: not revived: {e.message}")
         return None
-    if old.start & (rm.align - 1) or old.size != rm.size:
+    if old.start & (align - 1) or old.size != rm.size:
         k.printk(f"reserve_mem: {rm.name}: not revived: KHO has {old.size:#x} bytes at "
                  f"{old.start:#x}")
         return None
@@ -68,7 +68,7 @@ def _add(k: Kernel, prev: fdt.Node | None, value: str) -> None:
     if any(r["name"] == rm.name for r in k.reserve_mem):
         raise LiveUpdateError(err=errno.EBUSY, msg=f"{rm.name}: name already reserved")
     align = max(rm.align, SMP_CACHE_BYTES)
-    start = _revive(k, prev, ReserveMem(rm.size, align, rm.name))
+    start = _revive(k, prev, rm, align)
     revived = start is not None
     if start is not None:
         k.memblock.reserve(start, rm.size)
@@ -99,18 +99,17 @@ def preserve(k: Kernel) -> None:
         return
     regions = [memblock_abi.ReserveMem(str(r["name"]), int(str(r["start"]), 16),
                                        int(str(r["size"]))) for r in k.reserve_mem]
-    done: list[memblock_abi.ReserveMem] = []
-    for r in regions:
+    # phys_to_page(start), size >> PAGE_SHIFT: the page holding the start, whole pages only
+    spans = [(r.start >> PAGE_SHIFT << PAGE_SHIFT, r.size >> PAGE_SHIFT) for r in regions]
+    for i, (r, span) in enumerate(zip(regions, spans, strict=True)):
         try:
-            k.kho_out.preserve_pages(r.start >> PAGE_SHIFT << PAGE_SHIFT, r.size >> PAGE_SHIFT)
+            k.kho_out.preserve_pages(*span)
         except LiveUpdateError as e:
-            for d in done:
-                k.kho_out.unpreserve_pages(d.start >> PAGE_SHIFT << PAGE_SHIFT,
-                                           d.size >> PAGE_SHIFT)
+            for done in spans[:i]:
+                k.kho_out.unpreserve_pages(*done)
             # a region first allocated on a KHO boot came from scratch: it cannot be kept
             k.printk(f"reserve_mem: {r.name} cannot be preserved ({e.message}): no region "
                      "will survive a kexec")
             return
-        done.append(r)
     phys = k.kho_out.store(memblock_abi.encode(regions))
     k.kho_out.add_subtree(memblock_abi.MEMBLOCK_KHO_NODE, phys)
