@@ -25,8 +25,9 @@ def test_machine_lifecycle(tmp_path: Path) -> None:
         assert st["state"] == "running" and not st["kernel"]["kho_boot"]
         again = luoctl(m, "machine", "start")
         assert again.returncode == 1 and "already running" in again.stderr
-        r = luoctl(m, "machine", "kexec", "load")
-        assert r.returncode == 0 and "kexec: loaded images/default.img" in r.stdout
+        r = luoctl(m, "machine", "kexec", "load", "--kho-finalize")  # no LUO to do it
+        assert r.returncode == 0 and "kexec: KHO finalized" in r.stdout
+        assert "kexec: loaded images/default.img" in r.stdout
         r = luoctl(m, "machine", "kexec", "exec", "--json")
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["kernel"]["kho_boot"]
@@ -71,6 +72,7 @@ def test_image_create(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["kho_bitmap_bytes"] == 512 and info["release"] == "6.17.0-lu"
+    assert info["kho_core"] == "6.16" and info["luo"] == "none"  # no LUO before 6.19
     assert Path(info["path"]).read_bytes().startswith(b"LUKIMG01")
     r = luoctl(m, "image", "create", "old")
     assert r.returncode == 1 and "exists" in r.stderr

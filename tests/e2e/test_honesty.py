@@ -157,7 +157,7 @@ MARKER = b"UNPRESERVED-MARK"
 
 def test_unpreserved_markers_read_zero_after_kexec(machine: Factory) -> None:
     m = machine("kho=on", memory=1 << 30)
-    m.kexec_load()
+    m.kexec_load(finalize=True)  # no LUO: the selftest's way
     segs = m.kho_status()["kexec"]["segments"]
     assert len(segs) == 3
     places = [0x9F000 + 0x80, 0xFFFF0]  # the e820 hole below 1 MiB
@@ -197,7 +197,7 @@ def test_big_reserve_mem_keeps_upstreams_uncapped_orders(machine: Factory) -> No
     # luoctl kho inspect's view: the outgoing handover, finalized, decoded through RAM
     m.run([sys.executable, "-c", "from liveupdate.client.syscall import Kernel; "
            "Kernel().debugfs_write('out/finalize', b'1')"])
-    rep = report.describe(m.debugfs("out/fdt"), PhysMem(RemoteRam(m, m.status()["memory"])))
+    rep = report.describe(m.kho_out_fdt(), PhysMem(RemoteRam(m, m.status()["memory"])))
     per_order = {p["order"]: p["blocks"] for p in rep["memory"]["per_order"]}
     assert per_order[12] == 1 and per_order[11] == 1, per_order
     assert [start, start + (24 << 20)] in [[int(a, 16), int(b, 16)]

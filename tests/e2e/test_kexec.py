@@ -154,7 +154,8 @@ def test_616_bitmaps_round_trip_and_are_detected(machine: Factory, tmp_path: Pat
     images = tmp_path / "m0" / "disk" / "images"
     images.mkdir(parents=True)
     (images / "v616.img").write_bytes(
-        image.KernelImage(release="6.16.0-lu", kho_bitmap_bytes=512).encode())
+        image.KernelImage(release="6.16.0-lu", kho_bitmap_bytes=512, kho_core="6.16",
+                          luo="none").encode())
     m = machine("kho=on test_kho=1", image="images/v616.img")
     off = m.status()["console_bytes"]
     st = m.kexec("images/v616.img")

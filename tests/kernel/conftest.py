@@ -1,8 +1,9 @@
 """An in-process kernel on real RAM (a memfd), booted by the real firmware layout.
 
-:meth:`Rig.kexec` runs the reboot path's steps (``reboot.prepare_jump``: the same ordered list
-the kernel process runs) and boots a second Kernel object on the same RAM from the boot
-parameters kexec_file_load wrote -- the handover still crosses only through RAM.
+:meth:`Rig.kexec` finalizes KHO as the KHO selftest's init does, then runs the reboot path's
+steps (``reboot.prepare_jump``: the same ordered list the kernel process runs) and boots a
+second Kernel object on the same RAM from the boot parameters kexec_file_load wrote -- the
+handover still crosses only through RAM.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from collections.abc import Iterator
 import pytest
 
 from liveupdate.abi import image
-from liveupdate.kernel import boot, kexec, reboot
+from liveupdate.kernel import boot, debugfs, kexec, reboot
 from liveupdate.kernel.kernel import Kernel
+from liveupdate.kernel.kho_core import Debugfs
 from liveupdate.machine import firmware
 from liveupdate.machine.ram import Ram
 
@@ -38,7 +40,11 @@ class Rig:
         return k
 
     def kexec(self, k: Kernel, cmdline: str | None = None,
-              img: image.KernelImage | None = None) -> Kernel:
+              img: image.KernelImage | None = None, *, finalize: bool = True) -> Kernel:
+        """The KHO selftest's init: finalize (where the kernel has the file), load, reboot."""
+        if finalize and k.kho_out is not None and k.kho_out.core.debugfs is not Debugfs.ABSENT \
+                and not k.kho_out.finalized:
+            debugfs.write(k, "out/finalize", b"1\0")
         kexec.file_load(k, (img or image.KernelImage()).encode(),
                         k.cmdline.raw if cmdline is None else cmdline)
         loaded = reboot.prepare_jump(k)

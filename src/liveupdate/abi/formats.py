@@ -6,9 +6,11 @@ This is QEMU's ``VMStateDescription`` lesson: versioning is data. ``luoctl inspe
 kernel images (:mod:`liveupdate.abi.image` takes its generations from here), the kernel's
 load-time check and luod's pre-flight all read this table.
 
-Generations are the LUO generations of kernel images: ``v3`` (the seed's state machine),
-``6.19`` (sessions, struct memfd-v1) and ``7.1`` (sessions + FLB, memfd-v2 with seals). The
-KHO-level formats are shared by all of them. The matrix follows spec/luo.md section 7:
+Generations are the LUO generations of kernel images: ``none`` (a kernel without LUO, as
+every release before 6.19), ``v3`` (the seed's state machine), ``6.19`` (sessions, struct
+memfd-v1) and ``7.1`` (sessions + FLB, memfd-v2 with seals). The KHO-level formats are shared
+by all of them; a ``none`` kernel reads none of the LUO ones. The matrix follows spec/luo.md
+section 7:
 
 * ``luo-v1`` with a ``luo-session-v2`` node is read by 6.19 and 7.x alike; v3's ``luo-v1``
   (with ``subsystems-v1``) by v3 only -- the compatible string is the same, the content is not.
@@ -35,7 +37,7 @@ from liveupdate.abi import (
 )
 from liveupdate.errors import AbiError
 
-GENERATIONS = ("v3", "6.19", "7.1")
+GENERATIONS = ("none", "v3", "6.19", "7.1")
 ALL = frozenset(GENERATIONS)
 SESSIONS = frozenset({"6.19", "7.1"})
 

@@ -120,7 +120,8 @@ def decode_root(blob: bytes | bytearray | memoryview, *,
         raise AbiError(msg=f"KHO root FDT is compatible with {have or 'nothing'}, not {accept}")
     mem_map = root.u64(MEM_MAP_PROP, "KHO root FDT")
     if require_map and mem_map == 0:
-        raise AbiError(msg="KHO root FDT: preserved-memory-map is 0 (never finalized)")
+        raise AbiError(msg="KHO root FDT: preserved-memory-map is 0 (never finalized)",
+                       err=errno.ENOENT)
     subtrees: list[tuple[str, int]] = []
     broken: list[tuple[str, str]] = []
     for child in root.children:

@@ -42,27 +42,31 @@ def status(folder: str, as_json: bool) -> None:
               show_default=True, help="The machine's folder.")
 @click.option("--in", "incoming", is_flag=True,
               help="Decode what this kernel received (kho/in/fdt) instead of what it will "
-                   "hand over (kho/out/fdt).")
+                   "hand over (the root FDT in RAM).")
 @click.option("--finalize", is_flag=True,
-              help="Serialize the memory map first (writes 1 to kho/out/finalize).")
+              help="Serialize the memory map first (writes 1 to kho/out/finalize; 6.16-7.0 "
+                   "kernels, skipped on 7.1+ where there is nothing to finalize).")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def inspect_cmd(folder: str, incoming: bool, finalize: bool, as_json: bool) -> None:
     """Decode the running kernel's real handover, following every pointer through RAM.
 
-    The outgoing memory map exists only once finalized (--finalize, or at kexec). The
-    incoming one was not preserved, as in Linux: once this kernel reuses those pages the
-    map decodes with errors, which are shown in place.
+    The outgoing tree is read where the next kernel will find it, in RAM (debugfs
+    kho/out/fdt exists only where Linux creates it). Its memory map exists once finalized
+    (--finalize, or at the kexec); on 6.16-6.18 the whole root is written only then. The
+    incoming map was not preserved, as in Linux: once this kernel reuses those pages it
+    decodes with errors, which are shown in place.
     """
     c = MachineClient(folder)
     try:
         if finalize:
-            r = c.run([sys.executable, "-c", "from liveupdate.client.syscall import Kernel; "
-                       "Kernel().debugfs_write('out/finalize', b'1')"])
+            r = c.run([sys.executable, "-c", "from liveupdate.userspace.kexec import "
+                       "kho_finalize; from liveupdate.client.syscall import Kernel; "
+                       "kho_finalize(Kernel())"])
             if r["status"]:
                 fail(r["stderr"].strip().splitlines()[-1])
-        blob = c.debugfs("in/fdt" if incoming else "out/fdt")
+        blob = c.debugfs("in/fdt") if incoming else c.kho_out_fdt()
         mem = PhysMem(RemoteRam(c, int(c.status()["memory"])))
         report = report_mod.describe(blob, mem)
     except LiveUpdateError as e:
         fail(e)
-    exit_with_report("kho/in/fdt" if incoming else "kho/out/fdt", report, as_json)
+    exit_with_report("kho/in/fdt" if incoming else "KHO root FDT (out)", report, as_json)

@@ -127,11 +127,17 @@ def kexec() -> None:
 @click.argument("image", default="images/default.img")
 @click.option("--cmdline", default=None, help="Replace the command line (default: reuse).")
 @click.option("--append", default="", help="Words to add to the command line.")
+@click.option("--kho-finalize", is_flag=True,
+              help="Write 1 to kho/out/finalize first, as the KHO selftest does: 6.16-6.18 "
+                   "kernels hand over nothing without it (6.18 needs it before the load), "
+                   "6.19 neither unless LUO is on; 7.1 has nothing to finalize.")
 @click.pass_context
-def kexec_load(ctx: click.Context, image: str, cmdline: str | None, append: str) -> None:
+def kexec_load(ctx: click.Context, image: str, cmdline: str | None, append: str,
+               kho_finalize: bool) -> None:
     """Load IMAGE (relative to disk/) with kexec_file_load."""
     try:
-        click.echo(_client(ctx).kexec_load(image, cmdline=cmdline, append=append))
+        click.echo(_client(ctx).kexec_load(image, cmdline=cmdline, append=append,
+                                           finalize=kho_finalize))
     except LiveUpdateError as e:
         fail(e)
 

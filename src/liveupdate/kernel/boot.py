@@ -27,6 +27,7 @@ from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.kernel import scratch_sizing, testmods
 from liveupdate.kernel.cmdline import Cmdline
 from liveupdate.kernel.kho import KhoIn, KhoOut, validate_handover
+from liveupdate.kernel.kho_core import CORES
 from liveupdate.kernel.luo import boot as luo_boot
 from liveupdate.kernel.mm import reserve_mem
 from liveupdate.kernel.mm.memblock import (
@@ -52,7 +53,8 @@ def setup_arch(k: Kernel, bp_phys: int) -> bootparams.KhoData | None:
         k.panic(f"invalid boot parameters: {e}")
     k.boot_params = bp
     k.printk(f"Linux version {k.image.release} (liveupdate emulated kernel, "
-             f"KHO {k.image.kho}/{k.image.kho_bitmap_bytes}, LUO {k.image.luo})")
+             f"KHO {k.image.kho}/{k.image.kho_bitmap_bytes} on the {k.image.kho_core} core, "
+             f"LUO {k.image.luo})")
     k.printk(f"Command line: {k.cmdline.raw}")
     for start, size in k.mem.ranges:
         k.memblock.add(start, size)
@@ -78,7 +80,8 @@ def setup_arch(k: Kernel, bp_phys: int) -> bootparams.KhoData | None:
 
 def kho_populate(k: Kernel, kd: bootparams.KhoData) -> KhoIn | None:
     try:
-        kin = validate_handover(k.mem, kd, k.image.kho_bitmap_bytes)
+        kin = validate_handover(k.mem, kd, k.image.kho_bitmap_bytes,
+                                require_map=not CORES[k.image.kho_core].notifiers)
     except AbiError as e:
         k.printk(f"KHO: setup: {e.message}")
         k.printk(f"KHO: disabling KHO revival: {-e.errno}")
@@ -144,7 +147,7 @@ def start_kernel(k: Kernel, bp_phys: int) -> None:
     in_scratch = 0 if scratch is None else int(scratch["size"].sum())
     k.printk(f"Memory: {k.buddy.nr_free << 2}K available, {in_scratch >> 20}M in KHO scratch")
     if k.kho_enabled and scratch is not None:
-        k.kho_out = KhoOut(k, scratch, k.image.kho_bitmap_bytes)
+        k.kho_out = KhoOut(k, scratch, k.image.kho_bitmap_bytes, CORES[k.image.kho_core])
         k.printk(f"KHO: root FDT at {k.kho_out.root_phys:#x}")
     elif k.kho_enabled:
         k.kho_enabled = False

@@ -1,9 +1,12 @@
-"""The debugfs view of KHO (``/sys/kernel/debug/kho/``, 6.19 layout) and a status summary.
+"""The debugfs view of KHO (``/sys/kernel/debug/kho/``) and a status summary.
 
-Files: ``out/finalize`` (read 0/1; writing non-zero finalizes, 0 is EINVAL), ``out/fdt``,
-``out/scratch_phys`` / ``out/scratch_len`` (``0x%llx\\n`` per area), ``out/sub_fdts/<name>``,
-``in/fdt``, ``in/sub_fdts/<name>``. Unlike Linux, ``out/fdt`` exists on KHO boots too and is
-always the current tree.
+Files, per KHO core (:mod:`liveupdate.kernel.kho_core`, spec/kho.md 6): ``out/finalize``
+(``%llu\n``; 6.16-6.18: 1 finalizes, 0 aborts, the same value twice is EEXIST / ENOENT;
+6.19: non-zero finalizes, 0 is EINVAL; absent on 7.1), ``out/fdt`` (6.16-6.18 while
+finalized; 6.19+ on cold boots only, cut to its length at ``kho_init``), ``out/scratch_phys``
+/ ``out/scratch_len`` (``0x%llx\n`` per area), ``out/sub_fdts/<name>`` (6.16-6.18 while
+finalized), ``in/fdt``, ``in/sub_fdts/<name>``. With ``kho=off`` there is no ``kho/``
+directory at all (``kho_init`` returns before creating it).
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import numpy as np
 
 from liveupdate.abi import bootparams, fdt
 from liveupdate.errors import AbiError, LiveUpdateError
+from liveupdate.kernel.kho_core import Debugfs
 
 if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
+    from liveupdate.kernel.kho import KhoOut
 
 
 def _sub_fdt(k: Kernel, subtrees: tuple[tuple[str, int], ...], name: str) -> bytes:
@@ -34,14 +39,24 @@ def _lines(values: list[int]) -> bytes:
     return "".join(f"{v:#x}\n" for v in values).encode()
 
 
+def _out_fdt(k: Kernel, kout: KhoOut) -> bytes | None:
+    if kout.core.notifiers:
+        return kout.root_blob() if kout.finalized else None
+    if k.kho_in is not None:
+        return None
+    return kout.root_blob()[: kout.fdt_debugfs_size]
+
+
 def read(k: Kernel, path: str) -> bytes:
     kout, kin = k.kho_out, k.kho_in
     parts = path.strip("/").split("/")
-    if parts[0] == "out" and kout is not None:
-        if parts[1:] == ["finalize"]:
+    if kout is None:
+        raise LiveUpdateError(err=errno.ENOENT, msg="no debugfs directory kho/ (kho=off)")
+    if parts[0] == "out":
+        if parts[1:] == ["finalize"] and kout.core.debugfs is not Debugfs.ABSENT:
             return f"{int(kout.finalized)}\n".encode()
-        if parts[1:] == ["fdt"]:
-            return kout.root.blob
+        if parts[1:] == ["fdt"] and (blob := _out_fdt(k, kout)) is not None:
+            return blob
         if parts[1:] == ["scratch_phys"]:
             return _lines(kout.scratch["addr"].tolist())
         if parts[1:] == ["scratch_len"]:
@@ -59,13 +74,25 @@ def read(k: Kernel, path: str) -> bytes:
 
 
 def write(k: Kernel, path: str, value: bytes) -> None:
-    if path.strip("/") != "out/finalize":
+    kout = k.kho_out
+    if kout is None:
+        raise LiveUpdateError(err=errno.ENOENT, msg="no debugfs directory kho/ (kho=off)")
+    if path.strip("/") != "out/finalize" or kout.core.debugfs is Debugfs.ABSENT:
+        read(k, path)  # ENOENT for what does not exist
         raise LiveUpdateError(err=errno.EACCES, msg=f"kho/{path} is not writable")
-    kout = k.require_kho()
-    try:
+    try:  # simple_attr_write: kstrtoull(buf, 0)
         on = int(value.strip(b"\0\n ") or b"0", 0)
     except ValueError as e:
         raise LiveUpdateError(err=errno.EINVAL, msg="finalize takes a number") from e
+    if kout.core.debugfs is Debugfs.TOGGLE:  # kho_out_finalize_set
+        if bool(on) == kout.finalized:
+            raise LiveUpdateError(err=errno.EEXIST if on else errno.ENOENT,
+                                  msg="KHO is already " + ("finalized" if on else "aborted"))
+        if on:
+            kout.finalize()
+        else:
+            kout.abort()
+        return
     if not on:
         raise LiveUpdateError(err=errno.EINVAL, msg="writing 0 to finalize is not supported")
     kout.finalize()
@@ -83,13 +110,14 @@ def _per_order(order: np.ndarray) -> list[dict[str, int]]:
 def status(k: Kernel) -> dict[str, Any]:
     kout, kin = k.kho_out, k.kho_in
     rep: dict[str, Any] = {"enabled": kout is not None, "kho_boot": kin is not None,
-                           "release": k.image.release, "boot_id": k.boot_id,
-                           "free_pages": k.buddy.nr_free}
+                           "release": k.image.release, "kho_core": k.image.kho_core,
+                           "boot_id": k.boot_id, "free_pages": k.buddy.nr_free}
     if kout is not None:
         _, order = kout.preserved()
         rep["out"] = {
             "finalized": kout.finalized,
             "root_fdt": f"{kout.root_phys:#x}",
+            "root_fdt_valid": kout.finalized or not kout.core.notifiers,
             "preserved_memory_map": f"{kout.mem_map:#x}",
             "scratch": _areas(kout.scratch),
             "preserved": _per_order(order),

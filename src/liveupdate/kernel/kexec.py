@@ -11,6 +11,9 @@ node; zero-size ones never fit) and ``locate_mem_hole_top_down`` takes the first
 aligned down from the top, stepping a page below any earlier segment of the image; with KHO
 disabled the walk is over System RAM, highest range first (``walk_system_ram_res_rev``).
 EADDRNOTAVAIL when nothing fits. There is no purgatory segment: the emulated jump needs none.
+On the 6.18 core ``kho_fill_kimage`` returns early unless KHO was finalized: no scratch-array
+segment and no ``SETUP_KEXEC_KHO`` node, so the next kernel boots cold (6.16 and 6.19 pass
+the root page whatever its state; :mod:`liveupdate.kernel.kho_core`).
 
 Like Linux, the segments' bytes are staged in the running kernel's memory at load time and
 copied to their destinations at the jump (``machine_kexec``'s relocation), so a destination
@@ -152,7 +155,11 @@ def file_load(k: Kernel, raw: bytes, cmdline: str) -> Loaded:
     placer = Placer(k)
     staged: list[bytes] = []
     kho_node = b""
-    if kout is not None:  # kho_fill_kimage, before the image loader
+    if kout is not None and kout.core.fill_needs_finalize and not kout.finalized:
+        # 6.18 kho_fill_kimage returns early: this image will carry no handover at all
+        k.printk("kexec: KHO is not finalized: the loaded image gets no handover (finalize "
+                 "before kexec_file_load on this kernel)")
+    elif kout is not None:  # kho_fill_kimage, before the image loader
         array = kout.scratch.tobytes()
         arr_seg = placer.add(len(array), len(array), SCRATCH_ARRAY_ALIGN)
         staged.append(array)

@@ -28,11 +28,21 @@ is what makes the reboot path's "frozen means frozen" hold. A finalize through d
 inspection, 6.19 style) serializes the map but does not freeze the tracker: 6.19 dropped
 those checks, and LUO may still cancel. Restore returns None where Linux
 returns NULL (with a WARN).
+
+The core (:mod:`liveupdate.kernel.kho_core`) decides the rest. On the 6.16/6.18 notifier cores
+the root page is allocated at boot but written and preserved only by :meth:`KhoOut.finalize`,
+which runs the ``KEXEC_KHO_FINALIZE`` notifiers components registered with
+:meth:`KhoOut.publish` (``register_kho_notifier``) and builds the root sequentially,
+children in registration order; while finalized every preserve is EBUSY (6.16
+``kho_preserve_folio``); :meth:`KhoOut.abort` (``kho_abort``) throws the whole tracker away.
+One deviation there: Linux leaves the stale tree in the (now unpreserved) root page after an
+abort; we zero it, so a ``kho_sanitize=off`` kexec cannot revive chunks that were freed.
 """
 
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -43,6 +53,7 @@ from liveupdate.abi.consts import MAX_PAGE_ORDER, PAGE_SHIFT, PAGE_SIZE, get_ord
 from liveupdate.abi.kho_memmap import MAX_MAP_ORDER
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError, LiveUpdateError
+from liveupdate.kernel.kho_core import KhoCore
 from liveupdate.kernel.mm.buddy import block_orders
 from liveupdate.kernel.mm.pages import KHO_PAGE_MAGIC, PageMeta
 
@@ -69,21 +80,40 @@ def overlaps_scratch(starts: np.ndarray, ends: np.ndarray, scratch: np.ndarray) 
     return hit
 
 
+Notifier = Callable[["KhoOut"], None]
+
+
 class KhoOut:
-    def __init__(self, mm: MmOps, scratch: np.ndarray, bitmap_bytes: int) -> None:
+    def __init__(self, mm: MmOps, scratch: np.ndarray, bitmap_bytes: int,
+                 core: KhoCore) -> None:
         self.mm = mm
         self.scratch = scratch  # structured array of (addr, size)
         self.bitmap_bytes = bitmap_bytes
         self.bits_per = bitmap_bytes * 8
+        self.core = core
         self.tracker: dict[int, dict[int, np.ndarray]] = {}
         self.finalized = False
-        self.frozen = False  # finalized by the reboot path: nothing is unpreserved any more
+        self.frozen = False  # nothing is unpreserved any more (reboot path; 6.16 finalize)
         self.mem_map = 0
         self.meta_pages: list[int] = []
         self.vmallocs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.root = kho.LiveRoot()
-        self.root_phys = self.alloc_preserve(PAGE_SIZE)
-        self._flush_root()
+        self.notifiers: list[Notifier] = []
+        self.sequential: list[tuple[str, int]] | None = None  # notifier cores, in finalize
+        self.added: list[tuple[str, int]] = []  # notifier cores: this finalize's subtrees
+        if core.notifiers:  # kho_init: alloc_page; written and preserved at finalize
+            self.root_phys = self.mm.alloc_pages(0)
+            self.mm.zero(self.root_phys, PAGE_SIZE)
+        else:
+            self.root_phys = self.alloc_preserve(PAGE_SIZE)
+            self._flush_root()
+        self.fdt_debugfs_size = len(self.root.blob)  # out/fdt's length, fixed at kho_init
+
+    def _check_open(self) -> None:
+        """6.16 ``kho_preserve_folio``/``_phys``: EBUSY once finalized (notifier cores)."""
+        if self.core.notifiers and self.finalized:
+            raise LiveUpdateError(err=errno.EBUSY, msg="KHO: finalized; abort first "
+                                  "(echo 0 > kho/out/finalize)")
 
     # -- the tracker ----------------------------------------------------------------------
     def _check(self, phys: int, order: int, max_order: int = MAX_PAGE_ORDER) -> None:
@@ -105,6 +135,7 @@ class KhoOut:
         bitmaps[idx][high % self.bits_per] = value
 
     def preserve_folio(self, phys: int, order: int) -> None:
+        self._check_open()
         self._check(phys, order)
         self._bit(phys, order, True)
 
@@ -120,6 +151,7 @@ class KhoOut:
     def preserve_pages(self, phys: int, nr: int) -> None:
         """kho_preserve_pages: upstream's split has no MAX_PAGE_ORDER cap (see block_orders),
         so an aligned 16 MiB range is one order-12 block in the map."""
+        self._check_open()
         blocks = block_orders(phys >> PAGE_SHIFT, (phys >> PAGE_SHIFT) + nr)
         for pfn, order in blocks:  # all checks first: nothing is half-preserved
             self._check(pfn << PAGE_SHIFT, order, MAX_MAP_ORDER)
@@ -133,6 +165,7 @@ class KhoOut:
 
     def preserve_blocks(self, phys: np.ndarray, order: np.ndarray) -> None:
         """Bulk preserve, vectorized (one array operation per bitmap touched)."""
+        self._check_open()
         phys = np.asarray(phys, np.uint64)
         order = np.asarray(order, np.uint8)
         if len(order) and int(order.max()) > MAX_PAGE_ORDER:
@@ -194,6 +227,14 @@ class KhoOut:
             raise
         return phys
 
+    def store_again(self, data: bytes, phys: int | None) -> int:
+        """:meth:`store` for a notifier: the first finalize allocates, a finalize after an
+        abort preserves the same folio again (its bytes are still there)."""
+        if phys is None:
+            return self.store(data)
+        self.preserve_folio(phys, get_order(len(data)))
+        return phys
+
     def unpreserve_free(self, phys: int, size: int) -> None:
         order = get_order(size)
         self.unpreserve_folio(phys, order)
@@ -210,6 +251,7 @@ class KhoOut:
 
     def preserve_vmalloc(self, data: bytes) -> vmalloc.KhoVmalloc:
         """Preserve ``data`` as a vmalloc area of order-0 pages (kho_preserve_vmalloc)."""
+        self._check_open()
         nblocks, nchunks = vmalloc.pages_needed(len(data))
         lay = vmalloc.layout(data, self._pages(nblocks), self._pages(nchunks))
         for p, page in lay.pages:
@@ -230,7 +272,24 @@ class KhoOut:
     def _flush_root(self) -> None:
         self.mm.write(self.root_phys, self.root.blob.ljust(PAGE_SIZE, b"\0"))
 
+    def publish(self, notifier: Notifier) -> None:
+        """A component's "preserve, then add my subtree" step. Live cores (6.19+) run it
+        now; notifier cores register it (``register_kho_notifier``) and run it at every
+        finalize -- after an abort threw its preservations away, it preserves them again."""
+        if self.core.notifiers:
+            self.notifiers.append(notifier)
+        else:
+            notifier(self)
+
     def add_subtree(self, name: str, phys: int) -> None:
+        if self.sequential is not None:  # 6.16-6.18: inside a KEXEC_KHO_FINALIZE notifier
+            if any(n == name for n, _ in self.sequential):
+                raise LiveUpdateError(err=errno.EEXIST, msg=f"kho_add_subtree({name}): exists")
+            self.sequential.append((name, phys))
+            return
+        if self.core.notifiers:
+            raise LiveUpdateError(err=errno.EINVAL, msg=f"kho_add_subtree({name}): only a "
+                                  "KEXEC_KHO_FINALIZE notifier may add subtrees on this core")
         try:
             self.root.add_subtree(name, phys)
         except AbiError as e:
@@ -238,19 +297,65 @@ class KhoOut:
         self._flush_root()
 
     def remove_subtree(self, phys: int) -> None:
-        if self.root.remove_subtree(phys):
+        if not self.core.notifiers and self.root.remove_subtree(phys):
             self._flush_root()
 
     def subtrees(self) -> tuple[tuple[str, int], ...]:
+        if self.core.notifiers:
+            return tuple(self.added)
         return kho.decode_root(self.root.blob).subtrees
+
+    def root_blob(self) -> bytes:
+        """The root FDT as the next kernel would read it (empty before a 6.16 finalize)."""
+        if self.core.notifiers:
+            return self.mm.mem.read_fdt(self.root_phys, "KHO root FDT") if self.finalized \
+                else b""
+        return self.root.blob
 
     # -- finalize -------------------------------------------------------------------------
     def finalize(self, *, freeze: bool = False) -> int:
         """Serialize the memory map (again); returns the map pointer. ``freeze`` (the reboot
-        path) also refuses every later unpreserve."""
+        path) also refuses every later unpreserve. On notifier cores (6.16-6.18) this is the
+        whole ``kho_finalize``: preserve the root page, run the notifiers, serialize, write
+        the root sequentially; any failure aborts (``kho_abort``) and is returned."""
+        if not self.core.notifiers:
+            return self._serialize(freeze)
+        if self.finalized:
+            raise LiveUpdateError(err=errno.EEXIST, msg="KHO: already finalized")
+        self.sequential = []
+        try:
+            self.preserve_folio(self.root_phys, 0)
+            for notifier in self.notifiers:
+                notifier(self)
+            self.added = self.sequential
+            self.sequential = None
+            mem_map = self._serialize(True)
+            self.mm.write(self.root_phys, kho.encode_root_sequential(mem_map, self.added)
+                          .ljust(PAGE_SIZE, b"\0"))
+        except LiveUpdateError:
+            self.sequential = None
+            self.abort()
+            raise
+        return mem_map
+
+    def abort(self) -> None:
+        """kho_abort (notifier cores): the tracker, the serialized map and every subtree are
+        thrown away; components preserve again at the next finalize."""
+        if not self.core.notifiers:
+            raise LiveUpdateError(err=errno.EINVAL, msg="KHO: no abort on this core")
+        self.tracker, self.vmallocs, self.added = {}, {}, []
+        self._free_meta()
+        self.mem_map = 0
+        self.mm.zero(self.root_phys, PAGE_SIZE)
+        self.finalized = self.frozen = False
+
+    def _free_meta(self) -> None:
         for p in self.meta_pages:
             self.mm.free_pages(p, 0)
         self.meta_pages = []
+
+    def _serialize(self, freeze: bool) -> int:
+        self._free_meta()
         phys, order = self.preserved()
         bm = kho_memmap.build_bitmaps(phys, order, self.bitmap_bytes)
         # 6.16/6.17 bitmaps are kmalloc-512 objects: eight share a page, as here
@@ -267,8 +372,9 @@ class KhoOut:
         for p, page in zip(chunk_pages, chunks, strict=True):
             self.mm.write(p, page.tobytes())
         self.mem_map = chunk_pages[0] if chunk_pages else 0
-        self.root.set_mem_map(self.mem_map)
-        self._flush_root()
+        if not self.core.notifiers:
+            self.root.set_mem_map(self.mem_map)
+            self._flush_root()
         self.finalized = True
         self.frozen = self.frozen or freeze
         return self.mem_map
@@ -297,7 +403,8 @@ class KhoIn:
                 from e
 
 
-def validate_handover(mem: PhysMem, kd: bootparams.KhoData, bitmap_bytes: int) -> KhoIn:
+def validate_handover(mem: PhysMem, kd: bootparams.KhoData, bitmap_bytes: int, *,
+                      require_map: bool = True) -> KhoIn:
     """Everything kho_populate and kho_mem_deserialize would meet, checked up front.
 
     Stricter than Linux where it protects memory: scratch areas inside RAM, page aligned and
@@ -306,11 +413,13 @@ def validate_handover(mem: PhysMem, kd: bootparams.KhoData, bitmap_bytes: int) -
     scratch entries (``kho_reserve_scratch`` allocates them), FDT sizes other than a page,
     and children whose ``fdt`` is missing, misshapen or outside RAM -- those fail only their
     own ``kho_retrieve_subtree`` (EINVAL), as in Linux, and only if someone asks.
+    ``require_map``: 6.19+ ``kho_populate`` refuses a zero ``preserved-memory-map`` (ENOENT);
+    6.16-6.18 take it as an empty map.
     """
     # kho_populate maps fdt_len bytes and checks the header; any fdt_len will do (6.16 passes
     # a page, later kernels may not), but no more than it and the FDT's own totalsize is read
     blob = mem.read_fdt(kd.fdt_addr, "KHO root FDT", limit=kd.fdt_size)
-    root = kho.decode_root(blob, require_map=True, ram=mem.contains)
+    root = kho.decode_root(blob, require_map=require_map, ram=mem.contains)
     scratch = bootparams.decode_scratch(mem.read(kd.scratch_addr, kd.scratch_size,
                                                  "KHO scratch array"))
     for a, s in bootparams.scratch_areas(scratch):

@@ -10,7 +10,9 @@ order, with what an emulated machine needs in between:
 1. ``luo_freeze`` -- ``liveupdate_reboot()``: LUO freezes what it prepared; a failure has
    already cancelled everything (back to NORMAL) and ``reboot()`` fails with its errno --
    nothing irreversible has happened yet.
-2. ``finalize`` -- KHO finalize: the memory map is serialized (skipped with ``kho=off``).
+2. ``finalize`` -- KHO finalize as the image's KHO core does it at reboot: 6.19 through LUO
+   when enabled, 7.1 always, 6.16-6.18 never (userspace wrote ``out/finalize``, or nothing
+   crosses); skipped with ``kho=off``.
 3. ``notifiers`` -- reboot notifiers registered by kernel components (test components that
    act after finalize, e.g. ``kho_corrupt``).
 4. ``end_userspace`` -- every userspace process is stopped, its output forwarded, then
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel import kexec
+from liveupdate.kernel.kho_core import AtReboot
 from liveupdate.kernel.luo import compat
 
 if TYPE_CHECKING:
@@ -54,8 +57,23 @@ def _luo_freeze(k: Kernel) -> None:
 
 
 def _finalize(k: Kernel) -> None:
-    if k.kho_out is not None:  # kho=off: nothing to hand over, the image boots cold
-        k.kho_out.finalize(freeze=True)
+    """Per KHO core (:mod:`liveupdate.kernel.kho_core`): 6.16-6.18 leave it to userspace;
+    6.19 ``liveupdate_reboot()`` runs ``kho_finalize()`` only when LUO is enabled, mapping
+    its failure to EAGAIN; 7.1 is stateless (here: always serialized)."""
+    kout = k.kho_out
+    if kout is None:  # kho=off: nothing to hand over, the image boots cold
+        return
+    when = kout.core.at_reboot
+    if when is AtReboot.ALWAYS or (when is AtReboot.LUO and k.luo is not None):
+        try:
+            kout.finalize(freeze=True)
+        except LiveUpdateError as e:
+            if when is AtReboot.ALWAYS:
+                raise
+            raise LiveUpdateError(err=errno.EAGAIN, msg=f"kho_finalize failed: {e}") from e
+    elif not kout.finalized:
+        k.printk("KHO: the memory map was not finalized; the next kernel gets no preserved "
+                 "memory")
 
 
 def _notifiers(k: Kernel) -> None:

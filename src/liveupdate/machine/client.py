@@ -15,6 +15,7 @@ import sys
 import threading
 from typing import Any
 
+from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import LiveUpdateError
 from liveupdate.machine import protocol
 
@@ -89,10 +90,13 @@ class MachineClient:
         return self.call("run", argv=argv, timeout=timeout)[0]
 
     def kexec_load(self, image: str = "images/default.img", *, cmdline: str | None = None,
-                   append: str = "", timeout: float = 60) -> str:
+                   append: str = "", finalize: bool = False, timeout: float = 60) -> str:
         """Load ``image`` (relative to the disk folder) with the kexec tool inside the
-        machine (``kexec_file_load``); returns what the tool printed."""
+        machine (``kexec_file_load``), finalizing KHO first if ``finalize``; returns what the
+        tool printed."""
         argv = [sys.executable, "-m", KEXEC_TOOL, "-l", image]
+        if finalize:
+            argv.append("--kho-finalize")
         if cmdline is not None:
             argv += ["--command-line", cmdline]
         if append:
@@ -115,9 +119,11 @@ class MachineClient:
         return self.booted(timeout)
 
     def kexec(self, image: str = "images/default.img", *, cmdline: str | None = None,
-              append: str = "", timeout: float = 60) -> dict[str, Any]:
-        """Load ``image`` and execute it; returns the new kernel's status."""
-        self.kexec_load(image, cmdline=cmdline, append=append, timeout=timeout)
+              append: str = "", finalize: bool = True, timeout: float = 60) -> dict[str, Any]:
+        """The KHO selftest's flow: finalize KHO where the kernel has the debugfs file,
+        load ``image``, execute it; returns the new kernel's status."""
+        self.kexec_load(image, cmdline=cmdline, append=append, finalize=finalize,
+                        timeout=timeout)
         return self.kexec_exec(timeout)
 
     def kho_status(self) -> dict[str, Any]:
@@ -126,6 +132,18 @@ class MachineClient:
 
     def debugfs(self, path: str) -> bytes:
         return self.call("debugfs", path=path)[1]
+
+    def kho_out_fdt(self) -> bytes:
+        """The outgoing root FDT, read from RAM at its address (debugfs ``out/fdt`` exists
+        only where Linux creates it); empty on a 6.16-6.18 kernel not yet finalized."""
+        out = self.kho_status().get("out")
+        if out is None:
+            raise LiveUpdateError(err=errno.ENOENT, msg="KHO is disabled (kho=off)")
+        if not out["root_fdt_valid"]:
+            raise LiveUpdateError(err=errno.ENOENT, msg="the KHO root FDT is written only "
+                                  "at finalize on this kernel (write 1 to kho/out/finalize)")
+        mem = PhysMem(RemoteRam(self, int(self.status()["memory"])))
+        return mem.read_fdt(int(out["root_fdt"], 16), "KHO root FDT")
 
     def ram_read(self, phys: int, size: int) -> bytes:
         """Read RAM through the debug port, in pieces that fit one control message."""

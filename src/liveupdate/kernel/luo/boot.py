@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 def init(k: Kernel) -> None:
     if not k.cmdline.flag("liveupdate"):
         return
+    if k.image.luo == "none":  # before 6.19 there is no LUO to turn on
+        k.printk("luo: this kernel has no Live Update Orchestrator; liveupdate= ignored")
+        return
     if k.kho_out is None:
         k.printk("luo: KHO is disabled; LUO is disabled")
         return

@@ -26,6 +26,7 @@ from liveupdate.kernel.cmdline import ReserveMem, parse_reserve_mem
 
 if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
+    from liveupdate.kernel.kho import KhoOut
 
 RESERVE_MEM_MAX_ENTRIES = 8
 SMP_CACHE_BYTES = 64
@@ -94,22 +95,32 @@ def init(k: Kernel) -> None:
 
 def preserve(k: Kernel) -> None:
     """After kho_init: preserve every region, then publish the memblock subtree -- or
-    neither (reserved_mem_preserve unwinds on the first failure)."""
+    neither (reserved_mem_preserve unwinds on the first failure). On the 6.16-6.18 cores this
+    is the finalize notifier, whose failure fails (and aborts) the finalize."""
     if not k.reserve_mem or k.kho_out is None:
         return
     regions = [memblock_abi.ReserveMem(str(r["name"]), int(str(r["start"]), 16),
                                        int(str(r["size"]))) for r in k.reserve_mem]
     # phys_to_page(start), size >> PAGE_SHIFT: the page holding the start, whole pages only
     spans = [(r.start >> PAGE_SHIFT << PAGE_SHIFT, r.size >> PAGE_SHIFT) for r in regions]
-    for i, (r, span) in enumerate(zip(regions, spans, strict=True)):
-        try:
-            k.kho_out.preserve_pages(*span)
-        except LiveUpdateError as e:
-            for done in spans[:i]:
-                k.kho_out.unpreserve_pages(*done)
-            # a region first allocated on a KHO boot came from scratch: it cannot be kept
-            k.printk(f"reserve_mem: {r.name} cannot be preserved ({e.message}): no region "
-                     "will survive a kexec")
-            return
-    phys = k.kho_out.store(memblock_abi.encode(regions))
-    k.kho_out.add_subtree(memblock_abi.MEMBLOCK_KHO_NODE, phys)
+    blob = memblock_abi.encode(regions)
+    stored: list[int] = []
+
+    def notifier(kout: KhoOut) -> None:
+        for i, (r, span) in enumerate(zip(regions, spans, strict=True)):
+            try:
+                kout.preserve_pages(*span)
+            except LiveUpdateError as e:
+                for done in spans[:i]:
+                    kout.unpreserve_pages(*done)
+                # a region first allocated on a KHO boot came from scratch: it cannot be kept
+                k.printk(f"reserve_mem: {r.name} cannot be preserved ({e.message}): no "
+                         "region will survive a kexec")
+                if kout.core.notifiers:
+                    raise
+                return
+        phys = kout.store_again(blob, stored[0] if stored else None)
+        stored[:] = [phys]
+        kout.add_subtree(memblock_abi.MEMBLOCK_KHO_NODE, phys)
+
+    k.kho_out.publish(notifier)

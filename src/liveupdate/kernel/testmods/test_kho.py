@@ -44,6 +44,8 @@ def clamp_order(order: int, left: int) -> int:
 
 
 def save(k: Kernel) -> None:
+    """Generate the data once; preserve it and add the subtree now (6.19+) or from the
+    KEXEC_KHO_FINALIZE notifier at every finalize (6.16-6.18), as upstream."""
     kout = k.require_kho()
     rng = random.Random(os.urandom(8))
     info, csum, total = [], 0, 0
@@ -56,10 +58,18 @@ def save(k: Kernel) -> None:
         info.append(phys | order)
         total += PAGE_SIZE << order
     blob = khotest.encode(khotest.KhoTest(len(info), csum, np.array(info, np.uint64), None))
-    for entry in info:
-        kout.preserve_folio(entry & ~0xFFF, entry & 0xFFF)
-    kout.add_subtree(khotest.KHO_TEST_SUBTREE, kout.store(blob))
-    k.printk(f"test_kho: preserved {len(info)} folios ({total >> 20} MiB), csum {csum:#x}")
+    stored: list[int] = []
+
+    def notifier(kout: kho.KhoOut) -> None:
+        for entry in info:
+            kout.preserve_folio(entry & ~0xFFF, entry & 0xFFF)
+        stored[:] = [kout.store_again(blob, stored[0] if stored else None)]
+        kout.add_subtree(khotest.KHO_TEST_SUBTREE, stored[0])
+
+    kout.publish(notifier)
+    what = f"{len(info)} folios ({total >> 20} MiB)"
+    k.printk(f"test_kho: {what} to preserve at KHO finalize, csum {csum:#x}"
+             if kout.core.notifiers else f"test_kho: preserved {what}, csum {csum:#x}")
 
 
 def restore(k: Kernel, phys: int) -> str | None:
