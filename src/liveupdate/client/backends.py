@@ -34,6 +34,7 @@ class Backend(Protocol):
 
     def uname(self) -> str: ...
     def cmdline(self) -> str: ...
+    def boot_id(self) -> str: ...
     def open(self, path: str) -> int: ...
     def ioctl(self, fd: int, cmd: int, buf: bytearray) -> None: ...
     def memfd_create(self, name: str, flags: int = 0) -> int: ...
@@ -56,6 +57,10 @@ class RealBackend:
 
     def cmdline(self) -> str:
         with open("/proc/cmdline") as f:
+            return f.read().strip()
+
+    def boot_id(self) -> str:
+        with open("/proc/sys/kernel/random/boot_id") as f:
             return f.read().strip()
 
     def open(self, path: str) -> int:
@@ -114,6 +119,9 @@ class EmulatedBackend:
 
     def cmdline(self) -> str:
         return self.k.cmdline()
+
+    def boot_id(self) -> str:
+        return self.k.boot_id()
 
     def open(self, path: str) -> int:
         return self.k.open(path)

@@ -74,6 +74,9 @@ class Kernel:
     def cmdline(self) -> str:
         return str(self.call("cmdline")[0]["cmdline"])
 
+    def boot_id(self) -> str:
+        return str(self.call("boot_id")[0]["boot_id"])
+
     def kexec_file_load(self, image: bytes, cmdline: str) -> dict[str, Any]:
         return self.call("kexec_file_load", image, cmdline=cmdline)[0]
 

@@ -102,6 +102,7 @@ class Luod:
         self.mode = mode
         self.dev = LiveUpdate(backend)  # EBUSY when another luod has the device
         self.gen = self.dev.gen
+        self.boot_id = backend.boot_id()
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
         self.phase = Phase.NORMAL
@@ -177,18 +178,24 @@ class Luod:
         elif previous.get("phase") in ("prepared", "frozen"):
             self.last_error = (f"the previous luod ended while {previous['phase']}; the "
                                "kernel cancelled the update and every client resumed")
+        elif previous.get("phase") == "updated":
+            self.last_error = ("the previous luod ended before FINISH; closing its sessions "
+                               "finished them: what clients had retrieved is theirs, the "
+                               "rest was freed")
         self._save_state()
 
     def _state_file(self) -> str:
         return self.path + ".state"
 
     def _read_state_file(self) -> dict[str, Any]:
+        """A previous luod's state in *this* boot (like /run, it means nothing to a later
+        boot: after a kexec the registry says what happened, after a power loss nothing)."""
         try:
             with open(self._state_file()) as f:
                 d = json.load(f)
-            return d if isinstance(d, dict) else {}
         except (OSError, ValueError):
             return {}
+        return d if isinstance(d, dict) and d.get("boot_id") == self.boot_id else {}
 
     def _save_state(self) -> None:
         """Runtime state for a luod restarted by init (``/run``-like, not the registry)."""
@@ -196,7 +203,8 @@ class Luod:
         try:
             os.makedirs(os.path.dirname(tmp) or ".", exist_ok=True)
             with open(tmp, "w") as f:
-                json.dump({"phase": self.phase.value, "error": self.last_error}, f)
+                json.dump({"phase": self.phase.value, "error": self.last_error,
+                           "boot_id": self.boot_id}, f)
             os.replace(tmp, self._state_file())
         except OSError as e:  # only a restarted luod's explanation is lost
             print(f"luod: cannot save {self._state_file()}: {e.strerror}", flush=True)

@@ -27,9 +27,10 @@ RETRIEVE_SESSION ENOENT unknown, EINVAL when already retrieved this boot; PRESER
 token, ENOSPC, EBADF, (7.1) EBUSY when the file is already in a session, ENOENT without a
 handler, then the handler's errno; RETRIEVE_FD ENOENT, repeatable (the same file; 7.1 keeps a
 failure sticky); FINISH frees what was never retrieved, is idempotent and runs implicitly when
-a retrieved session fd is closed. Deliberately like 7.2 rather than 6.19, PRESERVE_FD on a
-retrieved session and RETRIEVE_FD/FINISH on an outgoing one are EINVAL: 6.19's ungated FINISH
-on live files is a bug nobody should rely on.
+a retrieved session fd is closed, which also removes the session (``luo_session_release``).
+Deliberately like 7.2 rather than 6.19, PRESERVE_FD on a retrieved session and
+RETRIEVE_FD/FINISH on an outgoing one are EINVAL: 6.19's ungated FINISH on live files is a bug
+nobody should rely on.
 """
 
 from __future__ import annotations
@@ -299,6 +300,7 @@ class LuoSessions:
     def _retrieve_fd(self, s: Session, token: int) -> File:
         if s.incoming is None:
             raise LiveUpdateError(err=errno.EINVAL, msg="RETRIEVE_FD on an outgoing session")
+        self.k.fault_point("luo_retrieve")
         if token in s.errors:
             raise s.errors[token]
         entry = s.incoming.get(token)
@@ -325,7 +327,10 @@ class LuoSessions:
         if self.frozen:
             return  # the reboot is under way: frozen means frozen
         if s.incoming is not None:
-            self._finish(s)  # implicit FINISH; the name stays retrieved for this boot
+            # luo_session_release: an implicit FINISH, then the session leaves the incoming
+            # list (a later RETRIEVE_SESSION of the name is ENOENT)
+            self._finish(s)
+            self.incoming.pop(s.name, None)
             return
         assert s.files is not None
         for entry in reversed(list(s.files)):

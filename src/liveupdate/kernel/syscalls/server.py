@@ -45,6 +45,11 @@ def _cmdline(c: Caller, m: Message) -> Message:
     return Message({"cmdline": c.k.cmdline.raw})
 
 
+def _boot_id(c: Caller, m: Message) -> Message:
+    """/proc/sys/kernel/random/boot_id: a fresh value at every boot, kexec included."""
+    return Message({"boot_id": c.k.boot_id})
+
+
 def _kexec_file_load(c: Caller, m: Message) -> Message:
     if arg(m, "unload", bool, False):
         kexec.unload(c.k)
@@ -77,6 +82,7 @@ SYSCALLS: dict[str, wire.Handler[Caller]] = {
     **FILE_SYSCALLS,
     "uname": _uname,
     "cmdline": _cmdline,
+    "boot_id": _boot_id,
     "kexec_file_load": _kexec_file_load,
     "reboot": _reboot,
     "debugfs_read": _debugfs_read,
