@@ -10,9 +10,20 @@ Events arrive on a background thread and run the client's callbacks in order: ``
 (preserve everything, enter limited mode), ``on_freeze`` (pause, final writes), ``on_cancel``
 (resume; on 6.19 the session is closed first, which drops what it held). The acknowledgement
 is sent when the callback returns; a callback that raises does not acknowledge, and luod
-cancels the update when the barrier times out. If luod goes away mid-update the client
-behaves as on ``cancel`` -- unless it already acknowledged ``freeze``: then the kexec is
-under way and the client stays paused.
+cancels the update when the barrier times out.
+
+If luod goes away the client reconnects (init restarts luod; ``reconnect`` seconds at most)
+and says hello again under the same name, so the next update includes it. Mid-update:
+
+* before acknowledging ``freeze`` it resumes at once (on 6.19 luod's death closed the sessions
+  it created, which unpreserves; on v3 the device's release cancels);
+* after acknowledging ``freeze`` the kexec may be under way, and resuming would let the
+  workload run past the state it just saved -- so it stays paused until a luod answers again
+  *in this kernel* (a restarted luod: the update did not happen) or the reconnect window ends
+  with the client still alive. A reboot stops every process before it kills any
+  (``kernel/reboot.py``), so a client that still runs then was not taken through a kexec.
+
+``gone`` is set when luod is lost for good (no reconnect, or the window ended).
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from collections.abc import Callable
 from typing import Any
 
 from liveupdate.abi.uapi import Gen
+from liveupdate.client import faultpoint
 from liveupdate.client.backends import Backend, open_backend
 from liveupdate.client.device import Session
 from liveupdate.errors import LiveUpdateError
@@ -41,38 +53,54 @@ class LuodClient:
                  on_prepare: Callback | None = None, on_freeze: Callback | None = None,
                  on_cancel: Callable[[LuodClient, str], None] | None = None,
                  on_phase: Callable[[dict[str, Any]], None] | None = None,
-                 admin: bool = False) -> None:
+                 admin: bool = False, reconnect: float = 0.0) -> None:
         self.name = name
         self._backend = backend
         self.on_prepare, self.on_freeze, self.on_cancel = on_prepare, on_freeze, on_cancel
         self.on_phase = on_phase
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        path = path or protocol.socket_path(self.backend.cmdline())
-        try:
-            self.sock.connect(path)
-        except OSError as e:
-            self.sock.close()
-            raise LiveUpdateError(err=e.errno or errno.ECONNREFUSED,
-                                  msg=f"luod at {path}: {e.strerror}") from e
+        self.path = path or protocol.socket_path(self.backend.cmdline())
+        self.role = "admin" if admin else "client"
+        self.reconnect = reconnect
         self._lock = threading.Lock()
         self._next = 1
         self._waiting: dict[int, tuple[threading.Event, list[Any]]] = {}
         self._events: queue.Queue[tuple[dict[str, Any], list[int]] | None] = queue.Queue()
         self.session: Session | None = None  # outgoing, handed over at prepare (6.19+)
         self.retrieved: Session | None = None  # the previous kernel's, after the kexec
-        self.lost = threading.Event()
+        self.lost = threading.Event()  # the current connection ended
+        self.gone = threading.Event()  # luod is lost for good
+        self.closed = False
+        self._reconnecting = False  # one reconnect at a time; its failed tries are quiet
+        self.sock: socket.socket | None = None
         self.in_update = False
         self.frozen = False  # acknowledged freeze: only an explicit cancel resumes
-        threading.Thread(target=self._read, daemon=True).start()
+        self._connect()
         threading.Thread(target=self._dispatch, daemon=True).start()
-        hello, fds = self.request("hello", v=protocol.VERSION, name=name,
-                                  role="admin" if admin else "client")
+        hello, fds = self._hello()
         self.generation: str = hello["generation"]
-        self.phase: str = hello["phase"]
         self.restore: bool = hello["restore"]
+        if self.restore:
+            faultpoint.fire(self.path, name, "restore")
         self.tokens: list[int] = hello.get("tokens", [])
         if fds:
             self.retrieved = Session(self.backend, self.gen, fds[0], name)
+
+    def _connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.connect(self.path)
+        except OSError as e:
+            sock.close()
+            raise LiveUpdateError(err=e.errno or errno.ECONNREFUSED,
+                                  msg=f"luod at {self.path}: {e.strerror}") from e
+        self.sock = sock
+        self.lost.clear()
+        threading.Thread(target=self._read, args=(sock,), daemon=True).start()
+
+    def _hello(self) -> tuple[dict[str, Any], list[int]]:
+        hello, fds = self.request("hello", v=protocol.VERSION, name=self.name, role=self.role)
+        self.phase: str = hello["phase"]
+        return hello, fds
 
     @property
     def backend(self) -> Backend:
@@ -94,6 +122,8 @@ class LuodClient:
             slot: tuple[threading.Event, list[Any]] = (threading.Event(), [])
             self._waiting[rid] = slot
             try:
+                if self.sock is None:
+                    raise OSError(errno.ENOTCONN, "not connected")
                 protocol.send(self.sock, {"op": op, "id": rid, **args}, fds)
             except OSError as e:
                 del self._waiting[rid]
@@ -109,10 +139,10 @@ class LuodClient:
                                   msg=str(reply.get("error", "luod refused")))
         return reply, got
 
-    def _read(self) -> None:
+    def _read(self, sock: socket.socket) -> None:
         try:
             while True:
-                got = protocol.recv(self.sock)
+                got = protocol.recv(sock)
                 if got is None:
                     break
                 msg, fds = got
@@ -129,31 +159,74 @@ class LuodClient:
         except (OSError, LiveUpdateError):
             pass
         finally:
-            self.lost.set()
-            for slot in list(self._waiting.values()):
-                slot[0].set()
+            self._ended(sock)
+
+    def _ended(self, sock: socket.socket) -> None:
+        for slot in list(self._waiting.values()):
+            slot[0].set()
+        if sock is not self.sock or self._reconnecting:
+            return  # a superseded connection, or a failed try of the reconnect below
+        self.lost.set()
+        if self.closed or self.reconnect <= 0:
+            self.gone.set()
             self._events.put(None)
+        else:
+            self._reconnecting = True
+            self._events.put(({"event": "lost"}, []))
+            threading.Thread(target=self._reconnect, daemon=True).start()
+
+    def _reconnect(self) -> None:
+        """Connect to luod again (init restarts it) and say hello under the same name."""
+        deadline = time.monotonic() + self.reconnect
+        delay = 0.02
+        while not self.closed and time.monotonic() < deadline:
+            if self.sock is not None:
+                self.sock.close()
+            try:
+                self._connect()
+                hello, fds = self._hello()
+            except LiveUpdateError:
+                time.sleep(delay)  # luod is (re)starting: back off, bounded by the window
+                delay = min(delay * 2, 0.5)
+                continue
+            for fd in fds:  # a previous kernel's session is not ours to take again here
+                os.close(fd)
+            self._reconnecting = False
+            self._events.put(({"event": "reconnected", "phase": hello["phase"]}, []))
+            return
+        self._reconnecting = False
+        self.gone.set()
+        self._events.put(None)
 
     def _ack(self, event: str) -> None:
         try:
-            protocol.send(self.sock, {"op": "ack", "event": event})
+            if self.sock is not None:
+                protocol.send(self.sock, {"op": "ack", "event": event})
         except OSError:
-            self.lost.set()
+            pass  # the reader sees the connection end and reconnects
 
     def _dispatch(self) -> None:
         while True:
             item = self._events.get()
             if item is None:
-                # luod gone while preparing: the update is off, resume. Gone after freeze:
-                # that is the kexec under way -- stay paused (resuming now would let the
-                # workload run past the state it just saved).
-                if self.in_update and not self.frozen:
-                    self._cancelled("luod went away")
+                # luod gone for good. Before freeze: resume. After: this process still runs
+                # when the reconnect window ends, so no reboot took it -- resume too (with no
+                # reconnect window, stay paused: the kexec may be under way).
+                if self.in_update and (not self.frozen or self.reconnect > 0):
+                    self._cancelled("luod went away and did not come back")
                 return
             msg, fds = item
             event = msg.get("event")
             try:
-                if event == "prepare":
+                if event == "lost":
+                    if self.in_update and not self.frozen:
+                        self._cancelled("luod went away")
+                elif event == "reconnected":
+                    if self.in_update:
+                        self._cancelled(f"luod restarted in this kernel (now "
+                                        f"{msg.get('phase')}): the update did not happen")
+                elif event == "prepare":
+                    faultpoint.fire(self.path, self.name, "prepare")
                     self.in_update = True
                     if fds:
                         self.session = Session(self.backend, self.gen, fds[0], self.name)
@@ -161,6 +234,7 @@ class LuodClient:
                         self.on_prepare(self)
                     self._ack("prepare")
                 elif event == "freeze":
+                    faultpoint.fire(self.path, self.name, "freeze")
                     if self.on_freeze:
                         self.on_freeze(self)
                     self.frozen = True
@@ -208,13 +282,18 @@ class LuodClient:
         return self.request("status")[0]
 
     def close(self) -> None:
+        self.closed = True
+        if self.sock is None:
+            return
         with contextlib.suppress(OSError):  # already gone
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
 
 
 def connect(name: str, timeout: float = 60.0, **kw: Any) -> LuodClient:
-    """A client that waits for luod to listen (services start beside it after a kexec)."""
+    """A client that waits for luod to listen (services start beside it after a kexec) and,
+    for a long-running workload, reconnects when luod restarts (30 s window by default)."""
+    kw.setdefault("reconnect", 30.0)
     deadline = time.monotonic() + timeout
     while True:
         try:

@@ -103,7 +103,8 @@ class Cache:
     def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
         op = msg.get("op")
         if op == "stats":
-            return {"keys": self.table.count(), "restored": self.restored}
+            return {"keys": self.table.count(), "restored": self.restored, "pid": os.getpid(),
+                    "limited": self.limited}
         key = protocol.field(msg, "key", str).encode()
         if op == "get":
             value = self.table.get(key)

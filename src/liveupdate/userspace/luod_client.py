@@ -24,7 +24,7 @@ import sys
 import threading
 
 from liveupdate.client.backends import Backend, open_backend
-from liveupdate.client.luod import LuodClient
+from liveupdate.client.luod import LuodClient, connect
 from liveupdate.errors import LiveUpdateError
 
 MARKER_AT = 4096
@@ -75,12 +75,12 @@ def hold(name: str, specs: list[tuple[int, int]], fault: str, ready: int) -> Non
         if fault == "no-freeze-ack":
             threading.Event().wait()  # never returns: no acknowledgement
 
-    client = LuodClient(name, backend=backend, on_prepare=prepare, on_freeze=freeze)
+    client = connect(name, backend=backend, on_prepare=prepare, on_freeze=freeze)
     report = {"name": name, "generation": client.generation, "pid": os.getpid(),
               "memfds": {f"{t:#x}": digest(pattern(name, t, s)) for t, s in specs}}
     os.write(ready, (json.dumps(report) + "\n").encode())
     os.close(ready)
-    client.lost.wait()  # until luod goes away (the kexec ends this process first)
+    client.gone.wait()  # until luod is lost for good (the kexec ends this process first)
 
 
 def restore(name: str, tokens: list[int]) -> dict[str, object]:

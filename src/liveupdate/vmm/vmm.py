@@ -270,7 +270,8 @@ class Vmm:
         words = memoryview(self.mem).cast("B")
         steps = int.from_bytes(bytes(words[guest.STATE_AT : guest.STATE_AT + 8]), "little")
         return {"name": self.name, "accel": self.vm.accel.name, "memory": self.size,
-                "limited": self.limited, "steps": steps, "exits": self.vm.timing.exits,
+                "limited": self.limited, "paused": self.vm.paused, "steps": steps,
+                "exits": self.vm.timing.exits,
                 "restored": self.restored is not None, "blackout": self.vm.timing.blackout,
                 "pid": os.getpid(), "extents": len(self.extents)}
 
@@ -285,11 +286,13 @@ class Vmm:
                               "this (emulated) machine")
 
     def verify(self) -> dict[str, Any]:
+        held = self.vm.want_pause  # frozen for an update: a check must not resume it
         self.vm.pause()
         try:
             chk = guest.verify(self.mem, self.size)
         finally:
-            self.vm.resume()
+            if not held:
+                self.vm.resume()
         return {"intact": chk.ok, "steps": chk.steps, "pages_touched": chk.pages_touched,
                 "problem": chk.problem}
 
