@@ -59,12 +59,18 @@ class Kernel:
         self.userspace: Userspace | None = None
         self.kexec_image: Loaded | None = None
         self.reboot_notifiers: list[Callable[[Kernel], None]] = []
+        # named places where test components inject faults (testmods/power_loss.py)
+        self.fault_points: dict[str, list[Callable[[Kernel], None]]] = {}
         self.files = FileTable(self.printk)
         self.luo: LuoV3 | LuoSessions | None = None
         self.next_ino = 1
         self.boot_id = os.urandom(4).hex()
         self.run_dir = ""
         self.disk_dir = ""
+
+    def fault_point(self, name: str) -> None:
+        for hook in self.fault_points.get(name, ()):
+            hook(self)
 
     # -- console --------------------------------------------------------------------------
     def printk(self, msg: str) -> None:

@@ -33,6 +33,13 @@ def power_off(k: Kernel) -> NoReturn:
     _end(k, {"op": "poweroff"})
 
 
+def power_loss(k: Kernel, where: str) -> NoReturn:
+    """The power goes: every process dies where it stands (no stop, no flush) and the machine
+    comes back with a cold boot on fresh, zeroed RAM -- DRAM does not keep its contents."""
+    k.printk(f"power loss ({where})")
+    _end(k, {"op": "restart", "reason": f"power loss ({where})"})
+
+
 def restart(k: Kernel) -> NoReturn:
     k.printk("reboot: Restarting system")
     _end(k, {"op": "restart"})

@@ -130,6 +130,7 @@ class Machine:
         self.kernel: KernelProc | None = None
         self.spare: KernelProc | None = None
         self.boot_count = 0
+        self.last_restart = ""  # why the machine last restarted itself (e.g. a power loss)
         self.jump_times: list[float] = []  # old kernel's jump request to the next one's "go"
         self.next_id = 1
         self.server: socketserver.ThreadingUnixStreamServer | None = None
@@ -304,7 +305,8 @@ class Machine:
         with self.lock:
             self._finish(kp)
             self._set_state(State.PANIC if op == "panic" else State.OFF, reason)
-            if op == "restart":
+            if op == "restart":  # a reboot or a power loss: a cold boot on fresh RAM
+                self.last_restart = reason or "restart"
                 self.power_on(self.config)
 
     def _jump(self, kp: KernelProc, entry: int, bp_phys: int) -> None:
@@ -402,7 +404,7 @@ class Machine:
                 "machine_pid": os.getpid(),
                 "memory": self.ram.size if self.ram else 0,
                 "ram_resident": self.ram.resident() if self.ram else 0,
-                "boot_count": self.boot_count,
+                "boot_count": self.boot_count, "last_restart": self.last_restart,
                 "last_jump_seconds": self.jump_times[-1] if self.jump_times else None,
                 "console_bytes": self.console_base + len(self.console),
                 "kernel_pid": kp.popen.pid if kp else None,

@@ -296,6 +296,7 @@ class LuoV3:
         action()
 
     def _restore(self, token: int) -> File:
+        self.k.fault_point("luo_retrieve")
         if self.state is not State.UPDATED:
             raise LiveUpdateError(err=errno.EBUSY, msg="FD_RESTORE: LUO is not updated")
         entry = self.incoming.get(token)

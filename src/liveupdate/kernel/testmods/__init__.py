@@ -26,6 +26,7 @@ PARAMS = {
     "kho_quirks": "kho_quirks",
     "kho_bench": "kho_bench",
     "test_panic": "test_panic",
+    "power_loss": "power_loss",
 }
 
 
