@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,3 +61,29 @@ def dtc_decompile(blob: bytes) -> str:
 def dtc_recompile(dts: str) -> bytes:
     return subprocess.run(["dtc", "-q", "-I", "dts", "-O", "dtb", "-"], input=dts.encode(),
                           capture_output=True, check=True).stdout
+
+
+# -- the reliability matrix: records from tests/e2e/test_reliability.py -> docs/reliability.md
+RECORDS_ENV = "LIVEUPDATE_RELIABILITY_RECORDS"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput") and RECORDS_ENV not in os.environ:
+        # the controller picks the folder; xdist workers inherit it
+        os.environ[RECORDS_ENV] = str(ROOT / "build" / "reliability" / uuid.uuid4().hex)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if hasattr(session.config, "workerinput"):
+        return
+    folder = Path(os.environ.get(RECORDS_ENV, ""))
+    if not folder.is_dir():
+        return
+    from liveupdate.cli.demo_faults import FAULTS
+    from liveupdate.tools import reliability
+
+    records = reliability.load(folder)
+    if {r["fault"] for r in records} == {f.name for f in FAULTS}:  # the whole matrix ran
+        (ROOT / "docs" / "reliability.md").write_text(reliability.render(records))
+    shutil.rmtree(folder, ignore_errors=True)

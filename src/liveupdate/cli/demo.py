@@ -17,6 +17,7 @@ from rich.table import Table
 
 from liveupdate.abi import image as image_abi
 from liveupdate.cli.common import SizeParam, fail
+from liveupdate.cli.demo_faults import BY_NAME, FAULTS, Fault, FaultRun, helper_line
 from liveupdate.client.update import run_update
 from liveupdate.errors import LiveUpdateError
 from liveupdate.luod.protocol import ask
@@ -30,19 +31,25 @@ CACHE_KEYS = 64
 HEADROOM = 768 << 20  # the kernel's own memory, scratch and the services' beside the VMs
 
 
-def _services(py: str, vms: int, vm_memory: int, accel: str, cache: bool) -> str:
-    lines = [f"@restart {py} -m liveupdate.cli.luod --finish-timeout 60"]
+def _services(py: str, vms: int, vm_memory: int, accel: str, cache: bool,
+              fault: Fault | None) -> str:
+    # with a fault armed, a barrier nobody answers is given up quickly
+    timeouts = " --prepare-timeout 3 --freeze-timeout 3" if fault else ""
+    lines = [f"@restart {py} -m liveupdate.cli.luod --finish-timeout 60{timeouts}"]
     lines += [f"@restart {py} -m liveupdate.vmm vm{i} --memory {vm_memory} --accel {accel}"
               for i in range(vms)]
     if cache:
         lines.append(f"@restart {py} -m liveupdate.userspace.kvcache cache")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + (helper_line(py, fault) if fault else "")
 
 
 class Demo:
     def __init__(self, folder: str, vms: int, vm_memory: int, machine_memory: int,
-                 generation: str, accel: str, cache: bool, say: Any) -> None:
+                 generation: str, accel: str, cache: bool, say: Any,
+                 fault: Fault | None = None) -> None:
         self.folder = os.path.abspath(folder)
+        self.fault = fault
+        self.cache_keys = CACHE_KEYS
         self.vms = [f"vm{i}" for i in range(vms)]
         self.vm_memory, self.memory = vm_memory, machine_memory
         self.generation, self.accel, self.cache = generation, accel, cache
@@ -65,10 +72,13 @@ class Demo:
         (disk / "images").mkdir(parents=True)
         for name, img in IMAGES.items():
             (disk / "images" / f"{name}.img").write_bytes(img.encode())
+        (disk / "images" / "junk.img").write_bytes(b"not a kernel image")
         (disk / "services").write_text(_services(sys.executable, len(self.vms),
-                                                 self.vm_memory, self.accel, self.cache))
+                                                 self.vm_memory, self.accel, self.cache,
+                                                 self.fault))
         self.say(f"booting a {self.memory >> 30} GiB machine, LUO {self.generation}")
-        self.proc, m = start(self.folder, memory=self.memory, cmdline=CMDLINE,
+        cmdline = f"{CMDLINE} {self.fault.cmdline}".strip() if self.fault else CMDLINE
+        self.proc, m = start(self.folder, memory=self.memory, cmdline=cmdline,
                              image=f"images/{self.generation}.img",
                              log=os.path.join(self.folder, "machine.log"))
         self.m = m
@@ -140,6 +150,25 @@ class Demo:
                 "preserved_pages": kho["out"]["preserved_pages"],
                 "free_pages": kho["free_pages"]}
 
+    def faulted_update(self) -> dict[str, Any]:
+        """One update with :attr:`fault` injected; what became of everything, observed."""
+        assert self.m is not None and self.fault is not None
+        run = FaultRun(self, self.fault)
+        self.say(f"fault {self.fault.name}: {self.fault.what}")
+        run.arm()
+        boot_count = self.m.status()["boot_count"]
+        err = ""
+
+        def phase(ev: dict[str, Any]) -> None:
+            self.say(f"  {ev['phase']}")
+            run.during(ev)
+        try:
+            run_update(self.sock("luod.sock"), image=run.image(), on_phase=phase)
+        except LiveUpdateError as e:
+            err = e.message
+            self.say(f"  the update ended: {err}")
+        return run.outcome(boot_count, err)
+
     def close(self) -> None:
         if self.m is not None:
             self.m.shutdown()
@@ -191,6 +220,20 @@ def render(results: list[dict[str, Any]], verdict: bool) -> None:
                   "[bold red]integrity: FAILED[/]")
 
 
+def render_fault(o: dict[str, Any]) -> None:
+    console = Console()
+    t = Table(title=f"fault {o['fault']}: {o['what']}")
+    for col in ("workload", "became", "how"):
+        t.add_column(col)
+    for name, w in o["workloads"].items():
+        t.add_row(name, w["state"], w["why"])
+    console.print(t)
+    console.print(f"outcome: {o['outcome']} (defined: {o['expected']}); luod "
+                  f"{o['luod_phase']}" + (f", says: {o['why']}" if o["why"] else ""))
+    console.print("[bold green]as defined, nothing lost[/]" if o["as_expected"] else
+                  f"[bold red]NOT as defined; lost: {', '.join(o['lost']) or 'nothing'}[/]")
+
+
 def plot(results: list[dict[str, Any]], path: str) -> None:
     import matplotlib
 
@@ -228,9 +271,16 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
 @click.option("--updates", type=click.IntRange(1, 100), default=1, show_default=True)
 @click.option("--cache/--no-cache", default=True, show_default=True,
               help="Also run the key-value cache service.")
-@click.option("--fault", type=click.Choice(["none", "zero-page"]), default="none",
-              help="Break it on purpose: zero a guest page after the update; the guest's "
-                   "checksum must catch it and the demo exit non-zero.")
+@click.option("--fault", type=click.Choice(["none", "zero-page", *(f.name for f in FAULTS)]),
+              default="none", metavar="FAULT",
+              help="Break it on purpose. zero-page: zero a guest page after the update; the "
+                   "guest's checksum must catch it and the demo exit non-zero. "
+                   "TARGET@PHASE (kill-client|kill-vmm@normal|prepare|freeze|restore, "
+                   "kill-luod@normal|prepared|frozen|updated, no-ack@prepare|freeze, "
+                   "bad-image@normal, incompatible-image@normal, freeze-fails@reboot (v3), "
+                   "power-loss@reboot|boot|restore): inject that fault into one update and "
+                   "report what became of every workload; exit 0 when the outcome is the "
+                   "defined one and nothing was lost. docs/reliability.md lists them all.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG timeline of the last update: phases and each VM's blackout.")
@@ -247,6 +297,11 @@ def demo(folder: str, vms: int, vm_memory: int, machine_memory: int, generation:
     if vms * vm_memory + HEADROOM > machine_memory:
         fail(f"{vms} VMs of {vm_memory >> 20} MiB do not fit a {machine_memory >> 20} MiB "
              f"machine (leave {HEADROOM >> 20} MiB for the kernel and services)")
+    plan = BY_NAME.get(fault)
+    if plan is not None and plan.generation and plan.generation != generation:
+        fail(f"--fault {fault} needs --generation {plan.generation}")
+    if plan is not None and updates != 1:
+        fail(f"--fault {fault} is injected into one update: leave --updates at 1")
     err = Console(stderr=True)
     t0 = time.monotonic()
 
@@ -254,8 +309,21 @@ def demo(folder: str, vms: int, vm_memory: int, machine_memory: int, generation:
         if not as_json:
             err.print(f"[dim]{time.monotonic() - t0:7.2f}s[/] {msg}")
 
-    d = Demo(folder, vms, vm_memory, machine_memory, generation, accel, cache, say)
+    d = Demo(folder, vms, vm_memory, machine_memory, generation, accel, cache, say, plan)
     results: list[dict[str, Any]] = []
+    if plan is not None:
+        try:
+            d.boot()
+            outcome = d.faulted_update()
+        except LiveUpdateError as e:
+            d.close()
+            fail(e)
+        d.close()
+        if as_json:
+            click.echo(json.dumps({"fault": outcome}, indent=2))
+        else:
+            render_fault(outcome)
+        sys.exit(0 if outcome["as_expected"] else 1)
     try:
         d.boot()
         for n in range(1, updates + 1):

@@ -1,0 +1,306 @@
+"""The faults ``luoctl demo --fault`` can arm, and how the demo tells what became of the machine.
+
+Every fault is injected for real, at one phase point of a live update driven by luod: a
+``SIGKILL`` of a client (the cache), a VMM or luod; a client that never acknowledges; an image
+that does not load or cannot take the handover; a handler whose freeze fails inside
+``reboot()``; the power lost before the jump, during the next kernel's boot or during
+restore. Kills inside a client's event use the one-shot fault points of
+:mod:`liveupdate.client.faultpoint` (deterministic: before the acknowledgement); kills of luod
+while a barrier is held use a helper client that never acknowledges, so the phase is certain.
+
+The outcome is *observed*, not assumed: ``rolled back`` (no kexec; luod back to normal saying
+why; every workload running), ``updated`` (the next kernel; everything restored) or ``cold
+boot`` (a power loss: nothing restored). Each workload ends ``intact``, ``killed`` (the fault
+killed it: it must come back fresh, never from stale state) or ``LOST`` (anything else -- a
+broken guest page, a paused VM, a restore that should have happened and did not, or one that
+should not have and did). The reliability matrix (docs/reliability.md) is this table.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from liveupdate.client import faultpoint
+from liveupdate.client.update import admin
+from liveupdate.errors import LiveUpdateError
+from liveupdate.luod.protocol import ask
+from liveupdate.machine.client import MachineClient
+
+if TYPE_CHECKING:
+    from liveupdate.cli.demo import Demo
+
+ROLLED_BACK, UPDATED, COLD_BOOT = "rolled back", "updated", "cold boot"
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    target: str  # what is hit: client, vmm, luod, image, kernel, power
+    phase: str  # normal, prepared, frozen, reboot, updated
+    what: str
+    expect: str
+    generation: str = ""  # only this LUO generation has the mechanism ("" = any)
+    cmdline: str = ""  # added to the kernel command line
+    helper: str = ""  # a luod_client that misbehaves: its --fault, or "hold" (never restores)
+
+
+def _kills(target: str, who: str) -> list[Fault]:
+    return [
+        Fault(f"kill-{target}@normal", target, "normal",
+              f"SIGKILL {who} before the update starts", UPDATED),
+        Fault(f"kill-{target}@prepare", target, "prepared",
+              f"{who} is SIGKILLed inside prepare, before acknowledging", ROLLED_BACK),
+        Fault(f"kill-{target}@freeze", target, "frozen",
+              f"{who} is SIGKILLed inside freeze, before acknowledging", ROLLED_BACK),
+        Fault(f"kill-{target}@restore", target, "updated",
+              f"{who} is SIGKILLed in the next kernel before it retrieves anything",
+              UPDATED),
+    ]
+
+
+FAULTS: tuple[Fault, ...] = (
+    *_kills("client", "the cache (a luod client)"),
+    *_kills("vmm", "VMM vm0"),
+    Fault("kill-luod@normal", "luod", "normal", "SIGKILL luod before the update; init "
+          "restarts it and the clients reconnect", UPDATED),
+    Fault("kill-luod@prepared", "luod", "prepared", "SIGKILL luod while a client holds the "
+          "prepare barrier", ROLLED_BACK, helper="no-prepare-ack"),
+    Fault("kill-luod@frozen", "luod", "frozen", "SIGKILL luod while every VM is paused and a "
+          "client holds the freeze barrier", ROLLED_BACK, helper="no-freeze-ack"),
+    Fault("kill-luod@updated", "luod", "updated", "SIGKILL luod in the next kernel after the "
+          "VMs resumed, before FINISH", UPDATED, helper="hold"),
+    Fault("no-ack@prepare", "helper", "prepared", "a client never acknowledges prepare",
+          ROLLED_BACK, helper="no-prepare-ack"),
+    Fault("no-ack@freeze", "helper", "frozen", "a client never acknowledges freeze",
+          ROLLED_BACK, helper="no-freeze-ack"),
+    Fault("bad-image@normal", "image", "normal", "the next image is not a kernel",
+          ROLLED_BACK),
+    Fault("incompatible-image@normal", "image", "normal", "the next kernel cannot read this "
+          "handover (a v3 image under 6.19)", ROLLED_BACK, generation="6.19"),
+    Fault("freeze-fails@reboot", "kernel", "reboot", "a LUO subsystem's freeze fails inside "
+          "reboot()", ROLLED_BACK, generation="v3", cmdline="luo_fail=freeze"),
+    Fault("power-loss@reboot", "power", "reboot", "the power goes during reboot(), before the "
+          "jump", COLD_BOOT, cmdline="power_loss=jump"),
+    Fault("power-loss@boot", "power", "updated", "the power goes during the next kernel's "
+          "boot", COLD_BOOT, cmdline="power_loss=boot"),
+    Fault("power-loss@restore", "power", "updated", "the power goes at the first retrieve in "
+          "the next kernel", COLD_BOOT, cmdline="power_loss=restore"),
+)
+BY_NAME = {f.name: f for f in FAULTS}
+HELPER = "stuck"
+
+
+def helper_line(py: str, fault: Fault) -> str:
+    """The init service for a fault's helper client, or ''."""
+    if not fault.helper:
+        return ""
+    kind = "none" if fault.helper == "hold" else fault.helper
+    return (f"{py} -m liveupdate.userspace.luod_client hold {HELPER} 0x1:65536 "
+            f"--fault {kind}\n")
+
+
+def _wait(what: str, check: Any, timeout: float = 60.0) -> Any:
+    """Poll a condition while the machine settles (a CLI watching daemons; 20 ms steps)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            got = check()
+        except (LiveUpdateError, OSError):
+            got = None
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise LiveUpdateError(err=110, msg=f"fault run: timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class FaultRun:
+    """One faulted update of a booted :class:`Demo`."""
+
+    def __init__(self, demo: Demo, fault: Fault) -> None:
+        self.d, self.f = demo, fault
+        assert demo.m is not None
+        self.m = demo.m
+        self.luod = demo.sock("luod.sock")
+        self.m_error = ""  # a watcher thread's failure, reported with the outcome
+        self.killed = False  # a kill this run did itself
+
+    def _luod(self) -> dict[str, Any]:
+        c = admin(self.luod)  # luod answers an administrator only after hello
+        try:
+            return c.status()
+        finally:
+            c.close()
+
+    def _clients(self) -> set[str]:
+        return {str(c["name"]) for c in self._luod().get("clients", [])}
+
+    def _workloads(self) -> list[str]:
+        return [*self.d.vms, *(["cache"] if self.d.cache else [])]
+
+    def _pid(self, target: str) -> int:
+        if target == "vmm":
+            return int(ask(self.d.sock("vmm-vm0.sock"), "status")["pid"])
+        if target == "client":
+            return int(ask(self.d.sock("kvcache-cache.sock"), "stats")["pid"])
+        return int(self._luod()["pid"])
+
+    def _victim(self) -> str:
+        return {"vmm": "vm0", "client": "cache"}.get(self.f.target, "")
+
+    def image(self) -> str:
+        return {"bad-image@normal": "images/junk.img",
+                "incompatible-image@normal": "images/v3.img"}.get(
+                    self.f.name, f"images/{self.d.generation}.img")
+
+    def arm(self) -> None:
+        """Everything that happens before the update is asked for."""
+        f, m = self.f, self.m
+        if f.helper:
+            _wait("the helper client", lambda: HELPER in self._clients())
+        if f.name == "kill-luod@updated":
+            off = m.status()["console_bytes"]
+            threading.Thread(target=self._kill_luod_when_updated, args=(off,),
+                             daemon=True).start()
+        if f.phase == "normal" and f.target in ("vmm", "client", "luod"):
+            off = m.status()["console_bytes"]
+            pid = self._pid(f.target)
+            os.kill(pid, signal.SIGKILL)
+            self.killed = True
+            if f.target == "luod":
+                m.wait("luod: LUO .* listening", offset=off, timeout=60)
+                want = set(self._workloads())
+                _wait("every client to reconnect", lambda: want <= self._clients())
+            elif f.target == "vmm":
+                m.wait("vmm vm0: .* started", offset=off, timeout=60)
+            else:
+                m.wait("kvcache cache: started", offset=off, timeout=60)
+        elif f.target in ("vmm", "client") and f.phase != "normal":
+            event = {"prepared": "prepare", "frozen": "freeze", "updated": "restore"}[f.phase]
+            faultpoint.arm(self.luod, self._victim(), event)
+
+    def during(self, ev: dict[str, Any]) -> None:
+        """luod's phase events, as the update runs: kill luod where the barrier is held."""
+        f = self.f
+        if f.target != "luod" or f.phase not in ("prepared", "frozen"):
+            return
+        if ev.get("phase") != f.phase:
+            return
+        if f.phase == "prepared":  # every VMM limited: only the helper holds the barrier
+            _wait("the VMMs to acknowledge prepare",
+                  lambda: all(s["limited"] for s in self.d.statuses().values()))
+        else:
+            _wait("the VMs to pause", lambda: all(s["paused"] for s in
+                                                  self.d.statuses().values()))
+        os.kill(int(self._luod()["pid"]), signal.SIGKILL)
+        self.killed = True
+
+    def _kill_luod_when_updated(self, off: int) -> None:
+        """In the next kernel, once every workload is back and luod still waits for the
+        helper (which never restores) before FINISH: kill luod there."""
+        m = MachineClient(self.d.folder)  # its own connection: this is another thread
+        try:
+            for vm in self.d.vms:
+                m.wait(f"vmm {vm}: .* resumed", offset=off, timeout=120)
+            if self.d.cache:
+                m.wait("kvcache cache: restored", offset=off, timeout=120)
+            luod = _wait("luod in the next kernel", lambda: (s := self._luod())["phase"]
+                         == "updated" and s)
+            os.kill(int(luod["pid"]), signal.SIGKILL)
+            self.killed = True
+        except LiveUpdateError as e:
+            self.m_error = e.message
+        finally:
+            m.close()
+
+    def injected(self, kind: str, err: str) -> bool:
+        """Whether the fault demonstrably happened (a fault that never fired proves
+        nothing): the kill was done, the fault point's file was consumed, the power went, the
+        barrier timed out, the load or the reboot failed with the reason."""
+        f = self.f
+        if f.target == "power":
+            return kind == COLD_BOOT
+        if f.target in ("vmm", "client") and f.phase != "normal" and not f.helper:
+            return not os.path.exists(faultpoint.path(self.luod, self._victim()))
+        if f.target in ("vmm", "client", "luod") and not f.name.startswith("no-ack"):
+            return self.killed
+        return bool(err)
+
+    def outcome(self, boot_count: int, err: str) -> dict[str, Any]:
+        """Wait for the machine to settle, then observe what became of everything."""
+        m = self.m
+        st = _wait("the machine to run", lambda: (s := m.status())["state"] == "running"
+                   and s)
+        power = "power loss" in str(st.get("last_restart", ""))
+        if power:
+            kind = COLD_BOOT
+        elif st["boot_count"] > boot_count and st["kernel"].get("kho_boot"):
+            kind = UPDATED
+        elif st["boot_count"] == boot_count:
+            kind = ROLLED_BACK
+        else:
+            kind = f"unexpected reboot ({st.get('last_restart') or 'no handover'})"
+        settled = ("normal", "updated") if kind == UPDATED else ("normal",)
+
+        def luod_settled() -> dict[str, Any] | None:
+            s = self._luod()
+            return s if s["phase"] in settled else None
+        luod = _wait("luod to settle", luod_settled)
+        want = set(self._workloads())
+        _wait("the workloads to come back", lambda: want <= self._clients())
+        work = {name: self._workload(name, kind) for name in self._workloads()}
+        lost = sorted(n for n, w in work.items() if w["state"] == "LOST")
+        injected = self.injected(kind, err)
+        return {"fault": self.f.name, "target": self.f.target, "phase": self.f.phase,
+                "generation": self.d.generation,
+                "what": self.f.what, "expected": self.f.expect, "outcome": kind,
+                "injected": injected,
+                "as_expected": injected and kind == self.f.expect and not lost,
+                "update_error": err or self.m_error, "luod_phase": luod["phase"],
+                "why": luod.get("last_error") or "", "workloads": work, "lost": lost}
+
+    def _workload(self, name: str, kind: str) -> dict[str, Any]:
+        """``fresh``: its state from before the fault is gone by right (the fault killed it
+        before the update took it, or the power went); it must come back empty, restored
+        only if an update took its fresh self. A kill in the next kernel loses nothing: the
+        restarted workload retrieves again."""
+        killed = name == self._victim() and self.f.phase != "updated"
+        fresh = killed or kind == COLD_BOOT
+        should = kind == UPDATED and (not killed or self.f.phase == "normal")
+        if name == "cache":
+            return self._cache(fresh, should, killed)
+        sock = self.d.sock(f"vmm-{name}.sock")
+        _wait(f"{name} to run", lambda: not (s := ask(sock, "status"))["paused"]
+              and not s["limited"], timeout=30)
+        s0 = ask(sock, "status")
+        _wait(f"{name}'s guest to make progress",
+              lambda: ask(sock, "status")["steps"] > s0["steps"], timeout=30)
+        chk = ask(sock, "verify")
+        restored = bool(s0["restored"])
+        if not chk["intact"]:
+            return {"state": "LOST", "why": f"guest memory broken: {chk['problem']}"}
+        if restored != should:
+            return {"state": "LOST", "why": "restored" if restored else "not restored"}
+        return {"state": "killed" if killed else "gone" if fresh else "intact",
+                "why": f"{'restored, ' if restored else 'fresh, ' if fresh else ''}running, "
+                       f"{chk['pages_touched']} pages verified"}
+
+    def _cache(self, fresh: bool, should: bool, killed: bool) -> dict[str, Any]:
+        sock = self.d.sock("kvcache-cache.sock")
+        stats = _wait("the cache", lambda: (s := ask(sock, "stats")) and not s["limited"]
+                      and s, timeout=30)
+        got = [ask(sock, "get", key=f"key-{i}") for i in range(self.d.cache_keys)]
+        if bool(stats["restored"]) != should:
+            return {"state": "LOST", "why": "restored" if stats["restored"] else "not restored"}
+        if fresh:
+            if any(g["found"] for g in got):
+                return {"state": "LOST", "why": "came back with keys it should not have"}
+            return {"state": "killed" if killed else "gone", "why": "came back empty"}
+        if not all(g["found"] and g["value"] == f"value-{i}" for i, g in enumerate(got)):
+            return {"state": "LOST", "why": "keys missing or wrong"}
+        return {"state": "intact", "why": f"{self.d.cache_keys} keys read back"}
