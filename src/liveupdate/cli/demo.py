@@ -3,6 +3,7 @@ what the update cost and that nothing was lost."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -41,6 +42,41 @@ def _services(py: str, vms: int, vm_memory: int, accel: str, cache: bool,
     if cache:
         lines.append(f"@restart {py} -m liveupdate.userspace.kvcache cache")
     return "\n".join(lines) + "\n" + (helper_line(py, fault) if fault else "")
+
+
+def _fds(pid: int) -> int | None:
+    """Open fds of a machine process (the host's view: the machine's userspace is ours)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+SOAK_FIGURES = ("preserved_pages", "free_pages", "kernel_files", "luod_fds", "machine_rss",
+                "ram_resident")
+
+
+def soak(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Resource figures at update 10 (half-way through runs shorter than 20) and at the last:
+    what a leak would grow, once start-up effects have settled. The kernel, luod and the VMMs
+    are new processes after every kexec; the machine process and the emulated RAM live
+    through all of them."""
+    base = results[9 if len(results) >= 20 else max(0, len(results) // 2 - 1)]
+    last = results[-1]
+    rows = {k: {"at": base["update"], "from": base[k], "to": last[k], "growth": last[k] - base[k]}
+            for k in SOAK_FIGURES}
+    steps = [[r["vms"][vm]["steps_at_pause"] for r in results] for vm in results[0]["vms"]]
+    increasing = all(all(b > a for a, b in itertools.pairwise(s)) for s in steps)
+    # no growth of any kernel-side count; the host process's RSS within 5 % (allocator noise)
+    leak = any(rows[k]["growth"] > 0 for k in SOAK_FIGURES[:4]) or \
+        rows["machine_rss"]["growth"] > rows["machine_rss"]["from"] * 0.05 or \
+        rows["ram_resident"]["growth"] > rows["ram_resident"]["from"] * 0.05
+    return {"figures": rows, "steps_strictly_increasing": increasing, "leak": leak}
 
 
 class Demo:
@@ -144,7 +180,11 @@ class Demo:
             cache = {"keys": CACHE_KEYS, "intact": all(
                 g["found"] and g["value"] == f"value-{i}" for i, g in enumerate(got))}
         kho = self.m.kho_status()
+        mst = self.m.status()
         return {"update": st["update"], "timeline": report.get("timeline", {}),
+                "kernel_files": kho["open_files"], "luod_fds": _fds(int(st["pid"])),
+                "machine_rss": _rss(int(mst["machine_pid"])),
+                "ram_resident": mst["ram_resident"],
                 "finish": report.get("finish"), "jump_s": self.m.status()["last_jump_seconds"],
                 "vms": vms, "cache": cache, "zeroed_page": zeroed,
                 "preserved_pages": kho["out"]["preserved_pages"],
@@ -220,6 +260,23 @@ def render(results: list[dict[str, Any]], verdict: bool) -> None:
                   "[bold red]integrity: FAILED[/]")
 
 
+def render_soak(s: dict[str, Any], n: int) -> None:
+    console = Console()
+    first = next(iter(s["figures"].values()))["at"]
+    t = Table(title=f"resources after update {first} and after update {n}")
+    for col in ("figure", f"update {first}", f"update {n}", "growth"):
+        t.add_column(col, justify="left" if col == "figure" else "right")
+    for name, f in s["figures"].items():
+        t.add_row(name, f"{f['from']:,}", f"{f['to']:,}", f"{f['growth']:+,}")
+    console.print(t)
+    console.print("guest step counters " + ("strictly increasing across every update"
+                                            if s["steps_strictly_increasing"] else
+                                            "[bold red]NOT increasing: a guest restarted[/]"))
+    console.print("[bold red]resources GREW (leak)[/]" if s["leak"] else
+                  "no growth: preserved and free pages, kernel files and luod fds equal, "
+                  "machine RSS and resident RAM within 5 %")
+
+
 def render_fault(o: dict[str, Any]) -> None:
     console = Console()
     t = Table(title=f"fault {o['fault']}: {o['what']}")
@@ -268,7 +325,10 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
               show_default=True, help="The kernels' LUO uAPI.")
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto",
               show_default=True, help="vCPU accelerator, as QEMU's -accel kvm:tcg.")
-@click.option("--updates", type=click.IntRange(1, 100), default=1, show_default=True)
+@click.option("--updates", type=click.IntRange(1, 1000), default=1, show_default=True,
+              help="Live updates in a row; with more than one, a soak report compares the "
+                   "resources after update 10 (half-way for fewer than 20) with the last and "
+                   "fails on growth. scripts/soak runs 100.")
 @click.option("--cache/--no-cache", default=True, show_default=True,
               help="Also run the key-value cache service.")
 @click.option("--fault", type=click.Choice(["none", "zero-page", *(f.name for f in FAULTS)]),
@@ -335,13 +395,16 @@ def demo(folder: str, vms: int, vm_memory: int, machine_memory: int, generation:
     ok = all(vm["integrity"] and vm["resumed"] for r in results for vm in r["vms"].values()) \
         and all(r["cache"] is None or r["cache"]["intact"] for r in results)
     leak = len({(r["preserved_pages"], r["free_pages"]) for r in results}) > 1
+    soaked = soak(results) if updates > 1 else None
+    if soaked is not None:
+        leak = leak or soaked["leak"] or not soaked["steps_strictly_increasing"]
     if plot_path and results:
         plot(results, plot_path)
     if as_json:
-        click.echo(json.dumps({"integrity": ok, "leak": leak, "updates": results}, indent=2))
+        click.echo(json.dumps({"integrity": ok, "leak": leak, "soak": soaked,
+                               "updates": results}, indent=2))
     else:
-        render(results, ok)
-        if updates > 1:
-            click.echo("preserved and free pages " + ("GREW between updates (leak)" if leak
-                                                      else "identical after every update"))
+        render(results[-3:], ok)  # the last few in full; the soak table covers all
+        if soaked is not None:
+            render_soak(soaked, len(results))
     sys.exit(0 if ok and not leak else 1)

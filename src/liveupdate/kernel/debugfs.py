@@ -111,7 +111,8 @@ def status(k: Kernel) -> dict[str, Any]:
     kout, kin = k.kho_out, k.kho_in
     rep: dict[str, Any] = {"enabled": kout is not None, "kho_boot": kin is not None,
                            "release": k.image.release, "kho_core": k.image.kho_core,
-                           "boot_id": k.boot_id, "free_pages": k.buddy.nr_free}
+                           "boot_id": k.boot_id, "free_pages": k.buddy.nr_free,
+                           "open_files": len(k.files)}
     if kout is not None:
         _, order = kout.preserved()
         rep["out"] = {
