@@ -84,7 +84,7 @@ def test_two_clients_five_updates(lu: Machine, gen: str) -> None:
     m = lu(gen)
     for n in range(1, 6):
         hold(m, "vm0", "0x1:4194304", "0x2:65536")
-        hold(m, "vm1", "0x1:2097152")
+        hold(m, "vm1", "0x1:2097152", "0x3:4096")  # one page: found by the model
         off = m.status()["console_bytes"]
         upd = subprocess.Popen([PY, "-m", "liveupdate.cli.luoctl", "update", "--image",
                                 f"images/{gen}.img", "--json"], stdout=subprocess.PIPE,
@@ -92,7 +92,7 @@ def test_two_clients_five_updates(lu: Machine, gen: str) -> None:
                                env={**os.environ, "LIVEUPDATE_MACHINE": m.dir})
         m.wait(f"luod: LUO {gen}, updated", offset=off, timeout=120)
         got0 = restore(m, "vm0", "0x1", "0x2")
-        got1 = restore(m, "vm1", "0x1", "0x2")  # 0x2 is vm0's: not vm1's to take
+        got1 = restore(m, "vm1", "0x1", "0x2", "0x3")  # 0x2 is vm0's: not vm1's to take
         out, err = upd.communicate(timeout=120)
         assert upd.returncode == 0, err
         report = json.loads(out)
@@ -101,7 +101,8 @@ def test_two_clients_five_updates(lu: Machine, gen: str) -> None:
             report["report"]["timeline"])
         assert got0["restore"] and got0["memfds"] == {"0x1": want("vm0", 1, 4 << 20),
                                                       "0x2": want("vm0", 2, 64 << 10)}
-        assert got1["memfds"] == {"0x1": want("vm1", 1, 2 << 20), "0x2": {"errno": "ENOENT"}}
+        assert got1["memfds"] == {"0x1": want("vm1", 1, 2 << 20), "0x2": {"errno": "ENOENT"},
+                                  "0x3": want("vm1", 3, 4096)}
         assert report["report"]["finish"] == "every client is done"
 
 

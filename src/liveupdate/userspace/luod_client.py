@@ -28,6 +28,13 @@ from liveupdate.client.luod import LuodClient, connect
 from liveupdate.errors import LiveUpdateError
 
 MARKER_AT = 4096
+MARKER = b"FROZEN"
+
+
+def marker_at(size: int) -> int:
+    """Where the freeze marker goes: past the first page, or at 0 in a memfd too small for
+    that (the stateful model found holders of one page failing their freeze)."""
+    return MARKER_AT if size >= MARKER_AT + len(MARKER) else 0
 
 
 def pattern(name: str, token: int, size: int) -> bytes:
@@ -70,7 +77,8 @@ def hold(name: str, specs: list[tuple[int, int]], fault: str, ready: int) -> Non
         for token, fd in fds.items():  # the last write before the pause is carried over
             size = dict(specs)[token]
             m = backend.map(fd, size)
-            m.view[MARKER_AT : MARKER_AT + 6] = b"FROZEN"
+            at = marker_at(size)
+            m.view[at : at + len(MARKER)] = MARKER
             m.close()
         if fault == "no-freeze-ack":
             threading.Event().wait()  # never returns: no acknowledgement
@@ -96,8 +104,9 @@ def restore(name: str, tokens: list[int]) -> dict[str, object]:
             continue
         size = backend.size(fd)
         data = bytearray(_read(backend, fd, size))
-        marker = bytes(data[MARKER_AT : MARKER_AT + 6]).decode(errors="replace")
-        data[MARKER_AT : MARKER_AT + 6] = pattern(name, token, size)[MARKER_AT : MARKER_AT + 6]
+        at = marker_at(size)
+        marker = bytes(data[at : at + len(MARKER)]).decode(errors="replace")
+        data[at : at + len(MARKER)] = pattern(name, token, size)[at : at + len(MARKER)]
         got[f"{token:#x}"] = {"digest": digest(bytes(data)), "marker": marker, "size": size}
     out["memfds"] = got
     client.done()
@@ -124,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(restore(args.name, [int(t, 0) for t in args.tokens])))
             return 0
         specs = [(int(t, 0), int(s, 0)) for t, s in (m.split(":") for m in args.memfds)]
+        if any(size < len(MARKER) for _, size in specs):
+            raise ValueError(f"memfds hold at least {len(MARKER)} bytes (the freeze marker)")
     except (LiveUpdateError, ValueError) as e:
         print(f"luod_client: {e}", file=sys.stderr)
         return 1
