@@ -103,6 +103,7 @@ def decode_fdt(blob: bytes) -> MemfdState:
     what = "memfd-v1 FDT"
     tree = fdt.parse(blob, what)
     pos, size = tree.root.u64("pos", what), tree.root.u64("size", what)
+    _check_file(pos, size, what)
     raw = tree.root.need("folios", what)
     if len(raw) % FOLIO_DTYPE.itemsize:
         raise AbiError(msg=f"{what}: folios is {len(raw)} bytes, not a multiple of 16")
@@ -114,6 +115,19 @@ def decode_fdt(blob: bytes) -> MemfdState:
                     arr["index"].copy())
     _check_layout(size, folios, what)
     return MemfdState(pos, size, folios)
+
+
+MAX_LFS_FILESIZE = (1 << 63) - 1  # include/linux/fs.h on 64-bit: LLONG_MAX
+
+
+def _check_file(pos: int, size: int, what: str) -> None:
+    """A file the next kernel can create: ``vfs_setpos(file, pos, MAX_LFS_FILESIZE)`` refuses
+    a larger position (EINVAL); a size beyond it is no file Linux can have (EFBIG). Linux's
+    retrieve trusts the previous kernel here; we refuse instead of building such a file."""
+    if size > MAX_LFS_FILESIZE:
+        raise AbiError(msg=f"{what}: size {size:#x} exceeds MAX_LFS_FILESIZE", err=errno.EFBIG)
+    if pos > MAX_LFS_FILESIZE:
+        raise AbiError(msg=f"{what}: position {pos:#x} exceeds MAX_LFS_FILESIZE")
 
 
 def _check_layout(size: int, folios: Folios, what: str) -> None:
@@ -154,11 +168,13 @@ def decode_ser(raw: bytes, compatible: str) -> MemfdSer:
         if len(raw) != SER_V1_SIZE:
             raise AbiError(msg=f"memfd-v1 is {len(raw)} bytes, not {SER_V1_SIZE}")
         pos, size, nr = SER_V1.unpack_from(raw)
+        _check_file(pos, size, MEMFD_V1)
         return MemfdSer(pos, size, nr, KhoVmalloc.decode(raw[SER_V1.size :]))
     if compatible == MEMFD_V2:
         if len(raw) != SER_V2_SIZE:
             raise AbiError(msg=f"memfd-v2 is {len(raw)} bytes, not {SER_V2_SIZE}")
         pos, size, seals, flags, nr = SER_V2.unpack_from(raw)
+        _check_file(pos, size, MEMFD_V2)
         if seals & ~ALL_SEALS:
             raise AbiError(msg=f"memfd-v2: unknown seals {seals:#x}", err=errno.EOPNOTSUPP)
         if flags:
