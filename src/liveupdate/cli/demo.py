@@ -33,7 +33,7 @@ HEADROOM = 768 << 20  # the kernel's own memory, scratch and the services' besid
 
 
 def _services(py: str, vms: int, vm_memory: int, accel: str, cache: bool,
-              fault: Fault | None) -> str:
+              fault: Fault | None, memory: int) -> str:
     # with a fault armed, a barrier nobody answers is given up quickly
     timeouts = " --prepare-timeout 3 --freeze-timeout 3" if fault else ""
     lines = [f"@restart {py} -m liveupdate.cli.luod --finish-timeout 60{timeouts}"]
@@ -41,7 +41,7 @@ def _services(py: str, vms: int, vm_memory: int, accel: str, cache: bool,
               for i in range(vms)]
     if cache:
         lines.append(f"@restart {py} -m liveupdate.userspace.kvcache cache")
-    return "\n".join(lines) + "\n" + (helper_line(py, fault) if fault else "")
+    return "\n".join(lines) + "\n" + (helper_line(py, fault, memory) if fault else "")
 
 
 def _fds(pid: int) -> int | None:
@@ -111,7 +111,7 @@ class Demo:
         (disk / "images" / "junk.img").write_bytes(b"not a kernel image")
         (disk / "services").write_text(_services(sys.executable, len(self.vms),
                                                  self.vm_memory, self.accel, self.cache,
-                                                 self.fault))
+                                                 self.fault, self.memory))
         self.say(f"booting a {self.memory >> 30} GiB machine, LUO {self.generation}")
         cmdline = f"{CMDLINE} {self.fault.cmdline}".strip() if self.fault else CMDLINE
         self.proc, m = start(self.folder, memory=self.memory, cmdline=cmdline,
@@ -337,6 +337,7 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
                    "guest's checksum must catch it and the demo exit non-zero. "
                    "TARGET@PHASE (kill-client|kill-vmm@normal|prepare|freeze|restore, "
                    "kill-luod@normal|prepared|frozen|updated, no-ack@prepare|freeze, "
+                   "enomem@prepare, "
                    "bad-image@normal, incompatible-image@normal, freeze-fails@reboot (v3), "
                    "power-loss@reboot|boot|restore): inject that fault into one update and "
                    "report what became of every workload; exit 0 when the outcome is the "

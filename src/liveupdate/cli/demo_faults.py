@@ -78,6 +78,8 @@ FAULTS: tuple[Fault, ...] = (
           ROLLED_BACK, helper="no-prepare-ack"),
     Fault("no-ack@freeze", "helper", "frozen", "a client never acknowledges freeze",
           ROLLED_BACK, helper="no-freeze-ack"),
+    Fault("enomem@prepare", "helper", "prepared", "a client preserves a memfd twice the "
+          "size of RAM: PRESERVE_FD fails with ENOMEM", ROLLED_BACK, helper="sparse-huge"),
     Fault("bad-image@normal", "image", "normal", "the next image is not a kernel",
           ROLLED_BACK),
     Fault("incompatible-image@normal", "image", "normal", "the next kernel cannot read this "
@@ -95,10 +97,13 @@ BY_NAME = {f.name: f for f in FAULTS}
 HELPER = "stuck"
 
 
-def helper_line(py: str, fault: Fault) -> str:
+def helper_line(py: str, fault: Fault, memory: int) -> str:
     """The init service for a fault's helper client, or ''."""
     if not fault.helper:
         return ""
+    if fault.helper == "sparse-huge":
+        return (f"{py} -m liveupdate.userspace.luod_client hold {HELPER} 0x1:{2 * memory} "
+                "--sparse\n")
     kind = "none" if fault.helper == "hold" else fault.helper
     return (f"{py} -m liveupdate.userspace.luod_client hold {HELPER} 0x1:65536 "
             f"--fault {kind}\n")

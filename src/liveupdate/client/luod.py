@@ -9,8 +9,8 @@ client sends its fds to luod, which preserves them, and asks luod for them after
 Events arrive on a background thread and run the client's callbacks in order: ``on_prepare``
 (preserve everything, enter limited mode), ``on_freeze`` (pause, final writes), ``on_cancel``
 (resume; on 6.19 the session is closed first, which drops what it held). The acknowledgement
-is sent when the callback returns; a callback that raises does not acknowledge, and luod
-cancels the update when the barrier times out.
+is sent when the callback returns; a callback that raises refuses the event with its reason
+(an ``ack`` carrying ``error``), and luod cancels the update at once, naming it.
 
 If luod goes away the client reconnects (init restarts luod; ``reconnect`` seconds at most)
 and says hello again under the same name, so the next update includes it. Mid-update:
@@ -198,10 +198,13 @@ class LuodClient:
         self.gone.set()
         self._events.put(None)
 
-    def _ack(self, event: str) -> None:
+    def _ack(self, event: str, error: str | None = None) -> None:
+        msg: dict[str, Any] = {"op": "ack", "event": event}
+        if error is not None:
+            msg["error"] = error
         try:
             if self.sock is not None:
-                protocol.send(self.sock, {"op": "ack", "event": event})
+                protocol.send(self.sock, msg)
         except OSError:
             pass  # the reader sees the connection end and reconnects
 
@@ -243,8 +246,10 @@ class LuodClient:
                     self._cancelled(str(msg.get("reason", "")))
                 elif event == "phase" and self.on_phase:
                     self.on_phase(msg)
-            except Exception as e:  # a failing callback: no acknowledgement, luod cancels
+            except Exception as e:  # a failing callback: refuse the event with the reason
                 print(f"luod client {self.name}: {event}: {e}", flush=True)
+                if event in ("prepare", "freeze"):
+                    self._ack(str(event), error=str(e))
 
     def _cancelled(self, reason: str) -> None:
         self.in_update = self.frozen = False

@@ -65,6 +65,7 @@ class Conn:
     pid: int
     name: str = ""
     acks: set[str] = field(default_factory=set)
+    refused: dict[str, str] = field(default_factory=dict)  # event -> the client's reason
     alive: bool = True
     admin: bool = False  # luoctl: watches and commands, holds nothing
     send_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -324,8 +325,15 @@ class Luod:
 
     def _ack(self, c: Conn, msg: dict[str, Any], fds: list[int]
              ) -> tuple[dict[str, Any], list[int]]:
+        """An acknowledgement -- or, with ``error``, the client's refusal of the event (its
+        callback failed): the barrier fails at once with the client's reason."""
+        event = protocol.field(msg, "event", str)
+        error = msg.get("error")
         with self.cond:
-            c.acks.add(protocol.field(msg, "event", str))
+            if error is not None:
+                c.refused[event] = str(error)[:200].replace("\n", " ")
+            else:
+                c.acks.add(event)
             self.cond.notify_all()
         return {}, []
 
@@ -484,11 +492,14 @@ class Luod:
         deadline = time.monotonic() + timeout
         for c in list(self.conns.values()):
             def answered(c: Conn = c) -> bool:
-                return event in c.acks or not c.alive
+                return event in c.acks or event in c.refused or not c.alive
 
             if not self.cond.wait_for(answered, max(0.0, deadline - time.monotonic())):
                 raise LiveUpdateError(err=errno.ETIMEDOUT, msg=f"client {c.name} did not "
                                       f"acknowledge {event} in {timeout}s")
+            if event in c.refused:
+                raise LiveUpdateError(err=errno.ECANCELED, msg=f"client {c.name} failed "
+                                      f"{event}: {c.refused.pop(event)}")
             if event not in c.acks:
                 raise LiveUpdateError(err=errno.EPIPE, msg=f"client {c.name} went away "
                                       f"during {event}")

@@ -9,7 +9,7 @@ derived from (NAME, TOKEN), preserves them when luod says ``prepare`` and writes
 when it says ``freeze``; it prints one JSON line (each memfd's digest) once it is registered
 and returns, leaving the daemon to live until the kexec ends it. ``--fault`` misbehaves on
 purpose: ``die-in-prepare`` exits inside prepare, ``no-prepare-ack`` and ``no-freeze-ack`` never
-acknowledge.
+acknowledge; ``--sparse`` leaves the memfds unwritten (to preserve more than RAM).
 ``restore`` (in the next kernel) connects as NAME, retrieves each token, prints its digest and
 marker as JSON, and tells luod it is done.
 """
@@ -54,15 +54,17 @@ def _read(backend: Backend, fd: int, size: int) -> bytes:
         m.close()
 
 
-def hold(name: str, specs: list[tuple[int, int]], fault: str, ready: int) -> None:
+def hold(name: str, specs: list[tuple[int, int]], fault: str, ready: int,
+         sparse: bool = False) -> None:
     backend = open_backend()
     fds: dict[int, int] = {}
     for token, size in specs:
         fd = backend.memfd_create(f"{name}-{token:x}")
         backend.ftruncate(fd, size)
-        m = backend.map(fd, size)
-        m.view[:size] = pattern(name, token, size)
-        m.close()
+        if not sparse:  # sparse: holes only, until preserving allocates them all
+            m = backend.map(fd, size)
+            m.view[:size] = pattern(name, token, size)
+            m.close()
         fds[token] = fd
 
     def prepare(c: LuodClient) -> None:
@@ -85,7 +87,8 @@ def hold(name: str, specs: list[tuple[int, int]], fault: str, ready: int) -> Non
 
     client = connect(name, backend=backend, on_prepare=prepare, on_freeze=freeze)
     report = {"name": name, "generation": client.generation, "pid": os.getpid(),
-              "memfds": {f"{t:#x}": digest(pattern(name, t, s)) for t, s in specs}}
+              "memfds": {f"{t:#x}": None if sparse else digest(pattern(name, t, s))
+                         for t, s in specs}}  # (a sparse memfd holds no pattern)
     os.write(ready, (json.dumps(report) + "\n").encode())
     os.close(ready)
     client.gone.wait()  # until luod is lost for good (the kexec ends this process first)
@@ -124,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--fault", choices=("none", "die-in-prepare", "no-prepare-ack",
                                        "no-freeze-ack"),
                    default="none")
+    h.add_argument("--sparse", action="store_true",
+                   help="leave the memfds as holes (preserving allocates them: a memfd larger "
+                        "than RAM makes PRESERVE_FD fail with ENOMEM)")
     r = sub.add_parser("restore")
     r.add_argument("name")
     r.add_argument("tokens", nargs="+")
@@ -154,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     try:
-        hold(args.name, specs, args.fault, wr)
+        hold(args.name, specs, args.fault, wr, args.sparse)
     except (LiveUpdateError, OSError):
         os._exit(1)
     os._exit(0)
