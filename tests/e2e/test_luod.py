@@ -245,3 +245,46 @@ def test_garbage_on_luod_and_service_sockets_gets_errors(lu: Machine) -> None:
         ask(path, "status")  # an admin op before hello
     assert e.value.errno == errno.EPROTO
     assert status(m)["phase"] == "normal"  # still serving
+
+
+def _as_nobody(m: MachineClient, sock: str, *argv: str) -> dict:
+    """luod_client run under the real unprivileged uid 65534, talking to ``sock``."""
+    r = m.run(["/usr/bin/env", f"LUOD_SOCKET={sock}", PY, "-m",
+               "liveupdate.userspace.luod_client", *argv, "--user", "65534"])
+    assert r["status"] == 0, r["stderr"]
+    got: dict = json.loads(r["stdout"])
+    return got
+
+
+def test_quotas_bound_each_client_and_an_unprivileged_one_keeps_its_memfds(lu: Machine) -> None:
+    public = tempfile.TemporaryDirectory(prefix="luod-")
+    os.chmod(public.name, 0o755)
+    sock = str(Path(public.name) / "luod.sock")
+    m = lu("6.19", luod_args=f"--socket {sock} --socket-mode 0666 --allow-uid 65534 "
+                             "--quota-files 2 --quota-bytes 1M")
+    _as_nobody(m, sock, "hold", "guest", "0x1:65536", "0x2:65536")
+    for name, specs, why in (("greedy", ["0x1:4096", "0x2:4096", "0x3:4096"],
+                              "quota of 2 preserved files reached"),
+                             ("fat", ["0x1:2097152"], "would pass the quota of 1048576")):
+        r = m.run([PY, "-c", f"import os; os.environ['LUOD_SOCKET'] = {sock!r}\n"
+                   "from liveupdate.userspace.luod_client import main\n"
+                   f"raise SystemExit(main(['hold', {name!r}, *{specs!r}]))"])
+        assert r["status"] == 0, r["stderr"]
+        pid = json.loads(r["stdout"])["pid"]
+        reason = luoctl(m, "update", "--image", "images/6.19.img", "--socket", sock)
+        assert reason.returncode == 1
+        assert f"client {name} failed prepare: {name}: " in reason.stderr and why in \
+            reason.stderr, reason.stderr
+        assert m.kho_status()["luo"]["sessions"] == []  # nothing stays preserved
+        os.kill(pid, signal.SIGKILL)
+    off = m.status()["console_bytes"]
+    upd = subprocess.Popen([PY, "-m", "liveupdate.cli.luoctl", "update", "--image",
+                            "images/6.19.img", "--socket", sock], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "LIVEUPDATE_MACHINE": m.dir})
+    m.wait("luod: LUO 6.19, updated", offset=off, timeout=120)
+    got = _as_nobody(m, sock, "restore", "guest", "0x1", "0x2")
+    assert got["memfds"] == {"0x1": want("guest", 1, 65536), "0x2": want("guest", 2, 65536)}
+    _, err = upd.communicate(timeout=120)
+    assert upd.returncode == 0, err
+    public.cleanup()

@@ -18,7 +18,7 @@ import sys
 from liveupdate.client.backends import open_backend
 from liveupdate.errors import LiveUpdateError
 from liveupdate.luod import protocol
-from liveupdate.luod.daemon import Luod, Timeouts
+from liveupdate.luod.daemon import Luod, Quota, Timeouts
 
 
 def sd_notify(state: str) -> None:
@@ -28,6 +28,15 @@ def sd_notify(state: str) -> None:
     addr = "\0" + path[1:] if path.startswith("@") else path
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.sendto(state.encode(), addr)
+
+
+def _size(text: str) -> int:
+    units = {"K": 10, "M": 20, "G": 30, "T": 40}
+    t = text.strip().upper()
+    try:
+        return int(t[:-1]) << units[t[-1]] if t and t[-1] in units else int(t, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prepare-timeout", type=float, default=10.0)
     ap.add_argument("--freeze-timeout", type=float, default=10.0)
     ap.add_argument("--finish-timeout", type=float, default=60.0)
+    ap.add_argument("--quota-files", type=int, default=0, metavar="N",
+                    help="files each client may preserve per update (0: no limit; the kernel "
+                         "caps a 6.19 session at 128)")
+    ap.add_argument("--quota-bytes", type=_size, default=0, metavar="SIZE",
+                    help="bytes each client may preserve per update, with K/M/G (0: no "
+                         "limit). Either quota makes luod preserve for its clients on 6.19+.")
     args = ap.parse_args(argv)
     mode = args.socket_mode if args.socket_mode is not None else (
         0o660 if args.group is not None else 0o600)
@@ -51,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         path = args.socket or protocol.socket_path(backend.cmdline())
         d = Luod(backend, path, allow_uids=frozenset(args.allow_uid),
                  timeouts=Timeouts(args.prepare_timeout, args.freeze_timeout,
-                                   args.finish_timeout), mode=mode)
+                                   args.finish_timeout), mode=mode,
+                 quota=Quota(args.quota_files, args.quota_bytes))
         d.recover()
         d.listen()
         if args.group is not None:

@@ -3,8 +3,10 @@ token)`` / ``retrieve(token)`` API whatever the kernel's uAPI generation.
 
 On 6.19+ luod hands the client a session at ``prepare`` and the client preserves into it
 itself (its memcg is charged, as luo-agent intends); after the kexec luod hands back the
-retrieved session and the client retrieves from it. On v3 only luod has the device: the
-client sends its fds to luod, which preserves them, and asks luod for them afterwards.
+retrieved session and the client retrieves from it. On v3 only luod has the device, and on
+6.19+ a luod with per-client quotas keeps the sessions to itself (a client holding its own
+session fd could preserve past any quota): the client sends its fds to luod, which checks
+and preserves them, and asks luod for them afterwards (``mediated``).
 
 Events arrive on a background thread and run the client's callbacks in order: ``on_prepare``
 (preserve everything, enter limited mode), ``on_freeze`` (pause, final writes), ``on_cancel``
@@ -79,6 +81,8 @@ class LuodClient:
         hello, fds = self._hello()
         self.generation: str = hello["generation"]
         self.restore: bool = hello["restore"]
+        # luod preserves and retrieves for us (v3; 6.19+ with quotas) instead of a session
+        self.mediated = bool(hello.get("mediated", self.gen is Gen.V3))
         if self.restore:
             faultpoint.fire(self.path, name, "restore")
         self.tokens: list[int] = hello.get("tokens", [])
@@ -231,6 +235,7 @@ class LuodClient:
                 elif event == "prepare":
                     faultpoint.fire(self.path, self.name, "prepare")
                     self.in_update = True
+                    self.mediated = bool(msg.get("mediated", self.mediated))
                     if fds:
                         self.session = Session(self.backend, self.gen, fds[0], self.name)
                     if self.on_prepare:
@@ -262,7 +267,7 @@ class LuodClient:
     # -- the API --------------------------------------------------------------------------
     def preserve(self, fd: int, token: int) -> None:
         """Keep ``fd`` across the coming kexec under ``token`` (this client's namespace)."""
-        if self.gen is Gen.V3:
+        if self.mediated:
             self.request("preserve", (fd,), token=token)
             return
         if self.session is None:
@@ -272,7 +277,7 @@ class LuodClient:
 
     def retrieve(self, token: int) -> int:
         """Get back, after the kexec, what this client preserved under ``token``."""
-        if self.gen is Gen.V3:
+        if self.mediated:
             return self.request("retrieve", token=token)[1][0]
         if self.retrieved is None:
             raise LiveUpdateError(err=errno.ENOENT, msg=f"{self.name} has nothing from the "

@@ -83,6 +83,14 @@ class Conn:
 
 
 @dataclass(frozen=True)
+class Quota:
+    """Per client, for one update: preserved files and bytes (0: no limit)."""
+
+    files: int = 0
+    bytes: int = 0
+
+
+@dataclass(frozen=True)
 class Timeouts:
     prepare: float = 10.0
     freeze: float = 10.0
@@ -95,7 +103,8 @@ def _err(e: LiveUpdateError) -> dict[str, Any]:
 
 class Luod:
     def __init__(self, backend: Backend, path: str, *, allow_uids: frozenset[int],
-                 timeouts: Timeouts = Timeouts(), mode: int = 0o600) -> None:
+                 timeouts: Timeouts = Timeouts(), mode: int = 0o600,
+                 quota: Quota = Quota()) -> None:
         self.backend = backend
         self.path = path
         self.allow = allow_uids | {0}
@@ -104,6 +113,11 @@ class Luod:
         self.dev = LiveUpdate(backend)  # EBUSY when another luod has the device
         self.gen = self.dev.gen
         self.boot_id = backend.boot_id()
+        self.quota = quota
+        # luod preserves and retrieves for its clients (v3 always; 6.19+ when quotas are set,
+        # since a client holding its own session fd could preserve past any quota)
+        self.mediated = self.gen is Gen.V3 or bool(quota.files or quota.bytes)
+        self.usage: dict[tuple[int, str], tuple[int, int]] = {}  # files, bytes this update
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
         self.phase = Phase.NORMAL
@@ -319,8 +333,9 @@ class Luod:
                 reply["restore"] = True
                 if self.gen is Gen.V3:
                     reply["tokens"] = sorted(rec.tokens)
-                elif c.key in self.in_sessions:
+                elif c.key in self.in_sessions and not self.mediated:
                     out.append(os.dup(self.in_sessions[c.key].fd))
+            reply["mediated"] = self.mediated
             return reply, out
 
     def _ack(self, c: Conn, msg: dict[str, Any], fds: list[int]
@@ -340,33 +355,62 @@ class Luod:
     def _record(self, c: Conn) -> registry.ClientRecord:
         return self.records.setdefault(c.key, registry.ClientRecord(c.uid, c.name))
 
+    def _charge(self, c: Conn, size: int) -> tuple[int, int]:
+        """The client's usage with one more file of ``size`` bytes; EDQUOT past its quota."""
+        files, nbytes = self.usage.get(c.key, (0, 0))
+        files, nbytes = files + 1, nbytes + size
+        if self.quota.files and files > self.quota.files:
+            raise LiveUpdateError(err=errno.EDQUOT, msg=f"{c.name}: quota of "
+                                  f"{self.quota.files} preserved files reached")
+        if self.quota.bytes and nbytes > self.quota.bytes:
+            raise LiveUpdateError(err=errno.EDQUOT, msg=f"{c.name}: {nbytes} bytes would pass "
+                                  f"the quota of {self.quota.bytes}")
+        return files, nbytes
+
     def _preserve(self, c: Conn, msg: dict[str, Any], fds: list[int]
                   ) -> tuple[dict[str, Any], list[int]]:
-        if self.gen is not Gen.V3:
+        if not self.mediated:
             raise LiveUpdateError(err=errno.EOPNOTSUPP, msg="on 6.19+ clients preserve into "
                                   "their own session")
         token = protocol.field(msg, "token", int)
         if len(fds) != 1:
             raise LiveUpdateError(err=errno.EBADF, msg="preserve takes exactly one fd")
+        size = self.backend.size(fds[0])
         with self.cond:
-            if self.phase not in (Phase.NORMAL, Phase.UPDATED) and self.busy != "prepare":
-                raise LiveUpdateError(err=errno.EBUSY, msg=f"luod is {self.phase.value}")
+            if self.gen is Gen.V3:
+                if self.phase not in (Phase.NORMAL, Phase.UPDATED) and self.busy != "prepare":
+                    raise LiveUpdateError(err=errno.EBUSY, msg=f"luod is {self.phase.value}")
+            elif self.busy != "prepare" or c.key not in self.out_sessions:
+                raise LiveUpdateError(err=errno.EBUSY, msg="preserve inside prepare")
             rec = self._record(c)
             if token in rec.tokens:
                 raise LiveUpdateError(err=errno.EEXIST, msg=f"token {token:#x} is yours "
                                       "already")
-            glob = 1 + max([CLIENT_TOKEN_BASE - 1, *(g for r in self.records.values()
-                                                     for g in r.tokens.values())])
-            self.dev.fd_preserve(fds[0], glob)
+            usage = self._charge(c, size)
+            if self.gen is Gen.V3:
+                glob = 1 + max([CLIENT_TOKEN_BASE - 1, *(g for r in self.records.values()
+                                                         for g in r.tokens.values())])
+                self.dev.fd_preserve(fds[0], glob)
+            else:
+                self.out_sessions[c.key].preserve_fd(fds[0], token)
+                glob = token
             rec.tokens[token] = glob
+            self.usage[c.key] = usage
         return {"token": token}, []
 
     def _retrieve(self, c: Conn, msg: dict[str, Any], fds: list[int]
                   ) -> tuple[dict[str, Any], list[int]]:
-        if self.gen is not Gen.V3:
+        if not self.mediated:
             raise LiveUpdateError(err=errno.EOPNOTSUPP, msg="on 6.19+ clients retrieve from "
                                   "the session luod handed them")
         token = protocol.field(msg, "token", int)
+        if self.gen is not Gen.V3:
+            with self.cond:
+                session = self.in_sessions.get(c.key)
+                if self.phase is not Phase.UPDATED or session is None:
+                    raise LiveUpdateError(err=errno.ENOENT, msg=f"{c.name} has nothing from "
+                                          "the previous kernel")
+                return {"token": token}, [session.retrieve_fd(token)]
         with self.cond:
             rec = self.records.get(c.key)
             if self.phase is not Phase.UPDATED or rec is None or token not in rec.tokens:
@@ -547,6 +591,8 @@ class Luod:
                         if k in self.conns or self._holds(r)}
         self._set_phase(Event.PREPARE)
         self.busy = "prepare"
+        if self.gen is not Gen.V3:
+            self.usage = {}
         for c in list(self.conns.values()):
             c.acks.clear()
             out: tuple[int, ...] = ()
@@ -554,8 +600,9 @@ class Luod:
                 name = f"{c.uid}:{c.name}"
                 self.out_sessions[c.key] = self.dev.create_session(name)
                 self._record(c).session = name
-                out = (self.out_sessions[c.key].fd,)
-            c.send({"event": "prepare"}, out)
+                if not self.mediated:
+                    out = (self.out_sessions[c.key].fd,)
+            c.send({"event": "prepare", "mediated": self.mediated}, out)
         self._barrier("prepare", self.timeouts.prepare)
         self._write_registry()
         if self.gen is Gen.V3:
@@ -575,6 +622,7 @@ class Luod:
     def _cancel_update(self, reason: str) -> None:
         """Back to NORMAL with every client resumed and nothing left preserved."""
         self.last_error = reason
+        self.usage = {}
         for c in list(self.conns.values()):
             c.send({"event": "cancel", "reason": reason})
         if self.gen is Gen.V3:
@@ -592,6 +640,7 @@ class Luod:
             self.own = None
             for rec in self.records.values():
                 rec.session = ""
+                rec.tokens.clear()
         if self.phase in (Phase.PREPARED, Phase.FROZEN):
             self._set_phase(Event.CANCEL)
         self._save_state()
@@ -628,6 +677,7 @@ class Luod:
                          f"{', '.join(missing)} reclaimed")
 
     def _finish(self, why: str) -> None:
+        self.usage = {}
         if self.gen is Gen.V3:
             self.dev.set_event(KEvent.FINISH)
         else:

@@ -133,7 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("restore")
     r.add_argument("name")
     r.add_argument("tokens", nargs="+")
+    for p in (h, r):
+        p.add_argument("--user", type=int, default=None, metavar="UID",
+                       help="run as this uid (and gid) once started: luod sees that uid")
     args = ap.parse_args(argv)
+    if args.user is not None:  # after every import: the uid may not read the installation
+        os.setgid(args.user)
+        os.setuid(args.user)
     try:
         if args.action == "restore":
             print(json.dumps(restore(args.name, [int(t, 0) for t in args.tokens])))
