@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 
 from liveupdate.abi import image
 from liveupdate.errors import LiveUpdateError
+from liveupdate.luod import protocol
 from liveupdate.luod.protocol import ask
 from liveupdate.machine.client import MachineClient
 from liveupdate.userspace.luod_client import digest, pattern
@@ -288,3 +290,21 @@ def test_quotas_bound_each_client_and_an_unprivileged_one_keeps_its_memfds(lu: M
     _, err = upd.communicate(timeout=120)
     assert upd.returncode == 0, err
     public.cleanup()
+
+
+def test_luod_out_of_fds_keeps_serving(lu: Machine) -> None:
+    """accept() failing with EMFILE used to end luod's serve loop (and luod); it waits."""
+    m = lu("6.19")
+    pid = status(m)["pid"]
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    off = m.status()["console_bytes"]
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")), hard))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.connect(m.dir + "/run/luod.sock")  # waits in the backlog: luod has no fd for it
+        m.wait("luod: accept: Too many open files; retrying", offset=off)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        protocol.send(s, {"op": "hello", "id": 1, "v": 1, "name": "late", "role": "admin"})
+        got = protocol.recv(s)
+        assert got is not None and got[0]["ok"], got
+    st = status(m)
+    assert st["pid"] == pid and st["phase"] == "normal"  # the same luod, still serving

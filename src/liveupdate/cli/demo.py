@@ -207,6 +207,8 @@ class Demo:
         except LiveUpdateError as e:
             err = e.message
             self.say(f"  the update ended: {err}")
+        finally:
+            run.disarm()
         return run.outcome(boot_count, err)
 
     def close(self) -> None:
@@ -337,7 +339,7 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
                    "guest's checksum must catch it and the demo exit non-zero. "
                    "TARGET@PHASE (kill-client|kill-vmm@normal|prepare|freeze|restore, "
                    "kill-luod@normal|prepared|frozen|updated, no-ack@prepare|freeze, "
-                   "enomem@prepare, "
+                   "enomem@prepare, fds-kernel@prepare, fds-luod@normal, "
                    "bad-image@normal, incompatible-image@normal, freeze-fails@reboot (v3), "
                    "power-loss@reboot|boot|restore): inject that fault into one update and "
                    "report what became of every workload; exit 0 when the outcome is the "

@@ -18,7 +18,9 @@ should not have and did). The reliability matrix (docs/reliability.md) is this t
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import signal
 import threading
 import time
@@ -80,6 +82,10 @@ FAULTS: tuple[Fault, ...] = (
           ROLLED_BACK, helper="no-freeze-ack"),
     Fault("enomem@prepare", "helper", "prepared", "a client preserves a memfd twice the "
           "size of RAM: PRESERVE_FD fails with ENOMEM", ROLLED_BACK, helper="sparse-huge"),
+    Fault("fds-kernel@prepare", "kernel", "prepared", "the kernel's file table has two free "
+          "slots when the update starts (RLIMIT_NOFILE of the kernel process)", ROLLED_BACK),
+    Fault("fds-luod@normal", "luod", "normal", "luod has one free fd when asked for the "
+          "update (its RLIMIT_NOFILE): it cannot open the next image", ROLLED_BACK),
     Fault("bad-image@normal", "image", "normal", "the next image is not a kernel",
           ROLLED_BACK),
     Fault("incompatible-image@normal", "image", "normal", "the next kernel cannot read this "
@@ -133,7 +139,8 @@ class FaultRun:
         self.m = demo.m
         self.luod = demo.sock("luod.sock")
         self.m_error = ""  # a watcher thread's failure, reported with the outcome
-        self.killed = False  # a kill this run did itself
+        self.killed = False  # a kill (or squeeze) this run did itself
+        self.limited: list[tuple[int, int, int]] = []  # (pid, soft, hard) to give back
 
     def _luod(self) -> dict[str, Any]:
         c = admin(self.luod)  # luod answers an administrator only after hello
@@ -163,9 +170,31 @@ class FaultRun:
                 "incompatible-image@normal": "images/v3.img"}.get(
                     self.f.name, f"images/{self.d.generation}.img")
 
+    def _squeeze(self, pid: int, spare: int) -> None:
+        """Leave ``pid`` ``spare`` free fds (its soft RLIMIT_NOFILE; undone by disarm)."""
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        self.limited.append((pid, soft, hard))
+        resource.prlimit(pid, resource.RLIMIT_NOFILE,
+                         (len(os.listdir(f"/proc/{pid}/fd")) + spare, hard))
+
+    def disarm(self) -> None:
+        """Give squeezed processes their fds back (the fault is over, the aftermath is not)."""
+        for pid, soft, hard in self.limited:
+            with contextlib.suppress(ProcessLookupError):
+                resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        self.limited.clear()
+
     def arm(self) -> None:
         """Everything that happens before the update is asked for."""
         f, m = self.f, self.m
+        if f.name == "fds-kernel@prepare":
+            self._squeeze(int(m.status()["kernel_pid"]), 2)
+            self.killed = True  # (the fault is the squeeze: it happened)
+            return
+        if f.name == "fds-luod@normal":
+            self._squeeze(int(self._luod()["pid"]), 1)
+            self.killed = True
+            return
         if f.helper:
             _wait("the helper client", lambda: HELPER in self._clients())
         if f.name == "kill-luod@updated":
@@ -232,6 +261,8 @@ class FaultRun:
             return kind == COLD_BOOT
         if f.target in ("vmm", "client") and f.phase != "normal" and not f.helper:
             return not os.path.exists(faultpoint.path(self.luod, self._victim()))
+        if f.name.startswith("fds-"):
+            return self.killed and "Too many open files" in err
         if f.target in ("vmm", "client", "luod") and not f.name.startswith("no-ack"):
             return self.killed
         return bool(err)

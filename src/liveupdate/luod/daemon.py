@@ -237,11 +237,24 @@ class Luod:
 
     def serve_forever(self) -> None:
         assert self.server is not None
+        starved = False
         while True:
             try:
                 sock, _ = self.server.accept()
-            except OSError:
-                return
+                if starved:
+                    print("luod: accepting connections again", flush=True)
+                starved = False
+            except OSError as e:
+                if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    return  # the listening socket is gone: luod is shutting down
+                # out of fds or memory: the connection waits in the backlog; keep serving the
+                # connected clients and try again shortly instead of dying (init would restart
+                # a luod that forgot its update)
+                if not starved:
+                    print(f"luod: accept: {e.strerror}; retrying", flush=True)
+                starved = True
+                time.sleep(0.1)
+                continue
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
             pid, uid, _gid = (int.from_bytes(creds[i : i + 4], "little") for i in (0, 4, 8))
             threading.Thread(target=self._serve, args=(Conn(sock, uid, pid),),
