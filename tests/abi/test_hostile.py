@@ -13,7 +13,16 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from liveupdate.abi import fdt, kho, kho_memmap, luo_session, memblock, memfd, vmalloc
+from liveupdate.abi import (
+    fdt,
+    kho,
+    kho_memmap,
+    luo_session,
+    luo_v3,
+    memblock,
+    memfd,
+    vmalloc,
+)
 from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.errors import AbiError
 from tests.conftest import FakeRam
@@ -71,6 +80,12 @@ def _sessions(damage: Callable[[FakeRam, int, int], None]) -> None:
     ram.put(header, luo_session.encode_sessions([("vm0", files, 2), ("vm1", 0, 0)]))
     damage(ram, header, files)
     luo_session.decode_sessions(ram.mem(), header)
+
+
+def _flbs(header: bytes) -> None:
+    ram = FakeRam(pages=4, base=BASE)
+    ram.put(BASE, header.ljust(PAGE_SIZE, b"\0"))
+    luo_session.decode_flbs(ram.mem(), BASE)
 
 
 def _entry(header: int, i: int, field: str) -> int:
@@ -145,6 +160,23 @@ CASES: dict[str, tuple[Callable[[], object], str]] = {
         "duplicate token"),
     "sessions: handler compatible without its NUL": (
         lambda: _sessions(lambda r, h, f: r.put(f, b"m" * 48)), "NUL"),
+    "FLB header (7.x): more entries than its page holds": (
+        lambda: _flbs(struct.pack("<QQ", 1, luo_session.FLB_MAX + 1)), "count"),
+    "FLB header (7.x): a header of two pages": (
+        lambda: _flbs(struct.pack("<QQ", 2, 1)), "pgcnt"),
+    "FLB: a name without its NUL": (
+        lambda: _flbs(struct.pack("<QQ", 1, 1) + b"f" * 48 + struct.pack("<QQ", 0x1000, 1)),
+        "NUL"),
+    # LUO v3: the files FDT names each file by its token
+    "files FDT (v3): the same token twice": (
+        lambda: luo_v3.decode_files_fdt(luo_v3.encode_files_fdt([
+            luo_v3.FileEntry(0x1A, "memfd-v1", 0x2000),
+            luo_v3.FileEntry(0x1B, "memfd-v1", 0x3000)]).replace(b"1b\0", b"1a\0")),
+        "duplicate token"),
+    "files FDT (v3): a node that is not a token": (
+        lambda: luo_v3.decode_files_fdt(luo_v3.encode_files_fdt([
+            luo_v3.FileEntry(0x1A, "memfd-v1", 0x2000)]).replace(b"1a\0", b"zz\0")),
+        "not a token"),
     # memfd: struct memfd-v1 / memfd-v2 and its folio array
     "memfd-v1: wrong length": (lambda: _ser(memfd.encode_ser(memfd.MemfdSer(0, 4096, 1, V))
                                             + b"\0"), "bytes, not"),

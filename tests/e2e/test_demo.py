@@ -12,6 +12,8 @@ import pytest
 
 from liveupdate.vmm import kvm
 
+pytestmark = pytest.mark.xdist_group("vms")  # busy guests: one worker (scripts/test)
+
 SMALL = ["--vms", "2", "--vm-memory", "64M", "--machine-memory", "1G"]
 
 

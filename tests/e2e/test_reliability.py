@@ -15,7 +15,9 @@ import pytest
 
 from liveupdate.cli.demo_faults import FAULTS, Fault
 
-SMALL = ["--vms", "2", "--vm-memory", "32M", "--machine-memory", "2G"]
+pytestmark = pytest.mark.xdist_group("vms")  # busy guests: one worker (scripts/test)
+
+SMALL = ["--vms", "1", "--vm-memory", "32M", "--machine-memory", "2G"]
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])

@@ -197,18 +197,13 @@ class Demo:
         self.say(f"fault {self.fault.name}: {self.fault.what}")
         run.arm()
         boot_count = self.m.status()["boot_count"]
-        err = ""
 
         def phase(ev: dict[str, Any]) -> None:
             self.say(f"  {ev['phase']}")
             run.during(ev)
-        try:
-            run_update(self.sock("luod.sock"), image=run.image(), on_phase=phase)
-        except LiveUpdateError as e:
-            err = e.message
+        err = run.update(phase)
+        if err:
             self.say(f"  the update ended: {err}")
-        finally:
-            run.disarm()
         return run.outcome(boot_count, err)
 
     def close(self) -> None:

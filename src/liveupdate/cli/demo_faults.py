@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from liveupdate.client import faultpoint
-from liveupdate.client.update import admin
+from liveupdate.client.update import admin, run_update
 from liveupdate.errors import LiveUpdateError
 from liveupdate.luod.protocol import ask
 from liveupdate.machine.client import MachineClient
@@ -82,9 +82,9 @@ FAULTS: tuple[Fault, ...] = (
           ROLLED_BACK, helper="no-freeze-ack"),
     Fault("enomem@prepare", "helper", "prepared", "a client preserves a memfd twice the "
           "size of RAM: PRESERVE_FD fails with ENOMEM", ROLLED_BACK, helper="sparse-huge"),
-    Fault("fds-kernel@prepare", "kernel", "prepared", "the kernel's file table has two free "
-          "slots when the update starts (RLIMIT_NOFILE of the kernel process)", ROLLED_BACK),
-    Fault("fds-luod@normal", "luod", "normal", "luod has one free fd when asked for the "
+    Fault("fds-kernel@prepare", "kernel", "prepared", "the kernel's file table is full when "
+          "the update starts (RLIMIT_NOFILE of the kernel process)", ROLLED_BACK),
+    Fault("fds-luod@normal", "luod", "normal", "luod has no free fd when asked for the "
           "update (its RLIMIT_NOFILE): it cannot open the next image", ROLLED_BACK),
     Fault("bad-image@normal", "image", "normal", "the next image is not a kernel",
           ROLLED_BACK),
@@ -170,12 +170,31 @@ class FaultRun:
                 "incompatible-image@normal": "images/v3.img"}.get(
                     self.f.name, f"images/{self.d.generation}.img")
 
-    def _squeeze(self, pid: int, spare: int) -> None:
-        """Leave ``pid`` ``spare`` free fds (its soft RLIMIT_NOFILE; undone by disarm)."""
-        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-        self.limited.append((pid, soft, hard))
-        resource.prlimit(pid, resource.RLIMIT_NOFILE,
-                         (len(os.listdir(f"/proc/{pid}/fd")) + spare, hard))
+    def _squeeze(self, pid: int, soft: int) -> None:
+        """Lower ``pid``'s soft RLIMIT_NOFILE to ``soft`` (undone by :meth:`disarm`): the fds
+        it has stay open, a new one past the limit is EMFILE."""
+        old, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        self.limited.append((pid, old, hard))
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        self.killed = True  # (for these faults the squeeze is the injection)
+
+    def update(self, on_phase: Any) -> str:
+        """Ask for the update with the fault in place; luod's refusal, or '' if it went on."""
+        try:
+            if self.f.name == "fds-luod@normal":
+                c = admin(self.luod)  # connected first: luod then has no fd for anything new
+                try:
+                    self._squeeze(int(c.status()["pid"]), 3)
+                    c.request("update", image=self.image())
+                finally:
+                    c.close()
+                return "luod answered instead of rebooting"
+            run_update(self.luod, image=self.image(), on_phase=on_phase)
+            return ""
+        except LiveUpdateError as e:
+            return e.message
+        finally:
+            self.disarm()
 
     def disarm(self) -> None:
         """Give squeezed processes their fds back (the fault is over, the aftermath is not)."""
@@ -188,13 +207,11 @@ class FaultRun:
         """Everything that happens before the update is asked for."""
         f, m = self.f, self.m
         if f.name == "fds-kernel@prepare":
-            self._squeeze(int(m.status()["kernel_pid"]), 2)
-            self.killed = True  # (the fault is the squeeze: it happened)
+            kernel = int(m.status()["kernel_pid"])
+            self._squeeze(kernel, len(os.listdir(f"/proc/{kernel}/fd")))
             return
         if f.name == "fds-luod@normal":
-            self._squeeze(int(self._luod()["pid"]), 1)
-            self.killed = True
-            return
+            return  # squeezed in update(), once the administrator's connection is accepted
         if f.helper:
             _wait("the helper client", lambda: HELPER in self._clients())
         if f.name == "kill-luod@updated":
