@@ -49,7 +49,9 @@ from liveupdate.procs import children_of
 DEFAULT_CMDLINE = "console=ttyS0 kho=on liveupdate=on transparent_hugepage_shmem=within_size"
 DEFAULT_IMAGE = "images/default.img"
 LINK_RECORD = wire.SEQPACKET_BUFFER
-CONSOLE_KEEP = 32 << 20
+# the console's newest bytes kept in memory for waits; all of it is in run/console.log, read
+# from there for older offsets (so the machine's memory does not grow with every boot's log)
+CONSOLE_KEEP = 64 << 10
 POWER_OFF_GRACE = 5.0  # bytes of console kept in memory for wait/console requests
 
 
@@ -167,6 +169,17 @@ class Machine:
             kp.drained.set()
             self.cond.notify_all()
 
+    def console_from(self, offset: int) -> tuple[int, bytes]:
+        """(base, bytes): the console from ``offset`` (clamped to 0) to now; the part older
+        than the in-memory tail comes from the console file. Call with ``cond`` held."""
+        offset = max(0, offset)
+        if offset >= self.console_base:
+            return offset, bytes(self.console[offset - self.console_base :])
+        with open(self.console_path, "rb") as f:
+            f.seek(offset)
+            old = f.read(self.console_base - offset)
+        return offset, old + bytes(self.console)
+
     def wait_console(self, pattern: str, offset: int, timeout: float) -> dict[str, Any]:
         try:
             rx = re.compile(pattern.encode())
@@ -175,12 +188,12 @@ class Machine:
         deadline = time.monotonic() + timeout
         with self.cond:
             while True:
-                m = rx.search(self.console, max(0, offset - self.console_base))
+                base, text = self.console_from(offset)
+                m = rx.search(text)
                 if m:
-                    line_start = self.console.rfind(b"\n", 0, m.start()) + 1
-                    line_end = self.console.find(b"\n", m.end())
-                    line = self.console[line_start : line_end if line_end >= 0 else None]
-                    base = self.console_base
+                    line_start = text.rfind(b"\n", 0, m.start()) + 1
+                    line_end = text.find(b"\n", m.end())
+                    line = text[line_start : line_end if line_end >= 0 else None]
                     return {"start": base + m.start(), "end": base + m.end(),
                             "line": line.decode(errors="replace")}
                 kp = self.kernel
@@ -514,10 +527,8 @@ def _console(p: Peer, m: Message) -> Message:
     mc, off = p.machine, arg(m, "offset", int, 0)
     with mc.cond:
         end = mc.console_base + len(mc.console)
-        if off < mc.console_base:
-            raise LiveUpdateError(err=errno.ERANGE, msg=f"console before byte {mc.console_base} is "
-                                  f"only in {mc.console_path}")
-        return Message({"end": end}, bytes(mc.console[off - mc.console_base :]))
+        _, text = mc.console_from(off)
+        return Message({"end": end}, text)
 
 
 def _wait(p: Peer, m: Message) -> Message:
