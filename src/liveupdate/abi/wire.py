@@ -86,14 +86,20 @@ def arg(msg: Message, name: str, kind: type[T], default: T | None = None) -> T:
     return value
 
 
+# resource exhaustion, which any code path may meet: an errno for the caller, not an oops
+EXHAUSTION = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC})
+
+
 def dispatch(table: Mapping[str, Handler[Ctx]], ctx: Ctx, msg: Message, *, server: str,
              on_bug: Callable[[str], None]) -> Message:
     """Run the handler named by ``msg.header["op"]`` and make the reply envelope.
 
     The one request helper of every server (machine control socket, kernel link, syscalls):
     success is ``errno: 0`` plus the handler's header; a :class:`LiveUpdateError` is its
-    errno and message; any other exception is a bug in the server -- ``on_bug`` reports it
-    (an oops on the console) and the caller gets EFAULT, but the server stays up.
+    errno and message; running out of fds or memory anywhere in the handler (an OSError of
+    :data:`EXHAUSTION`, e.g. a lazy import that cannot open its file) is that errno, not a
+    bug; any other exception is a bug in the server -- ``on_bug`` reports it (an oops on the
+    console) and the caller gets EFAULT, but the server stays up.
     """
     op = msg.header.get("op")
     try:
@@ -106,5 +112,7 @@ def dispatch(table: Mapping[str, Handler[Ctx]], ctx: Ctx, msg: Message, *, serve
     except LiveUpdateError as e:
         return Message({"errno": e.errno, "message": e.message})
     except Exception as e:
+        if isinstance(e, OSError) and e.errno in EXHAUSTION:
+            return Message({"errno": e.errno, "message": f"{server} {op}: {e.strerror}"})
         on_bug(f"BUG: {type(e).__name__} in {server} {op!r}: {e}")
         return Message({"errno": errno.EFAULT, "message": f"{server} oops: {e}"})
