@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from liveupdate.abi import image
-from liveupdate.client.update import admin
+from liveupdate.client.update import luod_status
 from liveupdate.errors import LiveUpdateError
 from liveupdate.luod import protocol
 from liveupdate.machine.client import start
@@ -113,14 +113,6 @@ def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def _status(path: str) -> dict[str, Any]:
-    c = admin(path)
-    try:
-        return c.status()
-    finally:
-        c.close()
-
-
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(hello=st.booleans(), raw=RECORD, nfds=st.integers(0, 3))
@@ -138,7 +130,7 @@ def test_every_record_gets_a_well_formed_answer(luod: str, hello: bool, raw: byt
 
 
 def test_luod_serves_on_and_leaks_no_fds(luod: str) -> None:
-    pid = int(_status(luod)["pid"])
+    pid = int(luod_status(luod)["pid"])
     before = _fds(pid)
     for i in range(40):  # fds where none are expected, on every kind of request
         _exchange(luod, bool(i % 2), json.dumps({"op": ["status", "ack", "nope"][i % 3],
@@ -147,7 +139,7 @@ def test_luod_serves_on_and_leaks_no_fds(luod: str) -> None:
     while _fds(pid) > before and time.monotonic() < deadline:
         time.sleep(0.05)  # luod's connection threads close their sockets after our EOF
     assert _fds(pid) <= before  # (the baseline may still hold _status's connection)
-    st = _status(luod)
+    st = luod_status(luod)
     assert st["phase"] == "normal" and int(st["pid"]) == pid  # the same luod, serving
     with pytest.raises(LiveUpdateError) as e:
         protocol.ask(luod, "status")  # and still refusing an admin op before hello

@@ -31,7 +31,7 @@ from hypothesis.stateful import (
 )
 
 from liveupdate.abi import image
-from liveupdate.client.update import admin, run_update
+from liveupdate.client.update import admin, luod_status, run_update
 from liveupdate.errors import LiveUpdateError
 from liveupdate.machine.client import start
 from liveupdate.userspace.luod_client import digest, pattern
@@ -77,11 +77,7 @@ class Orchestration(RuleBasedStateMachine):
         return int(self.m.kho_status()["out"]["preserved_pages"])
 
     def _luod(self) -> dict[str, Any]:
-        c = admin(self.sock)
-        try:
-            return c.status()
-        finally:
-            c.close()
+        return luod_status(self.sock)
 
     def _restore(self, name: str, tokens: list[int]) -> dict[str, Any]:
         r = self.m.run([PY, "-m", "liveupdate.userspace.luod_client", "restore", name,

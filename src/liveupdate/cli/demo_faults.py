@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from liveupdate.client import faultpoint
-from liveupdate.client.update import admin, run_update
+from liveupdate.client.update import admin, luod_status, run_update
 from liveupdate.errors import LiveUpdateError
 from liveupdate.luod.protocol import ask
 from liveupdate.machine.client import MachineClient
@@ -143,11 +143,7 @@ class FaultRun:
         self.limited: list[tuple[int, int, int]] = []  # (pid, soft, hard) to give back
 
     def _luod(self) -> dict[str, Any]:
-        c = admin(self.luod)  # luod answers an administrator only after hello
-        try:
-            return c.status()
-        finally:
-            c.close()
+        return luod_status(self.luod)
 
     def _clients(self) -> set[str]:
         return {str(c["name"]) for c in self._luod().get("clients", [])}

@@ -20,6 +20,15 @@ def admin(path: str, **kw: Any) -> LuodClient:
     return LuodClient(f"admin-{os.getpid()}", path=path, admin=True, **kw)
 
 
+def luod_status(path: str) -> dict[str, Any]:
+    """luod's status, over a short-lived administrator connection."""
+    c = admin(path)
+    try:
+        return c.status()
+    finally:
+        c.close()
+
+
 def reconnect(path: str, timeout: float = RECONNECT_SECONDS) -> LuodClient:
     """The next kernel's luod, once it listens (a CLI waiting for a daemon to start)."""
     deadline = time.monotonic() + timeout

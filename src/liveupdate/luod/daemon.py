@@ -32,12 +32,14 @@ need uid 0; which uids may be clients at all is the ``allow_uids`` policy.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -513,23 +515,30 @@ class Luod:
     def _cmdline(self) -> str:
         return self.backend.cmdline()
 
-    def _load(self, c: Conn, msg: dict[str, Any], fds: list[int]
-              ) -> tuple[dict[str, Any], list[int]]:
+    @contextlib.contextmanager
+    def _claim(self, what: str) -> Iterator[None]:
+        """Run ``what`` (a load or an update) alone, from NORMAL; EBUSY otherwise."""
         with self.cond:
             if self.phase is not Phase.NORMAL or self.busy:
                 raise LiveUpdateError(err=errno.EBUSY,
                                       msg=f"luod is {self.busy or self.phase.value}")
-            self.busy = "load"
+            self.busy = what
         try:
-            return self.load(protocol.field(msg, "image", str), msg.get("cmdline"),
-                             msg.get("release")), []
-        except LiveUpdateError as e:
-            self.last_error = f"load: {e.message}"
-            raise
+            yield
         finally:
             with self.cond:
                 self.busy = ""
                 self.cond.notify_all()
+
+    def _load(self, c: Conn, msg: dict[str, Any], fds: list[int]
+              ) -> tuple[dict[str, Any], list[int]]:
+        with self._claim("load"):
+            try:
+                return self.load(protocol.field(msg, "image", str), msg.get("cmdline"),
+                                 msg.get("release")), []
+            except LiveUpdateError as e:
+                self.last_error = f"load: {e.message}"
+                raise
 
     # -- the update -----------------------------------------------------------------------
     def _set_phase(self, event: Event) -> None:
@@ -563,37 +572,29 @@ class Luod:
 
     def _update(self, c: Conn, msg: dict[str, Any], fds: list[int]
                 ) -> tuple[dict[str, Any], list[int]]:
-        with self.cond:
-            if self.phase is not Phase.NORMAL or self.busy:
-                raise LiveUpdateError(err=errno.EBUSY,
-                                      msg=f"luod is {self.busy or self.phase.value}")
-            self.busy = "update"
-        try:
-            started = time.time()
-            if msg.get("image") is not None:
-                self.load(protocol.field(msg, "image", str), msg.get("cmdline"),
-                          msg.get("release"))
-            if self.loaded is None:
-                raise LiveUpdateError(err=errno.EINVAL, msg="no next kernel loaded")
-            with self.cond:
-                self.last_error = ""
-                self.reg.timeline = {"start": started}
-                self._prepare()
-                self._freeze()
-                self.reg.update += 1
-                self.reg.timeline["reboot"] = time.time()
-                self._write_registry()
-                self.cond.notify_all()
-            self.backend.reboot_kexec()  # on success this process ends here
-            raise LiveUpdateError(err=errno.EIO, msg="reboot(KEXEC) returned")
-        except LiveUpdateError as e:
-            with self.cond:
-                self._cancel_update(e.message)
-            raise
-        finally:
-            with self.cond:
-                self.busy = ""
-                self.cond.notify_all()
+        with self._claim("update"):
+            try:
+                started = time.time()
+                if msg.get("image") is not None:
+                    self.load(protocol.field(msg, "image", str), msg.get("cmdline"),
+                              msg.get("release"))
+                if self.loaded is None:
+                    raise LiveUpdateError(err=errno.EINVAL, msg="no next kernel loaded")
+                with self.cond:
+                    self.last_error = ""
+                    self.reg.timeline = {"start": started}
+                    self._prepare()
+                    self._freeze()
+                    self.reg.update += 1
+                    self.reg.timeline["reboot"] = time.time()
+                    self._write_registry()
+                    self.cond.notify_all()
+                self.backend.reboot_kexec()  # on success this process ends here
+                raise LiveUpdateError(err=errno.EIO, msg="reboot(KEXEC) returned")
+            except LiveUpdateError as e:
+                with self.cond:
+                    self._cancel_update(e.message)
+                raise
 
     def _holds(self, rec: registry.ClientRecord) -> bool:
         return bool(rec.tokens or rec.session)

@@ -45,6 +45,11 @@ def socket_path(cmdline: str) -> str:
                 HOST_SOCKET)
 
 
+def service_socket(cmdline: str, service: str) -> str:
+    """A service's control socket beside luod's (the VMMs', the cache's)."""
+    return os.path.join(os.path.dirname(socket_path(cmdline)), f"{service}.sock")
+
+
 def send(sock: socket.socket, msg: dict[str, Any], fds: list[int] | tuple[int, ...] = ()
          ) -> None:
     raw = json.dumps(msg, separators=(",", ":")).encode()

@@ -128,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cache = Cache(args.name, args.memory)
-        path = os.path.join(os.path.dirname(protocol.socket_path(cache.backend.cmdline())),
-                            f"kvcache-{args.name}.sock")
+        path = protocol.service_socket(cache.backend.cmdline(), f"kvcache-{args.name}")
         srv = protocol.listen(path)  # bound before announced: it answers once it says so
         print(f"kvcache {args.name}: {'restored' if cache.restored else 'started'} with "
               f"{cache.table.count()} keys, serving {path}", flush=True)

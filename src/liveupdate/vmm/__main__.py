@@ -4,7 +4,6 @@ a luod client; see :mod:`liveupdate.vmm.vmm`."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from liveupdate.errors import LiveUpdateError
@@ -23,8 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         size = int(m[:-1]) << units[m[-1]] if m[-1] in units else int(m)
         vmm = Vmm(args.name, size, args.accel)
-        path = os.path.join(os.path.dirname(protocol.socket_path(vmm.backend.cmdline())),
-                            f"vmm-{args.name}.sock")
+        path = protocol.service_socket(vmm.backend.cmdline(), f"vmm-{args.name}")
         srv = protocol.listen(path)
         st = vmm.status()
         print(f"vmm {args.name}: {st['accel']}, {size >> 20} MiB, "
