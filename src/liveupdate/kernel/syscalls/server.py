@@ -112,12 +112,23 @@ def _received_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
     return fds.tolist()
 
 
+def _dropped_fds(arrived: int) -> AbiError:
+    """Why recvmsg set MSG_CTRUNC: the fds beside a call did not all arrive. Linux sets it
+    when the control buffer is full (then exactly MAX_FDS arrived: the call had more) and when
+    the receiver ran out of fd slots while installing them (``scm_detach_fds`` stops early:
+    fewer arrived) -- tell which, without needing an fd to find out."""
+    if arrived < MAX_FDS:
+        return AbiError(msg="the kernel has no free file descriptor for the fds passed with "
+                        f"this call: {os.strerror(errno.EMFILE)}", err=errno.EMFILE)
+    return AbiError(msg=f"more than {MAX_FDS} file descriptors in one call")
+
+
 def _answer(k: Kernel, proc: Proc | None, raw: bytes, fds: list[int],
             flags: int) -> tuple[bytes, list[int]]:
     """The reply record and the fds to send with it."""
     try:
         if flags & socket.MSG_CTRUNC:
-            raise AbiError(msg=f"more than {MAX_FDS} file descriptors in one call")
+            raise _dropped_fds(len(fds))
         header, payload = wire.unpack(raw)
     except AbiError as e:
         return wire.pack({"errno": e.errno, "message": e.message}), []
