@@ -23,12 +23,16 @@ from liveupdate.abi import (
     formats,
     image,
     kho,
+    kho_block,
     kho_memmap,
+    kho_radix,
     khotest,
+    luo_ser,
     luo_session,
     luo_v3,
     memblock,
     memfd,
+    negotiation,
     uapi,
     vmalloc,
     wire,
@@ -43,6 +47,12 @@ SEGFAULT_BLOB = struct.pack(">10I", 0xD00DFEED, 0x7FFFFFFF, 0x38, 0x40000000, 0x
                             0x100, 0x10) + bytes(64)
 
 
+def _v3_root() -> bytes:
+    live = kho.LiveRoot(kho.KHO_V3, 0x100000)
+    live.add_subtree("LUO", 0x101000, 32)
+    return live.blob
+
+
 def _seeds() -> dict[str, bytes]:
     v = vmalloc.KhoVmalloc(0x101000, 1, 1, 0)
     f = memfd.Folios(np.array([0x200], np.uint64), np.array([3], np.uint16),
@@ -53,6 +63,10 @@ def _seeds() -> dict[str, bytes]:
         "files-fdt": luo_v3.encode_files_fdt([luo_v3.FileEntry(0x1A, "memfd-v1", 0x2000)]),
         "luo-session": luo_session.encode_luo_fdt(1, 0x100000, None),
         "luo-flb": luo_session.encode_luo_fdt(1, 0x100000, 0x200000),
+        "luo-v5": luo_ser.encode(luo_ser.LuoSer(1, 0x100000, 0x101000)),
+        "lu-negotiation": negotiation.encode(negotiation.Record(
+            "7.2.0-lu", "6.19.0-lu", {"kho": "kho-v1", "luo": "luo-v1", "memfd": "memfd-v1"})),
+        "kho-root-v3": _v3_root(),
         "memfd-fdt": memfd.encode_fdt(memfd.MemfdState(0, 4096, f)),
         "kho-test": khotest.encode(khotest.KhoTest(1, 5, None, v)),
         "kho-test-inline": khotest.encode(khotest.KhoTest(1, 5, np.array([0x2000]), None)),
@@ -96,8 +110,8 @@ def mutated(draw: st.DrawFn, seed: bytes) -> bytes:
     if kind == "magic":
         return b"\xd0\x0d\xfe\xee" + bytes(b[4:])
     if kind == "compat":
-        for old in (b"kho-v1", b"luo-v1", b"memfd-v1", b"kho-test-v1", b"memblock-v1",
-                    b"file-descriptors-v1", b"luo-session-v2", b"reserve-mem-v1"):
+        for old in (b"kho-v1", b"kho-v3", b"luo-v5", b"luo-v1", b"memfd-v1", b"kho-test-v1",
+                    b"memblock-v1", b"file-descriptors-v1", b"luo-session-v2", b"reserve-mem-v1"):
             b = bytearray(bytes(b).replace(old, old[:-1] + b"9"))
         return bytes(b)
     return SEGFAULT_BLOB
@@ -130,6 +144,25 @@ def _mem_map(draw: st.DrawFn) -> None:
     ram.buf[off : off + len(raw)] = raw
     kho_memmap.decode_mem_map(ram.mem(), draw(st.sampled_from([0x100000, 0x100010])),
                               draw(st.sampled_from([None, 4096, 512])))
+
+
+def _radix(draw: st.DrawFn) -> None:
+    ram = FakeRam(pages=24, base=0x100000)
+    root, pages = kho_radix.encode(np.array([0x101000, 0x200000], np.uint64),
+                                   np.array([0, 9], np.uint8), ram.alloc)
+    for p, page in pages.items():
+        ram.put(p, page)
+    raw = draw(st.binary(max_size=64))
+    off = draw(st.integers(0, len(ram.buf) - 1))
+    ram.buf[off : off + len(raw)] = raw[: len(ram.buf) - off]
+    kho_radix.decode(ram.mem(), draw(st.sampled_from([root, root + 8, 0])
+                                     | st.integers(0, 2**64 - 1)))
+
+
+def _blocks(draw: st.DrawFn) -> None:
+    mem, ptr = ram_mutated(draw)
+    kho_block.decode(mem, ptr, draw(st.sampled_from([64, 80, 16])), "fuzz")
+    luo_ser.decode_sessions(mem, ptr)
 
 
 def _sessions(draw: st.DrawFn) -> None:
@@ -166,6 +199,9 @@ DECODERS: dict[str, Callable[[st.DrawFn], None]] = {
     **{f"format.{f.name}": _blob(f.name, f.decode) for f in formats.FORMATS},
     "fdt.parse": _blob("kho-root", fdt.parse),
     "kho_memmap.decode_mem_map": _mem_map,
+    "kho_radix.decode": _radix,
+    "kho_block.decode": _blocks,
+    "kho.decode_root.v3": _blob("kho-root-v3", kho.decode_root),
     "vmalloc.decode": _vmalloc,
     "bootparams.boot_params": _boot,
     "bootparams.scratch": _blob("setup_data", bootparams.decode_scratch),

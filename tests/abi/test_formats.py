@@ -2,7 +2,7 @@
 
 import pytest
 
-from liveupdate.abi import formats, image
+from liveupdate.abi import formats, generations, image
 from liveupdate.errors import AbiError
 from liveupdate.tools import report
 from tests.abi.fuzz_runner import DECODERS, SEEDS
@@ -20,33 +20,78 @@ def test_seeds_decode_with_the_tables_decoder() -> None:
         f.decode(SEEDS[f.name])
 
 
-@pytest.mark.parametrize("writer, reader, bad", [
-    ("6.19", "6.19", set()),
-    ("7.1", "7.1", set()),
-    ("v3", "v3", set()),
-    ("6.19", "7.1", {("memfd-v1", "cannot read"), ("luo-flb", "requires")}),
-    ("6.19", "v3", {("luo-session", "cannot read"), ("memfd-v1", "cannot read")}),
-    ("7.1", "6.19", {("memfd-v2", "cannot read")}),  # 6.19 ignores the luo-flb node
-    ("v3", "6.19", {("luo-v3", "cannot read"), ("files-fdt", "cannot read"),
-                    ("memfd-fdt", "cannot read")}),
+def _native(gen: str) -> dict[str, tuple[str, ...]]:
+    return {c: (f,) for c, f in image.KernelImage.of(gen).native().items()}
+
+
+@pytest.mark.parametrize("writer, reader, want", [
+    ("6.19", "6.19", []),
+    ("7.2", "7.2", []),
+    ("v3", "v3", []),
+    ("7.0", "6.19", []),  # 6.19 ignores the luo-flb node
+    ("6.19", "7.0", [("flb", "luo-flb-v1", "requires", "panic")]),
+    ("6.19", "7.1", [("kho", "kho-v1", "cannot read", "cold boot")]),
+    ("7.1", "7.2", [("kho", "kho-v3", "cannot read", "cold boot")]),
+    ("6.18", "6.16", [("kho", "kho-v1", "cannot read", "cold boot")]),
+    ("6.16", "6.18", [("kho", "kho-v1-512", "cannot read", "cold boot")]),
+    ("v3", "6.19", [("luo", "luo-v3", "cannot read", "panic")]),
+    ("6.19", "v3", [("luo", "luo-v1", "cannot read", "panic")]),
+    ("6.19", "6.18", [("luo", "luo-v1", "has no LUO", "unreachable")]),
 ])
-def test_compatibility_matrix(writer: str, reader: str, bad: set[tuple[str, str]]) -> None:
-    got = {(i.format.name, i.reason) for i in formats.incompatibilities(writer, reader)}
-    assert got == bad
+def test_linux_between_generations(writer: str, reader: str,
+                                   want: list[tuple[str, str, str, str]]) -> None:
+    """spec/kho.md 8 and spec/luo.md 7, cell by cell, for a handover holding a memfd."""
+    written = image.KernelImage.of(writer).native()
+    got = [(i.component, i.format, i.reason, i.effect)
+           for i in formats.incompatibilities(written, _native(reader))]
+    assert got == want
 
 
-def test_only_what_is_written_counts() -> None:
-    """A 6.19 kernel that preserved no memfd hands over nothing 7.1 cannot read, but 7.1
-    still requires the FLB node 6.19 never writes."""
-    written = [formats.get("setup_data"), formats.get("kho-root"), formats.get("luo-session")]
-    got = formats.incompatibilities("6.19", "7.1", written)
-    assert [(i.format.name, i.reason) for i in got] == [("luo-flb", "requires")]
+def test_7_1_memfd_is_eio_on_an_otherwise_readable_handover() -> None:
+    written = {"kho": "kho-v1", "luo": "luo-v1", "flb": "luo-flb-v1", "memfd": "memfd-v2"}
+    reads = {"kho": ("kho-v1",), "luo": ("luo-v1",), "flb": ("luo-flb-v1",),
+             "memfd": ("memfd-v1",)}
+    got = formats.incompatibilities(written, reads)
+    assert [(i.component, i.effect) for i in got] == [("memfd", "EIO")]
+    del written["memfd"]  # no file preserved: nothing the handler would refuse
+    assert formats.incompatibilities(written, reads) == []
 
 
-def test_images_take_their_generations_from_the_table() -> None:
-    for gen in formats.GENERATIONS:
-        assert image.decode(image.KernelImage(luo=gen).encode()).luo == gen
-    with pytest.raises(AbiError, match="unknown LUO generation"):
-        formats.check_generation("5.10")
+@pytest.mark.parametrize("writer, reader, want", [
+    ("7.2", "6.19", {"kho": "kho-v1", "luo": "luo-v1", "flb": "none", "memfd": "memfd-v1"}),
+    ("6.19", "7.2", {"kho": "kho-v1", "luo": "luo-v1", "flb": "none", "memfd": "memfd-v1"}),
+    ("7.2", "7.1", {"kho": "kho-v3", "luo": "luo-v1", "flb": "luo-flb-v1",
+                    "memfd": "memfd-v2"}),
+    ("7.2", "7.2", {"kho": "kho-v4", "luo": "luo-v5", "flb": "luo-flb-v1",
+                    "memfd": "memfd-v2"}),
+    ("7.2", "6.16", {"kho": "kho-v1-512"}),
+    ("6.16", "7.2", {"kho": "kho-v1-512"}),
+])
+def test_negotiation_picks_the_newest_common_format(writer: str, reader: str,
+                                                    want: dict[str, str]) -> None:
+    w, r = image.KernelImage.of(writer), image.KernelImage.of(reader)
+    assert generations.agree(w.native(), w.capable(), r.manifest()) == want
+
+
+def test_negotiation_refuses_families_with_nothing_in_common() -> None:
+    w, r = image.KernelImage.of("v3"), image.KernelImage.of("7.2")
+    with pytest.raises(AbiError, match="reads luo-v1/luo-v5 luo format, this one writes "
+                                       "luo-v3"):
+        generations.agree(w.native(), w.capable(), r.manifest())
+
+
+def test_images_of_every_generation() -> None:
+    for gen in generations.RELEASES:
+        img = image.decode(image.KernelImage.of(gen).encode())
+        assert img.generation == gen
+    assert image.KernelImage(luo="7.2").kho == "kho-v4"
+    with pytest.raises(AbiError, match="unknown kernel generation"):
+        image.KernelImage.of("5.10")
     with pytest.raises(AbiError, match="unsupported"):
         image.KernelImage(luo="5.10").encode()
+    with pytest.raises(AbiError, match="needs the KHO format kho-v4"):
+        image.KernelImage(luo="7.2", kho="kho-v1").encode()
+    with pytest.raises(AbiError, match="unknown formats"):
+        image.KernelImage(reads={"kho": ["kho-v9"]}).encode()
+    lying = image.KernelImage.of("6.19", reads={"kho": ["kho-v1", "kho-v4"]})
+    assert image.decode(lying.encode()).manifest()["kho"] == ("kho-v1", "kho-v4")

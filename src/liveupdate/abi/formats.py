@@ -1,28 +1,25 @@
 """Every handover format, once: what it is called, its ``compatible``, its decoder, and which
-kernel generations write it, can read it, and cannot boot a live update without it.
+component and component format (:mod:`liveupdate.abi.generations`) it belongs to.
 
 This is QEMU's ``VMStateDescription`` lesson: versioning is data. ``luoctl inspect`` (through
-:mod:`liveupdate.tools.report`, which has one describer per name here), the fuzz runner,
-kernel images (:mod:`liveupdate.abi.image` takes its generations from here), the kernel's
-load-time check and luod's pre-flight all read this table.
+:mod:`liveupdate.tools.report`, which has one describer per name here), the fuzz runner, the
+kernel's load-time check and negotiation, and luod's pre-flight all read this table.
 
-Generations are the LUO generations of kernel images: ``none`` (a kernel without LUO, as
-every release before 6.19), ``v3`` (the seed's state machine), ``6.19`` (sessions, struct
-memfd-v1) and ``7.1`` (sessions + FLB, memfd-v2 with seals). The KHO-level formats are shared
-by all of them; a ``none`` kernel reads none of the LUO ones. The matrix follows spec/luo.md
-section 7:
+:func:`incompatibilities` is Linux's behaviour between two kernels, component by component
+(spec/kho.md 8, spec/luo.md 7), given what a handover holds and what the reader reads:
 
-* ``luo-v1`` with a ``luo-session-v2`` node is read by 6.19 and 7.x alike; v3's ``luo-v1``
-  (with ``subsystems-v1``) by v3 only -- the compatible string is the same, the content is not.
-* 7.0+ *requires* the ``luo-flb-v1`` node (``luo_flb_setup_incoming``: missing -> ENOENT ->
-  panic), which 6.19 never writes; 6.19 ignores the node when a 7.x kernel writes it [I].
-* file handlers match by exact ``compatible``: ``memfd-v1`` (struct) only on 6.19,
-  ``memfd-v2`` only on 7.x; a mismatch makes every open of /dev/liveupdate fail with EIO.
+* a KHO root the reader does not take -> the whole handover is ignored: **cold boot**;
+* a LUO root (``luo-v1`` FDT vs ``luo-v5`` struct vs v3's ``luo-v1`` with subsystems -- the
+  same string, other content) or a missing required FLB node (7.0+ ``luo_flb_setup_incoming``:
+  ENOENT) -> ``luo_restore_fail``: **panic**; a 6.19 reader ignores an FLB node [I];
+* a file whose handler the reader lacks -> every open of /dev/liveupdate fails: **EIO**;
+* a reader without LUO (before 6.19, or LUO off) never looks at the LUO subtree: the files'
+  memory stays reserved and nobody can retrieve them: **unreachable**.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,16 +27,14 @@ from liveupdate.abi import (
     bootparams,
     kho,
     khotest,
+    luo_ser,
     luo_session,
     luo_v3,
     memblock,
     memfd,
+    negotiation,
 )
 from liveupdate.errors import AbiError
-
-GENERATIONS = ("none", "v3", "6.19", "7.1")
-ALL = frozenset(GENERATIONS)
-SESSIONS = frozenset({"6.19", "7.1"})
 
 
 @dataclass(frozen=True)
@@ -47,11 +42,8 @@ class Format:
     name: str  # the key, and the report's "kind"
     compatible: str  # what the blob carries ("" where the format has none)
     decode: Callable[[bytes], Any]  # the pure decoder of one blob of this format
-    writers: frozenset[str]  # generations whose kernels write it
-    readers: frozenset[str]  # generations whose kernels can read it
-    required_by: frozenset[str] = frozenset()  # generations that cannot boot a handover
-    #                                            that lacks it
-    handler: bool = False  # a LUO file handler's format (mismatch: EIO, not panic)
+    component: str = ""  # generations.COMPONENTS; "" = every generation's (KHO level)
+    fmt: str = ""  # the component format it belongs to
 
 
 def _setup_data(blob: bytes) -> bootparams.KhoData:
@@ -68,23 +60,21 @@ def _luo_flb(blob: bytes) -> luo_session.LuoFdt:
 
 
 FORMATS: tuple[Format, ...] = (
-    Format("setup_data", "SETUP_KEXEC_KHO", _setup_data, ALL, ALL),
-    Format("kho-root", kho.KHO_FDT_COMPATIBLE, kho.decode_root, ALL, ALL, ALL),
-    Format("memblock", memblock.MEMBLOCK_COMPATIBLE, memblock.decode, ALL, ALL),
-    Format("kho-test", khotest.KHO_TEST_COMPAT, khotest.decode, ALL, ALL),
-    Format("luo-v3", luo_v3.LUO_COMPATIBLE, luo_v3.decode_luo_fdt, frozenset({"v3"}),
-           frozenset({"v3"})),
-    Format("files-fdt", luo_v3.FILES_COMPATIBLE, luo_v3.decode_files_fdt, frozenset({"v3"}),
-           frozenset({"v3"})),
-    Format("memfd-fdt", memfd.MEMFD_V1, memfd.decode_fdt, frozenset({"v3"}),
-           frozenset({"v3"}), handler=True),
-    Format("luo-session", luo_session.SESSION_COMPATIBLE, _luo_session, SESSIONS, SESSIONS),
-    Format("luo-flb", luo_session.FLB_COMPATIBLE, _luo_flb, frozenset({"7.1"}),
-           SESSIONS, required_by=frozenset({"7.1"})),
+    Format("setup_data", "SETUP_KEXEC_KHO", _setup_data),
+    Format("kho-root", kho.KHO_FDT_COMPATIBLE, kho.decode_root, "kho"),
+    Format("memblock", memblock.MEMBLOCK_COMPATIBLE, memblock.decode),
+    Format("kho-test", khotest.KHO_TEST_COMPAT, khotest.decode),
+    Format("luo-v3", luo_v3.LUO_COMPATIBLE, luo_v3.decode_luo_fdt, "luo", "luo-v3"),
+    Format("files-fdt", luo_v3.FILES_COMPATIBLE, luo_v3.decode_files_fdt, "luo", "luo-v3"),
+    Format("memfd-fdt", memfd.MEMFD_V1, memfd.decode_fdt, "memfd", "memfd-fdt"),
+    Format("luo-session", luo_session.SESSION_COMPATIBLE, _luo_session, "luo", "luo-v1"),
+    Format("luo-flb", luo_session.FLB_COMPATIBLE, _luo_flb, "flb", "luo-flb-v1"),
+    Format("luo-v5", luo_ser.LUO_V5, luo_ser.decode, "luo", "luo-v5"),
+    Format("lu-negotiation", negotiation.COMPATIBLE, negotiation.decode),
     Format("memfd-v1", memfd.MEMFD_V1, lambda raw: memfd.decode_ser(raw, memfd.MEMFD_V1),
-           frozenset({"6.19"}), frozenset({"6.19"}), handler=True),
+           "memfd", "memfd-v1"),
     Format("memfd-v2", memfd.MEMFD_V2, lambda raw: memfd.decode_ser(raw, memfd.MEMFD_V2),
-           frozenset({"7.1"}), frozenset({"7.1"}), handler=True),
+           "memfd", "memfd-v2"),
 )
 BY_NAME = {f.name: f for f in FORMATS}
 
@@ -96,41 +86,53 @@ def get(name: str) -> Format:
         raise AbiError(msg=f"no handover format {name!r}") from None
 
 
-def check_generation(gen: str) -> str:
-    if gen not in GENERATIONS:
-        raise AbiError(msg=f"unknown LUO generation {gen!r} (known: {', '.join(GENERATIONS)})")
-    return gen
-
-
-def written_by(gen: str, *, handlers: bool = True) -> list[Format]:
-    """What a ``gen`` kernel can write; ``handlers=False`` leaves out file handler formats
-    (those appear only when a file of that kind is preserved)."""
-    check_generation(gen)
-    return [f for f in FORMATS if gen in f.writers and (handlers or not f.handler)]
-
-
-def describe(bad: list[Incompatibility]) -> str:
-    """One line: what the reader cannot take."""
-    return "; ".join(f"{'it cannot read' if i.reason == 'cannot read' else 'it requires'} "
-                     f"{i.format.name} ({i.format.compatible})" for i in bad)
+EFFECT = {"kho": "cold boot", "luo": "panic", "flb": "panic", "memfd": "EIO",
+          "unreachable": "unreachable"}
 
 
 @dataclass(frozen=True)
 class Incompatibility:
-    format: Format
-    reason: str  # "cannot read" or "requires"
+    component: str
+    format: str  # the component format at issue
+    reason: str  # "cannot read", "requires", "has no LUO"
+
+    @property
+    def effect(self) -> str:
+        return EFFECT["unreachable" if self.reason == "has no LUO" else self.component]
+
+    def __str__(self) -> str:
+        if self.reason == "has no LUO":
+            return "it has no LUO: the preserved files would be unreachable"
+        return f"it {self.reason} {self.format} ({self.component})"
 
 
-def incompatibilities(writer: str, reader: str,
-                      written: list[Format] | None = None) -> list[Incompatibility]:
-    """What stops a ``reader`` kernel from taking over a ``writer`` kernel's handover.
+def describe(bad: list[Incompatibility]) -> str:
+    """One line: what the reader cannot take."""
+    return "; ".join(str(i) for i in bad)
 
-    ``written`` narrows the check to what is actually in this handover (file handlers that
-    preserved nothing do not count); by default every format ``writer`` can write."""
-    check_generation(reader)
-    out = written if written is not None else written_by(writer)
-    bad = [Incompatibility(f, "cannot read") for f in out if reader not in f.readers]
-    names = {f.name for f in out}
-    bad += [Incompatibility(f, "requires") for f in FORMATS
-            if reader in f.required_by and f.name not in names]
+
+def incompatibilities(written: Mapping[str, str],
+                      reads: Mapping[str, tuple[str, ...]]) -> list[Incompatibility]:
+    """What stops a reader that reads ``reads`` (per component) from taking a handover that
+    holds ``written`` (per component; ``memfd`` only when a file of it is preserved). Each
+    entry's ``effect`` is what Linux does about it; a KHO mismatch hides everything else
+    (the handover is ignored)."""
+    kho_fmt = written.get("kho")
+    if kho_fmt is not None and kho_fmt not in reads.get("kho", ()):
+        return [Incompatibility("kho", kho_fmt, "cannot read")]
+    luo = written.get("luo")
+    if luo is None:
+        return []
+    if "luo" not in reads:
+        return [Incompatibility("luo", luo, "has no LUO")] if "memfd" in written else []
+    if luo not in reads["luo"]:
+        return [Incompatibility("luo", luo, "cannot read")]
+    bad = []
+    flb, flb_reads = written.get("flb"), reads.get("flb", ("none",))
+    if flb is not None and flb not in flb_reads and flb_reads != ("none",):
+        bad.append(Incompatibility("flb", "luo-flb-v1", "requires" if flb == "none"
+                                   else "cannot read"))
+    mfd = written.get("memfd")
+    if mfd is not None and mfd not in reads.get("memfd", ()):
+        bad.append(Incompatibility("memfd", mfd, "cannot read"))
     return bad

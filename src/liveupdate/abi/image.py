@@ -14,11 +14,17 @@ entry address, never from the file.
 
 ``kho_core`` is the Linux release whose KHO core the kernel follows -- when the memory map is
 finalized and what debugfs shows (:mod:`liveupdate.kernel.kho_core`): ``6.16``, ``6.18``,
-``6.19`` or ``7.1``; left empty it is the LUO generation's own (``7.1`` for 7.1, else
-``6.19``). LUO generations fix their core: sessions need 6.19+ and LUO 7.1 the 7.1 core;
-``v3`` runs on the 6.19 core (a deviation: the v3 series sat on 6.16's notifier core, where
-LUO PREPARE was ``kho_finalize``); before 6.19 there is no LUO (``luo: "none"``). 512-byte
-bitmaps exist only on the 6.16 core (6.17 without the stable fix).
+``6.19`` or ``7.1`` (stateless; 7.2 keeps it). ``kho`` is the root format: ``kho-v1`` on the
+6.16-6.19 cores, ``kho-v3`` (7.1) or ``kho-v4`` (7.2) on the stateless one. Empty fields are
+the LUO generation's own (:mod:`liveupdate.abi.generations`): LUO 6.19/7.0 and ``v3`` need
+kho-v1 (``v3`` runs on the 6.19 core, a deviation: the v3 series sat on 6.16's notifier core,
+where LUO PREPARE was ``kho_finalize``), 7.1 kho-v3, 7.2 kho-v4; before 6.19 there is no LUO
+(``luo: "none"``). 512-byte bitmaps exist only on the 6.16 core (6.17 without the stable fix).
+
+``reads`` is the image's manifest for negotiation (an extension, see
+:mod:`liveupdate.kernel.negotiate`): per component the formats the kernel claims to read.
+Empty means what its code reads (``generations.capable``); a header may claim anything, and
+the next kernel's own validation catches a lie.
 """
 
 from __future__ import annotations
@@ -26,9 +32,9 @@ from __future__ import annotations
 import json
 import re
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
-from liveupdate.abi import formats
+from liveupdate.abi import generations
 from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.errors import AbiError
 
@@ -36,9 +42,9 @@ MAGIC = b"LUKIMG01"
 PREAMBLE = struct.Struct("<8sII")
 MAX_HEADER = PAGE_SIZE - PREAMBLE.size
 ENTRY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
-KHO_FORMATS = ("kho-v1",)
+KHO_FORMATS = ("kho-v1", "kho-v3", "kho-v4")
 KHO_CORES = ("6.16", "6.18", "6.19", "7.1")
-LUO_GENERATIONS = formats.GENERATIONS
+LUO_GENERATIONS = generations.LUO_GENERATIONS
 MEMFD_FORMATS = ("memfd-v1", "memfd-v2")
 
 
@@ -47,15 +53,65 @@ class KernelImage:
     entry: str = "liveupdate.kernel.main"
     release: str = "6.19.0-lu"
     load_size: int = 32 << 20
-    kho: str = "kho-v1"
+    kho: str = ""
     kho_bitmap_bytes: int = 4096
     luo: str = "6.19"
-    memfd: str = "memfd-v1"
+    memfd: str = ""
     kho_core: str = ""
+    reads: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.kho_core == "" and isinstance(self.luo, str):
-            object.__setattr__(self, "kho_core", "7.1" if self.luo == "7.1" else "6.19")
+        if not isinstance(self.luo, str) or not isinstance(self.kho_core, str):
+            return  # decode() reports the wrong type
+        if self.kho == "":
+            kho = generations.KHO_OF.get(self.luo) or (
+                "kho-v3" if self.kho_core == "7.1" else "kho-v1")
+            object.__setattr__(self, "kho", kho)
+        if self.memfd == "":
+            object.__setattr__(self, "memfd", generations.MEMFD_OF.get(self.luo, ""))
+        if self.kho_core == "":
+            core = "7.1" if self.kho in ("kho-v3", "kho-v4") else (
+                "6.16" if self.kho_bitmap_bytes == 512 else "6.19")
+            object.__setattr__(self, "kho_core", core)
+
+    @classmethod
+    def of(cls, generation: str, **over: object) -> KernelImage:
+        """The image of a kernel generation (``generations.RELEASES``)."""
+        try:
+            r = generations.RELEASES[generation]
+        except KeyError:
+            raise AbiError(msg=f"unknown kernel generation {generation!r} (known: "
+                           f"{', '.join(generations.RELEASES)})") from None
+        base: dict[str, object] = {"release": r.release, "kho": r.kho,
+                                   "kho_bitmap_bytes": r.bitmap_bytes, "kho_core": r.kho_core,
+                                   "luo": r.luo, "memfd": r.memfd}
+        return cls(**{**base, **over})  # type: ignore[arg-type]
+
+    @property
+    def generation(self) -> str:
+        """The generation this image is, or "custom"."""
+        for name, r in generations.RELEASES.items():
+            if (r.kho, r.bitmap_bytes, r.kho_core, r.luo) == (
+                    self.kho, self.kho_bitmap_bytes, self.kho_core, self.luo):
+                return name
+        return "custom"
+
+    def native(self) -> dict[str, str]:
+        return generations.native(self.kho, self.kho_bitmap_bytes, self.luo)
+
+    def capable(self) -> dict[str, tuple[str, ...]]:
+        return generations.capable(self.kho, self.kho_bitmap_bytes, self.luo)
+
+    def manifest(self) -> dict[str, tuple[str, ...]]:
+        """What the image claims to read: its ``reads`` where given, else what it can."""
+        return {**self.capable(), **generations.check_manifest(self.reads)}
+
+    def reads_for(self, negotiating: bool) -> dict[str, tuple[str, ...]]:
+        """What the kernel says it will read: its manifest when booted with
+        ``liveupdate_negotiate=on``, else its native formats only."""
+        if negotiating:
+            return self.manifest()
+        return {c: (f,) for c, f in self.native().items()}
 
     def validate(self) -> KernelImage:
         if not ENTRY_RE.match(self.entry) or not self.entry.startswith("liveupdate."):
@@ -65,15 +121,30 @@ class KernelImage:
                            "up to 4 GiB")
         if self.kho not in KHO_FORMATS or self.kho_bitmap_bytes not in (4096, 512):
             raise AbiError(msg=f"image KHO format {self.kho}/{self.kho_bitmap_bytes} unsupported")
-        if self.luo not in LUO_GENERATIONS or self.memfd not in MEMFD_FORMATS:
-            raise AbiError(msg=f"image LUO generation {self.luo}/{self.memfd} unsupported")
+        if self.luo not in LUO_GENERATIONS:
+            raise AbiError(msg=f"image LUO generation {self.luo!r} unsupported (known: "
+                           f"{', '.join(LUO_GENERATIONS)})")
+        want_memfd = generations.MEMFD_OF.get(self.luo)
+        ok = self.memfd == want_memfd if want_memfd else self.memfd in ("", *MEMFD_FORMATS)
+        if not ok:
+            raise AbiError(msg=f"image LUO {self.luo} uses {want_memfd or 'no memfd format'},"
+                           f" not {self.memfd!r}")
         if self.kho_core not in KHO_CORES:
             raise AbiError(msg=f"image KHO core {self.kho_core!r} unsupported (known: "
                            f"{', '.join(KHO_CORES)})")
-        cores = {"none": KHO_CORES, "v3": ("6.19",), "6.19": ("6.19",), "7.1": ("7.1",)}
-        if self.kho_core not in cores[self.luo]:
-            raise AbiError(msg=f"image LUO {self.luo} needs the KHO core of "
-                           f"{' or '.join(cores[self.luo])}, not {self.kho_core}")
+        want_kho = generations.KHO_OF.get(self.luo)
+        if want_kho and self.kho != want_kho:
+            raise AbiError(msg=f"image LUO {self.luo} needs the KHO format {want_kho}, not "
+                           f"{self.kho}")
+        radix = self.kho in ("kho-v3", "kho-v4")
+        if radix != (self.kho_core == "7.1"):
+            raise AbiError(msg=f"image KHO format {self.kho} does not run on the "
+                           f"{self.kho_core} core ({'only' if radix else 'not'} the stateless "
+                           "7.1 core)")
+        if self.luo in ("v3", "6.19", "7.0") and self.kho_core != "6.19":
+            raise AbiError(msg=f"image LUO {self.luo} needs the KHO core of 6.19, not "
+                           f"{self.kho_core}")
+        generations.check_manifest(self.reads)
         if self.kho_bitmap_bytes == 512 and self.kho_core != "6.16":
             raise AbiError(msg=f"512-byte KHO bitmaps exist only on the 6.16 core, not "
                            f"{self.kho_core}")
@@ -102,7 +173,7 @@ def decode(raw: bytes) -> KernelImage:
         raise AbiError(msg=f"kernel image header is malformed: {e}") from e
     for name, typ in (("entry", str), ("release", str), ("load_size", int), ("kho", str),
                       ("kho_bitmap_bytes", int), ("luo", str), ("memfd", str),
-                      ("kho_core", str)):
+                      ("kho_core", str), ("reads", dict)):
         if not isinstance(getattr(img, name), typ) or isinstance(getattr(img, name), bool):
             raise AbiError(msg=f"kernel image field {name} has the wrong type")
     return img.validate()

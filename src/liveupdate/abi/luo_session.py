@@ -18,6 +18,7 @@ name[48]; u64 data; u64 count``), at most 63.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,7 +103,7 @@ def _cstr(raw: bytes, size: int, what: str) -> str:
         raise AbiError(msg=f"{what} is not valid UTF-8") from e
 
 
-def _name_field(name: str, size: int, what: str) -> bytes:
+def name_field(name: str, size: int, what: str) -> bytes:
     raw = name.encode()
     if len(raw) >= size or b"\0" in raw:
         raise AbiError(msg=f"{what} {name!r} does not fit {size - 1} bytes")
@@ -130,7 +131,7 @@ def encode_files(files: list[FileSer]) -> bytes:
             msg=f"{len(files)} files, more than {FILE_MAX} per session", err=errno.ENOSPC)
     arr = np.zeros(FILE_MAX, FILE_DTYPE)
     for i, f in enumerate(files):
-        arr[i] = (_name_field(f.compatible, HNDL_COMPAT_LEN, "handler compatible"),
+        arr[i] = (name_field(f.compatible, HNDL_COMPAT_LEN, "handler compatible"),
                   f.data, f.token)
     return arr.tobytes()
 
@@ -141,7 +142,7 @@ def encode_sessions(sessions: list[tuple[str, int, int]]) -> bytes:
         raise AbiError(msg=f"{len(sessions)} sessions, more than {SESSION_MAX}", err=errno.ENOMEM)
     arr = np.zeros(SESSION_MAX, SESSION_DTYPE)
     for i, (name, files, count) in enumerate(sessions):
-        arr[i] = (_name_field(name, SESSION_NAME_LEN, "session name"), files, count)
+        arr[i] = (name_field(name, SESSION_NAME_LEN, "session name"), files, count)
     return np.uint64(len(sessions)).tobytes() + arr.tobytes() + bytes(
         SESSION_BLOCK - 8 - arr.nbytes)
 
@@ -152,6 +153,20 @@ def decode_sessions(mem: PhysMem, header_phys: int) -> list[SessionSer]:
     if count > SESSION_MAX:
         raise AbiError(msg=f"luo session header: count {int(count)} > {SESSION_MAX}")
     arr = mem.read_array(header_phys + 8, int(count), SESSION_DTYPE, "luo_session_ser array")
+
+    def files(name: str, phys: int, n: int) -> np.ndarray:
+        if n > FILE_MAX:
+            raise AbiError(msg=f"session {name!r}: {n} files > {FILE_MAX}")
+        return mem.read_array(phys, n, FILE_DTYPE, f"session {name!r} files")
+
+    return check_sessions(arr, files)
+
+
+def check_sessions(arr: np.ndarray,
+                   read_files: Callable[[str, int, int], np.ndarray]) -> list[SessionSer]:
+    """Sessions from ``luo_session_ser`` rows, their files read by ``read_files(name, phys,
+    count)``: names NUL-terminated and unique, tokens unique per session, a file array
+    wherever files are counted. Shared by luo-session-v2 arrays and luo-v5 block chains."""
     out: list[SessionSer] = []
     names: set[str] = set()
     for s in arr:
@@ -160,12 +175,12 @@ def decode_sessions(mem: PhysMem, header_phys: int) -> list[SessionSer]:
             raise AbiError(msg=f"duplicate session name {name!r}", err=errno.EEXIST)
         names.add(name)
         nfiles, files_phys = int(s["count"]), int(s["files"])
-        if nfiles > FILE_MAX:
-            raise AbiError(msg=f"session {name!r}: {nfiles} files > {FILE_MAX}")
         if nfiles and not files_phys:
             raise AbiError(msg=f"session {name!r}: {nfiles} files but no file array")
-        files = mem.read_array(files_phys, nfiles, FILE_DTYPE, f"session {name!r} files") \
-            if nfiles else np.zeros(0, FILE_DTYPE)
+        files = read_files(name, files_phys, nfiles) if nfiles else np.zeros(0, FILE_DTYPE)
+        if len(files) != nfiles:
+            raise AbiError(msg=f"session {name!r}: {nfiles} files counted, {len(files)} "
+                           "stored")
         tokens: set[int] = set()
         entries = []
         for f in files:
@@ -192,7 +207,7 @@ def encode_flbs(flbs: list[FlbSer]) -> bytes:
         raise AbiError(msg=f"{len(flbs)} FLBs, more than {FLB_MAX}", err=errno.ENOSPC)
     arr = np.zeros(FLB_MAX, FLB_DTYPE)
     for i, f in enumerate(flbs):
-        arr[i] = (_name_field(f.name, HNDL_COMPAT_LEN, "FLB name"), f.data, f.count)
+        arr[i] = (name_field(f.name, HNDL_COMPAT_LEN, "FLB name"), f.data, f.count)
     return np.array([1, len(flbs)], "<u8").tobytes() + arr.tobytes()
 
 

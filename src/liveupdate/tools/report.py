@@ -21,11 +21,14 @@ from liveupdate.abi import (
     fdt,
     kho,
     kho_memmap,
+    kho_radix,
     khotest,
+    luo_ser,
     luo_session,
     luo_v3,
     memblock,
     memfd,
+    negotiation,
     vmalloc,
 )
 from liveupdate.abi.physmem import PhysMem
@@ -40,11 +43,16 @@ def hx(v: int) -> str:
 
 def identify(blob: bytes) -> str:
     """The kind of a blob: ``setup_data``, ``kho-root``, ``memblock``, ``kho-test``,
-    ``luo-v3``, ``luo-session``, ``files-fdt`` or ``memfd-fdt``. AbiError otherwise."""
+    ``luo-v3``, ``luo-session``, ``luo-v5``, ``files-fdt``, ``memfd-fdt`` or
+    ``lu-negotiation``. AbiError otherwise."""
+    if blob[: luo_ser.COMPAT_LEN] == luo_ser.LUO_V5.encode().ljust(luo_ser.COMPAT_LEN, b"\0"):
+        return "luo-v5"
     if len(blob) >= 4 and struct.unpack(">I", blob[:4])[0] == fdt.FDT_MAGIC:
         root = fdt.parse(blob).root
         compat = root.compatible()
-        for name, kind in ((kho.KHO_FDT_COMPATIBLE, "kho-root"),
+        if set(kho.ROOT_FORMATS) & set(compat):
+            return "kho-root"
+        for name, kind in ((negotiation.COMPATIBLE, "lu-negotiation"),
                            (memblock.MEMBLOCK_COMPATIBLE, "memblock"),
                            (khotest.KHO_TEST_COMPAT, "kho-test"),
                            (luo_v3.FILES_COMPATIBLE, "files-fdt")):
@@ -74,7 +82,11 @@ def describe(blob: bytes, mem: PhysMem | None = None, bitmap_bytes: int | None =
     return DESCRIBERS[kind](blob, mem, bitmap_bytes)
 
 
-def _describe_at(mem: PhysMem, phys: int, what: str, bb: int | None) -> Report:
+def _describe_at(mem: PhysMem, phys: int, what: str, bb: int | None,
+                 size: int | None = None) -> Report:
+    """The blob at ``phys``: an FDT (its own size), or ``size`` raw bytes (kho-v3+)."""
+    if size is not None and mem.read(phys, 4, what) != struct.pack(">I", fdt.FDT_MAGIC):
+        return describe(mem.read(phys, min(size, 1 << 20), what), mem, bb)
     return describe(mem.read_fdt(phys, what), mem, bb)
 
 
@@ -111,16 +123,25 @@ def describe_root(blob: bytes, mem: PhysMem | None = None, bb: int | None = None
     root = kho.decode_root(blob)
     rep: Report = {"kind": "kho-root", "compatible": root.compatible,
                    "preserved_memory_map": hx(root.mem_map), "subtrees": []}
+    radix = kho.is_radix(root.compatible)
     for name, phys in root.subtrees:
-        sub: Report = {"name": name, "fdt": hx(phys)}
+        size = root.size(name)
+        sub: Report = ({"name": name, "preserved_data": hx(phys), "blob_size": size} if radix
+                       else {"name": name, "fdt": hx(phys)})
         if mem is not None:
-            sub["content"] = _guard(partial(_describe_at, mem, phys, f"subtree {name}", bb))
+            sub["content"] = _guard(partial(_describe_at, mem, phys, f"subtree {name}", bb,
+                                            size))
         rep["subtrees"].append(sub)
+    names = [n for n, _ in root.subtrees]
+    rep["negotiated"] = negotiation.NODE in names
     if root.broken:  # Linux skips these; only retrieving one by name fails
         rep["unretrievable"] = [{"name": n, "why": why} for n, why in root.broken]
     if mem is not None and root.mem_map:
-        rep["memory"] = _guard(
-            lambda: memory_summary(kho_memmap.decode_mem_map(mem, root.mem_map, bb)))
+        rep["memory"] = _guard(lambda: memory_summary(
+            kho_radix.decode(mem, root.mem_map) if radix
+            else kho_memmap.decode_mem_map(mem, root.mem_map, bb)))
+        if radix:
+            rep["memory"]["format"] = "radix"
     return rep
 
 
@@ -228,27 +249,52 @@ def _describe_luo_session(blob: bytes, mem: PhysMem | None, bb: int | None) -> R
         rep["flb_header"] = hx(luo.flb_header)
     if mem is None:
         return rep
-
-    def sessions() -> Report:
-        out = []
-        for s in luo_session.decode_sessions(mem, luo.session_header):
-            files = []
-            for f in s.files:
-                entry: Report = {"token": hx(f.token), "compatible": f.compatible,
-                                 "data": hx(f.data)}
-                if f.compatible in (memfd.MEMFD_V1, memfd.MEMFD_V2):
-                    entry["memfd"] = _guard(
-                        partial(describe_memfd_ser, mem, f.data, f.compatible))
-                files.append(entry)
-            out.append({"name": s.name, "files": files})
-        return {"list": out}
-    rep["sessions"] = _guard(sessions)
+    header = luo.session_header
+    rep["sessions"] = _guard(lambda: _sessions_report(
+        mem, luo_session.decode_sessions(mem, header)))
     if luo.flb_header:
-        flb_phys = luo.flb_header
-        rep["flbs"] = _guard(lambda: {"list": [
-            {"name": f.name, "data": hx(f.data), "count": f.count}
-            for f in luo_session.decode_flbs(mem, flb_phys)]})
+        _flbs(rep, mem, luo.flb_header)
     return rep
+
+
+def _sessions_report(mem: PhysMem, sessions: list[luo_session.SessionSer]) -> Report:
+    out = []
+    for s in sessions:
+        files = []
+        for f in s.files:
+            entry: Report = {"token": hx(f.token), "compatible": f.compatible,
+                             "data": hx(f.data)}
+            if f.compatible in (memfd.MEMFD_V1, memfd.MEMFD_V2):
+                entry["memfd"] = _guard(partial(describe_memfd_ser, mem, f.data, f.compatible))
+            files.append(entry)
+        out.append({"name": s.name, "files": files})
+    return {"list": out}
+
+
+def _flbs(rep: Report, mem: PhysMem, phys: int) -> None:
+    rep["flbs"] = _guard(lambda: {"list": [
+        {"name": f.name, "data": hx(f.data), "count": f.count}
+        for f in luo_session.decode_flbs(mem, phys)]})
+
+
+def _describe_luo_v5(blob: bytes, mem: PhysMem | None, bb: int | None) -> Report:
+    ser = luo_ser.decode(blob)
+    rep: Report = {"kind": "luo-v5", "compatible": luo_ser.LUO_V5,
+                   "liveupdate_number": ser.liveupdate_number,
+                   "sessions_pa": hx(ser.sessions_pa), "flbs_pa": hx(ser.flbs_pa)}
+    if mem is None:
+        return rep
+    rep["sessions"] = _guard(lambda: _sessions_report(
+        mem, luo_ser.decode_sessions(mem, ser.sessions_pa)[0]))
+    if ser.flbs_pa:
+        _flbs(rep, mem, ser.flbs_pa)
+    return rep
+
+
+def _describe_negotiation(blob: bytes, mem: PhysMem | None, bb: int | None) -> Report:
+    rec = negotiation.decode(blob)
+    return {"kind": "lu-negotiation", "compatible": negotiation.COMPATIBLE,
+            "writer": rec.writer, "reader": rec.reader, "formats": rec.formats}
 
 
 Describer = Callable[[bytes, PhysMem | None, int | None], Report]
@@ -262,6 +308,8 @@ DESCRIBERS: dict[str, Describer] = {
     "luo-v3": _describe_luo_v3,
     "luo-session": _describe_luo_session,
     "luo-flb": _describe_luo_session,
+    "luo-v5": _describe_luo_v5,
+    "lu-negotiation": _describe_negotiation,
     "files-fdt": _describe_files_fdt,
     "memfd-fdt": _describe_memfd_fdt,
     "memfd-v1": lambda raw, mem, bb: _describe_memfd_struct(raw, mem, memfd.MEMFD_V1),

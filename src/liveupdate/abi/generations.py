@@ -1,0 +1,153 @@
+"""Kernel generations 6.16 to 7.2: what each writes and reads, component by component.
+
+A handover has four versioned components, each with its formats oldest first:
+
+========  ===================================================================================
+``kho``   ``kho-v1-512`` (6.16/6.17: kho-v1 with 512-byte bitmaps -- the same compatible
+          string, spec/kho.md 0), ``kho-v1`` (6.18-7.0), ``kho-v3`` (7.1: radix tree,
+          ``blob-size``), ``kho-v4`` (7.2: + ``kho_block``)
+``luo``   ``luo-v3`` (the seed's state machine; its own family), ``luo-v1`` (6.19-7.1: FDT +
+          ``luo-session-v2`` arrays), ``luo-v5`` (7.2: raw ``luo_ser`` + ``kho_block`` chains)
+``flb``   ``none`` (6.19 writes no FLB node and ignores one), ``luo-flb-v1`` (7.0+, required)
+``memfd`` ``memfd-fdt`` (v3's FDT ``memfd-v1``), ``memfd-v1`` (6.19/7.0 struct), ``memfd-v2``
+          (7.1+: seals)
+========  ===================================================================================
+
+**Native** is Linux: a kernel writes exactly one format per component and reads only that one
+(kho.md 8, luo.md 7). **Capable** is our negotiation extension (spec: none in Linux; QEMU's
+``VMStateDescription`` ``version_id``/``minimum_version_id`` applied per component): a kernel
+reads and writes every format of its family up to its own -- a newer kernel can still speak
+an older kernel's formats, never the reverse (it cannot know formats invented after it).
+An image's **manifest** is what its header *claims* it reads; by default it is the capable
+set, but it is just data, and a kernel that lies is caught by the next kernel's validation.
+
+``luo-v5`` stores its blob raw, so it needs a kho-v3+ root (``blob-size``); negotiation never
+pairs it with kho-v1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from liveupdate.errors import AbiError
+
+COMPONENTS = ("kho", "luo", "flb", "memfd")
+ORDER: dict[str, tuple[str, ...]] = {
+    "kho": ("kho-v1-512", "kho-v1", "kho-v3", "kho-v4"),
+    "luo": ("luo-v3", "luo-v1", "luo-v5"),
+    "flb": ("none", "luo-flb-v1"),
+    "memfd": ("memfd-fdt", "memfd-v1", "memfd-v2"),
+}
+KHO_COMPATIBLE = {"kho-v1-512": "kho-v1", "kho-v1": "kho-v1", "kho-v3": "kho-v3",
+                  "kho-v4": "kho-v4"}
+
+
+@dataclass(frozen=True)
+class Release:
+    """A kernel generation as ``luoctl image create --generation`` makes it."""
+
+    name: str
+    release: str  # uname -r of our image
+    kho: str  # root compatible
+    bitmap_bytes: int
+    kho_core: str
+    luo: str  # LUO generation: none, v3, 6.19, 7.0, 7.1, 7.2
+    memfd: str
+
+
+RELEASES: dict[str, Release] = {r.name: r for r in (
+    Release("6.16", "6.16.0-lu", "kho-v1", 512, "6.16", "none", ""),
+    Release("6.18", "6.18.0-lu", "kho-v1", 4096, "6.18", "none", ""),
+    Release("v3", "6.17.0-lu-v3", "kho-v1", 4096, "6.19", "v3", "memfd-v1"),
+    Release("6.19", "6.19.0-lu", "kho-v1", 4096, "6.19", "6.19", "memfd-v1"),
+    Release("7.0", "7.0.0-lu", "kho-v1", 4096, "6.19", "7.0", "memfd-v1"),
+    Release("7.1", "7.1.0-lu", "kho-v3", 4096, "7.1", "7.1", "memfd-v2"),
+    Release("7.2", "7.2.0-lu", "kho-v4", 4096, "7.1", "7.2", "memfd-v2"),
+)}
+LUO_GENERATIONS = ("none", "v3", "6.19", "7.0", "7.1", "7.2")
+SESSIONS = frozenset({"6.19", "7.0", "7.1", "7.2"})
+FLB = frozenset({"7.0", "7.1", "7.2"})
+MEMFD_OF = {"v3": "memfd-v1", "6.19": "memfd-v1", "7.0": "memfd-v1", "7.1": "memfd-v2",
+            "7.2": "memfd-v2"}
+KHO_OF = {"v3": "kho-v1", "6.19": "kho-v1", "7.0": "kho-v1", "7.1": "kho-v3", "7.2": "kho-v4"}
+
+
+def kho_format(kho: str, bitmap_bytes: int) -> str:
+    return "kho-v1-512" if kho == "kho-v1" and bitmap_bytes == 512 else kho
+
+
+def native(kho: str, bitmap_bytes: int, luo: str) -> dict[str, str]:
+    """Per component, the one format a kernel writes and reads as Linux does; components the
+    kernel has not (no LUO before 6.19) are absent."""
+    out = {"kho": kho_format(kho, bitmap_bytes)}
+    if luo == "v3":
+        out.update(luo="luo-v3", memfd="memfd-fdt")
+    elif luo in SESSIONS:
+        out.update(luo="luo-v5" if luo == "7.2" else "luo-v1",
+                   flb="luo-flb-v1" if luo in FLB else "none", memfd=MEMFD_OF[luo])
+    return out
+
+
+def capable(kho: str, bitmap_bytes: int, luo: str) -> dict[str, tuple[str, ...]]:
+    """Per component, every format the kernel's code reads and writes with negotiation on:
+    its own and the older ones of its family."""
+    nat = native(kho, bitmap_bytes, luo)
+    out: dict[str, tuple[str, ...]] = {}
+    for comp, fmt in nat.items():
+        order = ORDER[comp]
+        if fmt in ("luo-v3", "memfd-fdt"):
+            out[comp] = (fmt,)  # the v3 family stands alone
+            continue
+        low = 1 if comp in ("luo", "memfd") else 0
+        out[comp] = order[low : order.index(fmt) + 1]
+    return out
+
+
+def newest(component: str, candidates: set[str] | frozenset[str]) -> str | None:
+    order = ORDER[component]
+    best = [f for f in order if f in candidates]
+    return best[-1] if best else None
+
+
+def check_manifest(reads: Mapping[str, object]) -> dict[str, tuple[str, ...]]:
+    """Validate a manifest from an image header (hostile bytes): known components, lists of
+    known formats."""
+    out: dict[str, tuple[str, ...]] = {}
+    if not isinstance(reads, Mapping):
+        raise AbiError(msg="image manifest 'reads' must be an object")
+    for comp, fmts in reads.items():
+        if comp not in ORDER:
+            raise AbiError(msg=f"image manifest: unknown component {comp!r} (known: "
+                           f"{', '.join(COMPONENTS)})")
+        if not isinstance(fmts, list | tuple) or not all(isinstance(f, str) for f in fmts):
+            raise AbiError(msg=f"image manifest: {comp} must list format names")
+        bad = [f for f in fmts if f not in ORDER[comp]]
+        if bad:
+            raise AbiError(msg=f"image manifest: {comp} has unknown formats {bad} (known: "
+                           f"{', '.join(ORDER[comp])})")
+        out[comp] = tuple(fmts)
+    return out
+
+
+def agree(native: Mapping[str, str], can: Mapping[str, tuple[str, ...]],
+          theirs: Mapping[str, tuple[str, ...]]) -> dict[str, str]:
+    """Per component, the newest format the writer can write (``can``) and the reader reads
+    (``theirs``), for the components the writer has (``native``) and the reader knows;
+    ``luo-v5`` only over a kho-v3+ root. A component with nothing in common is left out for
+    ``memfd`` (only files need it) and raises AbiError for ``kho`` and ``luo``."""
+    out: dict[str, str] = {}
+    for comp in COMPONENTS:
+        if comp not in native or comp not in theirs:
+            continue
+        common = set(can[comp]) & set(theirs[comp])
+        if comp == "luo" and out.get("kho") in ("kho-v1", "kho-v1-512"):
+            common.discard("luo-v5")  # a raw blob needs blob-size
+        best = newest(comp, common)
+        if best is None:
+            if comp == "memfd":
+                continue
+            raise AbiError(msg=f"the next kernel reads {'/'.join(theirs[comp]) or 'no'} "
+                           f"{comp} format, this one writes {'/'.join(can[comp])}")
+        out[comp] = best
+    return out
