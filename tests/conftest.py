@@ -63,7 +63,8 @@ def dtc_recompile(dts: str) -> bytes:
                           capture_output=True, check=True).stdout
 
 
-# -- the reliability matrix: records from tests/e2e/test_reliability.py -> docs/reliability.md
+# -- the reliability matrix: records from tests/e2e/test_reliability.py -> docs/reliability.md;
+# the generation matrix: tests/kernel/test_generations.py -> docs/generations.md
 RECORDS_ENV = "LIVEUPDATE_RELIABILITY_RECORDS"
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,4 +87,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     records = reliability.load(folder)
     if {r["fault"] for r in records} == {f.name for f in FAULTS}:  # the whole matrix ran
         (ROOT / "docs" / "reliability.md").write_text(reliability.render(records))
+    from liveupdate.tools import generations
+
+    cells = generations.load(folder / "generations") if (folder / "generations").is_dir() \
+        else []
+    if len(cells) == len(generations.MODES) * len(generations.GENERATIONS) ** 2:
+        (ROOT / "docs" / "generations.md").write_text(generations.render(cells))
     shutil.rmtree(folder, ignore_errors=True)

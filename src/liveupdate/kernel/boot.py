@@ -24,7 +24,7 @@ from liveupdate.abi import bootparams, image, kho_memmap
 from liveupdate.abi.consts import PAGE_SHIFT, PAGE_SIZE
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError, LiveUpdateError
-from liveupdate.kernel import scratch_sizing, testmods
+from liveupdate.kernel import negotiate, scratch_sizing, testmods
 from liveupdate.kernel.cmdline import Cmdline
 from liveupdate.kernel.kho import KhoIn, KhoOut, validate_handover
 from liveupdate.kernel.kho_core import CORES
@@ -80,8 +80,9 @@ def setup_arch(k: Kernel, bp_phys: int) -> bootparams.KhoData | None:
 
 def kho_populate(k: Kernel, kd: bootparams.KhoData) -> KhoIn | None:
     try:
-        kin = validate_handover(k.mem, kd, k.image.kho_bitmap_bytes,
+        kin = validate_handover(k.mem, kd, negotiate.code_reads(k)["kho"],
                                 require_map=not CORES[k.image.kho_core].notifiers)
+        kin.check_order = k.image.kho_core != "7.1"
     except AbiError as e:
         k.printk(f"KHO: setup: {e.message}")
         k.printk(f"KHO: disabling KHO revival: {-e.errno}")
@@ -147,10 +148,12 @@ def start_kernel(k: Kernel, bp_phys: int) -> None:
     in_scratch = 0 if scratch is None else int(scratch["size"].sum())
     k.printk(f"Memory: {k.buddy.nr_free << 2}K available, {in_scratch >> 20}M in KHO scratch")
     if k.kho_enabled and scratch is not None:
-        k.kho_out = KhoOut(k, scratch, k.image.kho_bitmap_bytes, CORES[k.image.kho_core])
+        k.kho_out = KhoOut(k, scratch, k.image.kho_bitmap_bytes, CORES[k.image.kho_core],
+                           k.image.kho)
         k.printk(f"KHO: root FDT at {k.kho_out.root_phys:#x}")
     elif k.kho_enabled:
         k.kho_enabled = False
+    k.negotiated_in = negotiate.incoming(k)
     luo_boot.init(k)
     run_base = k.cmdline.get("lu.run")
     if run_base:

@@ -18,6 +18,7 @@ import numpy as np
 
 from liveupdate.abi import bootparams, fdt
 from liveupdate.errors import AbiError, LiveUpdateError
+from liveupdate.kernel import negotiate
 from liveupdate.kernel.kho_core import Debugfs
 
 if TYPE_CHECKING:
@@ -116,6 +117,7 @@ def status(k: Kernel) -> dict[str, Any]:
     if kout is not None:
         _, order = kout.preserved()
         rep["out"] = {
+            "format": kout.format,
             "finalized": kout.finalized,
             "root_fdt": f"{kout.root_phys:#x}",
             "root_fdt_valid": kout.finalized or not kout.core.notifiers,
@@ -126,7 +128,11 @@ def status(k: Kernel) -> dict[str, Any]:
             "subtrees": [{"name": n, "fdt": f"{p:#x}"} for n, p in kout.subtrees()],
         }
     if kin is not None:
+        rec = k.negotiated_in
         rep["in"] = {
+            "format": kin.root.compatible,
+            "negotiated": None if rec is None else {"writer": rec.writer,
+                                                    "formats": rec.formats},
             "root_fdt": f"{kin.fdt_phys:#x}",
             "preserved_pages": kin.preserved.pages(),
             "preserved": _per_order(kin.preserved.order),
@@ -138,6 +144,11 @@ def status(k: Kernel) -> dict[str, Any]:
     rep["reserve_mem"] = k.reserve_mem
     rep["luo"] = k.luo.status() if k.luo is not None else None
     loaded = k.kexec_image
+    rep["handover"] = {"native": k.image.native(), "negotiate": negotiate.enabled(k.cmdline),
+                       "writes": negotiate.written(k),
+                       "plan": None if loaded is None or loaded.plan is None else {
+                           "mode": "native" if loaded.plan.native else "negotiated",
+                           "formats": loaded.plan.formats}}
     rep["kexec"] = None if loaded is None else {
         "release": loaded.release, "entry": f"{loaded.entry:#x}",
         "segments": [{"phys": f"{s.phys:#x}", "bufsz": s.bufsz, "memsz": s.memsz}

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, NoReturn
 from liveupdate.abi.bootparams import BootParams
 from liveupdate.abi.consts import PAGE_SHIFT, PAGE_SIZE
 from liveupdate.abi.image import KernelImage
+from liveupdate.abi.negotiation import Record
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel import power
@@ -63,6 +64,7 @@ class Kernel:
         self.fault_points: dict[str, list[Callable[[Kernel], None]]] = {}
         self.files = FileTable(self.printk)
         self.luo: LuoV3 | LuoSessions | None = None
+        self.negotiated_in: Record | None = None  # the previous kernel's lu-negotiation
         self.next_ino = 1
         self.boot_id = os.urandom(4).hex()
         self.run_dir = ""

@@ -42,6 +42,7 @@ from liveupdate.abi import bootparams, image, kho_memmap
 from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.abi.syscalls import KEXEC_CMDLINE_MAX
 from liveupdate.errors import AbiError, LiveUpdateError
+from liveupdate.kernel import negotiate
 from liveupdate.kernel.luo import compat
 
 if TYPE_CHECKING:
@@ -77,6 +78,9 @@ class Loaded:
     staged: tuple[bytearray, ...]  # each segment's data, until the jump copies it
     release: str
     luo: str  # the next kernel's LUO generation, from its image header
+    image: image.KernelImage
+    cmdline: str
+    plan: negotiate.Plan | None = None  # liveupdate_negotiate=on: the agreed formats
 
     def patch(self, phys: int, data: bytes) -> None:
         """Change staged segment bytes by destination address (test components)."""
@@ -150,7 +154,12 @@ def file_load(k: Kernel, raw: bytes, cmdline: str) -> Loaded:
     line = cmdline.encode() + b"\0"
     if len(line) > KEXEC_CMDLINE_MAX:
         raise LiveUpdateError(err=errno.EINVAL, msg="kexec_file_load: command line too long")
-    compat.check_load(k, img.luo)
+    plan = None
+    if negotiate.enabled(k.cmdline):
+        plan = negotiate.plan(k, img, cmdline)
+        negotiate.check_files(k, plan, "kexec_file_load")
+    else:
+        compat.check_load(k, img, cmdline)
     kout = k.kho_out
     placer = Placer(k)
     staged: list[bytes] = []
@@ -178,10 +187,11 @@ def file_load(k: Kernel, raw: bytes, cmdline: str) -> Loaded:
     setup[CMDLINE_OFF:] = line
     staged += [bytes(setup), raw]
     loaded = Loaded(img_seg.phys, setup_seg.phys, tuple(placer.placed),
-                    tuple(bytearray(b) for b in staged), img.release, img.luo)
+                    tuple(bytearray(b) for b in staged), img.release, img.luo, img, cmdline,
+                    plan)
     k.kexec_image = loaded
     k.printk(f"kexec: loaded {img.release} at {img_seg.phys:#x}, boot params at "
-             f"{setup_seg.phys:#x}")
+             f"{setup_seg.phys:#x}" + (f"; handover {plan.describe()}" if plan else ""))
     return loaded
 
 
@@ -203,7 +213,7 @@ def keep_ranges(k: Kernel) -> np.ndarray:
     if kout is None:
         return np.zeros((0, 2), np.uint64)
     phys, order = kout.preserved()
-    meta = np.array(kout.meta_pages, np.uint64)
+    meta = np.array(kout.kept_pages(), np.uint64)
     return kho_memmap.merge_intervals(
         np.concatenate([phys, meta]),
         np.concatenate([phys + (np.uint64(PAGE_SIZE) << order.astype(np.uint64)),

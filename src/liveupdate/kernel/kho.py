@@ -37,6 +37,14 @@ children in registration order; while finalized every preserve is EBUSY (6.16
 ``kho_preserve_folio``); :meth:`KhoOut.abort` (``kho_abort``) throws the whole tracker away.
 One deviation there: Linux leaves the stale tree in the (now unpreserved) root page after an
 abort; we zero it, so a ``kho_sanitize=off`` kexec cannot revive chunks that were freed.
+
+kho-v3/kho-v4 kernels (7.1, 7.2) track live in a radix tree in RAM
+(:mod:`liveupdate.kernel.kho_radix`); the root FDT names its root node from boot, children
+carry ``preserved-data`` and ``blob-size``, and "finalize" at reboot only closes the tracker.
+``out_format`` is what the reboot writes: the kernel's own format, or -- negotiated
+(:mod:`liveupdate.kernel.negotiate`) -- an older one: kho-v1 chunks with 4096- or 512-byte
+bitmaps (the root is then rebuilt as kho-v1 with the same children, in the same order of
+addition), or kho-v3 from a kho-v4 kernel (the same tree, the other root string).
 """
 
 from __future__ import annotations
@@ -48,12 +56,13 @@ from typing import Protocol
 
 import numpy as np
 
-from liveupdate.abi import bootparams, kho, kho_memmap, vmalloc
+from liveupdate.abi import bootparams, generations, kho, kho_memmap, kho_radix, vmalloc
 from liveupdate.abi.consts import MAX_PAGE_ORDER, PAGE_SHIFT, PAGE_SIZE, get_order
 from liveupdate.abi.kho_memmap import MAX_MAP_ORDER
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.kernel.kho_core import KhoCore
+from liveupdate.kernel.kho_radix import RadixLive
 from liveupdate.kernel.mm.buddy import block_orders
 from liveupdate.kernel.mm.pages import KHO_PAGE_MAGIC, PageMeta
 
@@ -85,8 +94,11 @@ Notifier = Callable[["KhoOut"], None]
 
 class KhoOut:
     def __init__(self, mm: MmOps, scratch: np.ndarray, bitmap_bytes: int,
-                 core: KhoCore) -> None:
+                 core: KhoCore, fmt: str = kho.KHO_FDT_COMPATIBLE) -> None:
         self.mm = mm
+        self.format = generations.kho_format(fmt, bitmap_bytes)
+        self.out_format = self.format  # what the reboot writes (negotiation may lower it)
+        self.radix = RadixLive(mm) if kho.is_radix(fmt) else None
         self.scratch = scratch  # structured array of (addr, size)
         self.bitmap_bytes = bitmap_bytes
         self.bits_per = bitmap_bytes * 8
@@ -97,7 +109,8 @@ class KhoOut:
         self.mem_map = 0
         self.meta_pages: list[int] = []
         self.vmallocs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self.root = kho.LiveRoot()
+        self.root = kho.LiveRoot(fmt, self.radix.root if self.radix else 0)
+        self.live_added: list[tuple[str, int, int]] = []  # live cores: (name, phys, size)
         self.notifiers: list[Notifier] = []
         self.sequential: list[tuple[str, int]] | None = None  # notifier cores, in finalize
         self.added: list[tuple[str, int]] = []  # notifier cores: this finalize's subtrees
@@ -133,6 +146,8 @@ class KhoOut:
                 return
             bitmaps[idx] = np.zeros(self.bits_per, bool)
         bitmaps[idx][high % self.bits_per] = value
+        if self.radix is not None:
+            self.radix.write_leaf(order, idx, bitmaps[idx])
 
     def preserve_folio(self, phys: int, order: int) -> None:
         self._check_open()
@@ -183,6 +198,8 @@ class KhoOut:
             for i in np.unique(idx).tolist():
                 bm = bitmaps.setdefault(i, np.zeros(self.bits_per, bool))
                 bm[(high[idx == i] % np.uint64(self.bits_per)).astype(np.int64)] = True
+                if self.radix is not None:
+                    self.radix.write_leaf(o, i, bm)
 
     def unpreserve_blocks(self, phys: np.ndarray, order: np.ndarray) -> None:
         """Bulk unpreserve, the symmetric pair of :meth:`preserve_blocks`."""
@@ -197,6 +214,8 @@ class KhoOut:
                 bm = bitmaps.get(i)
                 if bm is not None:
                     bm[(high[idx == i] % np.uint64(self.bits_per)).astype(np.int64)] = False
+                    if self.radix is not None:
+                        self.radix.write_leaf(o, i, bm)
 
     def preserved(self) -> tuple[np.ndarray, np.ndarray]:
         """Every preserved block as (phys, order) arrays."""
@@ -281,7 +300,9 @@ class KhoOut:
         else:
             notifier(self)
 
-    def add_subtree(self, name: str, phys: int) -> None:
+    def add_subtree(self, name: str, phys: int, size: int = 0) -> None:
+        """kho_add_subtree; ``size`` is the blob's (kho-v3+ ``blob-size``; in kho-v1 the
+        blob is an FDT that carries its own)."""
         if self.sequential is not None:  # 6.16-6.18: inside a KEXEC_KHO_FINALIZE notifier
             if any(n == name for n, _ in self.sequential):
                 raise LiveUpdateError(err=errno.EEXIST, msg=f"kho_add_subtree({name}): exists")
@@ -291,14 +312,30 @@ class KhoOut:
             raise LiveUpdateError(err=errno.EINVAL, msg=f"kho_add_subtree({name}): only a "
                                   "KEXEC_KHO_FINALIZE notifier may add subtrees on this core")
         try:
-            self.root.add_subtree(name, phys)
+            self.root.add_subtree(name, phys, size)
         except AbiError as e:
             raise LiveUpdateError(err=e.errno, msg=f"kho_add_subtree({name}): {e.message}") from e
+        self.live_added.append((name, phys, size))
         self._flush_root()
 
     def remove_subtree(self, phys: int) -> None:
         if not self.core.notifiers and self.root.remove_subtree(phys):
+            self.live_added = [a for a in self.live_added if a[1] != phys][:]
             self._flush_root()
+
+    def _reroot(self, fmt: str, mem_map: int) -> None:
+        """The root in another format, same children added in the same order (negotiated
+        handovers; the root page is the same)."""
+        root = kho.LiveRoot(generations.KHO_COMPATIBLE[fmt], mem_map)
+        for name, phys, size in self.live_added:
+            root.add_subtree(name, phys, size)
+        self.root = root
+        self._flush_root()
+
+    def kept_pages(self) -> list[int]:
+        """Metadata pages the next kernel reads but nobody preserved: kho-v1 chunks and
+        bitmaps, radix nodes. The sanitizer keeps them."""
+        return self.meta_pages + (self.radix.pages() if self.radix else [])
 
     def subtrees(self) -> tuple[tuple[str, int], ...]:
         if self.core.notifiers:
@@ -356,14 +393,25 @@ class KhoOut:
 
     def _serialize(self, freeze: bool) -> int:
         self._free_meta()
+        out = self.out_format
+        if self.radix is not None and kho.is_radix(out):  # stateless: the tree is the map
+            if generations.KHO_COMPATIBLE[out] != self.root.compatible:
+                self._reroot(out, self.radix.root)
+            self.mem_map = self.radix.root
+            self.finalized, self.frozen = True, self.frozen or freeze
+            return self.mem_map
+        if self.radix is not None and self.root.compatible != kho.KHO_FDT_COMPATIBLE:
+            self._reroot(out, 0)
+        bitmap_bytes = kho_memmap.BITMAP_BYTES_6_16 if out == "kho-v1-512" else \
+            kho_memmap.BITMAP_BYTES_6_18
         phys, order = self.preserved()
-        bm = kho_memmap.build_bitmaps(phys, order, self.bitmap_bytes)
+        bm = kho_memmap.build_bitmaps(phys, order, bitmap_bytes)
         # 6.16/6.17 bitmaps are kmalloc-512 objects: eight share a page, as here
-        per_page = PAGE_SIZE // self.bitmap_bytes
+        per_page = PAGE_SIZE // bitmap_bytes
         bitmap_pages = [self.mm.alloc_pages(0) for _ in range(-(-len(bm) // per_page))]
         chunk_pages = [self.mm.alloc_pages(0) for _ in range(bm.chunks_needed())]
         self.meta_pages = bitmap_pages + chunk_pages
-        bitmap_phys = np.array([bitmap_pages[i // per_page] + (i % per_page) * self.bitmap_bytes
+        bitmap_phys = np.array([bitmap_pages[i // per_page] + (i % per_page) * bitmap_bytes
                                 for i in range(len(bm))], np.uint64)
         for i, p in enumerate(bitmap_pages):
             self.mm.write(p, bm.bits[i * per_page : (i + 1) * per_page].tobytes()
@@ -375,8 +423,7 @@ class KhoOut:
         if not self.core.notifiers:
             self.root.set_mem_map(self.mem_map)
             self._flush_root()
-        self.finalized = True
-        self.frozen = self.frozen or freeze
+        self.finalized, self.frozen = True, self.frozen or freeze
         return self.mem_map
 
 
@@ -393,6 +440,7 @@ class KhoIn:
     preserved: kho_memmap.PreservedMemory
     restored: int = 0
     sub_fdts: dict[str, bytes] = field(default_factory=dict)
+    check_order: bool = True  # 6.18-7.0 kho_restore_page; 7.1+ checks only the magic
 
     def retrieve_subtree(self, name: str) -> int:
         """kho_retrieve_subtree: ENOENT if absent, EINVAL if its ``fdt`` is unusable."""
@@ -403,23 +451,30 @@ class KhoIn:
                 from e
 
 
-def validate_handover(mem: PhysMem, kd: bootparams.KhoData, bitmap_bytes: int, *,
+def validate_handover(mem: PhysMem, kd: bootparams.KhoData, reads: tuple[str, ...], *,
                       require_map: bool = True) -> KhoIn:
     """Everything kho_populate and kho_mem_deserialize would meet, checked up front.
 
+    ``reads`` are the KHO formats this kernel takes (``generations``: its own, or with
+    negotiation every older one): the root's ``compatible`` must be one of them, exactly as
+    ``kho_populate`` checks it. kho-v1 maps of the other bitmap size carry the same string; a
+    Linux reader would misread them silently (spec/kho.md 0), we detect the size (3.1.4) and
+    refuse one we do not read -- a deliberate deviation: a cold boot instead of corruption.
+
     Stricter than Linux where it protects memory: scratch areas inside RAM, page aligned and
-    disjoint; every preserved block inside RAM and outside scratch; the chunk list bounded
-    (``decode_mem_map``). Never stricter where Linux's own output would be refused: zero-size
+    disjoint; every preserved block inside RAM and outside scratch; the chunk list and radix
+    tree bounded. Never stricter where Linux's own output would be refused: zero-size
     scratch entries (``kho_reserve_scratch`` allocates them), FDT sizes other than a page,
-    and children whose ``fdt`` is missing, misshapen or outside RAM -- those fail only their
-    own ``kho_retrieve_subtree`` (EINVAL), as in Linux, and only if someone asks.
-    ``require_map``: 6.19+ ``kho_populate`` refuses a zero ``preserved-memory-map`` (ENOENT);
-    6.16-6.18 take it as an empty map.
+    and children whose blob property is missing, misshapen or outside RAM -- those fail only
+    their own ``kho_retrieve_subtree`` (EINVAL), as in Linux, and only if someone asks.
+    ``require_map``: 6.19+ ``kho_populate`` refuses a zero kho-v1 ``preserved-memory-map``
+    (ENOENT); 6.16-6.18 take it as an empty map.
     """
     # kho_populate maps fdt_len bytes and checks the header; any fdt_len will do (6.16 passes
     # a page, later kernels may not), but no more than it and the FDT's own totalsize is read
     blob = mem.read_fdt(kd.fdt_addr, "KHO root FDT", limit=kd.fdt_size)
-    root = kho.decode_root(blob, require_map=require_map, ram=mem.contains)
+    accept = tuple(dict.fromkeys(generations.KHO_COMPATIBLE[f] for f in reads))
+    root = kho.decode_root(blob, accept=accept, require_map=require_map, ram=mem.contains)
     scratch = bootparams.decode_scratch(mem.read(kd.scratch_addr, kd.scratch_size,
                                                  "KHO scratch array"))
     for a, s in bootparams.scratch_areas(scratch):
@@ -435,7 +490,16 @@ def validate_handover(mem: PhysMem, kd: bootparams.KhoData, bitmap_bytes: int, *
         raise AbiError(msg="KHO scratch areas overlap")
     if len(used) == 0:
         raise AbiError(msg="KHO scratch array has no non-empty area")
-    pm = kho_memmap.decode_mem_map(mem, root.mem_map, bitmap_bytes)
+    if kho.is_radix(root.compatible):
+        pm = kho_radix.decode(mem, root.mem_map)
+    else:
+        ce = kho_memmap.read_chunks(mem, root.mem_map)
+        size = kho_memmap.detect_bitmap_bytes(ce)
+        fmt = generations.kho_format(kho.KHO_FDT_COMPATIBLE, size)
+        if fmt not in reads:
+            raise AbiError(msg=f"kho-v1 map with {size}-byte bitmaps ({fmt}); this kernel "
+                           f"reads {', '.join(reads)} (Linux would misread it silently)")
+        pm = kho_memmap.decode_mem_map(mem, root.mem_map, size)
     ends = pm.phys + (np.uint64(PAGE_SIZE) << pm.order.astype(np.uint64))
     inside = np.zeros(len(pm), bool)
     for s, n in mem.ranges:
@@ -456,7 +520,7 @@ def restore_folio(kin: KhoIn, meta: PageMeta, phys: int) -> int | None:
         return None
     info = int(meta.private[pfn])
     order = info & 0xFFFFFFFF
-    if info >> 32 != KHO_PAGE_MAGIC or order > MAX_PAGE_ORDER:
+    if info >> 32 != KHO_PAGE_MAGIC or (kin.check_order and order > MAX_PAGE_ORDER):
         return None
     meta.private[pfn] = 0
     meta.refcount[pfn : pfn + (1 << order)] = 0

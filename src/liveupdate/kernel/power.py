@@ -1,7 +1,8 @@
 """Power transitions of the emulated kernel: panic, power off, restart.
 
 Where Linux would ``panic()``, the kernel stops with the reason on the console and tells the
-machine, which reports PANIC and can be power-cycled. Every path ends userspace first.
+machine, which reports PANIC and can be power-cycled. Every path ends userspace first. An
+in-process kernel (the test rig: no machine link) raises :class:`Halted` instead of exiting.
 """
 
 from __future__ import annotations
@@ -13,9 +14,20 @@ if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
 
 
+class Halted(BaseException):
+    """An in-process kernel stopped (panic, power off, restart); ``event`` as the machine
+    would have received it."""
+
+    def __init__(self, event: dict[str, object]) -> None:
+        super().__init__(event.get("reason", event["op"]))
+        self.event = event
+
+
 def _end(k: Kernel, event: dict[str, object]) -> NoReturn:
     if k.userspace is not None:
         k.userspace.kill_all()
+    if k.link is None:
+        raise Halted(event)
     try:
         k.link.send(event)
     finally:

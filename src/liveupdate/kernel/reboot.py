@@ -38,7 +38,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
 from liveupdate.errors import LiveUpdateError
-from liveupdate.kernel import kexec
+from liveupdate.kernel import kexec, negotiate
 from liveupdate.kernel.kho_core import AtReboot
 from liveupdate.kernel.luo import compat
 
@@ -64,6 +64,9 @@ def _finalize(k: Kernel) -> None:
     if kout is None:  # kho=off: nothing to hand over, the image boots cold
         return
     when = kout.core.at_reboot
+    if not kout.core.notifiers:  # negotiated: the agreed format, and the record of it
+        kout.out_format = negotiate.out_format(k, "kho") or kout.format
+        negotiate.record(k)
     if when is AtReboot.ALWAYS or (when is AtReboot.LUO and k.luo is not None):
         try:
             kout.finalize(freeze=True)

@@ -33,7 +33,7 @@ from liveupdate.abi import memfd as memfd_abi
 from liveupdate.abi.consts import MAX_PAGE_ORDER, PAGE_SHIFT, PAGE_SIZE, get_order
 from liveupdate.abi.vmalloc import KhoVmalloc
 from liveupdate.errors import AbiError, LiveUpdateError
-from liveupdate.kernel import kho
+from liveupdate.kernel import kho, negotiate
 from liveupdate.kernel.fs import memfd
 from liveupdate.kernel.fs.file import File
 from liveupdate.kernel.mm.pages import KHO_PAGE_MAGIC
@@ -216,10 +216,11 @@ class MemfdSerHandler(MemfdLuo):
         self.format = compatible  # its name in abi/formats.py
         self.v2 = compatible == memfd_abi.MEMFD_V2
 
-    def _ser(self, f: File, desc: KhoVmalloc) -> bytes:
-        m = f.private
+    def _ser(self, f: File, desc: KhoVmalloc, fmt: str | None = None) -> bytes:
+        m, fmt = f.private, fmt or self.compatible
+        v2 = fmt == memfd_abi.MEMFD_V2
         return memfd_abi.encode_ser(memfd_abi.MemfdSer(
-            f.pos, m.size, len(m.index), desc, m.seals if self.v2 else 0, self.compatible))
+            f.pos, m.size, len(m.index), desc, m.seals if v2 else 0, fmt))
 
     def preserve(self, f: File) -> int:
         m = f.private
@@ -254,13 +255,22 @@ class MemfdSerHandler(MemfdLuo):
         self.unpin(f.private)
 
     def freeze(self, f: File, data: int) -> int:
+        """Rewrite ``pos`` -- in the agreed format when negotiation picked an older one
+        (a 7.1+ kernel writing ``memfd-v1`` for 6.19: the same page, 40 bytes, no seals;
+        :mod:`liveupdate.kernel.negotiate` refused the load if the seals mattered)."""
         size = memfd_abi.SER_V2_SIZE if self.v2 else memfd_abi.SER_V1_SIZE
         ser = self._decode(self.k.read(data, size))
-        self.k.write(data, self._ser(f, ser.folios))
+        self.k.write(data, self._ser(f, ser.folios, negotiate.out_format(self.k, "memfd")))
         return data
 
     def unfreeze(self, f: File, data: int) -> None:
-        """Nothing to undo: a newer pos is still a valid preservation."""
+        """Back to this kernel's own format (a newer pos is still a valid preservation)."""
+        fmt = negotiate.out_format(self.k, "memfd") or self.compatible
+        if fmt != self.compatible:
+            raw = self.k.read(data, memfd_abi.SER_V2_SIZE if fmt == memfd_abi.MEMFD_V2
+                              else memfd_abi.SER_V1_SIZE)
+            ser = memfd_abi.decode_ser(raw, fmt)
+            self.k.write(data, self._ser(f, ser.folios).ljust(len(raw), b"\0"))
 
     def _take(self, data: int) -> tuple[memfd_abi.MemfdSer, memfd_abi.Folios]:
         """The struct and the folio array, with their pages taken back and freed."""

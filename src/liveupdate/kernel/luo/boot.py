@@ -29,7 +29,7 @@ def init(k: Kernel) -> None:
         v3.boot()
         k.printk(f"luo: LUO v3 enabled, state {v3.state.name.lower()}")
         return
-    sessions = LuoSessions(k, Gen(k.image.luo))
+    sessions = LuoSessions(k, Gen.V7_1 if k.image.luo in ("7.1", "7.2") else Gen.V6_19)
     k.luo = sessions
     sessions.boot()
     k.printk(f"luo: LUO {k.image.luo} enabled (sessions), live update {sessions.number}")

@@ -40,11 +40,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from liveupdate.abi import luo_session, memfd, uapi
+from liveupdate.abi import luo_ser, luo_session, uapi
 from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.abi.uapi import Gen, State, Target
 from liveupdate.errors import AbiError, LiveUpdateError
-from liveupdate.kernel import kho
+from liveupdate.kernel import kho, negotiate
 from liveupdate.kernel.fs.file import File
 from liveupdate.kernel.fs.memfd_luo import MemfdSerHandler
 from liveupdate.kernel.luo.files import FileSet, IncomingSet, InFile
@@ -100,9 +100,14 @@ class LuoSessions:
     def __init__(self, k: Kernel, gen: Gen) -> None:
         self.k = k
         self.gen = gen
-        self.v7 = gen is Gen.V7_1
-        compat = memfd.MEMFD_V2 if self.v7 else memfd.MEMFD_V1
-        self.handlers: list[FileHandler] = [MemfdSerHandler(k, compat)]
+        self.v7 = gen is Gen.V7_1  # the 7.1+ uAPI: GET_NAME, EBUSY, sticky errors
+        native = k.image.native()
+        self.native_luo = native["luo"]  # luo-v1 (6.19-7.1) or luo-v5 (7.2)
+        self.has_flb = native["flb"] == "luo-flb-v1"  # 7.0+
+        self.reads = negotiate.code_reads(k)
+        # the native handler first: it preserves; the others only retrieve (negotiation)
+        mfds = [native["memfd"], *(f for f in self.reads["memfd"] if f != native["memfd"])]
+        self.handlers: list[FileHandler] = [MemfdSerHandler(k, f) for f in mfds]
         self.flbs = FlbRegistry()
         self.device = DeviceOps(self)
         self.session_ops = SessionOps(self)
@@ -115,12 +120,16 @@ class LuoSessions:
         self._incoming_raw: list[luo_session.SessionSer] | None = None
         self._incoming_meta: list[int] = []
         self._flbs_raw: list[luo_session.FlbSer] = []
-        self.fdt = self.header = self.flb_header = 0
+        self.fdt = self.header = self.flb_header = self.ser = 0
+        self.published = (0, 0)  # the LUO subtree as added: (phys, size)
+        self._serialized: list[tuple[int, int]] = []  # pages the last serialization allocated
 
     # -- boot -----------------------------------------------------------------------------
     def boot(self) -> None:
         """``luo_early_startup``: read and check the previous kernel's LUO data (a panic
-        when unreadable), then build this kernel's outgoing FDT in the live KHO tree."""
+        when unreadable), then build this kernel's outgoing LUO blob in the live KHO tree:
+        the ``luo-v1`` FDT with its session header (and FLB header, 7.0+), or 7.2's
+        ``luo_ser``."""
         kin = self.k.kho_in
         if kin is not None:
             try:
@@ -128,30 +137,63 @@ class LuoSessions:
             except LiveUpdateError:
                 phys = 0
             if phys:
-                self._read_incoming(phys)
+                self._read_incoming(phys, kin.root.size(LUO_KHO_ENTRY_NAME))
         kout = self.k.require_kho()
-        self.header = kout.alloc_preserve(luo_session.SESSION_BLOCK)
-        self.k.write(self.header, luo_session.encode_sessions([]))
-        if self.v7:
+        if self.has_flb:
             self.flb_header = kout.alloc_preserve(PAGE_SIZE)
             self.k.write(self.flb_header, luo_session.encode_flbs([]))
-        self.fdt = kout.store(luo_session.encode_luo_fdt(
-            self.number + 1, self.header, self.flb_header if self.v7 else None))
-        kout.add_subtree(LUO_KHO_ENTRY_NAME, self.fdt)
+        if self.native_luo == "luo-v5":
+            self.ser = kout.store(luo_ser.encode(luo_ser.LuoSer(self.number + 1, 0,
+                                                               self.flb_header)))
+            self._publish(self.ser, luo_ser.LUO_SER.size)
+            return
+        self.header = kout.alloc_preserve(luo_session.SESSION_BLOCK)
+        self.k.write(self.header, luo_session.encode_sessions([]))
+        blob = luo_session.encode_luo_fdt(self.number + 1, self.header,
+                                          self.flb_header if self.has_flb else None)
+        self.fdt = kout.store(blob)
+        self._publish(self.fdt, len(blob))
 
-    def _read_incoming(self, phys: int) -> None:
+    def _publish(self, phys: int, size: int) -> None:
+        """The LUO subtree is ``phys`` (replacing another one: negotiation)."""
+        if self.published[0] == phys:
+            return
+        kout = self.k.require_kho()
+        if self.published[0]:
+            kout.remove_subtree(self.published[0])
+        kout.add_subtree(LUO_KHO_ENTRY_NAME, phys, size)
+        self.published = (phys, size)
+
+    def _read_incoming(self, phys: int, size: int | None) -> None:
+        """Dispatch on what this kernel reads: an FDT (``luo-v1``) or a ``luo_ser``
+        (``luo-v5``). A native kernel tries only its own -- 6.19 meets 7.2's struct as a bad
+        FDT, 7.2 meets 6.19's FDT as a wrong ``compatible`` -- and panics, as Linux."""
+        reads = self.reads["luo"]
         try:
-            fdt = luo_session.decode_luo_fdt(self.k.mem.read_fdt(phys, "LUO FDT"),
-                                             require_flb=self.v7)
-            self._incoming_raw = luo_session.decode_sessions(self.k.mem, fdt.session_header)
-            if fdt.flb_header:
-                self._flbs_raw = luo_session.decode_flbs(self.k.mem, fdt.flb_header)
+            is_fdt = self.k.mem.read(phys, 4, "LUO blob") == b"\xd0\x0d\xfe\xed"
+            if "luo-v1" in reads and (is_fdt or "luo-v5" not in reads):
+                fdt = luo_session.decode_luo_fdt(
+                    self.k.mem.read_fdt(phys, "LUO FDT"),
+                    require_flb=self.reads.get("flb") == ("luo-flb-v1",))
+                self._incoming_raw = luo_session.decode_sessions(self.k.mem, fdt.session_header)
+                number, flbs = fdt.liveupdate_number, fdt.flb_header or 0
+                meta = [phys, fdt.session_header] + [
+                    s.files_phys for s in self._incoming_raw if s.files]
+            else:
+                # luo_early_startup: the blob must hold a luo_ser (kho-v1 roots carry no size)
+                want = luo_ser.LUO_SER.size if size is None else min(size, PAGE_SIZE)
+                ser = luo_ser.decode(self.k.mem.read(phys, want, "luo_ser"))
+                self._incoming_raw, blocks = luo_ser.decode_sessions(self.k.mem,
+                                                                     ser.sessions_pa)
+                number, flbs = ser.liveupdate_number, ser.flbs_pa
+                meta = [phys, *blocks]
+            if flbs:
+                self._flbs_raw = luo_session.decode_flbs(self.k.mem, flbs)
+                meta.append(flbs)
         except AbiError as e:
             self.k.panic(f"LUO: cannot restore the previous kernel's state: {e.message}")
-        self.number = fdt.liveupdate_number
-        self._incoming_meta = [phys, fdt.session_header] + (
-            [fdt.flb_header] if fdt.flb_header else []) + [
-            s.files_phys for s in self._incoming_raw if s.files]
+        self.number = number
+        self._incoming_meta = meta
         self.k.printk(f"luo: live update {self.number}: {len(self._incoming_raw)} incoming "
                       "sessions")
 
@@ -294,7 +336,7 @@ class LuoSessions:
             del s.files.files[token]
             f.put()
             raise
-        if not s.files_array:
+        if not s.files_array and self.native_luo == "luo-v1":  # 7.2: chains at the reboot
             s.files_array = self.k.require_kho().alloc_preserve(luo_session.FILE_BLOCK)
 
     def _retrieve_fd(self, s: Session, token: int) -> File:
@@ -337,7 +379,7 @@ class LuoSessions:
             compat = entry.handler.compatible
             s.files.remove(entry.token)
             self.flbs.file_unpreserved(compat)
-        if s.files_array:
+        if s.files_array and (s.files_array, luo_session.FILE_BLOCK) not in self._serialized:
             self.k.require_kho().unpreserve_free(s.files_array, luo_session.FILE_BLOCK)
         del self.outgoing[s.name]
 
@@ -361,31 +403,73 @@ class LuoSessions:
         self.frozen = True
         self.k.printk(f"luo: froze {len(self.outgoing)} sessions")
 
-    def _serialize(self) -> None:
-        rows: list[tuple[str, int, int]] = []
-        for s in self.outgoing.values():
-            assert s.files is not None
-            files = [luo_session.FileSer(e.handler.compatible, e.data, e.token)
-                     for e in s.files]
-            if files:
-                self.k.write(s.files_array, luo_session.encode_files(files))
-            rows.append((s.name, s.files_array if files else 0, len(files)))
-        self.k.write(self.header, luo_session.encode_sessions(rows))
-        if self.v7:
-            self.k.write(self.flb_header, luo_session.encode_flbs(self.flbs.serialize()))
+    def _release_serialized(self) -> None:
+        kout = self.k.require_kho()
+        for p, size in self._serialized:
+            kout.unpreserve_free(p, size)
+        if self._serialized and self.native_luo == "luo-v5":  # what it allocated is gone
+            self.header = self.fdt = 0
+            for s in self.outgoing.values():
+                s.files_array = 0
+        self._serialized = []
 
-    def written_formats(self) -> set[str]:
-        """What a reboot now would hand over: the session FDT always (built at boot), the
-        FLB node on 7.1, and the format of every file in an open session."""
-        out = {"luo-session"} | ({"luo-flb"} if self.v7 else set())
-        for s in self.outgoing.values():
-            out |= {e.handler.format for e in (s.files or [])}
-        return out
+    def _alloc(self, size: int = PAGE_SIZE) -> int:
+        p = self.k.require_kho().alloc_preserve(size)
+        self._serialized.append((p, size))
+        return p
+
+    def _out_compatible(self, handler: FileHandler) -> str:
+        """A file's handler as this handover names it: memfd's is the agreed format."""
+        if isinstance(handler, MemfdSerHandler):
+            return negotiate.out_format(self.k, "memfd") or handler.compatible
+        return handler.compatible
+
+    def _serialize(self) -> None:
+        """Write the sessions in the format this handover uses (``luo-v1`` arrays or
+        ``luo-v5`` block chains; negotiation may pick the older one), with or without the FLB
+        node. Pages needed only now (7.2's chains; a 7.2 kernel writing luo-v1) are
+        allocated here and given back if the freeze fails."""
+        self._release_serialized()
+        fmt = negotiate.out_format(self.k, "luo")
+        flb = negotiate.out_format(self.k, "flb") == "luo-flb-v1" and self.has_flb
+        try:
+            sessions = [(s.name, [luo_session.FileSer(self._out_compatible(e.handler), e.data,
+                                                      e.token) for e in (s.files or [])])
+                        for s in self.outgoing.values()]
+            if flb:
+                self.k.write(self.flb_header, luo_session.encode_flbs(self.flbs.serialize()))
+            if fmt == "luo-v5":
+                first, pages = luo_ser.encode_sessions(sessions, self._alloc)
+                for p, page in pages.items():
+                    self.k.write(p, page)
+                self.k.write(self.ser, luo_ser.encode(luo_ser.LuoSer(
+                    self.number + 1, first, self.flb_header)))
+                self._publish(self.ser, luo_ser.LUO_SER.size)
+                return
+            rows: list[tuple[str, int, int]] = []
+            for (name, files), s in zip(sessions, self.outgoing.values(), strict=True):
+                if files and not s.files_array:
+                    s.files_array = self._alloc(luo_session.FILE_BLOCK)
+                if files:
+                    self.k.write(s.files_array, luo_session.encode_files(files))
+                rows.append((name, s.files_array if files else 0, len(files)))
+            if not self.header:  # 7.2 writing luo-v1: the header and FDT only now
+                self.header = self._alloc(luo_session.SESSION_BLOCK)
+                self.fdt = self._alloc()
+            self.k.write(self.header, luo_session.encode_sessions(rows))
+            blob = luo_session.encode_luo_fdt(self.number + 1, self.header,
+                                              self.flb_header if flb else None)
+            self.k.write(self.fdt, blob.ljust(PAGE_SIZE, b"\0"))
+            self._publish(self.fdt, len(blob))
+        except (LiveUpdateError, AbiError):
+            self._release_serialized()
+            raise
 
     # -- reports --------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         return {
-            "generation": str(self.gen), "liveupdate_number": self.number,
+            "generation": str(self.gen), "luo": self.k.image.luo,
+            "handover": negotiate.written(self.k), "liveupdate_number": self.number,
             "device_open": self.device_open, "restore_failed": self.restore_failed or None,
             "sessions": [{"name": s.name, "files": [
                 {"token": f"{e.token:#x}", "compatible": e.handler.compatible,

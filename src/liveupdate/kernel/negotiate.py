@@ -1,0 +1,198 @@
+"""Version negotiation between kernels -- a documented extension beyond Linux, off by default.
+
+Linux has none: a live update works only when every ``compatible`` matches, otherwise the next
+kernel boots cold, panics or answers EIO (spec/kho.md 8, spec/luo.md 7). Here, with
+``liveupdate_negotiate=on`` on the running kernel's command line:
+
+* ``kexec_file_load`` reads the next image's manifest (``KernelImage.manifest``: per component
+  the formats it claims to read -- if the next command line also says
+  ``liveupdate_negotiate=on``; otherwise only its native ones, as a plain kernel) and picks per
+  component the newest format this kernel can write and the next one reads (QEMU's
+  ``version_id``/``minimum_version_id``, per component). ``luo-v5`` needs a kho-v3+ root. No
+  KHO format in common, or no LUO format while files are preserved: EINVAL, naming them.
+* The outgoing kernel writes exactly that: ``KhoOut.out_format`` at finalize, the LUO root,
+  FLB node and each memfd's struct at freeze; and adds the record :mod:`abi.negotiation`
+  (subtree ``lu-negotiation``) so the handover says it was negotiated.
+* Something preserved that the agreed formats cannot express -- a memfd with seals other than
+  ``F_SEAL_SEAL`` for ``memfd-v1`` (which retrieves every memfd unsealable), no memfd format
+  in common, more sessions or files than ``luo-v1``'s arrays hold, files for a kernel
+  without LUO -- fails the load, or ``reboot()`` if it was preserved after the load, with
+  EINVAL naming the session, token and format, before anything is frozen: nothing is lost.
+* The next kernel reads what its *code* reads (``generations.capable``) when its own command
+  line has ``liveupdate_negotiate=on``; a manifest that claims more is caught there by the
+  same validation Linux does (a cold boot or a panic), never by silent corruption.
+
+The 6.16/6.18 notifier cores finalize from userspace before the load, so they write their own
+format and only check that the next kernel reads it.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from liveupdate.abi import generations, luo_session, negotiation
+from liveupdate.abi.image import KernelImage
+from liveupdate.errors import AbiError, LiveUpdateError
+from liveupdate.kernel import kho
+from liveupdate.kernel.cmdline import Cmdline
+from liveupdate.kernel.fs import memfd
+
+if TYPE_CHECKING:
+    from liveupdate.kernel.kernel import Kernel
+
+FLAG = "liveupdate_negotiate"
+Reads = dict[str, tuple[str, ...]]
+
+
+def enabled(cmdline: Cmdline) -> bool:
+    return cmdline.flag(FLAG)
+
+
+def _as_reads(native: dict[str, str]) -> Reads:
+    return {c: (f,) for c, f in native.items()}
+
+
+def code_reads(k: Kernel) -> Reads:
+    """What this kernel's code reads from the previous one."""
+    return k.image.capable() if enabled(k.cmdline) else _as_reads(k.image.native())
+
+
+def claimed_reads(img: KernelImage, cmdline: str) -> Reads:
+    """What the next kernel says it will read, booted with ``cmdline``."""
+    return img.reads_for(enabled(Cmdline.parse(cmdline)))
+
+
+@dataclass(frozen=True)
+class Plan:
+    formats: dict[str, str]  # per component, what this kernel will write
+    native: bool  # every format both kernels' own: Linux would do the same
+    reader: str  # the next image's release
+
+    def describe(self) -> str:
+        shown = ", ".join(f"{c} {f}" for c, f in self.formats.items())
+        return f"{'native' if self.native else 'negotiated'}: {shown}"
+
+
+def plan(k: Kernel, img: KernelImage, cmdline: str) -> Plan:
+    """Choose the formats for a handover to ``img`` booted with ``cmdline``; EINVAL when the
+    two kernels share no KHO or LUO format."""
+    nat = k.image.native()
+    theirs = claimed_reads(img, cmdline)
+    if k.kho_out is not None and k.kho_out.core.notifiers:
+        can: Reads = _as_reads(nat)  # finalized from userspace before the load
+    else:
+        can = k.image.capable()
+    try:
+        out = generations.agree(nat, can, theirs)
+    except AbiError as e:
+        raise LiveUpdateError(err=errno.EINVAL, msg=f"kexec_file_load: negotiation with "
+                              f"{img.release}: {e.message}") from e
+    theirs_native = img.native()
+    native = all(nat.get(c) == f == theirs_native.get(c) for c, f in out.items())
+    return Plan(out, native, img.release)
+
+
+def _files(k: Kernel) -> list[tuple[str, int, memfd.Memfd | None, str]]:
+    """(session, token, memfd or None, handler format) of every outgoing file."""
+    luo = k.luo
+    sessions = getattr(luo, "outgoing", None)
+    if sessions is None:  # v3: its own family, nothing to convert
+        return [("", e.token, None, e.handler.format) for e in getattr(luo, "files", [])]
+    out = []
+    for s in sessions.values():
+        for e in s.files or []:
+            out.append((s.name, e.token, e.file.private, e.handler.format))
+    return out
+
+
+def check_files(k: Kernel, p: Plan, what: str) -> None:
+    """EINVAL, naming the file and the format, if something preserved cannot be expressed
+    in the agreed formats."""
+    files = _files(k)
+    if not files:
+        return
+    first = files[0]
+    where = f"session {first[0]!r} token {first[1]:#x}" if first[0] else f"token {first[1]:#x}"
+    if "luo" not in p.formats:
+        raise LiveUpdateError(err=errno.EINVAL, msg=(
+            f"{what}: negotiation: the next kernel ({p.reader}) has no LUO; {where} and "
+            f"{len(files) - 1} more files would be unreachable"))
+    fmt = p.formats.get("memfd")
+    for session, token, m, _ in files:
+        name = f"session {session!r} token {token:#x}" if session else f"token {token:#x}"
+        if fmt is None:
+            raise LiveUpdateError(err=errno.EINVAL, msg=(
+                f"{what}: negotiation: the next kernel ({p.reader}) reads no memfd format "
+                f"this kernel writes; {name} cannot cross"))
+        if fmt == "memfd-v1" and m is not None and m.seals & ~memfd.F_SEAL_SEAL:
+            raise LiveUpdateError(err=errno.EINVAL, msg=(
+                f"{what}: negotiation: {name} is sealed ({m.seals:#x}) and the next kernel "
+                f"({p.reader}) reads only memfd-v1, which has no seals"))
+    if p.formats["luo"] == "luo-v1":
+        sessions = getattr(k.luo, "outgoing", {})
+        if len(sessions) > luo_session.SESSION_MAX:
+            raise LiveUpdateError(err=errno.EINVAL, msg=(
+                f"{what}: negotiation: {len(sessions)} sessions, luo-v1 holds "
+                f"{luo_session.SESSION_MAX}"))
+        for s in sessions.values():
+            if len(s.files or []) > luo_session.FILE_MAX:
+                raise LiveUpdateError(err=errno.EINVAL, msg=(
+                    f"{what}: negotiation: session {s.name!r} holds {len(s.files or [])} "
+                    f"files, luo-v1 holds {luo_session.FILE_MAX} per session"))
+
+
+def loaded_plan(k: Kernel) -> Plan | None:
+    loaded = k.kexec_image
+    return None if loaded is None else loaded.plan
+
+
+def out_format(k: Kernel, component: str) -> str | None:
+    """What this kernel writes for ``component`` at the reboot: the plan's, else its own."""
+    p = loaded_plan(k)
+    if p is not None and component in p.formats:
+        return p.formats[component]
+    return k.image.native().get(component)
+
+
+def written(k: Kernel) -> dict[str, str]:
+    """What a reboot now would hand over, per component (``memfd`` only with files)."""
+    out = {c: f for c in ("kho", "luo", "flb") if (f := out_format(k, c)) is not None}
+    if k.luo is None:
+        out = {c: f for c, f in out.items() if c == "kho"}
+    if _files(k):
+        mfd = out_format(k, "memfd")
+        if mfd is not None:
+            out["memfd"] = mfd
+    return out
+
+
+def record(k: Kernel) -> None:
+    """Add the ``lu-negotiation`` subtree for a negotiated handover (reboot path, before
+    KHO finalizes)."""
+    p, kout = loaded_plan(k), k.kho_out
+    if p is None or p.native or kout is None:
+        return
+    blob = negotiation.encode(negotiation.Record(k.image.release, p.reader, p.formats))
+    phys = kout.store(blob)
+    kout.add_subtree(negotiation.NODE, phys, len(blob))
+
+
+def incoming(k: Kernel) -> negotiation.Record | None:
+    """Read (and give back) the previous kernel's record, if it left one."""
+    kin = k.kho_in
+    if kin is None or not any(n == negotiation.NODE for n, _ in kin.root.subtrees):
+        return None
+    phys = kin.retrieve_subtree(negotiation.NODE)
+    try:
+        rec = negotiation.decode(k.mem.read_fdt(phys, "lu-negotiation FDT"))
+    except AbiError as e:
+        k.printk(f"KHO: lu-negotiation: {e.message}; ignored")
+        return None
+    order = kho.restore_folio(kin, k.meta, phys)
+    if order is not None:
+        k.free_pages(phys, order)
+    k.printk(f"KHO: negotiated handover from {rec.writer}: " + ", ".join(
+        f"{c} {f}" for c, f in rec.formats.items()))
+    return rec

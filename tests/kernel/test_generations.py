@@ -1,0 +1,166 @@
+"""Every kernel generation to every other, as Linux behaves and with negotiation: the N x N
+matrix of :mod:`liveupdate.tools.generations` (real boot path, real RAM, a memfd of known
+contents), each cell held to the format table's prediction; the session renders
+docs/generations.md from the records (tests/conftest.py). Then what the matrix cannot show:
+seals, a lying manifest, files preserved after the load, and inspection of every
+generation's handover."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from liveupdate.abi import bootparams, generations, negotiation
+from liveupdate.abi.image import KernelImage
+from liveupdate.errors import LiveUpdateError
+from liveupdate.kernel import debugfs, kexec, reboot
+from liveupdate.kernel.fs import memfd as kmemfd
+from liveupdate.kernel.power import Halted
+from liveupdate.tools import generations as matrix
+from liveupdate.tools import report
+from liveupdate.tools.inprocess import Rig
+
+CELLS = [(m, w, r) for m in matrix.MODES for w in matrix.GENERATIONS
+         for r in matrix.GENERATIONS]
+
+
+@pytest.mark.parametrize("mode, writer, reader", CELLS,
+                         ids=[f"{m}-{w}-to-{r}" for m, w, r in CELLS])
+def test_cell(mode: str, writer: str, reader: str) -> None:
+    rec = matrix.run_cell(writer, reader, mode)
+    records = os.environ.get("LIVEUPDATE_RELIABILITY_RECORDS")
+    if records:
+        folder = Path(records) / "generations"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{mode}-{writer}-{reader}.json").write_text(json.dumps(rec, indent=1))
+    assert rec["observed"] == rec["expected"], rec
+    if mode == "negotiated":  # the extension never lets a cell fail after the jump
+        assert rec["observed"] in ("restored", "refused"), rec
+
+
+NEG = "kho=on liveupdate=on liveupdate_negotiate=on test_kho=1"
+
+
+def _boot_with_memfd(rig: Rig, gen: str, seals: int = 0) -> tuple[object, kmemfd.Memfd]:
+    k = rig.boot(NEG, KernelImage.of(gen))
+    matrix.preserve(k)
+    m = k.luo.outgoing[matrix.SESSION].files.get(matrix.TOKEN).file.private  # type: ignore
+    if seals:
+        m.seals = seals
+    return k, m
+
+
+def test_sealed_memfd_cannot_roll_back_to_memfd_v1() -> None:
+    """Refused at the load, naming the file and the format; once unsealed... it goes."""
+    rig = Rig()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            k, m = _boot_with_memfd(rig, "7.2", seals=kmemfd.F_SEAL_SEAL | kmemfd.F_SEAL_GROW)
+            with pytest.raises(LiveUpdateError) as e:
+                kexec.file_load(k, KernelImage.of("6.19").encode(), NEG)
+            assert e.value.errno == errno.EINVAL
+            assert f"session 'matrix' token {matrix.TOKEN:#x} is sealed" in e.value.message
+            assert "memfd-v1" in e.value.message
+            assert k.kexec_image is None  # nothing loaded, nothing changed
+            m.seals = kmemfd.F_SEAL_SEAL  # memfd-v1 retrieves every memfd like this
+            k2 = rig.kexec(k, NEG, KernelImage.of("6.19"))
+            assert matrix.retrieve(k2) == matrix.PAYLOAD
+    finally:
+        rig.close()
+
+
+def test_file_preserved_after_the_load_is_checked_at_reboot() -> None:
+    rig = Rig()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            k = rig.boot(NEG, KernelImage.of("7.2"))
+            kexec.file_load(k, KernelImage.of("6.19").encode(), NEG)
+            matrix.preserve(k)
+            m = k.luo.outgoing[matrix.SESSION].files.get(matrix.TOKEN).file.private  # type: ignore
+            m.seals = kmemfd.F_SEAL_WRITE | kmemfd.F_SEAL_SEAL
+            with pytest.raises(LiveUpdateError) as e:
+                reboot.prepare_jump(k)
+            assert e.value.errno == errno.EINVAL and "reboot(KEXEC)" in e.value.message
+            assert not k.luo.frozen and not k.require_kho().finalized  # nothing frozen
+            assert k.luo.outgoing[matrix.SESSION].files.get(matrix.TOKEN).file.private is m
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("liar, lie, outcome", [
+    ("6.19", {"kho": ["kho-v1", "kho-v4"]}, "cold boot"),  # claims the radix tree
+    ("7.1", {"luo": ["luo-v1", "luo-v5"]}, "panic"),  # claims 7.2's luo_ser
+    ("6.19", {"memfd": ["memfd-v1", "memfd-v2"]}, "EIO"),  # claims the sealed struct
+])
+def test_a_lying_manifest_is_caught_by_the_next_kernel(liar: str, lie: dict[str, list[str]],
+                                                       outcome: str) -> None:
+    """The writer believes the manifest; the reader's own validation -- Linux's checks --
+    turns the lie into a cold boot, a panic or EIO, never a silent misread."""
+    rig = Rig()
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            k = rig.boot(NEG, KernelImage.of("7.2"))
+            matrix.preserve(k)
+            try:
+                k2 = rig.kexec(k, NEG, KernelImage.of(liar, reads=lie))
+            except Halted as e:
+                assert outcome == "panic" and "LUO" in str(e)
+                return
+            if outcome == "cold boot":
+                assert k2.kho_in is None and "disabling KHO revival" in out.getvalue()
+                return
+            with pytest.raises(LiveUpdateError) as e:
+                matrix.retrieve(k2)
+            assert outcome == "EIO" and e.value.errno == errno.EIO
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("writer, reader", [("7.2", "7.2"), ("7.1", "7.1"), ("6.19", "6.19"),
+                                            ("7.0", "7.0"), ("v3", "v3"), ("6.16", "6.16"),
+                                            ("7.2", "6.19")])
+def test_inspect_decodes_every_generations_handover(writer: str, reader: str) -> None:
+    """What ``luoctl inspect --ram`` shows, from the RAM at the jump."""
+    rig = Rig()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            k = rig.boot(NEG, KernelImage.of(writer))
+            if k.luo is not None:
+                matrix.preserve(k)
+            if k.kho_out is not None and k.kho_out.core.notifiers:
+                debugfs.write(k, "out/finalize", b"1\0")
+            loaded = kexec.file_load(k, KernelImage.of(reader).encode(), NEG)
+            reboot.prepare_jump(k)
+            mem = rig.kernels[0].mem
+            bp = bootparams.BootParams.decode(mem.read(loaded.boot_params, 4096))
+            node = bootparams.read_setup_chain(mem, bp.setup_data)[0]
+            blob = mem.read(node.phys, bootparams.SETUP_HDR_SIZE + len(node.data))
+            rep = report.describe(blob, mem)  # what `luoctl inspect --ram` does
+    finally:
+        rig.close()
+    assert report.errors(rep) == []
+    root = rep["root"]
+    plan = loaded.plan
+    assert plan is not None
+    kho_fmt = generations.KHO_COMPATIBLE[plan.formats["kho"]]
+    assert root["compatible"] == kho_fmt
+    assert root["negotiated"] == (not plan.native)
+    kinds = {s["name"]: s["content"].get("kind") for s in root["subtrees"]}
+    assert kinds.get("kho_test") == "kho-test"
+    if root["negotiated"]:
+        rec = next(s["content"] for s in root["subtrees"] if s["name"] == negotiation.NODE)
+        assert rec["formats"] == plan.formats
+    luo = plan.formats.get("luo")
+    if luo is not None:
+        want = {"luo-v5": "luo-v5", "luo-v1": "luo-session", "luo-v3": "luo-v3"}[luo]
+        assert kinds["LUO"] == want
+    if kho_fmt != "kho-v1":
+        assert root["memory"]["format"] == "radix"
+    assert root["memory"]["pages"] > 2048  # test_kho's 8 MiB at least
