@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from liveupdate.abi import image, luo_session
+from liveupdate.abi import generations, image, luo_session
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import LiveUpdateError
 from liveupdate.machine.client import MachineClient, RemoteRam
@@ -19,9 +19,7 @@ from tests.e2e import luo_prog
 from tests.e2e.conftest import Factory
 
 CMDLINE = "kho=on liveupdate=on transparent_hugepage_shmem=within_size"
-IMAGES = {"6.19": image.KernelImage(release="6.19.0-lu", luo="6.19"),
-          "7.1": image.KernelImage(release="7.1.0-lu", luo="7.1", memfd="memfd-v2"),
-          "v3": image.KernelImage(release="6.17.0-lu-v3", luo="v3")}
+IMAGES = {g: image.KernelImage.of(g) for g in generations.RELEASES}
 Machine = Callable[..., MachineClient]
 
 
@@ -331,35 +329,67 @@ def test_handover_decodes_byte_exact_with_the_abi_codec(lu: Machine) -> None:
 
 
 @pytest.mark.parametrize("writer, reader, why", [
-    ("6.19", "7.1", "it cannot read memfd-v1"),
-    ("6.19", "v3", "it cannot read luo-session"),
+    ("6.19", "7.0", "it requires luo-flb-v1 (flb) -- Linux would panic"),
+    ("6.19", "v3", "it cannot read luo-v1 (luo) -- Linux would panic"),
+    ("6.19", "7.1", "it cannot read kho-v1 (kho) -- Linux would cold boot"),
 ])
 def test_incompatible_images_are_refused_at_load(lu: Machine, writer: str, reader: str,
                                                  why: str) -> None:
     m = lu(writer)
     with pytest.raises(LiveUpdateError) as e:
         m.kexec_load(f"images/{reader}.img")
-    assert "kexec_file_load" in e.value.message and ("requires luo-flb" in e.value.message
-                                                     or why in e.value.message)
+    assert "kexec_file_load" in e.value.message and why in e.value.message
     assert m.status()["state"] == "running"
 
 
-def test_reboot_refuses_a_handler_the_next_kernel_lacks(lu: Machine) -> None:
-    m = lu("7.1")
+def test_reboot_refuses_what_the_negotiated_formats_cannot_express(lu: Machine) -> None:
+    """Negotiated 7.2 -> 6.19 (memfd-v1, no seals); a memfd sealed after the load makes
+    reboot() fail before anything is frozen, naming the file and the format."""
+    m = lu("7.2", "liveupdate_negotiate=on")
+    m.kexec_load("images/6.19.img")  # this kernel's command line: negotiate on both
+    plan = m.kho_status()["handover"]["plan"]
+    assert plan == {"mode": "negotiated", "formats": {
+        "kho": "kho-v1", "luo": "luo-v1", "flb": "none", "memfd": "memfd-v1"}}
     luo_prog.run(m, 'dev = k.open("/dev/liveupdate")\ns = create(dev, "v2")\n'
-                    'preserve(s, 1, "sealed world")\nhold({})')
-    m.kexec_load("images/6.19.img")  # the LUO formats match: the load is fine
+                    'fd = memfd_with("sealed world", flags=2)\nk.add_seals(fd, 0x4)\n'
+                    'io(s, "SESSION_PRESERVE_FD", fd=fd, token=1)\nhold({})')
     r = m.run([sys.executable, "-m", "liveupdate.userspace.kexec", "-e"])
-    assert r["status"] == 1 and "cannot read memfd-v2" in r["stderr"], r
+    assert r["status"] == 1 and "token 0x1 is sealed" in r["stderr"] \
+        and "memfd-v1" in r["stderr"], r
     assert m.status()["state"] == "running"
     assert [s["name"] for s in luo(m)["sessions"]] == ["v2"]  # nothing frozen, nothing lost
     assert luo(m)["sessions"][0]["files"][0]["state"] == "prepared"
 
 
+def test_rollback_and_roll_forward_three_hops(lu: Machine) -> None:
+    """7.2 -> 6.19 (rollback) -> 7.2 (roll-forward) -> 6.19, real kexecs, negotiated each
+    time; the memfd comes back byte for byte after every hop and is preserved again."""
+    m = lu("7.2", "liveupdate_negotiate=on")  # kept by every kexec: negotiate on both
+    luo_prog.run(m, 'dev = k.open("/dev/liveupdate")\ns = create(dev, "vm")\n'
+                    'preserve(s, 7, "guest memory " * 300)\nhold({})')
+    body = r'''
+dev = k.open("/dev/liveupdate")
+s = retrieve(dev, "vm")
+text = restore_text(s, 7)
+io(s, "SESSION_FINISH")
+n = create(dev, "vm")
+preserve(n, 7, text)
+hold(text == "guest memory " * 300)
+'''
+    for hop, (gen, kho) in enumerate((("6.19", "kho-v1"), ("7.2", "kho-v1"),
+                                      ("6.19", "kho-v1"))):
+        update(m, gen)
+        st = m.kho_status()
+        assert st["release"] == generations.RELEASES[gen].release, (hop, st["release"])
+        assert st["in"]["format"] == kho and st["in"]["negotiated"] is not None, st["in"]
+        assert st["in"]["negotiated"]["formats"]["memfd"] == "memfd-v1"
+        assert luo_prog.run(m, body) is True, hop
+
+
 @pytest.mark.parametrize("writer, reader, outcome", [
-    ("6.19", "7.1", "panic: luo-flb"),
+    ("6.19", "7.0", "panic: luo-flb"),
     ("6.19", "v3", "panic: subsystems"),
-    ("7.1", "6.19", "EIO"),
+    ("7.2", "6.19", "cold boot"),
 ])
 def test_linux_behaviour_with_the_refusal_off(lu: Machine, writer: str, reader: str,
                                               outcome: str) -> None:
@@ -374,10 +404,12 @@ def test_linux_behaviour_with_the_refusal_off(lu: Machine, writer: str, reader: 
         st = m.wait_state("panic", timeout=60)
         assert "LUO" in st["reason"] and outcome.split(": ")[1] in st["reason"], st
         return
-    update(m, reader, cmdline)
-    body = 'print(json.dumps([err(k.open, "/dev/liveupdate"), err(k.open, "/dev/liveupdate")]))'
-    assert luo_prog.run(m, body) == ["EIO", "EIO"]  # sticky
-    assert "memfd-v2" in luo(m)["restore_failed"]
+    off = m.status()["console_bytes"]
+    update(m, reader, cmdline)  # a KHO root it does not read: the handover is ignored
+    assert m.kho_status()["kho_boot"] is False
+    m.wait("KHO: disabling KHO revival: -22", offset=off, timeout=30)
+    body = 'dev = k.open("/dev/liveupdate")\nprint(json.dumps(retrieve(dev, "x")))'
+    assert luo_prog.run(m, body) == "ENOENT"  # nothing came across
 
 
 def test_flb_lives_from_first_preserve_to_last_finish(lu: Machine) -> None:

@@ -26,8 +26,7 @@ from liveupdate.userspace.luod_client import digest, pattern
 from tests.e2e.conftest import Factory
 
 CMDLINE = "kho=on liveupdate=on transparent_hugepage_shmem=within_size"
-IMAGES = {"v3": image.KernelImage(release="6.17.0-lu-v3", luo="v3"),
-          "6.19": image.KernelImage(release="6.19.0-lu", luo="6.19")}
+IMAGES = {g: image.KernelImage.of(g) for g in ("v3", "6.19", "7.2")}
 PY = sys.executable
 LUOD = f"@restart {PY} -m liveupdate.cli.luod --prepare-timeout 5 --freeze-timeout 5 " \
        "--finish-timeout 60"
@@ -187,10 +186,35 @@ def test_bad_images_are_refused_before_anyone_pauses(lu: Machine) -> None:
     m = lu("6.19")
     hold(m, "vm0", "0x1:65536")
     reason = _update_fails(m, "6.19", "v3")  # v3 cannot read the 6.19 handover
-    assert "cannot take this handover" in reason and "luo-session" in reason
+    assert "cannot take this handover: it cannot read luo-v1 (luo) -- Linux would panic" \
+        in reason
     st = status(m)
     assert st["phase"] == "normal" and "cannot take this handover" in st["last_error"]
     assert m.kho_status()["luo"]["sessions"] == [] and m.status()["boot_count"] == 1
+
+
+def test_preflight_says_what_the_update_will_do(lu: Machine) -> None:
+    """Native, negotiated or refused -- before anyone pauses."""
+    m = lu("7.2")
+    r = luoctl(m, "load", "images/7.2.img", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["handover"] == {"mode": "native", "formats": {
+        "kho": "kho-v4", "luo": "luo-v5", "flb": "luo-flb-v1", "memfd": "memfd-v2"}}
+    r = luoctl(m, "load", "images/6.19.img")
+    assert r.returncode == 1 and "it cannot read kho-v4 (kho) -- Linux would cold boot" \
+        in r.stderr, r.stderr
+    line = f"{CMDLINE} liveupdate_negotiate=on"
+    r = luoctl(m, "load", "images/6.19.img", "--cmdline", line)
+    assert r.returncode == 1 and "cold boot" in r.stderr  # this kernel does not negotiate
+
+
+def test_preflight_with_negotiation(lu: Machine) -> None:
+    m = lu("7.2", "liveupdate_negotiate=on")
+    r = luoctl(m, "load", "images/6.19.img")
+    assert r.returncode == 0, r.stderr
+    assert "negotiated handover: kho kho-v1, luo luo-v1, flb none, memfd memfd-v1" in r.stdout
+    r = luoctl(m, "load", "images/v3.img", "--json")
+    assert r.returncode == 1 and "negotiation with the next kernel (6.17.0-lu-v3)" in r.stderr
 
 
 def test_junk_image_fails_to_load(lu: Machine) -> None:

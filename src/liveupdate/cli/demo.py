@@ -16,18 +16,20 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from liveupdate.abi import generations
 from liveupdate.abi import image as image_abi
 from liveupdate.cli.common import SizeParam, fail
 from liveupdate.cli.demo_faults import BY_NAME, FAULTS, Fault, FaultRun, helper_line
-from liveupdate.client.update import run_update
+from liveupdate.client.update import load_image, run_update
 from liveupdate.errors import LiveUpdateError
 from liveupdate.luod.protocol import ask
 from liveupdate.machine.client import MachineClient, start
 from liveupdate.vmm import guest
 
 CMDLINE = "kho=on liveupdate=on transparent_hugepage_shmem=within_size"
-IMAGES = {"v3": image_abi.KernelImage(release="6.17.0-lu-v3", luo="v3"),
-          "6.19": image_abi.KernelImage(release="6.19.0-lu", luo="6.19")}
+NEGOTIATE = "liveupdate_negotiate=on"
+LUO_GENERATIONS = [g for g, r in generations.RELEASES.items() if r.luo != "none"]
+IMAGES = {g: image_abi.KernelImage.of(g) for g in LUO_GENERATIONS}
 CACHE_KEYS = 64
 HEADROOM = 768 << 20  # the kernel's own memory, scratch and the services' beside the VMs
 
@@ -63,11 +65,13 @@ SOAK_FIGURES = ("preserved_pages", "free_pages", "kernel_files", "luod_fds", "ma
 
 def soak(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Resource figures at update 10 (half-way through runs shorter than 20) and at the last:
-    what a leak would grow, once start-up effects have settled. The kernel, luod and the VMMs
-    are new processes after every kexec; the machine process and the emulated RAM live
-    through all of them."""
-    base = results[9 if len(results) >= 20 else max(0, len(results) // 2 - 1)]
+    what a leak would grow, once start-up effects have settled. With ``--to``, only updates
+    into the same generation as the last are compared (each writes its own structures).
+    The kernel, luod and the VMMs are new processes after every kexec; the machine process
+    and the emulated RAM live through all of them."""
     last = results[-1]
+    same = [r for r in results if r["to"] == last["to"]]  # --to: alternating kernels
+    base = same[9 if len(same) >= 20 else max(0, len(same) // 2 - 1)]
     rows = {k: {"at": base["update"], "from": base[k], "to": last[k], "growth": last[k] - base[k]}
             for k in SOAK_FIGURES}
     steps = [[r["vms"][vm]["steps_at_pause"] for r in results] for vm in results[0]["vms"]]
@@ -82,13 +86,14 @@ def soak(results: list[dict[str, Any]]) -> dict[str, Any]:
 class Demo:
     def __init__(self, folder: str, vms: int, vm_memory: int, machine_memory: int,
                  generation: str, accel: str, cache: bool, say: Any,
-                 fault: Fault | None = None) -> None:
+                 fault: Fault | None = None, to: str | None = None) -> None:
         self.folder = os.path.abspath(folder)
         self.fault = fault
         self.cache_keys = CACHE_KEYS
         self.vms = [f"vm{i}" for i in range(vms)]
         self.vm_memory, self.memory = vm_memory, machine_memory
         self.generation, self.accel, self.cache = generation, accel, cache
+        self.to = to or generation  # update n goes to ``to`` when n is odd, back when even
         self.say = say
         self.run = os.path.join(self.folder, "run")
         self.m: MachineClient | None = None
@@ -112,8 +117,9 @@ class Demo:
         (disk / "services").write_text(_services(sys.executable, len(self.vms),
                                                  self.vm_memory, self.accel, self.cache,
                                                  self.fault, self.memory))
-        self.say(f"booting a {self.memory >> 30} GiB machine, LUO {self.generation}")
-        cmdline = f"{CMDLINE} {self.fault.cmdline}".strip() if self.fault else CMDLINE
+        self.say(f"booting a {self.memory >> 30} GiB machine, Linux {self.generation}")
+        cmdline = f"{CMDLINE} {NEGOTIATE}" if self.to != self.generation else CMDLINE
+        cmdline = f"{cmdline} {self.fault.cmdline}".strip() if self.fault else cmdline
         self.proc, m = start(self.folder, memory=self.memory, cmdline=cmdline,
                              image=f"images/{self.generation}.img",
                              log=os.path.join(self.folder, "machine.log"))
@@ -150,8 +156,13 @@ class Demo:
         assert self.m is not None
         before = self.statuses()
         off = self.m.status()["console_bytes"]
-        self.say(f"update {n}: prepare, freeze, kexec")
-        st, report = run_update(self.sock("luod.sock"), image=f"images/{self.generation}.img",
+        gen = self.to if n % 2 else self.generation
+        loaded = load_image(self.sock("luod.sock"), f"images/{gen}.img")
+        handover = loaded["handover"]
+        self.say(f"update {n} to Linux {gen}: {handover['mode']} handover ("
+                 + ", ".join(f"{c} {f}" for c, f in handover["formats"].items())
+                 + "); prepare, freeze, kexec")
+        st, report = run_update(self.sock("luod.sock"),
                                 on_phase=lambda ev: self.say(f"  {ev['phase']}"))
         for vm in self.vms:
             self.m.wait(f"vmm {vm}: .* resumed", offset=off, timeout=120)
@@ -181,7 +192,8 @@ class Demo:
                 g["found"] and g["value"] == f"value-{i}" for i, g in enumerate(got))}
         kho = self.m.kho_status()
         mst = self.m.status()
-        return {"update": st["update"], "timeline": report.get("timeline", {}),
+        return {"update": st["update"], "to": gen, "handover": handover,
+                "timeline": report.get("timeline", {}),
                 "kernel_files": kho["open_files"], "luod_fds": _fds(int(st["pid"])),
                 "machine_rss": _rss(int(mst["machine_pid"])),
                 "ram_resident": mst["ram_resident"],
@@ -229,6 +241,9 @@ def phases(timeline: dict[str, float]) -> list[dict[str, Any]]:
 def render(results: list[dict[str, Any]], verdict: bool) -> None:
     console = Console()
     for r in results:
+        h = r["handover"]
+        console.print(f"update {r['update']}: to Linux {r['to']}, {h['mode']} handover: "
+                      + ", ".join(f"{c} {f}" for c, f in h["formats"].items()))
         t = Table(title=f"update {r['update']}: phases (host wall clock)")
         for col in ("phase", "start s", "duration s"):
             t.add_column(col, justify="left" if col == "phase" else "right")
@@ -318,8 +333,15 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
 @click.option("--vms", type=click.IntRange(0, 16), default=2, show_default=True)
 @click.option("--vm-memory", type=SizeParam(), default="1G", show_default=True)
 @click.option("--machine-memory", type=SizeParam(), default="4G", show_default=True)
-@click.option("--generation", type=click.Choice(["v3", "6.19"]), default="6.19",
-              show_default=True, help="The kernels' LUO uAPI.")
+@click.option("--from", "--generation", "generation", type=click.Choice(LUO_GENERATIONS),
+              default="6.19", show_default=True,
+              help="The kernel generation the machine boots (its KHO, LUO and memfd formats "
+                   "and uAPI; docs/generations.md).")
+@click.option("--to", "to", type=click.Choice(LUO_GENERATIONS), default=None,
+              help="The generation to update to [default: --from]. When it differs, both "
+                   "kernels run with liveupdate_negotiate=on and agree on formats (7.2 -> "
+                   "6.19 is a rollback, 6.19 -> 7.2 a roll-forward); with --updates N, odd "
+                   "updates go to --to and even ones back to --from.")
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto",
               show_default=True, help="vCPU accelerator, as QEMU's -accel kvm:tcg.")
 @click.option("--updates", type=click.IntRange(1, 1000), default=1, show_default=True,
@@ -343,7 +365,7 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG timeline of the last update: phases and each VM's blackout.")
 def demo(folder: str, vms: int, vm_memory: int, machine_memory: int, generation: str,
-         accel: str, updates: int, cache: bool, fault: str, as_json: bool,
+         to: str | None, accel: str, updates: int, cache: bool, fault: str, as_json: bool,
          plot_path: str | None) -> None:
     """Boot an emulated machine with VMs (and a cache), let the guests run, live-update it
     to a new kernel image, and report: a phase timeline, each VM's blackout measured by the
@@ -360,6 +382,8 @@ def demo(folder: str, vms: int, vm_memory: int, machine_memory: int, generation:
         fail(f"--fault {fault} needs --generation {plan.generation}")
     if plan is not None and updates != 1:
         fail(f"--fault {fault} is injected into one update: leave --updates at 1")
+    if plan is not None and to not in (None, generation):
+        fail(f"--fault {fault} runs between two kernels of one generation: leave out --to")
     err = Console(stderr=True)
     t0 = time.monotonic()
 
@@ -367,7 +391,7 @@ def demo(folder: str, vms: int, vm_memory: int, machine_memory: int, generation:
         if not as_json:
             err.print(f"[dim]{time.monotonic() - t0:7.2f}s[/] {msg}")
 
-    d = Demo(folder, vms, vm_memory, machine_memory, generation, accel, cache, say, plan)
+    d = Demo(folder, vms, vm_memory, machine_memory, generation, accel, cache, say, plan, to)
     results: list[dict[str, Any]] = []
     if plan is not None:
         try:
@@ -392,7 +416,9 @@ def demo(folder: str, vms: int, vm_memory: int, machine_memory: int, generation:
     d.close()
     ok = all(vm["integrity"] and vm["resumed"] for r in results for vm in r["vms"].values()) \
         and all(r["cache"] is None or r["cache"]["intact"] for r in results)
-    leak = len({(r["preserved_pages"], r["free_pages"]) for r in results}) > 1
+    # a kernel's own handover structures differ by generation: compare like with like
+    leak = any(len({(r["preserved_pages"], r["free_pages"]) for r in results
+                    if r["to"] == gen}) > 1 for gen in {r["to"] for r in results})
     soaked = soak(results) if updates > 1 else None
     if soaked is not None:
         leak = leak or soaked["leak"] or not soaked["steps_strictly_increasing"]

@@ -100,7 +100,11 @@ def sessions(socket: str | None, as_json: bool) -> None:
 @json_option
 def load(image: str, cmdline: str | None, release: str | None, socket: str | None,
          as_json: bool) -> None:
-    """Load the next kernel (kexec_file_load) after checking it can read this handover.
+    """Load the next kernel (kexec_file_load) after checking it can read this handover, and
+    say what the update will do: a native handover (every format the same as Linux would
+    write), a negotiated one (this kernel runs with liveupdate_negotiate=on: the formats
+    both kernels agreed on), or refused, with why and what Linux would do instead (cold
+    boot, panic, EIO, unreachable files).
 
     IMAGE is a path as luod sees it (on the emulated machine, relative to its disk/).
     """
@@ -110,7 +114,9 @@ def load(image: str, cmdline: str | None, release: str | None, socket: str | Non
         c.close()
     except LiveUpdateError as e:
         fail(e)
-    emit(got, as_json, f"loaded {got['image']} (LUO {got['generation']})"
+    h = got["handover"]
+    emit(got, as_json, f"loaded {got['image']} (LUO {got['generation']}); {h['mode']} "
+         "handover: " + ", ".join(f"{c} {f}" for c, f in h["formats"].items())
          + (f"; warning: {got['warning']}" if got.get("warning") else ""))
 
 

@@ -31,3 +31,21 @@ def generation_of(release: str) -> Gen:
         return Gen.V6_19
     raise LiveUpdateError(err=errno.EOPNOTSUPP, msg=f"kernel {release} has no LUO "
                           "(mainline LUO starts at 6.19)")
+
+
+def kernel_generation(release: str) -> str:
+    """The handover generation (``abi.generations.RELEASES``) a release string stands for:
+    what luod assumes a kernel writes and reads when no image header says more. 6.17 is
+    counted with 6.16 (512-byte bitmaps, unless the stable fix was backported)."""
+    if re.search(r"-v3(\b|$)", release):
+        return "v3"
+    m = _RELEASE.match(release)
+    if m is None:
+        raise LiveUpdateError(err=errno.EINVAL, msg=f"kernel release {release!r} is not "
+                              "MAJOR.MINOR...")
+    version = (int(m.group(1)), int(m.group(2)))
+    for floor, gen in (((7, 2), "7.2"), ((7, 1), "7.1"), ((7, 0), "7.0"), ((6, 19), "6.19"),
+                       ((6, 18), "6.18")):
+        if version >= floor:
+            return gen
+    return "6.16"

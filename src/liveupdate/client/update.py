@@ -42,6 +42,19 @@ def reconnect(path: str, timeout: float = RECONNECT_SECONDS) -> LuodClient:
         time.sleep(0.05)
 
 
+def load_image(path: str, image: str, cmdline: str | None = None,
+               release: str | None = None) -> dict[str, Any]:
+    """Ask luod to load the next kernel: its pre-flight verdict (``handover``: native or
+    negotiated, and the formats), or LiveUpdateError with why it refused."""
+    c = admin(path)
+    try:
+        loaded: dict[str, Any] = c.request("load", image=image, cmdline=cmdline,
+                                           release=release)[0]
+    finally:
+        c.close()
+    return loaded
+
+
 def run_update(path: str, *, image: str | None = None, cmdline: str | None = None,
                release: str | None = None,
                on_phase: Callable[[dict[str, Any]], None] | None = None

@@ -5,9 +5,11 @@ who they are (uid from SO_PEERCRED, plus a name: the pair is the client, unique,
 its identity across the kexec) and hand over what must survive. An update walks everyone
 through one state machine (:mod:`liveupdate.luod.state`):
 
-1. **load** -- refuse, before anyone pauses, a next kernel that cannot read this one's
-   handover (the image header names its LUO generation; the format table decides); then
-   ``kexec_file_load``.
+1. **load** -- decide, before anyone pauses, what the update will do: ``native``,
+   ``negotiated`` (the kernel runs with ``liveupdate_negotiate=on``: which formats) or
+   refused, saying what Linux would do (the image header names its formats; the format table
+   decides); then ``kexec_file_load``. With negotiation, the image is loaded again after
+   prepare, so the kernel checks what was actually preserved while the VMs still run.
 2. **prepare** -- every client is told ``prepare`` and must acknowledge in time. On 6.19+
    (as Google's luo-agent does) luod creates one session per client and hands it over; the
    client preserves its own fds into it. On v3 tokens are global and only luod has the
@@ -43,14 +45,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from liveupdate.abi import formats, image
+from liveupdate.abi import formats, generations, image
 from liveupdate.abi.uapi import Event as KEvent
 from liveupdate.abi.uapi import Gen, State
 from liveupdate.client.backends import Backend
 from liveupdate.client.device import LiveUpdate, Session
-from liveupdate.client.generation import generation_of
+from liveupdate.client.generation import kernel_generation
 from liveupdate.client.mapping import Mapping
 from liveupdate.errors import AbiError, LiveUpdateError
+from liveupdate.kernel.cmdline import Cmdline  # the Linux command line's own parsing rules
 from liveupdate.luod import protocol, registry
 from liveupdate.luod.state import Event, Phase, next_phase
 
@@ -58,6 +61,7 @@ REGISTRY_TOKEN = 0x4C554F44_00000000  # "LUOD": v3 tokens are global
 CLIENT_TOKEN_BASE = 0x4C554F44_00000001
 OWN_SESSION = "luod"
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+NEGOTIATE = "liveupdate_negotiate"  # the kernel flag of kernel/negotiate.py
 
 
 @dataclass(eq=False)
@@ -479,10 +483,13 @@ class Luod:
         return self.status(), []
 
     # -- load -----------------------------------------------------------------------------
-    def _preflight(self, path: str, release: str | None) -> str:
-        """The next kernel's LUO generation, and EINVAL when it cannot take this kernel's
-        handover (the format table); a real bzImage names no generation, so the caller
-        gives its release -- with Linux's own warning that nothing is guaranteed."""
+    def _preflight(self, path: str, release: str | None, line: str) -> dict[str, Any]:
+        """What the update will do, decided before anyone pauses: the next kernel's
+        generation (its image header; a real bzImage names none, so the caller gives its
+        release -- with Linux's own warning that nothing is guaranteed) and the handover:
+        ``native`` (every format matches), ``negotiated`` (this kernel runs with
+        ``liveupdate_negotiate=on`` and both agree on older formats: which), or EINVAL with
+        the reason and what Linux would do (cold boot, panic, EIO, unreachable)."""
         try:
             with open(path, "rb") as f:
                 head = f.read(4096)
@@ -490,27 +497,60 @@ class Luod:
             raise LiveUpdateError(err=e.errno or errno.ENOENT, msg=f"{path}: {e.strerror}") \
                 from e
         try:
-            gen = image.decode(head).luo
+            nxt = image.decode(head)
         except AbiError:
             if release is None:
                 raise LiveUpdateError(err=errno.EINVAL, msg=f"{path} names no LUO generation:"
                                       " give the next kernel's release (--release)") from None
-            gen = str(generation_of(release))
-        bad = formats.incompatibilities(str(self.gen), gen,
-                                        formats.written_by(str(self.gen), handlers=False))
-        if bad:
-            raise LiveUpdateError(err=errno.EINVAL, msg=f"the next kernel (LUO {gen}) cannot "
-                                  f"take this handover: {formats.describe(bad)}")
-        return gen
+            nxt = image.KernelImage.of(kernel_generation(release))
+        this = image.KernelImage.of(kernel_generation(self.backend.uname()))
+        theirs = nxt.reads_for(Cmdline.parse(line).flag(NEGOTIATE))
+        written = this.native()
+        if Cmdline.parse(self._cmdline()).flag(NEGOTIATE):
+            try:
+                agreed = generations.agree(written, this.capable(), theirs)
+            except AbiError as e:
+                raise LiveUpdateError(err=errno.EINVAL, msg=f"negotiation with the next "
+                                      f"kernel ({nxt.release}): {e.message}") from e
+            missing = [c for c in ("luo", "memfd") if c not in agreed]
+            if missing:
+                raise LiveUpdateError(err=errno.EINVAL, msg=f"negotiation with the next "
+                                      f"kernel ({nxt.release}): no common {missing[0]} format "
+                                      "-- the clients' files could not cross")
+            own = nxt.native()
+            mode = "native" if all(written.get(c) == f == own.get(c)
+                                   for c, f in agreed.items()) else "negotiated"
+            handover: dict[str, Any] = {"mode": mode, "formats": agreed}
+        else:
+            bad = formats.incompatibilities(written, theirs)
+            if bad:
+                raise LiveUpdateError(err=errno.EINVAL, msg=f"the next kernel ({nxt.release},"
+                                      f" LUO {nxt.luo}) cannot take this handover: "
+                                      f"{formats.describe(bad)} -- Linux would "
+                                      f"{bad[0].effect}")
+            handover = {"mode": "native", "formats": written}
+        return {"generation": nxt.luo, "handover": handover}
 
     def load(self, path: str, cmdline: str | None, release: str | None) -> dict[str, Any]:
-        gen = self._preflight(path, release)
         line = cmdline if cmdline is not None else self._cmdline()
+        plan = self._preflight(path, release, line)
         self.backend.kexec_file_load(path, line)
-        self.loaded = {"image": path, "generation": gen, "cmdline": line,
+        self.loaded = {"image": path, **plan, "cmdline": line,
                        **({"warning": "Linux guarantees no live update across versions"}
                           if release else {})}
         return self.loaded
+
+    def _recheck(self) -> None:
+        """After prepare, with every file preserved: load the image again, so that a kernel
+        that negotiates checks what is actually preserved (a sealed memfd for memfd-v1)
+        while the VMs still run -- not in reboot(), after they paused."""
+        if self.loaded is None or self.loaded["handover"]["mode"] != "negotiated":
+            return
+        try:
+            self.backend.kexec_file_load(self.loaded["image"], self.loaded["cmdline"])
+        except LiveUpdateError as e:
+            raise LiveUpdateError(err=e.errno, msg=f"the preserved files cannot cross: "
+                                  f"{e.message}") from e
 
     def _cmdline(self) -> str:
         return self.backend.cmdline()
@@ -584,6 +624,7 @@ class Luod:
                     self.last_error = ""
                     self.reg.timeline = {"start": started}
                     self._prepare()
+                    self._recheck()
                     self._freeze()
                     self.reg.update += 1
                     self.reg.timeline["reboot"] = time.time()
