@@ -1,4 +1,5 @@
-"""Encode and decode the kho-v1 preserved-memory map.
+"""Encode and decode the preserved-memory map: kho-v1 (chunks + bitmaps) and kho-v3/v4 (the
+7.1 radix tree), with kho-v1 as the baseline of the second table.
 
 Run: .venv/bin/python bench/bench_memmap.py [--runs 7]
 
@@ -20,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from liveupdate.abi import kho_memmap as mm
+from liveupdate.abi import kho_radix
 from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.abi.physmem import PhysMem
 
@@ -75,8 +77,9 @@ def main() -> None:
     for col in ("set", "blocks", "pages", "map bytes", "encode s", "decode s", "pages/s enc",
                 "pages/s dec", "target s", "enc/target", "dec/target"):
         table.add_column(col, justify="right")
-    for name, (phys, order) in (("order-0, 4 GiB", order0(1 << 20)),
-                                ("mixed orders 0-10, 4 GiB", mixed(1 << 20))):
+    sets = (("order-0, 4 GiB", order0(1 << 20)), ("mixed orders 0-10, 4 GiB", mixed(1 << 20)))
+    v1: dict[str, tuple[float, float]] = {}
+    for name, (phys, order) in sets:
         pages = int((np.uint64(1) << order.astype(np.uint64)).sum())
         bm, bphys, cphys, chunks = encode(phys, order)
         ram = bytearray(int(cphys[-1] - bphys[0]) + PAGE_SIZE)
@@ -93,7 +96,30 @@ def main() -> None:
                       f"{(len(bm) + len(cphys)) * PAGE_SIZE:,}", f"{t_enc:.4f}",
                       f"{t_dec:.4f}", f"{pages / t_enc:,.0f}", f"{pages / t_dec:,.0f}",
                       f"{TARGET_S}", f"{t_enc / TARGET_S:.2f}", f"{t_dec / TARGET_S:.2f}")
+        v1[name] = (t_enc, t_dec)
     Console(width=170).print(table)
+    radix = Table(title=f"kho-v3/v4 radix tree, median of {args.runs} runs (baseline: kho-v1 "
+                        "above)")
+    for col in ("set", "blocks", "nodes", "tree bytes", "encode s", "decode s", "enc/kho-v1",
+                "dec/kho-v1"):
+        radix.add_column(col, justify="right")
+    for name, (phys, order) in sets:
+        def alloc(state: list[int] = [META_BASE]) -> int:  # noqa: B006 -- a bump allocator
+            state[0] += PAGE_SIZE
+            return state[0] - PAGE_SIZE
+
+        root, pages_ = kho_radix.encode(phys, order, alloc)
+        ram = bytearray(max(pages_) + PAGE_SIZE - META_BASE)
+        for p, page in pages_.items():
+            ram[p - META_BASE : p - META_BASE + PAGE_SIZE] = page
+        mem = PhysMem(ram, base=META_BASE)
+        assert len(kho_radix.decode(mem, root)) == len(phys), "decode lost blocks"
+        t_enc = median(lambda p=phys, o=order: kho_radix.encode(p, o, alloc), args.runs)
+        t_dec = median(lambda m=mem, r=root: kho_radix.decode(m, r), args.runs)
+        radix.add_row(name, f"{len(phys):,}", f"{len(pages_):,}",
+                      f"{len(pages_) * PAGE_SIZE:,}", f"{t_enc:.4f}", f"{t_dec:.4f}",
+                      f"{t_enc / v1[name][0]:.2f}", f"{t_dec / v1[name][1]:.2f}")
+    Console(width=170).print(radix)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from liveupdate.abi import (
     fdt,
     formats,
     image,
+    kexec_metadata,
     kho,
     kho_block,
     kho_memmap,
@@ -67,6 +68,7 @@ def _seeds() -> dict[str, bytes]:
         "lu-negotiation": negotiation.encode(negotiation.Record(
             "7.2.0-lu", "6.19.0-lu", {"kho": "kho-v1", "luo": "luo-v1", "memfd": "memfd-v1"})),
         "kho-root-v3": _v3_root(),
+        "kexec-metadata": kexec_metadata.encode(kexec_metadata.KexecMetadata("7.1.0-lu", 3)),
         "memfd-fdt": memfd.encode_fdt(memfd.MemfdState(0, 4096, f)),
         "kho-test": khotest.encode(khotest.KhoTest(1, 5, None, v)),
         "kho-test-inline": khotest.encode(khotest.KhoTest(1, 5, np.array([0x2000]), None)),

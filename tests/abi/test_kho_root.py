@@ -154,3 +154,33 @@ def test_dtc_and_fdtdump_agree() -> None:
     dump = subprocess.run(["fdtdump", "/dev/stdin"], input=live.blob, capture_output=True,
                           check=True).stdout.decode()
     assert "// off_mem_rsvmap:\t0x28" in dump and "// off_dt_struct:\t0x38" in dump
+
+
+def test_v3_root_is_built_the_6_19_way() -> None:
+    """spec/kho.md 2.2: a kho-v3 tree with subtrees added kexec-metadata then memblock
+    renders memblock first, each node blob-size before preserved-data, and the packed header
+    (rsvmap 0x28, struct 0x38)."""
+    live = kho.LiveRoot(kho.KHO_V3, 0x200000)
+    live.add_subtree("kexec-metadata", 0x300000, 73)
+    live.add_subtree("memblock", 0x301000, 0x1000)
+    tree = fdt.parse(live.blob)
+    assert [c.name for c in tree.root.children] == ["memblock", "kexec-metadata"]
+    assert [list(c.props) for c in tree.root.children] == [["blob-size", "preserved-data"]] * 2
+    assert struct.unpack_from(">I", live.blob, 8)[0] == 0x38  # off_dt_struct
+    assert struct.unpack_from(">I", live.blob, 16)[0] == 0x28  # off_mem_rsvmap
+    root = kho.decode_root(live.blob, accept=(kho.KHO_V3,))
+    assert root.mem_map == 0x200000 and root.size("kexec-metadata") == 73
+    with pytest.raises(AbiError, match="not kho-v1"):
+        kho.decode_root(live.blob, accept=(kho.KHO_FDT_COMPATIBLE,))
+
+
+def test_v3_child_without_blob_size_fails_only_itself() -> None:
+    b = fdt.SwBuilder().begin_node("").prop("compatible", fdt.string(kho.KHO_V4))
+    b.prop("preserved-memory-map", fdt.u64(0x1000))
+    b.begin_node("LUO").prop("preserved-data", fdt.u64(0x2000)).end_node()
+    b.begin_node("ok").prop("preserved-data", fdt.u64(0x3000))
+    b.prop("blob-size", fdt.u64(32)).end_node()
+    root = kho.decode_root(b.end_node().finish())
+    assert root.subtrees == (("ok", 0x3000),)
+    with pytest.raises(AbiError, match="broken KHO subnode 'LUO': missing or invalid blob-size"):
+        root.subtree("LUO")

@@ -164,3 +164,18 @@ def test_inspect_decodes_every_generations_handover(writer: str, reader: str) ->
     if kho_fmt != "kho-v1":
         assert root["memory"]["format"] == "radix"
     assert root["memory"]["pages"] > 2048  # test_kho's 8 MiB at least
+
+
+def test_kexec_metadata_counts_kexecs_since_the_cold_boot() -> None:
+    """kho-v3+: each kernel says who kexec'd it and how many kexecs led here."""
+    rig, out = Rig(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            k = rig.boot("kho=on", KernelImage.of("7.1"))
+            for _ in range(3):
+                k = rig.kexec(k, "kho=on", KernelImage.of("7.1"))
+    finally:
+        rig.close()
+    hops = [line.split("KHO: ")[1] for line in out.getvalue().splitlines()
+            if "KHO: exec from" in line]
+    assert hops == [f"exec from: 7.1.0-lu (count {n})" for n in (1, 2, 3)]

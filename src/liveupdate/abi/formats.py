@@ -25,6 +25,7 @@ from typing import Any
 
 from liveupdate.abi import (
     bootparams,
+    kexec_metadata,
     kho,
     khotest,
     luo_ser,
@@ -71,6 +72,7 @@ FORMATS: tuple[Format, ...] = (
     Format("luo-flb", luo_session.FLB_COMPATIBLE, _luo_flb, "flb", "luo-flb-v1"),
     Format("luo-v5", luo_ser.LUO_V5, luo_ser.decode, "luo", "luo-v5"),
     Format("lu-negotiation", negotiation.COMPATIBLE, negotiation.decode),
+    Format("kexec-metadata", "", kexec_metadata.decode),
     Format("memfd-v1", memfd.MEMFD_V1, lambda raw: memfd.decode_ser(raw, memfd.MEMFD_V1),
            "memfd", "memfd-v1"),
     Format("memfd-v2", memfd.MEMFD_V2, lambda raw: memfd.decode_ser(raw, memfd.MEMFD_V2),

@@ -20,13 +20,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from liveupdate.abi import bootparams, image, kho_memmap
+from liveupdate.abi import bootparams, image, kho, kho_memmap
+from liveupdate.abi import kexec_metadata as kexec_md
 from liveupdate.abi.consts import PAGE_SHIFT, PAGE_SIZE
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.kernel import negotiate, scratch_sizing, testmods
 from liveupdate.kernel.cmdline import Cmdline
-from liveupdate.kernel.kho import KhoIn, KhoOut, validate_handover
+from liveupdate.kernel.kho import KhoIn, KhoOut, restore_folio, validate_handover
 from liveupdate.kernel.kho_core import CORES
 from liveupdate.kernel.luo import boot as luo_boot
 from liveupdate.kernel.mm import reserve_mem
@@ -132,6 +133,29 @@ def memblock_free_all(k: Kernel, scratch: np.ndarray | None) -> None:
         give(cur, end)
 
 
+def kexec_metadata(k: Kernel) -> None:
+    """kho-v3+ ``kho_init``: say which kernel kexec'd us (``KHO: exec from: ...``), give its
+    record back, and add ours with the count one higher (:mod:`abi.kexec_metadata`)."""
+    kout, kin = k.kho_out, k.kho_in
+    if kout is None or not kho.is_radix(kout.root.compatible):
+        return
+    count = 0
+    if kin is not None and kin.root.size(kexec_md.NODE) is not None:
+        phys = kin.retrieve_subtree(kexec_md.NODE)
+        size = kin.root.size(kexec_md.NODE) or 0
+        try:
+            md = kexec_md.decode(k.mem.read(phys, min(size, PAGE_SIZE), "kexec-metadata"))
+            k.printk(f"KHO: exec from: {md.previous_release} (count {md.kexec_count})")
+            count = md.kexec_count
+        except AbiError as e:
+            k.printk(f"KHO: kexec-metadata: {e.message}")
+        order = restore_folio(kin, k.meta, phys)
+        if order is not None:
+            k.free_pages(phys, order)
+    blob = kexec_md.encode(kexec_md.KexecMetadata(k.image.release, count + 1))
+    kout.add_subtree(kexec_md.NODE, kout.store(blob), len(blob))
+
+
 def start_kernel(k: Kernel, bp_phys: int) -> None:
     kd = setup_arch(k, bp_phys)
     if kd is not None:
@@ -151,6 +175,7 @@ def start_kernel(k: Kernel, bp_phys: int) -> None:
         k.kho_out = KhoOut(k, scratch, k.image.kho_bitmap_bytes, CORES[k.image.kho_core],
                            k.image.kho)
         k.printk(f"KHO: root FDT at {k.kho_out.root_phys:#x}")
+        kexec_metadata(k)
     elif k.kho_enabled:
         k.kho_enabled = False
     k.negotiated_in = negotiate.incoming(k)

@@ -77,8 +77,7 @@ class Loaded:
     segments: tuple[Segment, ...]
     staged: tuple[bytearray, ...]  # each segment's data, until the jump copies it
     release: str
-    luo: str  # the next kernel's LUO generation, from its image header
-    image: image.KernelImage
+    image: image.KernelImage  # the next kernel's header: its generation and manifest
     cmdline: str
     plan: negotiate.Plan | None = None  # liveupdate_negotiate=on: the agreed formats
 
@@ -187,7 +186,7 @@ def file_load(k: Kernel, raw: bytes, cmdline: str) -> Loaded:
     setup[CMDLINE_OFF:] = line
     staged += [bytes(setup), raw]
     loaded = Loaded(img_seg.phys, setup_seg.phys, tuple(placer.placed),
-                    tuple(bytearray(b) for b in staged), img.release, img.luo, img, cmdline,
+                    tuple(bytearray(b) for b in staged), img.release, img, cmdline,
                     plan)
     k.kexec_image = loaded
     k.printk(f"kexec: loaded {img.release} at {img_seg.phys:#x}, boot params at "

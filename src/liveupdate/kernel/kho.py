@@ -90,6 +90,7 @@ def overlaps_scratch(starts: np.ndarray, ends: np.ndarray, scratch: np.ndarray) 
 
 
 Notifier = Callable[["KhoOut"], None]
+RAW_SUBTREES = frozenset({"kexec-metadata"})  # KHO's own raw blobs (kho-v3+)
 
 
 class KhoOut:
@@ -320,7 +321,7 @@ class KhoOut:
 
     def remove_subtree(self, phys: int) -> None:
         if not self.core.notifiers and self.root.remove_subtree(phys):
-            self.live_added = [a for a in self.live_added if a[1] != phys][:]
+            self.live_added = [a for a in self.live_added if a[1] != phys]
             self._flush_root()
 
     def _reroot(self, fmt: str, mem_map: int) -> None:
@@ -328,6 +329,8 @@ class KhoOut:
         handovers; the root page is the same)."""
         root = kho.LiveRoot(generations.KHO_COMPATIBLE[fmt], mem_map)
         for name, phys, size in self.live_added:
+            if name in RAW_SUBTREES and not kho.is_radix(root.compatible):
+                continue  # a raw blob has no place under a kho-v1 root (``fdt``)
             root.add_subtree(name, phys, size)
         self.root = root
         self._flush_root()

@@ -17,10 +17,10 @@ Read in upstream ``kernel/kexec_handover.c`` (6.16) and ``kernel/liveupdate/kexe
   ``liveupdate_reboot()`` calls it when LUO is enabled (``liveupdate=on``). Without either the
   root's ``preserved-memory-map`` stays 0 and the next kernel's ``kho_populate`` says
   "disabling KHO revival: -2".
-* **7.1** -- stateless: no finalize and no ``out/finalize``; what is in memory at the jump is
-  the handover. (Until the radix tracker of kho-v3 exists here, the reboot path serializes the
-  kho-v1 map as its stand-in: the observable rule -- nothing to call, everything preserved
-  crosses -- is 7.1's.)
+* **7.1/7.2** -- stateless: no finalize and no ``out/finalize``; the radix tree
+  (:mod:`liveupdate.kernel.kho_radix`) is kept in RAM from boot, so what is in memory at the
+  jump is the handover. The reboot path only closes the tracker (or, negotiated, writes an
+  older kho-v1 map for an older kernel).
 
 ``out/fdt``: 6.16-6.18 only while finalized; 6.19+ only on cold boots, with the length it had
 at ``kho_init`` (a debugfs blob's size is fixed at creation, so later subtrees are cut off).

@@ -5,14 +5,16 @@ finalizes KHO from there), ``kernel_restart_prepare()`` (the reboot notifier cha
 ``migrate_to_reboot_cpu()``/``machine_shutdown()`` and ``machine_kexec()``. Here the same
 order, with what an emulated machine needs in between:
 
-0. ``luo_check`` -- beyond Linux (``kernel/luo/compat.py``): the next kernel must be able to
-   read what this handover holds, else EINVAL before anything is frozen.
+0. ``luo_check`` -- beyond Linux (``kernel/luo/compat.py``, ``kernel/negotiate.py``): the next
+   kernel must be able to read what this handover holds (or the agreed formats express every
+   preserved file), else EINVAL before anything is frozen.
 1. ``luo_freeze`` -- ``liveupdate_reboot()``: LUO freezes what it prepared; a failure has
    already cancelled everything (back to NORMAL) and ``reboot()`` fails with its errno --
    nothing irreversible has happened yet.
 2. ``finalize`` -- KHO finalize as the image's KHO core does it at reboot: 6.19 through LUO
-   when enabled, 7.1 always, 6.16-6.18 never (userspace wrote ``out/finalize``, or nothing
-   crosses); skipped with ``kho=off``.
+   when enabled, 7.1+ always (closing the live radix tracker), 6.16-6.18 never (userspace
+   wrote ``out/finalize``, or nothing crosses); skipped with ``kho=off``. A negotiated
+   handover is written in the agreed format here, with its record.
 3. ``notifiers`` -- reboot notifiers registered by kernel components (test components that
    act after finalize, e.g. ``kho_corrupt``).
 4. ``end_userspace`` -- every userspace process is stopped, its output forwarded, then
@@ -59,7 +61,9 @@ def _luo_freeze(k: Kernel) -> None:
 def _finalize(k: Kernel) -> None:
     """Per KHO core (:mod:`liveupdate.kernel.kho_core`): 6.16-6.18 leave it to userspace;
     6.19 ``liveupdate_reboot()`` runs ``kho_finalize()`` only when LUO is enabled, mapping
-    its failure to EAGAIN; 7.1 is stateless (here: always serialized)."""
+    its failure to EAGAIN; 7.1+ is stateless (the radix tree is the map; the tracker is
+    closed). Negotiated (:mod:`liveupdate.kernel.negotiate`), live cores first switch to the
+    agreed KHO format and add the ``lu-negotiation`` record."""
     kout = k.kho_out
     if kout is None:  # kho=off: nothing to hand over, the image boots cold
         return

@@ -19,6 +19,7 @@ import numpy as np
 from liveupdate.abi import (
     bootparams,
     fdt,
+    kexec_metadata,
     kho,
     kho_memmap,
     kho_radix,
@@ -31,6 +32,7 @@ from liveupdate.abi import (
     negotiation,
     vmalloc,
 )
+from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError, LiveUpdateError
 
@@ -128,7 +130,9 @@ def describe_root(blob: bytes, mem: PhysMem | None = None, bb: int | None = None
         size = root.size(name)
         sub: Report = ({"name": name, "preserved_data": hx(phys), "blob_size": size} if radix
                        else {"name": name, "fdt": hx(phys)})
-        if mem is not None:
+        if mem is not None and name == kexec_metadata.NODE:  # raw: known by name only
+            sub["content"] = _guard(partial(_kexec_metadata_at, mem, phys, size or 0))
+        elif mem is not None:
             sub["content"] = _guard(partial(_describe_at, mem, phys, f"subtree {name}", bb,
                                             size))
         rep["subtrees"].append(sub)
@@ -291,6 +295,17 @@ def _describe_luo_v5(blob: bytes, mem: PhysMem | None, bb: int | None) -> Report
     return rep
 
 
+def _kexec_metadata_at(mem: PhysMem, phys: int, size: int) -> Report:
+    return _describe_kexec_metadata(mem.read(phys, min(size, PAGE_SIZE), "kexec-metadata"),
+                                    mem, None)
+
+
+def _describe_kexec_metadata(blob: bytes, mem: PhysMem | None, bb: int | None) -> Report:
+    md = kexec_metadata.decode(blob)
+    return {"kind": "kexec-metadata", "version": kexec_metadata.VERSION,
+            "previous_release": md.previous_release, "kexec_count": md.kexec_count}
+
+
 def _describe_negotiation(blob: bytes, mem: PhysMem | None, bb: int | None) -> Report:
     rec = negotiation.decode(blob)
     return {"kind": "lu-negotiation", "compatible": negotiation.COMPATIBLE,
@@ -310,6 +325,7 @@ DESCRIBERS: dict[str, Describer] = {
     "luo-flb": _describe_luo_session,
     "luo-v5": _describe_luo_v5,
     "lu-negotiation": _describe_negotiation,
+    "kexec-metadata": _describe_kexec_metadata,
     "files-fdt": _describe_files_fdt,
     "memfd-fdt": _describe_memfd_fdt,
     "memfd-v1": lambda raw, mem, bb: _describe_memfd_struct(raw, mem, memfd.MEMFD_V1),
