@@ -56,7 +56,7 @@ def measure(vm_memory: int, runs: int, generation: str) -> dict[str, float | Non
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--generation", choices=("v3", "6.19"), default="6.19")
+    ap.add_argument("--generation", choices=("v3", "6.19", "7.0", "7.1", "7.2"), default="6.19")
     args = ap.parse_args()
     floor = measure(4 * MiB, args.runs, args.generation)
     table = Table(title=f"VM blackout across a live update (LUO {args.generation}, TCG, "

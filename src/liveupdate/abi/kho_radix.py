@@ -103,12 +103,18 @@ def encode(phys: np.ndarray, order: np.ndarray,
 
     ``alloc`` hands out page addresses; nodes are allocated root first, then in key order
     (the order ``kho_radix_add_page`` would allocate them adding keys ascending)."""
-    keys = np.unique(key(phys, order))
+    # sorted and deduplicated by hand: np.unique hashes uint64 (ten times slower here)
+    keys = np.sort(key(phys, order))
+    keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))] if len(keys) else keys
     root = alloc()
     tables: dict[int, np.ndarray] = {root: np.zeros(SLOTS, "<u8")}
     leaves: dict[int, np.ndarray] = {}
-    ids = leaf_id(keys)
-    for lid in np.unique(ids).tolist():
+    ids = leaf_id(keys)  # sorted too: each leaf's keys are one slice
+    starts = np.flatnonzero(np.concatenate(([True], ids[1:] != ids[:-1]))) if len(ids) \
+        else np.zeros(0, np.int64)
+    lids = ids[starts]
+    ends = [*starts[1:].tolist(), len(keys)] if len(starts) else []
+    for lid, lo, hi in zip(lids.tolist(), starts.tolist(), ends, strict=True):
         node = root
         slots = path(lid)
         for depth, slot in enumerate(slots):
@@ -121,7 +127,7 @@ def encode(phys: np.ndarray, order: np.ndarray,
                 else:
                     tables[child] = np.zeros(SLOTS, "<u8")
             node = int(t[slot])
-        leaves[node][index(keys[ids == np.uint64(lid)], 0)] = True
+        leaves[node][index(keys[lo:hi], 0)] = True
     pages = {p: t.tobytes() for p, t in tables.items()}
     pages.update({p: leaf_bytes(bits) for p, bits in leaves.items()})
     return root, pages
@@ -138,7 +144,7 @@ def decode(mem: PhysMem, root_phys: int) -> PreservedMemory:
     if root_phys == 0:
         raise AbiError(msg="KHO radix tree: preserved-memory-map is 0")
     seen: set[int] = set()
-    keys: list[np.ndarray] = []
+    leaves: list[tuple[int, np.ndarray]] = []
 
     def node(phys: int, level: int, prefix: int) -> None:
         if phys % PAGE_SIZE:
@@ -154,17 +160,25 @@ def decode(mem: PhysMem, root_phys: int) -> PreservedMemory:
             bits = np.flatnonzero(np.unpackbits(np.frombuffer(raw, np.uint8),
                                                 bitorder="little"))
             if len(bits):
-                keys.append((np.uint64(prefix) << np.uint64(BITMAP_SIZE_LOG2))
-                            | bits.astype(np.uint64))
+                leaves.append((prefix, bits))
             return
         table = np.frombuffer(raw, "<u8")
         for slot in np.flatnonzero(table).tolist():
             node(int(table[slot]), level - 1, (prefix << TABLE_SIZE_LOG2) | slot)
 
     node(root_phys, ROOT_LEVEL, 0)
-    allkeys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
-    phys, order = unkey(allkeys)
-    return PreservedMemory(phys, order, PAGE_SIZE)
+    phys: list[np.ndarray] = []
+    orders: list[np.ndarray] = []
+    for prefix, bits in leaves:  # one order per leaf: the marker bit is in the prefix
+        first = np.array([prefix << BITMAP_SIZE_LOG2], np.uint64)
+        _, o = unkey(first)
+        high = (np.uint64(prefix << BITMAP_SIZE_LOG2) | bits.astype(np.uint64)) & np.uint64(
+            (1 << (ORDER_0_LOG2 - int(o[0]))) - 1)
+        phys.append(high << np.uint64(PAGE_SHIFT + int(o[0])))
+        orders.append(np.full(len(bits), o[0], np.uint8))
+    if not phys:
+        return PreservedMemory(np.zeros(0, np.uint64), np.zeros(0, np.uint8), PAGE_SIZE)
+    return PreservedMemory(np.concatenate(phys), np.concatenate(orders), PAGE_SIZE)
 
 
 def walk_order(phys: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
