@@ -47,6 +47,22 @@ def test_demo_is_intact(tmp_path: Path, generation: str, accel: str) -> None:
     assert (tmp_path / "t.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_rollback_and_roll_forward_keep_the_vms(tmp_path: Path) -> None:
+    """luoctl demo --from 7.2 --to 6.19: rollback, roll-forward, rollback -- negotiated each
+    time (kho-v1, luo-v1, memfd-v1), the guest never restarts, every page checked."""
+    rc, out = demo(tmp_path, "--from", "7.2", "--to", "6.19", "--updates", "3", "--vms", "1",
+                   "--accel", "tcg", "--no-cache")
+    assert rc == 0 and out["integrity"] and not out["leak"], json.dumps(out)[-3000:]
+    assert [u["to"] for u in out["updates"]] == ["6.19", "7.2", "6.19"]
+    for u in out["updates"]:
+        assert u["handover"] == {"mode": "negotiated", "formats": {
+            "kho": "kho-v1", "luo": "luo-v1", "flb": "none", "memfd": "memfd-v1"}}
+        vm = u["vms"]["vm0"]
+        assert vm["integrity"] and vm["resumed"] and vm["pages_verified"] > 0
+    steps = [u["vms"]["vm0"]["steps_at_pause"] for u in out["updates"]]
+    assert steps == sorted(steps) and len(set(steps)) == 3
+
+
 def test_updates_in_a_row_leak_nothing(tmp_path: Path) -> None:
     rc, out = demo(tmp_path, "--updates", "6", "--vms", "1", "--accel", "tcg")
     assert rc == 0 and not out["leak"]

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import errno
+import json
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -359,6 +361,24 @@ def test_reboot_refuses_what_the_negotiated_formats_cannot_express(lu: Machine) 
     assert m.status()["state"] == "running"
     assert [s["name"] for s in luo(m)["sessions"]] == ["v2"]  # nothing frozen, nothing lost
     assert luo(m)["sessions"][0]["files"][0]["state"] == "prepared"
+
+
+def test_kho_inspect_decodes_a_7_2_handover(lu: Machine) -> None:
+    """luoctl kho inspect on a live 7.2 kernel: kho-v4 root, radix map, luo-v5 over
+    kho_block, kexec-metadata -- read from RAM."""
+    m = lu("7.2")
+    luo_prog.run(m, 'dev = k.open("/dev/liveupdate")\ns = create(dev, "vm")\n'
+                    'preserve(s, 7, "hello")\nhold({})')
+    r = subprocess.run([sys.executable, "-m", "liveupdate.cli.luoctl", "kho", "inspect",
+                        "--dir", m.dir, "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["compatible"] == "kho-v4" and rep["memory"]["format"] == "radix"
+    subs = {s["name"]: s for s in rep["subtrees"]}
+    assert subs["kexec-metadata"]["content"]["kexec_count"] == 1
+    luo_rep = subs["LUO"]["content"]
+    assert luo_rep["kind"] == "luo-v5" and subs["LUO"]["blob_size"] == 32
+    assert report.errors(rep) == []
 
 
 def test_rollback_and_roll_forward_three_hops(lu: Machine) -> None:
