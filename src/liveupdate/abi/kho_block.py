@@ -64,22 +64,10 @@ def decode(mem: PhysMem, first: int, entry_size: int, what: str) -> tuple[bytes,
     per = per_block(entry_size)
     out: list[bytes] = []
     seen: list[int] = []
-    visited: set[int] = set()
-    p = first
-    while p:
-        if p in visited:
-            raise AbiError(msg=f"{what}: kho_block chain loops back to {p:#x}")
-        if len(seen) >= KHO_MAX_BLOCKS:
-            raise AbiError(msg=f"{what}: kho_block chain longer than {KHO_MAX_BLOCKS} blocks")
-        if p % PAGE_SIZE:
-            raise AbiError(msg=f"{what}: kho_block {p:#x} is not page aligned")
-        visited.add(p)
+    for p, raw in mem.chain(first, KHO_MAX_BLOCKS, f"{what}: kho_block", BLOCK_SIZE):
         seen.append(p)
-        raw = mem.read(p, BLOCK_SIZE, f"{what} kho_block")
-        head = np.frombuffer(raw[: HEADER.itemsize], HEADER)[0]
-        count = int(head["count"])
+        count = int(np.frombuffer(raw[: HEADER.itemsize], HEADER)[0]["count"])
         if count == 0 or count > per:
             raise AbiError(msg=f"{what}: kho_block {p:#x} holds {count} entries (1..{per})")
         out.append(raw[HEADER.itemsize : HEADER.itemsize + count * entry_size])
-        p = int(head["next"])
     return b"".join(out), seen

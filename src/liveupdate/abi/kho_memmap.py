@@ -192,19 +192,11 @@ class ChunkEntries:
 
 def read_chunks(mem: PhysMem, first: int) -> ChunkEntries:
     """Walk and validate the chunk chain starting at ``first`` (0 = empty map)."""
-    seen: set[int] = set()
     chunks: list[int] = []
     orders: list[np.ndarray] = []
     entries: list[np.ndarray] = []
-    phys = first
-    while phys:
-        if phys in seen:
-            raise AbiError(msg=f"KHO memory map: chunk chain loops back to {phys:#x}")
-        if len(chunks) >= MAX_CHUNKS:
-            raise AbiError(msg=f"KHO memory map: more than {MAX_CHUNKS} chunks")
-        if phys % PAGE_SIZE:
-            raise AbiError(msg=f"KHO memory map: chunk {phys:#x} is not page aligned")
-        page = np.frombuffer(mem.read(phys, CHUNK_SIZE, "KHO memory map chunk"), np.uint8)
+    for phys, raw in mem.chain(first, MAX_CHUNKS, "KHO memory map: chunk", CHUNK_SIZE):
+        page = np.frombuffer(raw, np.uint8)
         hdr = page[:CHUNK_HDR_SIZE].view(CHUNK_HDR_DTYPE)[0]
         order, num = int(hdr["order"]), int(hdr["num_elms"])
         if num > CHUNK_ENTRIES:
@@ -212,11 +204,9 @@ def read_chunks(mem: PhysMem, first: int) -> ChunkEntries:
         if order > MAX_MAP_ORDER:
             raise AbiError(msg=f"KHO memory map: chunk {phys:#x} has order {order} > "
                            f"{MAX_MAP_ORDER}")
-        seen.add(phys)
         chunks.append(phys)
         orders.append(np.full(num, order, dtype=np.uint32))
         entries.append(page[CHUNK_HDR_SIZE:].view(ENTRY_DTYPE)[:num])
-        phys = int(hdr["next"])
     ent = np.concatenate(entries) if entries else np.zeros(0, ENTRY_DTYPE)
     return ChunkEntries(
         np.array(chunks, dtype=np.uint64),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 import numpy as np
@@ -79,6 +79,26 @@ class PhysMem:
                    what: str = "array") -> np.ndarray:
         dt = np.dtype(dtype)
         return np.frombuffer(self.read(phys, count * dt.itemsize, what), dtype=dt)
+
+    def chain(self, first: int, limit: int, what: str,
+              page_size: int = 4096) -> Iterator[tuple[int, bytes]]:
+        """Walk a chain of pages whose first u64 is the next page's phys (0 ends it): the
+        kho-v1 map's chunks, KHO vmalloc chunks, kho_block chains. Each page is yielded
+        after the checks every such walker needs -- page aligned, inside RAM, not visited
+        before (a loop), at most ``limit`` pages."""
+        seen: set[int] = set()
+        phys = first
+        while phys:
+            if phys in seen:
+                raise AbiError(msg=f"{what} chain loops back to {phys:#x}")
+            if len(seen) >= limit:
+                raise AbiError(msg=f"{what} chain longer than {limit} pages")
+            if phys % page_size:
+                raise AbiError(msg=f"{what} {phys:#x} is not page aligned")
+            seen.add(phys)
+            page = self.read(phys, page_size, what)
+            yield phys, page
+            phys = int.from_bytes(page[:8], "little")
 
     def read_fdt(self, phys: int, what: str, limit: int = 1 << 24) -> bytes:
         """Read a whole FDT starting at ``phys``: its header first, then totalsize bytes --

@@ -128,14 +128,9 @@ def decode(mem: PhysMem, desc: KhoVmalloc) -> VmallocArea:
     contig = 1 << desc.order
     chunks: list[int] = []
     blocks: list[np.ndarray] = []
-    phys = desc.first
     idx = 0
-    while phys:
-        if phys in chunks:
-            raise AbiError(msg=f"kho_vmalloc: chunk chain loops back to {phys:#x}")
-        if len(chunks) >= MAX_CHUNKS or phys % PAGE_SIZE:
-            raise AbiError(msg=f"kho_vmalloc: bad chunk pointer {phys:#x}")
-        page = np.frombuffer(mem.read(phys, PAGE_SIZE, "kho_vmalloc chunk"), "<u8")
+    for phys, raw in mem.chain(desc.first, MAX_CHUNKS, "kho_vmalloc chunk", PAGE_SIZE):
+        page = np.frombuffer(raw, "<u8")
         entries = page[1:]
         zero = np.flatnonzero(entries == 0)
         used = entries[: int(zero[0])] if zero.size else entries
@@ -148,7 +143,6 @@ def decode(mem: PhysMem, desc: KhoVmalloc) -> VmallocArea:
             )
         chunks.append(phys)
         blocks.append(used.copy())
-        phys = int(page[0])
     if idx != desc.total_pages:
         raise AbiError(msg=f"kho_vmalloc: blocks cover {idx} pages, total_pages says "
                        f"{desc.total_pages}", err=errno.EINVAL)
