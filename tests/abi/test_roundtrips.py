@@ -150,3 +150,12 @@ def test_dtc_decodes_identically(name: str, blob: bytes,
     dump = subprocess.run(["fdtdump", "/dev/stdin"], input=blob, capture_output=True,
                           check=True).stdout.decode()
     assert "**** fdtdump is a low-level debugging tool" in dump or "/dts-v1/" in dump
+
+
+def test_kho_test_of_two_folios_is_read_inline() -> None:
+    """Two order-10 folios make a 16-byte inline folios_info, the size of a vmalloc
+    descriptor: inference must not take one for the other (a flaky inspect, once)."""
+    info = np.array([0x400000 | 10, 0x800000 | 10], np.uint64)
+    t = khotest.decode(khotest.encode(khotest.KhoTest(2, 7, info, None)))
+    assert t.folios_vmalloc is None and t.folios_info is not None
+    assert t.folios_info.tolist() == info.tolist()

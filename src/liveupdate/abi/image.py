@@ -103,8 +103,11 @@ class KernelImage:
         return generations.capable(self.kho, self.kho_bitmap_bytes, self.luo)
 
     def manifest(self) -> dict[str, tuple[str, ...]]:
-        """What the image claims to read: its ``reads`` where given, else what it can."""
-        return {**self.capable(), **generations.check_manifest(self.reads)}
+        """What the image claims to read: its ``reads`` where given, else what it can -- for
+        the components it has (a kernel without LUO claims no LUO format: its header says
+        ``luo: none``)."""
+        claims = generations.check_manifest(self.reads)
+        return {c: claims.get(c, fmts) for c, fmts in self.capable().items()}
 
     def reads_for(self, negotiating: bool) -> dict[str, tuple[str, ...]]:
         """What the kernel says it will read: its manifest when booted with
