@@ -57,6 +57,33 @@ def test_example_decodes_end_to_end(tmp_path: Path, generation: str, bitmap: str
     assert mfd["size"] == (4 * 512 + 1) * 4096
 
 
+@pytest.mark.parametrize("writer, reader, negotiate", [
+    *[(g, g, False) for g in ("6.16", "6.18", "v3", "6.19", "7.0", "7.1", "7.2")],
+    ("7.2", "6.19", True), ("6.19", "7.2", True),
+])
+def test_inspect_decodes_a_captured_handover_of_every_generation(
+        tmp_path: Path, writer: str, reader: str, negotiate: bool) -> None:
+    """luoctl capture (a real kernel's RAM at the jump) then luoctl inspect --ram."""
+    proc = luoctl("capture", "--from", writer, "--to", reader, "--out", str(tmp_path),
+                  "--json", *(["--negotiate"] if negotiate else []))
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    rc, rep, err = inspect_json("--ram", info["ram"], info["setup_data"])
+    assert rc == 0, err
+    root = rep["root"]
+    kho_compat = {"kho-v1-512": "kho-v1"}.get(info["handover"]["formats"]["kho"],
+                                              info["handover"]["formats"]["kho"])
+    assert root["compatible"] == kho_compat
+    assert root["negotiated"] == (info["handover"]["mode"] == "negotiated")
+    assert root["memory"]["pages"] > 2048  # test_kho's 8 MiB, at least
+    kinds = {s["name"]: s["content"]["kind"] for s in root["subtrees"]}
+    assert kinds["kho_test"] == "kho-test"
+    luo = info["handover"]["formats"].get("luo")
+    if luo is not None:
+        assert kinds["LUO"] == {"luo-v5": "luo-v5", "luo-v1": "luo-session",
+                                "luo-v3": "luo-v3"}[luo]
+
+
 def test_inspect_plain_blobs_and_human_output(tmp_path: Path) -> None:
     blob = kho.encode_root_sequential(0x1000, [("LUO", 0x2000)])
     f = tmp_path / "fdt"

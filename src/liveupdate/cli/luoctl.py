@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from liveupdate.abi.generations import RELEASES as GENERATIONS
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.cli import update
 from liveupdate.cli.common import SizeParam, fail
@@ -77,6 +78,51 @@ def inspect(file: Path, ram: Path | None, bitmap_bytes: str, as_json: bool) -> N
     except (LiveUpdateError, OSError, ValueError) as e:
         fail(e)
     exit_with_report(str(file), report, as_json)
+
+
+@main.command()
+@click.option("--from", "writer", type=click.Choice(list(GENERATIONS)), default="7.2",
+              show_default=True, help="The kernel generation that hands over.")
+@click.option("--to", "reader", type=click.Choice(list(GENERATIONS)), default=None,
+              help="The generation it loads [default: --from].")
+@click.option("--negotiate", is_flag=True,
+              help="Boot with liveupdate_negotiate=on: the formats are agreed with --to.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory for ram.img (sparse) and setup_data.bin.")
+@click.option("--memory", type=SizeParam(), default="1G", show_default=True,
+              help="RAM size of the in-process machine.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+def capture(writer: str, reader: str | None, negotiate: bool, out: Path, memory: int,
+            as_json: bool) -> None:
+    """Capture a real kernel's handover at the jump, for `luoctl inspect --ram`.
+
+    Boots the --from generation in process (the emulated kernel's own code, on real RAM) with
+    test_kho=1 and, where it has LUO, one preserved memfd; loads the --to generation; runs
+    the reboot path to the jump; writes the RAM as the next kernel finds it (sparse) and the
+    SETUP_KEXEC_KHO node. A load the kernel refuses (an incompatible --to, or nothing in
+    common with --negotiate) is an error with the kernel's reason.
+
+    \b
+    Example:
+      luoctl capture --from 7.2 --to 6.19 --negotiate --out /tmp/h
+      luoctl inspect --ram /tmp/h/ram.img /tmp/h/setup_data.bin
+    """
+    from liveupdate.tools import capture as capture_mod
+
+    try:
+        got = capture_mod.capture(writer, reader or writer, out, negotiate=negotiate,
+                                  memory=memory)
+    except (LiveUpdateError, OSError) as e:
+        fail(e)
+    info = {"ram": str(got.ram), "setup_data": str(got.setup_data), "from": writer,
+            "to": reader or writer, "ram_size": got.ram_size, "handover": got.handover}
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        h = got.handover
+        formats = ", ".join(f"{c} {f}" for c, f in h["formats"].items())
+        click.echo(f"wrote {got.ram} and {got.setup_data}: {writer} -> {reader or writer}, "
+                   f"{h['mode']} handover ({formats})")
 
 
 @main.command()
