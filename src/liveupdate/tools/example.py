@@ -1,7 +1,8 @@
 """A sample handover, laid out in RAM the way an outgoing kernel leaves it at kexec.
 
-Until the emulated machine exists this is what ``luoctl example`` writes and ``luoctl inspect``
-decodes: boot parameters with a ``SETUP_KEXEC_KHO`` node, a KHO root FDT with ``memblock``,
+This is what ``luoctl example`` writes, from the codecs alone -- a second writer, independent
+of the emulated kernel's code, that ``luoctl inspect`` must decode as well as what the kernel
+writes (``luoctl capture``, :mod:`liveupdate.tools.capture`). It holds: boot parameters with a ``SETUP_KEXEC_KHO`` node, a KHO root FDT with ``memblock``,
 ``kho_test`` and ``LUO`` subtrees, a serialized ``kho-v1`` memory map (chunks and bitmaps not
 themselves preserved, as in Linux) and a memfd holding "VM memory". ``generation`` picks the LUO
 era: ``6.19`` (sessions, struct memfd-v1 over a KHO vmalloc array, live root FDT) or ``v3``

@@ -47,8 +47,8 @@ class TestFlb:
 
 def late(k: Kernel) -> None:
     luo = k.luo
-    if not isinstance(luo, LuoSessions) or not luo.v7:
-        k.printk("luo_flb: needs a 7.1 image with LUO on")
+    if not isinstance(luo, LuoSessions) or not luo.has_flb:
+        k.printk("luo_flb: needs a 7.0+ image with LUO on")
         return
     for h in luo.handlers:
         luo.flbs.register(h.compatible, TestFlb(k))
