@@ -2,9 +2,10 @@
 
 This is what ``luoctl example`` writes, from the codecs alone -- a second writer, independent
 of the emulated kernel's code, that ``luoctl inspect`` must decode as well as what the kernel
-writes (``luoctl capture``, :mod:`liveupdate.tools.capture`). It holds: boot parameters with a ``SETUP_KEXEC_KHO`` node, a KHO root FDT with ``memblock``,
-``kho_test`` and ``LUO`` subtrees, a serialized ``kho-v1`` memory map (chunks and bitmaps not
-themselves preserved, as in Linux) and a memfd holding "VM memory". ``generation`` picks the LUO
+writes (``luoctl capture``, :mod:`liveupdate.tools.capture`). It holds: boot parameters with a
+``SETUP_KEXEC_KHO`` node, a KHO root FDT with ``memblock``, ``kho_test`` and ``LUO``
+subtrees, a serialized ``kho-v1`` memory map (chunks and bitmaps not themselves preserved, as
+in Linux) and a memfd holding "VM memory". ``generation`` picks the LUO
 era: ``6.19`` (sessions, struct memfd-v1 over a KHO vmalloc array, live root FDT) or ``v3``
 (state machine, FDT memfd-v1, sequential 6.16 root FDT). Only the bytes are produced here;
 the caller writes them.
