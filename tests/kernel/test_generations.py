@@ -21,6 +21,7 @@ from liveupdate.abi.image import KernelImage
 from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel import debugfs, kexec, reboot
 from liveupdate.kernel.fs import memfd as kmemfd
+from liveupdate.kernel.luo.session import LuoSessions
 from liveupdate.kernel.power import Halted
 from liveupdate.tools import generations as matrix
 from liveupdate.tools import report
@@ -179,3 +180,33 @@ def test_kexec_metadata_counts_kexecs_since_the_cold_boot() -> None:
     hops = [line.split("KHO: ")[1] for line in out.getvalue().splitlines()
             if "KHO: exec from" in line]
     assert hops == [f"exec from: 7.1.0-lu (count {n})" for n in (1, 2, 3)]
+
+
+def test_7_2_has_no_array_limits_but_luo_v1_does() -> None:
+    """luo-v5 chains carry 130 files in one session (three kho_blocks); the same session
+    negotiated down to 6.19's luo-v1 arrays (128 per session) is refused at the load."""
+    rig = Rig()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            k = rig.boot(NEG, KernelImage.of("7.2"))
+            assert isinstance(k.luo, LuoSessions)
+            k.luo.open()
+            _, (session,) = matrix.ioctl(k, None, "CREATE_SESSION", fd=0, name=b"many")
+            for token in range(130):
+                m = k.new_memfd(f"f{token}")
+                m.truncate(4096)
+                m.pwrite(token.to_bytes(4, "little"), 0)
+                matrix.ioctl(k, session, "SESSION_PRESERVE_FD", [kmemfd.open_file(m)], fd=3,
+                           token=token)
+            with pytest.raises(LiveUpdateError) as e:
+                kexec.file_load(k, KernelImage.of("6.19").encode(), NEG)
+            assert "session 'many' holds 130 files, luo-v1 holds 128" in e.value.message
+            k2 = rig.kexec(k, NEG, KernelImage.of("7.2"))
+            assert isinstance(k2.luo, LuoSessions)
+            k2.luo.open()
+            _, (s2,) = matrix.ioctl(k2, None, "RETRIEVE_SESSION", fd=0, name=b"many")
+            for token in (0, 62, 63, 126, 129):  # both sides of each block boundary
+                _, (f,) = matrix.ioctl(k2, s2, "SESSION_RETRIEVE_FD", fd=0, token=token)
+                assert f.private.pread(4, 0) == token.to_bytes(4, "little")
+    finally:
+        rig.close()

@@ -77,7 +77,7 @@ def _uapi(k: Kernel) -> Gen:
         else Gen.V6_19
 
 
-def _io(k: Kernel, target: File | None, op: str, fds: list[File] | None = None,
+def ioctl(k: Kernel, target: File | None, op: str, fds: list[File] | None = None,
         **fields: Any) -> tuple[dict[str, Any], list[File]]:
     """One ioctl through the kernel's own dispatch, as a syscall would make it."""
     gen = _uapi(k)
@@ -103,23 +103,23 @@ def preserve(k: Kernel) -> None:
     m.pwrite(PAYLOAD, 0)
     f = kmemfd.open_file(m)
     if isinstance(k.luo, LuoV3):
-        _io(k, None, "FD_PRESERVE", [f], fd=3, token=TOKEN)
-        _io(k, None, "SET_EVENT", event=0)  # PREPARE
+        ioctl(k, None, "FD_PRESERVE", [f], fd=3, token=TOKEN)
+        ioctl(k, None, "SET_EVENT", event=0)  # PREPARE
         return
     assert isinstance(k.luo, LuoSessions)
     k.luo.open()
-    _, (session,) = _io(k, None, "CREATE_SESSION", fd=0, name=SESSION.encode())
-    _io(k, session, "SESSION_PRESERVE_FD", [f], fd=3, token=TOKEN)
+    _, (session,) = ioctl(k, None, "CREATE_SESSION", fd=0, name=SESSION.encode())
+    ioctl(k, session, "SESSION_PRESERVE_FD", [f], fd=3, token=TOKEN)
 
 
 def retrieve(k: Kernel) -> bytes:
     if isinstance(k.luo, LuoV3):
-        _, (f,) = _io(k, None, "FD_RESTORE", fd=0, token=TOKEN)
+        _, (f,) = ioctl(k, None, "FD_RESTORE", fd=0, token=TOKEN)
     else:
         assert isinstance(k.luo, LuoSessions)
         k.luo.open()
-        _, (session,) = _io(k, None, "RETRIEVE_SESSION", fd=0, name=SESSION.encode())
-        _, (f,) = _io(k, session, "SESSION_RETRIEVE_FD", fd=0, token=TOKEN)
+        _, (session,) = ioctl(k, None, "RETRIEVE_SESSION", fd=0, name=SESSION.encode())
+        _, (f,) = ioctl(k, session, "SESSION_RETRIEVE_FD", fd=0, token=TOKEN)
     m = f.private
     return bytes(m.pread(m.size, 0))
 

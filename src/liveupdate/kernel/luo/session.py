@@ -1,5 +1,6 @@
-"""LUO of mainline Linux (6.19, and 7.1 with GET_NAME, FLB and ``memfd-v2``; spec/luo.md
-2-5): sessions. A thin front end over the same file lifecycle, handlers and memfd code as v3.
+"""LUO of mainline Linux (6.19; 7.0 with FLB; 7.1 with GET_NAME and ``memfd-v2``; 7.2 with
+``luo-v5``; spec/luo.md 2-5): sessions. A thin front end over the same file lifecycle,
+handlers and memfd code as v3.
 
 ``/dev/liveupdate`` (a single opener: EBUSY) creates *outgoing* sessions by name and retrieves
 *incoming* ones. A session fd preserves fds by token -- the heavy work runs inside PRESERVE_FD
@@ -12,14 +13,18 @@ touches sessions.
 
 The handover, as ``luo_session.c``/``luo_core.c`` write it: at boot a one-page ``luo-v1`` FDT
 (``liveupdate-number`` = the previous one + 1) with the ``luo-session-v2`` node pointing at a
-16-page session header; 7.1 adds the ``luo-flb-v1`` node and its header page. Each session
+16-page session header; 7.0 adds the ``luo-flb-v1`` node and its header page. Each session
 with files has a 2-page ``luo_file_ser`` array. Limits as 6.19-7.1 have them (the format's):
 819 sessions (ENOMEM on the 820th), 128 files per session (ENOSPC on the 129th).
 
 The next kernel checks the FDT and the session header at boot; anything it cannot read
-(compatible, missing FLB node on 7.1, a malformed header) is ``luo_restore_fail()``: a panic.
+(compatible, missing FLB node on 7.0+, a malformed header) is ``luo_restore_fail()``: a panic.
 The first open of /dev/liveupdate builds the incoming sessions; a file whose handler this
 kernel lacks (``memfd-v1`` on 7.1) makes that and every later open fail with EIO.
+
+7.2 (``luo-v5``) keeps the luo_ser blob from boot and writes block chains at the reboot: the
+session and file limits of the arrays are gone (a negotiated ``luo-v1`` handover checks them
+at the load and at ``reboot()``).
 
 Errnos and check orders are those of spec/luo.md 2.1 and 2.3: CREATE_SESSION EEXIST for a
 used outgoing name (6.19 ``strscpy`` truncation to 63 bytes; an empty name is accepted);
@@ -262,7 +267,7 @@ class LuoSessions:
     def _create(self, name: str) -> File:
         if name in self.outgoing:
             raise LiveUpdateError(err=errno.EEXIST, msg=f"session {name!r} exists")
-        if len(self.outgoing) >= luo_session.SESSION_MAX:
+        if self.native_luo == "luo-v1" and len(self.outgoing) >= luo_session.SESSION_MAX:
             raise LiveUpdateError(err=errno.ENOMEM, msg=f"more than {luo_session.SESSION_MAX}"
                                   " sessions do not fit the session header")
         s = Session(name, files=FileSet(lambda: self.handlers))
@@ -315,7 +320,7 @@ class LuoSessions:
         if token in s.files.files:
             raise LiveUpdateError(err=errno.EEXIST, msg=f"token {token:#x} is already used "
                                   f"in session {s.name!r}")
-        if len(s.files) >= luo_session.FILE_MAX:
+        if self.native_luo == "luo-v1" and len(s.files) >= luo_session.FILE_MAX:
             raise LiveUpdateError(err=errno.ENOSPC, msg=f"session {s.name!r} holds "
                                   f"{luo_session.FILE_MAX} files")
         if not fds:
