@@ -1,4 +1,5 @@
-"""kho-v3/v4 radix tree and kho-v4 block chains: golden layouts, walk order, hostile trees."""
+"""kho-v3/v4 radix tree and kho-v4 block chains: golden layouts, walk order, hostile trees;
+and what rides on them: 7.2's luo_ser, kexec-metadata, the negotiation record."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from liveupdate.abi import kho_block, kho_radix
+from liveupdate.abi import kexec_metadata, kho_block, kho_radix, luo_ser, luo_session, negotiation
 from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.errors import AbiError
 from tests.conftest import FakeRam
@@ -173,3 +174,49 @@ def test_block_chain_length_limit() -> None:
         kho_block.decode(ram.mem(), 0x100000, 64, "test")
     with pytest.raises(AbiError, match="more than 10000"):
         kho_block.encode(bytes(64 * 63 * 10000 + 64), 64, ram.alloc)
+
+
+# -- what rides on them: luo_ser (7.2), kexec-metadata (7.1+), the negotiation record -----
+
+@pytest.mark.parametrize("blob, message", [
+    (b"luo-v5\0\0" + bytes(16), "less than 32"),
+    (b"luo-v4\0\0" + bytes(24), "not 'luo-v5'"),
+    (b"luo-v5\0x" + bytes(24), "not 'luo-v5'"),  # strncmp over all 8 bytes
+])
+def test_luo_ser_refusals(blob: bytes, message: str) -> None:
+    with pytest.raises(AbiError, match=message):
+        luo_ser.decode(blob)
+
+
+def test_luo_ser_sessions_round_trip_and_duplicates() -> None:
+    ram = FakeRam(pages=16, base=0x100000)
+    files = [luo_session.FileSer("memfd-v2", 0x5000 + i, i) for i in range(70)]
+    first, pages = luo_ser.encode_sessions([("a", files), ("b", [])], ram.alloc)
+    for p, page in pages.items():
+        ram.put(p, page)
+    got, blocks = luo_ser.decode_sessions(ram.mem(), first)
+    assert [s.name for s in got] == ["a", "b"] and got[0].files == tuple(files)
+    assert len(blocks) == 3 and got[1].files_phys == 0  # two file blocks, one session block
+    dup = [("a", []), ("a", [])]
+    first, pages = luo_ser.encode_sessions(dup, ram.alloc)
+    for p, page in pages.items():
+        ram.put(p, page)
+    with pytest.raises(AbiError, match="duplicate session name") as e:
+        luo_ser.decode_sessions(ram.mem(), first)
+    assert e.value.errno == errno.EEXIST
+
+
+def test_kexec_metadata_and_negotiation_record() -> None:
+    md = kexec_metadata.KexecMetadata("7.1.0-lu", 4)
+    raw = kexec_metadata.encode(md)
+    assert len(raw) == 73 and kexec_metadata.decode(raw) == md
+    with pytest.raises(AbiError, match="version 2"):
+        kexec_metadata.decode(b"\x02" + raw[1:])
+    with pytest.raises(AbiError, match="less than 73"):
+        kexec_metadata.decode(raw[:40])
+    rec = negotiation.Record("7.2.0-lu", "6.19.0-lu", {"kho": "kho-v1", "luo": "luo-v1"})
+    assert negotiation.decode(negotiation.encode(rec)) == rec
+    bad = negotiation.encode(negotiation.Record("x", "y", {"kho": "kho-v1"})).replace(
+        b"kho-v1", b"kho-v9")
+    with pytest.raises(AbiError, match="is no kho format"):
+        negotiation.decode(bad)
