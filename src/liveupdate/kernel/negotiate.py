@@ -116,9 +116,10 @@ def check_files(k: Kernel, p: Plan, what: str) -> None:
     first = files[0]
     where = f"session {first[0]!r} token {first[1]:#x}" if first[0] else f"token {first[1]:#x}"
     if "luo" not in p.formats:
+        more = f" and {len(files) - 1} more files" if len(files) > 1 else ""
         raise LiveUpdateError(err=errno.EINVAL, msg=(
-            f"{what}: negotiation: the next kernel ({p.reader}) has no LUO; {where} and "
-            f"{len(files) - 1} more files would be unreachable"))
+            f"{what}: negotiation: the next kernel ({p.reader}) has no LUO; {where}{more} "
+            "would be unreachable"))
     fmt = p.formats.get("memfd")
     for session, token, m, _ in files:
         name = f"session {session!r} token {token:#x}" if session else f"token {token:#x}"

@@ -26,6 +26,7 @@ import errno
 import io
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -156,7 +157,8 @@ def run_cell(writer: str, reader: str, mode: str) -> dict[str, Any]:
 def _observe(k: Kernel, had_luo: bool, console: str) -> dict[str, Any]:
     kho_ok = "KHO restore succeeded" in console
     if k.kho_in is None:
-        return {"observed": "cold boot", "detail": _last(console, "disabling KHO revival")}
+        return {"observed": "cold boot", "detail": _last(console, "KHO: setup:")
+                or _last(console, "disabling KHO revival")}
     if not kho_ok:
         return {"observed": "KHO data LOST", "detail": _last(console, "kho_test")}
     if not had_luo:
@@ -228,18 +230,26 @@ def render(records: list[dict[str, Any]]) -> str:
                 row.append(c["observed"] + mark)
             lines.append(f"| **{w}** | " + " | ".join(row) + " |")
         lines.append("")
-        why = sorted({(r["observed"], r["detail"]) for r in cells.values()
-                      if r["observed"] not in ("restored",) and r["detail"]})
+        why: dict[tuple[str, str], list[str]] = {}
+        for (w, r), c in sorted(cells.items(), key=lambda x: (GENERATIONS.index(x[0][0]),
+                                                              GENERATIONS.index(x[0][1]))):
+            if c["observed"] != "restored":
+                why.setdefault((c["observed"], _reason(c["detail"])), []).append(f"{w}→{r}")
         if why:
-            lines += ["Why, per outcome (one line each, from the kernels' own messages):", ""]
-            seen: set[str] = set()
-            for outcome, detail in why:
-                if outcome in seen:
-                    continue
-                seen.add(outcome)
-                lines.append(f"* {outcome}: `{detail.replace('|', '/')}`")
+            lines += ["Why (the kernels' own messages, release strings shortened; cells "
+                      "writer→reader):", ""]
+            for (outcome, detail), where in sorted(why.items()):
+                lines.append(f"* **{outcome}** `{detail}`: {', '.join(where)}")
             lines.append("")
     return "\n".join(lines)
+
+
+def _reason(detail: str) -> str:
+    """A message without what differs from cell to cell (addresses, releases, the boot
+    log's prefix), so that cells with one cause share one line."""
+    text = re.sub(r"0x[0-9a-f]{5,}", "ADDR", detail.split("KHO: setup: ")[-1])
+    text = re.sub(r"\b\d+\.\d+(\.\d+)?-lu(-v3)?\b", "REL", text)
+    return text.replace("|", "/")
 
 
 def load(folder: Path) -> list[dict[str, Any]]:
