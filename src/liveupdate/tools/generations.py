@@ -203,6 +203,10 @@ LUO: the memfd's memory stays reserved and nobody can retrieve it; **refused** -
 only) the load or `reboot()` said no before anything was frozen, naming why. A cell whose
 observation differs from the table's prediction is marked **(UNEXPECTED)**.
 
+No two releases differ only in a file handler (memfd-v2 arrived with kho-v3, both in 7.1), so
+**EIO** shows in no cell here; `tests/kernel/test_generations.py` produces it with an image
+whose manifest lies about reading memfd-v2.
+
 One deviation from Linux, on purpose: a kho-v1 map with the other bitmap size (6.16 vs
 6.18+) carries the same `compatible`, and Linux would misread it silently; our readers detect
 the size and boot cold instead.
