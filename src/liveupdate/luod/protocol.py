@@ -69,6 +69,13 @@ def recv(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
             fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
     if not raw and not fds:
         return None
+    if flags & socket.MSG_CTRUNC and len(fds) < MAX_FDS:
+        # Linux also truncates when the receiver runs out of fd slots while installing
+        # them (scm_detach_fds stops early): fewer than MAX_FDS arrived -- not a peer error
+        for fd in fds:
+            os.close(fd)
+        raise LiveUpdateError(err=errno.EMFILE, msg="luod has no free file descriptor for "
+                              "the fds sent with this message")
     try:
         if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or len(raw) > MAX_MESSAGE:
             raise ValueError("message or its fds too large")
