@@ -210,3 +210,31 @@ def test_7_2_has_no_array_limits_but_luo_v1_does() -> None:
                 assert f.private.pread(4, 0) == token.to_bytes(4, "little")
     finally:
         rig.close()
+
+
+@pytest.mark.parametrize("gen, kind, outcome, reason", [
+    ("7.2", "radix_loop", "cold boot", "reached twice"),
+    ("7.1", "radix_outside_ram", "cold boot", "outside RAM"),
+    ("7.2", "compatible", "cold boot", "kho-v9"),
+    ("7.2", "luo_compatible", "panic", "luo_ser compatible is b'luo-v9'"),
+])
+def test_a_damaged_radix_or_luo_ser_handover(gen: str, kind: str, outcome: str,
+                                             reason: str) -> None:
+    """The booting kernel's own validation of kho-v3/v4 and luo-v5 handovers (kho_corrupt
+    damages them after the reboot path's finalize)."""
+    rig, out = Rig(), io.StringIO()
+    line = f"kho=on liveupdate=on test_kho=1 kho_corrupt={kind}"
+    try:
+        with contextlib.redirect_stdout(out):
+            k = rig.boot(line, KernelImage.of(gen))
+            matrix.preserve(k)
+            try:
+                k2 = rig.kexec(k, "kho=on liveupdate=on test_kho=1", KernelImage.of(gen))
+            except Halted as e:
+                assert outcome == "panic" and reason in str(e), str(e)
+                return
+        assert outcome == "cold boot" and k2.kho_in is None
+        setup = [x for x in out.getvalue().splitlines() if "KHO: setup:" in x]
+        assert setup and reason in setup[-1], setup
+    finally:
+        rig.close()
