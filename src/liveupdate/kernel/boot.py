@@ -27,7 +27,7 @@ from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.kernel import negotiate, scratch_sizing, testmods
 from liveupdate.kernel.cmdline import Cmdline
-from liveupdate.kernel.kho import KhoIn, KhoOut, restore_folio, validate_handover
+from liveupdate.kernel.kho import KhoIn, KhoOut, restore_free, validate_handover
 from liveupdate.kernel.kho_core import CORES
 from liveupdate.kernel.luo import boot as luo_boot
 from liveupdate.kernel.mm import reserve_mem
@@ -149,9 +149,7 @@ def kexec_metadata(k: Kernel) -> None:
             count = md.kexec_count
         except AbiError as e:
             k.printk(f"KHO: kexec-metadata: {e.message}")
-        order = restore_folio(kin, k.meta, phys)
-        if order is not None:
-            k.free_pages(phys, order)
+        restore_free(kin, k, phys)
     blob = kexec_md.encode(kexec_md.KexecMetadata(k.image.release, count + 1))
     kout.add_subtree(kexec_md.NODE, kout.store(blob), len(blob))
 

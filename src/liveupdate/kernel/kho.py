@@ -533,6 +533,17 @@ def restore_folio(kin: KhoIn, meta: PageMeta, phys: int) -> int | None:
     return order
 
 
+def restore_free(kin: KhoIn | None, mm: MmOps, phys: int) -> bool:
+    """kho_restore_free: take back a preserved allocation the next kernel has read, and free
+    it. False (nothing freed) if ``phys`` is not a preserved head page -- or there was no
+    handover -- and it stays as it is."""
+    order = None if kin is None else restore_folio(kin, mm.meta, phys)
+    if order is None:
+        return False
+    mm.free_pages(phys, order)
+    return True
+
+
 def restore_folios(kin: KhoIn, meta: PageMeta, phys: np.ndarray, order: int) -> np.ndarray:
     """Bulk kho_restore_folio of same-order folios; returns which ones were restored."""
     pfn = (np.asarray(phys, np.uint64) >> np.uint64(PAGE_SHIFT)).astype(np.int64)

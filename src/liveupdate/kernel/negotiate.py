@@ -191,9 +191,7 @@ def incoming(k: Kernel) -> negotiation.Record | None:
     except AbiError as e:
         k.printk(f"KHO: lu-negotiation: {e.message}; ignored")
         return None
-    order = kho.restore_folio(kin, k.meta, phys)
-    if order is not None:
-        k.free_pages(phys, order)
+    kho.restore_free(kin, k, phys)
     k.printk(f"KHO: negotiated handover from {rec.writer}: " + ", ".join(
         f"{c} {f}" for c, f in rec.formats.items()))
     return rec

@@ -223,11 +223,8 @@ class LuoSessions:
         self.incoming = sessions
         self.flbs.incoming = {f.name: IncomingFlb(f.name, f.data, f.count)
                               for f in self._flbs_raw}
-        kin = self.k.kho_in
         for p in self._incoming_meta:  # the previous kernel's LUO pages: read, give back
-            order = None if kin is None else kho.restore_folio(kin, self.k.meta, p)
-            if order is not None:
-                self.k.free_pages(p, order)
+            kho.restore_free(self.k.kho_in, self.k, p)
         self._incoming_meta = []
 
     # -- /dev/liveupdate ------------------------------------------------------------------

@@ -187,11 +187,8 @@ class LuoV3:
         nxt = self._event(Event.FINISH)
         self.incoming.finish_all()
         self.subsystems.finish_all()
-        kin = self.k.kho_in
         for phys in self.incoming_meta:  # the previous kernel's LUO and files FDTs
-            order = None if kin is None else kho.restore_folio(kin, self.k.meta, phys)
-            if order is not None:
-                self.k.free_pages(phys, order)
+            kho.restore_free(self.k.kho_in, self.k, phys)
         self.incoming_meta = []
         self._set(nxt)
 
