@@ -496,13 +496,12 @@ def validate_handover(mem: PhysMem, kd: bootparams.KhoData, reads: tuple[str, ..
     if kho.is_radix(root.compatible):
         pm = kho_radix.decode(mem, root.mem_map)
     else:
-        ce = kho_memmap.read_chunks(mem, root.mem_map)
-        size = kho_memmap.detect_bitmap_bytes(ce)
-        fmt = generations.kho_format(kho.KHO_FDT_COMPATIBLE, size)
+        pm = kho_memmap.decode_mem_map(mem, root.mem_map)  # the bitmap size detected
+        fmt = generations.kho_format(kho.KHO_FDT_COMPATIBLE, pm.bitmap_bytes)
         if fmt not in reads:
-            raise AbiError(msg=f"kho-v1 map with {size}-byte bitmaps ({fmt}); this kernel "
-                           f"reads {', '.join(reads)} (Linux would misread it silently)")
-        pm = kho_memmap.decode_mem_map(mem, root.mem_map, size)
+            raise AbiError(msg=f"kho-v1 map with {pm.bitmap_bytes}-byte bitmaps ({fmt}); this "
+                           f"kernel reads {', '.join(reads)} (Linux would misread it "
+                           "silently)")
     ends = pm.phys + (np.uint64(PAGE_SIZE) << pm.order.astype(np.uint64))
     inside = np.zeros(len(pm), bool)
     for s, n in mem.ranges:
