@@ -151,3 +151,16 @@ def agree(native: Mapping[str, str], can: Mapping[str, tuple[str, ...]],
                            f"{comp} format, this one writes {'/'.join(can[comp])}")
         out[comp] = best
     return out
+
+
+def mode(agreed: Mapping[str, str], writer: Mapping[str, str],
+         reader: Mapping[str, str]) -> str:
+    """``native`` when every agreed format is both kernels' own (Linux would do the same),
+    else ``negotiated``."""
+    same = all(writer.get(c) == f == reader.get(c) for c, f in agreed.items())
+    return "native" if same else "negotiated"
+
+
+def describe(formats: Mapping[str, str]) -> str:
+    """``kho kho-v1, luo luo-v1, ...``: how every tool shows a set of formats."""
+    return ", ".join(f"{c} {f}" for c, f in formats.items())

@@ -160,7 +160,7 @@ class Demo:
         loaded = load_image(self.sock("luod.sock"), f"images/{gen}.img")
         handover = loaded["handover"]
         self.say(f"update {n} to Linux {gen}: {handover['mode']} handover ("
-                 + ", ".join(f"{c} {f}" for c, f in handover["formats"].items())
+                 + generations.describe(handover["formats"])
                  + "); prepare, freeze, kexec")
         st, report = run_update(self.sock("luod.sock"),
                                 on_phase=lambda ev: self.say(f"  {ev['phase']}"))
@@ -243,7 +243,7 @@ def render(results: list[dict[str, Any]], verdict: bool) -> None:
     for r in results:
         h = r["handover"]
         console.print(f"update {r['update']}: to Linux {r['to']}, {h['mode']} handover: "
-                      + ", ".join(f"{c} {f}" for c, f in h["formats"].items()))
+                      + generations.describe(h["formats"]))
         t = Table(title=f"update {r['update']}: phases (host wall clock)")
         for col in ("phase", "start s", "duration s"):
             t.add_column(col, justify="left" if col == "phase" else "right")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from liveupdate.abi import generations
 from liveupdate.abi.generations import RELEASES as GENERATIONS
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.cli import update
@@ -120,9 +121,8 @@ def capture(writer: str, reader: str | None, negotiate: bool, out: Path, memory:
         click.echo(json.dumps(info, indent=2))
     else:
         h = got.handover
-        formats = ", ".join(f"{c} {f}" for c, f in h["formats"].items())
         click.echo(f"wrote {got.ram} and {got.setup_data}: {writer} -> {reader or writer}, "
-                   f"{h['mode']} handover ({formats})")
+                   f"{h['mode']} handover ({generations.describe(h['formats'])})")
 
 
 @main.command()

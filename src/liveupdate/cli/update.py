@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from liveupdate.abi import generations
 from liveupdate.cli.common import emit, fail
 from liveupdate.client.luod import LuodClient
 from liveupdate.client.update import admin, run_update
@@ -116,7 +117,7 @@ def load(image: str, cmdline: str | None, release: str | None, socket: str | Non
         fail(e)
     h = got["handover"]
     emit(got, as_json, f"loaded {got['image']} (LUO {got['generation']}); {h['mode']} "
-         "handover: " + ", ".join(f"{c} {f}" for c, f in h["formats"].items())
+         "handover: " + generations.describe(h["formats"])
          + (f"; warning: {got['warning']}" if got.get("warning") else ""))
 
 

@@ -147,7 +147,7 @@ def status(k: Kernel) -> dict[str, Any]:
     rep["handover"] = {"native": k.image.native(), "negotiate": negotiate.enabled(k.cmdline),
                        "writes": negotiate.written(k),
                        "plan": None if loaded is None or loaded.plan is None else {
-                           "mode": "native" if loaded.plan.native else "negotiated",
+                           "mode": loaded.plan.mode,
                            "formats": loaded.plan.formats}}
     rep["kexec"] = None if loaded is None else {
         "release": loaded.release, "entry": f"{loaded.entry:#x}",

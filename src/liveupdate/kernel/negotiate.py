@@ -50,13 +50,9 @@ def enabled(cmdline: Cmdline) -> bool:
     return cmdline.flag(FLAG)
 
 
-def _as_reads(native: dict[str, str]) -> Reads:
-    return {c: (f,) for c, f in native.items()}
-
-
 def code_reads(k: Kernel) -> Reads:
-    """What this kernel's code reads from the previous one."""
-    return k.image.capable() if enabled(k.cmdline) else _as_reads(k.image.native())
+    """What this kernel's code reads from the previous one (its manifest is only a claim)."""
+    return k.image.capable() if enabled(k.cmdline) else k.image.reads_for(False)
 
 
 def claimed_reads(img: KernelImage, cmdline: str) -> Reads:
@@ -67,12 +63,15 @@ def claimed_reads(img: KernelImage, cmdline: str) -> Reads:
 @dataclass(frozen=True)
 class Plan:
     formats: dict[str, str]  # per component, what this kernel will write
-    native: bool  # every format both kernels' own: Linux would do the same
+    mode: str  # native (both kernels' own formats: Linux would do the same) or negotiated
     reader: str  # the next image's release
 
+    @property
+    def native(self) -> bool:
+        return self.mode == "native"
+
     def describe(self) -> str:
-        shown = ", ".join(f"{c} {f}" for c, f in self.formats.items())
-        return f"{'native' if self.native else 'negotiated'}: {shown}"
+        return f"{self.mode}: {generations.describe(self.formats)}"
 
 
 def plan(k: Kernel, img: KernelImage, cmdline: str) -> Plan:
@@ -81,7 +80,7 @@ def plan(k: Kernel, img: KernelImage, cmdline: str) -> Plan:
     nat = k.image.native()
     theirs = claimed_reads(img, cmdline)
     if k.kho_out is not None and k.kho_out.core.notifiers:
-        can: Reads = _as_reads(nat)  # finalized from userspace before the load
+        can: Reads = k.image.reads_for(False)  # finalized from userspace before the load
     else:
         can = k.image.capable()
     try:
@@ -89,22 +88,18 @@ def plan(k: Kernel, img: KernelImage, cmdline: str) -> Plan:
     except AbiError as e:
         raise LiveUpdateError(err=errno.EINVAL, msg=f"kexec_file_load: negotiation with "
                               f"{img.release}: {e.message}") from e
-    theirs_native = img.native()
-    native = all(nat.get(c) == f == theirs_native.get(c) for c, f in out.items())
-    return Plan(out, native, img.release)
+    return Plan(out, generations.mode(out, nat, img.native()), img.release)
 
 
-def _files(k: Kernel) -> list[tuple[str, int, memfd.Memfd | None, str]]:
-    """(session, token, memfd or None, handler format) of every outgoing file."""
+def _files(k: Kernel) -> list[tuple[str, memfd.Memfd | None]]:
+    """Every outgoing file: how to name it in an error, and its memfd (None on v3, whose
+    family stands alone: nothing is converted)."""
     luo = k.luo
     sessions = getattr(luo, "outgoing", None)
-    if sessions is None:  # v3: its own family, nothing to convert
-        return [("", e.token, None, e.handler.format) for e in getattr(luo, "files", [])]
-    out = []
-    for s in sessions.values():
-        for e in s.files or []:
-            out.append((s.name, e.token, e.file.private, e.handler.format))
-    return out
+    if sessions is None:
+        return [(f"token {e.token:#x}", None) for e in getattr(luo, "files", [])]
+    return [(f"session {s.name!r} token {e.token:#x}", e.file.private)
+            for s in sessions.values() for e in s.files or []]
 
 
 def check_files(k: Kernel, p: Plan, what: str) -> None:
@@ -113,16 +108,13 @@ def check_files(k: Kernel, p: Plan, what: str) -> None:
     files = _files(k)
     if not files:
         return
-    first = files[0]
-    where = f"session {first[0]!r} token {first[1]:#x}" if first[0] else f"token {first[1]:#x}"
     if "luo" not in p.formats:
         more = f" and {len(files) - 1} more files" if len(files) > 1 else ""
         raise LiveUpdateError(err=errno.EINVAL, msg=(
-            f"{what}: negotiation: the next kernel ({p.reader}) has no LUO; {where}{more} "
-            "would be unreachable"))
+            f"{what}: negotiation: the next kernel ({p.reader}) has no LUO; {files[0][0]}"
+            f"{more} would be unreachable"))
     fmt = p.formats.get("memfd")
-    for session, token, m, _ in files:
-        name = f"session {session!r} token {token:#x}" if session else f"token {token:#x}"
+    for name, m in files:
         if fmt is None:
             raise LiveUpdateError(err=errno.EINVAL, msg=(
                 f"{what}: negotiation: the next kernel ({p.reader}) reads no memfd format "
@@ -192,6 +184,6 @@ def incoming(k: Kernel) -> negotiation.Record | None:
         k.printk(f"KHO: lu-negotiation: {e.message}; ignored")
         return None
     kho.restore_free(kin, k, phys)
-    k.printk(f"KHO: negotiated handover from {rec.writer}: " + ", ".join(
-        f"{c} {f}" for c, f in rec.formats.items()))
+    k.printk(f"KHO: negotiated handover from {rec.writer}: "
+             f"{generations.describe(rec.formats)}")
     return rec

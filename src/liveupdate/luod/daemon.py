@@ -517,10 +517,8 @@ class Luod:
                 raise LiveUpdateError(err=errno.EINVAL, msg=f"negotiation with the next "
                                       f"kernel ({nxt.release}): no common {missing[0]} format "
                                       "-- the clients' files could not cross")
-            own = nxt.native()
-            mode = "native" if all(written.get(c) == f == own.get(c)
-                                   for c, f in agreed.items()) else "negotiated"
-            handover: dict[str, Any] = {"mode": mode, "formats": agreed}
+            handover: dict[str, Any] = {
+                "mode": generations.mode(agreed, written, nxt.native()), "formats": agreed}
         else:
             bad = formats.incompatibilities(written, theirs)
             if bad:

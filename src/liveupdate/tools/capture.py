@@ -60,7 +60,7 @@ def capture(writer: str, reader: str, out: Path, *, negotiate: bool = False,
         rig.close()
     plan = loaded.plan
     handover: dict[str, Any] = {"mode": "native", "formats": k.image.native()} \
-        if plan is None else {"mode": "native" if plan.native else "negotiated",
+        if plan is None else {"mode": plan.mode,
                               "formats": plan.formats}
     return Captured(out / "ram.img", out / "setup_data.bin", memory, handover,
                     console.getvalue().splitlines())

@@ -59,7 +59,7 @@ def expected(writer: str, reader: str, mode: str) -> str:
     w, r = KernelImage.of(writer), KernelImage.of(reader)
     written = w.native()
     if mode == "native":
-        bad = formats.incompatibilities(written, {c: (f,) for c, f in r.native().items()})
+        bad = formats.incompatibilities(written, r.reads_for(False))
         return bad[0].effect if bad else "restored"
     try:
         agreed = generations.agree(written, w.capable(), r.manifest())
