@@ -140,9 +140,9 @@ def kexec_metadata(k: Kernel) -> None:
     if kout is None or not kho.is_radix(kout.root.compatible):
         return
     count = 0
-    if kin is not None and kin.root.size(kexec_md.NODE) is not None:
+    size = None if kin is None else kin.root.size(kexec_md.NODE)
+    if kin is not None and size is not None:
         phys = kin.retrieve_subtree(kexec_md.NODE)
-        size = kin.root.size(kexec_md.NODE) or 0
         try:
             md = kexec_md.decode(k.mem.read(phys, min(size, PAGE_SIZE), "kexec-metadata"))
             k.printk(f"KHO: exec from: {md.previous_release} (count {md.kexec_count})")

@@ -126,7 +126,7 @@ class LuoSessions:
         self._incoming_meta: list[int] = []
         self._flbs_raw: list[luo_session.FlbSer] = []
         self.fdt = self.header = self.flb_header = self.ser = 0
-        self.published = (0, 0)  # the LUO subtree as added: (phys, size)
+        self.published = 0  # the blob the LUO subtree points at
         self._serialized: list[tuple[int, int]] = []  # pages the last serialization allocated
 
     # -- boot -----------------------------------------------------------------------------
@@ -161,13 +161,13 @@ class LuoSessions:
 
     def _publish(self, phys: int, size: int) -> None:
         """The LUO subtree is ``phys`` (replacing another one: negotiation)."""
-        if self.published[0] == phys:
+        if self.published == phys:
             return
         kout = self.k.require_kho()
-        if self.published[0]:
-            kout.remove_subtree(self.published[0])
+        if self.published:
+            kout.remove_subtree(self.published)
         kout.add_subtree(LUO_KHO_ENTRY_NAME, phys, size)
-        self.published = (phys, size)
+        self.published = phys
 
     def _read_incoming(self, phys: int, size: int | None) -> None:
         """Dispatch on what this kernel reads: an FDT (``luo-v1``) or a ``luo_ser``
