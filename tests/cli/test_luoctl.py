@@ -82,6 +82,11 @@ def test_inspect_decodes_a_captured_handover_of_every_generation(
     if luo is not None:
         assert kinds["LUO"] == {"luo-v5": "luo-v5", "luo-v1": "luo-session",
                                 "luo-v3": "luo-v3"}[luo]
+    if root["negotiated"]:
+        rec = next(s["content"] for s in root["subtrees"] if s["name"] == "lu-negotiation")
+        assert rec["formats"] == info["handover"]["formats"]
+    if kho_compat != "kho-v1":
+        assert root["memory"]["format"] == "radix"
 
 
 def test_inspect_plain_blobs_and_human_output(tmp_path: Path) -> None:

@@ -16,15 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from liveupdate.abi import bootparams, generations, negotiation
 from liveupdate.abi.image import KernelImage
 from liveupdate.errors import LiveUpdateError
-from liveupdate.kernel import debugfs, kexec, reboot
+from liveupdate.kernel import kexec, reboot
 from liveupdate.kernel.fs import memfd as kmemfd
 from liveupdate.kernel.luo.session import LuoSessions
 from liveupdate.kernel.power import Halted
 from liveupdate.tools import generations as matrix
-from liveupdate.tools import report
 from liveupdate.tools.inprocess import Rig
 
 CELLS = [(m, w, r) for m in matrix.MODES for w in matrix.GENERATIONS
@@ -122,49 +120,6 @@ def test_a_lying_manifest_is_caught_by_the_next_kernel(liar: str, lie: dict[str,
             assert outcome == "EIO" and e.value.errno == errno.EIO
     finally:
         rig.close()
-
-
-@pytest.mark.parametrize("writer, reader", [("7.2", "7.2"), ("7.1", "7.1"), ("6.19", "6.19"),
-                                            ("7.0", "7.0"), ("v3", "v3"), ("6.16", "6.16"),
-                                            ("7.2", "6.19")])
-def test_inspect_decodes_every_generations_handover(writer: str, reader: str) -> None:
-    """What ``luoctl inspect --ram`` shows, from the RAM at the jump."""
-    rig = Rig()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            k = rig.boot(NEG, KernelImage.of(writer))
-            if k.luo is not None:
-                matrix.preserve(k)
-            if k.kho_out is not None and k.kho_out.core.notifiers:
-                debugfs.write(k, "out/finalize", b"1\0")
-            loaded = kexec.file_load(k, KernelImage.of(reader).encode(), NEG)
-            reboot.prepare_jump(k)
-            mem = rig.kernels[0].mem
-            bp = bootparams.BootParams.decode(mem.read(loaded.boot_params, 4096))
-            node = bootparams.read_setup_chain(mem, bp.setup_data)[0]
-            blob = mem.read(node.phys, bootparams.SETUP_HDR_SIZE + len(node.data))
-            rep = report.describe(blob, mem)  # what `luoctl inspect --ram` does
-    finally:
-        rig.close()
-    assert report.errors(rep) == []
-    root = rep["root"]
-    plan = loaded.plan
-    assert plan is not None
-    kho_fmt = generations.KHO_COMPATIBLE[plan.formats["kho"]]
-    assert root["compatible"] == kho_fmt
-    assert root["negotiated"] == (not plan.native)
-    kinds = {s["name"]: s["content"].get("kind") for s in root["subtrees"]}
-    assert kinds.get("kho_test") == "kho-test"
-    if root["negotiated"]:
-        rec = next(s["content"] for s in root["subtrees"] if s["name"] == negotiation.NODE)
-        assert rec["formats"] == plan.formats
-    luo = plan.formats.get("luo")
-    if luo is not None:
-        want = {"luo-v5": "luo-v5", "luo-v1": "luo-session", "luo-v3": "luo-v3"}[luo]
-        assert kinds["LUO"] == want
-    if kho_fmt != "kho-v1":
-        assert root["memory"]["format"] == "radix"
-    assert root["memory"]["pages"] > 2048  # test_kho's 8 MiB at least
 
 
 def test_kexec_metadata_counts_kexecs_since_the_cold_boot() -> None:

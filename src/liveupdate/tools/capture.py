@@ -21,7 +21,6 @@ from typing import Any
 
 from liveupdate.abi import bootparams
 from liveupdate.abi.image import KernelImage
-from liveupdate.kernel import debugfs, kexec, reboot
 from liveupdate.tools import generations
 from liveupdate.tools.inprocess import Rig
 
@@ -45,10 +44,9 @@ def capture(writer: str, reader: str, out: Path, *, negotiate: bool = False,
             k = rig.boot(line, KernelImage.of(writer))
             if k.luo is not None:
                 generations.preserve(k)
-            if k.kho_out is not None and k.kho_out.core.notifiers:
-                debugfs.write(k, "out/finalize", b"1\0")  # 6.16/6.18: before the load
-            loaded = kexec.file_load(k, KernelImage.of(reader).encode(), line)
-            reboot.prepare_jump(k)
+            # finalize only where 6.16/6.18 need it before the load; 6.19+ do it at reboot
+            loaded = rig.jump(k, line, KernelImage.of(reader),
+                              finalize=k.kho_out is not None and k.kho_out.core.notifiers)
         mem = rig.kernels[0].mem
         bp = bootparams.BootParams.decode(mem.read(loaded.boot_params, 4096, "boot params"))
         node = bootparams.read_setup_chain(mem, bp.setup_data)[0]

@@ -14,6 +14,7 @@ from __future__ import annotations
 from liveupdate.abi import image
 from liveupdate.kernel import boot, debugfs, kexec, reboot
 from liveupdate.kernel.kernel import Kernel
+from liveupdate.kernel.kexec import Loaded
 from liveupdate.kernel.kho_core import Debugfs
 from liveupdate.machine import firmware
 from liveupdate.machine.ram import Ram
@@ -37,15 +38,21 @@ class Rig:
         boot.start_kernel(k, bp)
         return k
 
-    def kexec(self, k: Kernel, cmdline: str | None = None,
-              img: image.KernelImage | None = None, *, finalize: bool = True) -> Kernel:
-        """The KHO selftest's init: finalize (where the kernel has the file), load, reboot."""
+    def jump(self, k: Kernel, cmdline: str | None = None,
+             img: image.KernelImage | None = None, *, finalize: bool = True) -> Loaded:
+        """The KHO selftest's init up to the jump: finalize (where the kernel has the file),
+        load, the reboot path. RAM then holds the handover as the next kernel finds it."""
         if finalize and k.kho_out is not None and k.kho_out.core.debugfs is not Debugfs.ABSENT \
                 and not k.kho_out.finalized:
             debugfs.write(k, "out/finalize", b"1\0")
         kexec.file_load(k, (img or image.KernelImage()).encode(),
                         k.cmdline.raw if cmdline is None else cmdline)
-        loaded = reboot.prepare_jump(k)
+        return reboot.prepare_jump(k)
+
+    def kexec(self, k: Kernel, cmdline: str | None = None,
+              img: image.KernelImage | None = None, *, finalize: bool = True) -> Kernel:
+        """:meth:`jump`, then the next kernel boots on the same RAM."""
+        loaded = self.jump(k, cmdline, img, finalize=finalize)
         k.ram.close()
         return self._start(loaded.boot_params)
 
