@@ -95,3 +95,13 @@ def test_images_of_every_generation() -> None:
         image.KernelImage(reads={"kho": ["kho-v9"]}).encode()
     lying = image.KernelImage.of("6.19", reads={"kho": ["kho-v1", "kho-v4"]})
     assert image.decode(lying.encode()).manifest()["kho"] == ("kho-v1", "kho-v4")
+
+
+def test_every_format_belongs_to_a_component_format_of_the_generations_table() -> None:
+    """The two tables name the same formats: a decoder's (component, fmt) is a format some
+    generation writes natively."""
+    written = {(c, f) for g in generations.RELEASES
+               for c, f in image.KernelImage.of(g).native().items()}
+    for f in formats.FORMATS:
+        if f.component and f.fmt:
+            assert (f.component, f.fmt) in written, f.name

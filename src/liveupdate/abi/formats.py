@@ -35,7 +35,6 @@ from liveupdate.abi import (
     memfd,
     negotiation,
 )
-from liveupdate.errors import AbiError
 
 
 @dataclass(frozen=True)
@@ -78,16 +77,6 @@ FORMATS: tuple[Format, ...] = (
     Format("memfd-v2", memfd.MEMFD_V2, lambda raw: memfd.decode_ser(raw, memfd.MEMFD_V2),
            "memfd", "memfd-v2"),
 )
-BY_NAME = {f.name: f for f in FORMATS}
-
-
-def get(name: str) -> Format:
-    try:
-        return BY_NAME[name]
-    except KeyError:
-        raise AbiError(msg=f"no handover format {name!r}") from None
-
-
 EFFECT = {"kho": "cold boot", "luo": "panic", "flb": "panic", "memfd": "EIO",
           "unreachable": "unreachable"}
 

@@ -151,7 +151,6 @@ class MemfdFdtHandler(MemfdLuo):
     """The v3 era handler: ``memfd-v1`` FDT, heavy work at PREPARE."""
 
     compatible = memfd_abi.MEMFD_V1
-    format = "memfd-fdt"  # its name in abi/formats.py
 
     def _encode(self, f: File) -> tuple[bytes, int]:
         m = f.private
@@ -213,7 +212,6 @@ class MemfdSerHandler(MemfdLuo):
     def __init__(self, k: Kernel, compatible: str) -> None:
         super().__init__(k)
         self.compatible = compatible
-        self.format = compatible  # its name in abi/formats.py
         self.v2 = compatible == memfd_abi.MEMFD_V2
 
     def _ser(self, f: File, desc: KhoVmalloc, fmt: str | None = None) -> bytes:

@@ -22,7 +22,6 @@ from liveupdate.kernel.fs.file import File
 
 class FileHandler(Protocol):
     compatible: str
-    format: str  # the name of its serialized format in abi/formats.py
 
     def can_preserve(self, f: File) -> bool: ...
 

@@ -317,13 +317,6 @@ class LuoV3:
             raise LiveUpdateError(err=errno.EINVAL, msg=f"SET_FD_EVENT: bad event {event}")
         action(self.files.get(token))
 
-    def written_formats(self) -> set[str]:
-        """What a reboot now would hand over: the LUO data only when PREPARED."""
-        if self.state not in (State.PREPARED, State.FROZEN):
-            return set()
-        return {"luo-v3", "files-fdt"} | {e.handler.format for e in self.files
-                                          if e.state is not State.NORMAL}
-
     # -- reports --------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         return {
