@@ -4,10 +4,15 @@ A handover is a set of structures that point at each other by physical address. 
 follow those pointers read through :class:`PhysMem`, which refuses any access that is not wholly
 inside one RAM range, so a hostile pointer becomes an :class:`AbiError` (EFAULT), never an
 ``IndexError`` or a read of the wrong bytes.
+
+Two layouts: one buffer whose offset ``i`` is ``base + i`` (a raw RAM image, the emulated
+machine's RAM), or :meth:`PhysMem.from_segments` -- pieces of one buffer at their own offsets,
+as the ``PT_LOAD`` segments of a QEMU ``dump-guest-memory`` core, without copying the file.
 """
 
 from __future__ import annotations
 
+import bisect
 import errno
 import struct
 from collections.abc import Iterable, Iterator
@@ -29,6 +34,10 @@ class PhysMem:
     ``ranges`` lists the ``(start, size)`` ranges that are RAM; by default the whole buffer.
     """
 
+    # (phys start, size, buffer offset) sorted by phys, when built by from_segments
+    _segs: list[tuple[int, int, int]] | None = None
+    _seg_starts: list[int]
+
     def __init__(
         self,
         buf: Buffer,
@@ -47,6 +56,53 @@ class PhysMem:
                     msg=f"RAM range {start:#x}+{size:#x} lies outside the backing buffer",
                     err=errno.EFAULT,
                 )
+
+    @classmethod
+    def from_segments(cls, buf: Buffer,
+                      segments: Iterable[tuple[int, int, int]]) -> PhysMem:
+        """RAM made of ``(phys, size, offset)`` pieces of ``buf``: bytes ``offset ..
+        offset + size`` of the buffer are physical ``phys .. phys + size``. Segments must lie
+        inside the buffer and must not overlap in physical space (EINVAL); segments that
+        touch form one RAM range, and a read may cross from one into the next."""
+        segs = sorted((int(p), int(n), int(o)) for p, n, o in segments if n > 0)
+        for p, n, o in segs:
+            if p < 0 or o < 0 or o + n > len(buf):
+                raise AbiError(msg=f"segment {p:#x}+{n:#x} at file offset {o:#x} lies "
+                               f"outside the {len(buf):#x}-byte buffer", err=errno.EFAULT)
+        merged: list[list[int]] = []
+        for p, n, _ in segs:
+            if merged and p < merged[-1][0] + merged[-1][1]:
+                raise AbiError(msg=f"segment {p:#x}+{n:#x} overlaps the one before it in "
+                               "physical memory")
+            if merged and merged[-1][0] + merged[-1][1] == p:
+                merged[-1][1] += n
+            else:
+                merged.append([p, n])
+        mem = cls.__new__(cls)
+        mem._buf, mem._base = buf, 0
+        mem.ranges = [(s, n) for s, n in merged]
+        mem._segs = segs
+        mem._seg_starts = [p for p, _, _ in segs]
+        return mem
+
+    @property
+    def buffer(self) -> Buffer:
+        return self._buf
+
+    def segments(self) -> list[tuple[int, int, int]]:
+        """``(phys, size, buffer offset)`` of every piece of RAM, sorted by phys."""
+        if self._segs is not None:
+            return list(self._segs)
+        return [(s, n, s - self._base) for s, n in self.ranges]
+
+    def inside(self, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """For each ``[start, end)``: does it lie wholly inside one RAM range? (bool array)"""
+        starts = np.asarray(starts, np.uint64)
+        ends = np.asarray(ends, np.uint64)
+        ok = np.zeros(starts.shape, bool)
+        for s, n in self.ranges:
+            ok |= (starts >= np.uint64(s)) & (ends <= np.uint64(s + n)) & (ends >= starts)
+        return ok
 
     @property
     def end(self) -> int:
@@ -72,8 +128,17 @@ class PhysMem:
 
     def read(self, phys: int, size: int, what: str = "read") -> bytes:
         self.check(phys, size, what)
-        off = phys - self._base
-        return bytes(self._buf[off : off + size])
+        if self._segs is None:
+            off = phys - self._base
+            return bytes(self._buf[off : off + size])
+        out = []
+        i = bisect.bisect_right(self._seg_starts, phys) - 1
+        while size > 0:  # check() proved the pieces touch and cover the read
+            p, n, o = self._segs[i]
+            take = min(size, p + n - phys)
+            out.append(bytes(self._buf[o + phys - p : o + phys - p + take]))
+            phys, size, i = phys + take, size - take, i + 1
+        return b"".join(out)
 
     def read_array(self, phys: int, count: int, dtype: np.dtype[np.generic] | str,
                    what: str = "array") -> np.ndarray:
