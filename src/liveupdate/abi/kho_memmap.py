@@ -19,7 +19,11 @@ into blocks of order ``min(ctz(pfn), ilog2(end_pfn - pfn))`` with no cap, so a l
 ``reserve_mem`` region is carried as order-11, -12 ... blocks, and ``kho_mem_deserialize()``
 accepts any order. Our one bound is :data:`MAX_MAP_ORDER`: a larger block (over 256 TiB)
 cannot be RAM, and its bitmap span would overflow 64 bits. Whether each block lies in RAM is
-the booting kernel's check (``liveupdate.kernel.kho.validate_handover``).
+the booting kernel's check (``liveupdate.kernel.kho.validate_handover``); readers that have
+no such check of their own (``luoctl inspect``) pass ``check_ram=True`` and a block outside
+RAM is refused (EFAULT) naming its chunk, entry and address. Linux's
+``kho_preserved_memory_reserve`` (kernel/liveupdate/kexec_handover.c) has no check at all: it
+``memblock_reserve``s whatever the map says.
 
 Validation on decode is stricter than Linux (which only finds map errors while reserving): the
 whole chain is checked before anything is returned -- chunk alignment and bounds, loops,
@@ -29,6 +33,7 @@ whole chain is checked before anything is returned -- chunk alignment and bounds
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 import numpy as np
@@ -188,6 +193,7 @@ class ChunkEntries:
     order: np.ndarray  # uint32[n]
     phys_start: np.ndarray  # uint64[n]
     bitmap_phys: np.ndarray  # uint64[n]
+    chunk_of: np.ndarray | None = None  # intp[n]: which chunk each entry was read from
 
 
 def read_chunks(mem: PhysMem, first: int) -> ChunkEntries:
@@ -208,11 +214,13 @@ def read_chunks(mem: PhysMem, first: int) -> ChunkEntries:
         orders.append(np.full(num, order, dtype=np.uint32))
         entries.append(page[CHUNK_HDR_SIZE:].view(ENTRY_DTYPE)[:num])
     ent = np.concatenate(entries) if entries else np.zeros(0, ENTRY_DTYPE)
+    counts = [len(o) for o in orders]
     return ChunkEntries(
         np.array(chunks, dtype=np.uint64),
         np.concatenate(orders) if orders else np.zeros(0, np.uint32),
         ent["phys_start"].copy(),
         ent["bitmap"].copy(),
+        np.repeat(np.arange(len(chunks), dtype=np.intp), counts),
     )
 
 
@@ -234,8 +242,10 @@ def detect_bitmap_bytes(ce: ChunkEntries) -> int:
     return BITMAP_BYTES_6_18
 
 
-def decode_mem_map(mem: PhysMem, first: int, bitmap_bytes: int | None = None) -> PreservedMemory:
-    """Decode the whole map into block arrays; every pointer is checked before use."""
+def decode_mem_map(mem: PhysMem, first: int, bitmap_bytes: int | None = None, *,
+                   check_ram: bool = False) -> PreservedMemory:
+    """Decode the whole map into block arrays; every pointer is checked before use. With
+    ``check_ram``, every preserved block must lie wholly in ``mem``'s RAM (EFAULT)."""
     ce = read_chunks(mem, first)
     if bitmap_bytes is None:
         bitmap_bytes = detect_bitmap_bytes(ce)
@@ -271,7 +281,27 @@ def decode_mem_map(mem: PhysMem, first: int, bitmap_bytes: int | None = None) ->
         order = ce.order[row].astype(np.uint8)
         phys = ce.phys_start[row] + (bit << shift[row])
     # No wrap is possible: phys_start is span-aligned and the span fits a u64 (MAX_MAP_ORDER).
+    if check_ram:
+        _check_in_ram(mem, ce, phys, order, row)
     return PreservedMemory(phys, order, bitmap_bytes)
+
+
+def _check_in_ram(mem: PhysMem, ce: ChunkEntries, phys: np.ndarray, order: np.ndarray,
+                  row: np.ndarray) -> None:
+    ends = phys + (np.uint64(PAGE_SIZE) << order.astype(np.uint64))
+    bad = np.flatnonzero(~mem.inside(phys, ends))
+    if not bad.size:
+        return
+    i, r = int(bad[0]), int(row[int(bad[0])])
+    where = f"entry {r}"
+    if ce.chunk_of is not None:  # name the chunk page and the entry's slot in it
+        c = int(ce.chunk_of[r])
+        slot = r - int(np.searchsorted(ce.chunk_of, c))
+        where = f"chunk {int(ce.chunk_phys[c]):#x} entry {slot}"
+    raise AbiError(
+        msg=f"KHO memory map: {where} (order {int(order[i])}, phys_start "
+        f"{int(ce.phys_start[r]):#x}) marks block {int(phys[i]):#x}+{int(ends[i] - phys[i]):#x}, "
+        f"outside RAM ({len(bad)} such blocks)", err=errno.EFAULT)
 
 
 def merge_intervals(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:

@@ -18,11 +18,15 @@ then by address.
 and rewrites only the pages a change touches, :mod:`liveupdate.kernel.kho_radix`);
 :func:`decode` is the hostile-input walk: every node page-aligned and inside RAM, no node
 reached twice (a shared or cyclic child is refused: upstream would walk it twice or forever),
-at most :data:`MAX_NODES` nodes, every set bit a valid key.
+at most :data:`MAX_NODES` nodes, every set bit a valid key, and with ``check_ram`` every
+block inside RAM (EFAULT, naming the leaf and the block). Upstream's
+``kho_preserved_memory_reserve`` (kernel/liveupdate/kexec_handover.c, 7.3) reserves whatever
+a key says; the emulated kernel checks the blocks itself (``validate_handover``).
 """
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 
 import numpy as np
@@ -138,13 +142,14 @@ def leaf_bytes(bits: np.ndarray) -> bytes:
     return np.packbits(bits, bitorder="little").tobytes()
 
 
-def decode(mem: PhysMem, root_phys: int) -> PreservedMemory:
+def decode(mem: PhysMem, root_phys: int, *, check_ram: bool = False) -> PreservedMemory:
     """Walk the tree at ``root_phys`` as the next kernel does (``kho_mem_retrieve``): blocks
-    in walk order, larger orders first. ``root_phys`` 0 is EINVAL (``kho_mem_retrieve``)."""
+    in walk order, larger orders first. ``root_phys`` 0 is EINVAL (``kho_mem_retrieve``).
+    With ``check_ram``, a block outside ``mem``'s RAM is EFAULT."""
     if root_phys == 0:
         raise AbiError(msg="KHO radix tree: preserved-memory-map is 0")
     seen: set[int] = set()
-    leaves: list[tuple[int, np.ndarray]] = []
+    leaves: list[tuple[int, np.ndarray, int]] = []  # (key prefix, set bits, leaf phys)
 
     def node(phys: int, level: int, prefix: int) -> None:
         if phys % PAGE_SIZE:
@@ -160,7 +165,7 @@ def decode(mem: PhysMem, root_phys: int) -> PreservedMemory:
             bits = np.flatnonzero(np.unpackbits(np.frombuffer(raw, np.uint8),
                                                 bitorder="little"))
             if len(bits):
-                leaves.append((prefix, bits))
+                leaves.append((prefix, bits, phys))
             return
         table = np.frombuffer(raw, "<u8")
         for slot in np.flatnonzero(table).tolist():
@@ -169,16 +174,27 @@ def decode(mem: PhysMem, root_phys: int) -> PreservedMemory:
     node(root_phys, ROOT_LEVEL, 0)
     phys: list[np.ndarray] = []
     orders: list[np.ndarray] = []
-    for prefix, bits in leaves:  # one order per leaf: the marker bit is in the prefix
+    for prefix, bits, leaf in leaves:  # one order per leaf: the marker bit is in the prefix
         first = np.array([prefix << BITMAP_SIZE_LOG2], np.uint64)
         _, o = unkey(first)
         high = (np.uint64(prefix << BITMAP_SIZE_LOG2) | bits.astype(np.uint64)) & np.uint64(
             (1 << (ORDER_0_LOG2 - int(o[0]))) - 1)
         phys.append(high << np.uint64(PAGE_SHIFT + int(o[0])))
         orders.append(np.full(len(bits), o[0], np.uint8))
+        if check_ram:
+            _check_in_ram(mem, leaf, phys[-1], int(o[0]))
     if not phys:
         return PreservedMemory(np.zeros(0, np.uint64), np.zeros(0, np.uint8), PAGE_SIZE)
     return PreservedMemory(np.concatenate(phys), np.concatenate(orders), PAGE_SIZE)
+
+
+def _check_in_ram(mem: PhysMem, leaf: int, phys: np.ndarray, order: int) -> None:
+    size = np.uint64(PAGE_SIZE << order)
+    bad = np.flatnonzero(~mem.inside(phys, phys + size))
+    if bad.size:
+        raise AbiError(msg=f"KHO radix leaf {leaf:#x}: order-{order} block "
+                       f"{int(phys[bad[0]]):#x}+{int(size):#x} lies outside RAM "
+                       f"({bad.size} such blocks in this leaf)", err=errno.EFAULT)
 
 
 def walk_order(phys: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
