@@ -1,0 +1,93 @@
+"""What the real-kernel harness needs from the host: paths, Debian packages, progress.
+
+The cache lives outside the checkout (``$LIVEUPDATE_REALKERNEL_CACHE``, else
+``$XDG_CACHE_HOME/liveupdate/realkernel``, else ``~/.cache/liveupdate/realkernel``) so a
+fresh clone on the same machine reuses a built kernel. Missing tools are installed when we
+run as root (``apt-get install --no-install-recommends``, after one ``apt-get update``);
+otherwise the error is one line naming the command that installs them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from liveupdate.errors import LiveUpdateError
+
+# command -> the Debian package that provides it
+TOOLS: dict[str, str] = {
+    "gcc": "gcc", "make": "make", "flex": "flex", "bison": "bison", "bc": "bc",
+    "perl": "perl", "xz": "xz-utils", "dpkg-deb": "dpkg",
+    "qemu-system-x86_64": "qemu-system-x86",
+}
+# headers the kernel build needs (objtool links libelf; no command to probe for them)
+HEADERS: dict[str, str] = {"/usr/include/libelf.h": "libelf-dev",
+                           "/usr/include/openssl/opensslv.h": "libssl-dev"}
+
+
+def cache_root() -> Path:
+    env = os.environ.get("LIVEUPDATE_REALKERNEL_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "liveupdate" / "realkernel"
+
+
+def missing(tools: dict[str, str] | None = None) -> list[str]:
+    """Debian packages whose command or header is absent."""
+    pkgs = [pkg for cmd, pkg in (tools or TOOLS).items() if shutil.which(cmd) is None]
+    if tools is None:
+        pkgs += [pkg for path, pkg in HEADERS.items() if not Path(path).exists()]
+    return sorted(set(pkgs))
+
+
+def ensure_tools(tools: dict[str, str] | None = None) -> None:
+    """Install what is missing as root; otherwise say which command would."""
+    pkgs = missing(tools)
+    if not pkgs:
+        return
+    cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *pkgs]
+    if os.geteuid() != 0:
+        raise LiveUpdateError(err=errno.ENOENT, msg="the real-kernel harness needs "
+                              f"{', '.join(pkgs)}: run `sudo {' '.join(cmd)}`")
+    with step(f"installing {' '.join(pkgs)} (apt-get)"):
+        subprocess.run(["apt-get", "update", "-qq"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    still = missing(tools)
+    if still:
+        raise LiveUpdateError(err=errno.ENOENT, msg=f"apt-get left {', '.join(still)} "
+                              "missing")
+
+
+def say(msg: str) -> None:
+    print(f"realkernel: {msg}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def step(what: str) -> Iterator[None]:
+    """One line when a long step starts and one with its time when it ends."""
+    say(f"{what} ...")
+    t0 = time.monotonic()
+    yield
+    say(f"{what}: done in {time.monotonic() - t0:.1f} s")
+
+
+def run(cmd: list[str], *, log: Path, cwd: Path | None = None, what: str,
+        env: dict[str, str] | None = None) -> None:
+    """Run a long command with its output in ``log``; on failure the error quotes the log's
+    tail, so a broken build says why in one place."""
+    with open(log, "ab") as out:
+        rc = subprocess.run(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})}).returncode
+    if rc:
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+        raise LiveUpdateError(err=errno.EIO, msg=f"{what} failed (exit {rc}); last lines of "
+                              f"{log}:\n  " + "\n  ".join(tail))
