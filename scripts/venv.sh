@@ -11,7 +11,7 @@ if [ ! -x "$root/.venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$wan
     echo "setting up .venv (first run builds pylibfdt; about a minute)" >&2
     "$py" -m venv "$root/.venv"
     "$root/.venv/bin/python" -m pip install --quiet --upgrade pip
-    "$root/.venv/bin/python" -m pip install --quiet -e "$root[test]"
+    "$root/.venv/bin/python" -m pip install --quiet -e "$root[test,realkernel]"
     echo "$want" > "$stamp"
 fi
 export PATH="$root/.venv/bin:$PATH"
