@@ -43,12 +43,39 @@ def hx(v: int) -> str:
     return f"{int(v):#x}"
 
 
+def is_kho_data(blob: bytes) -> bool:
+    """A bare ``struct kho_data`` as ``/sys/kernel/boot_params/setup_data/N/data`` exports
+    it (arch/x86/kernel/ksysfs.c ``setup_data_data_read`` copies the payload, not the
+    header): exactly 32 bytes holding a plausible page-aligned FDT and a scratch array.
+    A ``luo_ser`` is 32 bytes too but starts with ``"luo-v5"`` (checked first)."""
+    if len(blob) != bootparams.KHO_DATA_SIZE or blob.startswith(luo_ser.LUO_V5.encode()):
+        return False
+    fdt_addr, fdt_size, scratch_addr, scratch_size = bootparams.KHO_DATA.unpack(blob)
+    return bool(fdt_addr != 0 and fdt_addr % PAGE_SIZE == 0 and 0 < fdt_size <= 1 << 24
+            and scratch_addr != 0 and scratch_size != 0
+            and scratch_size % bootparams.SCRATCH_DTYPE.itemsize == 0)
+
+
+def is_kexec_metadata(blob: bytes) -> bool:
+    """``kexec-metadata`` as debugfs exports it (its 73-byte blob-size): version 1 and a
+    NUL-terminated printable release."""
+    if not kexec_metadata.LAYOUT.size <= len(blob) <= PAGE_SIZE:
+        return False
+    version, rel, _ = kexec_metadata.LAYOUT.unpack_from(blob)
+    name = rel.split(b"\0", 1)[0]
+    return bool(version == kexec_metadata.VERSION and b"\0" in rel
+                and all(0x20 <= c < 0x7F for c in name))
+
+
 def identify(blob: bytes) -> str:
-    """The kind of a blob: ``setup_data``, ``kho-root``, ``memblock``, ``kho-test``,
-    ``luo-v3``, ``luo-session``, ``luo-v5``, ``files-fdt``, ``memfd-fdt`` or
-    ``lu-negotiation``. AbiError otherwise."""
+    """The kind of a blob: ``setup_data`` (a node with its header, or the bare
+    ``kho_data`` payload), ``kho-root``, ``memblock``, ``kho-test``, ``luo-v3``,
+    ``luo-session``, ``luo-v5``, ``files-fdt``, ``memfd-fdt``, ``lu-negotiation`` or
+    ``kexec-metadata``. AbiError otherwise."""
     if blob[: luo_ser.COMPAT_LEN] == luo_ser.LUO_V5.encode().ljust(luo_ser.COMPAT_LEN, b"\0"):
         return "luo-v5"
+    if is_kho_data(blob):
+        return "setup_data"
     if len(blob) >= 4 and struct.unpack(">I", blob[:4])[0] == fdt.FDT_MAGIC:
         root = fdt.parse(blob).root
         compat = root.compatible()
@@ -69,7 +96,10 @@ def identify(blob: bytes) -> str:
         _, type_, length = bootparams.SETUP_HDR.unpack_from(blob)
         if type_ == bootparams.SETUP_KEXEC_KHO and length == bootparams.KHO_DATA_SIZE:
             return "setup_data"
-    raise AbiError(msg="not a KHO root FDT, setup_data blob or known sub-FDT")
+    if is_kexec_metadata(blob):
+        return "kexec-metadata"
+    raise AbiError(msg=f"{len(blob)} bytes: not a KHO root FDT, setup_data (node or kho_data "
+                   "payload), luo_ser, kexec-metadata or known sub-FDT")
 
 
 def _guard(fn: Callable[[], Report]) -> Report:
@@ -93,12 +123,16 @@ def _describe_at(mem: PhysMem, phys: int, what: str, bb: int | None,
 
 
 def _describe_setup_data(blob: bytes, mem: PhysMem | None, bb: int | None) -> Report:
-    node, nxt = bootparams.decode_setup_data(blob)
-    kd = bootparams.decode_kho_setup_data(node)
-    rep: Report = {"kind": "setup_data", "type": "SETUP_KEXEC_KHO", "next": hx(nxt),
-                   "kho_data": {"fdt_addr": hx(kd.fdt_addr), "fdt_size": kd.fdt_size,
-                                "scratch_addr": hx(kd.scratch_addr),
-                                "scratch_size": kd.scratch_size}}
+    if is_kho_data(blob):  # the sysfs data file: no header, so no type or next to show
+        kd = bootparams.KhoData.decode(blob)
+        rep: Report = {"kind": "setup_data", "type": "SETUP_KEXEC_KHO",
+                       "form": "kho_data payload (sysfs setup_data/N/data, no header)"}
+    else:
+        node, nxt = bootparams.decode_setup_data(blob)
+        kd = bootparams.decode_kho_setup_data(node)
+        rep = {"kind": "setup_data", "type": "SETUP_KEXEC_KHO", "next": hx(nxt)}
+    rep["kho_data"] = {"fdt_addr": hx(kd.fdt_addr), "fdt_size": kd.fdt_size,
+                       "scratch_addr": hx(kd.scratch_addr), "scratch_size": kd.scratch_size}
     if mem is not None:
         def scratch() -> Report:
             arr = bootparams.decode_scratch(mem.read(kd.scratch_addr, kd.scratch_size,
@@ -142,8 +176,8 @@ def describe_root(blob: bytes, mem: PhysMem | None = None, bb: int | None = None
         rep["unretrievable"] = [{"name": n, "why": why} for n, why in root.broken]
     if mem is not None and root.mem_map:
         rep["memory"] = _guard(lambda: memory_summary(
-            kho_radix.decode(mem, root.mem_map) if radix
-            else kho_memmap.decode_mem_map(mem, root.mem_map, bb)))
+            kho_radix.decode(mem, root.mem_map, check_ram=True) if radix
+            else kho_memmap.decode_mem_map(mem, root.mem_map, bb, check_ram=True)))
         if radix:
             rep["memory"]["format"] = "radix"
     return rep
@@ -286,6 +320,8 @@ def _describe_luo_v5(blob: bytes, mem: PhysMem | None, bb: int | None) -> Report
     rep: Report = {"kind": "luo-v5", "compatible": luo_ser.LUO_V5,
                    "liveupdate_number": ser.liveupdate_number,
                    "sessions_pa": hx(ser.sessions_pa), "flbs_pa": hx(ser.flbs_pa)}
+    if not ser.sessions_pa:
+        rep["sessions_note"] = SESSIONS_PA_0
     if mem is None:
         return rep
     rep["sessions"] = _guard(lambda: _sessions_report(
@@ -293,6 +329,11 @@ def _describe_luo_v5(blob: bytes, mem: PhysMem | None, bb: int | None) -> Report
     if ser.flbs_pa:
         _flbs(rep, mem, ser.flbs_pa)
     return rep
+
+
+SESSIONS_PA_0 = ("sessions_pa is 0: no sessions were handed over -- or this is a running "
+                 "kernel's outgoing luo_ser (debugfs out/sub_fdts/LUO), not yet serialized: "
+                 "LUO writes its sessions at reboot (luo_session_serialize)")
 
 
 def _kexec_metadata_at(mem: PhysMem, phys: int, size: int) -> Report:
