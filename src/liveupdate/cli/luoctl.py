@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import mmap
 import os
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -21,7 +21,9 @@ from liveupdate.cli.machine import machine
 from liveupdate.cli.render import exit_with_report
 from liveupdate.errors import LiveUpdateError
 from liveupdate.tools import example as example_mod
-from liveupdate.tools import report as report_mod
+from liveupdate.tools import extract as extract_mod
+from liveupdate.tools import inspect as inspect_mod
+from liveupdate.tools import ramfile
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -42,43 +44,109 @@ main.add_command(kho)
 main.add_command(image)
 
 
+class AddrParam(click.ParamType[int]):
+    """A physical address: 0x-prefixed hex or decimal."""
+
+    name = "ADDR"
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            addr = int(str(value), 0)
+        except ValueError:
+            self.fail(f"{value!r} is not an address such as 0x1fe000", param, ctx)
+        if addr < 0 or addr % 4096:
+            self.fail(f"{value!r} is not a page-aligned physical address", param, ctx)
+        return addr
+
+
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--ram", "ram", type=click.Path(dir_okay=False, path_type=Path),
-              help="RAM image where physical address == file offset; pointers in FILE are "
-                   "followed through it.")
+              help="Guest RAM: a raw image (file offset == physical address) or a QEMU "
+                   "dump-guest-memory ELF core. Pointers are followed through it; without "
+                   "FILE, the KHO root is found by scanning it.")
+@click.option("--root", "root_addr", type=AddrParam(), default=None,
+              help="With --ram and no FILE: decode the KHO root FDT at this physical address "
+                   "instead of choosing one by scanning.")
+@click.option("--extract", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="With --ram: write every preserved memfd to DIR/<session>/<token>.bin "
+                   "(sparse) and DIR/manifest.json (size, pos, seals, sha256 of each).")
 @click.option("--bitmap-bytes", type=click.Choice(["auto", "4096", "512"]), default="auto",
               show_default=True,
               help="Size of kho-v1 bitmaps: 4096 (6.18+), 512 (6.16/6.17), or detect.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def inspect(file: Path, ram: Path | None, bitmap_bytes: str, as_json: bool) -> None:
-    """Decode a KHO/LUO handover blob.
+def inspect(file: Path | None, ram: Path | None, root_addr: int | None, extract: Path | None,
+            bitmap_bytes: str, as_json: bool) -> None:
+    """Decode a KHO/LUO handover: a blob, a RAM image, or both.
 
-    FILE is a KHO root FDT, a setup_data blob (SETUP_KEXEC_KHO), or a known sub-FDT
-    (memblock-v1, kho-test-v1, luo-v1 of either era, file-descriptors-v1, FDT memfd-v1);
-    its kind is detected from its content. With --ram, inspect follows setup_data to the
-    root FDT, decodes the preserved-memory map (blocks per order and merged ranges) and every
-    sub-FDT and structure it knows: LUO sessions, files, memfd folios, vmalloc arrays.
+    FILE is recognized by its content: a KHO root FDT (kho-v1, kho-v3, kho-v4); a
+    SETUP_KEXEC_KHO setup_data node with its 16-byte header, or the bare 32-byte struct
+    kho_data that /sys/kernel/boot_params/setup_data/N/data exports; a sub-FDT (memblock-v1,
+    kho-test-v1, luo-v1 of either era, file-descriptors-v1, FDT memfd-v1); a raw luo_ser
+    ("luo-v5", 32 bytes) or kexec-metadata (73 bytes); or any /sys/kernel/debug/kho/ file
+    as Linux 7.3 exports it. debugfs out/fdt is cut to its size at boot (its LUO node came
+    later): what is there is decoded and the report lists what could and could not be read.
+    out/sub_fdts/LUO shows sessions_pa = 0 until reboot(). in/sub_fdts/* point at pages
+    their owners may have freed: a blob from in/ that does not decode, or points at garbage,
+    is explained as stale.
+
+    With --ram, every pointer is followed: scratch areas, the preserved-memory map (blocks
+    per order and merged ranges; a block outside RAM is an error), every subtree, LUO
+    sessions and files, memfd folios, vmalloc arrays. RAM is a raw image or an ELF core
+    from QEMU's dump-guest-memory (its PT_LOAD segments map physical addresses to the file;
+    the file is mapped, not read into memory). Without FILE, every page of RAM is searched
+    for a KHO root FDT; the report lists each candidate, which one was chosen and why.
+
+    --extract DIR writes the contents of every preserved memfd (LUO sessions of 6.19 to
+    7.3, and the v3 postings' files): holes stay holes, each file is the memfd's size, and
+    DIR/manifest.json lists session, token, size, pos, seals, nr_folios and sha256. Nothing
+    is written unless the whole handover validates.
 
     Exit status: 0 when everything decoded, 1 on any error (errors met while following a
-    pointer are shown in place and everything else that decoded is still printed).
+    pointer are shown in place, and everything else that decoded is still printed), 2 on
+    bad usage.
 
     \b
     Examples:
       luoctl inspect /sys/kernel/debug/kho/out/fdt
+      luoctl inspect /sys/kernel/debug/kho/out/sub_fdts/LUO
+      luoctl inspect /sys/kernel/boot_params/setup_data/0/data --ram ram.raw
       luoctl inspect --ram ram.img setup_data.bin --json
+      luoctl inspect --ram ram.raw
+      luoctl inspect --ram ram.elf --extract /tmp/memfds
+      luoctl inspect --ram ram.elf --root 0x1fe000
     """
+    if file is None and ram is None:
+        raise click.UsageError("give FILE, --ram RAM, or both")
+    if ram is None and (extract is not None or root_addr is not None):
+        raise click.UsageError("--extract and --root need --ram")
+    if file is not None and root_addr is not None:
+        raise click.UsageError("--root chooses the root when there is no FILE")
+    bb = None if bitmap_bytes == "auto" else int(bitmap_bytes)
     try:
-        blob = file.read_bytes()
-        bb = None if bitmap_bytes == "auto" else int(bitmap_bytes)
         if ram is None:
-            report = report_mod.describe(blob, None, bb)
+            report, _ = inspect_mod.run(file, None, None, bb)
         else:
-            with open(ram, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
-                report = report_mod.describe(blob, PhysMem(m), bb)
+            with ramfile.open_ram(ram) as (mem, info):
+                report, root = inspect_mod.run(file, mem, info, bb, root_addr)
+                if extract is not None:
+                    report["extract"] = _extract(mem, root, extract, bb)
     except (LiveUpdateError, OSError, ValueError) as e:
         fail(e)
-    exit_with_report(str(file), report, as_json)
+    exit_with_report(str(file or ram), report, as_json)
+
+
+def _extract(mem: PhysMem, root: bytes | None, out: Path, bb: int | None) -> dict[str, Any]:
+    if root is None:
+        return {"error": "--extract needs the KHO root: give setup_data, a root FDT, or no "
+                         "FILE (RAM is scanned for it)"}
+    try:
+        return extract_mod.extract(mem, root, out, bb)
+    except LiveUpdateError as e:
+        return {"error": f"nothing written: {e}"}
 
 
 @main.command()

@@ -1,0 +1,54 @@
+"""luoctl inspect's command line: usage, help, and a map range outside RAM refused end to
+end."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.tools.conftest import write_example
+
+LUOCTL = [sys.executable, "-m", "liveupdate.cli.luoctl"]
+
+
+def luoctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*LUOCTL, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_usage_errors_exit_2_with_the_reason(tmp_path: Path) -> None:
+    for args, why in ((["inspect"], "give FILE, --ram RAM, or both"),
+                      (["inspect", "x", "--extract", str(tmp_path)], "need --ram"),
+                      (["inspect", "x", "--ram", "y", "--root", "0x1000"], "no FILE"),
+                      (["inspect", "--ram", "y", "--root", "0x1001"], "page-aligned")):
+        p = luoctl(*args)
+        assert p.returncode == 2 and why in p.stderr, (args, p.stderr)
+
+
+def test_help_shows_every_input_form_with_an_example() -> None:
+    p = luoctl("inspect", "--help")
+    assert p.returncode == 0
+    for want in ("setup_data/0/data", "debug/kho/out/fdt", "out/sub_fdts/LUO", "--ram ram.raw",
+                 "--ram ram.elf --extract", "--root 0x", "dump-guest-memory", "Exit status"):
+        assert want in p.stdout, want
+
+
+def test_a_chunk_entry_far_past_ram_is_refused_not_reported_as_a_range(tmp_path: Path) -> None:
+    ex = write_example(tmp_path, "6.19")
+    p = luoctl("inspect", "--json", "--ram", str(ex / "ram.img"), str(ex / "setup_data.bin"))
+    assert p.returncode == 0, p.stderr
+    first = int(json.loads(p.stdout)["root"]["preserved_memory_map"], 16)
+    far = 1 << 44  # 16 TiB, in a 1 GiB machine; aligned to the bitmap span of any order <= 17
+    with open(ex / "ram.img", "r+b") as f:
+        f.seek(first + 8)
+        order = struct.unpack("<I", f.read(4))[0]
+        f.seek(first + 16)
+        f.write(struct.pack("<Q", far))  # entry 0's phys_start
+    p = luoctl("inspect", "--json", "--ram", str(ex / "ram.img"), str(ex / "setup_data.bin"))
+    assert p.returncode == 1
+    err = json.loads(p.stdout)["root"]["memory"]["error"]
+    assert f"chunk {first:#x} entry 0 (order {order}, phys_start {far:#x})" in err
+    assert "outside RAM" in err and "EFAULT" in err
+    assert "outside RAM" in p.stderr and "Traceback" not in p.stderr
