@@ -13,7 +13,7 @@ import pytest
 
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.tools import ramfile
-from tests.tools.elfcore import EHDR, PHDR, SHDR, ehdr, write_core
+from tests.tools.elfcore import BIOS, EHDR, PHDR, SHDR, ehdr, pc_segments, write_core
 
 LUOCTL = [sys.executable, "-m", "liveupdate.cli.luoctl"]
 
@@ -25,16 +25,34 @@ def inspect(*args: str) -> tuple[int, dict[str, Any], str]:
 
 
 def test_elf_core_maps_every_pt_load_to_its_physical_range(cap72: Path) -> None:
+    """The layout of a real QEMU dump: all low RAM in one PT_LOAD, the BIOS ROM in another."""
     raw = (cap72 / "ram.img").read_bytes()
     with ramfile.open_ram(cap72 / "ram.elf") as (mem, info):
         assert info.format == "elf-core"
+        assert mem.ranges == [(0, len(raw)), BIOS]
+        assert mem.read(BIOS[0], 8) == b"BIOSBIOS"
+        for phys in (0x0, 0x9F000, 0x1FE000, len(raw) - 4096):
+            assert mem.read(phys, 4096) == raw[phys : phys + 4096]
+        with pytest.raises(AbiError, match="outside RAM"):
+            mem.read(len(raw), 4)
+
+
+def test_elf_core_split_around_the_legacy_hole(cap72: Path, tmp_path: Path) -> None:
+    raw = (cap72 / "ram.img").read_bytes()
+    core = tmp_path / "split.elf"
+    loads = write_core(cap72 / "ram.img", core, pc_segments(len(raw)))
+    with ramfile.open_ram(core) as (mem, info):
+        assert [(p, n) for p, n, _ in info.segments] == [(p, n) for p, n, _ in loads]
         # the legacy hole is not RAM; the pieces above it touch and form one range
         assert mem.ranges == [(0, 0xA0000), (0xC0000, len(raw) - 0xC0000)]
-        for phys in (0x0, 0x9F000, 0xC0000, 0xFF000, 0x100000 - 8, 0x1FE000, len(raw) - 4096):
-            assert mem.read(phys, 4096 if phys % 4096 == 0 else 16) == \
-                raw[phys : phys + (4096 if phys % 4096 == 0 else 16)]
+        for phys in (0x9F000, 0xC0000, 0xDF000, 0xFF000, 0x1FE000):
+            assert mem.read(phys, 4096) == raw[phys : phys + 4096]
+        assert mem.read(0xDFFF8, 16) == raw[0xDFFF8:0xE0008]  # across two PT_LOADs
         with pytest.raises(AbiError, match="outside RAM"):
             mem.read(0xA0000, 4)
+    rc, rep, err = inspect("--ram", str(core))
+    assert rc == 0, err
+    assert rep["chosen"] == "0x1fe000" and len(rep["ram"]["pt_load"]) == 4
 
 
 def test_inspect_reads_an_elf_core_as_it_reads_the_raw_image(cap72: Path) -> None:

@@ -2,12 +2,15 @@
 
 A raw image is physical memory from address 0: file offset == physical address (``luoctl
 capture``, ``luoctl example``, QEMU ``pmemsave 0 SIZE FILE``). An ELF core is what QEMU's
-``dump-guest-memory FILE`` writes (``dump/dump.c``): an ELF64 header, a ``PT_NOTE`` first
-(the CPUs' registers), then one ``PT_LOAD`` per guest RAM block whose ``p_paddr`` is the
-guest physical address and ``p_offset`` where its bytes are in the file; RAM is split around
-the legacy VGA/ROM hole (``0xa0000``-``0x100000``) and the PCI hole below 4 GiB. With more
-than 65534 program headers QEMU stores ``PN_XNUM`` in ``e_phnum`` and the real count in
-section header 0's ``sh_info`` (the gABI extended numbering).
+``dump-guest-memory FILE`` writes (``dump/dump.c``): an ELF64 header, two section headers
+(NULL and ``.shstrtab``) at 0x40, the program headers after them -- a ``PT_NOTE`` first (the
+CPUs' registers), then one ``PT_LOAD`` per guest memory block whose ``p_paddr`` is the guest
+physical address and ``p_offset`` where its bytes are in the file. For a 512 MiB PC guest
+(QEMU of Debian 13, checked on a real dump) that is low RAM in one piece from 0 and the
+256 KiB BIOS ROM at ``0xfffc0000``; RAM above the PCI hole would be a third. Its
+``e_ehsize`` is 8, not 64 (QEMU stores the size of a pointer), so that field is not checked.
+With more than 65534 program headers QEMU stores ``PN_XNUM`` in ``e_phnum`` and the real
+count in section header 0's ``sh_info`` (the gABI extended numbering).
 
 Either way the file is mapped, never copied: :class:`PhysMem` reads through the mapping, and
 for an ELF core :meth:`PhysMem.from_segments` maps each ``PT_LOAD`` at its file offset. The
@@ -78,7 +81,7 @@ def parse_elf_core(buf: mmap.mmap | bytes, size: int) -> tuple[list[tuple[int, i
     was left out."""
     if size < EHDR.size:
         raise _bad(f"{size} bytes, shorter than the 64-byte ELF header", errno.ENOEXEC)
-    (ident, e_type, machine, version, _entry, phoff, shoff, _flags, ehsize, phentsize,
+    (ident, e_type, machine, version, _entry, phoff, shoff, _flags, _ehsize, phentsize,
      phnum, shentsize, _shnum, _shstrndx) = EHDR.unpack_from(buf, 0)
     if ident[:4] != ELF_MAGIC:
         raise _bad("no ELF magic", errno.ENOEXEC)
@@ -89,8 +92,8 @@ def parse_elf_core(buf: mmap.mmap | bytes, size: int) -> tuple[list[tuple[int, i
         raise _bad(f"e_type {e_type} is not ET_CORE (4): not a memory dump", errno.ENOEXEC)
     if machine != EM_X86_64:
         raise _bad(f"e_machine {machine} is not EM_X86_64 (62)", errno.ENOEXEC)
-    if version != EV_CURRENT or ehsize < EHDR.size:
-        raise _bad(f"e_version {version} / e_ehsize {ehsize} invalid", errno.ENOEXEC)
+    if version != EV_CURRENT:
+        raise _bad(f"e_version {version} is not EV_CURRENT (1)", errno.ENOEXEC)
     if phentsize != PHDR.size:
         raise _bad(f"e_phentsize {phentsize} is not {PHDR.size}")
     if phnum == PN_XNUM:  # extended numbering: the count is in section header 0

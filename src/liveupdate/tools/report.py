@@ -140,6 +140,8 @@ def _describe_setup_data(blob: bytes, mem: PhysMem | None, bb: int | None) -> Re
             return {"areas": [{"addr": hx(a), "size": int(s)}
                               for a, s in zip(arr["addr"], arr["size"], strict=True)]}
         rep["scratch"] = _guard(scratch)
+        if all(a.get("size") == 0 for a in rep["scratch"].get("areas", [{}])):
+            rep["scratch"]["note"] = SCRATCH_EMPTY
         rep["root"] = _guard(lambda: describe_root(
             mem.read_fdt(kd.fdt_addr, "KHO root FDT", limit=kd.fdt_size), mem, bb))
     return rep
@@ -331,6 +333,9 @@ def _describe_luo_v5(blob: bytes, mem: PhysMem | None, bb: int | None) -> Report
     return rep
 
 
+SCRATCH_EMPTY = ("every scratch area is empty: the array is a kexec segment, staged in other "
+                 "pages (kexec_core.c kimage_alloc_page) and copied to scratch_addr only at "
+                 "the jump, so RAM saved before the jump holds zeros there")
 SESSIONS_PA_0 = ("sessions_pa is 0: no sessions were handed over -- or this is a running "
                  "kernel's outgoing luo_ser (debugfs out/sub_fdts/LUO), not yet serialized: "
                  "LUO writes its sessions at reboot (luo_session_serialize)")

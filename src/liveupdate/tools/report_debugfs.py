@@ -31,7 +31,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from liveupdate.abi import fdt, kho
+from liveupdate.abi import bootparams, fdt, kho
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.tools import report
@@ -48,8 +48,8 @@ NOT_SERIALIZED = ("not yet serialized: LUO writes its sessions at reboot "
                   "(liveupdate_reboot -> luo_session_serialize); until then out/sub_fdts/LUO "
                   "shows sessions_pa = 0 whatever sessions exist")
 TRUNCATED = ("debugfs out/fdt is sized at fs_initcall (kho_init), when the root held only "
-             "kexec-metadata; nodes added later (LUO, memblock at late_initcall) grew the FDT "
-             "past the file's size")
+             "kexec-metadata; nodes added later (kho_test at device_initcall, LUO and memblock "
+             "at late_initcall) grew the FDT past the file's size")
 
 # The KHO root's strings block as Linux 6.19+ lays it out: kho_out_fdt_setup writes
 # compatible then preserved-memory-map in sequential-write mode, where libfdt stores each new
@@ -68,7 +68,7 @@ def debugfs_origin(path: Path | None) -> tuple[str, str] | None:
     ``.../out/sub_fdts/LUO``, or a copy keeping those last components)."""
     if path is None:
         return None
-    parts = path.parts
+    parts = path.absolute().parts
     if len(parts) >= 3 and parts[-2] == "sub_fdts" and parts[-3] in ("in", "out"):
         return parts[-3], parts[-1]
     if len(parts) >= 2 and parts[-1] == "fdt" and parts[-2] in ("in", "out"):
@@ -138,10 +138,28 @@ def _luo_garbage(rep: Report) -> str | None:
     return None
 
 
+def _check_sysfs_type(path: Path | None) -> None:
+    """``/sys/kernel/boot_params/setup_data/N/data`` has a ``type`` file beside it: only
+    type 0xa (SETUP_KEXEC_KHO) is KHO's (arch/x86/kernel/ksysfs.c exports every node)."""
+    if path is None or path.name != "data" or path.parent.parent.name != "setup_data":
+        return
+    try:
+        kind = int((path.parent / "type").read_text().strip(), 0)
+    except (OSError, ValueError):
+        return
+    if kind != bootparams.SETUP_KEXEC_KHO:
+        raise AbiError(msg=f"{path}: setup_data type {kind:#x} is not SETUP_KEXEC_KHO "
+                       f"({bootparams.SETUP_KEXEC_KHO:#x}); KHO's is the node whose type "
+                       "file says 0xa")
+
+
 def describe_file(path: Path | None, blob: bytes, mem: PhysMem | None,
                   bb: int | None) -> Report:
     """:func:`report.describe` of a file, with what its debugfs origin says about it."""
     origin = debugfs_origin(path)
+    _check_sysfs_type(path)
+    if not blob:
+        raise AbiError(msg="empty file: nothing to decode")
     if is_truncated_fdt(blob):
         rep = describe_truncated(blob, mem, bb)
         if origin == ("out", "fdt"):

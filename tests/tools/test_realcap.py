@@ -1,0 +1,115 @@
+"""Every input form of luoctl inspect against captures of a real Linux 7.3 kernel under QEMU.
+
+A capture directory (``$LIVEUPDATE_REALCAP/<name>/``, default /work/realcap; complete when
+``DONE`` exists; written by the realkernel harness) holds the RAM at the jump as a raw image
+and as a dump-guest-memory ELF core, the second kernel's sysfs setup_data, debugfs of both
+stages, and stage2.json: each preserved memfd as the second kernel read it back. Skipped when
+there is no capture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from liveupdate.tools import report_debugfs
+
+ROOT = Path(os.environ.get("LIVEUPDATE_REALCAP", "/work/realcap"))
+CAPTURES = sorted(p.parent for p in ROOT.glob("*/DONE")) if ROOT.is_dir() else []
+LUOCTL = [sys.executable, "-m", "liveupdate.cli.luoctl"]
+
+pytestmark = pytest.mark.skipif(not CAPTURES, reason=f"no real-kernel capture in {ROOT}")
+
+
+def inspect(*args: str | Path) -> tuple[int, dict[str, Any], str]:
+    p = subprocess.run([*LUOCTL, "inspect", "--json", *map(str, args)], capture_output=True,
+                       text=True, timeout=300)
+    return p.returncode, json.loads(p.stdout) if p.stdout else {}, p.stderr
+
+
+@pytest.fixture(params=CAPTURES, ids=[c.name for c in CAPTURES])
+def cap(request: pytest.FixtureRequest) -> Path:
+    path: Path = request.param
+    return path
+
+
+def _kho_sysfs(cap: Path) -> Path:
+    (node,) = [d for d in (cap / "setup_data").iterdir()
+               if int((d / "type").read_text(), 0) == 0xA]
+    return node / "data"
+
+
+@pytest.mark.parametrize("ram", ["ram.raw", "ram.elf"])
+def test_ram_alone_extracts_what_the_second_kernel_read_back(cap: Path, ram: str,
+                                                             tmp_path: Path) -> None:
+    rc, rep, err = inspect("--ram", cap / ram, "--extract", tmp_path)
+    assert rc == 0, err
+    assert [c["phys"] for c in rep["candidates"]] == [rep["chosen"]]
+    want = json.loads((cap / "stage2.json").read_text())
+    files = json.loads((tmp_path / "manifest.json").read_text())["files"]
+    assert {(f["session"], f["token"]) for f in files} == {
+        (s, t) for s, tokens in want.items() for t in tokens}
+    for f in files:
+        w = want[f["session"]][f["token"]]
+        assert (f["size"], f["pos"], int(f["seals"], 16), f["sha256"]) == (
+            w["size"], w["pos"], w["seals"], w["sha256"]), f
+        data = (tmp_path / f["path"]).read_bytes()
+        nonzero = [i for i in range(-(-len(data) // 4096)) if any(data[i * 4096:(i + 1) * 4096])]
+        assert nonzero == w["nonzero_pages"] and f["data_pages"] == len(nonzero)
+
+
+def test_every_setup_data_form_leads_to_the_same_root(cap: Path) -> None:
+    rc, scanned, err = inspect("--ram", cap / "ram.raw")
+    assert rc == 0, err
+    for blob in (cap / "setup_data.payload", _kho_sysfs(cap)):
+        for ram in ("ram.raw", "ram.elf"):
+            rc, rep, err = inspect("--ram", cap / ram, blob)
+            assert rc == 0, err
+            assert rep["kho_data"]["fdt_addr"] == scanned["chosen"]
+            assert rep["root"] == scanned["root"]
+            # the RAM was saved before the jump copied the scratch array into place
+            assert "note" in rep["scratch"]
+    for other in (cap / "setup_data").iterdir():
+        if other / "data" != _kho_sysfs(cap):
+            p = subprocess.run([*LUOCTL, "inspect", str(other / "data")], capture_output=True,
+                               text=True)
+            assert p.returncode == 1 and "is not SETUP_KEXEC_KHO" in p.stderr
+
+
+def test_debugfs_of_the_first_kernel(cap: Path) -> None:
+    out = cap / "debugfs-stage1" / "out"
+    rc, rep, err = inspect("--ram", cap / "ram.raw", out / "fdt")
+    assert rc == 0, err
+    assert rep["kind"] == "truncated-fdt" and rep["why"] == report_debugfs.TRUNCATED
+    assert rep["bytes"] == (out / "fdt").stat().st_size < rep["header_totalsize"]
+    rc, whole, err = inspect("--ram", cap / "ram.raw", cap / "debugfs-stage2" / "in" / "fdt")
+    assert rc == 0, err
+    names = [s["name"] for s in rep["root"]["subtrees"]]
+    assert names == [s["name"] for s in whole["subtrees"]][: len(names)] and names
+    assert rep["root"]["subtrees"] == whole["subtrees"][: len(names)]
+    rc, luo, err = inspect(out / "sub_fdts" / "LUO")
+    assert rc == 0, err
+    assert luo["sessions_pa"] == "0x0" and luo["sessions_note"] == report_debugfs.NOT_SERIALIZED
+    rc, md, err = inspect(out / "sub_fdts" / "kexec-metadata")
+    assert rc == 0 and md["kind"] == "kexec-metadata", err
+
+
+def test_debugfs_of_the_second_kernel(cap: Path) -> None:
+    d = cap / "debugfs-stage2"
+    rc, stale, _ = inspect(d / "in" / "sub_fdts" / "LUO")
+    assert stale.get("note") in (report_debugfs.STALE_IN, report_debugfs.STALE_IN_INTACT)
+    assert rc == (1 if stale["note"] == report_debugfs.STALE_IN else 0)
+    rc, md_in, err = inspect(d / "in" / "sub_fdts" / "kexec-metadata")
+    assert rc == 0, err
+    rc, md_out, err = inspect(d / "out" / "sub_fdts" / "kexec-metadata")
+    assert rc == 0, err
+    assert md_out["kexec_count"] == md_in["kexec_count"] + 1
+    rc, luo, err = inspect(d / "out" / "sub_fdts" / "LUO")
+    assert rc == 0, err
+    assert luo["sessions_note"] == report_debugfs.NOT_SERIALIZED
