@@ -30,7 +30,7 @@ def test_usage_errors_exit_2_with_the_reason(tmp_path: Path) -> None:
 def test_help_shows_every_input_form_with_an_example() -> None:
     p = luoctl("inspect", "--help")
     assert p.returncode == 0
-    for want in ("setup_data/0/data", "debug/kho/out/fdt", "out/sub_fdts/LUO", "--ram ram.raw",
+    for want in ("setup_data/1/data", "debug/kho/out/fdt", "out/sub_fdts/LUO", "--ram ram.raw",
                  "--ram ram.elf --extract", "--root 0x", "dump-guest-memory", "Exit status"):
         assert want in p.stdout, want
 

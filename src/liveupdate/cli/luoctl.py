@@ -64,7 +64,7 @@ class AddrParam(click.ParamType[int]):
 
 @main.command()
 @click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--ram", "ram", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--ram", "ram", type=click.Path(dir_okay=False, path_type=Path), metavar="RAM",
               help="Guest RAM: a raw image (file offset == physical address) or a QEMU "
                    "dump-guest-memory ELF core. Pointers are followed through it; without "
                    "FILE, the KHO root is found by scanning it.")
@@ -72,7 +72,7 @@ class AddrParam(click.ParamType[int]):
               help="With --ram and no FILE: decode the KHO root FDT at this physical address "
                    "instead of choosing one by scanning.")
 @click.option("--extract", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="With --ram: write every preserved memfd to DIR/<session>/<token>.bin "
+              metavar="DIR", help="With --ram: write every preserved memfd to DIR/<session>/<token>.bin "
                    "(sparse) and DIR/manifest.json (size, pos, seals, sha256 of each).")
 @click.option("--bitmap-bytes", type=click.Choice(["auto", "4096", "512"]), default="auto",
               show_default=True,
@@ -82,42 +82,60 @@ def inspect(file: Path | None, ram: Path | None, root_addr: int | None, extract:
             bitmap_bytes: str, as_json: bool) -> None:
     """Decode a KHO/LUO handover: a blob, a RAM image, or both.
 
-    FILE is recognized by its content: a KHO root FDT (kho-v1, kho-v3, kho-v4); a
-    SETUP_KEXEC_KHO setup_data node with its 16-byte header, or the bare 32-byte struct
-    kho_data that /sys/kernel/boot_params/setup_data/N/data exports; a sub-FDT (memblock-v1,
-    kho-test-v1, luo-v1 of either era, file-descriptors-v1, FDT memfd-v1); a raw luo_ser
-    ("luo-v5", 32 bytes) or kexec-metadata (73 bytes); or any /sys/kernel/debug/kho/ file
-    as Linux 7.3 exports it. debugfs out/fdt is cut to its size at boot (its LUO node came
-    later): what is there is decoded and the report lists what could and could not be read.
-    out/sub_fdts/LUO shows sessions_pa = 0 until reboot(). in/sub_fdts/* point at pages
-    their owners may have freed: a blob from in/ that does not decode, or points at garbage,
-    is explained as stale.
+    FILE is recognized by its content, whatever its name:
 
-    With --ram, every pointer is followed: scratch areas, the preserved-memory map (blocks
-    per order and merged ranges; a block outside RAM is an error), every subtree, LUO
-    sessions and files, memfd folios, vmalloc arrays. RAM is a raw image or an ELF core
-    from QEMU's dump-guest-memory (its PT_LOAD segments map physical addresses to the file;
-    the file is mapped, not read into memory). Without FILE, every page of RAM is searched
-    for a KHO root FDT; the report lists each candidate, which one was chosen and why.
+    \b
+      KHO root FDT     kho-v1, kho-v3, kho-v4 (debugfs in/fdt, out/fdt)
+      setup_data       a SETUP_KEXEC_KHO node with its 16-byte header, or the
+                       bare 32-byte struct kho_data that
+                       /sys/kernel/boot_params/setup_data/N/data exports
+                       (the N whose type file reads 0xa)
+      LUO state        a raw luo_ser ("luo-v5", 32 bytes) or a luo-v1 FDT
+      other subtrees   kexec-metadata (73 bytes), memblock-v1, kho-test-v1,
+                       file-descriptors-v1, FDT memfd-v1
 
-    --extract DIR writes the contents of every preserved memfd (LUO sessions of 6.19 to
-    7.3, and the v3 postings' files): holes stay holes, each file is the memfd's size, and
-    DIR/manifest.json lists session, token, size, pos, seals, nr_folios and sha256. Nothing
-    is written unless the whole handover validates.
+    Files of /sys/kernel/debug/kho/ are read as Linux 7.3 exports them. out/fdt
+    keeps the size the root had at fs_initcall, so the nodes added later are cut
+    off: what is there is decoded, property names lost with the strings block are
+    inferred (and said to be), and the report lists what could not be read.
+    out/sub_fdts/LUO shows sessions_pa = 0 until reboot(): LUO serializes its
+    sessions only then. in/sub_fdts/* point at pages their owners may have freed
+    since (LUO frees its own at boot): a blob from in/ that does not decode, or
+    points at garbage, is explained as stale.
 
-    Exit status: 0 when everything decoded, 1 on any error (errors met while following a
-    pointer are shown in place, and everything else that decoded is still printed), 2 on
-    bad usage.
+    With --ram, every pointer is followed: scratch areas, the preserved-memory
+    map (blocks per order, merged ranges; a block outside RAM is an error), every
+    subtree, LUO sessions and files, memfd folios, vmalloc arrays. RAM is a raw
+    image (file offset == physical address) or the ELF core of QEMU's
+    dump-guest-memory (its PT_LOADs map physical addresses into the file, which
+    is mapped, never read whole). Without FILE, every page of RAM is searched for
+    a KHO root FDT: the report lists each candidate, the one chosen and why
+    (--root ADDR overrides the choice).
+
+    --extract DIR writes the contents of every preserved memfd (LUO sessions of
+    6.19 to 7.3, and the v3 postings' files) to DIR/<session>/<token>.bin --
+    sparse, each file the memfd's size -- and DIR/manifest.json with session,
+    token, size, pos, seals, nr_folios and sha256 of each. Nothing is written
+    unless every folio checks out against the KHO memory map, RAM and the file.
+
+    Exit status: 0 when everything decoded, 1 on any error (errors met while
+    following a pointer are shown in place, and everything else that decoded is
+    still printed), 2 on bad usage.
 
     \b
     Examples:
+      # a running 7.3 kernel's debugfs
       luoctl inspect /sys/kernel/debug/kho/out/fdt
       luoctl inspect /sys/kernel/debug/kho/out/sub_fdts/LUO
-      luoctl inspect /sys/kernel/boot_params/setup_data/0/data --ram ram.raw
-      luoctl inspect --ram ram.img setup_data.bin --json
+      # the next kernel's setup_data, with RAM saved at the jump
+      luoctl inspect /sys/kernel/boot_params/setup_data/1/data --ram ram.raw
+      # what luoctl capture writes (setup_data with its header)
+      luoctl inspect --ram DIR/ram.img DIR/setup_data.bin --json
+      # RAM alone, raw or a QEMU core: the root is found by scanning
       luoctl inspect --ram ram.raw
+      luoctl inspect --ram ram.elf --root 0x54a000
+      # every preserved memfd, out of a QEMU core
       luoctl inspect --ram ram.elf --extract /tmp/memfds
-      luoctl inspect --ram ram.elf --root 0x1fe000
     """
     if file is None and ram is None:
         raise click.UsageError("give FILE, --ram RAM, or both")
