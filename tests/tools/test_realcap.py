@@ -1,10 +1,11 @@
 """Every input form of luoctl inspect against captures of a real Linux 7.3 kernel under QEMU.
 
-A capture directory (``$LIVEUPDATE_REALCAP/<name>/``, default /work/realcap; complete when
-``DONE`` exists; written by the realkernel harness) holds the RAM at the jump as a raw image
-and as a dump-guest-memory ELF core, the second kernel's sysfs setup_data, debugfs of both
-stages, and stage2.json: each preserved memfd as the second kernel read it back. Skipped when
-there is no capture.
+A capture directory holds the RAM at the jump as a raw image and as a dump-guest-memory ELF
+core, the second kernel's sysfs setup_data, debugfs of both stages, and stage2.json: each
+preserved memfd as the second kernel read it back. The captures are the small one kept in
+tests/realkernel/captures/ (made whole by ``liveupdate.realkernel.fixture.unpack``: only the
+pages the handover uses are real, the rest zero) and any full one under
+``$LIVEUPDATE_REALCAP/<name>/`` (default /work/realcap; complete when ``DONE`` exists).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import pytest
 from liveupdate.tools import report_debugfs
 
 ROOT = Path(os.environ.get("LIVEUPDATE_REALCAP", "/work/realcap"))
-CAPTURES = sorted(p.parent for p in ROOT.glob("*/DONE")) if ROOT.is_dir() else []
+KEPT = Path(__file__).resolve().parents[1] / "realkernel" / "captures"
+CAPTURES = [*sorted(KEPT.glob("*/elf-head.bin")),
+            *(sorted(ROOT.glob("*/DONE")) if ROOT.is_dir() else [])]
 LUOCTL = [sys.executable, "-m", "liveupdate.cli.luoctl"]
 
 pytestmark = pytest.mark.skipif(not CAPTURES, reason=f"no real-kernel capture in {ROOT}")
@@ -33,10 +36,20 @@ def inspect(*args: str | Path) -> tuple[int, dict[str, Any], str]:
     return p.returncode, json.loads(p.stdout) if p.stdout else {}, p.stderr
 
 
-@pytest.fixture(params=CAPTURES, ids=[c.name for c in CAPTURES])
-def cap(request: pytest.FixtureRequest) -> Path:
-    path: Path = request.param
-    return path
+@pytest.fixture(scope="module", params=CAPTURES,
+                ids=[f"{c.parent.name}-{'kept' if c.name != 'DONE' else 'full'}"
+                     for c in CAPTURES])
+def cap(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    mark: Path = request.param
+    if mark.name == "DONE":
+        return mark.parent
+    from liveupdate.realkernel import fixture
+
+    whole = tmp_path_factory.mktemp(mark.parent.name)
+    fixture.unpack(mark.parent, whole)
+    for entry in mark.parent.iterdir():  # debugfs, setup_data, stage2.json as they are
+        (whole / entry.name).symlink_to(entry)
+    return whole
 
 
 def _kho_sysfs(cap: Path) -> Path:
