@@ -72,7 +72,8 @@ class AddrParam(click.ParamType[int]):
               help="With --ram and no FILE: decode the KHO root FDT at this physical address "
                    "instead of choosing one by scanning.")
 @click.option("--extract", type=click.Path(file_okay=False, path_type=Path), default=None,
-              metavar="DIR", help="With --ram: write every preserved memfd to DIR/<session>/<token>.bin "
+              metavar="DIR",
+              help="With --ram: write every preserved memfd to DIR/<session>/<token>.bin "
                    "(sparse) and DIR/manifest.json (size, pos, seals, sha256 of each).")
 @click.option("--bitmap-bytes", type=click.Choice(["auto", "4096", "512"]), default="auto",
               show_default=True,

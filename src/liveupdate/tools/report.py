@@ -9,8 +9,10 @@ so a damaged handover still shows everything readable; :func:`errors` lists them
 
 from __future__ import annotations
 
+import errno
 import struct
 from collections.abc import Callable
+from contextvars import ContextVar
 from functools import partial
 from typing import Any
 
@@ -35,71 +37,16 @@ from liveupdate.abi import (
 from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError, LiveUpdateError
+from liveupdate.tools.report_identify import identify, is_kho_data
+
+__all__ = ["DESCRIBERS", "Report", "describe", "describe_root", "errors", "hx", "identify",
+           "is_kho_data"]
 
 Report = dict[str, Any]
 
 
 def hx(v: int) -> str:
     return f"{int(v):#x}"
-
-
-def is_kho_data(blob: bytes) -> bool:
-    """A bare ``struct kho_data`` as ``/sys/kernel/boot_params/setup_data/N/data`` exports
-    it (arch/x86/kernel/ksysfs.c ``setup_data_data_read`` copies the payload, not the
-    header): exactly 32 bytes holding a plausible page-aligned FDT and a scratch array.
-    A ``luo_ser`` is 32 bytes too but starts with ``"luo-v5"`` (checked first)."""
-    if len(blob) != bootparams.KHO_DATA_SIZE or blob.startswith(luo_ser.LUO_V5.encode()):
-        return False
-    fdt_addr, fdt_size, scratch_addr, scratch_size = bootparams.KHO_DATA.unpack(blob)
-    return bool(fdt_addr != 0 and fdt_addr % PAGE_SIZE == 0 and 0 < fdt_size <= 1 << 24
-            and scratch_addr != 0 and scratch_size != 0
-            and scratch_size % bootparams.SCRATCH_DTYPE.itemsize == 0)
-
-
-def is_kexec_metadata(blob: bytes) -> bool:
-    """``kexec-metadata`` as debugfs exports it (its 73-byte blob-size): version 1 and a
-    NUL-terminated printable release."""
-    if not kexec_metadata.LAYOUT.size <= len(blob) <= PAGE_SIZE:
-        return False
-    version, rel, _ = kexec_metadata.LAYOUT.unpack_from(blob)
-    name = rel.split(b"\0", 1)[0]
-    return bool(version == kexec_metadata.VERSION and b"\0" in rel
-                and all(0x20 <= c < 0x7F for c in name))
-
-
-def identify(blob: bytes) -> str:
-    """The kind of a blob: ``setup_data`` (a node with its header, or the bare
-    ``kho_data`` payload), ``kho-root``, ``memblock``, ``kho-test``, ``luo-v3``,
-    ``luo-session``, ``luo-v5``, ``files-fdt``, ``memfd-fdt``, ``lu-negotiation`` or
-    ``kexec-metadata``. AbiError otherwise."""
-    if blob[: luo_ser.COMPAT_LEN] == luo_ser.LUO_V5.encode().ljust(luo_ser.COMPAT_LEN, b"\0"):
-        return "luo-v5"
-    if is_kho_data(blob):
-        return "setup_data"
-    if len(blob) >= 4 and struct.unpack(">I", blob[:4])[0] == fdt.FDT_MAGIC:
-        root = fdt.parse(blob).root
-        compat = root.compatible()
-        if set(kho.ROOT_FORMATS) & set(compat):
-            return "kho-root"
-        for name, kind in ((negotiation.COMPATIBLE, "lu-negotiation"),
-                           (memblock.MEMBLOCK_COMPATIBLE, "memblock"),
-                           (khotest.KHO_TEST_COMPAT, "kho-test"),
-                           (luo_v3.FILES_COMPATIBLE, "files-fdt")):
-            if name in compat:
-                return kind
-        if luo_v3.LUO_COMPATIBLE in compat:
-            return "luo-v3" if root.child(luo_v3.SUBSYSTEMS_NODE) else "luo-session"
-        if not compat and {"pos", "size", "folios"} <= set(root.props):
-            return "memfd-fdt"
-        raise AbiError(msg=f"unknown FDT (compatible: {compat or 'none'})")
-    if len(blob) >= bootparams.SETUP_HDR_SIZE:
-        _, type_, length = bootparams.SETUP_HDR.unpack_from(blob)
-        if type_ == bootparams.SETUP_KEXEC_KHO and length == bootparams.KHO_DATA_SIZE:
-            return "setup_data"
-    if is_kexec_metadata(blob):
-        return "kexec-metadata"
-    raise AbiError(msg=f"{len(blob)} bytes: not a KHO root FDT, setup_data (node or kho_data "
-                   "payload), luo_ser, kexec-metadata or known sub-FDT")
 
 
 def _guard(fn: Callable[[], Report]) -> Report:
@@ -114,12 +61,23 @@ def describe(blob: bytes, mem: PhysMem | None = None, bitmap_bytes: int | None =
     return DESCRIBERS[kind](blob, mem, bitmap_bytes)
 
 
+_DEPTH = ContextVar("describe_depth", default=0)
+MAX_DEPTH = 8  # root -> LUO -> files -> memfd is 4: deeper is a pointer loop
+
+
 def _describe_at(mem: PhysMem, phys: int, what: str, bb: int | None,
                  size: int | None = None) -> Report:
     """The blob at ``phys``: an FDT (its own size), or ``size`` raw bytes (kho-v3+)."""
-    if size is not None and mem.read(phys, 4, what) != struct.pack(">I", fdt.FDT_MAGIC):
-        return describe(mem.read(phys, min(size, 1 << 20), what), mem, bb)
-    return describe(mem.read_fdt(phys, what), mem, bb)
+    if _DEPTH.get() >= MAX_DEPTH:
+        raise AbiError(msg=f"{what} at {phys:#x}: pointers nest deeper than {MAX_DEPTH} "
+                       "blobs (a subtree that points back at its parent)", err=errno.ELOOP)
+    token = _DEPTH.set(_DEPTH.get() + 1)
+    try:
+        if size is not None and mem.read(phys, 4, what) != struct.pack(">I", fdt.FDT_MAGIC):
+            return describe(mem.read(phys, min(size, 1 << 20), what), mem, bb)
+        return describe(mem.read_fdt(phys, what), mem, bb)
+    finally:
+        _DEPTH.reset(token)
 
 
 def _describe_setup_data(blob: bytes, mem: PhysMem | None, bb: int | None) -> Report:
