@@ -169,3 +169,14 @@ def test_two_files_sharing_a_folio_are_refused(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="overlaps another preserved folio"):
         extract._check_shared(twice)
     assert np.array_equal(planned[0].index, [0])
+
+
+def test_a_symlink_in_the_extract_directory_is_not_followed(cap72: Path,
+                                                            tmp_path: Path) -> None:
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / generations.SESSION).symlink_to(elsewhere)
+    rc, rep, _ = inspect("--ram", str(cap72 / "ram.img"), "--extract", str(out))
+    assert rc == 1 and "is a symbolic link" in rep["extract"]["error"]
+    assert list(elsewhere.iterdir()) == [] and not (out / "manifest.json").exists()
