@@ -5,15 +5,22 @@ kernel got back. Run by ./scripts/test-realkernel (skipped in the fast suite).""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from liveupdate.realkernel import build, selftests
+from liveupdate.realkernel import build, capture, fixture, selftests
 from liveupdate.realkernel.build import Image
 from liveupdate.realkernel.vm import boot
 
 pytestmark = pytest.mark.realkernel
+
+ROOT = Path(__file__).resolve().parents[2]
+KEPT = Path(__file__).with_name("captures") / "linux-7.3.4-memfds"
+# where the fresh capture goes: ./scripts/test-realkernel then runs tests/tools/test_realcap.py
+# on it (LIVEUPDATE_REALCAP), every input form of luoctl inspect against the real kernel
+REALCAP = Path(os.environ.get("LIVEUPDATE_REALCAP", ROOT / "build" / "realcap"))
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +61,28 @@ def test_command_runs_in_both_kernels_of_a_kexec(image: Image, tmp_path: Path) -
     # the jump happened between the stages, and the next kernel found KHO data
     assert run.events["stage1"] < run.events["jump"] < run.events["stage2"]
     assert any("KHO: found kexec handover data" in line for line in run.console)
+
+
+def test_capture_is_what_the_next_kernel_got_back(image: Image, tmp_path: Path) -> None:
+    """The scenario's memfds cross a real kexec unchanged; the capture packs to the small
+    form and back to the pages the handover uses; and the kept capture in the repository is
+    the same handover this kernel writes today (same files, same contents)."""
+    out = REALCAP / f"linux-{image.release}-memfds"
+    (out.parent).mkdir(parents=True, exist_ok=True)
+    (out / "DONE").unlink(missing_ok=True)
+    info = capture.capture(image, out, append="test_kho.max_mem=65536")
+    assert info["stage2_matches_stage1"]
+    ev = info["events"]
+    assert ev["stage1"] < ev["jump"] < ev["stage2"]
+    first = json.loads((out / "stage1.json").read_text())
+    second = json.loads((out / "stage2.json").read_text())
+    assert first == second and sum(len(f) for f in second.values()) == 4
+    kept = json.loads((KEPT / "stage2.json").read_text())
+    assert second == kept
+    index = fixture.pack(out, tmp_path / "small")
+    raw, elf = fixture.unpack(tmp_path / "small", tmp_path / "whole")
+    pages = fixture.handover_pages(raw, (out / "setup_data.payload").read_bytes())
+    assert pages == {p for first_page, n in index["extents"]
+                     for p in range(first_page, first_page + n)}
+    assert elf.stat().st_size == (out / "ram.elf").stat().st_size
+    (out / "DONE").write_text(image.release + "\n")

@@ -18,6 +18,7 @@ from liveupdate.cli.demo import demo
 from liveupdate.cli.image import image
 from liveupdate.cli.kho import kho
 from liveupdate.cli.machine import machine
+from liveupdate.cli.realkernel import realkernel
 from liveupdate.cli.render import exit_with_report
 from liveupdate.errors import LiveUpdateError
 from liveupdate.tools import example as example_mod
@@ -42,6 +43,7 @@ for cmd in (update.status, update.load, update.update, update.cancel, update.ses
     main.add_command(cmd)
 main.add_command(kho)
 main.add_command(image)
+main.add_command(realkernel)
 
 
 class AddrParam(click.ParamType[int]):
