@@ -9,7 +9,8 @@ adds every preserved range, and keeps only those pages: ``ram.pages.xz`` (lzma) 
 index line ``{"ram_bytes", "extents": [[first_page, n_pages], ...]}`` and then the pages.
 Everything else of RAM becomes zero; so do the ROM segment and the CPU notes' neighbours in
 the ELF core, whose header, program headers and notes are kept byte for byte
-(``elf-head.bin``: the file up to the first PT_LOAD's data). :func:`unpack` writes
+(``elf-head.bin``: the file up to the first PT_LOAD's data; ``elf-tail.bin``: whatever QEMU
+wrote after the last one, its section name table). :func:`unpack` writes
 ``ram.raw`` and ``ram.elf`` back, sparse, with the kept pages where QEMU had put them.
 """
 
@@ -116,6 +117,9 @@ def pack(capture: Path, dest: Path) -> dict[str, Any]:
         os.close(fd)
     with open(capture / "ram.elf", "rb") as f:
         head = f.read(1 << 16)
+        end = max(off + size for off, _, size in _loads(head))
+        f.seek(end)
+        (dest / "elf-tail.bin").write_bytes(f.read(1 << 16))
     (dest / "elf-head.bin").write_bytes(head[:_first_load_offset(head)])
     for name in KEEP:
         src = capture / name
@@ -141,8 +145,11 @@ def unpack(fixture: Path, into: Path) -> tuple[Path, Path]:
         efd = os.open(elf, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.ftruncate(rfd, int(index["ram_bytes"]))
-            os.ftruncate(efd, max(off + size for off, _, size in loads))
+            end = max(off + size for off, _, size in loads)
+            tail = (fixture / "elf-tail.bin").read_bytes()
+            os.ftruncate(efd, end + len(tail))
             os.pwrite(efd, head, 0)
+            os.pwrite(efd, tail, end)
             for first, n in index["extents"]:
                 data = src.read(n * PAGE)
                 if len(data) != n * PAGE:
