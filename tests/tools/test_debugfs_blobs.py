@@ -4,6 +4,7 @@ truncated out/fdt, raw luo_ser and kexec-metadata, out/ LUO before reboot, stale
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,11 +57,15 @@ def test_7_3_out_fdt_cut_in_the_strings_block_is_read_whole(tmp_path: Path) -> N
     assert "fs_initcall" in rep["why"]
 
 
+def _pread(path: Path, offset: int, size: int) -> bytes:
+    with open(path, "rb") as f:
+        return os.pread(f.fileno(), size, offset)
+
+
 def test_out_fdt_cut_inside_the_structure_block_keeps_whole_nodes(cap72: Path,
                                                                    tmp_path: Path) -> None:
     kd = bootparams.KhoData.decode((cap72 / "setup_data.bin").read_bytes()[16:])
-    raw = (cap72 / "ram.img").read_bytes()
-    page = raw[kd.fdt_addr : kd.fdt_addr + 4096]
+    page = _pread(cap72 / "ram.img", kd.fdt_addr, 4096)
     full = page[: int.from_bytes(page[4:8], "big")]
     root = kho.decode_root(full)
     meta = (root.subtree(kexec_metadata.NODE), root.size(kexec_metadata.NODE) or 0)
@@ -125,12 +130,11 @@ def test_stale_in_luo_pointing_at_reused_pages_is_explained(cap72: Path,
     """A luo_ser still intact, but the session blocks it names were freed and reused."""
     rc, good, _ = inspect("--ram", str(cap72 / "ram.img"), str(cap72 / "setup_data.bin"))
     luo = next(s for s in good["root"]["subtrees"] if s["name"] == "LUO")
-    raw = (cap72 / "ram.img").read_bytes()
     phys = int(luo["preserved_data"], 16)
-    blob = raw[phys : phys + 32]
+    blob = _pread(cap72 / "ram.img", phys, 32)
     ser = luo_ser.decode(blob)
     ram = tmp_path / "ram.img"
-    ram.write_bytes(raw)
+    subprocess.run(["cp", "--sparse=always", str(cap72 / "ram.img"), str(ram)], check=True)
     with open(ram, "r+b") as f:
         f.seek(ser.sessions_pa)
         f.write(bytes(range(256)) * 16)  # the block now holds someone else's data

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import struct
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 
 from liveupdate.abi import bootparams, kho, luo_ser, memfd, vmalloc
 from liveupdate.abi.physmem import PhysMem
-from liveupdate.tools import capture, extract, generations
+from liveupdate.tools import extract, generations
 from tests.tools.conftest import write_example
 
 LUOCTL = [sys.executable, "-m", "liveupdate.cli.luoctl"]
@@ -84,10 +85,13 @@ def test_large_folios_are_written_sparse(generation: str, session: str,
 
 # -- hostile handovers: each refused, nothing written ---------------------------------------
 
-def _fresh(tmp: Path) -> tuple[Path, PhysMem, luo_ser.LuoSer]:
-    capture.capture("7.2", "7.2", tmp)
-    raw = bytearray((tmp / "ram.img").read_bytes())
-    mem = PhysMem(raw)
+def _fresh(cap72: Path, tmp: Path) -> tuple[Path, PhysMem, luo_ser.LuoSer]:
+    """A private copy of the session's 7.2 capture (sparse), mapped: tests damage it."""
+    for name in ("ram.img", "setup_data.bin"):
+        subprocess.run(["cp", "--sparse=always", str(cap72 / name), str(tmp / name)],
+                       check=True)
+    with open(tmp / "ram.img", "rb") as f:
+        mem = PhysMem(mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ))
     kd = bootparams.KhoData.decode((tmp / "setup_data.bin").read_bytes()[16:])
     root = kho.decode_root(mem.read_fdt(kd.fdt_addr, "root"))
     return tmp / "ram.img", mem, luo_ser.decode(mem.read(root.subtree("LUO"), 32))
@@ -113,14 +117,15 @@ def _refused(ram: Path, out: Path, message: str) -> None:
 
 
 @pytest.mark.parametrize("name", [b"..", b"."])
-def test_a_session_name_that_would_escape_is_refused(tmp_path: Path, name: bytes) -> None:
-    ram, _, ser = _fresh(tmp_path)
+def test_a_session_name_that_would_escape_is_refused(cap72: Path, tmp_path: Path,
+                                                    name: bytes) -> None:
+    ram, _, ser = _fresh(cap72, tmp_path)
     _put(ram, ser.sessions_pa + 16, name.ljust(64, b"\0"))
     _refused(ram, tmp_path / "out", "cannot be a directory")
 
 
-def test_session_names_are_made_safe_not_dangerous(tmp_path: Path) -> None:
-    ram, _, ser = _fresh(tmp_path)
+def test_session_names_are_made_safe_not_dangerous(cap72: Path, tmp_path: Path) -> None:
+    ram, _, ser = _fresh(cap72, tmp_path)
     _put(ram, ser.sessions_pa + 16, b"../etc/%x\x01".ljust(64, b"\0"))
     out = tmp_path / "out"
     rc, _, err = inspect("--ram", str(ram), "--extract", str(out))
@@ -129,22 +134,22 @@ def test_session_names_are_made_safe_not_dangerous(tmp_path: Path) -> None:
     assert _manifest(out)[0]["session"] == "../etc/%x\x01"
 
 
-def test_a_folio_that_is_not_preserved_is_refused(tmp_path: Path) -> None:
-    ram, mem, ser = _fresh(tmp_path)
+def test_a_folio_that_is_not_preserved_is_refused(cap72: Path, tmp_path: Path) -> None:
+    ram, mem, ser = _fresh(cap72, tmp_path)
     arr = _folio_array(mem, ser)
     desc = int.from_bytes(mem.read(arr, 8), "little")
     _put(ram, arr, struct.pack("<Q", (desc & ~memfd.PFN_MASK) | (0x3000_0000 >> 12)))
     _refused(ram, tmp_path / "out", "folio at 0x30000000 is not a preserved block")
 
 
-def test_a_folio_beyond_the_file_size_is_refused(tmp_path: Path) -> None:
-    ram, mem, ser = _fresh(tmp_path)
+def test_a_folio_beyond_the_file_size_is_refused(cap72: Path, tmp_path: Path) -> None:
+    ram, mem, ser = _fresh(cap72, tmp_path)
     _put(ram, _folio_array(mem, ser) + 8, struct.pack("<Q", 16))  # index 16 of a 16-page file
     _refused(ram, tmp_path / "out", "beyond the file size")
 
 
-def test_a_misaligned_large_folio_is_refused(tmp_path: Path) -> None:
-    ram, mem, ser = _fresh(tmp_path)
+def test_a_misaligned_large_folio_is_refused(cap72: Path, tmp_path: Path) -> None:
+    ram, mem, ser = _fresh(cap72, tmp_path)
     # the 64 KiB payload is one order-4 folio: put it at file page 1 of a larger file
     (session,), _ = luo_ser.decode_sessions(mem, ser.sessions_pa)
     _put(ram, session.files[0].data + 8, struct.pack("<Q", 1 << 20))  # size: 1 MiB
@@ -152,16 +157,16 @@ def test_a_misaligned_large_folio_is_refused(tmp_path: Path) -> None:
     _refused(ram, tmp_path / "out", "has file index 1, not aligned to its order")
 
 
-def test_a_size_larger_than_ram_is_refused(tmp_path: Path) -> None:
-    ram, mem, ser = _fresh(tmp_path)
+def test_a_size_larger_than_ram_is_refused(cap72: Path, tmp_path: Path) -> None:
+    ram, mem, ser = _fresh(cap72, tmp_path)
     (session,), _ = luo_ser.decode_sessions(mem, ser.sessions_pa)
     _put(ram, session.files[0].data + 8, struct.pack("<Q", 1 << 40))
     _refused(ram, tmp_path / "out", "exceeds all of RAM")
 
 
-def test_two_files_sharing_a_folio_are_refused(tmp_path: Path) -> None:
+def test_two_files_sharing_a_folio_are_refused(cap72: Path, tmp_path: Path) -> None:
     """The plan checks physical overlap across files; a second session is forged by hand."""
-    _, mem, _ = _fresh(tmp_path)
+    _, mem, _ = _fresh(cap72, tmp_path)
     kd = bootparams.KhoData.decode((tmp_path / "setup_data.bin").read_bytes()[16:])
     planned = extract.plan(mem, mem.read_fdt(kd.fdt_addr, "root"))
     twice = [planned[0], extract.Planned(planned[0].file, "other/x.bin", planned[0].phys,
