@@ -3,23 +3,13 @@ truncated out/fdt, raw luo_ser and kexec-metadata, out/ LUO before reboot, stale
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 from liveupdate.abi import bootparams, kexec_metadata, kho, luo_ser
 from liveupdate.tools import report_debugfs
-
-LUOCTL = [sys.executable, "-m", "liveupdate.cli.luoctl"]
-
-
-def inspect(*args: str) -> tuple[int, dict[str, Any], str]:
-    p = subprocess.run([*LUOCTL, "inspect", "--json", *args], capture_output=True, text=True,
-                       timeout=120)
-    return p.returncode, json.loads(p.stdout) if p.stdout else {}, p.stderr
+from tests.tools.cli import inspect
 
 
 def _put(tmp: Path, rel: str, data: bytes) -> Path:

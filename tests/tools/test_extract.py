@@ -9,7 +9,6 @@ import mmap
 import os
 import struct
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +18,8 @@ import pytest
 from liveupdate.abi import bootparams, kho, luo_ser, memfd, vmalloc
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.tools import extract, generations
+from tests.tools.cli import inspect
 from tests.tools.conftest import write_example
-
-LUOCTL = [sys.executable, "-m", "liveupdate.cli.luoctl"]
-
-
-def inspect(*args: str) -> tuple[int, dict[str, Any], str]:
-    p = subprocess.run([*LUOCTL, "inspect", "--json", *args], capture_output=True, text=True,
-                       timeout=120)
-    return p.returncode, json.loads(p.stdout) if p.stdout else {}, p.stderr
 
 
 def _manifest(out: Path) -> list[dict[str, Any]]:

@@ -3,25 +3,14 @@ setup_data at all (the root found by scanning), and the choice among several roo
 
 from __future__ import annotations
 
-import json
 import struct
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from liveupdate.abi import bootparams, kho, luo_ser
 from liveupdate.tools import capture, report
-
-LUOCTL = [sys.executable, "-m", "liveupdate.cli.luoctl"]
-
-
-def inspect(*args: str) -> tuple[int, dict[str, Any], str]:
-    p = subprocess.run([*LUOCTL, "inspect", "--json", *args], capture_output=True, text=True,
-                       timeout=120)
-    return p.returncode, json.loads(p.stdout) if p.stdout else {}, p.stderr
+from tests.tools.cli import inspect
 
 
 def _kd(cap: Path) -> bootparams.KhoData:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import errno
-import json
 import mmap
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +12,8 @@ import pytest
 
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.tools import ramfile
+from tests.tools.cli import LUOCTL, inspect
 from tests.tools.elfcore import BIOS, EHDR, PHDR, SHDR, ehdr, pc_segments, write_core
-
-LUOCTL = [sys.executable, "-m", "liveupdate.cli.luoctl"]
-
-
-def inspect(*args: str) -> tuple[int, dict[str, Any], str]:
-    p = subprocess.run([*LUOCTL, "inspect", "--json", *args], capture_output=True, text=True,
-                       timeout=120)
-    return p.returncode, json.loads(p.stdout) if p.stdout else {}, p.stderr
 
 
 def _mapped(path: Path) -> mmap.mmap:

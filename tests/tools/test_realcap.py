@@ -14,27 +14,20 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from liveupdate.tools import report_debugfs
+from tests.tools.cli import LUOCTL, inspect
 
 FULL = os.environ.get("LIVEUPDATE_REALCAP")
 KEPT = Path(__file__).resolve().parents[1] / "realkernel" / "captures"
 CAPTURES = [*sorted(KEPT.glob("*/elf-head.bin")),
             *(sorted(Path(FULL).glob("*/DONE")) if FULL else [])]
-LUOCTL = [sys.executable, "-m", "liveupdate.cli.luoctl"]
 
 pytestmark = pytest.mark.skipif(not CAPTURES, reason="no real-kernel capture")
 
-
-def inspect(*args: str | Path) -> tuple[int, dict[str, Any], str]:
-    p = subprocess.run([*LUOCTL, "inspect", "--json", *map(str, args)], capture_output=True,
-                       text=True, timeout=300)
-    return p.returncode, json.loads(p.stdout) if p.stdout else {}, p.stderr
 
 
 @pytest.fixture(scope="module", params=CAPTURES,

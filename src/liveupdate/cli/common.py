@@ -28,6 +28,35 @@ class SizeParam(click.ParamType[int]):
         return int(digits) * mult
 
 
+class PhysParam(click.ParamType[int]):
+    """A physical address or byte count: decimal, 0x hex, or a size with K/M/G."""
+
+    name = "ADDR"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            n = int(str(value), 0)
+        except ValueError:
+            n = SizeParam().convert(value, param, ctx)
+        if n < 0:
+            self.fail(f"{value!r} is negative", param, ctx)
+        return n
+
+
+class PageAddrParam(PhysParam):
+    """A page-aligned physical address."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        addr = super().convert(value, param, ctx)
+        if addr % 4096:
+            self.fail(f"{value!r} is not a page-aligned physical address", param, ctx)
+        return addr
+
+
 def fail(err: object) -> NoReturn:
     click.echo(f"luoctl: error: {err}", err=True)
     sys.exit(1)

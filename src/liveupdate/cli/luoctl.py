@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from liveupdate.abi import generations
 from liveupdate.abi.generations import RELEASES as GENERATIONS
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.cli import update
-from liveupdate.cli.common import SizeParam, fail
+from liveupdate.cli.common import PageAddrParam, SizeParam, fail
 from liveupdate.cli.demo import demo
 from liveupdate.cli.image import image
 from liveupdate.cli.kho import kho
@@ -46,31 +45,13 @@ main.add_command(image)
 main.add_command(realkernel)
 
 
-class AddrParam(click.ParamType[int]):
-    """A physical address: 0x-prefixed hex or decimal."""
-
-    name = "ADDR"
-
-    def convert(self, value: object, param: click.Parameter | None,
-                ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        try:
-            addr = int(str(value), 0)
-        except ValueError:
-            self.fail(f"{value!r} is not an address such as 0x1fe000", param, ctx)
-        if addr < 0 or addr % 4096:
-            self.fail(f"{value!r} is not a page-aligned physical address", param, ctx)
-        return addr
-
-
 @main.command()
 @click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--ram", "ram", type=click.Path(dir_okay=False, path_type=Path), metavar="RAM",
               help="Guest RAM: a raw image (file offset == physical address) or a QEMU "
                    "dump-guest-memory ELF core. Pointers are followed through it; without "
                    "FILE, the KHO root is found by scanning it.")
-@click.option("--root", "root_addr", type=AddrParam(), default=None,
+@click.option("--root", "root_addr", type=PageAddrParam(), default=None,
               help="With --ram and no FILE: decode the KHO root FDT at this physical address "
                    "instead of choosing one by scanning.")
 @click.option("--extract", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -237,16 +218,7 @@ def example(out: Path, generation: str, memory: int, vm_memory: int, bitmap_byte
     """
     try:
         ex = example_mod.build(generation, memory, vm_memory >> 20, int(bitmap_bytes))
-        out.mkdir(parents=True, exist_ok=True)
-        ram_path = out / "ram.img"
-        fd = os.open(ram_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.ftruncate(fd, ex.ram_size)
-            for phys, data in sorted(ex.writes.items()):
-                os.pwrite(fd, data, phys)
-        finally:
-            os.close(fd)
-        (out / "setup_data.bin").write_bytes(ex.setup_data)
+        ram_path = example_mod.write(ex, out)
     except (LiveUpdateError, OSError) as e:
         fail(e)
     info = {"ram": str(ram_path), "setup_data": str(out / "setup_data.bin"),

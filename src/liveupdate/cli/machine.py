@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from liveupdate.cli.common import SizeParam, emit, fail
+from liveupdate.cli.common import PhysParam, SizeParam, emit, fail
 from liveupdate.errors import LiveUpdateError
 from liveupdate.machine.client import MachineClient, start
 from liveupdate.machine.machine import DEFAULT_CMDLINE
@@ -152,24 +152,6 @@ def kexec_exec(ctx: click.Context, as_json: bool) -> None:
     except LiveUpdateError as e:
         fail(e)
     emit(st, as_json, _describe(st))
-
-
-class PhysParam(click.ParamType[int]):
-    """A physical address or byte count: decimal, 0x hex, or a size with K/M/G."""
-
-    name = "ADDR"
-
-    def convert(self, value: Any, param: click.Parameter | None,
-                ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        try:
-            n = int(str(value), 0)
-        except ValueError:
-            n = SizeParam().convert(value, param, ctx)
-        if n < 0:
-            self.fail(f"{value!r} is negative", param, ctx)
-        return n
 
 
 def hexdump(phys: int, data: bytes) -> str:

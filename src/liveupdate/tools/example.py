@@ -13,7 +13,9 @@ the caller writes them.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -201,3 +203,19 @@ def build(generation: str = "6.19", ram_size: int = 1 << 30, vm_mib: int = 16,
     ram.put(bp_phys, bootparams.BootParams(e820, cmdline_phys, 2048, sd_phys).encode())
     pages = int((np.uint64(1) << order.astype(np.uint64)).sum())
     return Example(ram_size, ram.writes, sd, bp_phys, pages)
+
+
+def write(ex: Example, out: Path) -> Path:
+    """Lay ``ex`` out as ``luoctl example`` does: ``out/ram.img`` (sparse: only the written
+    ranges hold blocks) and ``out/setup_data.bin``. Returns the RAM image's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    ram_path = out / "ram.img"
+    fd = os.open(ram_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, ex.ram_size)
+        for phys, data in sorted(ex.writes.items()):
+            os.pwrite(fd, data, phys)
+    finally:
+        os.close(fd)
+    (out / "setup_data.bin").write_bytes(ex.setup_data)
+    return ram_path
