@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+from liveupdate.errors import LiveUpdateError
 from liveupdate.realkernel import build, source
 
 
@@ -38,5 +39,13 @@ def test_newest_is_debians_order_not_the_strings() -> None:
     assert source.newest(["7.3~rc7-1~exp1", "7.3.4-1~bpo13+1", "7.3.10-1~bpo13+1"]) == \
         "7.3.10-1~bpo13+1"
     assert source.newest(["7.3~rc7-1~exp1", "7.3-1"]) == "7.3-1"
-    with pytest.raises(Exception, match="offers"):
+    with pytest.raises(LiveUpdateError, match="offers"):
         source.newest([])
+
+
+@pytest.mark.parametrize("bad", ["..", ".", "../x", "7.3.4/../..", "", "-1", "7.3 4"])
+def test_a_version_that_could_name_another_folder_is_refused(bad: str) -> None:
+    with pytest.raises(LiveUpdateError, match="not a Debian version"):
+        source.check_version(bad)
+    assert source.upstream("7.3.4-1~bpo13+1") == "7.3.4"
+    assert source.upstream("7.3~rc7-1~exp1") == "7.3~rc7"

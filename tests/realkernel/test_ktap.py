@@ -33,6 +33,16 @@ def test_a_failed_or_missing_case_fails_the_run() -> None:
 def test_skip_is_not_a_pass_or_a_failure() -> None:
     r = ktap.parse("t", "1..2\nok 1 a\nok 2 b # SKIP no /dev/liveupdate\n")
     assert r.cases == [("a", "pass"), ("b", "skip")] and r.ok
+    todo = ktap.parse("t", "1..2\nok 1 a\nnot ok 2 b # TODO not yet\n")
+    assert todo.cases == [("a", "pass"), ("b", "xfail")] and todo.ok
+
+
+def test_subtests_do_not_replace_the_plan_and_totals_must_agree() -> None:
+    nested = "1..2\n    1..3\n    ok 1 sub\nok 1 a\nok 2 b\n"
+    r = ktap.parse("t", nested)
+    assert r.plan == 2 and [n for n, _ in r.cases] == ["a", "b"] and r.ok
+    lying = "1..1\nok 1 a\n# Totals: pass:0 fail:1 xfail:0 xpass:0 skip:0 error:0\n"
+    assert not ktap.parse("t", lying).ok
 
 
 def test_kexec_verdict_needs_both_stages_and_the_pass_line() -> None:

@@ -71,7 +71,6 @@ def test_capture_is_what_the_next_kernel_got_back(image: Image, tmp_path: Path) 
     (out.parent).mkdir(parents=True, exist_ok=True)
     (out / "DONE").unlink(missing_ok=True)
     info = capture.capture(image, out, append="test_kho.max_mem=65536")
-    assert info["stage2_matches_stage1"]
     ev = info["events"]
     assert ev["stage1"] < ev["jump"] < ev["stage2"]
     first = json.loads((out / "stage1.json").read_text())

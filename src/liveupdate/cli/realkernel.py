@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,11 @@ import click
 
 from liveupdate.cli.common import fail
 from liveupdate.errors import LiveUpdateError
+from liveupdate.realkernel.build import SELFTESTS
+
+# what the harness can meet from the host (a tool, a file, a child process) besides its own
+# errors: reported in one line like them, never as a traceback
+ERRORS = (LiveUpdateError, OSError, subprocess.SubprocessError, ValueError)
 
 OUT = Path(".realkernel")
 
@@ -24,7 +30,7 @@ def realkernel() -> None:
     libelf-dev, libssl-dev): installed with apt-get when run as root, else named in the
     error. virtme-ng comes with the project's [realkernel] extra. The image is cached in
     $LIVEUPDATE_REALKERNEL_CACHE (default ~/.cache/liveupdate/realkernel), keyed by kernel
-    version and config fragment: the first build takes 5-10 minutes on 2 cores, later runs
+    version and config fragment: the first build takes 6-10 minutes on 2 cores, later runs
     start in seconds.
 
     \b
@@ -45,8 +51,10 @@ def _image(version: str | None = None, jobs: int | None = None) -> Any:
 
 @realkernel.command("build")
 @click.option("--version", "version", default=None,
-              help="Debian version of linux-source-7.3 [default: the newest offered].")
-@click.option("--jobs", "-j", type=int, default=None, help="make -j [default: all cores].")
+              help="Debian version of linux-source-7.3, e.g. 7.3.4-1~bpo13+1 [default: the "
+                   "newest offered].")
+@click.option("--jobs", "-j", type=click.IntRange(1, 256), default=None,
+              help="make -j [default: all cores].")
 @click.option("--json", "as_json", is_flag=True, help="Print the image's manifest as JSON.")
 def build_cmd(version: str | None, jobs: int | None, as_json: bool) -> None:
     """Fetch the source and build the kernel and upstream's selftests (or find them cached).
@@ -56,7 +64,7 @@ def build_cmd(version: str | None, jobs: int | None, as_json: bool) -> None:
     """
     try:
         img = _image(version, jobs)
-    except LiveUpdateError as e:
+    except ERRORS as e:
         fail(e)
     if as_json:
         click.echo(json.dumps({"path": str(img.root), **img.manifest}, indent=2))
@@ -66,7 +74,7 @@ def build_cmd(version: str | None, jobs: int | None, as_json: bool) -> None:
 
 
 @realkernel.command("selftests")
-@click.option("--test", "tests", multiple=True,
+@click.option("--test", "tests", multiple=True, type=click.Choice(SELFTESTS),
               help="Run only this selftest (repeatable) [default: all five].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               default=OUT / "selftests", show_default=True, help="Results and console logs.")
@@ -82,13 +90,10 @@ def selftests_cmd(tests: tuple[str, ...], out: Path, echo: bool, as_json: bool) 
     """
     from liveupdate.realkernel import selftests as st
 
-    for t in tests:
-        if t not in st.SELFTESTS:
-            fail(f"unknown selftest {t!r} (one of {', '.join(st.SELFTESTS)})")
     try:
         img = _image()
         outcomes = st.run_all(img, out.resolve(), tests or st.SELFTESTS, echo=echo)
-    except LiveUpdateError as e:
+    except ERRORS as e:
         fail(e)
     rows = [{"test": o.result.test, "ok": o.result.ok, "passed": o.result.count("pass"),
              "failed": o.result.count("fail"), "skipped": o.result.count("skip"),
@@ -120,16 +125,22 @@ def selftests_cmd(tests: tuple[str, ...], out: Path, echo: bool, as_json: bool) 
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=OUT / "run",
               show_default=True, help="Results folder, shared read-write with the guest.")
 @click.option("--append", default="", help="More kernel command line.")
-@click.option("--memory", "memory_mib", type=int, default=512, show_default=True,
-              help="Guest RAM in MiB.")
+@click.option("--memory", "memory_mib", type=click.IntRange(256, 2048), default=512,
+              show_default=True, help="Guest RAM in MiB.")
 def run_cmd(argv: tuple[str, ...], kexec: bool, out: Path, append: str,
             memory_mib: int) -> None:
-    """Boot the real kernel and run ARGV inside it (the host's root, read-only; OUT
-    writable). Its standard output and error are printed; the exit status is its own.
+    """Boot the real kernel and run ARGV inside it, as root, in this repository (the
+    host's root filesystem read-only; OUT writable).
+
+    ARGV's standard output and error are printed when the guest has powered off, then the
+    console log's path. The exit status is ARGV's (with --kexec, the second run's). With
+    --kexec, a first run that fails skips the kexec; a kexec that fails, or a second kernel
+    that never runs ARGV, is an error (exit 1) naming why.
 
     \b
     Example:
       luoctl realkernel run -- .venv/bin/python -c 'import os; print(os.uname())'
+      luoctl realkernel run --kexec -- cat /proc/cmdline
     """
     from liveupdate.realkernel.vm import boot
 
@@ -138,28 +149,38 @@ def run_cmd(argv: tuple[str, ...], kexec: bool, out: Path, append: str,
         t0 = time.monotonic()
         run = boot(img, {"job": "command", "argv": list(argv), "kexec": kexec},
                    out.resolve(), memory_mib=memory_mib, append=append)
-    except LiveUpdateError as e:
+    except ERRORS as e:
         fail(e)
     rc = None
-    for st in (1, 2):
-        if (run.out / f"command.stage{st}.out").exists():
-            click.echo((run.out / f"command.stage{st}.out").read_text(errors="replace"),
-                       nl=False)
-            click.echo((run.out / f"command.stage{st}.err").read_text(errors="replace"),
-                       nl=False, err=True)
-            rc = run.stage_rc(st)
+    try:
+        for st in (1, 2):
+            if (run.out / f"command.stage{st}.out").exists():
+                click.echo((run.out / f"command.stage{st}.out").read_text(errors="replace"),
+                           nl=False)
+                click.echo((run.out / f"command.stage{st}.err").read_text(errors="replace"),
+                           nl=False, err=True)
+                rc = run.stage_rc(st)
+        rc1, rc2 = run.stage_rc(1), run.stage_rc(2)
+    except ERRORS as e:
+        fail(e)
     click.echo(f"realkernel: guest ran {time.monotonic() - t0:.1f} s; console in "
                f"{run.out / 'console.log'}", err=True)
-    if rc is None:
+    if rc1 is None:
         fail(f"the command never ran in the guest; see {run.out / 'console.log'}")
+    if kexec and rc1 == 0 and rc2 is None:
+        fail(f"no second run: {run.kexec_error() or 'the next kernel never started it'}; "
+             f"see {run.out / 'console.log'}")
     raise SystemExit(rc)
 
 
 @realkernel.command("capture")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder for the capture (replaced if it exists).")
-@click.option("--memory", "memory_mib", type=int, default=512, show_default=True,
-              help="Guest RAM in MiB (the RAM images are this size, sparse).")
+@click.option("--memory", "memory_mib", type=click.IntRange(256, 2048), default=512,
+              show_default=True,
+              help="Guest RAM in MiB, 256-2048 (the RAM images are this size, sparse; above "
+                   "about 2.75 GiB QEMU's RAM is no longer one block at 0 that pmemsave can "
+                   "save whole).")
 @click.option("--append", default="",
               help="More kernel command line, e.g. test_kho.max_mem=65536 for a capture "
                    "small enough to keep (test_kho preserves 8 MiB of random folios).")
@@ -191,10 +212,10 @@ def capture_cmd(out: Path, memory_mib: int, append: str, fixture: Path | None, e
             index = pack(out, fixture)
             info["fixture"] = {"path": str(fixture), "pages": sum(n for _, n in
                                                                   index["extents"])}
-    except LiveUpdateError as e:
+    except ERRORS as e:
         fail(e)
     if as_json:
         click.echo(json.dumps(info, indent=2))
     else:
-        click.echo(f"captured Linux {info['kernel_release']} in {out} ({info['seconds']} s; "
-                   f"files came back as they left: {info['stage2_matches_stage1']})")
+        click.echo(f"captured Linux {info['kernel_release']} in {out} ({info['seconds']} s): "
+                   "every preserved file came back as it left")

@@ -20,6 +20,7 @@ interrupted build resumes.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -33,7 +34,7 @@ from typing import Any
 
 from liveupdate.errors import LiveUpdateError
 from liveupdate.realkernel import source as source_mod
-from liveupdate.realkernel.host import cache_root, ensure_tools, run, say, step
+from liveupdate.realkernel.host import cache_lock, cache_root, ensure_tools, run, say, step
 
 FRAGMENT = Path(__file__).with_name("kconfig.fragment")
 SELFTESTS = ("liveupdate", "luo_kexec_simple", "luo_multi_session", "luo_stress_sessions",
@@ -85,13 +86,28 @@ def key(kernel_version: str, debian_version: str, fragment: str) -> str:
     return f"{kernel_version}-{re.sub(r'[^A-Za-z0-9.+-]', '_', debian_version)}-{digest}"
 
 
-def cached(cache: Path | None = None) -> list[Image]:
-    """Every complete image in the cache built from the current fragment, newest first."""
+def load(img_dir: Path) -> Image | None:
+    """The image in ``img_dir`` if it is complete; a manifest that does not parse is an
+    image that must be built again."""
+    try:
+        manifest = json.loads((img_dir / "manifest.json").read_text())
+        img = Image(img_dir, manifest)
+        if img.bzimage.exists() and isinstance(manifest.get("kernel_release"), str):
+            return img
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def cached(cache: Path) -> list[Image]:
+    """Every complete image in the cache built from the current fragment, the newest Debian
+    version first."""
     digest = hashlib.sha256(FRAGMENT.read_text().encode()).hexdigest()[:12]
-    out = []
-    for man in (cache or cache_root()).glob(f"images/*-{digest}/manifest.json"):
-        out.append(Image(man.parent, json.loads(man.read_text())))
-    return sorted(out, key=lambda i: float(i.manifest.get("built_at", 0)), reverse=True)
+    imgs = [img for d in cache.glob(f"images/*-{digest}") if (img := load(d)) is not None]
+    order = {v: i for i, v in enumerate(sorted(
+        {str(i.manifest.get("debian_version")) for i in imgs},
+        key=functools.cmp_to_key(source_mod.compare), reverse=True))}
+    return sorted(imgs, key=lambda i: order[str(i.manifest.get("debian_version"))])
 
 
 def build(cache: Path | None = None, *, jobs: int | None = None,
@@ -100,9 +116,13 @@ def build(cache: Path | None = None, *, jobs: int | None = None,
     fragment: from the cache when there, else fetched and built. Offline, the newest cached
     image of this fragment is used."""
     cache = cache or cache_root()
-    cache.mkdir(parents=True, exist_ok=True)
+    with cache_lock(cache):
+        return _build(cache, jobs, version)
+
+
+def _build(cache: Path, jobs: int | None, version: str | None) -> Image:
     try:
-        src = source_mod.fetch(cache, version)
+        version = source_mod.resolve(cache, version)
     except LiveUpdateError:
         have = cached(cache)
         if version is None and have:
@@ -110,13 +130,13 @@ def build(cache: Path | None = None, *, jobs: int | None = None,
             return have[0]
         raise
     fragment = FRAGMENT.read_text()
-    img_dir = cache / "images" / key(src.kernel_version, src.debian_version, fragment)
-    if (img_dir / "manifest.json").exists():
-        img = Image(img_dir, json.loads((img_dir / "manifest.json").read_text()))
-        say(f"cached image {img_dir} (Linux {img.release}, built "
-            f"{img.manifest['build_seconds']['bzImage']:.0f} s)")
+    img_dir = cache / "images" / key(source_mod.upstream(version), version, fragment)
+    img = load(img_dir)
+    if img is not None:
+        say(f"cached image {img_dir} (Linux {img.release})")
         return img
     ensure_tools()
+    src = source_mod.fetch(cache, version)
     bdir = cache / "build" / img_dir.name
     bdir.mkdir(parents=True, exist_ok=True)
     log = bdir / "build.log"
@@ -138,7 +158,7 @@ def build(cache: Path | None = None, *, jobs: int | None = None,
                                   f"fragment needs: {', '.join(bad)}")
     times["configure"] = time.monotonic() - t0
     t0 = time.monotonic()
-    with step(f"building bzImage with make -j{jobs} (5-8 minutes on 2 cores)"), \
+    with step(f"building bzImage with make -j{jobs} (6-10 minutes on 2 cores)"), \
             _progress(log):
         run([*make, f"-j{jobs}", "bzImage"], log=log, what="make bzImage")
     times["bzImage"] = time.monotonic() - t0
@@ -150,7 +170,10 @@ def build(cache: Path | None = None, *, jobs: int | None = None,
              f"OUTPUT={out}", f"KHDR_INCLUDES=-isystem {bdir}/usr/include"],
             log=log, what="make selftests/liveupdate")
     times["selftests"] = time.monotonic() - t0
-    release = (bdir / "include/config/kernel.release").read_text().strip()
+    release_file = bdir / "include/config/kernel.release"
+    if not release_file.exists():
+        raise LiveUpdateError(err=errno.ENOENT, msg=f"the build left no {release_file}")
+    release = release_file.read_text().strip()
     staging = img_dir.with_name(img_dir.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "selftests").mkdir(parents=True)
@@ -171,8 +194,8 @@ def build(cache: Path | None = None, *, jobs: int | None = None,
 
 
 class _progress:
-    """Every 30 s, how many objects the build has compiled so far (a make -s build says
-    nothing for minutes; a silent harness looks hung)."""
+    """Every 30 s, how many objects the build has compiled so far: make's output goes to the
+    log, and a harness silent for minutes looks hung."""
 
     def __init__(self, log: Path) -> None:
         self.log, self.stop = log, threading.Event()

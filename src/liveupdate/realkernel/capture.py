@@ -33,14 +33,21 @@ from liveupdate.realkernel.vm import boot
 
 def capture(image: Image, out: Path, *, memory_mib: int = 512, append: str = "",
             echo: bool = False) -> dict[str, Any]:
-    if out.exists():
+    """Capture into ``out``: a new or empty folder, or an earlier capture (replaced)."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / "capture.json").exists() and not (out / "plan.json").exists():
+            raise LiveUpdateError(err=errno.ENOTEMPTY, msg=f"{out} is not empty and holds no "
+                                  "earlier capture: choose a new folder")
         shutil.rmtree(out)
     run = boot(image, {"job": "scenario", "kexec": True}, out, memory_mib=memory_mib,
                append=append, capture=True, echo=echo)
     rc1, rc2 = run.stage_rc(1), run.stage_rc(2)
-    if rc1 != 0 or rc2 is None or not run.captured:
+    if rc1 != 0 or rc2 != 0 or not run.captured:
         tb = next(iter(sorted(out.glob("stage*.traceback"))), None)
-        why = tb.read_text().strip().splitlines()[-1] if tb else "see the console log"
+        why = (tb.read_text().strip().splitlines()[-1] if tb
+               else run.kexec_error() or ("the files came back changed: compare stage1.json "
+                                          "and stage2.json" if rc2 == 1
+                                          else "see the console log"))
         raise LiveUpdateError(err=errno.EIO, msg=f"capture failed (stage 1 exit {rc1}, stage "
                               f"2 exit {rc2}, RAM saved: {bool(run.captured)}): {why}; "
                               f"console in {out / 'console.log'}")
@@ -50,7 +57,7 @@ def capture(image: Image, out: Path, *, memory_mib: int = 512, append: str = "",
             "debian_version": image.manifest["debian_version"],
             "memory_mib": memory_mib, "append": append, "seconds": round(run.seconds, 1),
             "events": {k: round(v, 2) for k, v in run.events.items()},
-            "ram": run.captured, "stage2_matches_stage1": rc2 == 0}
+            "ram": {k: v for k, v in run.captured.items() if k not in ("ram_raw", "ram_elf")}}
     (out / "capture.json").write_text(json.dumps(info, indent=1) + "\n")
     (out / "qmp.sock").unlink(missing_ok=True)
     return info
@@ -58,9 +65,14 @@ def capture(image: Image, out: Path, *, memory_mib: int = 512, append: str = "",
 
 def kho_payload(setup_dir: Path) -> bytes:
     """The payload of the one ``SETUP_KEXEC_KHO`` node the next kernel exported."""
-    found = [d for d in sorted(setup_dir.glob("*"))
-             if (d / "type").exists() and int((d / "type").read_text().strip(), 0)
-             == SETUP_KEXEC_KHO]
+    found = []
+    for d in sorted(setup_dir.glob("*")):
+        try:
+            type_ = int((d / "type").read_text().strip(), 0)
+        except (OSError, ValueError):
+            continue  # not a node the guest copied whole
+        if type_ == SETUP_KEXEC_KHO:
+            found.append(d)
     if len(found) != 1:
         raise LiveUpdateError(err=errno.ENOENT, msg=f"{setup_dir}: {len(found)} "
                               "SETUP_KEXEC_KHO nodes, expected exactly one")

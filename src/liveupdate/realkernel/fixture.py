@@ -22,15 +22,16 @@ import lzma
 import mmap
 import os
 import shutil
-import struct
 from pathlib import Path
 from typing import Any
 
 from liveupdate.abi import bootparams
+from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import LiveUpdateError
+from liveupdate.tools import ramfile
 
-PAGE = 4096
+PAGE = PAGE_SIZE
 KEEP = ("setup_data.payload", "stage1.json", "stage2.json", "capture.json",
         "debugfs-stage1", "debugfs-stage2", "setup_data")
 
@@ -75,27 +76,11 @@ def _extents(pages: set[int]) -> list[list[int]]:
     return out
 
 
-def _first_load_offset(head: bytes) -> int:
-    """File offset of the first PT_LOAD's data in an ELF64 core (QEMU's layout)."""
-    if head[:4] != b"\x7fELF" or head[4] != 2:
-        raise LiveUpdateError(err=errno.EINVAL, msg="not an ELF64 core")
-    offs = [off for off, _, _ in _loads(head)]
-    if not offs:
-        raise LiveUpdateError(err=errno.EINVAL, msg="ELF core without PT_LOAD")
-    return min(offs)
-
-
-def _loads(head: bytes) -> list[tuple[int, int, int]]:
-    """(file offset, paddr, filesz) of every PT_LOAD."""
-    phoff, = struct.unpack_from("<Q", head, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
-    out = []
-    for i in range(phnum):
-        type_, _flags, off, _va, pa, filesz = struct.unpack_from("<IIQQQQ", head,
-                                                                 phoff + i * phentsize)
-        if type_ == 1:
-            out.append((off, pa, filesz))
-    return out
+def _loads(head: bytes, size: int) -> list[tuple[int, int, int]]:
+    """(file offset, paddr, filesz) of every PT_LOAD of a QEMU core of ``size`` bytes whose
+    headers are in ``head`` (checked as :func:`ramfile.parse_elf_core` checks any core)."""
+    segs, _ = ramfile.parse_elf_core(head, size)
+    return [(off, pa, n) for pa, n, off in segs]
 
 
 def pack(capture: Path, dest: Path) -> dict[str, Any]:
@@ -106,7 +91,8 @@ def pack(capture: Path, dest: Path) -> dict[str, Any]:
     ext = _extents(pages)
     ram_bytes = raw.stat().st_size
     dest.mkdir(parents=True, exist_ok=True)
-    index = {"ram_bytes": ram_bytes, "extents": ext}
+    elf_bytes = (capture / "ram.elf").stat().st_size
+    index = {"ram_bytes": ram_bytes, "elf_bytes": elf_bytes, "extents": ext}
     fd = os.open(raw, os.O_RDONLY)
     try:
         with lzma.open(dest / "ram.pages.xz", "wb", preset=9) as out:
@@ -117,10 +103,11 @@ def pack(capture: Path, dest: Path) -> dict[str, Any]:
         os.close(fd)
     with open(capture / "ram.elf", "rb") as f:
         head = f.read(1 << 16)
-        end = max(off + size for off, _, size in _loads(head))
+        loads = _loads(head, elf_bytes)
+        end = max(off + size for off, _, size in loads)
         f.seek(end)
         (dest / "elf-tail.bin").write_bytes(f.read(1 << 16))
-    (dest / "elf-head.bin").write_bytes(head[:_first_load_offset(head)])
+    (dest / "elf-head.bin").write_bytes(head[:min(off for off, _, _ in loads)])
     for name in KEEP:
         src = capture / name
         if src.is_dir():
@@ -138,9 +125,9 @@ def unpack(fixture: Path, into: Path) -> tuple[Path, Path]:
     into.mkdir(parents=True, exist_ok=True)
     raw, elf = into / "ram.raw", into / "ram.elf"
     head = (fixture / "elf-head.bin").read_bytes()
-    loads = _loads(head)
     with lzma.open(fixture / "ram.pages.xz", "rb") as src:
         index = json.loads(src.readline())
+        loads = _loads(head, int(index["elf_bytes"]))
         rfd = os.open(raw, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         efd = os.open(elf, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:

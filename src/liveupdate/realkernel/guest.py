@@ -21,12 +21,14 @@ Jobs:
   debugfs KHO blobs (``debugfs-stage<N>/``) and, in stage 2, every ``setup_data`` node the
   kernel exports (``setup_data/``).
 
-Every stage writes ``stage<N>.done`` last, with its exit status: the host judges a run by
-these files (virtme-ng's own exit status is 255 even on success).
+Every stage writes ``stage<N>.done`` last, with its exit status, and a failed kexec writes
+``stage1.kexec-error``: the host judges a run by these files (virtme-ng's own exit status is
+255 even on success).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -35,6 +37,8 @@ import sys
 import traceback
 from pathlib import Path
 from typing import Any
+
+from liveupdate.errors import LiveUpdateError
 
 STAGE_ARG = "lu_harness_stage"
 DEBUGFS = Path("/sys/kernel/debug")
@@ -71,9 +75,16 @@ def kexec(kernel: str, next_stage: int) -> None:
 
 def dump_debugfs(out: Path) -> None:
     """Copy every file under debugfs ``kho/`` byte for byte (blobs and text)."""
+    out.mkdir(parents=True, exist_ok=True)
     if not (DEBUGFS / "kho").exists():
-        subprocess.run(["mount", "-t", "debugfs", "debugfs", str(DEBUGFS)], check=False)
+        p = subprocess.run(["mount", "-t", "debugfs", "debugfs", str(DEBUGFS)],
+                           capture_output=True, text=True, check=False)
+        if p.returncode:
+            (out / "mount.error").write_text(p.stderr)
     src = DEBUGFS / "kho"
+    if not src.is_dir():
+        (out / "missing").write_text(f"{src} does not exist (CONFIG_KEXEC_HANDOVER_DEBUGFS?)\n")
+        return
     for path in sorted(src.rglob("*")):
         if path.is_file():
             dst = out / path.relative_to(src)
@@ -135,8 +146,12 @@ def main(argv: list[str]) -> int:
         rc = 1
     (out / f"stage{st}.done").write_text(f"{rc}\n")
     if rc == 0 and kexecs and st == 1:
-        kexec(plan["kernel"], 2)
-        log("reboot(KEXEC) returned")  # only reached on failure
+        try:
+            kexec(plan["kernel"], 2)
+            raise OSError(errno.EIO, "reboot(LINUX_REBOOT_CMD_KEXEC) returned")
+        except (OSError, LiveUpdateError) as e:
+            (out / "stage1.kexec-error").write_text(f"{e}\n")
+            log(f"kexec failed: {e}")
         return 1
     return rc
 

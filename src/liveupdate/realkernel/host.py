@@ -10,6 +10,7 @@ otherwise the error is one line naming the command that installs them.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
 import subprocess
@@ -21,12 +22,13 @@ from pathlib import Path
 
 from liveupdate.errors import LiveUpdateError
 
-# command -> the Debian package that provides it
+# command -> the Debian package that provides it: to fetch and build, and to boot
 TOOLS: dict[str, str] = {
     "gcc": "gcc", "make": "make", "flex": "flex", "bison": "bison", "bc": "bc",
-    "perl": "perl", "xz": "xz-utils", "dpkg-deb": "dpkg",
-    "qemu-system-x86_64": "qemu-system-x86",
+    "perl": "perl", "xz": "xz-utils", "tar": "tar", "dpkg-deb": "dpkg",
+    "apt-get": "apt", "fallocate": "util-linux",
 }
+QEMU: dict[str, str] = {"qemu-system-x86_64": "qemu-system-x86"}
 # headers the kernel build needs (objtool links libelf; no command to probe for them)
 HEADERS: dict[str, str] = {"/usr/include/libelf.h": "libelf-dev",
                            "/usr/include/openssl/opensslv.h": "libssl-dev"}
@@ -58,9 +60,12 @@ def ensure_tools(tools: dict[str, str] | None = None) -> None:
         raise LiveUpdateError(err=errno.ENOENT, msg="the real-kernel harness needs "
                               f"{', '.join(pkgs)}: run `sudo {' '.join(cmd)}`")
     with step(f"installing {' '.join(pkgs)} (apt-get)"):
-        subprocess.run(["apt-get", "update", "-qq"], check=True, stdout=subprocess.DEVNULL)
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        for argv in (["apt-get", "update", "-qq"], cmd):
+            p = subprocess.run(argv, capture_output=True, text=True, check=False,
+                               env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+            if p.returncode:
+                raise LiveUpdateError(err=errno.EIO, msg=f"{' '.join(argv)} failed: "
+                                      + " | ".join(p.stderr.strip().splitlines()[-3:]))
     still = missing(tools)
     if still:
         raise LiveUpdateError(err=errno.ENOENT, msg=f"apt-get left {', '.join(still)} "
@@ -69,6 +74,20 @@ def ensure_tools(tools: dict[str, str] | None = None) -> None:
 
 def say(msg: str) -> None:
     print(f"realkernel: {msg}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def cache_lock(cache: Path) -> Iterator[None]:
+    """One harness at a time per cache: two builds would share an object tree and remove
+    each other's staging folders."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"waiting for another harness using {cache}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 @contextmanager
@@ -84,9 +103,12 @@ def run(cmd: list[str], *, log: Path, cwd: Path | None = None, what: str,
         env: dict[str, str] | None = None) -> None:
     """Run a long command with its output in ``log``; on failure the error quotes the log's
     tail, so a broken build says why in one place."""
-    with open(log, "ab") as out:
-        rc = subprocess.run(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                            env={**os.environ, **(env or {})}).returncode
+    try:
+        with open(log, "ab") as out:
+            rc = subprocess.run(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})}).returncode
+    except OSError as e:
+        raise LiveUpdateError(err=e.errno or errno.EIO, msg=f"{what}: {e}") from e
     if rc:
         tail = log.read_text(errors="replace").splitlines()[-15:]
         raise LiveUpdateError(err=errno.EIO, msg=f"{what} failed (exit {rc}); last lines of "

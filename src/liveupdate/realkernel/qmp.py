@@ -5,14 +5,17 @@ commands over one socket do not need it. Events that arrive between replies are 
 (QMP interleaves them: QEMU's docs/interop/qmp-spec.rst).
 
 We listen and QEMU connects (``-chardev socket,server=off``): no polling for a socket that
-QEMU has not bound yet.
+QEMU has not bound yet. The socket lives in a private temporary folder, not in the results
+folder: a Unix socket path is limited to 107 bytes and a results folder may be deeper.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,16 +23,22 @@ from typing import Any
 
 from liveupdate.errors import LiveUpdateError
 
+COMMAND_TIMEOUT = 300.0  # dump-guest-memory of 512 MiB to a slow disk
+
 
 class Listener:
     """A unix socket QEMU connects its monitor to; :meth:`qemu_args` says how."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.unlink(missing_ok=True)
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="luqmp"))
+        self.path = self.dir / "qmp.sock"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(str(path))
-        self.sock.listen(1)
+        try:
+            self.sock.bind(str(self.path))
+            self.sock.listen(1)
+        except OSError:
+            self.close()
+            raise
 
     def qemu_args(self) -> str:
         return (f"-chardev socket,id=luqmp,path={self.path},server=off "
@@ -43,7 +52,6 @@ class Listener:
         while True:
             try:
                 conn, _ = self.sock.accept()
-                return Qmp(conn, timeout)
             except TimeoutError:
                 if not alive():
                     raise LiveUpdateError(err=errno.ECHILD, msg="QEMU exited before it "
@@ -51,24 +59,42 @@ class Listener:
                 if time.monotonic() > deadline:
                     raise LiveUpdateError(err=errno.ETIMEDOUT, msg=f"QEMU never connected "
                                           f"to {self.path}") from None
+                continue
+            try:
+                return Qmp(conn)
+            except BaseException:
+                conn.close()
+                raise
 
     def close(self) -> None:
         self.sock.close()
-        self.path.unlink(missing_ok=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Qmp:
-    def __init__(self, sock: socket.socket, timeout: float = 30.0) -> None:
+    """One QMP session: the greeting read, capabilities negotiated, then commands."""
+
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.sock.settimeout(timeout)
+        self.sock.settimeout(COMMAND_TIMEOUT)
         self.file = self.sock.makefile("rwb")
         self._read()  # greeting
         self.execute("qmp_capabilities")
+
     def _read(self) -> dict[str, Any]:
-        line = self.file.readline()
+        try:
+            line = self.file.readline()
+        except TimeoutError:
+            raise LiveUpdateError(err=errno.ETIMEDOUT, msg="QEMU did not answer on QMP "
+                                  f"within {COMMAND_TIMEOUT:.0f} s") from None
         if not line:
             raise LiveUpdateError(err=errno.ECONNRESET, msg="QEMU closed its QMP socket")
-        msg: dict[str, Any] = json.loads(line)
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            msg = None
+        if not isinstance(msg, dict):
+            raise LiveUpdateError(err=errno.EPROTO, msg=f"QMP: not a JSON object: {line[:80]!r}")
         return msg
 
     def execute(self, cmd: str, **args: Any) -> Any:
@@ -79,8 +105,9 @@ class Qmp:
             if "event" in msg:
                 continue
             if "error" in msg:
-                raise LiveUpdateError(err=errno.EIO, msg=f"QMP {cmd}: "
-                                      f"{msg['error'].get('desc', msg['error'])}")
+                err = msg["error"]
+                desc = err.get("desc", err) if isinstance(err, dict) else err
+                raise LiveUpdateError(err=errno.EIO, msg=f"QMP {cmd}: {desc}")
             return msg.get("return")
 
     def close(self) -> None:

@@ -27,17 +27,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-PAGE = 4096
-F_ADD_SEALS, F_GET_SEALS = 1033, 1034
-F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 0x1, 0x2, 0x4, 0x8
+from liveupdate.abi.consts import PAGE_SIZE as PAGE
 
 # session -> [(token, size, pages written (None: all), position, seals)]
 FILES: dict[str, list[tuple[int, int, list[int] | None, int, int]]] = {
     "vm-0": [(0x1000, 4 << 20, [p for p in range(1024) if p % 7], 12345, 0),
              (0x1001, PAGE + 100, None, 0,
-              F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL)],
+              fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+              | fcntl.F_SEAL_SEAL)],
     "cache": [(7, 0, [], 0, 0),
-              (8, 2 << 20, [0, 1, 2, 500, 511], 2 << 20, F_SEAL_GROW)],
+              (8, 2 << 20, [0, 1, 2, 500, 511], 2 << 20, fcntl.F_SEAL_GROW)],
 }
 
 Dumper = Callable[[Path], None]
@@ -62,7 +61,7 @@ def view(fd: int) -> dict[str, Any]:
             if any(chunk[i:i + PAGE]):
                 present.append((off + i) // PAGE)
         off += len(chunk)
-    return {"size": size, "pos": pos, "seals": fcntl.fcntl(fd, F_GET_SEALS),
+    return {"size": size, "pos": pos, "seals": fcntl.fcntl(fd, fcntl.F_GET_SEALS),
             "sha256": digest.hexdigest(), "nonzero_pages": present}
 
 
@@ -73,7 +72,7 @@ def make(token: int, size: int, pages: list[int] | None, pos: int, seals: int) -
         os.pwrite(fd, fill(token, p)[: size - p * PAGE], p * PAGE)
     os.lseek(fd, pos, os.SEEK_SET)
     if seals:
-        fcntl.fcntl(fd, F_ADD_SEALS, seals)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
     return fd
 
 

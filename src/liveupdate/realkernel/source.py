@@ -89,7 +89,7 @@ class Apt:
         return debs[-1]
 
 
-def _dpkg_cmp(a: str, b: str) -> int:
+def compare(a: str, b: str) -> int:
     if a == b:
         return 0
     gt = subprocess.run(["dpkg", "--compare-versions", a, "gt", b], check=False).returncode
@@ -101,33 +101,55 @@ def newest(versions: list[str]) -> str:
     if not versions:
         raise LiveUpdateError(err=errno.ENOENT, msg=f"no suite of {', '.join(SUITES)} "
                               f"offers {PACKAGE}")
-    return max(versions, key=functools.cmp_to_key(_dpkg_cmp))
+    return max(versions, key=functools.cmp_to_key(compare))
 
 
-def fetch(cache: Path, version: str | None = None) -> Source:
-    """The unpacked tree of ``version`` (default: the newest offered), reusing an earlier
-    download. Offline with a tree already unpacked, that tree is used."""
-    src_root = cache / "src"
-    apt = Apt(cache / "apt")
-    if version is None:
-        try:
-            with step(f"asking Debian for the newest {PACKAGE}"):
-                apt.update()
-                version = newest(apt.versions(PACKAGE))
-        except LiveUpdateError:
-            trees = sorted(src_root.glob("*/.unpacked"))
-            if not trees:
-                raise
-            version = trees[-1].read_text().strip()
-            say(f"apt unreachable; using the unpacked {PACKAGE} {version}")
-    tree_dir = src_root / _safe(version)
+# a Debian version: epoch-less upstream version and revision (policy 5.6.12); nothing that
+# could name a folder outside the cache ("..", "/")
+VERSION = re.compile(r"[0-9][A-Za-z0-9.+~]*(-[A-Za-z0-9.+~]+)?")
+
+
+def check_version(version: str) -> str:
+    if not VERSION.fullmatch(version) or ".." in version:
+        raise LiveUpdateError(err=errno.EINVAL, msg=f"{version!r} is not a Debian version "
+                              "such as 7.3.4-1~bpo13+1")
+    return version
+
+
+def upstream(version: str) -> str:
+    """The kernel version a Debian version packages: ``7.3.4-1~bpo13+1`` -> ``7.3.4``."""
+    return check_version(version).split("-", 1)[0]
+
+
+def resolve(cache: Path, version: str | None = None) -> str:
+    """``version`` checked, or the newest ``linux-source-7.3`` Debian offers; offline, the
+    newest already unpacked in the cache."""
+    if version is not None:
+        return check_version(version)
+    try:
+        with step(f"asking Debian for the newest {PACKAGE}"):
+            apt = Apt(cache / "apt")
+            apt.update()
+            return check_version(newest(apt.versions(PACKAGE)))
+    except LiveUpdateError:
+        have = [m.read_text().strip() for m in (cache / "src").glob("*/.unpacked")]
+        if not have:
+            raise
+        version = newest(have)
+        say(f"apt unreachable; using the unpacked {PACKAGE} {version}")
+        return version
+
+
+def fetch(cache: Path, version: str) -> Source:
+    """The unpacked tree of ``version``, reusing an earlier download."""
+    tree_dir = cache / "src" / check_version(version)
     tree = tree_dir / "linux-source-7.3"
     if (tree_dir / ".unpacked").exists():
         return Source(tree, version)
     with step(f"fetching {PACKAGE} {version}"):
         if tree_dir.exists():
             shutil.rmtree(tree_dir)
-        deb = apt.download(PACKAGE, version, tree_dir / "deb")
+        deb = Apt(cache / "apt").download(PACKAGE, version, tree_dir / "deb")
         run(["dpkg-deb", "-x", str(deb), str(tree_dir / "deb")], log=tree_dir / "unpack.log",
             what="dpkg-deb -x")
         tarballs = list((tree_dir / "deb").glob("usr/src/linux-source-*.tar.*"))
@@ -140,7 +162,3 @@ def fetch(cache: Path, version: str | None = None) -> Source:
         raise LiveUpdateError(err=errno.ENOENT, msg=f"{tree} has no Makefile after unpacking")
     (tree_dir / ".unpacked").write_text(version + "\n")
     return Source(tree, version)
-
-
-def _safe(version: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.+~-]", "_", version)

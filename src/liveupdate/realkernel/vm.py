@@ -12,16 +12,23 @@ the command succeeded, so a run is judged by the files the guest writes.
 QEMU's monitor is connected to us (:mod:`.qmp`); with ``capture=True``, when the console
 prints ``kexec_core: Starting new kernel`` the guest is stopped and its RAM saved twice --
 ``pmemsave`` (raw, offset == physical address) and ``dump-guest-memory`` (QEMU's ELF core)
--- then continued. At that instant the KHO FDT and every preserved page are final; the
-kexec segments may be mid-copy.
+-- then continued. The stop is not instantaneous: the line crosses virtme-ng's pipe and a
+QMP round trip while TCG runs on, so the guest may be anywhere from ``machine_kexec`` to
+the next kernel's early boot. The handover is the same throughout -- the KHO FDT and every
+preserved page are final before that line, and the next kernel allocates only from the
+scratch areas until it has read them -- but the kexec segments (the scratch array among
+them) may be unwritten, mid-copy or in place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -32,7 +39,7 @@ from typing import Any, TextIO
 
 from liveupdate.errors import LiveUpdateError
 from liveupdate.realkernel.build import Image
-from liveupdate.realkernel.host import ensure_tools, say
+from liveupdate.realkernel.host import QEMU, ensure_tools, say
 from liveupdate.realkernel.qmp import Listener, Qmp
 
 JUMP = "kexec_core: Starting new kernel"
@@ -48,61 +55,113 @@ class Run:
     captured: dict[str, Any] = field(default_factory=dict)
 
     def stage_rc(self, stage: int) -> int | None:
+        """The exit status stage ``stage`` recorded, None if it never finished."""
         done = self.out / f"stage{stage}.done"
-        return int(done.read_text()) if done.exists() else None
+        if not done.exists():
+            return None
+        text = done.read_text().strip()
+        if not text.lstrip("-").isdigit():
+            raise LiveUpdateError(err=errno.EPROTO, msg=f"{done}: {text[:40]!r} is not an "
+                                  "exit status")
+        return int(text)
+
+    def kexec_error(self) -> str | None:
+        """Why stage 1 could not jump, as the guest recorded it."""
+        path = self.out / "stage1.kexec-error"
+        return path.read_text().strip() if path.exists() else None
 
 
 def vng() -> str:
-    exe = shutil.which("vng", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    exe = shutil.which("vng", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     if exe is None:
         raise LiveUpdateError(err=errno.ENOENT, msg="virtme-ng is not installed: "
                               f"{REPO}/.venv/bin/pip install -e '{REPO}[realkernel]'")
     return exe
 
 
+# virtme-ng joins --rwdir, --cwd and --qemu-opts into a shell command line without quoting,
+# and QEMU splits option values at commas: paths that reach it must be plain
+_PLAIN = re.compile(r"[A-Za-z0-9._/+-]+")
+# what a run leaves in its folder; cleared first, so a stale file is never read as this run's
+_OUTPUTS = ("plan.json", "console.log", "stage*.done", "stage*.traceback", "stage*.json",
+            "stage*.kexec-error", "*.ktap", "command.stage*", "ram.raw", "ram.elf")
+
+
+def plain_path(path: Path, what: str) -> Path:
+    path = path.resolve()
+    if not _PLAIN.fullmatch(str(path)):
+        raise LiveUpdateError(err=errno.EINVAL, msg=f"{what} {str(path)!r}: virtme-ng passes "
+                              "it through a shell and QEMU's option parser; use only letters, "
+                              "digits and ._/+-")
+    return path
+
+
 def boot(image: Image, plan: dict[str, Any], out: Path, *, memory_mib: int = 512,
          append: str = "", capture: bool = False, timeout: float = 600.0,
          echo: bool = False) -> Run:
     """Boot ``image`` with ``plan`` (written to ``out/plan.json``) and wait for it to end."""
-    ensure_tools({"qemu-system-x86_64": "qemu-system-x86"})
+    ensure_tools(QEMU)
+    out = plain_path(out, "results folder")
+    plain_path(REPO, "repository")
     out.mkdir(parents=True, exist_ok=True)
+    for pattern in _OUTPUTS:
+        for old in out.glob(pattern):
+            old.unlink()
     plan = {"kernel": str(image.bzimage), "selftests": str(image.selftests), **plan}
     plan_path = out / "plan.json"
     plan_path.write_text(json.dumps(plan, indent=1) + "\n")
-    qmp_listener = Listener(out / "qmp.sock")
     python = REPO / ".venv" / "bin" / "python"
     exe = python if python.exists() else Path(sys.executable)
+    # vng runs virtme-run from PATH: the venv's bin must be on it
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"),
+           "PATH": f"{Path(vng()).parent}:{os.environ.get('PATH', '')}"}
+    listener = Listener()
     cmd = [vng(), "--run", str(image.bzimage), "--disable-kvm", "--disable-microvm",
            "--force-9p", "--verbose", "--cpus", "2", "--memory", f"{memory_mib}M",
            "--rwdir", str(out), "--cwd", str(REPO),
            "--append", f"liveupdate=on panic=-1 {append}".strip(),
-           f"--qemu-opts={qmp_listener.qemu_args()}",
+           f"--qemu-opts={listener.qemu_args()}",
            "--exec", f"{exe} -m liveupdate.realkernel.guest {plan_path}"]
-    # vng runs virtme-run from PATH: the venv's bin must be on it
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"),
-           "PATH": f"{Path(vng()).parent}:{os.environ.get('PATH', '')}"}
     t0 = time.monotonic()
     run = Run(out, [], 0.0)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, env=env, cwd=REPO)
-    # a guest that hangs prints nothing: only a timer can end it
-    watchdog = threading.Timer(timeout, proc.kill)
+    try:
+        # its own process group: vng starts virtme-run through a shell, which forks QEMU;
+        # killing vng alone would leave QEMU running, holding the console pipe open
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, cwd=REPO,
+                                start_new_session=True)
+    except OSError:
+        listener.close()
+        raise
+    expired = threading.Event()
+
+    def expire() -> None:  # a guest that hangs prints nothing: only a timer can end it
+        expired.set()
+        _kill_group(proc)
+
+    watchdog = threading.Timer(timeout, expire)
     watchdog.start()
     try:
         with open(out / "console.log", "w") as log:
-            _watch(proc, qmp_listener, run, log, t0, capture=capture, echo=echo,
+            _watch(proc, listener, run, log, t0, capture=capture, echo=echo,
                    ram_bytes=memory_mib << 20)
     finally:
         watchdog.cancel()
-        qmp_listener.close()
-        if proc.poll() is None:
-            proc.kill()
+        listener.close()
+        _kill_group(proc)
         proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
     run.seconds = time.monotonic() - t0
-    if run.seconds >= timeout:
+    if expired.is_set():
         raise LiveUpdateError(err=errno.ETIMEDOUT, msg=f"guest killed after {timeout:.0f} s; "
                               f"console in {out / 'console.log'}")
     return run
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _watch(proc: subprocess.Popen[bytes], listener: Listener, run: Run, log: TextIO,
@@ -113,25 +172,28 @@ def _watch(proc: subprocess.Popen[bytes], listener: Listener, run: Run, log: Tex
     try:
         qmp = listener.accept(60.0, lambda: proc.poll() is None)
     except LiveUpdateError as e:
+        _kill_group(proc)  # so reading what it said cannot block
         tail = proc.stdout.read().decode(errors="replace").strip().splitlines()[-5:]
         raise LiveUpdateError(err=e.errno, msg=f"{e.message}: " + " | ".join(tail)) from e
     run.events["qemu"] = time.monotonic() - t0
-    for raw in proc.stdout:
-        line = raw.decode(errors="replace").rstrip("\r\n")
-        run.console.append(line)
-        log.write(line + "\n")
-        if echo:
-            print(line, file=sys.stderr)
-        now = time.monotonic() - t0
-        for st in (1, 2):
-            if f"lu-harness: stage {st} of" in line:
-                run.events.setdefault(f"stage{st}", now)
-        if JUMP in line:
-            run.events.setdefault("jump", now)
-            if capture and not run.captured:
-                log.flush()
-                run.captured = _capture(qmp, run.out, ram_bytes)
-    qmp.close()
+    try:
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\r\n")
+            run.console.append(line)
+            log.write(line + "\n")
+            if echo:
+                print(line, file=sys.stderr)
+            now = time.monotonic() - t0
+            for st in (1, 2):
+                if f"lu-harness: stage {st} of" in line:
+                    run.events.setdefault(f"stage{st}", now)
+            if JUMP in line:
+                run.events.setdefault("jump", now)
+                if capture and not run.captured:
+                    log.flush()
+                    run.captured = _capture(qmp, run.out, ram_bytes)
+    finally:
+        qmp.close()
 
 
 def _capture(qmp: Qmp, out: Path, size: int) -> dict[str, Any]:
