@@ -101,21 +101,40 @@ def test_hostile_elf_headers_are_refused_with_their_reason(tmp_path: Path, blob:
     assert "Traceback" not in p.stderr
 
 
-def test_extended_numbering_reads_the_count_from_section_header_0() -> None:
-    """More than 65534 program headers: e_phnum = PN_XNUM, the count in sh_info."""
-    n = 70000
+def _numbered(n: int, phnum: int | None = None) -> bytes:
+    """A core of ``n`` 16-byte PT_LOADs; ``phnum`` None: the count in section header 0's
+    sh_info under e_phnum = PN_XNUM (the gABI extended numbering)."""
     phoff = EHDR.size
     shoff = phoff + PHDR.size * n
     data = shoff + SHDR.size
-    head = bytearray(ehdr(0xFFFF, shoff=shoff, shnum=1))
+    head = ehdr(0xFFFF if phnum is None else phnum, shoff=shoff, shnum=1)
     body = b"".join(PHDR.pack(1, 0, data + 16 * i, 0, 0x1000 * i, 16, 16, 0) for i in range(n))
-    blob = bytes(head) + body + SHDR.pack(0, 0, 0, 0, 0, 0, 0, n, 0, 0) + bytes(16 * n)
+    return head + body + SHDR.pack(0, 0, 0, 0, 0, 0, 0, n, 0, 0) + bytes(16 * n)
+
+
+def test_extended_numbering_reads_the_count_from_section_header_0() -> None:
+    n = 100
+    blob = _numbered(n)
     segs, notes = ramfile.parse_elf_core(blob, len(blob))
+    data = EHDR.size + PHDR.size * n + SHDR.size
     assert len(segs) == n and segs[-1] == (0x1000 * (n - 1), 16, data + 16 * (n - 1))
     assert notes == []
-    bad = bytes(head[:40]) + (len(blob) + 8).to_bytes(8, "little") + bytes(head[48:])
+    bad = blob[:40] + (len(blob) + 8).to_bytes(8, "little") + blob[48:]
     with pytest.raises(AbiError, match="PN_XNUM but section header 0"):
-        ramfile.parse_elf_core(bad + blob[EHDR.size:], len(blob))
+        ramfile.parse_elf_core(bad, len(bad))
+
+
+@pytest.mark.parametrize("phnum", [None, ramfile.MAX_PHDRS + 1])
+def test_more_program_headers_than_any_guest_has_are_refused(phnum: int | None) -> None:
+    """Each PT_LOAD is a RAM range every read is checked against: QEMU writes a few dozen,
+    and the bound keeps a hostile core from making every read slow."""
+    assert ramfile.MAX_PHDRS <= 4096
+    blob = _numbered(70000 if phnum is None else phnum, phnum)
+    with pytest.raises(AbiError) as e:
+        ramfile.parse_elf_core(blob, len(blob))
+    assert e.value.errno == errno.EINVAL and f"(1..{ramfile.MAX_PHDRS})" in e.value.message
+    blob = _numbered(ramfile.MAX_PHDRS, ramfile.MAX_PHDRS)
+    assert len(ramfile.parse_elf_core(blob, len(blob))[0]) == ramfile.MAX_PHDRS
 
 
 def test_memsz_beyond_the_file_is_noted_not_ram(tmp_path: Path) -> None:

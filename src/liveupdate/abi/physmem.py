@@ -16,11 +16,14 @@ import bisect
 import errno
 import struct
 from collections.abc import Iterable, Iterator
+from itertools import accumulate
 from typing import Protocol
 
 import numpy as np
 
 from liveupdate.errors import AbiError
+
+U64_MAX = (1 << 64) - 1
 
 
 class Buffer(Protocol):
@@ -37,6 +40,10 @@ class PhysMem:
     # (phys start, size, buffer offset) sorted by phys, when built by from_segments
     _segs: list[tuple[int, int, int]] | None = None
     _seg_starts: list[int]
+    _starts: list[int]
+    _reach: list[int]
+    _starts_u64: np.ndarray
+    _reach_u64: np.ndarray
 
     def __init__(
         self,
@@ -56,6 +63,24 @@ class PhysMem:
                     msg=f"RAM range {start:#x}+{size:#x} lies outside the backing buffer",
                     err=errno.EFAULT,
                 )
+        self._index()
+
+    def _index(self) -> None:
+        """Sorted starts and the running maximum of ends, so that every lookup is a bisect:
+        an ELF core may bring thousands of ranges, and every read checks one. Among the
+        ranges starting at or below an address, the one reaching furthest is the only one
+        that can hold it -- exact even if ranges overlap (callers may pass any)."""
+        self._starts = [s for s, _ in self.ranges]
+        self._reach = list(accumulate((s + n for s, n in self.ranges), max))
+        # uint64 copies for inside(); an end of exactly 2**64 is kept as 2**64 - 1 (a
+        # block's end is computed in uint64 too, so nothing representable is lost)
+        self._starts_u64 = np.array(self._starts, np.uint64)
+        self._reach_u64 = np.array([min(e, U64_MAX) for e in self._reach], np.uint64)
+
+    def _reach_at(self, phys: int) -> int:
+        """The furthest end of any range starting at or below ``phys`` (0 if none)."""
+        i = bisect.bisect_right(self._starts, phys) - 1
+        return self._reach[i] if i >= 0 else 0
 
     @classmethod
     def from_segments(cls, buf: Buffer,
@@ -83,6 +108,7 @@ class PhysMem:
         mem.ranges = [(s, n) for s, n in merged]
         mem._segs = segs
         mem._seg_starts = [p for p, _, _ in segs]
+        mem._index()
         return mem
 
     @property
@@ -99,10 +125,11 @@ class PhysMem:
         """For each ``[start, end)``: does it lie wholly inside one RAM range? (bool array)"""
         starts = np.asarray(starts, np.uint64)
         ends = np.asarray(ends, np.uint64)
-        ok = np.zeros(starts.shape, bool)
-        for s, n in self.ranges:
-            ok |= (starts >= np.uint64(s)) & (ends <= np.uint64(s + n)) & (ends >= starts)
-        return ok
+        if not self.ranges:
+            return np.zeros(starts.shape, bool)
+        i = np.searchsorted(self._starts_u64, starts, side="right").astype(np.intp) - 1
+        reach = self._reach_u64[np.maximum(i, 0)]
+        return (i >= 0) & (ends <= reach) & (ends >= starts)
 
     @property
     def end(self) -> int:
@@ -111,14 +138,11 @@ class PhysMem:
     def contains(self, phys: int, size: int) -> bool:
         if phys < 0 or size < 0:
             return False
-        return any(s <= phys and phys + size <= s + n for s, n in self.ranges)
+        return phys + size <= self._reach_at(phys)
 
     def room(self, phys: int) -> int:
         """Bytes of RAM from ``phys`` to the end of its range (0 outside RAM)."""
-        for s, n in self.ranges:
-            if s <= phys < s + n:
-                return s + n - phys
-        return 0
+        return max(self._reach_at(phys) - phys, 0)
 
     def check(self, phys: int, size: int, what: str) -> None:
         if not self.contains(phys, size):

@@ -10,7 +10,8 @@ physical address and ``p_offset`` where its bytes are in the file. For a 512 MiB
 256 KiB BIOS ROM at ``0xfffc0000``; RAM above the PCI hole would be a third. Its
 ``e_ehsize`` is 8, not 64 (QEMU stores the size of a pointer), so that field is not checked.
 With more than 65534 program headers QEMU stores ``PN_XNUM`` in ``e_phnum`` and the real
-count in section header 0's ``sh_info`` (the gABI extended numbering).
+count in section header 0's ``sh_info`` (the gABI extended numbering); it is read, but more
+than :data:`MAX_PHDRS` is refused.
 
 Either way the file is mapped, never copied: :class:`PhysMem` reads through the mapping, and
 for an ELF core :meth:`PhysMem.from_segments` maps each ``PT_LOAD`` at its file offset. The
@@ -44,8 +45,10 @@ ELFCLASS64, ELFDATA2LSB, EV_CURRENT = 2, 1, 1
 ET_CORE, EM_X86_64 = 4, 62
 PT_LOAD, PT_NOTE = 1, 4
 PN_XNUM = 0xFFFF
-# A guest with a million RAM blocks is no guest; the bound stops a hostile count early.
-MAX_PHDRS = 1 << 20
+# QEMU writes a PT_NOTE and one PT_LOAD per guest RAM block: a few dozen at most. Each
+# PT_LOAD becomes a RAM range that every read is checked against, so a hostile count is refused
+# early rather than making every read of the decode slow.
+MAX_PHDRS = 4096
 
 
 @dataclass
