@@ -86,8 +86,5 @@ def test_a_subtree_pointing_back_at_its_root_is_an_error_not_a_recursion() -> No
     root.add_subtree("LUO", 0x4000, 32)
     ram[0x4000 : 0x4000 + len(root.blob)] = root.blob
     rep, _ = report_ram.describe_ram(PhysMem(ram), None)
-    content, depth = rep["root"]["subtrees"][0]["content"], 1
-    while "error" not in content:  # the same root, nested, until the bound
-        content, depth = content["subtrees"][0]["content"], depth + 1
-    assert depth == 9 and "nest deeper than 8" in content["error"]
-    assert "ELOOP" in content["error"]
+    error = rep["root"]["subtrees"][0]["content"]["error"]
+    assert "subtree LUO at 0x4000 points back at the KHO root" in error and "ELOOP" in error

@@ -13,9 +13,10 @@ as the ``PT_LOAD`` segments of a QEMU ``dump-guest-memory`` core, without copyin
 from __future__ import annotations
 
 import bisect
+import copy
 import errno
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import accumulate
 from typing import Protocol
 
@@ -44,6 +45,7 @@ class PhysMem:
     _reach: list[int]
     _starts_u64: np.ndarray
     _reach_u64: np.ndarray
+    _spend: Callable[[int, int, str], None] | None = None  # see counted()
 
     def __init__(
         self,
@@ -150,8 +152,18 @@ class PhysMem:
                 msg=f"{what} at {phys:#x}+{size:#x} is outside RAM", err=errno.EFAULT
             )
 
+    def counted(self, spend: Callable[[int, int, str], None]) -> PhysMem:
+        """This memory (same buffer, same subclass), calling ``spend(phys, size, what)``
+        before each read that lies inside RAM: ``spend`` may raise to stop a decode that
+        has read too much (a report's budget)."""
+        view = copy.copy(self)
+        view._spend = spend
+        return view
+
     def read(self, phys: int, size: int, what: str = "read") -> bytes:
         self.check(phys, size, what)
+        if self._spend is not None:
+            self._spend(phys, size, what)
         if self._segs is None:
             off = phys - self._base
             return bytes(self._buf[off : off + size])

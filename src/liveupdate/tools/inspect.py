@@ -57,7 +57,7 @@ def run(path: Path | None, mem: PhysMem | None, info: RamInfo | None, bb: int | 
     elif root_addr is not None:
         root = mem.read_fdt(root_addr, "KHO root FDT", limit=report_ram.ROOT_LIMIT)
         rep = {"kind": "ram", "chosen": hx(root_addr), "why": "given with --root",
-               "root": report.describe_root(root, mem, bb)}
+               "root": report.describe_root(root, mem, bb, at=root_addr)}
     else:
         rep, root = report_ram.describe_ram(mem, bb, info.data_extents if info else None)
     if info is not None:

@@ -4,15 +4,14 @@
 :class:`PhysMem`, follows ``setup_data`` -> root FDT -> memory map and every sub-FDT it knows
 (memblock, kho_test, LUO of both eras, files FDT, memfd of every format). Errors met while
 following a pointer are recorded in the report as ``{"error": ...}`` next to what did decode,
-so a damaged handover still shows everything readable; :func:`errors` lists them.
+so a damaged handover still shows everything readable; :func:`errors` lists them. Each report
+describes a blob address once and within a budget (:mod:`liveupdate.tools.report_walk`).
 """
 
 from __future__ import annotations
 
-import errno
 import struct
 from collections.abc import Callable
-from contextvars import ContextVar
 from functools import partial
 from typing import Any
 
@@ -38,9 +37,10 @@ from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.tools.report_identify import identify, is_kho_data
+from liveupdate.tools.report_walk import once, spend_fdt, walk
 
-__all__ = ["DESCRIBERS", "Report", "describe", "describe_root", "errors", "hx", "identify",
-           "is_kho_data"]
+__all__ = ["DESCRIBERS", "Report", "describe", "describe_root", "errors", "guard", "hx",
+           "identify", "is_kho_data"]
 
 Report = dict[str, Any]
 
@@ -49,7 +49,9 @@ def hx(v: int) -> str:
     return f"{int(v):#x}"
 
 
-def _guard(fn: Callable[[], Report]) -> Report:
+def guard(fn: Callable[[], Report]) -> Report:
+    """``fn()``, or the error it met as ``{"error": ...}``: one damaged pointer costs its
+    own entry, not the report."""
     try:
         return fn()
     except LiveUpdateError as e:
@@ -57,27 +59,22 @@ def _guard(fn: Callable[[], Report]) -> Report:
 
 
 def describe(blob: bytes, mem: PhysMem | None = None, bitmap_bytes: int | None = None) -> Report:
-    kind = identify(blob)
-    return DESCRIBERS[kind](blob, mem, bitmap_bytes)
-
-
-_DEPTH = ContextVar("describe_depth", default=0)
-MAX_DEPTH = 8  # root -> LUO -> files -> memfd is 4: deeper is a pointer loop
+    with walk(mem) as mem:
+        kind = identify(blob)
+        return DESCRIBERS[kind](blob, mem, bitmap_bytes)
 
 
 def _describe_at(mem: PhysMem, phys: int, what: str, bb: int | None,
                  size: int | None = None) -> Report:
-    """The blob at ``phys``: an FDT (its own size), or ``size`` raw bytes (kho-v3+)."""
-    if _DEPTH.get() >= MAX_DEPTH:
-        raise AbiError(msg=f"{what} at {phys:#x}: pointers nest deeper than {MAX_DEPTH} "
-                       "blobs (a subtree that points back at its parent)", err=errno.ELOOP)
-    token = _DEPTH.set(_DEPTH.get() + 1)
-    try:
+    """The blob at ``phys``: an FDT (its own size), or ``size`` raw bytes (kho-v3+); once
+    per report."""
+    def at() -> Report:
         if size is not None and mem.read(phys, 4, what) != struct.pack(">I", fdt.FDT_MAGIC):
             return describe(mem.read(phys, min(size, 1 << 20), what), mem, bb)
-        return describe(mem.read_fdt(phys, what), mem, bb)
-    finally:
-        _DEPTH.reset(token)
+        blob = mem.read_fdt(phys, what)
+        spend_fdt(what, phys, len(blob))
+        return describe(blob, mem, bb)
+    return once(phys, what, at)
 
 
 def _describe_setup_data(blob: bytes, mem: PhysMem | None, bb: int | None) -> Report:
@@ -97,11 +94,12 @@ def _describe_setup_data(blob: bytes, mem: PhysMem | None, bb: int | None) -> Re
                                                      "KHO scratch array"))
             return {"areas": [{"addr": hx(a), "size": int(s)}
                               for a, s in zip(arr["addr"], arr["size"], strict=True)]}
-        rep["scratch"] = _guard(scratch)
+        rep["scratch"] = guard(scratch)
         if all(a.get("size") == 0 for a in rep["scratch"].get("areas", [{}])):
             rep["scratch"]["note"] = SCRATCH_EMPTY
-        rep["root"] = _guard(lambda: describe_root(
-            mem.read_fdt(kd.fdt_addr, "KHO root FDT", limit=kd.fdt_size), mem, bb))
+        rep["root"] = guard(lambda: describe_root(
+            mem.read_fdt(kd.fdt_addr, "KHO root FDT", limit=kd.fdt_size), mem, bb,
+            at=kd.fdt_addr))
     return rep
 
 
@@ -115,7 +113,17 @@ def memory_summary(pm: kho_memmap.PreservedMemory) -> Report:
             "ranges": [[hx(s), hx(e)] for s, e in ranges.tolist()]}
 
 
-def describe_root(blob: bytes, mem: PhysMem | None = None, bb: int | None = None) -> Report:
+def describe_root(blob: bytes, mem: PhysMem | None = None, bb: int | None = None, *,
+                  at: int | None = None) -> Report:
+    """The KHO root ``blob``; ``at``: where it is in RAM, when known (a subtree pointing
+    back there is then ELOOP at once)."""
+    with walk(mem) as mem:
+        if at is None or mem is None:
+            return _describe_root(blob, mem, bb)
+        return once(at, "the KHO root", partial(_describe_root, blob, mem, bb))
+
+
+def _describe_root(blob: bytes, mem: PhysMem | None, bb: int | None) -> Report:
     root = kho.decode_root(blob)
     rep: Report = {"kind": "kho-root", "compatible": root.compatible,
                    "preserved_memory_map": hx(root.mem_map), "subtrees": []}
@@ -125,9 +133,9 @@ def describe_root(blob: bytes, mem: PhysMem | None = None, bb: int | None = None
         sub: Report = ({"name": name, "preserved_data": hx(phys), "blob_size": size} if radix
                        else {"name": name, "fdt": hx(phys)})
         if mem is not None and name == kexec_metadata.NODE:  # raw: known by name only
-            sub["content"] = _guard(partial(_kexec_metadata_at, mem, phys, size or 0))
+            sub["content"] = guard(partial(_kexec_metadata_at, mem, phys, size or 0))
         elif mem is not None:
-            sub["content"] = _guard(partial(_describe_at, mem, phys, f"subtree {name}", bb,
+            sub["content"] = guard(partial(_describe_at, mem, phys, f"subtree {name}", bb,
                                             size))
         rep["subtrees"].append(sub)
     names = [n for n, _ in root.subtrees]
@@ -135,7 +143,7 @@ def describe_root(blob: bytes, mem: PhysMem | None = None, bb: int | None = None
     if root.broken:  # Linux skips these; only retrieving one by name fails
         rep["unretrievable"] = [{"name": n, "why": why} for n, why in root.broken]
     if mem is not None and root.mem_map:
-        rep["memory"] = _guard(lambda: memory_summary(
+        rep["memory"] = guard(lambda: memory_summary(
             kho_radix.decode(mem, root.mem_map, check_ram=True) if radix
             else kho_memmap.decode_mem_map(mem, root.mem_map, bb, check_ram=True)))
         if radix:
@@ -169,7 +177,7 @@ def _describe_kho_test(blob: bytes, mem: PhysMem | None, bb: int | None) -> Repo
                     raise AbiError(msg="kho_test: folios_info area is shorter than nr_folios")
                 arr = np.frombuffer(area, "<u8", count=t.nr_folios)
                 return {"folios_per_order": _order_counts(arr & np.uint64(0xFFF))}
-            rep["folios"] = _guard(load)
+            rep["folios"] = guard(load)
     elif info is not None:
         rep["folios_per_order"] = _order_counts(info & np.uint64(0xFFF))
     return rep
@@ -195,8 +203,10 @@ def _describe_memfd_fdt(blob: bytes, mem: PhysMem | None, bb: int | None) -> Rep
 
 def describe_memfd_ser(mem: PhysMem, phys: int, compatible: str) -> Report:
     size = memfd.SER_V2_SIZE if compatible == memfd.MEMFD_V2 else memfd.SER_V1_SIZE
-    return _describe_memfd_struct(mem.read(phys, size, f"{compatible} struct"), mem,
-                                  compatible)
+    with walk(mem) as counted:
+        assert counted is not None
+        return once(phys, f"{compatible} struct", lambda: _describe_memfd_struct(
+            counted.read(phys, size, f"{compatible} struct"), counted, compatible))
 
 
 def _describe_memfd_struct(raw: bytes, mem: PhysMem | None, compatible: str) -> Report:
@@ -214,7 +224,7 @@ def _describe_memfd_struct(raw: bytes, mem: PhysMem | None, compatible: str) -> 
             return _folio_report(memfd.Folios.empty())
         area = vmalloc.decode(mem, ser.folios).read(mem)
         return _folio_report(memfd.decode_folio_array(area, ser.nr_folios, ser.size))
-    rep["folios"] = _guard(folios)
+    rep["folios"] = guard(folios)
     return rep
 
 
@@ -224,7 +234,7 @@ def _describe_luo_v3(blob: bytes, mem: PhysMem | None, bb: int | None) -> Report
                    "subsystems": {k: hx(v) for k, v in luo.subsystems.items()}}
     files_phys = luo.files_fdt
     if mem is not None and files_phys:
-        rep["files"] = _guard(partial(_describe_at, mem, files_phys, "files FDT", bb))
+        rep["files"] = guard(partial(_describe_at, mem, files_phys, "files FDT", bb))
     return rep
 
 
@@ -233,7 +243,7 @@ def _describe_files_fdt(blob: bytes, mem: PhysMem | None, bb: int | None) -> Rep
     for f in luo_v3.decode_files_fdt(blob):
         entry: Report = {"token": hx(f.token), "compatible": f.compatible, "data": hx(f.data)}
         if mem is not None and f.compatible == memfd.MEMFD_V1 and f.data:
-            entry["memfd"] = _guard(partial(_describe_at, mem, f.data, "memfd FDT", bb))
+            entry["memfd"] = guard(partial(_describe_at, mem, f.data, "memfd FDT", bb))
         files.append(entry)
     return {"kind": "files-fdt", "compatible": luo_v3.FILES_COMPATIBLE, "files": files}
 
@@ -248,7 +258,7 @@ def _describe_luo_session(blob: bytes, mem: PhysMem | None, bb: int | None) -> R
     if mem is None:
         return rep
     header = luo.session_header
-    rep["sessions"] = _guard(lambda: _sessions_report(
+    rep["sessions"] = guard(lambda: _sessions_report(
         mem, luo_session.decode_sessions(mem, header)))
     if luo.flb_header:
         _flbs(rep, mem, luo.flb_header)
@@ -263,14 +273,14 @@ def _sessions_report(mem: PhysMem, sessions: list[luo_session.SessionSer]) -> Re
             entry: Report = {"token": hx(f.token), "compatible": f.compatible,
                              "data": hx(f.data)}
             if f.compatible in (memfd.MEMFD_V1, memfd.MEMFD_V2):
-                entry["memfd"] = _guard(partial(describe_memfd_ser, mem, f.data, f.compatible))
+                entry["memfd"] = guard(partial(describe_memfd_ser, mem, f.data, f.compatible))
             files.append(entry)
         out.append({"name": s.name, "files": files})
     return {"list": out}
 
 
 def _flbs(rep: Report, mem: PhysMem, phys: int) -> None:
-    rep["flbs"] = _guard(lambda: {"list": [
+    rep["flbs"] = guard(lambda: {"list": [
         {"name": f.name, "data": hx(f.data), "count": f.count}
         for f in luo_session.decode_flbs(mem, phys)]})
 
@@ -284,7 +294,7 @@ def _describe_luo_v5(blob: bytes, mem: PhysMem | None, bb: int | None) -> Report
         rep["sessions_note"] = SESSIONS_PA_0
     if mem is None:
         return rep
-    rep["sessions"] = _guard(lambda: _sessions_report(
+    rep["sessions"] = guard(lambda: _sessions_report(
         mem, luo_ser.decode_sessions(mem, ser.sessions_pa)[0]))
     if ser.flbs_pa:
         _flbs(rep, mem, ser.flbs_pa)

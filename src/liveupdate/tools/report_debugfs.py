@@ -96,7 +96,7 @@ def describe_truncated(blob: bytes, mem: PhysMem | None, bb: int | None) -> Repo
                                 "(kho_out_fdt_setup, then kho_add_subtree)")
     rebuilt = _rebuild(part)
     if rebuilt is not None and part.root_compatible in kho.ROOT_FORMATS:
-        rep["root"] = report._guard(lambda: report.describe_root(rebuilt, mem, bb))
+        rep["root"] = report.guard(lambda: report.describe_root(rebuilt, mem, bb))
         rep["root"]["decoded_from"] = "the nodes and properties read above"
     return rep
 

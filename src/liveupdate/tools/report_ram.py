@@ -15,23 +15,37 @@ handover described; the one with a map that decodes and the fewest errors is cho
 going to one whose map preserves its own page (a live root's does: ``kho_alloc_preserve``),
 then the newest (highest ``kexec-metadata`` count, 7.1+), then the lowest address. The
 report lists every candidate, and says why the chosen one won or that the choice was a tie.
+
+A crafted image could hold a root (or an FDT) on every page, so the scan is bounded: at most
+:data:`MAX_CANDIDATES` roots are examined, all of them within one report budget
+(:mod:`liveupdate.tools.report_walk`), and at most :data:`SCAN_FDT_BYTES` of FDT are parsed
+to learn what the pages hold; what is left is counted and reported as an error.
 """
 
 from __future__ import annotations
+
+import errno
 
 import numpy as np
 
 from liveupdate.abi import fdt, kho, kho_memmap, kho_radix
 from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.abi.physmem import PhysMem
-from liveupdate.errors import LiveUpdateError
-from liveupdate.tools import report
+from liveupdate.errors import AbiError, LiveUpdateError
+from liveupdate.tools import report, report_walk
 from liveupdate.tools.report import Report, hx
 
 MAGIC = fdt.FDT_MAGIC.to_bytes(4, "big")
-# The root FDT is one page; anything claiming more than this is not one.
+# The most read of one FDT found by the scan (and of --root ADDR). A KHO root is one page
+# (kho_alloc_preserve(PAGE_SIZE)), but every FDT found is read to learn its compatible, and
+# the other sub-FDTs may be larger; a header claiming more is listed as unreadable.
 ROOT_LIMIT = 1 << 20
 MAX_OTHER = 32  # non-KHO FDTs listed in the report (they are counted all the same)
+# Linux leaves a handful of roots in RAM (outgoing, incoming, stale copies in freed pages);
+# each is described in full, so a crafted image with thousands is cut here.
+MAX_CANDIDATES = 16
+# A real RAM image holds a few pages of FDT; parsing is the costly part of the scan.
+SCAN_FDT_BYTES = 16 << 20
 
 
 def _windows(mem: PhysMem,
@@ -94,7 +108,10 @@ def _candidate(mem: PhysMem, phys: int, blob: bytes, compat: list[str],
     ends = pm.phys + (np.uint64(PAGE_SIZE) << pm.order.astype(np.uint64))
     # a live root's page is itself preserved (kho_init: kho_alloc_preserve)
     cand["self_preserved"] = bool(np.any((pm.phys <= phys) & (np.uint64(phys) < ends)))
-    desc = report.describe_root(blob, mem, bb)
+    desc = report.guard(lambda: report.describe_root(blob, mem, bb, at=phys))
+    if desc.keys() == {"error"}:  # not described at all (the scan's budget is spent)
+        cand["rejected"] = f"not described: {desc['error']}"
+        return cand, None
     cand["errors"] = len(report.errors(desc))
     count = _kexec_count(desc)
     if count >= 0:
@@ -109,21 +126,35 @@ def describe_ram(mem: PhysMem, bb: int | None = None,
     rep: Report = {"kind": "ram-scan", "fdt_pages": len(hits), "candidates": []}
     others: list[Report] = []
     found: list[tuple[Report, Report, bytes, int]] = []
-    for phys in hits:
-        try:
-            blob = mem.read_fdt(phys, "FDT", limit=ROOT_LIMIT)
-            compat = fdt.parse(blob).root.compatible()
-        except LiveUpdateError as e:
-            others.append({"phys": hx(phys), "unreadable": str(e)})
-            continue
-        if not set(kho.ROOT_FORMATS) & set(compat):
-            others.append({"phys": hx(phys), "compatible": ", ".join(compat) or "none"})
-            continue
-        cand, desc = _candidate(mem, phys, blob, compat, bb)
-        rep["candidates"].append(cand)
-        if desc is not None:
-            found.append((cand, desc, blob, phys))
+    parsed, left = 0, []  # left: pages not looked at, past a bound
+    with report_walk.shared_budget():
+        for phys in hits:
+            if len(rep["candidates"]) >= MAX_CANDIDATES or parsed >= SCAN_FDT_BYTES:
+                left.append(phys)
+                continue
+            try:
+                blob = mem.read_fdt(phys, "FDT", limit=ROOT_LIMIT)
+                parsed += len(blob)
+                compat = fdt.parse(blob).root.compatible()
+            except LiveUpdateError as e:
+                others.append({"phys": hx(phys), "unreadable": str(e)})
+                continue
+            if not set(kho.ROOT_FORMATS) & set(compat):
+                others.append({"phys": hx(phys), "compatible": ", ".join(compat) or "none"})
+                continue
+            cand, desc = _candidate(mem, phys, blob, compat, bb)
+            rep["candidates"].append(cand)
+            if desc is not None:
+                found.append((cand, desc, blob, phys))
     rep["other_fdts"] = {"count": len(others), "list": others[:MAX_OTHER]}
+    if left:
+        rep["not_examined"] = {
+            "count": len(left), "list": [hx(p) for p in left[:MAX_OTHER]],
+            "error": str(AbiError(
+                msg=f"{len(left)} page(s) starting with the FDT magic were not examined: the "
+                f"scan stops after {MAX_CANDIDATES} KHO roots or {SCAN_FDT_BYTES} bytes of "
+                "FDT (a RAM image with more is crafted); use --root ADDR to decode one of "
+                "them", err=errno.E2BIG))}
     if not rep["candidates"]:
         rep["error"] = (f"no KHO root FDT in RAM: {len(hits)} page(s) start with the FDT "
                         f"magic, none with a root compatible of {', '.join(kho.ROOT_FORMATS)}")
