@@ -20,7 +20,7 @@ from pathlib import Path
 from liveupdate.abi import bootparams
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import LiveUpdateError
-from liveupdate.tools import report, report_debugfs, report_ram
+from liveupdate.tools import inputfile, report, report_debugfs, report_ram
 from liveupdate.tools.ramfile import RamInfo
 from liveupdate.tools.report import Report, hx
 
@@ -45,7 +45,7 @@ def run(path: Path | None, mem: PhysMem | None, info: RamInfo | None, bb: int | 
     RAM to follow it in)."""
     root: bytes | None = None
     if path is not None:
-        blob = path.read_bytes()
+        blob = inputfile.read_capped(path)
         rep = report_debugfs.describe_file(path, blob, mem, bb)
         if mem is not None:
             try:

@@ -36,6 +36,7 @@ from typing import Any
 
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError, LiveUpdateError
+from liveupdate.tools import inputfile
 
 ELF_MAGIC = b"\x7fELF"
 EHDR = struct.Struct("<16sHHIQQQIHHHHHH")  # Elf64_Ehdr, 64 bytes
@@ -164,7 +165,8 @@ def data_extents(fd: int, size: int) -> list[tuple[int, int]] | None:
 @contextmanager
 def open_ram(path: Path) -> Iterator[tuple[PhysMem, RamInfo]]:
     """Map a RAM file read-only; yield its :class:`PhysMem` and what it is."""
-    with open(path, "rb") as f:
+    fd = inputfile.open_regular(path, "RAM is a raw image or an ELF core, a regular file")
+    with open(fd, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             raise LiveUpdateError(err=errno.EINVAL, msg=f"{path}: empty RAM file")

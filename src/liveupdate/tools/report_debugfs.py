@@ -34,7 +34,7 @@ from pathlib import Path
 from liveupdate.abi import bootparams, fdt, kho
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError, LiveUpdateError
-from liveupdate.tools import report
+from liveupdate.tools import inputfile, report
 from liveupdate.tools.fdt_partial import PartialFdt, PNode, walk
 from liveupdate.tools.report import Report
 
@@ -143,9 +143,9 @@ def _check_sysfs_type(path: Path | None) -> None:
     type 0xa (SETUP_KEXEC_KHO) is KHO's (arch/x86/kernel/ksysfs.c exports every node)."""
     if path is None or path.name != "data" or path.parent.parent.name != "setup_data":
         return
-    try:
-        kind = int((path.parent / "type").read_text().strip(), 0)
-    except (OSError, ValueError):
+    try:  # a few bytes ("0xa\n"); the cap keeps a crafted type file from hanging us
+        kind = int(inputfile.read_capped(path.parent / "type", 64).decode().strip(), 0)
+    except (OSError, ValueError, LiveUpdateError):
         return
     if kind != bootparams.SETUP_KEXEC_KHO:
         raise AbiError(msg=f"{path}: setup_data type {kind:#x} is not SETUP_KEXEC_KHO "
