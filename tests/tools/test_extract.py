@@ -3,10 +3,12 @@ handovers refused before anything is written."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
 import os
+import resource
 import struct
 import subprocess
 from pathlib import Path
@@ -17,8 +19,9 @@ import pytest
 
 from liveupdate.abi import bootparams, kho, luo_ser, memfd, vmalloc
 from liveupdate.abi.physmem import PhysMem
-from liveupdate.tools import extract, generations
-from tests.tools.cli import inspect
+from liveupdate.errors import AbiError
+from liveupdate.tools import extract, extract_write, generations, ramfile
+from tests.tools.cli import LUOCTL, inspect
 from tests.tools.conftest import write_example
 
 
@@ -106,6 +109,7 @@ def _refused(ram: Path, out: Path, message: str) -> None:
     assert rc == 1 and message in rep["extract"]["error"], rep.get("extract")
     assert rep["extract"]["error"].startswith("nothing written: ")
     assert not out.exists() and "Traceback" not in err
+    assert not [p for p in out.parent.iterdir() if p.name.endswith(".partial")]
 
 
 @pytest.mark.parametrize("name", [b"..", b"."])
@@ -160,20 +164,164 @@ def test_two_files_sharing_a_folio_are_refused(cap72: Path, tmp_path: Path) -> N
     """The plan checks physical overlap across files; a second session is forged by hand."""
     _, mem, _ = _fresh(cap72, tmp_path)
     kd = bootparams.KhoData.decode((tmp_path / "setup_data.bin").read_bytes()[16:])
-    planned = extract.plan(mem, mem.read_fdt(kd.fdt_addr, "root"))
+    planned = extract.plan(mem, mem.read_fdt(kd.fdt_addr, "root")).files
     twice = [planned[0], extract.Planned(planned[0].file, "other/x.bin", planned[0].phys,
                                          planned[0].order, planned[0].index)]
-    with pytest.raises(Exception, match="overlaps another preserved folio"):
+    with pytest.raises(AbiError, match="overlaps another preserved folio"):
         extract._check_shared(twice)
     assert np.array_equal(planned[0].index, [0])
 
 
-def test_a_symlink_in_the_extract_directory_is_not_followed(cap72: Path,
-                                                            tmp_path: Path) -> None:
+def test_two_files_at_one_path_are_refused(cap72: Path, tmp_path: Path) -> None:
+    """A session name and token given twice: the second file would replace the first."""
+    _, mem, _ = _fresh(cap72, tmp_path)
+    kd = bootparams.KhoData.decode((tmp_path / "setup_data.bin").read_bytes()[16:])
+    (one,) = extract.plan(mem, mem.read_fdt(kd.fdt_addr, "root")).files
+    with pytest.raises(AbiError) as e:
+        extract._check_paths([one, one])
+    assert e.value.errno == errno.EEXIST and f"both be written to {one.relpath}" in str(e.value)
+
+
+@pytest.mark.parametrize("planted", [generations.SESSION, "manifest.json"])
+def test_a_symlink_in_the_extract_directory_is_not_followed(cap72: Path, tmp_path: Path,
+                                                            planted: str) -> None:
+    """DIR must be new or empty: a link planted in it -- to the session's directory, or
+    where the manifest goes (written with write_text, it followed the link) -- is never
+    written through."""
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
     out.mkdir()
     elsewhere.mkdir()
-    (out / generations.SESSION).symlink_to(elsewhere)
+    target = elsewhere if planted == generations.SESSION else elsewhere / "victim"
+    if planted != generations.SESSION:
+        target.write_text("keep me")
+    (out / planted).symlink_to(target)
     rc, rep, _ = inspect("--ram", str(cap72 / "ram.img"), "--extract", str(out))
-    assert rc == 1 and "is a symbolic link" in rep["extract"]["error"]
-    assert list(elsewhere.iterdir()) == [] and not (out / "manifest.json").exists()
+    assert rc == 1 and "is not empty" in rep["extract"]["error"]
+    assert rep["extract"]["errno"] == "ENOTEMPTY" and "root" in rep
+    assert sorted(p.name for p in elsewhere.iterdir()) == ([] if target == elsewhere
+                                                           else ["victim"])
+    assert planted == generations.SESSION or target.read_text() == "keep me"
+    assert [p.name for p in out.iterdir()] == [planted]
+
+
+def test_files_of_an_earlier_extract_make_dir_refused(cap72: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    rc, _, err = inspect("--ram", str(cap72 / "ram.img"), "--extract", str(out))
+    assert rc == 0, err
+    (out / "old-session").mkdir()  # what an earlier extract of another handover left
+    before = sorted(p.name for p in out.rglob("*"))
+    rc, rep, _ = inspect("--ram", str(cap72 / "ram.img"), "--extract", str(out))
+    assert rc == 1 and rep["extract"]["errno"] == "ENOTEMPTY"
+    assert sorted(p.name for p in out.rglob("*")) == before
+
+
+@pytest.mark.parametrize("form", ["empty dir", "link to an empty dir", "parent is a file"])
+def test_dir_is_new_or_an_empty_directory(cap72: Path, tmp_path: Path, form: str) -> None:
+    out = tmp_path / "out"
+    if form == "empty dir":
+        out.mkdir()
+    elif form == "link to an empty dir":
+        (tmp_path / "real").mkdir()
+        out.symlink_to(tmp_path / "real")
+    else:
+        (tmp_path / "file").write_text("")
+        out = tmp_path / "file" / "out"
+    rc, rep, err = inspect("--ram", str(cap72 / "ram.img"), "--extract", str(out))
+    if form == "empty dir":
+        assert rc == 0, err
+        assert _manifest(out)[0]["sha256"] == hashlib.sha256(generations.PAYLOAD).hexdigest()
+        assert out.stat().st_mode & 0o777 == 0o777 & ~_umask()
+    else:
+        want = "is a symbolic link" if form.startswith("link") else "not a directory"
+        assert rc == 1 and want in rep["extract"]["error"] and "root" in rep, rep
+        assert rep["extract"]["errno"] == ("EEXIST" if form.startswith("link") else "ENOTDIR")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_a_write_that_fails_partway_leaves_nothing_and_keeps_the_report(
+        cap72: Path, tmp_path: Path) -> None:
+    """RLIMIT_FSIZE makes the 64 KiB memfd's ftruncate fail with EFBIG, as a full disk would
+    with ENOSPC: the report is still printed, the extract entry names the errno, and
+    neither DIR nor the temporary directory is left."""
+    out = tmp_path / "out"
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, 16 << 10))
+
+    p = subprocess.run([*LUOCTL, "inspect", "--json", "--ram", str(cap72 / "ram.img"),
+                        "--extract", str(out)], capture_output=True, text=True, timeout=300,
+                       preexec_fn=small_files)
+    rep = json.loads(p.stdout)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert rep["extract"]["errno"] == "EFBIG" and rep["root"]["kind"] == "kho-root"
+    assert rep["extract"]["error"].startswith(f"nothing written: {out}/")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_files_that_are_not_memfds_are_listed_as_skipped(cap72: Path, tmp_path: Path) -> None:
+    ram, mem, ser = _fresh(cap72, tmp_path)
+    files_block = int.from_bytes(mem.read(ser.sessions_pa + 16 + 64, 8), "little")
+    _put(ram, files_block + 16, b"vfio-pci-v1".ljust(48, b"\0"))  # the file's compatible
+    out = tmp_path / "out"
+    rc, rep, err = inspect("--ram", str(ram), "--extract", str(out))
+    assert rc == 0, err
+    skipped = [{"session": generations.SESSION, "token": hex(generations.TOKEN),
+                "compatible": "vfio-pci-v1",
+                "why": "not a memfd (vfio-pci-v1): only memfd contents are in the "
+                       "handover's memory to extract"}]
+    assert rep["extract"]["skipped"] == skipped and rep["extract"]["files"] == []
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest == {"files": [], "skipped": skipped}
+
+
+def test_a_root_without_luo_says_there_is_nothing_to_extract(tmp_path: Path) -> None:
+    ram = bytearray(8 * 4096)
+    root = kho.LiveRoot(kho.KHO_FDT_COMPATIBLE, 0)
+    ram[0x2000 : 0x2000 + len(root.blob)] = root.blob
+    (tmp_path / "ram").write_bytes(ram)
+    out = tmp_path / "out"
+    rc, rep, err = inspect("--ram", str(tmp_path / "ram"), "--extract", str(out))
+    assert rc == 0, err  # not an error in the handover: said, not failed
+    assert rep["extract"]["note"] == "no LUO subtree: nothing to extract"
+    assert json.loads((out / "manifest.json").read_text()) == {
+        "files": [], "skipped": [], "note": "no LUO subtree: nothing to extract"}
+
+
+def test_a_session_named_like_the_manifest_keeps_both(cap72: Path, tmp_path: Path) -> None:
+    ram, _, ser = _fresh(cap72, tmp_path)
+    _put(ram, ser.sessions_pa + 16, b"manifest.json".ljust(64, b"\0"))
+    out = tmp_path / "out"
+    rc, _, err = inspect("--ram", str(ram), "--extract", str(out))
+    assert rc == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["manifest%2Ejson", "manifest.json"]
+    assert _manifest(out)[0]["session"] == "manifest.json"
+
+
+def test_folios_are_copied_in_bounded_chunks(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folio may be as large as RAM: it is read COPY_CHUNK bytes at a time (1 MiB here,
+    against the example's 2 MiB folios), with the same result."""
+    ex = write_example(tmp_path / "ex", "6.19")
+    monkeypatch.setattr(extract_write, "COPY_CHUNK", 1 << 20)
+    reads: list[int] = []
+
+    def spy(phys: int, size: int, what: str) -> None:
+        if what == "memfd folio":
+            reads.append(size)
+
+    kd = bootparams.KhoData.decode((ex / "setup_data.bin").read_bytes()[16:])
+    with ramfile.open_ram(ex / "ram.img") as (mem, _):
+        got = extract.extract(mem.counted(spy), mem.read_fdt(kd.fdt_addr, "root"),
+                              tmp_path / "x")
+    assert reads and max(reads) == 1 << 20 and len(reads) == 8 * 2 + 1
+    data = (tmp_path / "x" / "vm1" / "0000000000000001.bin").read_bytes()
+    assert got["files"][0]["sha256"] == hashlib.sha256(data).hexdigest()
+    for i in range(8):
+        stamp = f"guest page {i * 512}".encode()
+        assert data[i * (2 << 20) : i * (2 << 20) + len(stamp)] == stamp

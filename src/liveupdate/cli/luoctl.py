@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,8 @@ main.add_command(realkernel)
 @click.option("--extract", type=click.Path(file_okay=False, path_type=Path), default=None,
               metavar="DIR",
               help="With --ram: write every preserved memfd to DIR/<session>/<token>.bin "
-                   "(sparse) and DIR/manifest.json (size, pos, seals, sha256 of each).")
+                   "(sparse) and DIR/manifest.json (size, pos, seals, sha256 of each; other "
+                   "files as skipped). DIR must not exist, or be empty.")
 @click.option("--bitmap-bytes", type=click.Choice(["auto", "4096", "512"]), default="auto",
               show_default=True,
               help="Size of kho-v1 bitmaps: 4096 (6.18+), 512 (6.16/6.17), or detect.")
@@ -99,8 +101,14 @@ def inspect(file: Path | None, ram: Path | None, root_addr: int | None, extract:
     --extract DIR writes the contents of every preserved memfd (LUO sessions of
     6.19 to 7.3, and the v3 postings' files) to DIR/<session>/<token>.bin --
     sparse, each file the memfd's size -- and DIR/manifest.json with session,
-    token, size, pos, seals, nr_folios and sha256 of each. Nothing is written
-    unless every folio checks out against the KHO memory map, RAM and the file.
+    token, size, pos, seals, nr_folios and sha256 of each; files of other kinds
+    have no contents to write and are listed as skipped, with why. DIR must not
+    exist or be an empty directory. Nothing is written unless every folio checks
+    out against the KHO memory map, RAM and the file, and then all or nothing:
+    the files go to a directory beside DIR, renamed to DIR at the end, and a
+    write that fails (ENOSPC...) leaves nothing, its errno in the report's
+    extract entry. A root with no LUO subtree has nothing to extract: the
+    report says so, and that alone is not an error.
 
     Exit status: 0 when everything decoded, 1 on any error (errors met while
     following a pointer are shown in place, and everything else that decoded is
@@ -147,8 +155,11 @@ def _extract(mem: PhysMem, root: bytes | None, out: Path, bb: int | None) -> dic
                          "FILE (RAM is scanned for it)"}
     try:
         return extract_mod.extract(mem, root, out, bb)
-    except LiveUpdateError as e:
-        return {"error": f"nothing written: {e}"}
+    except LiveUpdateError as e:  # a failed write included: the report is still shown
+        return {"error": f"nothing written: {e}", "errno": e.errno_name}
+    except OSError as e:  # e.g. DIR's parent unreadable: check_target's lstat
+        return {"error": f"nothing written: {e}",
+                "errno": errno.errorcode.get(e.errno or 0, str(e.errno))}
 
 
 @main.command()

@@ -11,35 +11,36 @@ in the map: one that is not a preserved block is refused, as the next kernel wou
 
 Everything is validated before a byte is written -- every folio a preserved block wholly in
 RAM, aligned to its order in the file, inside the file size, not overlapping another folio of
-any file, every session name usable as a directory -- so hostile input produces an error
-and no output. Then ``DIR/<session>/<token as 16 hex digits>.bin`` is written sparse (the
-file is sized with ftruncate and only pages holding a non-zero byte are written; Linux 7.3
-fills a memfd's holes with zeroed folios at preserve, ``memfd_pin_folios``, and those stay
-holes here), plus ``DIR/manifest.json``: session, token, size, pos, seals, nr_folios and
-the sha256 of the ``size`` bytes of contents of every file.
+any file, every session name usable as a directory, no two files at one path -- so hostile
+input produces an error and no output. Then :mod:`liveupdate.tools.extract_write` writes
+``DIR/<session>/<token as 16 hex digits>.bin`` sparse and ``DIR/manifest.json`` (session,
+token, size, pos, seals, nr_folios and sha256 of every file; the files not extracted and
+why), all or nothing.
+
+Files of other kinds (a session may hold any file type with a LUO handler) are not memfds and
+have no contents here: they are listed as skipped, with the reason. A root with no LUO
+subtree has nothing to extract: that is said (:data:`NO_LUO`), and is not an error.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from liveupdate.abi import kho, kho_memmap, kho_radix, luo_ser, luo_session, luo_v3, memfd
+from liveupdate.abi import fdt, kho, kho_memmap, kho_radix, luo_ser, luo_session, luo_v3, memfd
 from liveupdate.abi import vmalloc as kvm
 from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError
-from liveupdate.tools import report
+from liveupdate.tools import extract_write, report
+from liveupdate.tools.extract_write import MANIFEST
 
 V3_DIR = "luo-v3"  # the v3 postings had no sessions: their files go here
-ZEROS = bytes(1 << 20)
+NO_LUO = "no LUO subtree: nothing to extract"
 
 
 @dataclass(frozen=True)
@@ -63,41 +64,77 @@ class Planned:
     index: np.ndarray  # uint64
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """A preserved file that is not extracted, and why."""
+
+    session: str | None
+    token: int
+    compatible: str
+    why: str
+
+    def report(self) -> dict[str, Any]:
+        return {"session": self.session, "token": f"{self.token:#x}",
+                "compatible": self.compatible, "why": self.why}
+
+
+@dataclass(frozen=True)
+class Plan:
+    files: list[Planned]
+    skipped: list[Skipped] = field(default_factory=list)
+    note: str | None = None  # NO_LUO
+
+
 def dirname(session: str) -> str:
     """A session name as one directory name: ``/``, ``%`` and control characters become
-    ``%XX`` (so distinct names stay distinct); names that would not stay inside DIR
-    (empty, ``.``, ``..``) are refused."""
+    ``%XX`` (so distinct names stay distinct), and so does the dot of a session named
+    ``manifest.json`` (its directory would take the manifest's place); names that would
+    not stay inside DIR (empty, ``.``, ``..``) are refused."""
     if session in ("", ".", ".."):
         raise AbiError(msg=f"session name {session!r} cannot be a directory inside the "
                        "extract directory")
+    if session == MANIFEST:
+        return MANIFEST.replace(".", "%2E")
     return "".join(f"%{ord(c):02X}" if c in "/%" or ord(c) < 0x20 or ord(c) == 0x7F else c
                    for c in session)
 
 
-def _memfds(mem: PhysMem, root: kho.KhoRoot) -> list[Memfd]:
-    """Every preserved memfd of the handover, decoded (folio arrays included)."""
+def _not_memfd(session: str | None, token: int, compatible: str) -> Skipped:
+    return Skipped(session, token, compatible, f"not a memfd ({compatible}): only memfd "
+                   "contents are in the handover's memory to extract")
+
+
+def _memfds(mem: PhysMem, root: kho.KhoRoot) -> tuple[list[Memfd], list[Skipped]] | None:
+    """Every preserved memfd of the handover, decoded (folio arrays included), and every
+    other file; None when there is no LUO subtree."""
     try:
         phys = root.subtree("LUO")
     except AbiError as e:
         if e.errno == errno.ENOENT:
-            return []
+            return None
         raise
     size = root.size("LUO")
     head = mem.read(phys, 4, "LUO subtree")
-    blob = (mem.read_fdt(phys, "LUO FDT") if head == b"\xd0\x0d\xfe\xed"
+    blob = (mem.read_fdt(phys, "LUO FDT") if head == fdt.FDT_MAGIC.to_bytes(4, "big")
             else mem.read(phys, min(size or luo_ser.LUO_SER.size, PAGE_SIZE), "luo_ser"))
     kind = report.identify(blob)
     out: list[Memfd] = []
+    skipped: list[Skipped] = []
     if kind == "luo-v3":
         files_phys = luo_v3.decode_luo_fdt(blob).files_fdt
         files = luo_v3.decode_files_fdt(mem.read_fdt(files_phys, "files FDT")) \
             if files_phys else []
         for v3 in files:
-            if v3.compatible == memfd.MEMFD_V1 and v3.data:
+            if v3.compatible != memfd.MEMFD_V1:
+                skipped.append(_not_memfd(None, v3.token, v3.compatible))
+            elif not v3.data:
+                skipped.append(Skipped(None, v3.token, v3.compatible,
+                                       "its data is 0: no memfd FDT to read"))
+            else:
                 st = memfd.decode_fdt(mem.read_fdt(v3.data, "memfd FDT"))
                 out.append(Memfd(None, v3.token, "memfd-v1 (FDT)", st.pos, st.size, 0,
                                  len(st.folios), st.folios))
-        return out
+        return out, skipped
     if kind == "luo-v5":
         sessions = luo_ser.decode_sessions(mem, luo_ser.decode(blob).sessions_pa)[0]
     elif kind == "luo-session":
@@ -108,6 +145,7 @@ def _memfds(mem: PhysMem, root: kho.KhoRoot) -> list[Memfd]:
     for s in sessions:
         for f in s.files:
             if f.compatible not in (memfd.MEMFD_V1, memfd.MEMFD_V2):
+                skipped.append(_not_memfd(s.name, f.token, f.compatible))
                 continue
             n = memfd.SER_V2_SIZE if f.compatible == memfd.MEMFD_V2 else memfd.SER_V1_SIZE
             ser = memfd.decode_ser(mem.read(f.data, n, f"{f.compatible} struct"),
@@ -118,19 +156,23 @@ def _memfds(mem: PhysMem, root: kho.KhoRoot) -> list[Memfd]:
                 folios = memfd.decode_folio_array(area, ser.nr_folios, ser.size)
             out.append(Memfd(s.name, f.token, f.compatible, ser.pos, ser.size, ser.seals,
                              ser.nr_folios, folios))
-    return out
+    return out, skipped
 
 
-def plan(mem: PhysMem, root_blob: bytes, bb: int | None = None) -> list[Planned]:
+def plan(mem: PhysMem, root_blob: bytes, bb: int | None = None) -> Plan:
     """Decode and validate everything to extract; raises AbiError, writes nothing."""
     root = kho.decode_root(root_blob)
+    found = _memfds(mem, root)
+    if found is None:
+        return Plan([], note=NO_LUO)
+    memfds, skipped = found
     pm = (kho_radix.decode(mem, root.mem_map, check_ram=True) if kho.is_radix(root.compatible)
           else kho_memmap.decode_mem_map(mem, root.mem_map, bb, check_ram=True))
     by_phys = np.argsort(pm.phys, kind="stable")
     map_phys, map_order = pm.phys[by_phys], pm.order[by_phys]
     ram_bytes = sum(n for _, n in mem.ranges)
     planned: list[Planned] = []
-    for f in _memfds(mem, root):
+    for f in memfds:
         what = (f"session {f.session!r} token {f.token:#x}" if f.session is not None
                 else f"v3 file token {f.token:#x}")
         if f.size > ram_bytes:  # Linux fills holes at preserve: the data must fit RAM
@@ -159,8 +201,20 @@ def plan(mem: PhysMem, root_blob: bytes, bb: int | None = None) -> list[Planned]
                            f"{int(index[i + 1])} overlap")
         name = V3_DIR if f.session is None else dirname(f.session)
         planned.append(Planned(f, f"{name}/{f.token:016x}.bin", phys, order, index))
+    _check_paths(planned)
     _check_shared(planned)
-    return planned
+    return Plan(planned, skipped)
+
+
+def _check_paths(planned: list[Planned]) -> None:
+    """No two files at one path (a session name or token given twice): the second would
+    silently replace the first."""
+    seen: set[str] = set()
+    for p in planned:
+        if p.relpath in seen:
+            raise AbiError(msg=f"two preserved files would both be written to {p.relpath} "
+                           "(the same session and token twice)", err=errno.EEXIST)
+        seen.add(p.relpath)
 
 
 def _check_shared(planned: list[Planned]) -> None:
@@ -177,66 +231,17 @@ def _check_shared(planned: list[Planned]) -> None:
                        "preserved folio in physical memory")
 
 
-def _write_one(mem: PhysMem, p: Planned, path: Path) -> tuple[str, int]:
-    """Write one file sparse; return (sha256 hex, data pages written)."""
-    f, h, written, at = p.file, hashlib.sha256(), 0, 0
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-    try:
-        os.ftruncate(fd, f.size)
-        for phys, order, index in zip(p.phys.tolist(), p.order.tolist(), p.index.tolist(),
-                                      strict=True):
-            start = index * PAGE_SIZE
-            n = min(PAGE_SIZE << order, f.size - start)
-            _zeros(h, start - at)
-            data = mem.read(phys, n, "memfd folio")
-            h.update(data)
-            pages = np.frombuffer(data[: n - n % PAGE_SIZE], np.uint8).reshape(-1, PAGE_SIZE)
-            live = np.flatnonzero(pages.any(axis=1)).tolist()
-            if n % PAGE_SIZE and any(data[n - n % PAGE_SIZE :]):
-                live.append(n // PAGE_SIZE)
-            for k in live:
-                os.pwrite(fd, data[k * PAGE_SIZE : (k + 1) * PAGE_SIZE], start + k * PAGE_SIZE)
-            written += len(live)
-            at = start + n
-        _zeros(h, f.size - at)
-    finally:
-        os.close(fd)
-    return h.hexdigest(), written
-
-
-def _zeros(h: Any, n: int) -> None:
-    while n > 0:
-        h.update(ZEROS[: min(n, len(ZEROS))])
-        n -= len(ZEROS)
-
-
-def write(mem: PhysMem, planned: list[Planned], out: Path) -> dict[str, Any]:
-    """Write every planned file and the manifest; return the manifest."""
-    for p in planned:  # a symlink already in DIR must not take a file elsewhere
-        for link in (out / p.relpath).parent, out / p.relpath:
-            if link.is_symlink():
-                raise AbiError(msg=f"{link} is a symbolic link: refusing to write through it",
-                               err=errno.EEXIST)
-    out.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for p in planned:
-        path = out / p.relpath
-        path.parent.mkdir(exist_ok=True)
-        digest, pages = _write_one(mem, p, path)
-        f = p.file
-        entries.append({"session": f.session, "token": f"{f.token:#x}",
-                        "compatible": f.compatible, "size": f.size, "pos": f.pos,
-                        "seals": f"{f.seals:#x}", "nr_folios": f.nr_folios,
-                        "sha256": digest, "path": p.relpath, "data_pages": pages})
-    manifest = {"files": entries}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
-
-
 def extract(mem: PhysMem, root_blob: bytes, out: Path, bb: int | None = None) -> dict[str, Any]:
-    """Validate, then write: the report's ``extract`` entry."""
-    planned = plan(mem, root_blob, bb)
-    manifest = write(mem, planned, out)
-    return {"dir": str(out), "manifest": str(out / "manifest.json"),
-            "files": [{"path": e["path"], "size": e["size"], "sha256": e["sha256"]}
-                      for e in manifest["files"]]}
+    """Check DIR, validate, then write everything or nothing: the report's ``extract``
+    entry. LiveUpdateError (with the errno of a failed write) when nothing was written."""
+    extract_write.check_target(out)
+    p = plan(mem, root_blob, bb)
+    manifest = extract_write.write(mem, p, out)
+    rep: dict[str, Any] = {"dir": str(out), "manifest": str(out / MANIFEST),
+                           "files": [{"path": e["path"], "size": e["size"],
+                                      "sha256": e["sha256"]} for e in manifest["files"]]}
+    if p.skipped:
+        rep["skipped"] = manifest["skipped"]
+    if p.note:
+        rep["note"] = p.note
+    return rep
