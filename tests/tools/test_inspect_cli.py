@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from liveupdate.abi import kho
+from tests.tools.cli import inspect
 from tests.tools.conftest import write_example
 
 LUOCTL = [sys.executable, "-m", "liveupdate.cli.luoctl"]
@@ -33,6 +35,24 @@ def test_help_shows_every_input_form_with_an_example() -> None:
     for want in ("setup_data/1/data", "debug/kho/out/fdt", "out/sub_fdts/LUO", "--ram ram.raw",
                  "--ram ram.elf --extract", "--root 0x", "dump-guest-memory", "Exit status"):
         assert want in p.stdout, want
+
+
+def test_the_exit_status_text_says_what_a_truncated_blob_gives(tmp_path: Path) -> None:
+    """A truncated debugfs out/fdt lists unreadable parts and exits 0: the help says so,
+    rather than '0 when everything decoded'."""
+    p = luoctl("inspect", "--help")
+    text = " ".join(p.stdout.split())
+    assert ("Exit status: 0 when everything that is there decoded (a truncated debugfs blob "
+            "is reported, not an error: what was cut off is listed as unreadable), 1 on any "
+            "error") in text
+    root = kho.LiveRoot(kho.KHO_V4, 0x53B000)
+    root.add_subtree("kexec-metadata", 0x550000, 73)
+    size = len(root.blob)  # out/fdt keeps the size of fs_initcall time
+    root.add_subtree("LUO", 0x24B4000, 32)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "fdt").write_bytes(root.blob[:size])
+    rc, rep, err = inspect(tmp_path / "out" / "fdt")
+    assert rc == 0 and rep["kind"] == "truncated-fdt" and rep["unreadable"], err
 
 
 def test_a_chunk_entry_far_past_ram_is_refused_not_reported_as_a_range(tmp_path: Path) -> None:

@@ -110,9 +110,10 @@ def inspect(file: Path | None, ram: Path | None, root_addr: int | None, extract:
     extract entry. A root with no LUO subtree has nothing to extract: the
     report says so, and that alone is not an error.
 
-    Exit status: 0 when everything decoded, 1 on any error (errors met while
-    following a pointer are shown in place, and everything else that decoded is
-    still printed), 2 on bad usage.
+    Exit status: 0 when everything that is there decoded (a truncated debugfs
+    blob is reported, not an error: what was cut off is listed as unreadable),
+    1 on any error (errors met while following a pointer are shown in place, and
+    everything else that decoded is still printed), 2 on bad usage.
 
     \b
     Examples:
