@@ -193,7 +193,7 @@ class ChunkEntries:
     order: np.ndarray  # uint32[n]
     phys_start: np.ndarray  # uint64[n]
     bitmap_phys: np.ndarray  # uint64[n]
-    chunk_of: np.ndarray | None = None  # intp[n]: which chunk each entry was read from
+    chunk_of: np.ndarray  # intp[n]: which chunk each entry was read from
 
 
 def read_chunks(mem: PhysMem, first: int) -> ChunkEntries:
@@ -293,15 +293,13 @@ def _check_in_ram(mem: PhysMem, ce: ChunkEntries, phys: np.ndarray, order: np.nd
     if not bad.size:
         return
     i, r = int(bad[0]), int(row[int(bad[0])])
-    where = f"entry {r}"
-    if ce.chunk_of is not None:  # name the chunk page and the entry's slot in it
-        c = int(ce.chunk_of[r])
-        slot = r - int(np.searchsorted(ce.chunk_of, c))
-        where = f"chunk {int(ce.chunk_phys[c]):#x} entry {slot}"
+    c = int(ce.chunk_of[r])  # name the chunk page and the entry's slot in it
+    slot = r - int(np.searchsorted(ce.chunk_of, c))
     raise AbiError(
-        msg=f"KHO memory map: {where} (order {int(order[i])}, phys_start "
-        f"{int(ce.phys_start[r]):#x}) marks block {int(phys[i]):#x}+{int(ends[i] - phys[i]):#x}, "
-        f"outside RAM ({len(bad)} such blocks)", err=errno.EFAULT)
+        msg=f"KHO memory map: chunk {int(ce.chunk_phys[c]):#x} entry {slot} (order "
+        f"{int(order[i])}, phys_start {int(ce.phys_start[r]):#x}) marks block "
+        f"{int(phys[i]):#x}+{int(ends[i] - phys[i]):#x}, outside RAM ({len(bad)} such "
+        "blocks)", err=errno.EFAULT)
 
 
 def merge_intervals(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
