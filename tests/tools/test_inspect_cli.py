@@ -6,14 +6,11 @@ from __future__ import annotations
 import json
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 from liveupdate.abi import kho
-from tests.tools.cli import inspect
+from tests.tools.cli import LUOCTL, inspect
 from tests.tools.conftest import write_example
-
-LUOCTL = [sys.executable, "-m", "liveupdate.cli.luoctl"]
 
 
 def luoctl(*args: str) -> subprocess.CompletedProcess[str]:

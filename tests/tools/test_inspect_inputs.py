@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from liveupdate.abi import bootparams, kho, luo_ser
+from liveupdate.errors import AbiError
 from liveupdate.tools import capture, report
 from tests.tools.cli import inspect
 
@@ -37,7 +38,7 @@ def test_32_bytes_are_told_apart_by_content() -> None:
     assert report.identify(ser) == "luo-v5" and report.identify(kd) == "setup_data"
     for junk in (bytes(32), struct.pack("<QQQQ", 0x1FE001, 4096, 0x3EFF0000, 48),
                  struct.pack("<QQQQ", 0x1FE000, 4096, 0x3EFF0000, 40)):
-        with pytest.raises(Exception, match="32 bytes: not a KHO root FDT"):
+        with pytest.raises(AbiError, match="32 bytes: not a KHO root FDT"):
             report.identify(junk)
 
 

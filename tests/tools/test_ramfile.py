@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import mmap
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +17,17 @@ from tests.tools.cli import LUOCTL, inspect
 from tests.tools.elfcore import BIOS, EHDR, PHDR, SHDR, ehdr, pc_segments, write_core
 
 
-def _mapped(path: Path) -> mmap.mmap:
-    """A 1 GiB sparse image, mapped rather than read."""
-    with open(path, "rb") as f:
-        return mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+@pytest.fixture
+def raw(cap72: Path) -> Iterator[mmap.mmap]:
+    """The 7.2 capture's 1 GiB sparse image, mapped rather than read; unmapped after."""
+    with open(cap72 / "ram.img", "rb") as f, \
+            mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+        yield m
 
 
-def test_elf_core_maps_every_pt_load_to_its_physical_range(cap72: Path) -> None:
+def test_elf_core_maps_every_pt_load_to_its_physical_range(cap72: Path,
+                                                           raw: mmap.mmap) -> None:
     """The layout of a real QEMU dump: all low RAM in one PT_LOAD, the BIOS ROM in another."""
-    raw = _mapped(cap72 / "ram.img")
     with ramfile.open_ram(cap72 / "ram.elf") as (mem, info):
         assert info.format == "elf-core"
         assert mem.ranges == [(0, len(raw)), BIOS]
@@ -35,8 +38,8 @@ def test_elf_core_maps_every_pt_load_to_its_physical_range(cap72: Path) -> None:
             mem.read(len(raw), 4)
 
 
-def test_elf_core_split_around_the_legacy_hole(cap72: Path, tmp_path: Path) -> None:
-    raw = _mapped(cap72 / "ram.img")
+def test_elf_core_split_around_the_legacy_hole(cap72: Path, tmp_path: Path,
+                                               raw: mmap.mmap) -> None:
     core = tmp_path / "split.elf"
     loads = write_core(cap72 / "ram.img", core, pc_segments(len(raw)))
     with ramfile.open_ram(core) as (mem, info):
@@ -153,11 +156,3 @@ def test_sparse_raw_image_reports_its_data_extents(cap72: Path, tmp_path: Path) 
     empty.write_bytes(b"")
     with pytest.raises(LiveUpdateError, match="empty RAM file"), ramfile.open_ram(empty):
         pass
-
-
-def test_write_core_roundtrip_helper_is_sane(tmp_path: Path, cap72: Path) -> None:
-    loads = write_core(cap72 / "ram.img", tmp_path / "c.elf",
-                       [(0x0, 0x1000), (0x1FE000, 0x2000)])
-    with ramfile.open_ram(tmp_path / "c.elf") as (mem, _):
-        assert [(p, n) for p, n, _ in loads] == mem.ranges
-        assert mem.read(0x1FE000, 8) == _mapped(cap72 / "ram.img")[0x1FE000:0x1FE008]
