@@ -120,14 +120,19 @@ def test_a_session_name_that_would_escape_is_refused(cap72: Path, tmp_path: Path
     _refused(ram, tmp_path / "out", "cannot be a directory")
 
 
-def test_session_names_are_made_safe_not_dangerous(cap72: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("name", "folder"), [
+    (b"../etc/%x\x01", "..%2Fetc%2F%25x%01"),  # made safe, not dangerous
+    (b"manifest.json", "manifest%2Ejson"),    # the manifest keeps its name beside it
+])
+def test_session_names_become_safe_folder_names(cap72: Path, tmp_path: Path, name: bytes,
+                                                folder: str) -> None:
     ram, _, ser = _fresh(cap72, tmp_path)
-    _put(ram, ser.sessions_pa + 16, b"../etc/%x\x01".ljust(64, b"\0"))
+    _put(ram, ser.sessions_pa + 16, name.ljust(64, b"\0"))
     out = tmp_path / "out"
     rc, _, err = inspect("--ram", str(ram), "--extract", str(out))
     assert rc == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["..%2Fetc%2F%25x%01", "manifest.json"]
-    assert _manifest(out)[0]["session"] == "../etc/%x\x01"
+    assert sorted(p.name for p in out.iterdir()) == sorted([folder, "manifest.json"])
+    assert _manifest(out)[0]["session"] == name.decode()
 
 
 def test_a_folio_that_is_not_preserved_is_refused(cap72: Path, tmp_path: Path) -> None:
@@ -291,16 +296,6 @@ def test_a_root_without_luo_says_there_is_nothing_to_extract(tmp_path: Path) -> 
     assert rep["extract"]["note"] == "no LUO subtree: nothing to extract"
     assert json.loads((out / "manifest.json").read_text()) == {
         "files": [], "skipped": [], "note": "no LUO subtree: nothing to extract"}
-
-
-def test_a_session_named_like_the_manifest_keeps_both(cap72: Path, tmp_path: Path) -> None:
-    ram, _, ser = _fresh(cap72, tmp_path)
-    _put(ram, ser.sessions_pa + 16, b"manifest.json".ljust(64, b"\0"))
-    out = tmp_path / "out"
-    rc, _, err = inspect("--ram", str(ram), "--extract", str(out))
-    assert rc == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["manifest%2Ejson", "manifest.json"]
-    assert _manifest(out)[0]["session"] == "manifest.json"
 
 
 def test_folios_are_copied_in_bounded_chunks(tmp_path: Path,
