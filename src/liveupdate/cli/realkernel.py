@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from liveupdate.cli.common import fail
+from liveupdate.cli.common import emit, fail
 from liveupdate.errors import LiveUpdateError
 from liveupdate.realkernel.build import SELFTESTS
 
@@ -66,11 +66,9 @@ def build_cmd(version: str | None, jobs: int | None, as_json: bool) -> None:
         img = _image(version, jobs)
     except ERRORS as e:
         fail(e)
-    if as_json:
-        click.echo(json.dumps({"path": str(img.root), **img.manifest}, indent=2))
-    else:
-        click.echo(f"{img.root}  (Linux {img.release}, {img.manifest['package']} "
-                   f"{img.manifest['debian_version']})")
+    emit({"path": str(img.root), **img.manifest}, as_json,
+         f"{img.root}  (Linux {img.release}, {img.manifest['package']} "
+         f"{img.manifest['debian_version']})")
 
 
 @realkernel.command("selftests")
@@ -214,8 +212,5 @@ def capture_cmd(out: Path, memory_mib: int, append: str, fixture: Path | None, e
                                                                   index["extents"])}
     except ERRORS as e:
         fail(e)
-    if as_json:
-        click.echo(json.dumps(info, indent=2))
-    else:
-        click.echo(f"captured Linux {info['kernel_release']} in {out} ({info['seconds']} s): "
-                   "every preserved file came back as it left")
+    emit(info, as_json, f"captured Linux {info['kernel_release']} in {out} "
+         f"({info['seconds']} s): every preserved file came back as it left")

@@ -81,8 +81,12 @@ def unmet(fragment: str, config: str) -> list[str]:
             if have.get(k, "n") != v]
 
 
+def fragment_sha256(fragment: str) -> str:
+    return hashlib.sha256(fragment.encode()).hexdigest()
+
+
 def key(kernel_version: str, debian_version: str, fragment: str) -> str:
-    digest = hashlib.sha256(fragment.encode()).hexdigest()[:12]
+    digest = fragment_sha256(fragment)[:12]
     return f"{kernel_version}-{re.sub(r'[^A-Za-z0-9.+-]', '_', debian_version)}-{digest}"
 
 
@@ -102,12 +106,11 @@ def load(img_dir: Path) -> Image | None:
 def cached(cache: Path) -> list[Image]:
     """Every complete image in the cache built from the current fragment, the newest Debian
     version first."""
-    digest = hashlib.sha256(FRAGMENT.read_text().encode()).hexdigest()[:12]
+    digest = fragment_sha256(FRAGMENT.read_text())[:12]
     imgs = [img for d in cache.glob(f"images/*-{digest}") if (img := load(d)) is not None]
-    order = {v: i for i, v in enumerate(sorted(
-        {str(i.manifest.get("debian_version")) for i in imgs},
-        key=functools.cmp_to_key(source_mod.compare), reverse=True))}
-    return sorted(imgs, key=lambda i: order[str(i.manifest.get("debian_version"))])
+    by_version = functools.cmp_to_key(source_mod.compare)
+    return sorted(imgs, key=lambda i: by_version(str(i.manifest.get("debian_version"))),
+                  reverse=True)
 
 
 def build(cache: Path | None = None, *, jobs: int | None = None,
@@ -144,8 +147,7 @@ def _build(cache: Path, jobs: int | None, version: str | None) -> Image:
     jobs = jobs or os.cpu_count() or 1
     make = ["make", "-C", str(src.tree), f"O={bdir}"]
     times: dict[str, float] = {}
-    t0 = time.monotonic()
-    with step("configuring (tinyconfig + kconfig.fragment)"):
+    with step("configuring (tinyconfig + kconfig.fragment)", times, "configure"):
         (bdir / "fragment.config").write_text(fragment)
         run([*make, "tinyconfig"], log=log, what="make tinyconfig")
         run([str(src.tree / "scripts/kconfig/merge_config.sh"), "-m", "-O", str(bdir),
@@ -156,20 +158,16 @@ def _build(cache: Path, jobs: int | None, version: str | None) -> Image:
         if bad:
             raise LiveUpdateError(err=errno.EINVAL, msg="Kconfig dropped options the "
                                   f"fragment needs: {', '.join(bad)}")
-    times["configure"] = time.monotonic() - t0
-    t0 = time.monotonic()
-    with step(f"building bzImage with make -j{jobs} (6-10 minutes on 2 cores)"), \
+    with step(f"building bzImage with make -j{jobs} (6-10 minutes on 2 cores)", times,
+              "bzImage"), \
             _progress(log):
         run([*make, f"-j{jobs}", "bzImage"], log=log, what="make bzImage")
-    times["bzImage"] = time.monotonic() - t0
-    t0 = time.monotonic()
-    with step("building upstream's liveupdate selftests"):
+    with step("building upstream's liveupdate selftests", times, "selftests"):
         run([*make, "headers"], log=log, what="make headers")
         out = bdir / "selftests"
         run(["make", "-C", str(src.tree / "tools/testing/selftests/liveupdate"),
              f"OUTPUT={out}", f"KHDR_INCLUDES=-isystem {bdir}/usr/include"],
             log=log, what="make selftests/liveupdate")
-    times["selftests"] = time.monotonic() - t0
     release_file = bdir / "include/config/kernel.release"
     if not release_file.exists():
         raise LiveUpdateError(err=errno.ENOENT, msg=f"the build left no {release_file}")
@@ -183,7 +181,7 @@ def _build(cache: Path, jobs: int | None, version: str | None) -> Image:
         shutil.copy2(bdir / "selftests" / name, staging / "selftests" / name)
     manifest = {"package": source_mod.PACKAGE, "debian_version": src.debian_version,
                 "kernel_version": src.kernel_version, "kernel_release": release,
-                "fragment_sha256": hashlib.sha256(fragment.encode()).hexdigest(),
+                "fragment_sha256": fragment_sha256(fragment),
                 "bzimage_bytes": (staging / "bzImage").stat().st_size, "jobs": jobs,
                 "build_seconds": times, "built_at": time.time(),
                 "selftests": list(SELFTESTS)}

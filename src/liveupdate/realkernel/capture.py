@@ -57,9 +57,8 @@ def capture(image: Image, out: Path, *, memory_mib: int = 512, append: str = "",
             "debian_version": image.manifest["debian_version"],
             "memory_mib": memory_mib, "append": append, "seconds": round(run.seconds, 1),
             "events": {k: round(v, 2) for k, v in run.events.items()},
-            "ram": {k: v for k, v in run.captured.items() if k not in ("ram_raw", "ram_elf")}}
+            "ram": run.captured}
     (out / "capture.json").write_text(json.dumps(info, indent=1) + "\n")
-    (out / "qmp.sock").unlink(missing_ok=True)
     return info
 
 

@@ -25,7 +25,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from liveupdate.abi import bootparams
 from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import LiveUpdateError
@@ -53,10 +52,9 @@ def handover_pages(ram: Path, payload: bytes) -> set[int]:
     """Every page the handover's decoder reads, and every preserved page."""
     from liveupdate.tools import report
 
-    blob = bootparams.SETUP_HDR.pack(0, bootparams.SETUP_KEXEC_KHO, len(payload)) + payload
     with open(ram, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
         mem = RecordingPhysMem(m)
-        rep = report.describe(blob, mem)
+        rep = report.describe(payload, mem)
         if report.errors(rep):
             raise LiveUpdateError(err=errno.EINVAL, msg="the capture does not decode: "
                                   + "; ".join(report.errors(rep)[:3]))

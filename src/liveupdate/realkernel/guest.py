@@ -41,6 +41,8 @@ from typing import Any
 from liveupdate.errors import LiveUpdateError
 
 STAGE_ARG = "lu_harness_stage"
+PREFIX = "lu-harness: "  # on every line the harness writes to the console
+STAGE = "stage {} of"  # how a stage announces itself: the host times the stages by it
 DEBUGFS = Path("/sys/kernel/debug")
 
 
@@ -56,9 +58,9 @@ def log(msg: str) -> None:
     # /dev/kmsg puts our steps in the console log, in order with the kernel's own lines
     try:
         with open("/dev/kmsg", "w") as k:
-            k.write(f"lu-harness: {msg}\n")
+            k.write(f"{PREFIX}{msg}\n")
     except OSError:
-        print(f"lu-harness: {msg}", flush=True)
+        print(f"{PREFIX}{msg}", flush=True)
 
 
 def kexec(kernel: str, next_stage: int) -> None:
@@ -124,7 +126,7 @@ def main(argv: list[str]) -> int:
     out = plan_path.parent
     st = stage()
     kexecs = plan.get("kexec", True)
-    log(f"stage {st} of {plan['job']} ({plan.get('test', '')}) in {os.uname().release}")
+    log(f"{STAGE.format(st)} {plan['job']} ({plan.get('test', '')}) in {os.uname().release}")
     rc = 1
     try:
         if plan["job"] == "selftest":

@@ -91,12 +91,16 @@ def cache_lock(cache: Path) -> Iterator[None]:
 
 
 @contextmanager
-def step(what: str) -> Iterator[None]:
-    """One line when a long step starts and one with its time when it ends."""
+def step(what: str, times: dict[str, float] | None = None, name: str = "") -> Iterator[None]:
+    """One line when a long step starts and one with its time when it ends; the time also
+    goes to ``times[name]`` when given."""
     say(f"{what} ...")
     t0 = time.monotonic()
     yield
-    say(f"{what}: done in {time.monotonic() - t0:.1f} s")
+    seconds = time.monotonic() - t0
+    if times is not None:
+        times[name] = seconds
+    say(f"{what}: done in {seconds:.1f} s")
 
 
 def run(cmd: list[str], *, log: Path, cwd: Path | None = None, what: str,

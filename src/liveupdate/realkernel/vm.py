@@ -39,6 +39,7 @@ from typing import Any, TextIO
 
 from liveupdate.errors import LiveUpdateError
 from liveupdate.realkernel.build import Image
+from liveupdate.realkernel.guest import PREFIX, STAGE
 from liveupdate.realkernel.host import QEMU, ensure_tools, say
 from liveupdate.realkernel.qmp import Listener, Qmp
 
@@ -112,11 +113,12 @@ def boot(image: Image, plan: dict[str, Any], out: Path, *, memory_mib: int = 512
     plan_path.write_text(json.dumps(plan, indent=1) + "\n")
     python = REPO / ".venv" / "bin" / "python"
     exe = python if python.exists() else Path(sys.executable)
+    exe_vng = vng()
     # vng runs virtme-run from PATH: the venv's bin must be on it
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"),
-           "PATH": f"{Path(vng()).parent}:{os.environ.get('PATH', '')}"}
+           "PATH": f"{Path(exe_vng).parent}:{os.environ.get('PATH', '')}"}
     listener = Listener()
-    cmd = [vng(), "--run", str(image.bzimage), "--disable-kvm", "--disable-microvm",
+    cmd = [exe_vng, "--run", str(image.bzimage), "--disable-kvm", "--disable-microvm",
            "--force-9p", "--verbose", "--cpus", "2", "--memory", f"{memory_mib}M",
            "--rwdir", str(out), "--cwd", str(REPO),
            "--append", f"liveupdate=on panic=-1 {append}".strip(),
@@ -185,7 +187,7 @@ def _watch(proc: subprocess.Popen[bytes], listener: Listener, run: Run, log: Tex
                 print(line, file=sys.stderr)
             now = time.monotonic() - t0
             for st in (1, 2):
-                if f"lu-harness: stage {st} of" in line:
+                if PREFIX + STAGE.format(st) in line:
                     run.events.setdefault(f"stage{st}", now)
             if JUMP in line:
                 run.events.setdefault("jump", now)
@@ -209,5 +211,4 @@ def _capture(qmp: Qmp, out: Path, size: int) -> dict[str, Any]:
     subprocess.run(["fallocate", "--dig-holes", str(raw)], check=False)
     subprocess.run(["fallocate", "--dig-holes", str(elf)], check=False)
     say(f"saved RAM at the jump: {raw.name}, {elf.name} (guest stopped {stopped:.1f} s)")
-    return {"ram_raw": str(raw), "ram_elf": str(elf), "ram_bytes": size,
-            "stopped_seconds": stopped}
+    return {"ram_bytes": size, "stopped_seconds": stopped}
