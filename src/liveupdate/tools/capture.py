@@ -21,7 +21,7 @@ from typing import Any
 
 from liveupdate.abi import bootparams
 from liveupdate.abi.image import KernelImage
-from liveupdate.tools import generations
+from liveupdate.tools import generations, ramfile
 from liveupdate.tools.inprocess import Rig
 
 
@@ -65,21 +65,19 @@ def capture(writer: str, reader: str, out: Path, *, negotiate: bool = False,
 
 
 def _sparse_copy(fd: int, size: int, path: Path) -> None:
-    """Copy only the data extents of the RAM memfd (SEEK_DATA/SEEK_HOLE)."""
+    """Copy only the data extents of the RAM memfd (SEEK_DATA/SEEK_HOLE); all of it where
+    the file cannot say which parts hold data."""
+    extents = ramfile.data_extents(fd, size)
+    if extents is None:
+        extents = [(0, size)]
     dst = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.ftruncate(dst, size)
-        off = 0
-        while off < size:
-            try:
-                start = os.lseek(fd, off, os.SEEK_DATA)
-            except OSError:  # ENXIO: no data after off
-                break
-            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        for start, end in extents:
+            end = min(end, size)
             while start < end:
                 chunk = os.pread(fd, min(end - start, 8 << 20), start)
                 os.pwrite(dst, chunk, start)
                 start += len(chunk)
-            off = end
     finally:
         os.close(dst)
