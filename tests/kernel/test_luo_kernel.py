@@ -13,6 +13,7 @@ from liveupdate.abi import image, kho_memmap, memfd, uapi
 from liveupdate.abi.consts import PAGE_SIZE, get_order
 from liveupdate.abi.uapi import Gen, State
 from liveupdate.errors import LiveUpdateError
+from liveupdate.kernel import negotiate
 from liveupdate.kernel.fs import memfd as kmemfd
 from liveupdate.kernel.kernel import Kernel
 from liveupdate.kernel.luo.session import LuoSessions
@@ -48,7 +49,7 @@ def test_preserved_map_is_exactly_what_was_serialized(rig: Rig) -> None:
         luo.files.add(token, f)
         files.append(f)
     luo.prepare()
-    luo.freeze()
+    luo.freeze(negotiate.outgoing(k))
     kout = k.require_kho()
     phys, order = kout.preserved()
     got = set(zip(phys.tolist(), order.tolist(), strict=True))

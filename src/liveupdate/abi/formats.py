@@ -77,6 +77,14 @@ FORMATS: tuple[Format, ...] = (
     Format("memfd-v2", memfd.MEMFD_V2, lambda raw: memfd.decode_ser(raw, memfd.MEMFD_V2),
            "memfd", "memfd-v2"),
 )
+COMPATIBLE_OF = {f.fmt: f.compatible for f in reversed(FORMATS) if f.fmt}  # first row wins
+
+
+def compatible_of(fmt: str) -> str:
+    """The ``compatible`` a component format's blobs carry (``memfd-fdt`` -> ``memfd-v1``)."""
+    return COMPATIBLE_OF[fmt]
+
+
 EFFECT = {"kho": "cold boot", "luo": "panic", "flb": "panic", "memfd": "EIO",
           "unreachable": "unreachable"}
 

@@ -41,6 +41,57 @@ ORDER: dict[str, tuple[str, ...]] = {
 }
 KHO_COMPATIBLE = {"kho-v1-512": "kho-v1", "kho-v1": "kho-v1", "kho-v3": "kho-v3",
                   "kho-v4": "kho-v4"}
+FAMILY_OF_ONE = frozenset({"luo-v3", "memfd-fdt"})  # the v3 family: its own, no negotiation
+NEEDS_SIZED_ROOT = frozenset({"luo-v5"})  # stored raw: the root must say its size
+FLB_NODE = frozenset({"luo-flb-v1"})  # the FLB formats that write a node (7.0+ requires it)
+DROPS_SEALS = frozenset({"memfd-v1"})  # 6.19's struct: every memfd retrieved unsealable
+OPTIONAL = frozenset({"memfd"})  # only files need it: nothing in common leaves it out
+
+
+@dataclass(frozen=True)
+class LuoGeneration:
+    """One LUO generation, as data: what its kernel speaks and writes natively. The kernel
+    builds its LUO from this row (front end, handover writer, file handlers, uAPI rules),
+    userspace and the tools read it; nobody compares generation names."""
+
+    name: str
+    uapi: str  # abi.uapi.Gen value; "" without LUO
+    frontend: str  # "v3" (global state machine) or "sessions"; "" without LUO
+    luo: str  # native LUO handover format ("" without LUO)
+    flb: str  # native FLB format; "" when the generation has no FLB component (v3)
+    memfd: str  # native memfd format
+    kho: str  # the KHO root format it needs; "" = whatever the KHO core has
+    kho_core: str  # the KHO core it runs on; "" = any
+    rules: str  # the uAPI behaviour rules of its kernel (kernel/luo/rules.py)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.frontend)
+
+
+LUO: dict[str, LuoGeneration] = {g.name: g for g in (
+    LuoGeneration("none", "", "", "", "", "", "", "", ""),
+    LuoGeneration("v3", "v3", "v3", "luo-v3", "", "memfd-fdt", "kho-v1", "6.19", "v3"),
+    LuoGeneration("6.19", "6.19", "sessions", "luo-v1", "none", "memfd-v1", "kho-v1", "6.19",
+                  "6.19"),
+    LuoGeneration("7.0", "6.19", "sessions", "luo-v1", "luo-flb-v1", "memfd-v1", "kho-v1",
+                  "6.19", "6.19"),
+    LuoGeneration("7.1", "7.1", "sessions", "luo-v1", "luo-flb-v1", "memfd-v2", "kho-v3",
+                  "7.1", "7.1"),
+    LuoGeneration("7.2", "7.1", "sessions", "luo-v5", "luo-flb-v1", "memfd-v2", "kho-v4",
+                  "7.1", "7.1"),
+)}
+LUO_GENERATIONS = tuple(LUO)
+# what an image header's ``memfd`` field says for each memfd format (v3's FDT says memfd-v1)
+MEMFD_COMPATIBLE = {"memfd-fdt": "memfd-v1", "memfd-v1": "memfd-v1", "memfd-v2": "memfd-v2"}
+
+
+def luo_generation(name: str) -> LuoGeneration:
+    try:
+        return LUO[name]
+    except KeyError:
+        raise AbiError(msg=f"unknown LUO generation {name!r} (known: "
+                       f"{', '.join(LUO)})") from None
 
 
 @dataclass(frozen=True)
@@ -52,41 +103,49 @@ class Release:
     kho: str  # root compatible
     bitmap_bytes: int
     kho_core: str
-    luo: str  # LUO generation: none, v3, 6.19, 7.0, 7.1, 7.2
-    memfd: str
+    luo: str  # LUO generation (:data:`LUO`)
+
+    @property
+    def memfd(self) -> str:
+        """The image header's ``memfd`` field."""
+        fmt = LUO[self.luo].memfd
+        return MEMFD_COMPATIBLE[fmt] if fmt else ""
+
+    @property
+    def has_luo(self) -> bool:
+        return LUO[self.luo].enabled
 
 
 RELEASES: dict[str, Release] = {r.name: r for r in (
-    Release("6.16", "6.16.0-lu", "kho-v1", 512, "6.16", "none", ""),
-    Release("6.18", "6.18.0-lu", "kho-v1", 4096, "6.18", "none", ""),
-    Release("v3", "6.17.0-lu-v3", "kho-v1", 4096, "6.19", "v3", "memfd-v1"),
-    Release("6.19", "6.19.0-lu", "kho-v1", 4096, "6.19", "6.19", "memfd-v1"),
-    Release("7.0", "7.0.0-lu", "kho-v1", 4096, "6.19", "7.0", "memfd-v1"),
-    Release("7.1", "7.1.0-lu", "kho-v3", 4096, "7.1", "7.1", "memfd-v2"),
-    Release("7.2", "7.2.0-lu", "kho-v4", 4096, "7.1", "7.2", "memfd-v2"),
+    Release("6.16", "6.16.0-lu", "kho-v1", 512, "6.16", "none"),
+    Release("6.18", "6.18.0-lu", "kho-v1", 4096, "6.18", "none"),
+    Release("v3", "6.17.0-lu-v3", "kho-v1", 4096, "6.19", "v3"),
+    Release("6.19", "6.19.0-lu", "kho-v1", 4096, "6.19", "6.19"),
+    Release("7.0", "7.0.0-lu", "kho-v1", 4096, "6.19", "7.0"),
+    Release("7.1", "7.1.0-lu", "kho-v3", 4096, "7.1", "7.1"),
+    Release("7.2", "7.2.0-lu", "kho-v4", 4096, "7.1", "7.2"),
 )}
-LUO_GENERATIONS = ("none", "v3", "6.19", "7.0", "7.1", "7.2")
-SESSIONS = frozenset({"6.19", "7.0", "7.1", "7.2"})
-FLB = frozenset({"7.0", "7.1", "7.2"})
-MEMFD_OF = {"v3": "memfd-v1", "6.19": "memfd-v1", "7.0": "memfd-v1", "7.1": "memfd-v2",
-            "7.2": "memfd-v2"}
-KHO_OF = {"v3": "kho-v1", "6.19": "kho-v1", "7.0": "kho-v1", "7.1": "kho-v3", "7.2": "kho-v4"}
+# the KHO formats whose root carries ``blob-size`` (a raw LUO blob needs it) and bitmap widths
+SIZED_ROOTS = frozenset({"kho-v3", "kho-v4"})
+SMALL_BITMAP = {"kho-v1": 512}  # the 6.16/6.17 bitmaps: a format of its own, same compatible
 
 
 def kho_format(kho: str, bitmap_bytes: int) -> str:
-    return "kho-v1-512" if kho == "kho-v1" and bitmap_bytes == 512 else kho
+    return f"{kho}-{bitmap_bytes}" if SMALL_BITMAP.get(kho) == bitmap_bytes else kho
 
 
 def native(kho: str, bitmap_bytes: int, luo: str) -> dict[str, str]:
     """Per component, the one format a kernel writes and reads as Linux does; components the
-    kernel has not (no LUO before 6.19) are absent."""
+    kernel has not (no LUO before 6.19, no FLB in v3) are absent."""
+    g = luo_generation(luo)
     out = {"kho": kho_format(kho, bitmap_bytes)}
-    if luo == "v3":
-        out.update(luo="luo-v3", memfd="memfd-fdt")
-    elif luo in SESSIONS:
-        out.update(luo="luo-v5" if luo == "7.2" else "luo-v1",
-                   flb="luo-flb-v1" if luo in FLB else "none", memfd=MEMFD_OF[luo])
+    out.update({c: f for c, f in (("luo", g.luo), ("flb", g.flb), ("memfd", g.memfd)) if f})
     return out
+
+
+def stands_alone(fmt: str) -> bool:
+    """The v3 family (``luo-v3``, ``memfd-fdt``) shares nothing with mainline's formats."""
+    return fmt in FAMILY_OF_ONE
 
 
 def capable(kho: str, bitmap_bytes: int, luo: str) -> dict[str, tuple[str, ...]]:
@@ -96,10 +155,10 @@ def capable(kho: str, bitmap_bytes: int, luo: str) -> dict[str, tuple[str, ...]]
     out: dict[str, tuple[str, ...]] = {}
     for comp, fmt in nat.items():
         order = ORDER[comp]
-        if fmt in ("luo-v3", "memfd-fdt"):
-            out[comp] = (fmt,)  # the v3 family stands alone
+        if stands_alone(fmt):
+            out[comp] = (fmt,)
             continue
-        low = 1 if comp in ("luo", "memfd") else 0
+        low = sum(f in FAMILY_OF_ONE for f in order)
         out[comp] = order[low : order.index(fmt) + 1]
     return out
 
@@ -141,11 +200,11 @@ def agree(native: Mapping[str, str], can: Mapping[str, tuple[str, ...]],
         if comp not in native or comp not in theirs:
             continue
         common = set(can[comp]) & set(theirs[comp])
-        if comp == "luo" and out.get("kho") in ("kho-v1", "kho-v1-512"):
-            common.discard("luo-v5")  # a raw blob needs blob-size
+        if KHO_COMPATIBLE.get(out.get("kho", "")) not in SIZED_ROOTS:
+            common -= NEEDS_SIZED_ROOT  # a raw blob needs blob-size
         best = newest(comp, common)
         if best is None:
-            if comp == "memfd":
+            if comp in OPTIONAL:
                 continue
             raise AbiError(msg=f"the next kernel reads {'/'.join(theirs[comp]) or 'no'} "
                            f"{comp} format, this one writes {'/'.join(can[comp])}")

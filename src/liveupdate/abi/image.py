@@ -43,9 +43,25 @@ PREAMBLE = struct.Struct("<8sII")
 MAX_HEADER = PAGE_SIZE - PREAMBLE.size
 ENTRY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 KHO_FORMATS = ("kho-v1", "kho-v3", "kho-v4")
-KHO_CORES = ("6.16", "6.18", "6.19", "7.1")
+# per KHO core: the root formats it writes (the stateless core's radix roots, else kho-v1)
+# and its bitmap widths (512-byte bitmaps only on 6.16: 6.17 without the stable fix)
+KHO_CORES: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
+    "6.16": (("kho-v1",), (4096, 512)),
+    "6.18": (("kho-v1",), (4096,)),
+    "6.19": (("kho-v1",), (4096,)),
+    "7.1": (("kho-v3", "kho-v4"), (4096,)),
+}
 LUO_GENERATIONS = generations.LUO_GENERATIONS
-MEMFD_FORMATS = ("memfd-v1", "memfd-v2")
+MEMFD_FORMATS = tuple(dict.fromkeys(generations.MEMFD_COMPATIBLE.values()))
+
+
+# the core an image that names none runs on, by its root format and bitmap width
+DEFAULT_CORE = {("kho-v1", 512): "6.16", ("kho-v1", 4096): "6.19", ("kho-v3", 4096): "7.1",
+                ("kho-v4", 4096): "7.1"}
+
+
+def _core_of(kho: str, bitmap_bytes: int) -> str:
+    return DEFAULT_CORE.get((kho, bitmap_bytes), "6.19")
 
 
 @dataclass(frozen=True)
@@ -63,16 +79,15 @@ class KernelImage:
     def __post_init__(self) -> None:
         if not isinstance(self.luo, str) or not isinstance(self.kho_core, str):
             return  # decode() reports the wrong type
+        g = generations.LUO.get(self.luo)
         if self.kho == "":
-            kho = generations.KHO_OF.get(self.luo) or (
-                "kho-v3" if self.kho_core == "7.1" else "kho-v1")
-            object.__setattr__(self, "kho", kho)
+            roots = KHO_CORES.get(self.kho_core, (("kho-v1",), ()))[0]
+            object.__setattr__(self, "kho", (g.kho if g else "") or roots[0])
         if self.memfd == "":
-            object.__setattr__(self, "memfd", generations.MEMFD_OF.get(self.luo, ""))
+            memfd = generations.MEMFD_COMPATIBLE.get(g.memfd, "") if g else ""
+            object.__setattr__(self, "memfd", memfd)
         if self.kho_core == "":
-            core = "7.1" if self.kho in ("kho-v3", "kho-v4") else (
-                "6.16" if self.kho_bitmap_bytes == 512 else "6.19")
-            object.__setattr__(self, "kho_core", core)
+            object.__setattr__(self, "kho_core", _core_of(self.kho, self.kho_bitmap_bytes))
 
     @classmethod
     def of(cls, generation: str, **over: object) -> KernelImage:
@@ -95,6 +110,11 @@ class KernelImage:
                     self.kho, self.kho_bitmap_bytes, self.kho_core, self.luo):
                 return name
         return "custom"
+
+    @property
+    def luo_gen(self) -> generations.LuoGeneration:
+        """The LUO generation row the kernel of this image builds its LUO from."""
+        return generations.luo_generation(self.luo)
 
     def native(self) -> dict[str, str]:
         return generations.native(self.kho, self.kho_bitmap_bytes, self.luo)
@@ -127,7 +147,8 @@ class KernelImage:
         if self.luo not in LUO_GENERATIONS:
             raise AbiError(msg=f"image LUO generation {self.luo!r} unsupported (known: "
                            f"{', '.join(LUO_GENERATIONS)})")
-        want_memfd = generations.MEMFD_OF.get(self.luo)
+        g = generations.LUO[self.luo]
+        want_memfd = generations.MEMFD_COMPATIBLE.get(g.memfd)
         ok = self.memfd == want_memfd if want_memfd else self.memfd in ("", *MEMFD_FORMATS)
         if not ok:
             raise AbiError(msg=f"image LUO {self.luo} uses {want_memfd or 'no memfd format'},"
@@ -135,22 +156,21 @@ class KernelImage:
         if self.kho_core not in KHO_CORES:
             raise AbiError(msg=f"image KHO core {self.kho_core!r} unsupported (known: "
                            f"{', '.join(KHO_CORES)})")
-        want_kho = generations.KHO_OF.get(self.luo)
-        if want_kho and self.kho != want_kho:
-            raise AbiError(msg=f"image LUO {self.luo} needs the KHO format {want_kho}, not "
+        if g.kho and self.kho != g.kho:
+            raise AbiError(msg=f"image LUO {self.luo} needs the KHO format {g.kho}, not "
                            f"{self.kho}")
-        radix = self.kho in ("kho-v3", "kho-v4")
-        if radix != (self.kho_core == "7.1"):
+        roots, bitmaps = KHO_CORES[self.kho_core]
+        if self.kho not in roots:
+            owner = _core_of(self.kho, 4096)
             raise AbiError(msg=f"image KHO format {self.kho} does not run on the "
-                           f"{self.kho_core} core ({'only' if radix else 'not'} the stateless "
-                           "7.1 core)")
-        if self.luo in ("v3", "6.19", "7.0") and self.kho_core != "6.19":
-            raise AbiError(msg=f"image LUO {self.luo} needs the KHO core of 6.19, not "
+                           f"{self.kho_core} core (only the {owner} core writes it)")
+        if g.kho_core and self.kho_core != g.kho_core:
+            raise AbiError(msg=f"image LUO {self.luo} needs the KHO core of {g.kho_core}, not "
                            f"{self.kho_core}")
         generations.check_manifest(self.reads)
-        if self.kho_bitmap_bytes == 512 and self.kho_core != "6.16":
-            raise AbiError(msg=f"512-byte KHO bitmaps exist only on the 6.16 core, not "
-                           f"{self.kho_core}")
+        if self.kho_bitmap_bytes not in bitmaps:
+            raise AbiError(msg=f"{self.kho_bitmap_bytes}-byte KHO bitmaps do not exist on the "
+                           f"{self.kho_core} core")
         if not self.release or len(self.release) > 64:
             raise AbiError(msg="image release must be 1-64 characters")
         return self

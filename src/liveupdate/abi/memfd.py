@@ -151,6 +151,12 @@ class MemfdSer:
     compatible: str = MEMFD_V1
 
 
+# per struct format: its size, and whether it carries the seals (6.19's retrieves every memfd
+# unsealable: F_SEAL_SEAL)
+SER_SIZE = {MEMFD_V1: SER_V1_SIZE, MEMFD_V2: SER_V2_SIZE}
+HAS_SEALS = {MEMFD_V1: False, MEMFD_V2: True}
+
+
 def encode_ser(ser: MemfdSer) -> bytes:
     if ser.compatible == MEMFD_V1:
         if ser.seals:

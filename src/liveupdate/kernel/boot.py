@@ -25,7 +25,7 @@ from liveupdate.abi import kexec_metadata as kexec_md
 from liveupdate.abi.consts import PAGE_SHIFT, PAGE_SIZE
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError, LiveUpdateError
-from liveupdate.kernel import negotiate, scratch_sizing, testmods
+from liveupdate.kernel import initcalls, negotiate, scratch_sizing, testmods
 from liveupdate.kernel.cmdline import Cmdline
 from liveupdate.kernel.kho import KhoIn, KhoOut, restore_free, validate_handover
 from liveupdate.kernel.kho_core import CORES
@@ -177,6 +177,7 @@ def start_kernel(k: Kernel, bp_phys: int) -> None:
     elif k.kho_enabled:
         k.kho_enabled = False
     k.negotiated_in = negotiate.incoming(k)
+    initcalls.run()
     luo_boot.init(k)
     run_base = k.cmdline.get("lu.run")
     if run_base:

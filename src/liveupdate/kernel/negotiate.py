@@ -32,12 +32,13 @@ import errno
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from liveupdate.abi import generations, luo_session, negotiation
+from liveupdate.abi import generations, negotiation
 from liveupdate.abi.image import KernelImage
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.kernel import kho
 from liveupdate.kernel.cmdline import Cmdline
 from liveupdate.kernel.fs import memfd
+from liveupdate.kernel.fs.file import File
 
 if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
@@ -91,15 +92,9 @@ def plan(k: Kernel, img: KernelImage, cmdline: str) -> Plan:
     return Plan(out, generations.mode(out, nat, img.native()), img.release)
 
 
-def _files(k: Kernel) -> list[tuple[str, memfd.Memfd | None]]:
-    """Every outgoing file: how to name it in an error, and its memfd (None on v3, whose
-    family stands alone: nothing is converted)."""
-    luo = k.luo
-    sessions = getattr(luo, "outgoing", None)
-    if sessions is None:
-        return [(f"token {e.token:#x}", None) for e in getattr(luo, "files", [])]
-    return [(f"session {s.name!r} token {e.token:#x}", e.file.private)
-            for s in sessions.values() for e in s.files or []]
+def _files(k: Kernel) -> list[tuple[str, File]]:
+    """Every outgoing file and how an error names it."""
+    return [] if k.luo is None else k.luo.outgoing_files()
 
 
 def check_files(k: Kernel, p: Plan, what: str) -> None:
@@ -114,26 +109,18 @@ def check_files(k: Kernel, p: Plan, what: str) -> None:
             f"{what}: negotiation: the next kernel ({p.reader}) has no LUO; {files[0][0]}"
             f"{more} would be unreachable"))
     fmt = p.formats.get("memfd")
-    for name, m in files:
+    for name, f in files:
         if fmt is None:
             raise LiveUpdateError(err=errno.EINVAL, msg=(
                 f"{what}: negotiation: the next kernel ({p.reader}) reads no memfd format "
                 f"this kernel writes; {name} cannot cross"))
-        if fmt == "memfd-v1" and m is not None and m.seals & ~memfd.F_SEAL_SEAL:
+        seals = f.private.seals if isinstance(f.private, memfd.Memfd) else 0
+        if fmt in generations.DROPS_SEALS and seals & ~memfd.F_SEAL_SEAL:
             raise LiveUpdateError(err=errno.EINVAL, msg=(
-                f"{what}: negotiation: {name} is sealed ({m.seals:#x}) and the next kernel "
-                f"({p.reader}) reads only memfd-v1, which has no seals"))
-    if p.formats["luo"] == "luo-v1":
-        sessions = getattr(k.luo, "outgoing", {})
-        if len(sessions) > luo_session.SESSION_MAX:
-            raise LiveUpdateError(err=errno.EINVAL, msg=(
-                f"{what}: negotiation: {len(sessions)} sessions, luo-v1 holds "
-                f"{luo_session.SESSION_MAX}"))
-        for s in sessions.values():
-            if len(s.files or []) > luo_session.FILE_MAX:
-                raise LiveUpdateError(err=errno.EINVAL, msg=(
-                    f"{what}: negotiation: session {s.name!r} holds {len(s.files or [])} "
-                    f"files, luo-v1 holds {luo_session.FILE_MAX} per session"))
+                f"{what}: negotiation: {name} is sealed ({seals:#x}) and the next kernel "
+                f"({p.reader}) reads only {fmt}, which has no seals"))
+    assert k.luo is not None
+    k.luo.check_limits(p.formats["luo"], what)
 
 
 def loaded_plan(k: Kernel) -> Plan | None:
@@ -147,6 +134,13 @@ def out_format(k: Kernel, component: str) -> str | None:
     if p is not None and component in p.formats:
         return p.formats[component]
     return k.image.native().get(component)
+
+
+def outgoing(k: Kernel) -> dict[str, str]:
+    """Per component, what a reboot now writes: the loaded plan's formats over this
+    kernel's own. The reboot path computes it once and passes it to every writer."""
+    p = loaded_plan(k)
+    return {**k.image.native(), **(p.formats if p is not None else {})}
 
 
 def written(k: Kernel) -> dict[str, str]:

@@ -49,16 +49,19 @@ if TYPE_CHECKING:
     from liveupdate.kernel.kexec import Loaded
 
 
-def _luo_check(k: Kernel) -> None:
+Formats = dict[str, str]
+
+
+def _luo_check(k: Kernel, formats: Formats) -> None:
     compat.check_reboot(k)
 
 
-def _luo_freeze(k: Kernel) -> None:
+def _luo_freeze(k: Kernel, formats: Formats) -> None:
     if k.luo is not None:
-        k.luo.freeze()
+        k.luo.freeze(formats)
 
 
-def _finalize(k: Kernel) -> None:
+def _finalize(k: Kernel, formats: Formats) -> None:
     """Per KHO core (:mod:`liveupdate.kernel.kho_core`): 6.16-6.18 leave it to userspace;
     6.19 ``liveupdate_reboot()`` runs ``kho_finalize()`` only when LUO is enabled, mapping
     its failure to EAGAIN; 7.1+ is stateless (the radix tree is the map; the tracker is
@@ -69,7 +72,7 @@ def _finalize(k: Kernel) -> None:
         return
     when = kout.core.at_reboot
     if not kout.core.notifiers:  # negotiated: the agreed format, and the record of it
-        kout.out_format = negotiate.out_format(k, "kho") or kout.format
+        kout.out_format = formats.get("kho") or kout.format
         negotiate.record(k)
     if when is AtReboot.ALWAYS or (when is AtReboot.LUO and k.luo is not None):
         try:
@@ -83,12 +86,12 @@ def _finalize(k: Kernel) -> None:
                  "memory")
 
 
-def _notifiers(k: Kernel) -> None:
+def _notifiers(k: Kernel, formats: Formats) -> None:
     for notifier in k.reboot_notifiers:
         notifier(k)
 
 
-def _end_userspace(k: Kernel) -> None:
+def _end_userspace(k: Kernel, formats: Formats) -> None:
     if k.userspace is not None:
         t0 = time.monotonic()
         killed = k.userspace.stop_and_kill()
@@ -96,7 +99,7 @@ def _end_userspace(k: Kernel) -> None:
                  f"{(time.monotonic() - t0) * 1e3:.0f} ms")
 
 
-def _sanitize(k: Kernel) -> None:
+def _sanitize(k: Kernel, formats: Formats) -> None:
     if k.cmdline.flag("kho_sanitize", True):
         t0 = time.monotonic()
         punched = kexec.sanitize(k)
@@ -104,14 +107,14 @@ def _sanitize(k: Kernel) -> None:
                  f"{(time.monotonic() - t0) * 1e3:.0f} ms")
 
 
-def _machine_kexec(k: Kernel) -> None:
+def _machine_kexec(k: Kernel, formats: Formats) -> None:
     t0 = time.monotonic()
     copied = kexec.copy_segments(k)
     k.printk(f"kexec: copied {copied} bytes of segment data in "
              f"{(time.monotonic() - t0) * 1e3:.1f} ms")
 
 
-STEPS: tuple[tuple[str, Callable[[Kernel], None]], ...] = (
+STEPS: tuple[tuple[str, Callable[[Kernel, Formats], None]], ...] = (
     ("luo_check", _luo_check),
     ("luo_freeze", _luo_freeze),
     ("finalize", _finalize),
@@ -127,8 +130,9 @@ def prepare_jump(k: Kernel) -> Loaded:
     loaded = k.kexec_image
     if loaded is None:
         raise LiveUpdateError(err=errno.EINVAL, msg="reboot(KEXEC): no kexec image loaded")
+    formats = negotiate.outgoing(k)  # decided once: every writer gets it
     for _name, step in STEPS:
-        step(k)
+        step(k, formats)
     return loaded
 
 

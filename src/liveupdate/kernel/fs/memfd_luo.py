@@ -31,11 +31,13 @@ import numpy as np
 
 from liveupdate.abi import memfd as memfd_abi
 from liveupdate.abi.consts import MAX_PAGE_ORDER, PAGE_SHIFT, PAGE_SIZE, get_order
+from liveupdate.abi.formats import compatible_of
 from liveupdate.abi.vmalloc import KhoVmalloc
 from liveupdate.errors import AbiError, LiveUpdateError
-from liveupdate.kernel import kho, negotiate
+from liveupdate.kernel import kho
 from liveupdate.kernel.fs import memfd
 from liveupdate.kernel.fs.file import File
+from liveupdate.kernel.luo.handler import Args, register_file_handler
 from liveupdate.kernel.mm.pages import KHO_PAGE_MAGIC
 
 if TYPE_CHECKING:
@@ -48,8 +50,12 @@ FOLIO_FLAGS = memfd_abi.FOLIO_DIRTY | memfd_abi.FOLIO_UPTODATE
 class MemfdLuo:
     """What every memfd handler does; subclasses add their serialized format."""
 
-    def __init__(self, k: Kernel) -> None:
+    component = "memfd"
+
+    def __init__(self, k: Kernel, fmt: str) -> None:
         self.k = k
+        self.format = fmt
+        self.compatible = compatible_of(fmt)
 
     def can_preserve(self, f: File) -> bool:
         return isinstance(f.private, memfd.Memfd)  # unlinked shmem: every memfd
@@ -150,15 +156,14 @@ class MemfdLuo:
 class MemfdFdtHandler(MemfdLuo):
     """The v3 era handler: ``memfd-v1`` FDT, heavy work at PREPARE."""
 
-    compatible = memfd_abi.MEMFD_V1
-
     def _encode(self, f: File) -> tuple[bytes, int]:
         m = f.private
         folios = self.folios(m)
         return (memfd_abi.encode_fdt(memfd_abi.MemfdState(f.pos, m.size, folios)),
                 memfd_abi.fdt_alloc_size(len(folios)))
 
-    def preserve(self, f: File) -> int:
+    def preserve(self, a: Args) -> int:
+        f = _file(a)
         self.pin(f.private)
         try:
             blob, size = self._encode(f)
@@ -167,16 +172,17 @@ class MemfdFdtHandler(MemfdLuo):
             self.unpin(f.private)
             raise
 
-    def unpreserve(self, f: File, data: int) -> None:
-        self.drop(data, memfd_abi.fdt_alloc_size(len(f.private.index)))
+    def unpreserve(self, a: Args) -> None:
+        f = _file(a)
+        self.drop(a.data, memfd_abi.fdt_alloc_size(len(f.private.index)))
         self.unpin(f.private)
 
-    def freeze(self, f: File, data: int) -> int:
-        blob, _ = self._encode(f)  # the same folios: the same size; only pos changes
-        self.k.write(data, blob)
-        return data
+    def freeze(self, a: Args) -> int:
+        blob, _ = self._encode(_file(a))  # the same folios: the same size; only pos changes
+        self.k.write(a.data, blob)
+        return a.data
 
-    def unfreeze(self, f: File, data: int) -> None:
+    def unfreeze(self, a: Args) -> None:
         """Nothing to undo: the FDT with a newer pos is still a valid preservation."""
 
     def _take_state(self, data: int) -> memfd_abi.MemfdState:
@@ -186,15 +192,15 @@ class MemfdFdtHandler(MemfdLuo):
         except AbiError as e:
             raise LiveUpdateError(err=errno.EINVAL, msg=e.message) from e
 
-    def retrieve(self, data: int) -> File:
-        st = self._take_state(data)
+    def retrieve(self, a: Args) -> File:
+        st = self._take_state(a.data)
         return memfd.open_file(self.restore_folios(st.folios, st.size), st.pos)
 
-    def finish(self, data: int, retrieved: File | None) -> None:
-        if retrieved is not None:
+    def finish(self, a: Args) -> None:
+        if a.file is not None:
             return  # retrieve took the folios and freed the FDT
         try:
-            st = self._take_state(data)
+            st = self._take_state(a.data)
         except LiveUpdateError as e:
             self.k.printk(f"memfd: finish: {e.message}; preserved pages stay reserved")
             return
@@ -209,20 +215,24 @@ class MemfdSerHandler(MemfdLuo):
     restores the seal set (unknown bits: EOPNOTSUPP) and allows more sealing only if
     ``F_SEAL_SEAL`` is absent."""
 
-    def __init__(self, k: Kernel, compatible: str) -> None:
-        super().__init__(k)
-        self.compatible = compatible
-        self.v2 = compatible == memfd_abi.MEMFD_V2
-
-    def _ser(self, f: File, desc: KhoVmalloc, fmt: str | None = None) -> bytes:
-        m, fmt = f.private, fmt or self.compatible
-        v2 = fmt == memfd_abi.MEMFD_V2
+    def _ser(self, f: File, desc: KhoVmalloc, compatible: str = "") -> bytes:
+        m, compatible = f.private, compatible or self.compatible
+        seals = m.seals if memfd_abi.HAS_SEALS[compatible] else 0
         return memfd_abi.encode_ser(memfd_abi.MemfdSer(
-            f.pos, m.size, len(m.index), desc, m.seals if v2 else 0, fmt))
+            f.pos, m.size, len(m.index), desc, seals, compatible))
 
-    def preserve(self, f: File) -> int:
+    def _read(self, data: int, compatible: str = "") -> memfd_abi.MemfdSer:
+        compatible = compatible or self.compatible
+        raw = self.k.read(data, memfd_abi.SER_SIZE[compatible])
+        try:
+            return memfd_abi.decode_ser(raw, compatible)
+        except AbiError as e:
+            raise LiveUpdateError(err=e.errno, msg=e.message) from e
+
+    def preserve(self, a: Args) -> int:
+        f = _file(a)
         m = f.private
-        if self.v2 and m.seals & ~memfd.ALL_SEALS:
+        if memfd_abi.HAS_SEALS[self.compatible] and m.seals & ~memfd.ALL_SEALS:
             raise LiveUpdateError(err=errno.EOPNOTSUPP, msg="memfd: unknown seals")
         self.pin(m)
         kout = self.k.require_kho()
@@ -237,43 +247,37 @@ class MemfdSerHandler(MemfdLuo):
             self.unpin(m)
             raise
 
-    def _decode(self, raw: bytes) -> memfd_abi.MemfdSer:
-        try:
-            return memfd_abi.decode_ser(raw, self.compatible)
-        except AbiError as e:
-            raise LiveUpdateError(err=e.errno, msg=e.message) from e
-
-    def unpreserve(self, f: File, data: int) -> None:
-        ser = self._decode(self.k.read(data, memfd_abi.SER_V2_SIZE if self.v2
-                                       else memfd_abi.SER_V1_SIZE))
+    def unpreserve(self, a: Args) -> None:
+        ser = self._read(a.data)
         kout = self.k.require_kho()
         if ser.folios.first:
             kout.unpreserve_vmalloc(ser.folios)
-        kout.unpreserve_free(data, PAGE_SIZE)
-        self.unpin(f.private)
+        kout.unpreserve_free(a.data, PAGE_SIZE)
+        self.unpin(_file(a).private)
 
-    def freeze(self, f: File, data: int) -> int:
-        """Rewrite ``pos`` -- in the agreed format when negotiation picked an older one
-        (a 7.1+ kernel writing ``memfd-v1`` for 6.19: the same page, 40 bytes, no seals;
-        :mod:`liveupdate.kernel.negotiate` refused the load if the seals mattered)."""
-        size = memfd_abi.SER_V2_SIZE if self.v2 else memfd_abi.SER_V1_SIZE
-        ser = self._decode(self.k.read(data, size))
-        self.k.write(data, self._ser(f, ser.folios, negotiate.out_format(self.k, "memfd")))
-        return data
+    def freeze(self, a: Args) -> int:
+        """Rewrite ``pos`` in the plan's format: a 7.1+ kernel writing ``memfd-v1`` for 6.19
+        (negotiated) writes the same page, 40 bytes, no seals --
+        :mod:`liveupdate.kernel.negotiate` refused the load if the seals mattered."""
+        ser = self._read(a.data)
+        self.k.write(a.data, self._ser(_file(a), ser.folios, compatible_of(a.out_format)))
+        return a.data
 
-    def unfreeze(self, f: File, data: int) -> None:
+    def unfreeze(self, a: Args) -> None:
         """Back to this kernel's own format (a newer pos is still a valid preservation)."""
-        fmt = negotiate.out_format(self.k, "memfd") or self.compatible
-        if fmt != self.compatible:
-            raw = self.k.read(data, memfd_abi.SER_V2_SIZE if fmt == memfd_abi.MEMFD_V2
-                              else memfd_abi.SER_V1_SIZE)
-            ser = memfd_abi.decode_ser(raw, fmt)
-            self.k.write(data, self._ser(f, ser.folios).ljust(len(raw), b"\0"))
+        written = compatible_of(a.out_format)
+        if written != self.compatible:
+            ser = self._read(a.data, written)
+            raw = self._ser(_file(a), ser.folios)
+            self.k.write(a.data, raw.ljust(memfd_abi.SER_SIZE[written], b"\0"))
 
     def _take(self, data: int) -> tuple[memfd_abi.MemfdSer, memfd_abi.Folios]:
         """The struct and the folio array, with their pages taken back and freed."""
-        ser = self._decode(self.take_meta(data)[: memfd_abi.SER_V2_SIZE if self.v2
-                                                else memfd_abi.SER_V1_SIZE])
+        raw = self.take_meta(data)[: memfd_abi.SER_SIZE[self.compatible]]
+        try:
+            ser = memfd_abi.decode_ser(raw, self.compatible)
+        except AbiError as e:
+            raise LiveUpdateError(err=e.errno, msg=e.message) from e
         if ser.nr_folios == 0:
             return ser, memfd_abi.Folios.empty()
         kin = self.k.kho_in
@@ -290,18 +294,29 @@ class MemfdSerHandler(MemfdLuo):
         except AbiError as e:
             raise LiveUpdateError(err=errno.EIO, msg=e.message) from e
 
-    def retrieve(self, data: int) -> File:
-        ser, folios = self._take(data)
+    def retrieve(self, a: Args) -> File:
+        ser, folios = self._take(a.data)
         m = self.restore_folios(folios, ser.size)
-        m.seals = ser.seals if self.v2 else memfd.F_SEAL_SEAL
+        m.seals = ser.seals if memfd_abi.HAS_SEALS[self.compatible] else memfd.F_SEAL_SEAL
         return memfd.open_file(m, ser.pos)
 
-    def finish(self, data: int, retrieved: File | None) -> None:
-        if retrieved is not None:
+    def finish(self, a: Args) -> None:
+        if a.file is not None:
             return
         try:
-            ser, folios = self._take(data)
+            ser, folios = self._take(a.data)
         except LiveUpdateError as e:
             self.k.printk(f"memfd: finish: {e.message}; preserved pages stay reserved")
             return
         self.free_unretrieved(folios, ser.size)
+
+
+def _file(a: Args) -> File:
+    assert a.file is not None, "outgoing operations always carry the file"
+    return a.file
+
+
+def init() -> None:
+    """``memfd_luo_init``: register beside memfd (a boot initcall, kernel/initcalls.py)."""
+    register_file_handler("memfd", ("memfd-fdt",), MemfdFdtHandler)
+    register_file_handler("memfd", ("memfd-v1", "memfd-v2"), MemfdSerHandler)

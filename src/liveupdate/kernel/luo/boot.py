@@ -1,35 +1,40 @@
 """Bring LUO up at boot: on when the command line says ``liveupdate=on`` (``kstrtobool``, as
-every generation's ``early_param("liveupdate")``) and KHO is enabled, with the front end of
-the image's uAPI generation; then restore what the previous kernel preserved."""
+every generation's ``early_param("liveupdate")``) and KHO is enabled, with the front end, the
+handover writer, the rules and the registered file handlers of the image's LUO generation
+row (:data:`liveupdate.abi.generations.LUO`); then restore what the previous kernel
+preserved."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from liveupdate.abi.uapi import Gen
+from liveupdate.abi.generations import LuoGeneration
+from liveupdate.kernel import negotiate
+from liveupdate.kernel.luo.handler import FileHandler, handlers_for
 from liveupdate.kernel.luo.session import LuoSessions
 from liveupdate.kernel.luo.v3 import LuoV3
 
 if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
 
+FrontEnd = Callable[["Kernel", LuoGeneration, list[FileHandler], dict[str, tuple[str, ...]]],
+                    LuoV3 | LuoSessions]
+FRONTENDS: dict[str, FrontEnd] = {"v3": LuoV3, "sessions": LuoSessions}
+
 
 def init(k: Kernel) -> None:
     if not k.cmdline.flag("liveupdate"):
         return
-    if k.image.luo == "none":  # before 6.19 there is no LUO to turn on
+    gen = k.image.luo_gen
+    if not gen.enabled:  # before 6.19 there is no LUO to turn on
         k.printk("luo: this kernel has no Live Update Orchestrator; liveupdate= ignored")
         return
     if k.kho_out is None:
         k.printk("luo: KHO is disabled; LUO is disabled")
         return
-    if k.image.luo == "v3":
-        v3 = LuoV3(k)
-        k.luo = v3
-        v3.boot()
-        k.printk(f"luo: LUO v3 enabled, state {v3.state.name.lower()}")
-        return
-    sessions = LuoSessions(k, Gen.V7_1 if k.image.luo in ("7.1", "7.2") else Gen.V6_19)
-    k.luo = sessions
-    sessions.boot()
-    k.printk(f"luo: LUO {k.image.luo} enabled (sessions), live update {sessions.number}")
+    reads = negotiate.code_reads(k)
+    luo = FRONTENDS[gen.frontend](k, gen, handlers_for(k, k.image.native(), reads), reads)
+    k.luo = luo
+    luo.boot()
+    k.printk(luo.enabled_message())

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from liveupdate.abi.uapi import State as FileState
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.kernel.fs.file import File
-from liveupdate.kernel.luo.handler import FileHandler
+from liveupdate.kernel.luo.handler import Args, FileHandler
 
 
 @dataclass(eq=False)
@@ -35,6 +35,10 @@ class OutFile:
     handler: FileHandler
     state: FileState = FileState.NORMAL
     data: int = 0
+    out_format: str = ""  # what the last freeze wrote (the plan's), "" = the handler's own
+
+    def args(self, out_format: str = "") -> Args:
+        return Args(self.file, self.data, out_format or self.out_format or self.handler.format)
 
 
 def _errno_of(e: LiveUpdateError | AbiError) -> LiveUpdateError:
@@ -89,29 +93,35 @@ class FileSet:
         if entry.state is not FileState.NORMAL:
             return  # already prepared (per file, ahead of the global event)
         try:
-            entry.data = entry.handler.preserve(entry.file)
+            entry.data = entry.handler.preserve(entry.args())
         except (LiveUpdateError, AbiError) as e:
             raise _errno_of(e) from e
         entry.state = FileState.PREPARED
 
-    def freeze_one(self, entry: OutFile) -> None:
+    def freeze_one(self, entry: OutFile, formats: dict[str, str] | None = None) -> None:
+        """Freeze one file, writing its component's format from ``formats`` (the plan of
+        this handover; its own when absent)."""
         if entry.state is FileState.FROZEN:
             return
         if entry.state is not FileState.PREPARED:
             raise LiveUpdateError(err=errno.EINVAL, msg=f"file {entry.token:#x} is not "
                                   "prepared")
+        out = (formats or {}).get(entry.handler.component, entry.handler.format)
         try:
-            entry.data = entry.handler.freeze(entry.file, entry.data)
+            entry.data = entry.handler.freeze(entry.args(out))
         except (LiveUpdateError, AbiError) as e:
             raise _errno_of(e) from e
-        entry.state = FileState.FROZEN
+        entry.state, entry.out_format = FileState.FROZEN, out
+
+    def unfreeze_one(self, entry: OutFile) -> None:
+        entry.handler.unfreeze(entry.args())
+        entry.state, entry.out_format = FileState.PREPARED, ""
 
     def cancel_one(self, entry: OutFile) -> None:
         if entry.state is FileState.FROZEN:
-            entry.handler.unfreeze(entry.file, entry.data)
-            entry.state = FileState.PREPARED
+            self.unfreeze_one(entry)
         if entry.state is FileState.PREPARED:
-            entry.handler.unpreserve(entry.file, entry.data)
+            entry.handler.unpreserve(entry.args())
             entry.state, entry.data = FileState.NORMAL, 0
 
     # -- the whole set, all or nothing ----------------------------------------------------
@@ -127,18 +137,21 @@ class FileSet:
                 self.cancel_one(entry)
             raise
 
-    def freeze_all(self) -> None:
+    def freeze_all(self, formats: dict[str, str] | None = None) -> None:
         done: list[OutFile] = []
         try:
             for entry in self:
                 if entry.state is FileState.PREPARED:
-                    self.freeze_one(entry)
+                    self.freeze_one(entry, formats)
                     done.append(entry)
         except LiveUpdateError:
-            for entry in reversed(done):
-                entry.handler.unfreeze(entry.file, entry.data)
-                entry.state = FileState.PREPARED
+            self.unfreeze_all(done)
             raise
+
+    def unfreeze_all(self, entries: list[OutFile] | None = None) -> None:
+        for entry in reversed(list(self) if entries is None else entries):
+            if entry.state is FileState.FROZEN:
+                self.unfreeze_one(entry)
 
     def cancel_all(self) -> None:
         for entry in reversed(list(self.files.values())):
@@ -172,7 +185,7 @@ class IncomingSet:
     def retrieve(self, entry: InFile) -> File:
         if entry.file is None:
             try:
-                entry.file = entry.handler.retrieve(entry.data).get()  # LUO's reference
+                entry.file = entry.handler.retrieve(Args(None, entry.data)).get()  # LUO's
             except AbiError as e:
                 raise _errno_of(e) from e
         return entry.file
@@ -180,7 +193,7 @@ class IncomingSet:
     def finish_one(self, entry: InFile) -> None:
         if entry.finished:
             return
-        entry.handler.finish(entry.data, entry.file)
+        entry.handler.finish(Args(entry.file, entry.data))
         entry.finished = True
         del self.files[entry.token]
         if entry.file is not None:

@@ -45,22 +45,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from liveupdate.abi import luo_ser, luo_session, uapi
+from liveupdate.abi import generations, luo_session, uapi
 from liveupdate.abi.consts import PAGE_SIZE
-from liveupdate.abi.uapi import Gen, State, Target
+from liveupdate.abi.uapi import Target
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.kernel import kho, negotiate
 from liveupdate.kernel.fs.file import File
-from liveupdate.kernel.fs.memfd_luo import MemfdSerHandler
 from liveupdate.kernel.luo.files import FileSet, IncomingSet, InFile
 from liveupdate.kernel.luo.flb import FlbRegistry, IncomingFlb
-from liveupdate.kernel.luo.handler import FileHandler
+from liveupdate.kernel.luo.handler import FileHandler, out_compatible
+from liveupdate.kernel.luo.handover import HANDOVERS, reader_for
+from liveupdate.kernel.luo.rules import RULES
 
 if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
 
 LUO_KHO_ENTRY_NAME = "LUO"
 Resolve = Callable[[int], File]
+Reply = tuple[dict[str, Any], list[File]]
 
 
 @dataclass(eq=False)
@@ -102,17 +104,20 @@ class SessionOps:
 
 
 class LuoSessions:
-    def __init__(self, k: Kernel, gen: Gen) -> None:
+    """The sessions front end of one LUO generation row (:data:`abi.generations.LUO`): its
+    uAPI, its handover writer (:mod:`.handover`), its rules (:mod:`.rules`) and the file
+    handlers the kernel registered for the formats it writes and reads."""
+
+    def __init__(self, k: Kernel, gen: generations.LuoGeneration,
+                 handlers: list[FileHandler], reads: dict[str, tuple[str, ...]]) -> None:
         self.k = k
-        self.gen = gen
-        self.v7 = gen is Gen.V7_1  # the 7.1+ uAPI: GET_NAME, EBUSY, sticky errors
-        native = k.image.native()
-        self.native_luo = native["luo"]  # luo-v1 (6.19-7.1) or luo-v5 (7.2)
-        self.has_flb = native["flb"] == "luo-flb-v1"  # 7.0+
-        self.reads = negotiate.code_reads(k)
-        # the native handler first: it preserves; the others only retrieve (negotiation)
-        mfds = [native["memfd"], *(f for f in self.reads["memfd"] if f != native["memfd"])]
-        self.handlers: list[FileHandler] = [MemfdSerHandler(k, f) for f in mfds]
+        self.row = gen
+        self.gen = uapi.Gen(gen.uapi)
+        self.rules = RULES[gen.rules]
+        self.writer = HANDOVERS[gen.luo]
+        self.has_flb = gen.flb in generations.FLB_NODE  # 7.0+
+        self.reads = reads
+        self.handlers = handlers  # the native handler first: it preserves; others retrieve
         self.flbs = FlbRegistry()
         self.device = DeviceOps(self)
         self.session_ops = SessionOps(self)
@@ -132,9 +137,8 @@ class LuoSessions:
     # -- boot -----------------------------------------------------------------------------
     def boot(self) -> None:
         """``luo_early_startup``: read and check the previous kernel's LUO data (a panic
-        when unreadable), then build this kernel's outgoing LUO blob in the live KHO tree:
-        the ``luo-v1`` FDT with its session header (and FLB header, 7.0+), or 7.2's
-        ``luo_ser``."""
+        when unreadable), then build this kernel's outgoing LUO blob in the live KHO tree
+        (its handover writer's format), with the FLB header page first (7.0+)."""
         kin = self.k.kho_in
         if kin is not None:
             try:
@@ -143,23 +147,12 @@ class LuoSessions:
                 phys = 0
             if phys:
                 self._read_incoming(phys, kin.root.size(LUO_KHO_ENTRY_NAME))
-        kout = self.k.require_kho()
         if self.has_flb:
-            self.flb_header = kout.alloc_preserve(PAGE_SIZE)
+            self.flb_header = self.k.require_kho().alloc_preserve(PAGE_SIZE)
             self.k.write(self.flb_header, luo_session.encode_flbs([]))
-        if self.native_luo == "luo-v5":
-            self.ser = kout.store(luo_ser.encode(luo_ser.LuoSer(self.number + 1, 0,
-                                                               self.flb_header)))
-            self._publish(self.ser, luo_ser.LUO_SER.size)
-            return
-        self.header = kout.alloc_preserve(luo_session.SESSION_BLOCK)
-        self.k.write(self.header, luo_session.encode_sessions([]))
-        blob = luo_session.encode_luo_fdt(self.number + 1, self.header,
-                                          self.flb_header if self.has_flb else None)
-        self.fdt = kout.store(blob)
-        self._publish(self.fdt, len(blob))
+        self.writer.boot(self)
 
-    def _publish(self, phys: int, size: int) -> None:
+    def publish(self, phys: int, size: int) -> None:
         """The LUO subtree is ``phys`` (replacing another one: negotiation)."""
         if self.published == phys:
             return
@@ -170,34 +163,23 @@ class LuoSessions:
         self.published = phys
 
     def _read_incoming(self, phys: int, size: int | None) -> None:
-        """Dispatch on what this kernel reads: an FDT (``luo-v1``) or a ``luo_ser``
-        (``luo-v5``). A native kernel tries only its own -- 6.19 meets 7.2's struct as a bad
-        FDT, 7.2 meets 6.19's FDT as a wrong ``compatible`` -- and panics, as Linux."""
-        reads = self.reads["luo"]
+        """Read with the reader of the blob's format among those this kernel reads; a
+        native kernel tries only its own -- 6.19 meets 7.2's struct as a bad FDT, 7.2 meets
+        6.19's FDT as a wrong ``compatible`` -- and panics, as Linux."""
+        flb_reads = self.reads.get("flb", ())
+        require_flb = bool(flb_reads) and set(flb_reads) <= generations.FLB_NODE
         try:
-            is_fdt = self.k.mem.read(phys, 4, "LUO blob") == b"\xd0\x0d\xfe\xed"
-            if "luo-v1" in reads and (is_fdt or "luo-v5" not in reads):
-                fdt = luo_session.decode_luo_fdt(
-                    self.k.mem.read_fdt(phys, "LUO FDT"),
-                    require_flb=self.reads.get("flb") == ("luo-flb-v1",))
-                self._incoming_raw = luo_session.decode_sessions(self.k.mem, fdt.session_header)
-                number, flbs = fdt.liveupdate_number, fdt.flb_header or 0
-                meta = [phys, fdt.session_header] + [
-                    s.files_phys for s in self._incoming_raw if s.files]
-            else:
-                # luo_early_startup: the blob must hold a luo_ser (kho-v1 roots carry no size)
-                want = luo_ser.LUO_SER.size if size is None else min(size, PAGE_SIZE)
-                ser = luo_ser.decode(self.k.mem.read(phys, want, "luo_ser"))
-                self._incoming_raw, blocks = luo_ser.decode_sessions(self.k.mem,
-                                                                     ser.sessions_pa)
-                number, flbs = ser.liveupdate_number, ser.flbs_pa
-                meta = [phys, *blocks]
-            if flbs:
-                self._flbs_raw = luo_session.decode_flbs(self.k.mem, flbs)
-                meta.append(flbs)
+            head = self.k.mem.read(phys, 4, "LUO blob")
+            inc = reader_for(self.reads["luo"], head).read(self.k.mem, phys, size,
+                                                           require_flb)
+            meta = inc.meta
+            if inc.flbs:
+                self._flbs_raw = luo_session.decode_flbs(self.k.mem, inc.flbs)
+                meta.append(inc.flbs)
         except AbiError as e:
             self.k.panic(f"LUO: cannot restore the previous kernel's state: {e.message}")
-        self.number = number
+        self._incoming_raw = inc.sessions
+        self.number = inc.number
         self._incoming_meta = meta
         self.k.printk(f"luo: live update {self.number}: {len(self._incoming_raw)} incoming "
                       "sessions")
@@ -256,16 +238,16 @@ class LuoSessions:
             name = uapi.session_name(a["name"], strict=False)
         except AbiError as e:  # names are bytes to Linux; ours must be UTF-8 (documented)
             raise LiveUpdateError(err=e.errno, msg=e.message) from e
-        create = entry.name == "CREATE_SESSION"
-        f = self._create(name) if create else self._retrieve_session(name)
+        f = DEVICE_IOCTLS[entry.name](self, name)
         reply = entry.pack(**{**a, "fd": 0})
         return reply[: min(a["size"], entry.size)], [f]
 
     def _create(self, name: str) -> File:
         if name in self.outgoing:
             raise LiveUpdateError(err=errno.EEXIST, msg=f"session {name!r} exists")
-        if self.native_luo == "luo-v1" and len(self.outgoing) >= luo_session.SESSION_MAX:
-            raise LiveUpdateError(err=errno.ENOMEM, msg=f"more than {luo_session.SESSION_MAX}"
+        limit = self.writer.session_max
+        if limit is not None and len(self.outgoing) >= limit:
+            raise LiveUpdateError(err=errno.ENOMEM, msg=f"more than {limit}"
                                   " sessions do not fit the session header")
         s = Session(name, files=FileSet(lambda: self.handlers))
         self.outgoing[name] = s
@@ -286,21 +268,29 @@ class LuoSessions:
                       resolve: Resolve) -> tuple[bytes, list[File]]:
         entry, a = self._lookup(Target.SESSION, cmd, arg)
         self._frozen_check()
-        out: dict[str, Any] = {}
-        new: list[File] = []
-        if entry.name == "SESSION_PRESERVE_FD":
-            self._preserve(s, a["token"], fds, resolve)
-        elif entry.name == "SESSION_RETRIEVE_FD":
-            new.append(self._retrieve_fd(s, a["token"]))
-            out["fd"] = 0
-        elif entry.name == "SESSION_FINISH":
-            self._finish(s)
-        elif entry.name == "SESSION_GET_NAME":
-            if a["reserved"]:
-                raise LiveUpdateError(err=errno.EINVAL, msg="GET_NAME: reserved must be 0")
-            out["name"] = s.name.encode()
+        out, new = SESSION_IOCTLS[entry.name](self, s, a, fds, resolve)
         reply = entry.pack(**{**a, **out})
         return reply[: min(a["size"], entry.size)], new
+
+    def _ioc_preserve(self, s: Session, a: dict[str, Any], fds: list[int],
+                      resolve: Resolve) -> Reply:
+        self._preserve(s, a["token"], fds, resolve)
+        return {}, []
+
+    def _ioc_retrieve(self, s: Session, a: dict[str, Any], fds: list[int],
+                      resolve: Resolve) -> Reply:
+        return {"fd": 0}, [self._retrieve_fd(s, a["token"])]
+
+    def _ioc_finish(self, s: Session, a: dict[str, Any], fds: list[int],
+                    resolve: Resolve) -> Reply:
+        self._finish(s)
+        return {}, []
+
+    def _ioc_get_name(self, s: Session, a: dict[str, Any], fds: list[int],
+                      resolve: Resolve) -> Reply:
+        if a["reserved"]:
+            raise LiveUpdateError(err=errno.EINVAL, msg="GET_NAME: reserved must be 0")
+        return {"name": s.name.encode()}, []
 
     def _in_any_session(self, f: File) -> bool:
         ident = f.private
@@ -317,15 +307,14 @@ class LuoSessions:
         if token in s.files.files:
             raise LiveUpdateError(err=errno.EEXIST, msg=f"token {token:#x} is already used "
                                   f"in session {s.name!r}")
-        if self.native_luo == "luo-v1" and len(s.files) >= luo_session.FILE_MAX:
+        limit = self.writer.file_max
+        if limit is not None and len(s.files) >= limit:
             raise LiveUpdateError(err=errno.ENOSPC, msg=f"session {s.name!r} holds "
-                                  f"{luo_session.FILE_MAX} files")
+                                  f"{limit} files")
         if not fds:
             raise LiveUpdateError(err=errno.EBADF, msg="PRESERVE_FD: bad fd")
         f = resolve(fds[0])
-        if self.v7 and self._in_any_session(f):
-            raise LiveUpdateError(err=errno.EBUSY, msg="PRESERVE_FD: the file is already "
-                                  "preserved in a session")
+        self.rules.check_preserve(f, self._in_any_session)
         entry = s.files.add(token, f)
         try:
             self.flbs.file_preserved(entry.handler.compatible)
@@ -338,7 +327,7 @@ class LuoSessions:
             del s.files.files[token]
             f.put()
             raise
-        if not s.files_array and self.native_luo == "luo-v1":  # 7.2: chains at the reboot
+        if not s.files_array and self.writer.files_array_at_preserve:
             s.files_array = self.k.require_kho().alloc_preserve(luo_session.FILE_BLOCK)
 
     def _retrieve_fd(self, s: Session, token: int) -> File:
@@ -352,8 +341,7 @@ class LuoSessions:
         try:
             f = s.incoming.retrieve(entry)
         except LiveUpdateError as e:
-            if self.v7:
-                s.errors[token] = e
+            self.rules.retrieve_failed(s.errors, token, e)
             raise
         if first:
             self.flbs.file_retrieved(entry.handler.compatible)
@@ -386,91 +374,86 @@ class LuoSessions:
         del self.outgoing[s.name]
 
     # -- reboot ---------------------------------------------------------------------------
-    def freeze(self) -> None:
+    def freeze(self, formats: dict[str, str]) -> None:
         """``liveupdate_reboot``: freeze every file of every open session, then write the
-        session header, the file arrays and the FLB header. All or nothing."""
+        session header, the file arrays and the FLB header, in ``formats`` (the plan of this
+        handover: negotiation may pick older ones). All or nothing."""
         done: list[FileSet] = []
         try:
             for s in self.outgoing.values():
                 assert s.files is not None
-                s.files.freeze_all()
+                s.files.freeze_all(formats)
                 done.append(s.files)
-            self._serialize()
+            self._serialize(formats)
         except (LiveUpdateError, AbiError) as e:
             for fs in reversed(done):
-                for entry in reversed(list(fs)):
-                    entry.handler.unfreeze(entry.file, entry.data)
-                    entry.state = State.PREPARED
+                fs.unfreeze_all()
             raise LiveUpdateError(err=e.errno, msg=f"LUO: freeze: {e.message}") from e
         self.frozen = True
         self.k.printk(f"luo: froze {len(self.outgoing)} sessions")
 
     def _release_serialized(self) -> None:
+        """Give back what the last serialization allocated, and forget the pointers into it
+        (a kernel whose format allocates at the reboot has none before)."""
         kout = self.k.require_kho()
+        gone = {p for p, _ in self._serialized}
         for p, size in self._serialized:
             kout.unpreserve_free(p, size)
-        if self._serialized and self.native_luo == "luo-v5":  # what it allocated is gone
-            self.header = self.fdt = 0
-            for s in self.outgoing.values():
-                s.files_array = 0
+        self.header = 0 if self.header in gone else self.header
+        self.fdt = 0 if self.fdt in gone else self.fdt
+        for s in self.outgoing.values():
+            s.files_array = 0 if s.files_array in gone else s.files_array
         self._serialized = []
 
-    def _alloc(self, size: int = PAGE_SIZE) -> int:
+    def alloc_at_reboot(self, size: int = PAGE_SIZE) -> int:
         p = self.k.require_kho().alloc_preserve(size)
         self._serialized.append((p, size))
         return p
 
-    def _out_compatible(self, handler: FileHandler) -> str:
-        """A file's handler as this handover names it: memfd's is the agreed format."""
-        if isinstance(handler, MemfdSerHandler):
-            return negotiate.out_format(self.k, "memfd") or handler.compatible
-        return handler.compatible
-
-    def _serialize(self) -> None:
-        """Write the sessions in the format this handover uses (``luo-v1`` arrays or
-        ``luo-v5`` block chains; negotiation may pick the older one), with or without the FLB
-        node. Pages needed only now (7.2's chains; a 7.2 kernel writing luo-v1) are
-        allocated here and given back if the freeze fails."""
+    def _serialize(self, formats: dict[str, str]) -> None:
+        """Write the sessions with the writer of the plan's LUO format, with the FLB node
+        when the plan's FLB format has one and this kernel made it. Pages needed only now
+        are given back if the freeze fails."""
         self._release_serialized()
-        fmt = negotiate.out_format(self.k, "luo")
-        flb = negotiate.out_format(self.k, "flb") == "luo-flb-v1" and self.has_flb
+        flb = formats.get("flb") in generations.FLB_NODE and self.has_flb
         try:
-            sessions = [(s.name, [luo_session.FileSer(self._out_compatible(e.handler), e.data,
-                                                      e.token) for e in (s.files or [])])
+            sessions = [(s.name, [luo_session.FileSer(out_compatible(e.handler, formats)[1],
+                                                      e.data, e.token)
+                                  for e in (s.files or [])])
                         for s in self.outgoing.values()]
             if flb:
                 self.k.write(self.flb_header, luo_session.encode_flbs(self.flbs.serialize()))
-            if fmt == "luo-v5":
-                first, pages = luo_ser.encode_sessions(sessions, self._alloc)
-                for p, page in pages.items():
-                    self.k.write(p, page)
-                self.k.write(self.ser, luo_ser.encode(luo_ser.LuoSer(
-                    self.number + 1, first, self.flb_header)))
-                self._publish(self.ser, luo_ser.LUO_SER.size)
-                return
-            rows: list[tuple[str, int, int]] = []
-            for (name, files), s in zip(sessions, self.outgoing.values(), strict=True):
-                if files and not s.files_array:
-                    s.files_array = self._alloc(luo_session.FILE_BLOCK)
-                if files:
-                    self.k.write(s.files_array, luo_session.encode_files(files))
-                rows.append((name, s.files_array if files else 0, len(files)))
-            if not self.header:  # 7.2 writing luo-v1: the header and FDT only now
-                self.header = self._alloc(luo_session.SESSION_BLOCK)
-                self.fdt = self._alloc()
-            self.k.write(self.header, luo_session.encode_sessions(rows))
-            blob = luo_session.encode_luo_fdt(self.number + 1, self.header,
-                                              self.flb_header if flb else None)
-            self.k.write(self.fdt, blob.ljust(PAGE_SIZE, b"\0"))
-            self._publish(self.fdt, len(blob))
+            HANDOVERS[formats["luo"]].serialize(self, sessions, flb)
         except (LiveUpdateError, AbiError):
             self._release_serialized()
             raise
 
+    def enabled_message(self) -> str:
+        return (f"luo: LUO {self.row.name} enabled (sessions), live update "
+                f"{self.number}")
+
+    def outgoing_files(self) -> list[tuple[str, File]]:
+        """Every outgoing file and how an error names it."""
+        return [(f"session {s.name!r} token {e.token:#x}", e.file)
+                for s in self.outgoing.values() for e in s.files or []]
+
+    def check_limits(self, luo_format: str, what: str) -> None:
+        """EINVAL when the outgoing sessions do not fit ``luo_format``'s arrays."""
+        h = HANDOVERS[luo_format]
+        if h.session_max is not None and len(self.outgoing) > h.session_max:
+            raise LiveUpdateError(err=errno.EINVAL, msg=(
+                f"{what}: negotiation: {len(self.outgoing)} sessions, {luo_format} holds "
+                f"{h.session_max}"))
+        for s in self.outgoing.values():
+            if h.file_max is not None and len(s.files or []) > h.file_max:
+                raise LiveUpdateError(err=errno.EINVAL, msg=(
+                    f"{what}: negotiation: session {s.name!r} holds {len(s.files or [])} "
+                    f"files, {luo_format} holds {h.file_max} per session"))
+
     # -- reports --------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         return {
-            "generation": str(self.gen), "luo": self.k.image.luo,
+            "generation": str(self.gen), "luo": self.row.name,
             "handover": negotiate.written(self.k), "liveupdate_number": self.number,
             "device_open": self.device_open, "restore_failed": self.restore_failed or None,
             "sessions": [{"name": s.name, "files": [
@@ -485,3 +468,16 @@ class LuoSessions:
             "pending_incoming": len(self._incoming_raw or []),
             "flbs": [{"name": f.ops.name, "count": f.count} for f in self.flbs.flbs],
         }
+
+
+DEVICE_IOCTLS: dict[str, Callable[[LuoSessions, str], File]] = {
+    "CREATE_SESSION": LuoSessions._create,
+    "RETRIEVE_SESSION": LuoSessions._retrieve_session,
+}
+SESSION_IOCTLS: dict[str, Callable[[LuoSessions, Session, dict[str, Any], list[int], Resolve],
+                                   Reply]] = {
+    "SESSION_PRESERVE_FD": LuoSessions._ioc_preserve,
+    "SESSION_RETRIEVE_FD": LuoSessions._ioc_retrieve,
+    "SESSION_FINISH": LuoSessions._ioc_finish,
+    "SESSION_GET_NAME": LuoSessions._ioc_get_name,
+}

@@ -42,13 +42,12 @@ import errno
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from liveupdate.abi import luo_v3, uapi
+from liveupdate.abi import generations, luo_v3, uapi
 from liveupdate.abi.consts import PAGE_SIZE
-from liveupdate.abi.uapi import Event, Gen, State, Target
+from liveupdate.abi.uapi import Event, State, Target
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.kernel import kho
 from liveupdate.kernel.fs.file import File
-from liveupdate.kernel.fs.memfd_luo import MemfdFdtHandler
 from liveupdate.kernel.luo.files import FileSet, IncomingSet, InFile
 from liveupdate.kernel.luo.handler import FileHandler
 from liveupdate.kernel.luo.subsystems import FILES_SUBSYSTEM, Subsystems
@@ -64,6 +63,8 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.UPDATED, Event.FINISH): State.NORMAL,
 }
 MUTABLE = (State.NORMAL, State.UPDATED)
+Resolve = Callable[[int], File]
+Reply = tuple[dict[str, Any], list[File]]
 
 
 class DeviceOps:
@@ -83,12 +84,13 @@ class DeviceOps:
 
 
 class LuoV3:
-    gen = Gen.V3
-
-    def __init__(self, k: Kernel) -> None:
+    def __init__(self, k: Kernel, gen: generations.LuoGeneration,
+                 handlers: list[FileHandler], reads: dict[str, tuple[str, ...]]) -> None:
         self.k = k
+        self.row = gen
+        self.gen = uapi.Gen(gen.uapi)
         self.state = State.NORMAL
-        self.handlers: list[FileHandler] = [MemfdFdtHandler(k)]
+        self.handlers = handlers
         self.files = FileSet(lambda: self.handlers)
         self.incoming = IncomingSet()
         self.subsystems = Subsystems(lambda: self.state in MUTABLE,
@@ -161,13 +163,14 @@ class LuoV3:
             raise LiveUpdateError(err=e.errno, msg=f"LUO: prepare: {e.message}") from e
         self._set(nxt)
 
-    def freeze(self) -> None:
-        """``liveupdate_reboot``: the reboot path's first step."""
+    def freeze(self, formats: dict[str, str]) -> None:
+        """``liveupdate_reboot``: the reboot path's first step (the v3 family stands alone:
+        its formats are always its own)."""
         if self.state is not State.PREPARED:
             return  # the kexec carries no LUO data
         nxt = self._event(Event.FREEZE)
         try:
-            self.files.freeze_all()
+            self.files.freeze_all(formats)
             self.subsystems.freeze_all()
             self._publish()
         except (LiveUpdateError, AbiError) as e:
@@ -242,40 +245,49 @@ class LuoV3:
         self.files.clear()
 
     def ioctl(self, cmd: int, arg: bytes, fds: list[int],
-              resolve: Callable[[int], File]) -> tuple[bytes, list[File]]:
+              resolve: Resolve) -> tuple[bytes, list[File]]:
         """One ioctl on /dev/liveupdate: the dispatcher's checks (:func:`uapi.lookup`),
-        then the command. Returns the bytes copied back and the files to install."""
+        then the command from :data:`IOCTLS`. Returns the bytes copied back and the files to
+        install."""
         try:
-            entry, a = uapi.lookup(Gen.V3, Target.DEVICE, cmd, arg)
+            entry, a = uapi.lookup(self.gen, Target.DEVICE, cmd, arg)
         except AbiError as e:
             raise LiveUpdateError(err=e.errno, msg=e.message) from e
-        out: dict[str, Any] = {}
-        new: list[File] = []
-        name = entry.name
-        if name == "GET_STATE":
-            out["state"] = int(self.state)
-        elif name == "SET_EVENT":
-            self._set_event(a["event"])
-        elif name == "FD_PRESERVE":
-            self._mutable("FD_PRESERVE")
-            if not fds:
-                raise LiveUpdateError(err=errno.EBADF, msg="FD_PRESERVE: bad fd")
-            self.files.add(a["token"], resolve(fds[0]))
-        elif name == "FD_UNPRESERVE":
-            self._mutable("FD_UNPRESERVE")
-            self.files.remove(a["token"])
-        elif name == "FD_RESTORE":
-            new.append(self._restore(a["token"]))
-        elif name == "GET_FD_STATE":
-            if a["incoming"]:
-                self.incoming.get(a["token"])  # ENOENT when unknown
-                out["state"] = int(State.UPDATED)
-            else:
-                out["state"] = int(self.files.get(a["token"]).state)
-        elif name == "SET_FD_EVENT":
-            self._set_fd_event(a["event"], a["token"])
+        out, new = IOCTLS[entry.name](self, a, fds, resolve)
         reply = entry.pack(**{**a, **out, "size": a["size"]})
         return reply[: min(a["size"], entry.size)], new
+
+    def _ioc_get_state(self, a: dict[str, Any], fds: list[int], resolve: Resolve) -> Reply:
+        return {"state": int(self.state)}, []
+
+    def _ioc_set_event(self, a: dict[str, Any], fds: list[int], resolve: Resolve) -> Reply:
+        self._set_event(a["event"])
+        return {}, []
+
+    def _ioc_preserve(self, a: dict[str, Any], fds: list[int], resolve: Resolve) -> Reply:
+        self._mutable("FD_PRESERVE")
+        if not fds:
+            raise LiveUpdateError(err=errno.EBADF, msg="FD_PRESERVE: bad fd")
+        self.files.add(a["token"], resolve(fds[0]))
+        return {}, []
+
+    def _ioc_unpreserve(self, a: dict[str, Any], fds: list[int], resolve: Resolve) -> Reply:
+        self._mutable("FD_UNPRESERVE")
+        self.files.remove(a["token"])
+        return {}, []
+
+    def _ioc_restore(self, a: dict[str, Any], fds: list[int], resolve: Resolve) -> Reply:
+        return {}, [self._restore(a["token"])]
+
+    def _ioc_get_fd_state(self, a: dict[str, Any], fds: list[int], resolve: Resolve) -> Reply:
+        if a["incoming"]:
+            self.incoming.get(a["token"])  # ENOENT when unknown
+            return {"state": int(State.UPDATED)}, []
+        return {"state": int(self.files.get(a["token"]).state)}, []
+
+    def _ioc_set_fd_event(self, a: dict[str, Any], fds: list[int], resolve: Resolve) -> Reply:
+        self._set_fd_event(a["event"], a["token"])
+        return {}, []
 
     def _mutable(self, what: str) -> None:
         if self.state not in MUTABLE:
@@ -317,6 +329,16 @@ class LuoV3:
             raise LiveUpdateError(err=errno.EINVAL, msg=f"SET_FD_EVENT: bad event {event}")
         action(self.files.get(token))
 
+    def enabled_message(self) -> str:
+        return f"luo: LUO v3 enabled, state {self.state.name.lower()}"
+
+    def outgoing_files(self) -> list[tuple[str, File]]:
+        """Every outgoing file and how an error names it."""
+        return [(f"token {e.token:#x}", e.file) for e in self.files]
+
+    def check_limits(self, luo_format: str, what: str) -> None:
+        """The files FDT grows with its files: no array limits."""
+
     # -- reports --------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         return {
@@ -339,3 +361,14 @@ def _event_of(value: int) -> Event | None:
         return Event(value)
     except ValueError:
         return None
+
+
+IOCTLS: dict[str, Callable[[LuoV3, dict[str, Any], list[int], Resolve], Reply]] = {
+    "GET_STATE": LuoV3._ioc_get_state,
+    "SET_EVENT": LuoV3._ioc_set_event,
+    "FD_PRESERVE": LuoV3._ioc_preserve,
+    "FD_UNPRESERVE": LuoV3._ioc_unpreserve,
+    "FD_RESTORE": LuoV3._ioc_restore,
+    "GET_FD_STATE": LuoV3._ioc_get_fd_state,
+    "SET_FD_EVENT": LuoV3._ioc_set_fd_event,
+}
