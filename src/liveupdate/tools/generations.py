@@ -33,13 +33,10 @@ from typing import Any
 
 from liveupdate.abi import formats, generations, uapi
 from liveupdate.abi.image import KernelImage
-from liveupdate.abi.uapi import Gen
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.kernel.fs import memfd as kmemfd
-from liveupdate.kernel.fs.file import File
+from liveupdate.kernel.fs.file import File, IoctlOps
 from liveupdate.kernel.kernel import Kernel
-from liveupdate.kernel.luo.session import LuoSessions
-from liveupdate.kernel.luo.v3 import LuoV3
 from liveupdate.kernel.power import Halted
 from liveupdate.tools.inprocess import Rig
 
@@ -72,56 +69,57 @@ def expected(writer: str, reader: str, mode: str) -> str:
     return "restored"
 
 
-def _uapi(k: Kernel) -> Gen:
-    luo = k.luo
-    return Gen.V3 if isinstance(luo, LuoV3) else luo.gen if isinstance(luo, LuoSessions) \
-        else Gen.V6_19
-
-
-def ioctl(k: Kernel, target: File | None, op: str, fds: list[File] | None = None,
-        **fields: Any) -> tuple[dict[str, Any], list[File]]:
-    """One ioctl through the kernel's own dispatch, as a syscall would make it."""
-    gen = _uapi(k)
-    entry = uapi.ioctl(gen, op)
+def ioctl(k: Kernel, target: File, op: str, fds: list[File] | None = None,
+          **fields: Any) -> tuple[dict[str, Any], list[File]]:
+    """One ioctl on ``target`` (the device or a session file) through the kernel's own
+    dispatch, as a syscall would make it."""
+    assert k.luo is not None
+    entry = uapi.ioctl(k.luo.gen, op)
     arg = entry.pack(size=entry.size, **fields)
     given = list(fds or [])
-    luo = k.luo
-    assert luo is not None
-    if isinstance(luo, LuoV3):
-        out, new = luo.ioctl(entry.number, arg, [3] * len(given), lambda fd: given[0].get())
-    elif target is None:
-        out, new = luo.device_ioctl(entry.number, arg)
-    else:
-        out, new = luo.session_ioctl(target.private, entry.number, arg, [3] * len(given),
-                                     lambda fd: given[0].get())
+    assert isinstance(target.ops, IoctlOps)
+    out, new = target.ops.ioctl(target, entry.number, arg, [3] * len(given),
+                                lambda fd: given[0].get())
     return entry.unpack(out.ljust(entry.size, b"\0")), new
+
+
+def _preserve_v3(k: Kernel, dev: File, f: File) -> None:
+    ioctl(k, dev, "FD_PRESERVE", [f], fd=3, token=TOKEN)
+    ioctl(k, dev, "SET_EVENT", event=0)  # PREPARE
+
+
+def _preserve_sessions(k: Kernel, dev: File, f: File) -> None:
+    _, (session,) = ioctl(k, dev, "CREATE_SESSION", fd=0, name=SESSION.encode())
+    ioctl(k, session, "SESSION_PRESERVE_FD", [f], fd=3, token=TOKEN)
+
+
+def _retrieve_v3(k: Kernel, dev: File) -> File:
+    return ioctl(k, dev, "FD_RESTORE", fd=0, token=TOKEN)[1][0]
+
+
+def _retrieve_sessions(k: Kernel, dev: File) -> File:
+    _, (session,) = ioctl(k, dev, "RETRIEVE_SESSION", fd=0, name=SESSION.encode())
+    return ioctl(k, session, "SESSION_RETRIEVE_FD", fd=0, token=TOKEN)[1][0]
+
+
+# per LUO front end (abi.generations.LuoGeneration.frontend): the writer's way of preserving
+# one memfd, and the reader's way of getting it back
+PRESERVE = {"v3": _preserve_v3, "sessions": _preserve_sessions}
+RETRIEVE = {"v3": _retrieve_v3, "sessions": _retrieve_sessions}
 
 
 def preserve(k: Kernel) -> None:
     """One memfd of known contents, preserved the writer's way."""
+    assert k.luo is not None
     m = k.new_memfd("matrix")
     m.truncate(len(PAYLOAD))
     m.pwrite(PAYLOAD, 0)
-    f = kmemfd.open_file(m)
-    if isinstance(k.luo, LuoV3):
-        ioctl(k, None, "FD_PRESERVE", [f], fd=3, token=TOKEN)
-        ioctl(k, None, "SET_EVENT", event=0)  # PREPARE
-        return
-    assert isinstance(k.luo, LuoSessions)
-    k.luo.open()
-    _, (session,) = ioctl(k, None, "CREATE_SESSION", fd=0, name=SESSION.encode())
-    ioctl(k, session, "SESSION_PRESERVE_FD", [f], fd=3, token=TOKEN)
+    PRESERVE[k.luo.row.frontend](k, k.luo.open(), kmemfd.open_file(m))
 
 
 def retrieve(k: Kernel) -> bytes:
-    if isinstance(k.luo, LuoV3):
-        _, (f,) = ioctl(k, None, "FD_RESTORE", fd=0, token=TOKEN)
-    else:
-        assert isinstance(k.luo, LuoSessions)
-        k.luo.open()
-        _, (session,) = ioctl(k, None, "RETRIEVE_SESSION", fd=0, name=SESSION.encode())
-        _, (f,) = ioctl(k, session, "SESSION_RETRIEVE_FD", fd=0, token=TOKEN)
-    m = f.private
+    assert k.luo is not None
+    m = RETRIEVE[k.luo.row.frontend](k, k.luo.open()).private
     return bytes(m.pread(m.size, 0))
 
 

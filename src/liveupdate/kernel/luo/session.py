@@ -11,20 +11,12 @@ file in preservation order, and serialized; a failure unfreezes everything alrea
 ``reboot()`` fails with the errno, the sessions still usable. Closing /dev/liveupdate never
 touches sessions.
 
-The handover, as ``luo_session.c``/``luo_core.c`` write it: at boot a one-page ``luo-v1`` FDT
-(``liveupdate-number`` = the previous one + 1) with the ``luo-session-v2`` node pointing at a
-16-page session header; 7.0 adds the ``luo-flb-v1`` node and its header page. Each session
-with files has a 2-page ``luo_file_ser`` array. Limits as 6.19-7.1 have them (the format's):
-819 sessions (ENOMEM on the 820th), 128 files per session (ENOSPC on the 129th).
-
-The next kernel checks the FDT and the session header at boot; anything it cannot read
-(compatible, missing FLB node on 7.0+, a malformed header) is ``luo_restore_fail()``: a panic.
-The first open of /dev/liveupdate builds the incoming sessions; a file whose handler this
-kernel lacks (``memfd-v1`` on 7.1) makes that and every later open fail with EIO.
-
-7.2 (``luo-v5``) keeps the luo_ser blob from boot and writes block chains at the reboot: the
-session and file limits of the arrays are gone (a negotiated ``luo-v1`` handover checks them
-at the load and at ``reboot()``).
+The handover formats and their limits are :mod:`.handover`'s (one object per format), the
+reboot is :mod:`.session_freeze`, the behaviours that changed at 7.1 are :mod:`.rules`. The
+next kernel checks the LUO data at boot; anything it cannot read (compatible, missing FLB node
+on 7.0+, a malformed header) is ``luo_restore_fail()``: a panic. The first open of
+/dev/liveupdate builds the incoming sessions; a file whose handler this kernel lacks
+(``memfd-v1`` on 7.1) makes that and every later open fail with EIO.
 
 Errnos and check orders are those of spec/luo.md 2.1 and 2.3: CREATE_SESSION EEXIST for a
 used outgoing name (6.19 ``strscpy`` truncation to 63 bytes; an empty name is accepted);
@@ -47,13 +39,13 @@ from typing import TYPE_CHECKING, Any
 
 from liveupdate.abi import generations, luo_session, uapi
 from liveupdate.abi.consts import PAGE_SIZE
-from liveupdate.abi.uapi import Target
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.kernel import kho, negotiate
 from liveupdate.kernel.fs.file import File
+from liveupdate.kernel.luo import session_freeze, session_ioctl
 from liveupdate.kernel.luo.files import FileSet, IncomingSet, InFile
 from liveupdate.kernel.luo.flb import FlbRegistry, IncomingFlb
-from liveupdate.kernel.luo.handler import FileHandler, out_compatible
+from liveupdate.kernel.luo.handler import FileHandler
 from liveupdate.kernel.luo.handover import HANDOVERS, reader_for
 from liveupdate.kernel.luo.rules import RULES
 
@@ -62,7 +54,6 @@ if TYPE_CHECKING:
 
 LUO_KHO_ENTRY_NAME = "LUO"
 Resolve = Callable[[int], File]
-Reply = tuple[dict[str, Any], list[File]]
 
 
 @dataclass(eq=False)
@@ -73,34 +64,6 @@ class Session:
     files_array: int = 0  # the outgoing luo_file_ser block, once a file was preserved
     retrieved: bool = False
     errors: dict[int, LiveUpdateError] = field(default_factory=dict)  # 7.1: sticky
-
-
-class DeviceOps:
-    name = "liveupdate"
-
-    def __init__(self, luo: LuoSessions) -> None:
-        self.luo = luo
-
-    def release(self, f: File) -> None:
-        self.luo.device_open = False  # sessions are independent files: untouched
-
-    def ioctl(self, f: File, cmd: int, arg: bytes, fds: list[int],
-              resolve: Resolve) -> tuple[bytes, list[File]]:
-        return self.luo.device_ioctl(cmd, arg)
-
-
-class SessionOps:
-    name = "luo_session"
-
-    def __init__(self, luo: LuoSessions) -> None:
-        self.luo = luo
-
-    def release(self, f: File) -> None:
-        self.luo.close(f.private)
-
-    def ioctl(self, f: File, cmd: int, arg: bytes, fds: list[int],
-              resolve: Resolve) -> tuple[bytes, list[File]]:
-        return self.luo.session_ioctl(f.private, cmd, arg, fds, resolve)
 
 
 class LuoSessions:
@@ -119,8 +82,8 @@ class LuoSessions:
         self.reads = reads
         self.handlers = handlers  # the native handler first: it preserves; others retrieve
         self.flbs = FlbRegistry()
-        self.device = DeviceOps(self)
-        self.session_ops = SessionOps(self)
+        self.device = session_ioctl.DeviceOps(self)
+        self.session_ops = session_ioctl.SessionOps(self)
         self.device_open = False
         self.outgoing: dict[str, Session] = {}
         self.incoming: dict[str, Session] = {}
@@ -132,7 +95,7 @@ class LuoSessions:
         self._flbs_raw: list[luo_session.FlbSer] = []
         self.fdt = self.header = self.flb_header = self.ser = 0
         self.published = 0  # the blob the LUO subtree points at
-        self._serialized: list[tuple[int, int]] = []  # pages the last serialization allocated
+        self.serialized: list[tuple[int, int]] = []  # pages the last serialization allocated
 
     # -- boot -----------------------------------------------------------------------------
     def boot(self) -> None:
@@ -220,29 +183,7 @@ class LuoSessions:
         self.device_open = True
         return File(self.device)
 
-    def _lookup(self, target: Target, cmd: int, arg: bytes) -> tuple[uapi.Ioctl,
-                                                                     dict[str, Any]]:
-        try:
-            return uapi.lookup(self.gen, target, cmd, arg)
-        except AbiError as e:
-            raise LiveUpdateError(err=e.errno, msg=e.message) from e
-
-    def _frozen_check(self) -> None:
-        if self.frozen:
-            raise LiveUpdateError(err=errno.EBUSY, msg="LUO: the reboot is under way")
-
-    def device_ioctl(self, cmd: int, arg: bytes) -> tuple[bytes, list[File]]:
-        entry, a = self._lookup(Target.DEVICE, cmd, arg)
-        self._frozen_check()
-        try:
-            name = uapi.session_name(a["name"], strict=False)
-        except AbiError as e:  # names are bytes to Linux; ours must be UTF-8 (documented)
-            raise LiveUpdateError(err=e.errno, msg=e.message) from e
-        f = DEVICE_IOCTLS[entry.name](self, name)
-        reply = entry.pack(**{**a, "fd": 0})
-        return reply[: min(a["size"], entry.size)], [f]
-
-    def _create(self, name: str) -> File:
+    def create(self, name: str) -> File:
         if name in self.outgoing:
             raise LiveUpdateError(err=errno.EEXIST, msg=f"session {name!r} exists")
         limit = self.writer.session_max
@@ -253,7 +194,7 @@ class LuoSessions:
         self.outgoing[name] = s
         return File(self.session_ops, s)
 
-    def _retrieve_session(self, name: str) -> File:
+    def retrieve_session(self, name: str) -> File:
         s = self.incoming.get(name)
         if s is None:
             raise LiveUpdateError(err=errno.ENOENT, msg=f"no incoming session {name!r}")
@@ -264,34 +205,6 @@ class LuoSessions:
         return File(self.session_ops, s)
 
     # -- a session fd ---------------------------------------------------------------------
-    def session_ioctl(self, s: Session, cmd: int, arg: bytes, fds: list[int],
-                      resolve: Resolve) -> tuple[bytes, list[File]]:
-        entry, a = self._lookup(Target.SESSION, cmd, arg)
-        self._frozen_check()
-        out, new = SESSION_IOCTLS[entry.name](self, s, a, fds, resolve)
-        reply = entry.pack(**{**a, **out})
-        return reply[: min(a["size"], entry.size)], new
-
-    def _ioc_preserve(self, s: Session, a: dict[str, Any], fds: list[int],
-                      resolve: Resolve) -> Reply:
-        self._preserve(s, a["token"], fds, resolve)
-        return {}, []
-
-    def _ioc_retrieve(self, s: Session, a: dict[str, Any], fds: list[int],
-                      resolve: Resolve) -> Reply:
-        return {"fd": 0}, [self._retrieve_fd(s, a["token"])]
-
-    def _ioc_finish(self, s: Session, a: dict[str, Any], fds: list[int],
-                    resolve: Resolve) -> Reply:
-        self._finish(s)
-        return {}, []
-
-    def _ioc_get_name(self, s: Session, a: dict[str, Any], fds: list[int],
-                      resolve: Resolve) -> Reply:
-        if a["reserved"]:
-            raise LiveUpdateError(err=errno.EINVAL, msg="GET_NAME: reserved must be 0")
-        return {"name": s.name.encode()}, []
-
     def _in_any_session(self, f: File) -> bool:
         ident = f.private
         for s in self.outgoing.values():
@@ -301,7 +214,7 @@ class LuoSessions:
                    for s in self.incoming.values() if s.incoming is not None
                    for e in s.incoming.files.values())
 
-    def _preserve(self, s: Session, token: int, fds: list[int], resolve: Resolve) -> None:
+    def preserve(self, s: Session, token: int, fds: list[int], resolve: Resolve) -> None:
         if s.files is None:
             raise LiveUpdateError(err=errno.EINVAL, msg="PRESERVE_FD on a retrieved session")
         if token in s.files.files:
@@ -330,7 +243,7 @@ class LuoSessions:
         if not s.files_array and self.writer.files_array_at_preserve:
             s.files_array = self.k.require_kho().alloc_preserve(luo_session.FILE_BLOCK)
 
-    def _retrieve_fd(self, s: Session, token: int) -> File:
+    def retrieve_fd(self, s: Session, token: int) -> File:
         if s.incoming is None:
             raise LiveUpdateError(err=errno.EINVAL, msg="RETRIEVE_FD on an outgoing session")
         self.k.fault_point("luo_retrieve")
@@ -347,7 +260,7 @@ class LuoSessions:
             self.flbs.file_retrieved(entry.handler.compatible)
         return f
 
-    def _finish(self, s: Session) -> None:
+    def finish(self, s: Session) -> None:
         if s.incoming is None:
             raise LiveUpdateError(err=errno.EINVAL, msg="FINISH on an outgoing session")
         for entry in reversed(list(s.incoming.files.values())):
@@ -361,7 +274,7 @@ class LuoSessions:
         if s.incoming is not None:
             # luo_session_release: an implicit FINISH, then the session leaves the incoming
             # list (a later RETRIEVE_SESSION of the name is ENOENT)
-            self._finish(s)
+            self.finish(s)
             self.incoming.pop(s.name, None)
             return
         assert s.files is not None
@@ -369,64 +282,37 @@ class LuoSessions:
             compat = entry.handler.compatible
             s.files.remove(entry.token)
             self.flbs.file_unpreserved(compat)
-        if s.files_array and (s.files_array, luo_session.FILE_BLOCK) not in self._serialized:
+        if s.files_array and (s.files_array, luo_session.FILE_BLOCK) not in self.serialized:
             self.k.require_kho().unpreserve_free(s.files_array, luo_session.FILE_BLOCK)
         del self.outgoing[s.name]
 
     # -- reboot ---------------------------------------------------------------------------
     def freeze(self, formats: dict[str, str]) -> None:
-        """``liveupdate_reboot``: freeze every file of every open session, then write the
-        session header, the file arrays and the FLB header, in ``formats`` (the plan of this
-        handover: negotiation may pick older ones). All or nothing."""
-        done: list[FileSet] = []
-        try:
-            for s in self.outgoing.values():
-                assert s.files is not None
-                s.files.freeze_all(formats)
-                done.append(s.files)
-            self._serialize(formats)
-        except (LiveUpdateError, AbiError) as e:
-            for fs in reversed(done):
-                fs.unfreeze_all()
-            raise LiveUpdateError(err=e.errno, msg=f"LUO: freeze: {e.message}") from e
-        self.frozen = True
-        self.k.printk(f"luo: froze {len(self.outgoing)} sessions")
+        """``liveupdate_reboot``: :func:`liveupdate.kernel.luo.session_freeze.freeze`."""
+        session_freeze.freeze(self, formats)
 
-    def _release_serialized(self) -> None:
+    def alloc_at_reboot(self, size: int = PAGE_SIZE) -> int:
+        """A preserved allocation made by this reboot's serialization (given back if the
+        freeze fails)."""
+        p = self.k.require_kho().alloc_preserve(size)
+        self.serialized.append((p, size))
+        return p
+
+    def release_serialized(self) -> None:
         """Give back what the last serialization allocated, and forget the pointers into it
         (a kernel whose format allocates at the reboot has none before)."""
         kout = self.k.require_kho()
-        gone = {p for p, _ in self._serialized}
-        for p, size in self._serialized:
+        gone = {p for p, _ in self.serialized}
+        for p, size in self.serialized:
             kout.unpreserve_free(p, size)
         self.header = 0 if self.header in gone else self.header
         self.fdt = 0 if self.fdt in gone else self.fdt
         for s in self.outgoing.values():
             s.files_array = 0 if s.files_array in gone else s.files_array
-        self._serialized = []
+        self.serialized = []
 
-    def alloc_at_reboot(self, size: int = PAGE_SIZE) -> int:
-        p = self.k.require_kho().alloc_preserve(size)
-        self._serialized.append((p, size))
-        return p
-
-    def _serialize(self, formats: dict[str, str]) -> None:
-        """Write the sessions with the writer of the plan's LUO format, with the FLB node
-        when the plan's FLB format has one and this kernel made it. Pages needed only now
-        are given back if the freeze fails."""
-        self._release_serialized()
-        flb = formats.get("flb") in generations.FLB_NODE and self.has_flb
-        try:
-            sessions = [(s.name, [luo_session.FileSer(out_compatible(e.handler, formats)[1],
-                                                      e.data, e.token)
-                                  for e in (s.files or [])])
-                        for s in self.outgoing.values()]
-            if flb:
-                self.k.write(self.flb_header, luo_session.encode_flbs(self.flbs.serialize()))
-            HANDOVERS[formats["luo"]].serialize(self, sessions, flb)
-        except (LiveUpdateError, AbiError):
-            self._release_serialized()
-            raise
+    def check_limits(self, luo_format: str, what: str) -> None:
+        session_freeze.check_limits(self, luo_format, what)
 
     def enabled_message(self) -> str:
         return (f"luo: LUO {self.row.name} enabled (sessions), live update "
@@ -436,19 +322,6 @@ class LuoSessions:
         """Every outgoing file and how an error names it."""
         return [(f"session {s.name!r} token {e.token:#x}", e.file)
                 for s in self.outgoing.values() for e in s.files or []]
-
-    def check_limits(self, luo_format: str, what: str) -> None:
-        """EINVAL when the outgoing sessions do not fit ``luo_format``'s arrays."""
-        h = HANDOVERS[luo_format]
-        if h.session_max is not None and len(self.outgoing) > h.session_max:
-            raise LiveUpdateError(err=errno.EINVAL, msg=(
-                f"{what}: negotiation: {len(self.outgoing)} sessions, {luo_format} holds "
-                f"{h.session_max}"))
-        for s in self.outgoing.values():
-            if h.file_max is not None and len(s.files or []) > h.file_max:
-                raise LiveUpdateError(err=errno.EINVAL, msg=(
-                    f"{what}: negotiation: session {s.name!r} holds {len(s.files or [])} "
-                    f"files, {luo_format} holds {h.file_max} per session"))
 
     # -- reports --------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -469,15 +342,3 @@ class LuoSessions:
             "flbs": [{"name": f.ops.name, "count": f.count} for f in self.flbs.flbs],
         }
 
-
-DEVICE_IOCTLS: dict[str, Callable[[LuoSessions, str], File]] = {
-    "CREATE_SESSION": LuoSessions._create,
-    "RETRIEVE_SESSION": LuoSessions._retrieve_session,
-}
-SESSION_IOCTLS: dict[str, Callable[[LuoSessions, Session, dict[str, Any], list[int], Resolve],
-                                   Reply]] = {
-    "SESSION_PRESERVE_FD": LuoSessions._ioc_preserve,
-    "SESSION_RETRIEVE_FD": LuoSessions._ioc_retrieve,
-    "SESSION_FINISH": LuoSessions._ioc_finish,
-    "SESSION_GET_NAME": LuoSessions._ioc_get_name,
-}
