@@ -125,6 +125,21 @@ RELEASES: dict[str, Release] = {r.name: r for r in (
     Release("7.1", "7.1.0-lu", "kho-v3", 4096, "7.1", "7.1"),
     Release("7.2", "7.2.0-lu", "kho-v4", 4096, "7.1", "7.2"),
 )}
+# per KHO core: the root formats it writes (the stateless core's radix roots, else kho-v1)
+# and its bitmap widths (512-byte bitmaps only on 6.16: 6.17 without the stable fix)
+KHO_CORES: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
+    "6.16": (("kho-v1",), (4096, 512)),
+    "6.18": (("kho-v1",), (4096,)),
+    "6.19": (("kho-v1",), (4096,)),
+    "7.1": (("kho-v3", "kho-v4"), (4096,)),
+}
+
+
+# the core an image that names none runs on, by its root format and bitmap width
+DEFAULT_CORE = {("kho-v1", 512): "6.16", ("kho-v1", 4096): "6.19", ("kho-v3", 4096): "7.1",
+                ("kho-v4", 4096): "7.1"}
+
+
 # the KHO formats whose root carries ``blob-size`` (a raw LUO blob needs it) and bitmap widths
 SIZED_ROOTS = frozenset({"kho-v3", "kho-v4"})
 SMALL_BITMAP = {"kho-v1": 512}  # the 6.16/6.17 bitmaps: a format of its own, same compatible

@@ -43,25 +43,13 @@ PREAMBLE = struct.Struct("<8sII")
 MAX_HEADER = PAGE_SIZE - PREAMBLE.size
 ENTRY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 KHO_FORMATS = ("kho-v1", "kho-v3", "kho-v4")
-# per KHO core: the root formats it writes (the stateless core's radix roots, else kho-v1)
-# and its bitmap widths (512-byte bitmaps only on 6.16: 6.17 without the stable fix)
-KHO_CORES: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
-    "6.16": (("kho-v1",), (4096, 512)),
-    "6.18": (("kho-v1",), (4096,)),
-    "6.19": (("kho-v1",), (4096,)),
-    "7.1": (("kho-v3", "kho-v4"), (4096,)),
-}
+KHO_CORES = generations.KHO_CORES
 LUO_GENERATIONS = generations.LUO_GENERATIONS
 MEMFD_FORMATS = tuple(dict.fromkeys(generations.MEMFD_COMPATIBLE.values()))
 
 
-# the core an image that names none runs on, by its root format and bitmap width
-DEFAULT_CORE = {("kho-v1", 512): "6.16", ("kho-v1", 4096): "6.19", ("kho-v3", 4096): "7.1",
-                ("kho-v4", 4096): "7.1"}
-
-
 def _core_of(kho: str, bitmap_bytes: int) -> str:
-    return DEFAULT_CORE.get((kho, bitmap_bytes), "6.19")
+    return generations.DEFAULT_CORE.get((kho, bitmap_bytes), "6.19")
 
 
 @dataclass(frozen=True)
