@@ -118,38 +118,19 @@ def _memfds(mem: PhysMem, root: kho.KhoRoot) -> tuple[list[Memfd], list[Skipped]
     blob = (mem.read_fdt(phys, "LUO FDT") if head == fdt.FDT_MAGIC.to_bytes(4, "big")
             else mem.read(phys, min(size or luo_ser.LUO_SER.size, PAGE_SIZE), "luo_ser"))
     kind = report.identify(blob)
+    if kind in V3_READERS:
+        return V3_READERS[kind](blob, mem)
+    if kind not in SESSION_READERS:
+        raise AbiError(msg=f"LUO subtree holds {kind}, not a LUO handover")
     out: list[Memfd] = []
     skipped: list[Skipped] = []
-    if kind == "luo-v3":
-        files_phys = luo_v3.decode_luo_fdt(blob).files_fdt
-        files = luo_v3.decode_files_fdt(mem.read_fdt(files_phys, "files FDT")) \
-            if files_phys else []
-        for v3 in files:
-            if v3.compatible != memfd.MEMFD_V1:
-                skipped.append(_not_memfd(None, v3.token, v3.compatible))
-            elif not v3.data:
-                skipped.append(Skipped(None, v3.token, v3.compatible,
-                                       "its data is 0: no memfd FDT to read"))
-            else:
-                st = memfd.decode_fdt(mem.read_fdt(v3.data, "memfd FDT"))
-                out.append(Memfd(None, v3.token, "memfd-v1 (FDT)", st.pos, st.size, 0,
-                                 len(st.folios), st.folios))
-        return out, skipped
-    if kind == "luo-v5":
-        sessions = luo_ser.decode_sessions(mem, luo_ser.decode(blob).sessions_pa)[0]
-    elif kind == "luo-session":
-        sessions = luo_session.decode_sessions(
-            mem, luo_session.decode_luo_fdt(blob).session_header)
-    else:
-        raise AbiError(msg=f"LUO subtree holds {kind}, not a LUO handover")
-    for s in sessions:
+    for s in SESSION_READERS[kind](blob, mem):
         for f in s.files:
-            if f.compatible not in (memfd.MEMFD_V1, memfd.MEMFD_V2):
+            if f.compatible not in memfd.SER_SIZE:
                 skipped.append(_not_memfd(s.name, f.token, f.compatible))
                 continue
-            n = memfd.SER_V2_SIZE if f.compatible == memfd.MEMFD_V2 else memfd.SER_V1_SIZE
-            ser = memfd.decode_ser(mem.read(f.data, n, f"{f.compatible} struct"),
-                                   f.compatible)
+            ser = memfd.decode_ser(mem.read(f.data, memfd.SER_SIZE[f.compatible],
+                                            f"{f.compatible} struct"), f.compatible)
             folios = memfd.Folios.empty()
             if ser.nr_folios:
                 area = kvm.decode(mem, ser.folios).read(mem)
@@ -157,6 +138,39 @@ def _memfds(mem: PhysMem, root: kho.KhoRoot) -> tuple[list[Memfd], list[Skipped]
             out.append(Memfd(s.name, f.token, f.compatible, ser.pos, ser.size, ser.seals,
                              ser.nr_folios, folios))
     return out, skipped
+
+
+def _v3_memfds(blob: bytes, mem: PhysMem) -> tuple[list[Memfd], list[Skipped]]:
+    """v3's files FDT: each memfd in its own FDT."""
+    out: list[Memfd] = []
+    skipped: list[Skipped] = []
+    files_phys = luo_v3.decode_luo_fdt(blob).files_fdt
+    files = luo_v3.decode_files_fdt(mem.read_fdt(files_phys, "files FDT")) \
+        if files_phys else []
+    for v3 in files:
+        if v3.compatible not in report.V3_FILE_FORMATS:
+            skipped.append(_not_memfd(None, v3.token, v3.compatible))
+        elif not v3.data:
+            skipped.append(Skipped(None, v3.token, v3.compatible,
+                                   "its data is 0: no memfd FDT to read"))
+        else:
+            st = memfd.decode_fdt(mem.read_fdt(v3.data, "memfd FDT"))
+            out.append(Memfd(None, v3.token, "memfd-v1 (FDT)", st.pos, st.size, 0,
+                             len(st.folios), st.folios))
+    return out, skipped
+
+
+def _luo_v5_sessions(blob: bytes, mem: PhysMem) -> list[luo_session.SessionSer]:
+    return luo_ser.decode_sessions(mem, luo_ser.decode(blob).sessions_pa)[0]
+
+
+def _luo_v1_sessions(blob: bytes, mem: PhysMem) -> list[luo_session.SessionSer]:
+    return luo_session.decode_sessions(mem, luo_session.decode_luo_fdt(blob).session_header)
+
+
+# per kind of LUO blob (report.identify): how its files are found
+V3_READERS = {"luo-v3": _v3_memfds}
+SESSION_READERS = {"luo-v5": _luo_v5_sessions, "luo-session": _luo_v1_sessions}
 
 
 def plan(mem: PhysMem, root_blob: bytes, bb: int | None = None) -> Plan:

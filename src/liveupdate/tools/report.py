@@ -195,6 +195,9 @@ def _folio_report(f: memfd.Folios) -> Report:
             "index_range": [int(f.index.min()), int(f.index.max())] if len(f) else []}
 
 
+V3_FILE_FORMATS = frozenset({memfd.MEMFD_V1})  # v3's files FDT: memfd's own FDT
+
+
 def _describe_memfd_fdt(blob: bytes, mem: PhysMem | None, bb: int | None) -> Report:
     st = memfd.decode_fdt(blob)
     return {"kind": "memfd-fdt", "compatible": memfd.MEMFD_V1, "pos": st.pos,
@@ -202,7 +205,7 @@ def _describe_memfd_fdt(blob: bytes, mem: PhysMem | None, bb: int | None) -> Rep
 
 
 def describe_memfd_ser(mem: PhysMem, phys: int, compatible: str) -> Report:
-    size = memfd.SER_V2_SIZE if compatible == memfd.MEMFD_V2 else memfd.SER_V1_SIZE
+    size = memfd.SER_SIZE[compatible]
     with walk(mem) as counted:
         assert counted is not None
         return once(phys, f"{compatible} struct", lambda: _describe_memfd_struct(
@@ -214,7 +217,7 @@ def _describe_memfd_struct(raw: bytes, mem: PhysMem | None, compatible: str) -> 
     rep: Report = {"kind": "memfd-ser", "compatible": compatible, "pos": ser.pos,
                    "size": ser.size, "nr_folios": ser.nr_folios,
                    "folios_vmalloc": _vmalloc_report(ser.folios)}
-    if compatible == memfd.MEMFD_V2:
+    if memfd.HAS_SEALS[compatible]:
         rep["seals"] = hx(ser.seals)
     if mem is None:
         return rep
@@ -242,7 +245,7 @@ def _describe_files_fdt(blob: bytes, mem: PhysMem | None, bb: int | None) -> Rep
     files = []
     for f in luo_v3.decode_files_fdt(blob):
         entry: Report = {"token": hx(f.token), "compatible": f.compatible, "data": hx(f.data)}
-        if mem is not None and f.compatible == memfd.MEMFD_V1 and f.data:
+        if mem is not None and f.compatible in V3_FILE_FORMATS and f.data:
             entry["memfd"] = guard(partial(_describe_at, mem, f.data, "memfd FDT", bb))
         files.append(entry)
     return {"kind": "files-fdt", "compatible": luo_v3.FILES_COMPATIBLE, "files": files}
@@ -272,7 +275,7 @@ def _sessions_report(mem: PhysMem, sessions: list[luo_session.SessionSer]) -> Re
         for f in s.files:
             entry: Report = {"token": hx(f.token), "compatible": f.compatible,
                              "data": hx(f.data)}
-            if f.compatible in (memfd.MEMFD_V1, memfd.MEMFD_V2):
+            if f.compatible in memfd.SER_SIZE:  # a memfd struct of a format we know
                 entry["memfd"] = guard(partial(describe_memfd_ser, mem, f.data, f.compatible))
             files.append(entry)
         out.append({"name": s.name, "files": files})

@@ -174,14 +174,25 @@ def describe_file(path: Path | None, blob: bytes, mem: PhysMem | None,
     if origin is None:
         return rep
     side, name = origin
-    if rep.get("kind") == "luo-v5":
-        if side == "out" and "sessions_note" in rep:
-            rep["sessions_note"] = NOT_SERIALIZED
-        garbage = _luo_garbage(rep)
-        if garbage:
-            rep["error"] = f"luo_ser decodes, but its pointers are garbage: {garbage}"
+    live = LIVE_BLOBS.get(str(rep.get("kind")))
+    if live is not None:
+        live(rep, side)
     if side == "in" and report.errors(rep):
         rep["note"] = STALE_IN
     elif side == "in" and name == "LUO":
         rep["note"] = STALE_IN_INTACT
     return rep
+
+
+def _luo_v5_live(rep: Report, side: str) -> None:
+    """A ``luo_ser`` in debugfs is the live blob: its session chains are written only at the
+    reboot, and until then its pointers may be anything."""
+    if side == "out" and "sessions_note" in rep:
+        rep["sessions_note"] = NOT_SERIALIZED
+    garbage = _luo_garbage(rep)
+    if garbage:
+        rep["error"] = f"luo_ser decodes, but its pointers are garbage: {garbage}"
+
+
+# per kind: what debugfs shows of a blob the kernel keeps writing until the reboot
+LIVE_BLOBS = {"luo-v5": _luo_v5_live}
