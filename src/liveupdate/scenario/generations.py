@@ -41,7 +41,7 @@ from liveupdate.kernel.kernel import Kernel
 from liveupdate.kernel.luo.session import LuoSessions
 from liveupdate.kernel.luo.v3 import LuoV3
 from liveupdate.kernel.power import Halted
-from liveupdate.tools.inprocess import Rig
+from liveupdate.scenario.inprocess import Rig
 
 GENERATIONS = tuple(generations.RELEASES)
 MODES = ("native", "negotiated")
