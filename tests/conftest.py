@@ -63,7 +63,7 @@ def dtc_recompile(dts: str) -> bytes:
                           capture_output=True, check=True).stdout
 
 
-# -- the reliability matrix: records from tests/e2e/test_reliability.py -> docs/reliability.md;
+# -- the reliability matrix: records from tests/scenario/test_reliability.py -> docs/reliability.md;
 # the generation matrix: tests/kernel/test_generations.py -> docs/generations.md
 RECORDS_ENV = "LIVEUPDATE_RELIABILITY_RECORDS"
 ROOT = Path(__file__).resolve().parents[1]
