@@ -56,6 +56,11 @@ def _rss(pid: int) -> int:
 
 
 class Demo:
+    """The demo machine in ``folder`` (replaced at :meth:`boot`): ``vms`` VMs running guests
+    that count and checksum their own memory, luod, and the cache if ``cache``; ``say``
+    receives progress lines. With ``fault``, its helper client and kernel command line are
+    part of the boot (:mod:`liveupdate.scenario.faultrun` injects the rest)."""
+
     def __init__(self, folder: str, vms: int, vm_memory: int, machine_memory: int,
                  generation: str, accel: str, cache: bool, say: Any,
                  fault: Fault | None = None, to: str | None = None) -> None:
