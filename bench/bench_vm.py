@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from liveupdate.cli.demo import Demo
+from liveupdate.scenario.demo import Demo
+from liveupdate.scenario.report import UpdateResult
 
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -36,18 +36,18 @@ def measure(vm_memory: int, runs: int, generation: str) -> dict[str, float | Non
     with tempfile.TemporaryDirectory() as d:
         demo = Demo(d + "/m", 1, vm_memory, MACHINE, generation, "tcg", False,
                     lambda msg: None)
-        results: list[dict[str, Any]] = []
+        results: list[UpdateResult] = []
         try:
             demo.boot()
             results = [demo.update(n + 1, "none") for n in range(runs)]
         finally:
             demo.close()
-    vm = [r["vms"]["vm0"] for r in results]
-    if not all(v["integrity"] and v["resumed"] for v in vm):
+    vm = [r.vms["vm0"] for r in results]
+    if not all(v.integrity and v.resumed for v in vm):
         raise SystemExit(f"integrity lost at {vm_memory >> 20} MiB")
-    tl = [r["timeline"] for r in results]
-    guest = [v["blackout_guest_s"] for v in vm if v["blackout_guest_s"] is not None]
-    return {"blackout": statistics.median(v["blackout_host_s"] for v in vm),
+    tl = [r.timeline for r in results]
+    guest = [v.blackout_guest_s for v in vm if v.blackout_guest_s is not None]
+    return {"blackout": statistics.median(v.blackout_host_s or 0.0 for v in vm),
             "guest": statistics.median(guest) if guest else None,
             "total": statistics.median(t["normal"] - t["start"] for t in tl),
             "kexec": statistics.median(t["updated"] - t["reboot"] for t in tl)}

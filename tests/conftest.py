@@ -63,7 +63,7 @@ def dtc_recompile(dts: str) -> bytes:
                           capture_output=True, check=True).stdout
 
 
-# -- the reliability matrix: records from tests/e2e/test_reliability.py -> docs/reliability.md;
+# -- the reliability matrix: records from tests/scenario/test_reliability.py -> docs/reliability.md;
 # the generation matrix: tests/kernel/test_generations.py -> docs/generations.md
 RECORDS_ENV = "LIVEUPDATE_RELIABILITY_RECORDS"
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,13 +81,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     folder = Path(os.environ.get(RECORDS_ENV, ""))
     if not folder.is_dir():
         return
-    from liveupdate.cli.demo_faults import FAULTS
-    from liveupdate.tools import reliability
+    from liveupdate.scenario import reliability
+    from liveupdate.scenario.faults import FAULTS
 
     records = reliability.load(folder)
     if {r["fault"] for r in records} == {f.name for f in FAULTS}:  # the whole matrix ran
         (ROOT / "docs" / "reliability.md").write_text(reliability.render(records))
-    from liveupdate.tools import generations
+    from liveupdate.scenario import generations
 
     cells = generations.load(folder / "generations") if (folder / "generations").is_dir() \
         else []

@@ -1,14 +1,11 @@
-"""Garbage on the syscall transport and the control socket gets an errno, never a crash."""
+"""Garbage on the syscall transport gets an errno, never a crash (the control socket:
+tests/machine)."""
 
 from __future__ import annotations
 
-import errno
 import os
-import socket
-import struct
 import sys
 
-from liveupdate.machine import protocol
 from tests.e2e.conftest import Factory
 
 GARBAGE_SYSCALLS = r"""
@@ -38,31 +35,6 @@ def test_syscall_garbage_gets_errnos(machine: Factory) -> None:
     assert r["status"] == 0, r["stderr"]
     # EINVAL, EINVAL, ENOSYS, EINVAL, ENOEXEC, EINVAL, ENOENT, then a healthy call
     assert r["stdout"].strip() == "[22, 22, 38, 22, 8, 22, 2, 0]"
-    assert m.status()["state"] == "running"
-
-
-def test_control_socket_garbage(machine: Factory) -> None:
-    m = machine()
-    path = m.path
-    with socket.socket(socket.AF_UNIX) as s:  # a frame announcing 4 GiB: dropped
-        s.connect(path)
-        s.sendall(struct.pack("<I", 0xFFFFFFFF) + b"xx")
-        try:
-            data = s.recv(16)
-        except ConnectionResetError:  # closed with our bytes unread
-            data = b""
-        assert data == b""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(path)
-        protocol.send(s, {"op": "ram_read", "phys": 1 << 62, "size": 8})
-        reply = protocol.recv(s)
-        assert reply is not None and reply[0]["errno"] == errno.EFAULT
-        protocol.send(s, {"op": "wait", "pattern": "(", "timeout": 1})
-        reply = protocol.recv(s)
-        assert reply is not None and reply[0]["errno"] == errno.EINVAL  # bad regex
-        protocol.send(s, {"op": "ram_read"})
-        reply = protocol.recv(s)
-        assert reply is not None and reply[0]["errno"] == errno.EINVAL
     assert m.status()["state"] == "running"
 
 

@@ -115,18 +115,6 @@ def test_kexec_errors_reach_userspace(machine: Factory) -> None:
     assert m.status()["state"] == "running"
 
 
-def test_panic_and_power_cycle(machine: Factory) -> None:
-    m = machine("kho=on test_panic=oops", wait=False)
-    st = m.wait_state("panic", "running", timeout=60)
-    assert st["state"] == "panic" and "test_panic: oops" in st["reason"]
-    m.wait("Kernel panic - not syncing: test_panic: oops")
-    with pytest.raises(LiveUpdateError) as e:
-        m.run([sys.executable, "-c", "pass"])
-    assert e.value.errno == errno.EAGAIN  # nothing running
-    m.power_cycle(cmdline="kho=on")
-    assert m.booted()["state"] == "running"
-
-
 def test_init_services_and_debugfs(machine: Factory, tmp_path: Path) -> None:
     disk = tmp_path / "m0" / "disk"
     disk.mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""The in-process rig (:mod:`liveupdate.tools.inprocess`) as a fixture."""
+"""The in-process rig (:mod:`liveupdate.scenario.inprocess`) as a fixture."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from liveupdate.tools.inprocess import GiB, Rig
+from liveupdate.scenario.inprocess import GiB, Rig
 
 __all__ = ["GiB", "Rig"]
 

@@ -1,5 +1,5 @@
 """Every kernel generation to every other, as Linux behaves and with negotiation: the N x N
-matrix of :mod:`liveupdate.tools.generations` (real boot path, real RAM, a memfd of known
+matrix of :mod:`liveupdate.scenario.generations` (real boot path, real RAM, a memfd of known
 contents), each cell held to the format table's prediction; the session renders
 docs/generations.md from the records (tests/conftest.py). Then what the matrix cannot show:
 seals, a lying manifest, files preserved after the load, and inspection of every
@@ -22,8 +22,8 @@ from liveupdate.kernel import kexec, reboot
 from liveupdate.kernel.fs import memfd as kmemfd
 from liveupdate.kernel.luo.session import LuoSessions
 from liveupdate.kernel.power import Halted
-from liveupdate.tools import generations as matrix
-from liveupdate.tools.inprocess import Rig
+from liveupdate.scenario import generations as matrix
+from liveupdate.scenario.inprocess import Rig
 
 CELLS = [(m, w, r) for m in matrix.MODES for w in matrix.GENERATIONS
          for r in matrix.GENERATIONS]

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from liveupdate.tools import capture, example
+from liveupdate.scenario import capture
+from liveupdate.tools import example
 from tests.tools.elfcore import write_core
 
 

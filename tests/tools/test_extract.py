@@ -20,7 +20,8 @@ import pytest
 from liveupdate.abi import bootparams, kho, luo_ser, memfd, vmalloc
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError
-from liveupdate.tools import extract, extract_write, generations, ramfile
+from liveupdate.scenario import generations
+from liveupdate.tools import extract, extract_write, ramfile
 from tests.tools.cli import LUOCTL, inspect
 from tests.tools.conftest import write_example
 

@@ -10,7 +10,8 @@ import pytest
 
 from liveupdate.abi import bootparams, kho, luo_ser
 from liveupdate.errors import AbiError
-from liveupdate.tools import capture, report
+from liveupdate.scenario import capture
+from liveupdate.tools import report
 from tests.tools.cli import inspect
 
 

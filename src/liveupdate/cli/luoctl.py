@@ -190,7 +190,7 @@ def capture(writer: str, reader: str | None, negotiate: bool, out: Path, memory:
       luoctl capture --from 7.2 --to 6.19 --negotiate --out /tmp/h
       luoctl inspect --ram /tmp/h/ram.img /tmp/h/setup_data.bin
     """
-    from liveupdate.tools import capture as capture_mod
+    from liveupdate.scenario import capture as capture_mod
 
     try:
         got = capture_mod.capture(writer, reader or writer, out, negotiate=negotiate,

@@ -9,6 +9,7 @@ import signal
 import sys
 
 from liveupdate.errors import LiveUpdateError
+from liveupdate.machine import control
 from liveupdate.machine.machine import DEFAULT_CMDLINE, Machine
 from liveupdate.procs import become_subreaper
 
@@ -36,7 +37,7 @@ def main() -> None:
             print(f"machine: {e}", file=sys.stderr)
             sys.exit(1)
     try:
-        m.serve(args.ready_fd)
+        control.serve(m, args.ready_fd)
     finally:
         m.power_off()
         with contextlib.suppress(FileNotFoundError):

@@ -5,7 +5,7 @@ debugfs file), then runs the reboot path's steps (``reboot.prepare_jump``: the s
 list the kernel process runs) and boots a second Kernel object on the same RAM from the boot
 parameters kexec_file_load wrote -- the handover still crosses only through RAM. A kernel
 that panics raises :class:`liveupdate.kernel.power.Halted`. Tests and
-:mod:`liveupdate.tools.generations` use it; the process-replacing machine is
+:mod:`liveupdate.scenario.generations` use it; the process-replacing machine is
 :mod:`liveupdate.machine`.
 """
 

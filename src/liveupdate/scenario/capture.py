@@ -1,8 +1,8 @@
 """A real kernel's handover, captured at the jump: what ``luoctl capture`` writes.
 
-Boots kernel generation ``writer`` in process (:mod:`liveupdate.tools.inprocess`: the
+Boots kernel generation ``writer`` in process (:mod:`liveupdate.scenario.inprocess`: the
 emulated kernel's own code on real RAM) with ``test_kho=1``, preserves one memfd of known
-contents where the writer has LUO (:func:`liveupdate.tools.generations.preserve`), loads
+contents where the writer has LUO (:func:`liveupdate.scenario.generations.preserve`), loads
 ``reader`` -- negotiating formats if asked -- and runs the reboot path up to the jump. The RAM
 as the next kernel would find it (a sparse copy: only data extents) and the
 ``SETUP_KEXEC_KHO`` node are written out for ``luoctl inspect --ram``. Unlike ``luoctl
@@ -21,8 +21,9 @@ from typing import Any
 
 from liveupdate.abi import bootparams
 from liveupdate.abi.image import KernelImage
-from liveupdate.tools import generations, ramfile
-from liveupdate.tools.inprocess import Rig
+from liveupdate.scenario import generations
+from liveupdate.scenario.inprocess import Rig
+from liveupdate.tools import ramfile
 
 
 @dataclass(frozen=True)

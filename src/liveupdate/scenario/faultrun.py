@@ -1,10 +1,6 @@
-"""The faults ``luoctl demo --fault`` can arm, and how the demo tells what became of the machine.
+"""One faulted live update of a booted demo machine, and what became of everything.
 
-Every fault is injected for real, at one phase point of a live update driven by luod: a
-``SIGKILL`` of a client (the cache), a VMM or luod; a client that never acknowledges; an image
-that does not load or cannot take the handover; a handler whose freeze fails inside
-``reboot()``; the power lost before the jump, during the next kernel's boot or during
-restore. Kills inside a client's event use the one-shot fault points of
+Kills inside a client's event use the one-shot fault points of
 :mod:`liveupdate.client.faultpoint` (deterministic: before the acknowledgement); kills of luod
 while a barrier is held use a helper client that never acknowledges, so the phase is certain.
 
@@ -24,95 +20,16 @@ import resource
 import signal
 import threading
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from liveupdate.client import faultpoint
 from liveupdate.client.update import admin, luod_status, run_update
 from liveupdate.errors import LiveUpdateError
 from liveupdate.luod.protocol import ask
 from liveupdate.machine.client import MachineClient
-
-if TYPE_CHECKING:
-    from liveupdate.cli.demo import Demo
-
-ROLLED_BACK, UPDATED, COLD_BOOT = "rolled back", "updated", "cold boot"
-
-
-@dataclass(frozen=True)
-class Fault:
-    name: str
-    target: str  # what is hit: client, vmm, luod, image, kernel, power
-    phase: str  # normal, prepared, frozen, reboot, updated
-    what: str
-    expect: str
-    generation: str = ""  # only this LUO generation has the mechanism ("" = any)
-    cmdline: str = ""  # added to the kernel command line
-    helper: str = ""  # a luod_client that misbehaves: its --fault, or "hold" (never restores)
-
-
-def _kills(target: str, who: str) -> list[Fault]:
-    return [
-        Fault(f"kill-{target}@normal", target, "normal",
-              f"SIGKILL {who} before the update starts", UPDATED),
-        Fault(f"kill-{target}@prepare", target, "prepared",
-              f"{who} is SIGKILLed inside prepare, before acknowledging", ROLLED_BACK),
-        Fault(f"kill-{target}@freeze", target, "frozen",
-              f"{who} is SIGKILLed inside freeze, before acknowledging", ROLLED_BACK),
-        Fault(f"kill-{target}@restore", target, "updated",
-              f"{who} is SIGKILLed in the next kernel before it retrieves anything",
-              UPDATED),
-    ]
-
-
-FAULTS: tuple[Fault, ...] = (
-    *_kills("client", "the cache (a luod client)"),
-    *_kills("vmm", "VMM vm0"),
-    Fault("kill-luod@normal", "luod", "normal", "SIGKILL luod before the update; init "
-          "restarts it and the clients reconnect", UPDATED),
-    Fault("kill-luod@prepared", "luod", "prepared", "SIGKILL luod while a client holds the "
-          "prepare barrier", ROLLED_BACK, helper="no-prepare-ack"),
-    Fault("kill-luod@frozen", "luod", "frozen", "SIGKILL luod while every VM is paused and a "
-          "client holds the freeze barrier", ROLLED_BACK, helper="no-freeze-ack"),
-    Fault("kill-luod@updated", "luod", "updated", "SIGKILL luod in the next kernel after the "
-          "VMs resumed, before FINISH", UPDATED, helper="hold"),
-    Fault("no-ack@prepare", "helper", "prepared", "a client never acknowledges prepare",
-          ROLLED_BACK, helper="no-prepare-ack"),
-    Fault("no-ack@freeze", "helper", "frozen", "a client never acknowledges freeze",
-          ROLLED_BACK, helper="no-freeze-ack"),
-    Fault("enomem@prepare", "helper", "prepared", "a client preserves a memfd twice the "
-          "size of RAM: PRESERVE_FD fails with ENOMEM", ROLLED_BACK, helper="sparse-huge"),
-    Fault("fds-kernel@prepare", "kernel", "prepared", "the kernel's file table is full when "
-          "the update starts (RLIMIT_NOFILE of the kernel process)", ROLLED_BACK),
-    Fault("fds-luod@normal", "luod", "normal", "luod has no free fd when asked for the "
-          "update (its RLIMIT_NOFILE): it cannot open the next image", ROLLED_BACK),
-    Fault("bad-image@normal", "image", "normal", "the next image is not a kernel",
-          ROLLED_BACK),
-    Fault("incompatible-image@normal", "image", "normal", "the next kernel cannot read this "
-          "handover (a v3 image under 6.19)", ROLLED_BACK, generation="6.19"),
-    Fault("freeze-fails@reboot", "kernel", "reboot", "a LUO subsystem's freeze fails inside "
-          "reboot()", ROLLED_BACK, generation="v3", cmdline="luo_fail=freeze"),
-    Fault("power-loss@reboot", "power", "reboot", "the power goes during reboot(), before the "
-          "jump", COLD_BOOT, cmdline="power_loss=jump"),
-    Fault("power-loss@boot", "power", "updated", "the power goes during the next kernel's "
-          "boot", COLD_BOOT, cmdline="power_loss=boot"),
-    Fault("power-loss@restore", "power", "updated", "the power goes at the first retrieve in "
-          "the next kernel", COLD_BOOT, cmdline="power_loss=restore"),
-)
-BY_NAME = {f.name: f for f in FAULTS}
-HELPER = "stuck"
-
-
-def helper_line(py: str, fault: Fault, memory: int) -> str:
-    """The init service for a fault's helper client, or ''."""
-    if not fault.helper:
-        return ""
-    if fault.helper == "sparse-huge":
-        return (f"{py} -m liveupdate.userspace.luod_client hold {HELPER} 0x1:{2 * memory} "
-                "--sparse\n")
-    kind = "none" if fault.helper == "hold" else fault.helper
-    return (f"{py} -m liveupdate.userspace.luod_client hold {HELPER} 0x1:65536 "
-            f"--fault {kind}\n")
+from liveupdate.scenario.demo import Demo
+from liveupdate.scenario.faults import COLD_BOOT, HELPER, ROLLED_BACK, UPDATED, Fault
+from liveupdate.scenario.report import FaultOutcome, Workload
 
 
 def _wait(what: str, check: Any, timeout: float = 60.0) -> Any:
@@ -280,7 +197,7 @@ class FaultRun:
             return self.killed
         return bool(err)
 
-    def outcome(self, boot_count: int, err: str) -> dict[str, Any]:
+    def outcome(self, boot_count: int, err: str) -> FaultOutcome:
         """Wait for the machine to settle, then observe what became of everything."""
         m = self.m
         st = _wait("the machine to run", lambda: (s := m.status())["state"] == "running"
@@ -303,17 +220,17 @@ class FaultRun:
         want = set(self._workloads())
         _wait("the workloads to come back", lambda: want <= self._clients())
         work = {name: self._workload(name, kind) for name in self._workloads()}
-        lost = sorted(n for n, w in work.items() if w["state"] == "LOST")
+        lost = sorted(n for n, w in work.items() if w.state == "LOST")
         injected = self.injected(kind, err)
-        return {"fault": self.f.name, "target": self.f.target, "phase": self.f.phase,
-                "generation": self.d.generation,
-                "what": self.f.what, "expected": self.f.expect, "outcome": kind,
-                "injected": injected,
-                "as_expected": injected and kind == self.f.expect and not lost,
-                "update_error": err or self.m_error, "luod_phase": luod["phase"],
-                "why": luod.get("last_error") or "", "workloads": work, "lost": lost}
+        return FaultOutcome(
+            fault=self.f.name, target=self.f.target, phase=self.f.phase,
+            generation=self.d.generation, what=self.f.what, expected=self.f.expect,
+            outcome=kind, injected=injected,
+            as_expected=injected and kind == self.f.expect and not lost,
+            update_error=err or self.m_error, luod_phase=luod["phase"],
+            why=luod.get("last_error") or "", workloads=work, lost=lost)
 
-    def _workload(self, name: str, kind: str) -> dict[str, Any]:
+    def _workload(self, name: str, kind: str) -> Workload:
         """``fresh``: its state from before the fault is gone by right (the fault killed it
         before the update took it, or the power went); it must come back empty, restored
         only if an update took its fresh self. A kill in the next kernel loses nothing: the
@@ -332,24 +249,42 @@ class FaultRun:
         chk = ask(sock, "verify")
         restored = bool(s0["restored"])
         if not chk["intact"]:
-            return {"state": "LOST", "why": f"guest memory broken: {chk['problem']}"}
+            return Workload("LOST", f"guest memory broken: {chk['problem']}")
         if restored != should:
-            return {"state": "LOST", "why": "restored" if restored else "not restored"}
-        return {"state": "killed" if killed else "gone" if fresh else "intact",
-                "why": f"{'restored, ' if restored else 'fresh, ' if fresh else ''}running, "
-                       f"{chk['pages_touched']} pages verified"}
+            return Workload("LOST", "restored" if restored else "not restored")
+        return Workload("killed" if killed else "gone" if fresh else "intact",
+                        f"{'restored, ' if restored else 'fresh, ' if fresh else ''}running, "
+                        f"{chk['pages_touched']} pages verified")
 
-    def _cache(self, fresh: bool, should: bool, killed: bool) -> dict[str, Any]:
+    def _cache(self, fresh: bool, should: bool, killed: bool) -> Workload:
         sock = self.d.sock("kvcache-cache.sock")
         stats = _wait("the cache", lambda: (s := ask(sock, "stats")) and not s["limited"]
                       and s, timeout=30)
         got = [ask(sock, "get", key=f"key-{i}") for i in range(self.d.cache_keys)]
         if bool(stats["restored"]) != should:
-            return {"state": "LOST", "why": "restored" if stats["restored"] else "not restored"}
+            return Workload("LOST", "restored" if stats["restored"] else "not restored")
         if fresh:
             if any(g["found"] for g in got):
-                return {"state": "LOST", "why": "came back with keys it should not have"}
-            return {"state": "killed" if killed else "gone", "why": "came back empty"}
+                return Workload("LOST", "came back with keys it should not have")
+            return Workload("killed" if killed else "gone", "came back empty")
         if not all(g["found"] and g["value"] == f"value-{i}" for i, g in enumerate(got)):
-            return {"state": "LOST", "why": "keys missing or wrong"}
-        return {"state": "intact", "why": f"{self.d.cache_keys} keys read back"}
+            return Workload("LOST", "keys missing or wrong")
+        return Workload("intact", f"{self.d.cache_keys} keys read back")
+
+
+def faulted_update(demo: Demo, fault: Fault) -> FaultOutcome:
+    """One update of the booted ``demo`` with ``fault`` injected; what became of everything,
+    observed."""
+    assert demo.m is not None
+    run = FaultRun(demo, fault)
+    demo.say(f"fault {fault.name}: {fault.what}")
+    run.arm()
+    boot_count = demo.m.status()["boot_count"]
+
+    def phase(ev: dict[str, Any]) -> None:
+        demo.say(f"  {ev['phase']}")
+        run.during(ev)
+    err = run.update(phase)
+    if err:
+        demo.say(f"  the update ended: {err}")
+    return run.outcome(boot_count, err)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from liveupdate.cli.demo_faults import FAULTS, Fault
+from liveupdate.scenario.faults import FAULTS, Fault
 
 pytestmark = pytest.mark.xdist_group("vms")  # busy guests: one worker (scripts/test)
 
