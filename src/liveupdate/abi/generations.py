@@ -125,16 +125,24 @@ RELEASES: dict[str, Release] = {r.name: r for r in (
     Release("7.1", "7.1.0-lu", "kho-v3", 4096, "7.1", "7.1"),
     Release("7.2", "7.2.0-lu", "kho-v4", 4096, "7.1", "7.2"),
 )}
-# per KHO core: the root formats it writes (the stateless core's radix roots, else kho-v1)
-# and its bitmap widths (512-byte bitmaps only on 6.16: 6.17 without the stable fix)
-KHO_CORES: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
-    "6.16": (("kho-v1",), (4096, 512)),
-    "6.18": (("kho-v1",), (4096,)),
-    "6.19": (("kho-v1",), (4096,)),
-    "7.1": (("kho-v3", "kho-v4"), (4096,)),
-}
+@dataclass(frozen=True)
+class KhoCoreRow:
+    """A KHO core as images name it (its behaviour is the kernel's ``kernel/kho/core.py``)."""
+
+    name: str
+    roots: tuple[str, ...]  # the root formats it writes (the stateless core's radix roots)
+    bitmaps: tuple[int, ...]  # its bitmap widths, the default first
+    release: str  # uname -r of an image of the bare core
+    luo: str  # the LUO generation an image on this core gets unless told
 
 
+KHO_CORES: dict[str, KhoCoreRow] = {c.name: c for c in (
+    # 512-byte bitmaps only on 6.16: 6.17 without the stable fix
+    KhoCoreRow("6.16", ("kho-v1",), (512, 4096), "6.16.0-lu", "none"),
+    KhoCoreRow("6.18", ("kho-v1",), (4096,), "6.18.0-lu", "none"),
+    KhoCoreRow("6.19", ("kho-v1",), (4096,), "6.19.0-lu", "6.19"),
+    KhoCoreRow("7.1", ("kho-v3", "kho-v4"), (4096,), "7.1.0-lu", "6.19"),
+)}
 # the core an image that names none runs on, by its root format and bitmap width
 DEFAULT_CORE = {("kho-v1", 512): "6.16", ("kho-v1", 4096): "6.19", ("kho-v3", 4096): "7.1",
                 ("kho-v4", 4096): "7.1"}

@@ -69,8 +69,9 @@ class KernelImage:
             return  # decode() reports the wrong type
         g = generations.LUO.get(self.luo)
         if self.kho == "":
-            roots = KHO_CORES.get(self.kho_core, (("kho-v1",), ()))[0]
-            object.__setattr__(self, "kho", (g.kho if g else "") or roots[0])
+            core = KHO_CORES.get(self.kho_core)
+            object.__setattr__(self, "kho", (g.kho if g else "") or (
+                core.roots[0] if core else "kho-v1"))
         if self.memfd == "":
             memfd = generations.MEMFD_COMPATIBLE.get(g.memfd, "") if g else ""
             object.__setattr__(self, "memfd", memfd)
@@ -147,8 +148,8 @@ class KernelImage:
         if g.kho and self.kho != g.kho:
             raise AbiError(msg=f"image LUO {self.luo} needs the KHO format {g.kho}, not "
                            f"{self.kho}")
-        roots, bitmaps = KHO_CORES[self.kho_core]
-        if self.kho not in roots:
+        core = KHO_CORES[self.kho_core]
+        if self.kho not in core.roots:
             owner = _core_of(self.kho, 4096)
             raise AbiError(msg=f"image KHO format {self.kho} does not run on the "
                            f"{self.kho_core} core (only the {owner} core writes it)")
@@ -156,7 +157,7 @@ class KernelImage:
             raise AbiError(msg=f"image LUO {self.luo} needs the KHO core of {g.kho_core}, not "
                            f"{self.kho_core}")
         generations.check_manifest(self.reads)
-        if self.kho_bitmap_bytes not in bitmaps:
+        if self.kho_bitmap_bytes not in core.bitmaps:
             raise AbiError(msg=f"{self.kho_bitmap_bytes}-byte KHO bitmaps do not exist on the "
                            f"{self.kho_core} core")
         if not self.release or len(self.release) > 64:

@@ -13,7 +13,7 @@ from liveupdate.abi import image as image_abi
 from liveupdate.cli.common import SizeParam, emit, fail
 from liveupdate.errors import LiveUpdateError
 
-CORE_RELEASE = {"6.16": "6.16.0-lu", "6.18": "6.18.0-lu", "6.19": "6.19.0-lu", "7.1": "7.1.0-lu"}
+DEFAULT_CORE = "6.19"  # the KHO core of an image that names neither a core nor a bitmap width
 
 
 def _reads(value: str | None) -> dict[str, list[str]]:
@@ -71,14 +71,14 @@ def create(name: str, folder: str, generation: str | None, release: str | None,
         fail(f"image name {name!r} must be letters, digits, '-', '_' or '.'")
     fields: dict[str, Any] = {"load_size": load_size, "reads": _reads(reads)}
     if generation is None:
-        if kho_core is None and kho_bitmap_bytes == "512":
-            kho_core = "6.16"  # 512-byte bitmaps: 6.16, or 6.17 without the stable fix
-        luo = luo or ("none" if kho_core in ("6.16", "6.18") else "6.19")
-        gen_release = CORE_RELEASE[kho_core or "6.19"] if luo == "none" else \
-            generations.RELEASES[luo].release
-        fields.update(luo=luo, kho_core=kho_core or "", release=gen_release,
-                      kho_bitmap_bytes=int(kho_bitmap_bytes or
-                                           (512 if kho_core == "6.16" else 4096)))
+        if kho_core is None and kho_bitmap_bytes:  # 512-byte bitmaps: the 6.16 core
+            kho_core = generations.DEFAULT_CORE.get(("kho-v1", int(kho_bitmap_bytes)))
+        core = generations.KHO_CORES[kho_core or DEFAULT_CORE]
+        luo = luo or core.luo
+        row = generations.RELEASES.get(luo)
+        fields.update(luo=luo, kho_core=kho_core or "",
+                      release=row.release if row else core.release,
+                      kho_bitmap_bytes=int(kho_bitmap_bytes or core.bitmaps[0]))
     else:
         over = {"kho_core": kho_core, "luo": luo, "kho_bitmap_bytes":
                 int(kho_bitmap_bytes) if kho_bitmap_bytes else None}

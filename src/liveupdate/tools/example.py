@@ -33,7 +33,6 @@ from liveupdate.abi import (
 from liveupdate.abi.consts import MAX_PAGE_ORDER, PAGE_SHIFT, PAGE_SIZE, get_order
 from liveupdate.errors import AbiError
 
-GENERATIONS = ("6.19", "v3")
 MiB = 1 << 20
 
 
@@ -110,6 +109,57 @@ def _memfd_folios(ram: Ram, rng: np.random.Generator, vm_mib: int) -> memfd.Foli
                         np.array(idx, np.uint64))
 
 
+class _V3:
+    """The seed's era: kho_test's array inline, the files FDT and memfd FDTs, and the root
+    built in one go at finalize."""
+
+    @staticmethod
+    def kho_test(ram: Ram, info: np.ndarray, csum: int) -> khotest.KhoTest:
+        return khotest.KhoTest(len(info), csum, info, None)
+
+    @staticmethod
+    def luo(ram: Ram, folios: memfd.Folios, size: int) -> int:
+        memfd_phys = ram.store_preserved(memfd.encode_fdt(memfd.MemfdState(0, size, folios)))
+        files = luo_v3.encode_files_fdt([luo_v3.FileEntry(0x1, memfd.MEMFD_V1, memfd_phys)])
+        files_phys = ram.store_preserved(files)
+        return ram.store_preserved(luo_v3.encode_luo_fdt([(luo_v3.FILES_SUBSYSTEM, files_phys)]))
+
+    @staticmethod
+    def root(mem_map: int, subtrees: list[tuple[str, int]]) -> bytes:
+        return kho.encode_root_sequential(mem_map, subtrees)
+
+
+class _V619:
+    """6.19: kho_test's array in KHO vmalloc, sessions with memfd structs, the live root."""
+
+    @staticmethod
+    def kho_test(ram: Ram, info: np.ndarray, csum: int) -> khotest.KhoTest:
+        return khotest.KhoTest(len(info), csum, None, ram.store_vmalloc(info.tobytes()))
+
+    @staticmethod
+    def luo(ram: Ram, folios: memfd.Folios, size: int) -> int:
+        area = ram.store_vmalloc(memfd.encode_folio_array(folios))
+        ser_phys = ram.store_preserved(memfd.encode_ser(
+            memfd.MemfdSer(0, size, len(folios), area)))
+        files_phys = ram.store_preserved(luo_session.encode_files(
+            [luo_session.FileSer(memfd.MEMFD_V1, ser_phys, 0x1)]))
+        header_phys = ram.store_preserved(luo_session.encode_sessions(
+            [("vm1", files_phys, 1), ("empty", 0, 0)]))
+        return ram.store_preserved(luo_session.encode_luo_fdt(1, header_phys))
+
+    @staticmethod
+    def root(mem_map: int, subtrees: list[tuple[str, int]]) -> bytes:
+        live = kho.LiveRoot()
+        for name, p in subtrees:
+            live.add_subtree(name, p)
+        live.set_mem_map(mem_map)
+        return live.blob
+
+
+ERAS: dict[str, type[_V3] | type[_V619]] = {"6.19": _V619, "v3": _V3}
+GENERATIONS = tuple(ERAS)
+
+
 def build(generation: str = "6.19", ram_size: int = 1 << 30, vm_mib: int = 16,
           bitmap_bytes: int = kho_memmap.BITMAP_BYTES_6_18, seed: int = 1) -> Example:
     if generation not in GENERATIONS:
@@ -134,29 +184,12 @@ def build(generation: str = "6.19", ram_size: int = 1 << 30, vm_mib: int = 16,
         info.append(p | o)
     info_arr = np.array(info, np.uint64)
     csum = int(rng.integers(0, 1 << 32))
-    if generation == "v3":
-        test = khotest.KhoTest(len(info), csum, info_arr, None)
-    else:
-        test = khotest.KhoTest(len(info), csum, None, ram.store_vmalloc(info_arr.tobytes()))
-    test_phys = ram.store_preserved(khotest.encode(test))
+    era = ERAS[generation]
+    test_phys = ram.store_preserved(khotest.encode(era.kho_test(ram, info_arr, csum)))
 
     folios = _memfd_folios(ram, rng, vm_mib)
     size = (int(folios.index.max()) + 1) * PAGE_SIZE
-    if generation == "v3":
-        memfd_phys = ram.store_preserved(memfd.encode_fdt(memfd.MemfdState(0, size, folios)))
-        files = luo_v3.encode_files_fdt([luo_v3.FileEntry(0x1, memfd.MEMFD_V1, memfd_phys)])
-        files_phys = ram.store_preserved(files)
-        luo_phys = ram.store_preserved(
-            luo_v3.encode_luo_fdt([(luo_v3.FILES_SUBSYSTEM, files_phys)]))
-    else:
-        area = ram.store_vmalloc(memfd.encode_folio_array(folios))
-        ser_phys = ram.store_preserved(memfd.encode_ser(
-            memfd.MemfdSer(0, size, len(folios), area)))
-        files_phys = ram.store_preserved(luo_session.encode_files(
-            [luo_session.FileSer(memfd.MEMFD_V1, ser_phys, 0x1)]))
-        header_phys = ram.store_preserved(luo_session.encode_sessions(
-            [("vm1", files_phys, 1), ("empty", 0, 0)]))
-        luo_phys = ram.store_preserved(luo_session.encode_luo_fdt(1, header_phys))
+    luo_phys = era.luo(ram, folios, size)
 
     subtrees = [("memblock", memblock_phys), (khotest.KHO_TEST_SUBTREE, test_phys),
                 (luo_v3.LUO_KHO_ENTRY_NAME, luo_phys)]
@@ -176,15 +209,7 @@ def build(generation: str = "6.19", ram_size: int = 1 << 30, vm_mib: int = 16,
         ram.put(p, page.tobytes())
     mem_map = int(chunk_phys[0]) if len(chunk_phys) else 0
 
-    if generation == "v3":
-        root = kho.encode_root_sequential(mem_map, subtrees)
-    else:
-        live = kho.LiveRoot()
-        for name, p in subtrees:
-            live.add_subtree(name, p)
-        live.set_mem_map(mem_map)
-        root = live.blob
-    ram.put(root_phys, root)
+    ram.put(root_phys, era.root(mem_map, subtrees))
 
     # kexec_file_load: scratch array segment, setup_data and boot params inside scratch
     scratch_phys = int(scratch[0, 0])
