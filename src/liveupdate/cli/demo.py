@@ -22,7 +22,7 @@ from liveupdate.cli.common import SizeParam, fail
 from liveupdate.cli.demo_faults import BY_NAME, FAULTS, Fault, FaultRun, helper_line
 from liveupdate.client.update import load_image, run_update
 from liveupdate.errors import LiveUpdateError
-from liveupdate.luod.protocol import ask
+from liveupdate.ipc.service import ask
 from liveupdate.machine.client import MachineClient, start
 from liveupdate.vmm import guest
 

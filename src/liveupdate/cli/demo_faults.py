@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from liveupdate.client import faultpoint
 from liveupdate.client.update import admin, luod_status, run_update
 from liveupdate.errors import LiveUpdateError
-from liveupdate.luod.protocol import ask
+from liveupdate.ipc.service import ask
 from liveupdate.machine.client import MachineClient
 
 if TYPE_CHECKING:

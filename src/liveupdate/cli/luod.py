@@ -17,7 +17,7 @@ import sys
 
 from liveupdate.client.backends import open_backend
 from liveupdate.errors import LiveUpdateError
-from liveupdate.luod import protocol
+from liveupdate.ipc import endpoints
 from liveupdate.luod.daemon import Luod, Quota, Timeouts
 
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         0o660 if args.group is not None else 0o600)
     try:
         backend = open_backend()
-        path = args.socket or protocol.socket_path(backend.cmdline())
+        path = args.socket or endpoints.socket_path(backend.cmdline())
         d = Luod(backend, path, allow_uids=frozenset(args.allow_uid),
                  timeouts=Timeouts(args.prepare_timeout, args.freeze_timeout,
                                    args.finish_timeout), mode=mode,

@@ -1,4 +1,4 @@
-"""The client side of luod's protocol (:mod:`liveupdate.luod.protocol`): one ``preserve(fd,
+"""The client side of luod's protocol (:mod:`liveupdate.ipc`): one ``preserve(fd,
 token)`` / ``retrieve(token)`` API whatever the kernel's uAPI generation.
 
 On 6.19+ luod hands the client a session at ``prepare`` and the client preserves into it
@@ -45,7 +45,7 @@ from liveupdate.client import faultpoint
 from liveupdate.client.backends import Backend, open_backend
 from liveupdate.client.device import Session
 from liveupdate.errors import LiveUpdateError
-from liveupdate.luod import protocol
+from liveupdate.ipc import endpoints, envelope, framing
 
 Callback = Callable[["LuodClient"], None]
 
@@ -60,7 +60,7 @@ class LuodClient:
         self._backend = backend
         self.on_prepare, self.on_freeze, self.on_cancel = on_prepare, on_freeze, on_cancel
         self.on_phase = on_phase
-        self.path = path or protocol.socket_path(self.backend.cmdline())
+        self.path = path or endpoints.socket_path(self.backend.cmdline())
         self.role = "admin" if admin else "client"
         self.reconnect = reconnect
         self._lock = threading.Lock()
@@ -102,7 +102,7 @@ class LuodClient:
         threading.Thread(target=self._read, args=(sock,), daemon=True).start()
 
     def _hello(self) -> tuple[dict[str, Any], list[int]]:
-        hello, fds = self.request("hello", v=protocol.VERSION, name=self.name, role=self.role)
+        hello, fds = self.request("hello", v=endpoints.LUOD_VERSION, name=self.name, role=self.role)
         self.phase: str = hello["phase"]
         return hello, fds
 
@@ -128,7 +128,7 @@ class LuodClient:
             try:
                 if self.sock is None:
                     raise OSError(errno.ENOTCONN, "not connected")
-                protocol.send(self.sock, {"op": op, "id": rid, **args}, fds)
+                framing.send(self.sock, {"op": op, "id": rid, **args}, fds)
             except OSError as e:
                 del self._waiting[rid]
                 raise LiveUpdateError(err=errno.EPIPE, msg=f"luod: {e.strerror}") from e
@@ -139,14 +139,12 @@ class LuodClient:
         if not reply.get("ok"):
             for fd in got:
                 os.close(fd)
-            raise LiveUpdateError(err=protocol.ERRNO.get(str(reply.get("errno")), errno.EIO),
-                                  msg=str(reply.get("error", "luod refused")))
-        return reply, got
+        return envelope.check(reply, "luod refused"), got
 
     def _read(self, sock: socket.socket) -> None:
         try:
             while True:
-                got = protocol.recv(sock)
+                got = framing.recv(sock)
                 if got is None:
                     break
                 msg, fds = got
@@ -208,7 +206,7 @@ class LuodClient:
             msg["error"] = error
         try:
             if self.sock is not None:
-                protocol.send(self.sock, msg)
+                framing.send(self.sock, msg)
         except OSError:
             pass  # the reader sees the connection end and reconnects
 

@@ -53,8 +53,9 @@ from liveupdate.client.device import LiveUpdate, Session
 from liveupdate.client.generation import kernel_generation
 from liveupdate.client.mapping import Mapping
 from liveupdate.errors import AbiError, LiveUpdateError
+from liveupdate.ipc import endpoints, framing
 from liveupdate.kernel.cmdline import Cmdline  # the Linux command line's own parsing rules
-from liveupdate.luod import protocol, registry
+from liveupdate.luod import registry
 from liveupdate.luod.state import Event, Phase, next_phase
 
 REGISTRY_TOKEN = 0x4C554F44_00000000  # "LUOD": v3 tokens are global
@@ -83,7 +84,7 @@ class Conn:
     def send(self, msg: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
         with self.send_lock:
             try:
-                protocol.send(self.sock, msg, fds)
+                framing.send(self.sock, msg, fds)
             except OSError:
                 self.alive = False
 
@@ -271,7 +272,7 @@ class Luod:
         try:
             while True:
                 try:
-                    got = protocol.recv(c.sock)
+                    got = framing.recv(c.sock)
                 except LiveUpdateError as e:
                     c.send({"ok": False, "errno": e.errno_name, "error": e.message})
                     continue
@@ -306,7 +307,7 @@ class Luod:
 
     def _handle(self, c: Conn, msg: dict[str, Any], fds: list[int]
                 ) -> tuple[dict[str, Any], list[int]]:
-        op = protocol.field(msg, "op", str)
+        op = framing.field(msg, "op", str)
         if not c.name:
             if op != "hello":
                 raise LiveUpdateError(err=errno.EPROTO, msg="say hello first")
@@ -322,10 +323,10 @@ class Luod:
         return handler(c, msg, fds)
 
     def _hello(self, c: Conn, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
-        if protocol.field(msg, "v", int) != protocol.VERSION:
+        if framing.field(msg, "v", int) != endpoints.LUOD_VERSION:
             raise LiveUpdateError(err=errno.EPROTO, msg=f"luod speaks protocol "
-                                  f"{protocol.VERSION}")
-        name = protocol.field(msg, "name", str)
+                                  f"{endpoints.LUOD_VERSION}")
+        name = framing.field(msg, "name", str)
         if not 0 < len(name) <= 40 or not set(name) <= NAME_CHARS:
             raise LiveUpdateError(err=errno.EINVAL, msg="client names are 1-40 characters "
                                   "of letters, digits, '.', '_', '-'")
@@ -336,7 +337,7 @@ class Luod:
             c.name, c.admin = name, True
             with self.cond:
                 self.admins.append(c)
-            return {"v": protocol.VERSION, "generation": str(self.gen),
+            return {"v": endpoints.LUOD_VERSION, "generation": str(self.gen),
                     "phase": self.phase.value, "restore": False}, []
         with self.cond:
             if (c.uid, name) in self.conns:
@@ -345,7 +346,7 @@ class Luod:
             c.name = name
             self.conns[c.key] = c
             rec = self.records.get(c.key)
-            reply: dict[str, Any] = {"v": protocol.VERSION, "generation": str(self.gen),
+            reply: dict[str, Any] = {"v": endpoints.LUOD_VERSION, "generation": str(self.gen),
                                      "phase": self.phase.value, "restore": False}
             out: list[int] = []
             if self.phase is Phase.UPDATED and rec is not None:
@@ -361,7 +362,7 @@ class Luod:
              ) -> tuple[dict[str, Any], list[int]]:
         """An acknowledgement -- or, with ``error``, the client's refusal of the event (its
         callback failed): the barrier fails at once with the client's reason."""
-        event = protocol.field(msg, "event", str)
+        event = framing.field(msg, "event", str)
         error = msg.get("error")
         with self.cond:
             if error is not None:
@@ -391,7 +392,7 @@ class Luod:
         if not self.mediated:
             raise LiveUpdateError(err=errno.EOPNOTSUPP, msg="on 6.19+ clients preserve into "
                                   "their own session")
-        token = protocol.field(msg, "token", int)
+        token = framing.field(msg, "token", int)
         if len(fds) != 1:
             raise LiveUpdateError(err=errno.EBADF, msg="preserve takes exactly one fd")
         size = self.backend.size(fds[0])
@@ -422,7 +423,7 @@ class Luod:
         if not self.mediated:
             raise LiveUpdateError(err=errno.EOPNOTSUPP, msg="on 6.19+ clients retrieve from "
                                   "the session luod handed them")
-        token = protocol.field(msg, "token", int)
+        token = framing.field(msg, "token", int)
         if self.gen is not Gen.V3:
             with self.cond:
                 session = self.in_sessions.get(c.key)
@@ -572,7 +573,7 @@ class Luod:
               ) -> tuple[dict[str, Any], list[int]]:
         with self._claim("load"):
             try:
-                return self.load(protocol.field(msg, "image", str), msg.get("cmdline"),
+                return self.load(framing.field(msg, "image", str), msg.get("cmdline"),
                                  msg.get("release")), []
             except LiveUpdateError as e:
                 self.last_error = f"load: {e.message}"
@@ -614,7 +615,7 @@ class Luod:
             try:
                 started = time.time()
                 if msg.get("image") is not None:
-                    self.load(protocol.field(msg, "image", str), msg.get("cmdline"),
+                    self.load(framing.field(msg, "image", str), msg.get("cmdline"),
                               msg.get("release"))
                 if self.loaded is None:
                     raise LiveUpdateError(err=errno.EINVAL, msg="no next kernel loaded")

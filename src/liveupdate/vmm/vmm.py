@@ -19,7 +19,7 @@ twice: host clock (last exit before the pause to the first after the resume, acr
 VMM processes: CLOCK_MONOTONIC is the host's) and the guest's own TSC timestamps.
 
 A control socket (``<luod socket folder>/vmm-NAME.sock``, luod's framing; ask it with
-:func:`liveupdate.luod.protocol.ask`) answers ``status``, ``verify`` (pause at an exit, check
+:func:`liveupdate.luod.service.ask`) answers ``status``, ``verify`` (pause at an exit, check
 the guest's invariants over all of memory, resume), ``phys`` (where a guest-physical address
 lies in the machine's RAM) and ``resize`` (refused in limited mode).
 """
@@ -38,7 +38,7 @@ from liveupdate.client.backends import Backend, open_backend
 from liveupdate.client.luod import LuodClient, connect
 from liveupdate.client.mapping import Mapping
 from liveupdate.errors import LiveUpdateError
-from liveupdate.luod import protocol
+from liveupdate.ipc import framing, service
 from liveupdate.vmm import guest, kvm
 from liveupdate.vmm.cpu import CpuState, fresh
 from liveupdate.vmm.tcg import Tcg
@@ -296,18 +296,17 @@ class Vmm:
         return {"intact": chk.ok, "steps": chk.steps, "pages_touched": chk.pages_touched,
                 "problem": chk.problem}
 
-    def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """One control request (see the module docstring)."""
-        op = msg.get("op")
-        if op == "status":
-            return self.status()
-        if op == "verify":
-            return self.verify()
-        if op == "phys":
-            return {"hpa": self.host_phys(protocol.field(msg, "gpa", int))}
-        if op == "resize":
-            if self.limited:
-                raise LiveUpdateError(err=errno.EBUSY, msg="limited mode: a live update is "
-                                      "under way; no memory resize")
-            raise LiveUpdateError(err=errno.EOPNOTSUPP, msg="memory resize is not emulated")
-        raise LiveUpdateError(err=errno.EOPNOTSUPP, msg=f"unknown op {op!r}")
+    @property
+    def handlers(self) -> service.Handlers:
+        """The control socket's requests (see the module docstring)."""
+        return {"status": lambda msg: self.status(), "verify": lambda msg: self.verify(),
+                "phys": self._phys, "resize": self._resize}
+
+    def _phys(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return {"hpa": self.host_phys(framing.field(msg, "gpa", int))}
+
+    def _resize(self, msg: dict[str, Any]) -> dict[str, Any]:
+        if self.limited:
+            raise LiveUpdateError(err=errno.EBUSY, msg="limited mode: a live update is "
+                                  "under way; no memory resize")
+        raise LiveUpdateError(err=errno.EOPNOTSUPP, msg="memory resize is not emulated")
