@@ -18,7 +18,8 @@ import sys
 from liveupdate.client.backends import open_backend
 from liveupdate.errors import LiveUpdateError
 from liveupdate.ipc import endpoints
-from liveupdate.luod.daemon import Luod, Quota, Timeouts
+from liveupdate.luod.daemon import Luod
+from liveupdate.luod.orchestrator import Quota, Timeouts
 
 
 def sd_notify(state: str) -> None:

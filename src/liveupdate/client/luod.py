@@ -31,6 +31,7 @@ and says hello again under the same name, so the next update includes it. Mid-up
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import os
 import queue
@@ -40,7 +41,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from liveupdate.abi.uapi import Gen
+from liveupdate.abi.uapi_generation import UapiGeneration, named
 from liveupdate.client import faultpoint
 from liveupdate.client.backends import Backend, open_backend
 from liveupdate.client.device import Session
@@ -48,6 +49,16 @@ from liveupdate.errors import LiveUpdateError
 from liveupdate.ipc import endpoints, envelope, framing
 
 Callback = Callable[["LuodClient"], None]
+
+
+class ClientState(enum.Enum):
+    """Where this client is in an update (its transitions: ``prepare`` -> PREPARED,
+    ``freeze`` acknowledged -> FROZEN, cancel or luod lost -> IDLE)."""
+
+    IDLE = "idle"
+    PREPARED = "prepared"  # in an update, still running: luod lost means resume
+    FROZEN = "frozen"  # acknowledged freeze: only an explicit cancel (or a luod in this
+    #                    kernel) resumes -- the kexec may be under way
 
 
 class LuodClient:
@@ -74,15 +85,14 @@ class LuodClient:
         self.closed = False
         self._reconnecting = False  # one reconnect at a time; its failed tries are quiet
         self.sock: socket.socket | None = None
-        self.in_update = False
-        self.frozen = False  # acknowledged freeze: only an explicit cancel resumes
+        self.state = ClientState.IDLE
         self._connect()
         threading.Thread(target=self._dispatch, daemon=True).start()
         hello, fds = self._hello()
         self.generation: str = hello["generation"]
         self.restore: bool = hello["restore"]
         # luod preserves and retrieves for us (v3; 6.19+ with quotas) instead of a session
-        self.mediated = bool(hello.get("mediated", self.gen is Gen.V3))
+        self.mediated = bool(hello.get("mediated", not self.gen.sessions))
         if self.restore:
             faultpoint.fire(self.path, name, "restore")
         self.tokens: list[int] = hello.get("tokens", [])
@@ -113,9 +123,9 @@ class LuodClient:
         return self._backend
 
     @property
-    def gen(self) -> Gen:
+    def gen(self) -> UapiGeneration:
         """The kernel's uAPI generation (from luod's hello, which read it from uname)."""
-        return Gen(self.generation)
+        return named(self.generation)
 
     # -- requests -------------------------------------------------------------------------
     def request(self, op: str, fds: tuple[int, ...] = (), **args: Any
@@ -217,22 +227,23 @@ class LuodClient:
                 # luod gone for good. Before freeze: resume. After: this process still runs
                 # when the reconnect window ends, so no reboot took it -- resume too (with no
                 # reconnect window, stay paused: the kexec may be under way).
-                if self.in_update and (not self.frozen or self.reconnect > 0):
+                if self.state is ClientState.PREPARED or (
+                        self.state is ClientState.FROZEN and self.reconnect > 0):
                     self._cancelled("luod went away and did not come back")
                 return
             msg, fds = item
             event = msg.get("event")
             try:
                 if event == "lost":
-                    if self.in_update and not self.frozen:
+                    if self.state is ClientState.PREPARED:
                         self._cancelled("luod went away")
                 elif event == "reconnected":
-                    if self.in_update:
+                    if self.state is not ClientState.IDLE:
                         self._cancelled(f"luod restarted in this kernel (now "
                                         f"{msg.get('phase')}): the update did not happen")
                 elif event == "prepare":
                     faultpoint.fire(self.path, self.name, "prepare")
-                    self.in_update = True
+                    self.state = ClientState.PREPARED
                     self.mediated = bool(msg.get("mediated", self.mediated))
                     if fds:
                         self.session = Session(self.backend, self.gen, fds[0], self.name)
@@ -243,7 +254,7 @@ class LuodClient:
                     faultpoint.fire(self.path, self.name, "freeze")
                     if self.on_freeze:
                         self.on_freeze(self)
-                    self.frozen = True
+                    self.state = ClientState.FROZEN
                     self._ack("freeze")
                 elif event == "cancel":
                     self._cancelled(str(msg.get("reason", "")))
@@ -255,7 +266,7 @@ class LuodClient:
                     self._ack(str(event), error=str(e))
 
     def _cancelled(self, reason: str) -> None:
-        self.in_update = self.frozen = False
+        self.state = ClientState.IDLE
         if self.session is not None:
             self.session.close()  # the 6.19 abort path: closing the session unpreserves
             self.session = None

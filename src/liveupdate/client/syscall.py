@@ -13,7 +13,8 @@ import socket
 import threading
 from typing import Any
 
-from liveupdate.abi import syscalls, uapi, wire
+from liveupdate.abi import syscalls, wire
+from liveupdate.abi.uapi_generation import UapiGeneration
 from liveupdate.client.generation import generation_of
 from liveupdate.client.mapping import Mapping, map_extents
 from liveupdate.errors import LiveUpdateError
@@ -35,7 +36,7 @@ class Kernel:
             fd = int(value)
         self.sock = socket.socket(fileno=fd)
         self._lock = threading.Lock()
-        self._gen: uapi.Gen | None = None
+        self._gen: UapiGeneration | None = None
 
     def call_fds(self, op: str, payload: bytes = b"", fds: list[int] | None = None,
                  **args: Any) -> wire.Message:
@@ -181,7 +182,7 @@ class Kernel:
         named by ``fd_in`` fields ride along (a negative or closed fd is not attached, and
         the kernel answers EBADF); fds the kernel returns are patched into ``fd_out``
         fields as numbers of this process."""
-        entry = uapi.entry_for(self.generation, cmd)
+        entry = self.generation.entry_for(cmd)
         fds: list[int] = []
         if entry is not None:
             for name in entry.fd_in:
@@ -196,7 +197,7 @@ class Kernel:
                     entry.set_field(buf, name, new)
 
     @property
-    def generation(self) -> uapi.Gen:
+    def generation(self) -> UapiGeneration:
         if self._gen is None:
             self._gen = generation_of(self.uname())
         return self._gen

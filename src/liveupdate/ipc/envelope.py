@@ -22,8 +22,13 @@ def ok(rid: Any, fields: dict[str, Any]) -> dict[str, Any]:
     return {"id": rid, "ok": True, **fields}
 
 
+def failure(e: LiveUpdateError) -> dict[str, Any]:
+    """The error envelope without an id (the record it answers had none to repeat)."""
+    return {"ok": False, "errno": e.errno_name, "error": e.message}
+
+
 def error(rid: Any, e: LiveUpdateError) -> dict[str, Any]:
-    return {"id": rid, "ok": False, "errno": e.errno_name, "error": e.message}
+    return {"id": rid, **failure(e)}
 
 
 def run(rid: Any, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
