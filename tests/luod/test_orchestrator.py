@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ class Rig:
             c.close()
         for d in self.luods:
             assert d.server is not None
+            d.server.shutdown(socket.SHUT_RDWR)  # wakes the accept loop: it returns
             d.server.close()
         self.clients, self.luods = [], []
 
@@ -226,7 +228,6 @@ def test_a_second_luod_cannot_have_the_device(rig: Rig) -> None:
 
 
 def test_conn_send_to_a_gone_peer_marks_it_dead() -> None:
-    import socket
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     b.close()
     c = server.Conn(a, 0, 0, "x")
