@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from liveupdate.abi import uapi, wire
+from liveupdate.abi import uapi, uapi_generation, wire
 from liveupdate.abi.uapi import Gen
 from liveupdate.client import backends, device
 from liveupdate.client.syscall import Kernel
@@ -49,7 +49,7 @@ def test_real_and_emulated_backends_send_the_same_struct_bytes(
             dev.set_event(uapi.Event.PREPARE)
             dev.fd_unpreserve(0x1234)
         else:
-            device.Session(backend, gen, 98, "s").finish()
+            device.Session(backend, uapi_generation.BY_GEN[gen], 98, "s").finish()
     emulated = [(p, a["cmd"]) for op, p, a in rec.sent if op == "ioctl"]
     assert [(cmd, raw) for _, cmd, raw in real] == [(cmd, raw) for raw, cmd in emulated]
     assert real and all(len(raw) == uapi.entry_for(gen, cmd).size  # type: ignore[union-attr]
@@ -61,7 +61,7 @@ def test_real_and_emulated_backends_send_the_same_struct_bytes(
                            "liveupdate=on kho=on has one)")
 def test_real_device() -> None:
     dev = device.LiveUpdate(backends.RealBackend())
-    assert dev.gen in (Gen.V6_19, Gen.V7_1)
+    assert dev.gen.gen in (Gen.V6_19, Gen.V7_1)
     s = dev.create_session(f"liveupdate-test-{os.getpid()}")
     fd = os.memfd_create("t")
     os.write(fd, b"hello")

@@ -29,7 +29,7 @@ G = k.generation
 resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
 
 def io(target, name, /, **fields):
-    entry = uapi.ioctl(G, name)
+    entry = G.ioctl(name)
     buf = bytearray(entry.pack(**fields))
     try:
         k.ioctl(target, entry.number, buf)

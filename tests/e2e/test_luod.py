@@ -19,8 +19,8 @@ import pytest
 
 from liveupdate.abi import image
 from liveupdate.errors import LiveUpdateError
-from liveupdate.luod import protocol
-from liveupdate.luod.protocol import ask
+from liveupdate.ipc import framing
+from liveupdate.ipc.service import ask
 from liveupdate.machine.client import MachineClient
 from liveupdate.userspace.luod_client import digest, pattern
 from tests.e2e.conftest import Factory
@@ -327,8 +327,8 @@ def test_luod_out_of_fds_keeps_serving(lu: Machine) -> None:
         s.connect(m.dir + "/run/luod.sock")  # waits in the backlog: luod has no fd for it
         m.wait("luod: accept: Too many open files; retrying", offset=off)
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
-        protocol.send(s, {"op": "hello", "id": 1, "v": 1, "name": "late", "role": "admin"})
-        got = protocol.recv(s)
+        framing.send(s, {"op": "hello", "id": 1, "v": 1, "name": "late", "role": "admin"})
+        got = framing.recv(s)
         assert got is not None and got[0]["ok"], got
     st = status(m)
     assert st["pid"] == pid and st["phase"] == "normal"  # the same luod, still serving

@@ -5,7 +5,6 @@ keeps serving, and it holds no more fds afterwards than before."""
 
 from __future__ import annotations
 
-import array
 import errno
 import json
 import os
@@ -22,7 +21,8 @@ from hypothesis import strategies as st
 from liveupdate.abi import image
 from liveupdate.client.update import luod_status
 from liveupdate.errors import LiveUpdateError
-from liveupdate.luod import protocol
+from liveupdate.ipc import envelope, framing, service
+from liveupdate.ipc import fds as fdpass
 from liveupdate.machine.client import start
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats()
@@ -41,7 +41,7 @@ MESSAGE = st.fixed_dictionaries(
 RECORD = st.one_of(MESSAGE.map(lambda m: json.dumps(m).encode()),
                    JSON.map(lambda v: json.dumps(v).encode()),
                    st.binary(max_size=256),
-                   st.integers(protocol.MAX_MESSAGE - 8, protocol.MAX_MESSAGE + 64)
+                   st.integers(framing.MAX_MESSAGE - 8, framing.MAX_MESSAGE + 64)
                    .map(lambda n: b'{"op":"status","pad":"' + b"x" * n + b'"}'))
 
 
@@ -72,26 +72,24 @@ def _exchange(path: str, hello: bool, raw: bytes, nfds: int) -> list[dict[str, A
     replies before the probe's (an ``ack`` gets none), or None when luod hung up (a refused
     hello) or the record cannot be sent at all (over the socket's own size)."""
     fds = [os.memfd_create("fuzz") for _ in range(nfds)]
-    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] \
-        if fds else []
     replies: list[dict[str, Any]] = []
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
             s.settimeout(10)
             s.connect(path)
             if hello:
-                protocol.send(s, {"op": "hello", "id": 0, "v": 1, "name": "fuzz",
-                                  "role": "admin"})
-                protocol.recv(s)
+                framing.send(s, {"op": "hello", "id": 0, "v": 1, "name": "fuzz",
+                                 "role": "admin"})
+                framing.recv(s)
             try:
-                s.sendmsg([raw], anc)
-                protocol.send(s, PROBE)
+                fdpass.sendmsg(s, raw, fds)
+                framing.send(s, PROBE)
             except OSError as e:
                 assert e.errno in (errno.EMSGSIZE, errno.EPIPE), e
                 return None
             while True:
                 try:
-                    got = protocol.recv(s)
+                    got = framing.recv(s)
                 except LiveUpdateError as e:
                     raise AssertionError(f"luod sent a malformed record: {e}") from e
                 except ConnectionResetError:
@@ -125,7 +123,7 @@ def test_every_record_gets_a_well_formed_answer(luod: str, hello: bool, raw: byt
     for reply in replies:
         assert isinstance(reply.get("ok"), bool), reply
         if not reply["ok"]:
-            assert reply["errno"] in protocol.ERRNO and isinstance(reply["error"], str), reply
+            assert reply["errno"] in envelope.ERRNO and isinstance(reply["error"], str), reply
             assert "\n" not in reply["error"], reply
 
 
@@ -142,5 +140,5 @@ def test_luod_serves_on_and_leaks_no_fds(luod: str) -> None:
     st = luod_status(luod)
     assert st["phase"] == "normal" and int(st["pid"]) == pid  # the same luod, serving
     with pytest.raises(LiveUpdateError) as e:
-        protocol.ask(luod, "status")  # and still refusing an admin op before hello
+        service.ask(luod, "status")  # and still refusing an admin op before hello
     assert e.value.errno == errno.EPROTO

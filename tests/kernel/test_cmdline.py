@@ -9,9 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from liveupdate.abi.cmdline import Cmdline, kstrtobool, memparse
 from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel import power
-from liveupdate.kernel.cmdline import Cmdline, kstrtobool, memparse, parse_kho_scratch
+from liveupdate.kernel.cmdline import parse_kho_scratch
 from tests.kernel.conftest import Rig
 
 

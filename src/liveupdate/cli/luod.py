@@ -17,8 +17,9 @@ import sys
 
 from liveupdate.client.backends import open_backend
 from liveupdate.errors import LiveUpdateError
-from liveupdate.luod import protocol
-from liveupdate.luod.daemon import Luod, Quota, Timeouts
+from liveupdate.ipc import endpoints
+from liveupdate.luod.daemon import Luod
+from liveupdate.luod.orchestrator import Quota, Timeouts
 
 
 def sd_notify(state: str) -> None:
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         0o660 if args.group is not None else 0o600)
     try:
         backend = open_backend()
-        path = args.socket or protocol.socket_path(backend.cmdline())
+        path = args.socket or endpoints.socket_path(backend.cmdline())
         d = Luod(backend, path, allow_uids=frozenset(args.allow_uid),
                  timeouts=Timeouts(args.prepare_timeout, args.freeze_timeout,
                                    args.finish_timeout), mode=mode,

@@ -21,7 +21,7 @@ from liveupdate.cli.common import emit, fail
 from liveupdate.client.luod import LuodClient
 from liveupdate.client.update import admin, run_update
 from liveupdate.errors import LiveUpdateError
-from liveupdate.luod import protocol
+from liveupdate.ipc import endpoints
 
 PHASES = ("start", "prepared", "frozen", "reboot", "updated", "normal")
 
@@ -29,12 +29,12 @@ PHASES = ("start", "prepared", "frozen", "reboot", "updated", "normal")
 def _path(socket: str | None) -> str:
     if socket:
         return socket
-    if os.environ.get(protocol.SOCKET_ENV):
-        return os.environ[protocol.SOCKET_ENV]
+    if os.environ.get(endpoints.SOCKET_ENV):
+        return os.environ[endpoints.SOCKET_ENV]
     machine = os.environ.get("LIVEUPDATE_MACHINE")
     if machine:
         return os.path.join(os.path.abspath(machine), "run", "luod.sock")
-    return protocol.HOST_SOCKET
+    return endpoints.HOST_SOCKET
 
 
 def _admin(socket: str | None, **kw: Any) -> LuodClient:

@@ -10,15 +10,13 @@ every failure is a :class:`~liveupdate.errors.LiveUpdateError` carrying the kern
 
 from __future__ import annotations
 
-import errno
 import os
 from typing import Any
 
-from liveupdate.abi import uapi
-from liveupdate.abi.uapi import Event, Gen, State
+from liveupdate.abi.uapi import Event, State
+from liveupdate.abi.uapi_generation import UapiGeneration
 from liveupdate.client.backends import Backend, open_backend
 from liveupdate.client.generation import generation_of
-from liveupdate.errors import LiveUpdateError
 
 DEV_LIVEUPDATE = "/dev/liveupdate"
 
@@ -31,7 +29,7 @@ class LiveUpdate:
 
     @property
     def sessions(self) -> bool:
-        return self.gen is not Gen.V3
+        return self.gen.sessions
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -39,9 +37,7 @@ class LiveUpdate:
             self.fd = -1
 
     def _need(self, sessions: bool, what: str) -> None:
-        if self.sessions != sessions:
-            raise LiveUpdateError(err=errno.EOPNOTSUPP, msg=f"{what}: not in the LUO "
-                                  f"{self.gen} uAPI")
+        self.gen.need(sessions, what)
 
     def ioctl(self, fd: int, op: str, /, **fields: Any) -> dict[str, Any]:
         return ioctl(self.backend, self.gen, fd, op, **fields)
@@ -79,9 +75,10 @@ class LiveUpdate:
         return Session(self.backend, self.gen, fd, name)
 
 
-def ioctl(backend: Backend, gen: Gen, fd: int, op: str, /, **fields: Any) -> dict[str, Any]:
+def ioctl(backend: Backend, gen: UapiGeneration, fd: int, op: str, /, **fields: Any
+          ) -> dict[str, Any]:
     """One ioctl by name: the struct packed, sent, and the kernel's reply unpacked."""
-    entry = uapi.ioctl(gen, op)
+    entry = gen.ioctl(op)
     buf = bytearray(entry.pack(**fields))
     backend.ioctl(fd, entry.number, buf)
     return entry.unpack(bytes(buf))
@@ -92,7 +89,7 @@ class Session:
     closing a retrieved one finishes it. It needs no /dev/liveupdate: a process that was
     handed a session fd (luod's clients) uses it directly."""
 
-    def __init__(self, backend: Backend, gen: Gen, fd: int, name: str) -> None:
+    def __init__(self, backend: Backend, gen: UapiGeneration, fd: int, name: str) -> None:
         self.backend = backend
         self.gen = gen
         self.fd = fd

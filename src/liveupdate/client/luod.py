@@ -1,4 +1,4 @@
-"""The client side of luod's protocol (:mod:`liveupdate.luod.protocol`): one ``preserve(fd,
+"""The client side of luod's protocol (:mod:`liveupdate.ipc`): one ``preserve(fd,
 token)`` / ``retrieve(token)`` API whatever the kernel's uAPI generation.
 
 On 6.19+ luod hands the client a session at ``prepare`` and the client preserves into it
@@ -31,6 +31,7 @@ and says hello again under the same name, so the next update includes it. Mid-up
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import os
 import queue
@@ -40,14 +41,24 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from liveupdate.abi.uapi import Gen
+from liveupdate.abi.uapi_generation import UapiGeneration, named
 from liveupdate.client import faultpoint
 from liveupdate.client.backends import Backend, open_backend
 from liveupdate.client.device import Session
 from liveupdate.errors import LiveUpdateError
-from liveupdate.luod import protocol
+from liveupdate.ipc import endpoints, envelope, framing
 
 Callback = Callable[["LuodClient"], None]
+
+
+class ClientState(enum.Enum):
+    """Where this client is in an update (its transitions: ``prepare`` -> PREPARED,
+    ``freeze`` acknowledged -> FROZEN, cancel or luod lost -> IDLE)."""
+
+    IDLE = "idle"
+    PREPARED = "prepared"  # in an update, still running: luod lost means resume
+    FROZEN = "frozen"  # acknowledged freeze: only an explicit cancel (or a luod in this
+    #                    kernel) resumes -- the kexec may be under way
 
 
 class LuodClient:
@@ -60,7 +71,7 @@ class LuodClient:
         self._backend = backend
         self.on_prepare, self.on_freeze, self.on_cancel = on_prepare, on_freeze, on_cancel
         self.on_phase = on_phase
-        self.path = path or protocol.socket_path(self.backend.cmdline())
+        self.path = path or endpoints.socket_path(self.backend.cmdline())
         self.role = "admin" if admin else "client"
         self.reconnect = reconnect
         self._lock = threading.Lock()
@@ -74,15 +85,14 @@ class LuodClient:
         self.closed = False
         self._reconnecting = False  # one reconnect at a time; its failed tries are quiet
         self.sock: socket.socket | None = None
-        self.in_update = False
-        self.frozen = False  # acknowledged freeze: only an explicit cancel resumes
+        self.state = ClientState.IDLE
         self._connect()
         threading.Thread(target=self._dispatch, daemon=True).start()
         hello, fds = self._hello()
         self.generation: str = hello["generation"]
         self.restore: bool = hello["restore"]
         # luod preserves and retrieves for us (v3; 6.19+ with quotas) instead of a session
-        self.mediated = bool(hello.get("mediated", self.gen is Gen.V3))
+        self.mediated = bool(hello.get("mediated", not self.gen.sessions))
         if self.restore:
             faultpoint.fire(self.path, name, "restore")
         self.tokens: list[int] = hello.get("tokens", [])
@@ -102,7 +112,7 @@ class LuodClient:
         threading.Thread(target=self._read, args=(sock,), daemon=True).start()
 
     def _hello(self) -> tuple[dict[str, Any], list[int]]:
-        hello, fds = self.request("hello", v=protocol.VERSION, name=self.name, role=self.role)
+        hello, fds = self.request("hello", v=endpoints.LUOD_VERSION, name=self.name, role=self.role)
         self.phase: str = hello["phase"]
         return hello, fds
 
@@ -113,9 +123,9 @@ class LuodClient:
         return self._backend
 
     @property
-    def gen(self) -> Gen:
+    def gen(self) -> UapiGeneration:
         """The kernel's uAPI generation (from luod's hello, which read it from uname)."""
-        return Gen(self.generation)
+        return named(self.generation)
 
     # -- requests -------------------------------------------------------------------------
     def request(self, op: str, fds: tuple[int, ...] = (), **args: Any
@@ -128,7 +138,7 @@ class LuodClient:
             try:
                 if self.sock is None:
                     raise OSError(errno.ENOTCONN, "not connected")
-                protocol.send(self.sock, {"op": op, "id": rid, **args}, fds)
+                framing.send(self.sock, {"op": op, "id": rid, **args}, fds)
             except OSError as e:
                 del self._waiting[rid]
                 raise LiveUpdateError(err=errno.EPIPE, msg=f"luod: {e.strerror}") from e
@@ -139,14 +149,12 @@ class LuodClient:
         if not reply.get("ok"):
             for fd in got:
                 os.close(fd)
-            raise LiveUpdateError(err=protocol.ERRNO.get(str(reply.get("errno")), errno.EIO),
-                                  msg=str(reply.get("error", "luod refused")))
-        return reply, got
+        return envelope.check(reply, "luod refused"), got
 
     def _read(self, sock: socket.socket) -> None:
         try:
             while True:
-                got = protocol.recv(sock)
+                got = framing.recv(sock)
                 if got is None:
                     break
                 msg, fds = got
@@ -208,7 +216,7 @@ class LuodClient:
             msg["error"] = error
         try:
             if self.sock is not None:
-                protocol.send(self.sock, msg)
+                framing.send(self.sock, msg)
         except OSError:
             pass  # the reader sees the connection end and reconnects
 
@@ -219,22 +227,23 @@ class LuodClient:
                 # luod gone for good. Before freeze: resume. After: this process still runs
                 # when the reconnect window ends, so no reboot took it -- resume too (with no
                 # reconnect window, stay paused: the kexec may be under way).
-                if self.in_update and (not self.frozen or self.reconnect > 0):
+                if self.state is ClientState.PREPARED or (
+                        self.state is ClientState.FROZEN and self.reconnect > 0):
                     self._cancelled("luod went away and did not come back")
                 return
             msg, fds = item
             event = msg.get("event")
             try:
                 if event == "lost":
-                    if self.in_update and not self.frozen:
+                    if self.state is ClientState.PREPARED:
                         self._cancelled("luod went away")
                 elif event == "reconnected":
-                    if self.in_update:
+                    if self.state is not ClientState.IDLE:
                         self._cancelled(f"luod restarted in this kernel (now "
                                         f"{msg.get('phase')}): the update did not happen")
                 elif event == "prepare":
                     faultpoint.fire(self.path, self.name, "prepare")
-                    self.in_update = True
+                    self.state = ClientState.PREPARED
                     self.mediated = bool(msg.get("mediated", self.mediated))
                     if fds:
                         self.session = Session(self.backend, self.gen, fds[0], self.name)
@@ -245,7 +254,7 @@ class LuodClient:
                     faultpoint.fire(self.path, self.name, "freeze")
                     if self.on_freeze:
                         self.on_freeze(self)
-                    self.frozen = True
+                    self.state = ClientState.FROZEN
                     self._ack("freeze")
                 elif event == "cancel":
                     self._cancelled(str(msg.get("reason", "")))
@@ -257,7 +266,7 @@ class LuodClient:
                     self._ack(str(event), error=str(e))
 
     def _cancelled(self, reason: str) -> None:
-        self.in_update = self.frozen = False
+        self.state = ClientState.IDLE
         if self.session is not None:
             self.session.close()  # the 6.19 abort path: closing the session unpreserves
             self.session = None

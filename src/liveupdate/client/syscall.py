@@ -7,17 +7,18 @@ reply raises LiveUpdateError. Fds in a reply become the caller's own.
 
 from __future__ import annotations
 
-import array
 import errno
 import os
 import socket
 import threading
 from typing import Any
 
-from liveupdate.abi import syscalls, uapi, wire
+from liveupdate.abi import syscalls, wire
+from liveupdate.abi.uapi_generation import UapiGeneration
 from liveupdate.client.generation import generation_of
 from liveupdate.client.mapping import Mapping, map_extents
 from liveupdate.errors import LiveUpdateError
+from liveupdate.ipc import fds as fdpass
 
 MAX_REPLY = wire.SEQPACKET_BUFFER
 MAX_FDS = 253  # SCM_MAX_FD
@@ -35,23 +36,17 @@ class Kernel:
             fd = int(value)
         self.sock = socket.socket(fileno=fd)
         self._lock = threading.Lock()
-        self._gen: uapi.Gen | None = None
+        self._gen: UapiGeneration | None = None
 
     def call_fds(self, op: str, payload: bytes = b"", fds: list[int] | None = None,
                  **args: Any) -> wire.Message:
         """One call passing ``fds``; the reply's fds are the caller's to close."""
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         with self._lock:
             try:
-                self.sock.sendmsg([wire.pack({"op": op, **args}, payload)], anc)
-                msg, ranc, _flags, _addr = self.sock.recvmsg(MAX_REPLY,
-                                                             socket.CMSG_SPACE(4 * MAX_FDS))
+                fdpass.sendmsg(self.sock, wire.pack({"op": op, **args}, payload), fds or ())
+                msg, got, _flags = fdpass.recvmsg(self.sock, MAX_REPLY, MAX_FDS)
             except OSError as e:
                 raise LiveUpdateError(err=errno.EIO, msg=f"syscall {op}: {e}") from e
-        got = array.array("i")
-        for level, kind, data in ranc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                got.frombytes(data[: len(data) - len(data) % got.itemsize])
         if not msg:
             raise LiveUpdateError(
                 err=errno.EIO, msg=f"syscall {op}: the kernel closed the connection")
@@ -60,7 +55,7 @@ class Kernel:
             for fd in got:
                 os.close(fd)
             raise LiveUpdateError(err=int(reply["errno"]), msg=str(reply.get("message", "")))
-        return wire.Message(reply, data, got.tolist())
+        return wire.Message(reply, data, got)
 
     def call(self, op: str, payload: bytes = b"", **args: Any) -> tuple[dict[str, Any], bytes]:
         m = self.call_fds(op, payload, **args)
@@ -187,7 +182,7 @@ class Kernel:
         named by ``fd_in`` fields ride along (a negative or closed fd is not attached, and
         the kernel answers EBADF); fds the kernel returns are patched into ``fd_out``
         fields as numbers of this process."""
-        entry = uapi.entry_for(self.generation, cmd)
+        entry = self.generation.entry_for(cmd)
         fds: list[int] = []
         if entry is not None:
             for name in entry.fd_in:
@@ -202,7 +197,7 @@ class Kernel:
                     entry.set_field(buf, name, new)
 
     @property
-    def generation(self) -> uapi.Gen:
+    def generation(self) -> UapiGeneration:
         if self._gen is None:
             self._gen = generation_of(self.uname())
         return self._gen

@@ -22,11 +22,11 @@ import numpy as np
 
 from liveupdate.abi import bootparams, image, kho, kho_memmap
 from liveupdate.abi import kexec_metadata as kexec_md
+from liveupdate.abi.cmdline import Cmdline
 from liveupdate.abi.consts import PAGE_SHIFT, PAGE_SIZE
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.kernel import initcalls, negotiate, scratch_sizing, testmods
-from liveupdate.kernel.cmdline import Cmdline
 from liveupdate.kernel.kho import KhoIn, KhoOut, restore_free, validate_handover
 from liveupdate.kernel.kho_core import CORES
 from liveupdate.kernel.luo import boot as luo_boot

@@ -15,13 +15,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
 from liveupdate.abi.bootparams import BootParams
+from liveupdate.abi.cmdline import Cmdline
 from liveupdate.abi.consts import PAGE_SHIFT, PAGE_SIZE
 from liveupdate.abi.image import KernelImage
 from liveupdate.abi.negotiation import Record
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel import power
-from liveupdate.kernel.cmdline import Cmdline
 from liveupdate.kernel.fs.file import FileTable
 from liveupdate.kernel.fs.memfd import THP_MODES, Memfd
 from liveupdate.kernel.kho import KhoIn, KhoOut

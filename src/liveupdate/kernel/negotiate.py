@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from liveupdate.abi import generations, negotiation
+from liveupdate.abi.cmdline import Cmdline
 from liveupdate.abi.image import KernelImage
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.kernel import kho
-from liveupdate.kernel.cmdline import Cmdline
 from liveupdate.kernel.fs import memfd
 from liveupdate.kernel.fs.file import File
 

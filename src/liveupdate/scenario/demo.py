@@ -16,7 +16,7 @@ from liveupdate.abi import generations
 from liveupdate.abi import image as image_abi
 from liveupdate.client.update import load_image, run_update
 from liveupdate.errors import LiveUpdateError
-from liveupdate.luod.protocol import ask
+from liveupdate.ipc.service import ask
 from liveupdate.machine.client import MachineClient, start
 from liveupdate.scenario.faults import Fault, helper_line
 from liveupdate.scenario.report import CacheResult, UpdateResult, VmResult

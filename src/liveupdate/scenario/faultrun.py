@@ -25,7 +25,7 @@ from typing import Any
 from liveupdate.client import faultpoint
 from liveupdate.client.update import admin, luod_status, run_update
 from liveupdate.errors import LiveUpdateError
-from liveupdate.luod.protocol import ask
+from liveupdate.ipc.service import ask
 from liveupdate.machine.client import MachineClient
 from liveupdate.scenario.demo import Demo
 from liveupdate.scenario.faults import COLD_BOOT, HELPER, ROLLED_BACK, UPDATED, Fault

@@ -21,7 +21,7 @@ from typing import Any
 from liveupdate.client.backends import open_backend
 from liveupdate.client.luod import LuodClient, connect
 from liveupdate.errors import LiveUpdateError
-from liveupdate.luod import protocol
+from liveupdate.ipc import endpoints, framing, service
 
 TOKEN = 1
 SLOT = 256
@@ -100,23 +100,27 @@ class Cache:
     def _cancel(self, c: LuodClient, reason: str) -> None:
         self.limited = False
 
-    def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
-        op = msg.get("op")
-        if op == "stats":
-            return {"keys": self.table.count(), "restored": self.restored, "pid": os.getpid(),
-                    "limited": self.limited}
-        key = protocol.field(msg, "key", str).encode()
-        if op == "get":
-            value = self.table.get(key)
-            return {"found": value is not None,
-                    "value": value.decode(errors="replace") if value is not None else None}
-        if op == "put":
-            if self.limited:
-                raise LiveUpdateError(err=errno.EBUSY, msg="kvcache: a live update is under "
-                                      "way; writes resume after it")
-            self.table.put(key, protocol.field(msg, "value", str).encode())
-            return {}
-        raise LiveUpdateError(err=errno.EOPNOTSUPP, msg=f"kvcache: unknown op {op!r}")
+    @property
+    def handlers(self) -> service.Handlers:
+        """The control socket's requests (:func:`liveupdate.ipc.service.serve`)."""
+        return {"stats": self._stats, "get": self._get, "put": self._put}
+
+    def _stats(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return {"keys": self.table.count(), "restored": self.restored, "pid": os.getpid(),
+                "limited": self.limited}
+
+    def _get(self, msg: dict[str, Any]) -> dict[str, Any]:
+        value = self.table.get(framing.field(msg, "key", str).encode())
+        return {"found": value is not None,
+                "value": value.decode(errors="replace") if value is not None else None}
+
+    def _put(self, msg: dict[str, Any]) -> dict[str, Any]:
+        key = framing.field(msg, "key", str).encode()
+        if self.limited:
+            raise LiveUpdateError(err=errno.EBUSY, msg="kvcache: a live update is under "
+                                  "way; writes resume after it")
+        self.table.put(key, framing.field(msg, "value", str).encode())
+        return {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,11 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cache = Cache(args.name, args.memory)
-        path = protocol.service_socket(cache.backend.cmdline(), f"kvcache-{args.name}")
-        srv = protocol.listen(path)  # bound before announced: it answers once it says so
+        path = endpoints.service_socket(cache.backend.cmdline(), f"kvcache-{args.name}")
+        srv = service.listen(path)  # bound before announced: it answers once it says so
         print(f"kvcache {args.name}: {'restored' if cache.restored else 'started'} with "
               f"{cache.table.count()} keys, serving {path}", flush=True)
-        protocol.serve(srv, cache.handle)
+        service.serve(srv, cache.handlers, "kvcache: ")
     except (LiveUpdateError, OSError, ValueError) as e:
         print(f"kvcache {args.name}: {e}", file=sys.stderr, flush=True)
         return 1

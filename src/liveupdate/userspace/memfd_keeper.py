@@ -20,16 +20,16 @@ import os
 import signal
 import sys
 
-from liveupdate.abi import uapi
+from liveupdate.abi import uapi, uapi_generation
 from liveupdate.client.syscall import Kernel
 from liveupdate.errors import LiveUpdateError
 
-G = uapi.Gen.V3
+UAPI = uapi_generation.V3  # the seed's global state machine: FD_PRESERVE, SET_EVENT
 HEADER = 4096  # the text lives in the first page; the pattern fills the rest
 
 
 def _io(k: Kernel, dev: int, name: str, **fields: int) -> dict[str, int]:
-    entry = uapi.ioctl(G, name)
+    entry = UAPI.ioctl(name)
     buf = bytearray(entry.pack(**fields))
     k.ioctl(dev, entry.number, buf)
     return entry.unpack(bytes(buf))

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from liveupdate.errors import LiveUpdateError
-from liveupdate.luod import protocol
+from liveupdate.ipc import endpoints, service
 from liveupdate.vmm.vmm import Vmm
 
 
@@ -22,13 +22,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         size = int(m[:-1]) << units[m[-1]] if m[-1] in units else int(m)
         vmm = Vmm(args.name, size, args.accel)
-        path = protocol.service_socket(vmm.backend.cmdline(), f"vmm-{args.name}")
-        srv = protocol.listen(path)
+        path = endpoints.service_socket(vmm.backend.cmdline(), f"vmm-{args.name}")
+        srv = service.listen(path)
         st = vmm.status()
         print(f"vmm {args.name}: {st['accel']}, {size >> 20} MiB, "
               + ("resumed at step " + str(st["steps"]) if st["restored"] else "started")
               + f", control {path}", flush=True)
-        protocol.serve(srv, vmm.handle)
+        service.serve(srv, vmm.handlers)
     except (LiveUpdateError, ValueError, OSError) as e:
         print(f"vmm {args.name}: {e}", file=sys.stderr, flush=True)
         return 1

@@ -9,7 +9,8 @@ out in it, one vCPU running it on a thread. On ``prepare`` the VMM enters limite
 the VM keeps running but memory resize and device hot-plug are refused (EBUSY) -- and hands
 luod its guest memory (token 1) and a state memfd (token 2). On ``freeze`` it pauses the
 vCPU at the guest's next exit (a consistent point), writes the vCPU state, the guest's step
-count and the host time of that last exit into the state memfd. On ``cancel`` it resumes.
+count and the host time of that last exit into the state memfd -- described as data, with a
+magic and a version (:mod:`liveupdate.vmm.vmstate`). On ``cancel`` it resumes.
 
 In the next kernel init starts it again; luod says ``restore``: it retrieves both memfds,
 maps the same guest memory, loads the vCPU state (KVM: the TSC is set to the saved value plus
@@ -19,7 +20,7 @@ twice: host clock (last exit before the pause to the first after the resume, acr
 VMM processes: CLOCK_MONOTONIC is the host's) and the guest's own TSC timestamps.
 
 A control socket (``<luod socket folder>/vmm-NAME.sock``, luod's framing; ask it with
-:func:`liveupdate.luod.protocol.ask`) answers ``status``, ``verify`` (pause at an exit, check
+:func:`liveupdate.luod.service.ask`) answers ``status``, ``verify`` (pause at an exit, check
 the guest's invariants over all of memory, resume), ``phys`` (where a guest-physical address
 lies in the machine's RAM) and ``resize`` (refused in limited mode).
 """
@@ -27,7 +28,6 @@ lies in the machine's RAM) and ``resize`` (refused in limited mode).
 from __future__ import annotations
 
 import errno
-import json
 import os
 import threading
 import time
@@ -37,9 +37,9 @@ from typing import Any, Protocol
 from liveupdate.client.backends import Backend, open_backend
 from liveupdate.client.luod import LuodClient, connect
 from liveupdate.client.mapping import Mapping
-from liveupdate.errors import LiveUpdateError
-from liveupdate.luod import protocol
-from liveupdate.vmm import guest, kvm
+from liveupdate.errors import AbiError, LiveUpdateError
+from liveupdate.ipc import framing, service
+from liveupdate.vmm import guest, kvm, vmstate
 from liveupdate.vmm.cpu import CpuState, fresh
 from liveupdate.vmm.tcg import Tcg
 
@@ -204,14 +204,15 @@ class Vmm:
     def _freeze(self, c: LuodClient) -> None:
         self.vm.pause()
         st = self.vm.accel.save()
-        state = {"cpu": st.to_json(), "size": self.size, "accel": self.vm.accel.name,
-                 "steps": guest.steps(self.mem), "tsc_hz": self.vm.timing.tsc_hz,
-                 "last_exit_ns": self.vm.timing.last_exit_ns, "paused_wall": time.time(),
-                 "ring": guest.ring(self.mem)}
-        raw = json.dumps(state).encode()
+        raw = vmstate.VM_STATE.encode({
+            "vm": {"size": self.size, "accel": self.vm.accel.name,
+                   "steps": guest.steps(self.mem), "tsc_hz": self.vm.timing.tsc_hz,
+                   "last_exit_ns": self.vm.timing.last_exit_ns, "paused_wall": time.time(),
+                   "ring": guest.ring(self.mem)},
+            "cpu0": st.to_json()}, STATE_SIZE)
         m = self.backend.map(self.state_fd, STATE_SIZE)
         try:
-            m.view[:STATE_SIZE] = raw.ljust(STATE_SIZE, b"\0")
+            m.view[:STATE_SIZE] = raw
         finally:
             m.close()
 
@@ -221,18 +222,24 @@ class Vmm:
 
     # -- after the kexec ------------------------------------------------------------------
     def _read_state(self, fd: int) -> dict[str, Any]:
+        """The state saved at freeze (:data:`liveupdate.vmm.vmstate.VM_STATE`): the VM's
+        section with the vCPU's as ``cpu``."""
         m = self.backend.map(fd, STATE_SIZE)
         try:
-            raw = bytes(m.view).rstrip(b"\0")
+            raw = bytes(m.view)
         finally:
             m.close()
             os.close(fd)
         try:
-            d = json.loads(raw)
-            if not isinstance(d, dict) or d["size"] != self.size:
-                raise ValueError(f"saved for a {d.get('size')}-byte guest")
-            d["cpu"] = CpuState.from_json(d["cpu"])
-        except (ValueError, KeyError, TypeError) as e:
+            sections = vmstate.VM_STATE.decode(raw)
+            d = dict(sections["vm"])
+            if d["size"] != self.size:
+                raise ValueError(f"saved for a {d['size']}-byte guest")
+            d["cpu"] = CpuState.from_json(sections["cpu0"])
+        except AbiError as e:
+            raise LiveUpdateError(err=errno.EINVAL, msg=f"vm {self.name}: the saved vCPU "
+                                  f"state is unusable: {e.message}") from e
+        except ValueError as e:
             raise LiveUpdateError(err=errno.EINVAL, msg=f"vm {self.name}: the saved vCPU "
                                   f"state is unusable: {e}") from e
         return d
@@ -296,18 +303,17 @@ class Vmm:
         return {"intact": chk.ok, "steps": chk.steps, "pages_touched": chk.pages_touched,
                 "problem": chk.problem}
 
-    def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """One control request (see the module docstring)."""
-        op = msg.get("op")
-        if op == "status":
-            return self.status()
-        if op == "verify":
-            return self.verify()
-        if op == "phys":
-            return {"hpa": self.host_phys(protocol.field(msg, "gpa", int))}
-        if op == "resize":
-            if self.limited:
-                raise LiveUpdateError(err=errno.EBUSY, msg="limited mode: a live update is "
-                                      "under way; no memory resize")
-            raise LiveUpdateError(err=errno.EOPNOTSUPP, msg="memory resize is not emulated")
-        raise LiveUpdateError(err=errno.EOPNOTSUPP, msg=f"unknown op {op!r}")
+    @property
+    def handlers(self) -> service.Handlers:
+        """The control socket's requests (see the module docstring)."""
+        return {"status": lambda msg: self.status(), "verify": lambda msg: self.verify(),
+                "phys": self._phys, "resize": self._resize}
+
+    def _phys(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return {"hpa": self.host_phys(framing.field(msg, "gpa", int))}
+
+    def _resize(self, msg: dict[str, Any]) -> dict[str, Any]:
+        if self.limited:
+            raise LiveUpdateError(err=errno.EBUSY, msg="limited mode: a live update is "
+                                  "under way; no memory resize")
+        raise LiveUpdateError(err=errno.EOPNOTSUPP, msg="memory resize is not emulated")

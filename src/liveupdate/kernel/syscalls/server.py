@@ -14,7 +14,6 @@ the process owns its copy, the kernel keeps whatever it needs on its side.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import errno
 import os
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING
 from liveupdate.abi import syscalls, wire
 from liveupdate.abi.wire import Message, arg
 from liveupdate.errors import AbiError, LiveUpdateError
+from liveupdate.ipc import fds as fdpass
 from liveupdate.kernel import debugfs, kexec, power, reboot
 from liveupdate.kernel.syscalls.files import FILE_SYSCALLS, Caller
 
@@ -104,14 +104,6 @@ def call(k: Kernel, proc: Proc | None, msg: Message) -> Message:
                              on_bug=lambda line: _oops(k, line))
 
 
-def _received_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
-    fds = array.array("i")
-    for level, kind, data in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-    return fds.tolist()
-
-
 def _dropped_fds(arrived: int) -> AbiError:
     """Why recvmsg set MSG_CTRUNC: the fds beside a call did not all arrive. Linux sets it
     when the control buffer is full (then exactly MAX_FDS arrived: the call had more) and when
@@ -154,17 +146,15 @@ def serve(k: Kernel, conn: socket.socket, proc: Proc) -> None:
 def _serve(k: Kernel, conn: socket.socket, proc: Proc) -> None:
     while True:
         try:
-            raw, anc, flags, _addr = conn.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(4 * MAX_FDS))
+            raw, fds, flags = fdpass.recvmsg(conn, MAX_REQUEST, MAX_FDS)
         except OSError:
             return
-        fds = _received_fds(anc)
         try:
             if not raw:
                 return
             out, out_fds = _answer(k, proc, raw, fds, flags)
             try:
-                conn.sendmsg([out], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                      array.array("i", out_fds))] if out_fds else [])
+                fdpass.sendmsg(conn, out, out_fds)
             except OSError as e:
                 if e.errno != errno.EMSGSIZE:
                     return

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from liveupdate.abi import fdt
+from liveupdate.abi.cmdline import size_option
 from liveupdate.abi.consts import MAX_PAGE_ORDER, PAGE_SIZE
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.kernel import kho
-from liveupdate.kernel.cmdline import size_option
 
 if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel

@@ -9,7 +9,7 @@ import sys
 PROG = r'''
 import json, os, resource, socket
 from liveupdate.errors import LiveUpdateError
-from liveupdate.luod import protocol
+from liveupdate.ipc import framing
 
 a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 spare = [os.dup(0) for _ in range(4)]
@@ -17,18 +17,18 @@ out = {}
 open_now = len(os.listdir("/proc/self/fd"))
 resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 1, resource.getrlimit(
     resource.RLIMIT_NOFILE)[1]))  # room for the listdir fd and one received fd
-protocol.send(a, {"op": "hello"}, spare)
+framing.send(a, {"op": "hello"}, spare)
 try:
-    protocol.recv(b)
+    framing.recv(b)
     out["short"] = "ok"
 except LiveUpdateError as e:
     out["short"] = [e.errno_name, e.message]
 resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(
     resource.RLIMIT_NOFILE)[1]))
-many = [os.dup(0) for _ in range(protocol.MAX_FDS + 2)]
-protocol.send(a, {"op": "hello"}, many)  # more than luod takes: the sender's fault
+many = [os.dup(0) for _ in range(framing.MAX_FDS + 2)]
+framing.send(a, {"op": "hello"}, many)  # more than luod takes: the sender's fault
 try:
-    protocol.recv(b)
+    framing.recv(b)
     out["many"] = "ok"
 except LiveUpdateError as e:
     out["many"] = [e.errno_name, e.message]

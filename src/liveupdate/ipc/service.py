@@ -1,0 +1,92 @@
+"""A request server as a handler table (op -> handler) and the one-shot client ``ask``.
+
+The VMMs and the cache serve through :func:`serve`; luod has its own connection loop
+(clients stay connected and receive events) but dispatches the same way: look the op up in
+a table, run it, turn the result or its LiveUpdateError into the envelope
+(:func:`liveupdate.ipc.envelope.run`).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from liveupdate.errors import LiveUpdateError
+from liveupdate.ipc import envelope, framing
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+Handlers = Mapping[str, Handler]
+
+
+def ask(path: str, op: str, timeout: float = 60.0, **fields: Any) -> dict[str, Any]:
+    """One request to a service speaking this framing (luod's admin side, a VMM's or the
+    cache's control socket); its reply, or LiveUpdateError with the service's errno."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(path)
+            framing.send(s, {"op": op, "id": 1, **fields})
+            got = framing.recv(s)
+        except OSError as e:
+            raise LiveUpdateError(err=e.errno or errno.EIO, msg=f"{path}: {e}") from e
+    if got is None:
+        raise LiveUpdateError(err=errno.ECONNRESET, msg=f"{path} hung up")
+    for fd in got[1]:
+        os.close(fd)
+    return envelope.check(got[0])
+
+
+def listen(path: str, mode: int = 0o600) -> socket.socket:
+    """A service's socket, bound and listening (bind before announcing the service: then it
+    answers as soon as it says it is up)."""
+    if os.path.exists(path):
+        os.unlink(path)  # a previous instance's
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    srv.bind(path)
+    os.chmod(path, mode)
+    srv.listen(16)
+    return srv
+
+
+def lookup(handlers: Mapping[str, Any], msg: dict[str, Any], who: str = "") -> Any:
+    """The handler of the request's op; EOPNOTSUPP for an unknown one."""
+    op = msg.get("op")
+    handler = handlers.get(op) if isinstance(op, str) else None
+    if handler is None:
+        raise LiveUpdateError(err=errno.EOPNOTSUPP, msg=f"{who}unknown op {op!r}")
+    return handler
+
+
+def dispatch(handlers: Handlers, msg: dict[str, Any], who: str = "") -> dict[str, Any]:
+    """One request through the table, as the envelope."""
+    return envelope.run(msg.get("id"), lambda: lookup(handlers, msg, who)(msg))
+
+
+def serve(srv: socket.socket, handlers: Handlers, who: str = "") -> None:
+    """Answer requests forever, one thread per connection; received fds are closed. ``who``
+    prefixes the unknown-op error (``"kvcache: "``)."""
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=_answer, args=(conn, handlers, who), daemon=True).start()
+
+
+def _answer(conn: socket.socket, handlers: Handlers, who: str) -> None:
+    with conn:
+        while True:
+            try:
+                got = framing.recv(conn)
+            except (OSError, LiveUpdateError):
+                return
+            if got is None:
+                return
+            msg, fds = got
+            for fd in fds:
+                os.close(fd)
+            try:
+                framing.send(conn, dispatch(handlers, msg, who))
+            except OSError:
+                return
