@@ -145,8 +145,8 @@ def test_7_2_has_no_array_limits_but_luo_v1_does() -> None:
         with contextlib.redirect_stdout(io.StringIO()):
             k = rig.boot(NEG, KernelImage.of("7.2"))
             assert isinstance(k.luo, LuoSessions)
-            k.luo.open()
-            _, (session,) = matrix.ioctl(k, None, "CREATE_SESSION", fd=0, name=b"many")
+            dev = k.luo.open()
+            _, (session,) = matrix.ioctl(k, dev, "CREATE_SESSION", fd=0, name=b"many")
             for token in range(130):
                 m = k.new_memfd(f"f{token}")
                 m.truncate(4096)
@@ -158,8 +158,8 @@ def test_7_2_has_no_array_limits_but_luo_v1_does() -> None:
             assert "session 'many' holds 130 files, luo-v1 holds 128" in e.value.message
             k2 = rig.kexec(k, NEG, KernelImage.of("7.2"))
             assert isinstance(k2.luo, LuoSessions)
-            k2.luo.open()
-            _, (s2,) = matrix.ioctl(k2, None, "RETRIEVE_SESSION", fd=0, name=b"many")
+            dev2 = k2.luo.open()
+            _, (s2,) = matrix.ioctl(k2, dev2, "RETRIEVE_SESSION", fd=0, name=b"many")
             for token in (0, 62, 63, 126, 129):  # both sides of each block boundary
                 _, (f,) = matrix.ioctl(k2, s2, "SESSION_RETRIEVE_FD", fd=0, token=token)
                 assert f.private.pread(4, 0) == token.to_bytes(4, "little")

@@ -211,9 +211,9 @@ def test_garbage_session_ioctls_change_nothing(nr: int, on_session: bool, arg: b
         luo = k.luo
         assert isinstance(luo, LuoSessions)
         dev = luo.open()
-        sess = luo._create("s")
+        sess = luo.create("s")
         f = kmemfd.open_file(k.new_memfd("g"))
-        luo._preserve(sess.private, 1, [3], lambda fd: f)
+        luo.preserve(sess.private, 1, [3], lambda fd: f)
         before = {n: sorted(s.files.files) for n, s in luo.outgoing.items() if s.files}
         target = sess if on_session else dev
         try:
