@@ -96,7 +96,7 @@ class SequentialRoot(Root):
 
     def __init__(self, kout: KhoOut) -> None:
         super().__init__(kout)
-        self.notifiers: list[Notifier] = []
+        self.registered: list[Notifier] = []  # register_kho_notifier, in order
         self.sequential: list[tuple[str, int]] | None = None  # in finalize: being added
         self.added: list[tuple[str, int]] = []  # this finalize's subtrees
 
@@ -119,7 +119,7 @@ class SequentialRoot(Root):
     def publish(self, notifier: Notifier) -> None:
         """``register_kho_notifier``: run at every finalize -- after an abort threw its
         preservations away, it preserves them again."""
-        self.notifiers.append(notifier)
+        self.registered.append(notifier)
 
     def add_subtree(self, name: str, phys: int, size: int) -> None:
         if self.sequential is None:
@@ -156,7 +156,7 @@ class SequentialRoot(Root):
         self.sequential = []
         try:
             kout.preserve_folio(kout.root_phys, 0)
-            for notifier in self.notifiers:
+            for notifier in self.registered:
                 notifier(kout)
             self.added = self.sequential
             self.sequential = None
@@ -247,10 +247,9 @@ class StatelessRoot(LiveRoot):
         kout, out = self.kout, self.kout.out_format
         assert self.radix is not None
         kout.free_map()
-        if kho_abi.is_radix(out):  # stateless: the tree is the map
-            if generations.KHO_COMPATIBLE[out] != kout.root.compatible:
-                self._reroot(out, self.radix.root)
+        stateless = kho_abi.is_radix(out)  # the tree is the map; else a kho-v1 map for it
+        if generations.KHO_COMPATIBLE[out] != kout.root.compatible:
+            self._reroot(out, self.radix.root if stateless else 0)
+        if stateless:
             return kout.close(self.radix.root, freeze)
-        if kout.root.compatible != kho_abi.KHO_FDT_COMPATIBLE:
-            self._reroot(out, 0)
         return super().finalize(freeze)

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from liveupdate.abi import kho_memmap
+from liveupdate.abi import generations, kho_memmap
 from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.kernel.kho.mmops import MmOps
+
+# the kho-v1 formats with narrower bitmaps than a page (kho-v1-512), by name
+WIDTH = {generations.kho_format(kho, width): width
+         for kho, width in generations.SMALL_BITMAP.items()}
 
 
 def write_map(mm: MmOps, phys: np.ndarray, order: np.ndarray,
@@ -21,8 +25,7 @@ def write_map(mm: MmOps, phys: np.ndarray, order: np.ndarray,
     """Serialize the blocks as a ``fmt`` map; returns the first chunk (0 for an empty map)
     and every page written (bitmaps, then chunks), which the caller frees before the next
     serialization."""
-    bitmap_bytes = kho_memmap.BITMAP_BYTES_6_16 if fmt == "kho-v1-512" else \
-        kho_memmap.BITMAP_BYTES_6_18
+    bitmap_bytes = WIDTH.get(fmt, kho_memmap.BITMAP_BYTES_6_18)
     bm = kho_memmap.build_bitmaps(phys, order, bitmap_bytes)
     per_page = PAGE_SIZE // bitmap_bytes
     bitmap_pages = [mm.alloc_pages(0) for _ in range(-(-len(bm) // per_page))]
