@@ -32,7 +32,8 @@ from rich.table import Table
 from liveupdate.abi import bootparams, image
 from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.errors import LiveUpdateError
-from liveupdate.kernel import kexec, kho
+from liveupdate.kernel import kexec
+from liveupdate.kernel.kho.validate import validate_handover
 from liveupdate.machine.client import start
 
 GiB = 1 << 30
@@ -107,7 +108,7 @@ def serialize_deserialize(runs: int) -> tuple[float, float]:
         de = []
         for _ in range(runs):
             t = time.perf_counter()
-            kin = kho.validate_handover(k.mem, kd, 4096)
+            kin = validate_handover(k, kd, (kout.format,), kout.core)
             de.append(time.perf_counter() - t)
         assert kin.preserved.pages() >= 1 << 20
         return statistics.median(ser), statistics.median(de)

@@ -1,4 +1,4 @@
-"""When the memory map is finalized, per KHO core (kernel/kho_core.py), across a kexec.
+"""When the memory map is finalized, per KHO core (kernel/kho/core.py), across a kexec.
 
 Each expectation is Linux's (spec/kho.md 0, 5.1, 6): 6.16/6.18 finalize only through debugfs
 (1 finalizes, 0 aborts, the same value twice is EEXIST/ENOENT), 6.18 before the load or

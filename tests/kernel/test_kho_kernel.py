@@ -11,7 +11,7 @@ import pytest
 from liveupdate.abi import bootparams, image
 from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.errors import LiveUpdateError
-from liveupdate.kernel import kexec, kho
+from liveupdate.kernel import kexec
 from tests.kernel.conftest import Rig
 
 MiB = 1 << 20
@@ -108,23 +108,23 @@ def test_restore_checks_across_kexec(rig: Rig) -> None:
     k2 = rig.kexec(k1)
     kin = k2.kho_in
     assert kin is not None
-    assert kho.restore_folio(kin, k2.meta, folio + PAGE_SIZE) is None  # a tail page
-    assert kho.restore_folio(kin, k2.meta, folio) == 3
+    assert kin.restore_folio(folio + PAGE_SIZE) is None  # a tail page
+    assert kin.restore_folio(folio) == 3
     assert k2.read(folio, 10) == b"folio-data"  # zero copy: same bytes, same place
-    assert kho.restore_folio(kin, k2.meta, folio) is None  # a second restore fails
-    assert kho.restore_folio(kin, k2.meta, never) is None
+    assert kin.restore_folio(folio) is None  # a second restore fails
+    assert kin.restore_folio(never) is None
     assert k2.read(never, 15) == bytes(15)  # the sanitizer punched it
-    assert not kho.restore_pages(kin, k2.meta, base, 4)  # (3,o0)(4,o1): not how it was split
-    assert kho.restore_pages(kin, k2.meta, base, 6)
-    assert not kho.restore_pages(kin, k2.meta, base, 6)
+    assert not kin.restore_pages(base, 4)  # (3,o0)(4,o1): not how it was split
+    assert kin.restore_pages(base, 6)
+    assert not kin.restore_pages(base, 6)
     from liveupdate.abi import vmalloc
 
     desc = vmalloc.KhoVmalloc.decode(k2.read(kin.retrieve_subtree("t"), 16))
     bad = vmalloc.KhoVmalloc(desc.first, desc.total_pages, desc.flags, 1)
-    assert kho.restore_vmalloc(kin, k2.meta, k2.mem, bad) is None  # wrong order: nothing
-    area = kho.restore_vmalloc(kin, k2.meta, k2.mem, desc)
+    assert kin.restore_vmalloc(bad) is None  # wrong order: nothing
+    area = kin.restore_vmalloc(desc)
     assert area is not None and area.read(k2.mem)[:8000] == b"vmalloc " * 1000
-    assert kho.restore_vmalloc(kin, k2.meta, k2.mem, desc) is None  # restored once only
+    assert kin.restore_vmalloc(desc) is None  # restored once only
     assert k2.is_kho_boot() and not k1.is_kho_boot()
     with pytest.raises(LiveUpdateError) as e:
         kin.retrieve_subtree("missing")

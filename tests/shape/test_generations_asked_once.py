@@ -14,7 +14,7 @@ ALLOWED = frozenset({
     "abi/kho.py",  # codec: a root is kho-v1, kho-v3 or kho-v4
     "abi/luo_ser.py",  # codec: a luo_ser blob is luo-v5
     "abi/memfd.py",  # codec: memfd-v1 and memfd-v2 structs
-    "kernel/kho_core.py",  # the KHO core objects
+    "kernel/kho/core.py",  # the KHO core objects
     "tools/report_identify.py",  # the format table's sniffer: which format a blob is
 })
 

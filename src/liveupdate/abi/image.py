@@ -13,7 +13,7 @@ sizing behaves as in Linux. At the jump the machine reads this header back *from
 entry address, never from the file.
 
 ``kho_core`` is the Linux release whose KHO core the kernel follows -- when the memory map is
-finalized and what debugfs shows (:mod:`liveupdate.kernel.kho_core`): ``6.16``, ``6.18``,
+finalized and what debugfs shows (:mod:`liveupdate.kernel.kho.core`): ``6.16``, ``6.18``,
 ``6.19`` or ``7.1`` (stateless; 7.2 keeps it). ``kho`` is the root format: ``kho-v1`` on the
 6.16-6.19 cores, ``kho-v3`` (7.1) or ``kho-v4`` (7.2) on the stateless one. Empty fields are
 the LUO generation's own (:mod:`liveupdate.abi.generations`): LUO 6.19/7.0 and ``v3`` need

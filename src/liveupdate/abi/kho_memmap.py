@@ -19,7 +19,7 @@ into blocks of order ``min(ctz(pfn), ilog2(end_pfn - pfn))`` with no cap, so a l
 ``reserve_mem`` region is carried as order-11, -12 ... blocks, and ``kho_mem_deserialize()``
 accepts any order. Our one bound is :data:`MAX_MAP_ORDER`: a larger block (over 256 TiB)
 cannot be RAM, and its bitmap span would overflow 64 bits. Whether each block lies in RAM is
-the booting kernel's check (``liveupdate.kernel.kho.validate_handover``); readers that have
+the booting kernel's check (``liveupdate.kernel.kho.validate``); readers that have
 no such check of their own (``luoctl inspect``) pass ``check_ram=True`` and a block outside
 RAM is refused (EFAULT) naming its chunk, entry and address. Linux's
 ``kho_preserved_memory_reserve`` (kernel/liveupdate/kexec_handover.c) has no check at all: it

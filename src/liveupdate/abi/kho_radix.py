@@ -15,7 +15,7 @@ slots ascending (``kho_radix_walk_tree``), so blocks come out by key: larger ord
 then by address.
 
 :func:`encode` lays out a tree for a set of blocks (the emulated kernel keeps its tree live
-and rewrites only the pages a change touches, :mod:`liveupdate.kernel.kho_radix`);
+and rewrites only the pages a change touches, :mod:`liveupdate.kernel.kho.radix`);
 :func:`decode` is the hostile-input walk: every node page-aligned and inside RAM, no node
 reached twice (a shared or cyclic child is refused: upstream would walk it twice or forever),
 at most :data:`MAX_NODES` nodes, every set bit a valid key, and with ``check_ram`` every

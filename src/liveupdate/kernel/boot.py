@@ -20,15 +20,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from liveupdate.abi import bootparams, image, kho, kho_memmap
+from liveupdate.abi import bootparams, image, kho_memmap
 from liveupdate.abi import kexec_metadata as kexec_md
 from liveupdate.abi.cmdline import Cmdline
 from liveupdate.abi.consts import PAGE_SHIFT, PAGE_SIZE
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.kernel import initcalls, negotiate, scratch_sizing, testmods
-from liveupdate.kernel.kho import KhoIn, KhoOut, restore_free, validate_handover
-from liveupdate.kernel.kho_core import CORES
+from liveupdate.kernel.kho.core import CORES
+from liveupdate.kernel.kho.incoming import KhoIn
+from liveupdate.kernel.kho.outgoing import KhoOut
+from liveupdate.kernel.kho.validate import validate_handover
 from liveupdate.kernel.luo import boot as luo_boot
 from liveupdate.kernel.mm import reserve_mem
 from liveupdate.kernel.mm.memblock import (
@@ -81,9 +83,7 @@ def setup_arch(k: Kernel, bp_phys: int) -> bootparams.KhoData | None:
 
 def kho_populate(k: Kernel, kd: bootparams.KhoData) -> KhoIn | None:
     try:
-        kin = validate_handover(k.mem, kd, negotiate.code_reads(k)["kho"],
-                                require_map=not CORES[k.image.kho_core].notifiers)
-        kin.check_order = k.image.kho_core != "7.1"
+        kin = validate_handover(k, kd, negotiate.code_reads(k)["kho"], CORES[k.image.kho_core])
     except AbiError as e:
         k.printk(f"KHO: setup: {e.message}")
         k.printk(f"KHO: disabling KHO revival: {-e.errno}")
@@ -137,7 +137,7 @@ def kexec_metadata(k: Kernel) -> None:
     """kho-v3+ ``kho_init``: say which kernel kexec'd us (``KHO: exec from: ...``), give its
     record back, and add ours with the count one higher (:mod:`abi.kexec_metadata`)."""
     kout, kin = k.kho_out, k.kho_in
-    if kout is None or not kho.is_radix(kout.root.compatible):
+    if kout is None or not kout.core.records_kexec_metadata:
         return
     count = 0
     size = None if kin is None else kin.root.size(kexec_md.NODE)
@@ -149,7 +149,7 @@ def kexec_metadata(k: Kernel) -> None:
             count = md.kexec_count
         except AbiError as e:
             k.printk(f"KHO: kexec-metadata: {e.message}")
-        restore_free(kin, k, phys)
+        kin.restore_free(phys)
     blob = kexec_md.encode(kexec_md.KexecMetadata(k.image.release, count + 1))
     kout.add_subtree(kexec_md.NODE, kout.store(blob), len(blob))
 

@@ -1,6 +1,6 @@
 """The debugfs view of KHO (``/sys/kernel/debug/kho/``) and a status summary.
 
-Files, per KHO core (:mod:`liveupdate.kernel.kho_core`, spec/kho.md 6): ``out/finalize``
+Files, per KHO core (:mod:`liveupdate.kernel.kho.core`, spec/kho.md 6): ``out/finalize``
 (``%llu\n``; 6.16-6.18: 1 finalizes, 0 aborts, the same value twice is EEXIST / ENOENT;
 6.19: non-zero finalizes, 0 is EINVAL; absent on 7.1), ``out/fdt`` (6.16-6.18 while
 finalized; 6.19+ on cold boots only, cut to its length at ``kho_init``), ``out/scratch_phys``
@@ -19,11 +19,9 @@ import numpy as np
 from liveupdate.abi import bootparams, fdt
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.kernel import negotiate
-from liveupdate.kernel.kho_core import Debugfs
 
 if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
-    from liveupdate.kernel.kho import KhoOut
 
 
 def _sub_fdt(k: Kernel, subtrees: tuple[tuple[str, int], ...], name: str) -> bytes:
@@ -40,23 +38,16 @@ def _lines(values: list[int]) -> bytes:
     return "".join(f"{v:#x}\n" for v in values).encode()
 
 
-def _out_fdt(k: Kernel, kout: KhoOut) -> bytes | None:
-    if kout.core.notifiers:
-        return kout.root_blob() if kout.finalized else None
-    if k.kho_in is not None:
-        return None
-    return kout.root_blob()[: kout.fdt_debugfs_size]
-
-
 def read(k: Kernel, path: str) -> bytes:
     kout, kin = k.kho_out, k.kho_in
     parts = path.strip("/").split("/")
     if kout is None:
         raise LiveUpdateError(err=errno.ENOENT, msg="no debugfs directory kho/ (kho=off)")
     if parts[0] == "out":
-        if parts[1:] == ["finalize"] and kout.core.debugfs is not Debugfs.ABSENT:
+        if parts[1:] == ["finalize"] and kout.core.has_finalize_file:
             return f"{int(kout.finalized)}\n".encode()
-        if parts[1:] == ["fdt"] and (blob := _out_fdt(k, kout)) is not None:
+        if parts[1:] == ["fdt"] and (blob := kout.strategy.debugfs_fdt(kin is not None)) \
+                is not None:
             return blob
         if parts[1:] == ["scratch_phys"]:
             return _lines(kout.scratch["addr"].tolist())
@@ -78,25 +69,14 @@ def write(k: Kernel, path: str, value: bytes) -> None:
     kout = k.kho_out
     if kout is None:
         raise LiveUpdateError(err=errno.ENOENT, msg="no debugfs directory kho/ (kho=off)")
-    if path.strip("/") != "out/finalize" or kout.core.debugfs is Debugfs.ABSENT:
+    if path.strip("/") != "out/finalize" or not kout.core.has_finalize_file:
         read(k, path)  # ENOENT for what does not exist
         raise LiveUpdateError(err=errno.EACCES, msg=f"kho/{path} is not writable")
     try:  # simple_attr_write: kstrtoull(buf, 0)
         on = int(value.strip(b"\0\n ") or b"0", 0)
     except ValueError as e:
         raise LiveUpdateError(err=errno.EINVAL, msg="finalize takes a number") from e
-    if kout.core.debugfs is Debugfs.TOGGLE:  # kho_out_finalize_set
-        if bool(on) == kout.finalized:
-            raise LiveUpdateError(err=errno.EEXIST if on else errno.ENOENT,
-                                  msg="KHO is already " + ("finalized" if on else "aborted"))
-        if on:
-            kout.finalize()
-        else:
-            kout.abort()
-        return
-    if not on:
-        raise LiveUpdateError(err=errno.EINVAL, msg="writing 0 to finalize is not supported")
-    kout.finalize()
+    kout.core.write_finalize(kout, on)
 
 
 def _areas(scratch: np.ndarray) -> list[dict[str, Any]]:
@@ -120,7 +100,7 @@ def status(k: Kernel) -> dict[str, Any]:
             "format": kout.format,
             "finalized": kout.finalized,
             "root_fdt": f"{kout.root_phys:#x}",
-            "root_fdt_valid": kout.finalized or not kout.core.notifiers,
+            "root_fdt_valid": kout.strategy.valid(),
             "preserved_memory_map": f"{kout.mem_map:#x}",
             "scratch": _areas(kout.scratch),
             "preserved": _per_order(order),

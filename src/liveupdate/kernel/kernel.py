@@ -24,7 +24,8 @@ from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel import power
 from liveupdate.kernel.fs.file import FileTable
 from liveupdate.kernel.fs.memfd import THP_MODES, Memfd
-from liveupdate.kernel.kho import KhoIn, KhoOut
+from liveupdate.kernel.kho.incoming import KhoIn
+from liveupdate.kernel.kho.outgoing import KhoOut
 from liveupdate.kernel.link import Link
 from liveupdate.kernel.mm.buddy import Buddy
 from liveupdate.kernel.mm.memblock import Memblock

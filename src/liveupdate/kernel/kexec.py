@@ -13,7 +13,7 @@ disabled the walk is over System RAM, highest range first (``walk_system_ram_res
 EADDRNOTAVAIL when nothing fits. There is no purgatory segment: the emulated jump needs none.
 On the 6.18 core ``kho_fill_kimage`` returns early unless KHO was finalized: no scratch-array
 segment and no ``SETUP_KEXEC_KHO`` node, so the next kernel boots cold (6.16 and 6.19 pass
-the root page whatever its state; :mod:`liveupdate.kernel.kho_core`).
+the root page whatever its state; :mod:`liveupdate.kernel.kho.core`).
 
 Like Linux, the segments' bytes are staged in the running kernel's memory at load time and
 copied to their destinations at the jump (``machine_kexec``'s relocation), so a destination
@@ -163,7 +163,7 @@ def file_load(k: Kernel, raw: bytes, cmdline: str) -> Loaded:
     placer = Placer(k)
     staged: list[bytes] = []
     kho_node = b""
-    if kout is not None and kout.core.fill_needs_finalize and not kout.finalized:
+    if kout is not None and not kout.core.fill_kimage_passes(kout):
         # 6.18 kho_fill_kimage returns early: this image will carry no handover at all
         k.printk("kexec: KHO is not finalized: the loaded image gets no handover (finalize "
                  "before kexec_file_load on this kernel)")

@@ -36,7 +36,6 @@ from liveupdate.abi import generations, negotiation
 from liveupdate.abi.cmdline import Cmdline
 from liveupdate.abi.image import KernelImage
 from liveupdate.errors import AbiError, LiveUpdateError
-from liveupdate.kernel import kho
 from liveupdate.kernel.fs import memfd
 from liveupdate.kernel.fs.file import File
 
@@ -80,7 +79,7 @@ def plan(k: Kernel, img: KernelImage, cmdline: str) -> Plan:
     two kernels share no KHO or LUO format."""
     nat = k.image.native()
     theirs = claimed_reads(img, cmdline)
-    if k.kho_out is not None and k.kho_out.core.notifiers:
+    if k.kho_out is not None and k.kho_out.core.finalized_by_userspace:
         can: Reads = k.image.reads_for(False)  # finalized from userspace before the load
     else:
         can = k.image.capable()
@@ -177,7 +176,7 @@ def incoming(k: Kernel) -> negotiation.Record | None:
     except AbiError as e:
         k.printk(f"KHO: lu-negotiation: {e.message}; ignored")
         return None
-    kho.restore_free(kin, k, phys)
+    kin.restore_free(phys)
     k.printk(f"KHO: negotiated handover from {rec.writer}: "
              f"{generations.describe(rec.formats)}")
     return rec

@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING, NoReturn
 
 from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel import kexec, negotiate
-from liveupdate.kernel.kho_core import AtReboot
 from liveupdate.kernel.luo import compat
 
 if TYPE_CHECKING:
@@ -62,26 +61,18 @@ def _luo_freeze(k: Kernel, formats: Formats) -> None:
 
 
 def _finalize(k: Kernel, formats: Formats) -> None:
-    """Per KHO core (:mod:`liveupdate.kernel.kho_core`): 6.16-6.18 leave it to userspace;
-    6.19 ``liveupdate_reboot()`` runs ``kho_finalize()`` only when LUO is enabled, mapping
-    its failure to EAGAIN; 7.1+ is stateless (the radix tree is the map; the tracker is
-    closed). Negotiated (:mod:`liveupdate.kernel.negotiate`), live cores first switch to the
-    agreed KHO format and add the ``lu-negotiation`` record."""
+    """Per KHO core (:meth:`liveupdate.kernel.kho.core.KhoCore.finalize_at_reboot`): 6.16-6.18
+    leave it to userspace; 6.19 ``liveupdate_reboot()`` runs ``kho_finalize()`` only when LUO
+    is enabled, mapping its failure to EAGAIN; 7.1+ is stateless (the radix tree is the map;
+    the tracker is closed). Negotiated (:mod:`liveupdate.kernel.negotiate`), live cores first
+    switch to the agreed KHO format and add the ``lu-negotiation`` record."""
     kout = k.kho_out
     if kout is None:  # kho=off: nothing to hand over, the image boots cold
         return
-    when = kout.core.at_reboot
-    if not kout.core.notifiers:  # negotiated: the agreed format, and the record of it
+    if not kout.core.finalized_by_userspace:  # negotiated: the agreed format, and its record
         kout.out_format = formats.get("kho") or kout.format
         negotiate.record(k)
-    if when is AtReboot.ALWAYS or (when is AtReboot.LUO and k.luo is not None):
-        try:
-            kout.finalize(freeze=True)
-        except LiveUpdateError as e:
-            if when is AtReboot.ALWAYS:
-                raise
-            raise LiveUpdateError(err=errno.EAGAIN, msg=f"kho_finalize failed: {e}") from e
-    elif not kout.finalized:
+    if not kout.core.finalize_at_reboot(kout, luo_enabled=k.luo is not None):
         k.printk("KHO: the memory map was not finalized; the next kernel gets no preserved "
                  "memory")
 

@@ -47,7 +47,8 @@ def capture(writer: str, reader: str, out: Path, *, negotiate: bool = False,
                 generations.preserve(k)
             # finalize only where 6.16/6.18 need it before the load; 6.19+ do it at reboot
             loaded = rig.jump(k, line, KernelImage.of(reader),
-                              finalize=k.kho_out is not None and k.kho_out.core.notifiers)
+                              finalize=k.kho_out is not None
+                              and k.kho_out.core.finalized_by_userspace)
         mem = rig.kernels[0].mem
         bp = bootparams.BootParams.decode(mem.read(loaded.boot_params, 4096, "boot params"))
         node = bootparams.read_setup_chain(mem, bp.setup_data)[0]

@@ -37,6 +37,7 @@ from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.kernel.fs import memfd as kmemfd
 from liveupdate.kernel.fs.file import File, IoctlOps
 from liveupdate.kernel.kernel import Kernel
+from liveupdate.kernel.kho.core import CORES
 from liveupdate.kernel.power import Halted
 from liveupdate.scenario.inprocess import Rig
 
@@ -62,7 +63,7 @@ def expected(writer: str, reader: str, mode: str) -> str:
         agreed = generations.agree(written, w.capable(), r.manifest())
     except AbiError:
         return "refused"
-    if w.kho_core in ("6.16", "6.18") and agreed["kho"] != written["kho"]:
+    if CORES[w.kho_core].finalized_by_userspace and agreed["kho"] != written["kho"]:
         return "refused"  # notifier cores finalize before the load: their own format only
     if "luo" in written and ("luo" not in agreed or "memfd" not in agreed):
         return "refused"  # the memfd could not cross

@@ -15,7 +15,6 @@ from liveupdate.abi import image
 from liveupdate.kernel import boot, debugfs, kexec, reboot
 from liveupdate.kernel.kernel import Kernel
 from liveupdate.kernel.kexec import Loaded
-from liveupdate.kernel.kho_core import Debugfs
 from liveupdate.machine import firmware
 from liveupdate.machine.ram import Ram
 
@@ -42,7 +41,7 @@ class Rig:
              img: image.KernelImage | None = None, *, finalize: bool = True) -> Loaded:
         """The KHO selftest's init up to the jump: finalize (where the kernel has the file),
         load, the reboot path. RAM then holds the handover as the next kernel finds it."""
-        if finalize and k.kho_out is not None and k.kho_out.core.debugfs is not Debugfs.ABSENT \
+        if finalize and k.kho_out is not None and k.kho_out.core.has_finalize_file \
                 and not k.kho_out.finalized:
             debugfs.write(k, "out/finalize", b"1\0")
         kexec.file_load(k, (img or image.KernelImage()).encode(),

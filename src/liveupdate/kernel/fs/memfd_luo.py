@@ -34,11 +34,9 @@ from liveupdate.abi.consts import MAX_PAGE_ORDER, PAGE_SHIFT, PAGE_SIZE, get_ord
 from liveupdate.abi.formats import compatible_of
 from liveupdate.abi.vmalloc import KhoVmalloc
 from liveupdate.errors import AbiError, LiveUpdateError
-from liveupdate.kernel import kho
 from liveupdate.kernel.fs import memfd
 from liveupdate.kernel.fs.file import File
 from liveupdate.kernel.luo.handler import Args, register_file_handler
-from liveupdate.kernel.mm.pages import KHO_PAGE_MAGIC
 
 if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
@@ -109,10 +107,10 @@ class MemfdLuo:
         index = folios.index[keep].astype(np.int64)
         if np.any(pfn >= meta.nr_pages):
             raise LiveUpdateError(err=errno.EIO, msg="memfd: a folio lies outside RAM")
-        info = meta.private[pfn]
-        if np.any(info >> np.uint64(32) != np.uint64(KHO_PAGE_MAGIC)):
+        order = kin.preserved_orders(pfn)
+        if np.any(order < 0):
             raise LiveUpdateError(err=errno.EIO, msg="memfd: a folio was not preserved")
-        order = (info & np.uint64(0xFFFFFFFF)).astype(np.uint8)
+        order = order.astype(np.uint8)
         ends = index + (np.int64(1) << order.astype(np.int64))
         srt = np.argsort(index)
         if (np.any(order > MAX_PAGE_ORDER) or np.any(ends > -(-size // PAGE_SIZE))
@@ -122,7 +120,7 @@ class MemfdLuo:
         done = np.zeros(len(pfn), bool)
         for o in np.unique(order).tolist():
             sel = order == o
-            done[sel] = kho.restore_folios(kin, meta, phys[sel], o)
+            done[sel] = kin.restore_folios(phys[sel], o)
         if not np.all(done):  # give back what was taken: the file is dropped
             for p, o in zip(phys[done].tolist(), order[done].tolist(), strict=True):
                 self.k.free_pages(p, o)
@@ -135,7 +133,7 @@ class MemfdLuo:
     def take_meta(self, phys: int) -> bytes:
         """Take back a preserved metadata allocation: its bytes, and the pages freed."""
         kin = self.k.kho_in
-        order = None if kin is None else kho.restore_folio(kin, self.k.meta, phys)
+        order = None if kin is None else kin.restore_folio(phys)
         if order is None:
             raise LiveUpdateError(err=errno.EIO,
                                   msg=f"memfd: metadata at {phys:#x} was not preserved")
@@ -281,8 +279,7 @@ class MemfdSerHandler(MemfdLuo):
         if ser.nr_folios == 0:
             return ser, memfd_abi.Folios.empty()
         kin = self.k.kho_in
-        area = None if kin is None else kho.restore_vmalloc(kin, self.k.meta, self.k.mem,
-                                                            ser.folios)
+        area = None if kin is None else kin.restore_vmalloc(ser.folios)
         if area is None:
             raise LiveUpdateError(err=errno.EIO, msg="memfd: the folio array was not "
                                   "preserved as a KHO vmalloc area")

@@ -40,8 +40,9 @@ from typing import TYPE_CHECKING, Any
 from liveupdate.abi import generations, luo_session, uapi
 from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.errors import AbiError, LiveUpdateError
-from liveupdate.kernel import kho, negotiate
+from liveupdate.kernel import negotiate
 from liveupdate.kernel.fs.file import File
+from liveupdate.kernel.kho.incoming import restore_free
 from liveupdate.kernel.luo import session_freeze, session_ioctl
 from liveupdate.kernel.luo.files import FileSet, IncomingSet, InFile
 from liveupdate.kernel.luo.flb import FlbRegistry, IncomingFlb
@@ -169,7 +170,7 @@ class LuoSessions:
         self.flbs.incoming = {f.name: IncomingFlb(f.name, f.data, f.count)
                               for f in self._flbs_raw}
         for p in self._incoming_meta:  # the previous kernel's LUO pages: read, give back
-            kho.restore_free(self.k.kho_in, self.k, p)
+            restore_free(self.k.kho_in, p)
         self._incoming_meta = []
 
     # -- /dev/liveupdate ------------------------------------------------------------------

@@ -46,8 +46,8 @@ from liveupdate.abi import generations, luo_v3, uapi
 from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.abi.uapi import Event, State, Target
 from liveupdate.errors import AbiError, LiveUpdateError
-from liveupdate.kernel import kho
 from liveupdate.kernel.fs.file import File
+from liveupdate.kernel.kho.incoming import restore_free
 from liveupdate.kernel.luo.files import FileSet, IncomingSet, InFile
 from liveupdate.kernel.luo.handler import FileHandler
 from liveupdate.kernel.luo.subsystems import FILES_SUBSYSTEM, Subsystems
@@ -191,7 +191,7 @@ class LuoV3:
         self.incoming.finish_all()
         self.subsystems.finish_all()
         for phys in self.incoming_meta:  # the previous kernel's LUO and files FDTs
-            kho.restore_free(self.k.kho_in, self.k, phys)
+            restore_free(self.k.kho_in, phys)
         self.incoming_meta = []
         self._set(nxt)
 

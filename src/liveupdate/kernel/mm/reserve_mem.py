@@ -26,7 +26,7 @@ from liveupdate.kernel.cmdline import ReserveMem, parse_reserve_mem
 
 if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
-    from liveupdate.kernel.kho import KhoOut
+    from liveupdate.kernel.kho.outgoing import KhoOut
 
 RESERVE_MEM_MAX_ENTRIES = 8
 SMP_CACHE_BYTES = 64
@@ -116,7 +116,7 @@ def preserve(k: Kernel) -> None:
                 # a region first allocated on a KHO boot came from scratch: it cannot be kept
                 k.printk(f"reserve_mem: {r.name} cannot be preserved ({e.message}): no "
                          "region will survive a kexec")
-                if kout.core.notifiers:
+                if kout.in_finalize:  # a KEXEC_KHO_FINALIZE notifier fails the finalize
                     raise
                 return
         phys = kout.store_again(blob, stored[0] if stored else None)

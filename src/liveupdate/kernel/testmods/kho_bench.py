@@ -15,7 +15,6 @@ from liveupdate.abi import fdt
 from liveupdate.abi.cmdline import size_option
 from liveupdate.abi.consts import MAX_PAGE_ORDER, PAGE_SIZE
 from liveupdate.errors import AbiError, LiveUpdateError
-from liveupdate.kernel import kho
 
 if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
@@ -34,7 +33,7 @@ def _restore(k: Kernel) -> None:
     except (LiveUpdateError, AbiError) as e:
         k.printk(f"kho_bench: nothing to restore: {e}")
         return
-    restored = kho.restore_folios(k.kho_in, k.meta, folios, MAX_PAGE_ORDER)
+    restored = k.kho_in.restore_folios(folios, MAX_PAGE_ORDER)
     bad = int((~restored).sum())
     for i, p in enumerate(folios[: dirty // FOLIO].tolist()):
         bad += k.read(p, 8) != p.to_bytes(8, "little") or not restored[i]

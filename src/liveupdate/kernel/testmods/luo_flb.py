@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from liveupdate.abi.consts import PAGE_SIZE
-from liveupdate.kernel import kho
 from liveupdate.kernel.luo.session import LuoSessions
 
 if TYPE_CHECKING:
@@ -34,7 +33,7 @@ class TestFlb:
 
     def retrieve(self, data: int) -> None:
         kin = self.k.kho_in
-        if kin is None or kho.restore_folio(kin, self.k.meta, data) != 0:
+        if kin is None or kin.restore_folio(data) != 0:
             self.k.printk(f"luo_flb: retrieve: {data:#x} was not preserved")
             return
         text = self.k.read(data, 64).rstrip(b"\0").decode(errors="replace")

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.abi.uapi import State
 from liveupdate.errors import LiveUpdateError
-from liveupdate.kernel import kho
 from liveupdate.kernel.luo.v3 import LuoV3
 
 if TYPE_CHECKING:
@@ -69,7 +68,7 @@ def late(k: Kernel) -> None:
             k.printk("luo_trace: no trace from the previous kernel")
         else:
             kin = k.kho_in
-            if kin is not None and kho.restore_folio(kin, k.meta, data) == 0:
+            if kin is not None and kin.restore_folio(data) == 0:
                 previous = k.read(data, PAGE_SIZE).rstrip(b"\0").decode(errors="replace")
                 k.printk("luo_trace: the previous kernel logged: "
                          + "; ".join(previous.splitlines()))

@@ -20,7 +20,7 @@ import numpy as np
 from liveupdate.abi import khotest
 from liveupdate.abi.consts import MAX_PAGE_ORDER, PAGE_SIZE, get_order
 from liveupdate.errors import AbiError, LiveUpdateError
-from liveupdate.kernel import kho
+from liveupdate.kernel.kho.outgoing import KhoOut
 
 if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
@@ -60,7 +60,7 @@ def save(k: Kernel) -> None:
     blob = khotest.encode(khotest.KhoTest(len(info), csum, np.array(info, np.uint64), None))
     stored: list[int] = []
 
-    def notifier(kout: kho.KhoOut) -> None:
+    def notifier(kout: KhoOut) -> None:
         for entry in info:
             kout.preserve_folio(entry & ~0xFFF, entry & 0xFFF)
         stored[:] = [kout.store_again(blob, stored[0] if stored else None)]
@@ -69,7 +69,7 @@ def save(k: Kernel) -> None:
     kout.publish(notifier)
     what = f"{len(info)} folios ({total >> 20} MiB)"
     k.printk(f"test_kho: {what} to preserve at KHO finalize, csum {csum:#x}"
-             if kout.core.notifiers else f"test_kho: preserved {what}, csum {csum:#x}")
+             if kout.core.finalized_by_userspace else f"test_kho: preserved {what}, csum {csum:#x}")
 
 
 def restore(k: Kernel, phys: int) -> str | None:
@@ -83,7 +83,7 @@ def restore(k: Kernel, phys: int) -> str | None:
     csum = 0
     for entry in t.folios_info.tolist():
         addr, order = entry & ~0xFFF, entry & 0xFFF
-        got = kho.restore_folio(k.kho_in, k.meta, addr)
+        got = k.kho_in.restore_folio(addr)
         if got is None:
             return f"cannot restore folio {addr:#x}"
         if got != order:

@@ -8,10 +8,10 @@ bit and never frees a node, as upstream. Node pages are not preserved -- like kh
 the next kernel reads them while it still allocates from scratch only -- but the sanitizer
 keeps them (:meth:`RadixLive.pages`).
 
-:class:`liveupdate.kernel.kho.KhoOut` keeps its per-order numpy bitmaps as the index (a leaf
-covers exactly the blocks one PAGE_SIZE kho-v1 bitmap does: ``key & 32767`` is ``(pfn >>
-order) % 32768``), and after each change writes the touched leaves here, whole: one 4 KiB
-write per leaf touched rather than one per block.
+:class:`liveupdate.kernel.kho.tracker.Tracker` keeps its per-order numpy bitmaps as the index
+(a leaf covers exactly the blocks one PAGE_SIZE kho-v1 bitmap does: ``key & 32767`` is ``(pfn
+>> order) % 32768``), and after each change writes the touched leaves here, whole (its
+``mirror``): one 4 KiB write per leaf touched rather than one per block.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from liveupdate.abi import kho_radix
 from liveupdate.abi.consts import PAGE_SIZE
 
 if TYPE_CHECKING:
-    from liveupdate.kernel.kho import MmOps
+    from liveupdate.kernel.kho.mmops import MmOps
 
 
 class RadixLive:
