@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -55,10 +56,11 @@ class Panicked(Exception):
 
 
 @pytest.fixture
-def no_panic(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def no_panic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     def panic(k: object, reason: str) -> None:
         raise Panicked(reason)
     monkeypatch.setattr(power, "panic", panic)
+    monkeypatch.chdir(tmp_path)  # a relative lu.run= makes the kernel's runtime folder here
     yield
 
 
