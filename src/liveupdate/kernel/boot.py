@@ -27,7 +27,7 @@ from liveupdate.abi.consts import PAGE_SHIFT, PAGE_SIZE
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.kernel import initcalls, negotiate, scratch_sizing, testmods
-from liveupdate.kernel.kho.core import CORES
+from liveupdate.kernel.generation import Generation
 from liveupdate.kernel.kho.incoming import KhoIn
 from liveupdate.kernel.kho.outgoing import KhoOut
 from liveupdate.kernel.kho.validate import validate_handover
@@ -51,6 +51,7 @@ def setup_arch(k: Kernel, bp_phys: int) -> bootparams.KhoData | None:
         k.mem = PhysMem(k.ram, ranges=bp.ram_ranges())
         k.cmdline = Cmdline.parse(bp.read_cmdline(k.mem), warn=k.printk)
         k.image = image.decode(k.mem.read(bp.kernel_addr, PAGE_SIZE, "kernel image"))
+        k.gen = Generation.of(k.image)
         chain = bootparams.read_setup_chain(k.mem, bp.setup_data)
     except AbiError as e:
         k.panic(f"invalid boot parameters: {e}")
@@ -83,7 +84,7 @@ def setup_arch(k: Kernel, bp_phys: int) -> bootparams.KhoData | None:
 
 def kho_populate(k: Kernel, kd: bootparams.KhoData) -> KhoIn | None:
     try:
-        kin = validate_handover(k, kd, negotiate.code_reads(k)["kho"], CORES[k.image.kho_core])
+        kin = validate_handover(k, kd, negotiate.code_reads(k)["kho"], k.gen.kho)
     except AbiError as e:
         k.printk(f"KHO: setup: {e.message}")
         k.printk(f"KHO: disabling KHO revival: {-e.errno}")
@@ -170,7 +171,7 @@ def start_kernel(k: Kernel, bp_phys: int) -> None:
     in_scratch = 0 if scratch is None else int(scratch["size"].sum())
     k.printk(f"Memory: {k.buddy.nr_free << 2}K available, {in_scratch >> 20}M in KHO scratch")
     if k.kho_enabled and scratch is not None:
-        k.kho_out = KhoOut(k, scratch, k.image.kho_bitmap_bytes, CORES[k.image.kho_core],
+        k.kho_out = KhoOut(k, scratch, k.image.kho_bitmap_bytes, k.gen.kho,
                            k.image.kho)
         k.printk(f"KHO: root FDT at {k.kho_out.root_phys:#x}")
         kexec_metadata(k)

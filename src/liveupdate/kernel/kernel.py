@@ -24,6 +24,7 @@ from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel import power
 from liveupdate.kernel.fs.file import FileTable
 from liveupdate.kernel.fs.memfd import THP_MODES, Memfd
+from liveupdate.kernel.generation import Generation
 from liveupdate.kernel.kho.incoming import KhoIn
 from liveupdate.kernel.kho.outgoing import KhoOut
 from liveupdate.kernel.link import Link
@@ -52,6 +53,7 @@ class Kernel:
         self.buddy = Buddy(self.meta)
         self.cmdline = Cmdline.parse("")
         self.image = KernelImage()
+        self.gen = Generation.of(self.image)  # the boot's generation, from its image
         self.kernel_addr = 0
         self.boot_params = BootParams()
         self.kho_enabled = False

@@ -1,7 +1,7 @@
 """Bring LUO up at boot: on when the command line says ``liveupdate=on`` (``kstrtobool``, as
 every generation's ``early_param("liveupdate")``) and KHO is enabled, with the front end, the
 handover writer, the rules and the registered file handlers of the image's LUO generation
-row (:data:`liveupdate.abi.generations.LUO`); then restore what the previous kernel
+row (``k.gen.luo``: :data:`liveupdate.abi.generations.LUO`); then restore what the previous kernel
 preserved."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ FRONTENDS: dict[str, FrontEnd] = {"v3": LuoV3, "sessions": LuoSessions}
 def init(k: Kernel) -> None:
     if not k.cmdline.flag("liveupdate"):
         return
-    gen = k.image.luo_gen
+    gen = k.gen.luo
     if not gen.enabled:  # before 6.19 there is no LUO to turn on
         k.printk("luo: this kernel has no Live Update Orchestrator; liveupdate= ignored")
         return
