@@ -21,7 +21,7 @@ import errno
 import re
 from dataclasses import dataclass
 
-from liveupdate.abi import uapi
+from liveupdate.abi import generations, uapi
 from liveupdate.abi.uapi import Gen
 from liveupdate.errors import LiveUpdateError
 
@@ -84,16 +84,25 @@ class Release:
     uapi: UapiGeneration | None
 
 
-# The release-string rules, in one table, newest first. 6.17 is counted with 6.16 (512-byte
-# bitmaps, unless the stable fix was backported); a ``-v3`` suffix beats the number.
-RELEASES = (
-    Release((7, 2), "7.2", V7_1),
-    Release((7, 1), "7.1", V7_1),
-    Release((7, 0), "7.0", V6_19),
-    Release((6, 19), "6.19", V6_19),
-    Release((6, 18), "6.18", None),
-    Release((0, 0), "6.16", None),
-)
+def _version(release: str) -> tuple[int, int] | None:
+    m = _RELEASE.match(release)
+    return None if m is None else (int(m.group(1)), int(m.group(2)))
+
+
+def _releases() -> tuple[Release, ...]:
+    """The release-string rules, newest first, from the generation table
+    (:data:`liveupdate.abi.generations.RELEASES`): each mainline generation from its release
+    on, the oldest from (0, 0) -- 6.17 is counted with 6.16 (512-byte bitmaps, unless the
+    stable fix was backported); a ``-v3`` suffix beats the number."""
+    rows = sorted(((v, name, generations.LUO[r.luo].uapi)
+                   for name, r in generations.RELEASES.items()
+                   if not V3_SUFFIX.search(r.release) and (v := _version(r.release))),
+                  reverse=True)
+    return tuple(Release(v if i < len(rows) - 1 else (0, 0), name,
+                         BY_GEN[Gen(u)] if u else None) for i, (v, name, u) in enumerate(rows))
+
+
+RELEASES = _releases()
 V3_RELEASE = Release((0, 0), "v3", V3)
 
 
