@@ -80,6 +80,8 @@ LUO: dict[str, LuoGeneration] = {g.name: g for g in (
                   "7.1", "7.1"),
     LuoGeneration("7.2", "7.1", "sessions", "luo-v5", "luo-flb-v1", "memfd-v2", "kho-v4",
                   "7.1", "7.1"),
+    LuoGeneration("7.3", "7.1", "sessions", "luo-v5", "luo-flb-v1", "memfd-v2", "kho-v4",
+                  "7.1", "7.1"),
 )}
 LUO_GENERATIONS = tuple(LUO)
 # what an image header's ``memfd`` field says for each memfd format (v3's FDT says memfd-v1)
@@ -124,6 +126,7 @@ RELEASES: dict[str, Release] = {r.name: r for r in (
     Release("7.0", "7.0.0-lu", "kho-v1", 4096, "6.19", "7.0"),
     Release("7.1", "7.1.0-lu", "kho-v3", 4096, "7.1", "7.1"),
     Release("7.2", "7.2.0-lu", "kho-v4", 4096, "7.1", "7.2"),
+    Release("7.3", "7.3.0-lu", "kho-v4", 4096, "7.1", "7.3"),
 )}
 @dataclass(frozen=True)
 class KhoCoreRow:

@@ -192,7 +192,8 @@ writer's uAPI, then kexec into the reader and an attempt to get everything back.
 
 Generations (`luoctl image create --generation G`): 6.16 (kho-v1, 512-byte bitmaps, no LUO),
 6.18 (kho-v1, no LUO), v3 (the seed's state machine), 6.19 (luo-v1, memfd-v1), 7.0 (+
-luo-flb-v1), 7.1 (kho-v3 radix tree, memfd-v2), 7.2 (kho-v4, luo-v5 over kho_block).
+luo-flb-v1), 7.1 (kho-v3 radix tree, memfd-v2), 7.2 (kho-v4, luo-v5 over kho_block), 7.3 (the
+formats of 7.2; its own behaviours come from the real 7.3, issue #24).
 
 Outcomes: **restored** -- everything back, byte for byte; **cold boot** -- the reader ignored
 the handover (KHO root `compatible` mismatch, kho.md 8); **panic** -- the reader could not read
