@@ -69,6 +69,12 @@ RECORDS_ENV = "LIVEUPDATE_RELIABILITY_RECORDS"
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long tests first: with two workers, one that starts last runs alone at the end
+    and the suite takes that much longer."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     if not hasattr(config, "workerinput") and RECORDS_ENV not in os.environ:
         # the controller picks the folder; xdist workers inherit it

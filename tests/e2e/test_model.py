@@ -210,4 +210,4 @@ Orchestration.TestCase.settings = settings(
     deadline=None,
     verbosity=Verbosity.verbose if os.environ.get("LIVEUPDATE_MODEL_VERBOSE") else
     Verbosity.normal)
-TestOrchestration = Orchestration.TestCase
+TestOrchestration = pytest.mark.long(Orchestration.TestCase)
