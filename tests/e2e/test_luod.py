@@ -111,7 +111,7 @@ def test_second_luod_and_unprivileged_clients_are_refused(lu: Machine) -> None:
     public = tempfile.TemporaryDirectory(prefix="luod-")  # nobody can reach it: the
     os.chmod(public.name, 0o755)                            # policy, not the path, decides
     sock = Path(public.name) / "luod.sock"
-    m = lu("6.19", luod_args=f"--socket {sock} --socket-mode 0666")
+    m = lu("6.19", f"lu.rw={public.name}", luod_args=f"--socket {sock} --socket-mode 0666")
     r = m.run([PY, "-m", "liveupdate.cli.luod", "--socket", m.dir + "/run/other.sock"])
     assert r["status"] == 1 and "EBUSY" in r["stderr"], r
     nobody = ("import os\nfrom liveupdate.client.luod import LuodClient\n"
@@ -286,7 +286,8 @@ def test_quotas_bound_each_client_and_an_unprivileged_one_keeps_its_memfds(lu: M
     public = tempfile.TemporaryDirectory(prefix="luod-")
     os.chmod(public.name, 0o755)
     sock = str(Path(public.name) / "luod.sock")
-    m = lu("6.19", luod_args=f"--socket {sock} --socket-mode 0666 --allow-uid 65534 "
+    m = lu("6.19", f"lu.rw={public.name}",
+           luod_args=f"--socket {sock} --socket-mode 0666 --allow-uid 65534 "
                              "--quota-files 2 --quota-bytes 1M")
     _as_nobody(m, sock, "hold", "guest", "0x1:65536", "0x2:65536")
     for name, specs, why in (("greedy", ["0x1:4096", "0x2:4096", "0x3:4096"],

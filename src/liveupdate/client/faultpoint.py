@@ -1,6 +1,8 @@
 """One-shot fault points in luod clients, a failslab for live-update workloads.
 
-A file ``faults/<client name>`` beside luod's socket, holding an event name -- ``prepare``,
+A file ``disk/faults/<client name>`` of the machine whose ``run/`` holds luod's socket (the
+disk, not ``run/``: ``run/`` is emptied at every boot, and userspace may only consume a fault
+point there, never write one -- see ``kernel/confine.py``), holding an event name -- ``prepare``,
 ``freeze`` (both before the client's callback, so before its acknowledgement) or ``restore``
 (the next kernel's hello, before anything is retrieved) -- makes that client SIGKILL itself
 when the event comes, once: the file is removed first. ``luoctl demo --fault`` and the
@@ -18,7 +20,8 @@ EVENTS = ("prepare", "freeze", "restore")
 
 
 def path(socket_path: str, name: str) -> str:
-    return os.path.join(os.path.dirname(socket_path), "faults", name)
+    machine = os.path.dirname(os.path.dirname(socket_path))
+    return os.path.join(machine, "disk", "faults", name)
 
 
 def arm(socket_path: str, name: str, event: str) -> str:

@@ -26,7 +26,7 @@ from liveupdate.abi.cmdline import Cmdline
 from liveupdate.abi.consts import PAGE_SHIFT, PAGE_SIZE
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError, LiveUpdateError
-from liveupdate.kernel import initcalls, negotiate, scratch_sizing, testmods
+from liveupdate.kernel import confine, initcalls, negotiate, scratch_sizing, testmods
 from liveupdate.kernel.generation import Generation
 from liveupdate.kernel.kho.incoming import KhoIn
 from liveupdate.kernel.kho.outgoing import KhoOut
@@ -157,6 +157,7 @@ def kexec_metadata(k: Kernel) -> None:
 
 def start_kernel(k: Kernel, bp_phys: int) -> None:
     kd = setup_arch(k, bp_phys)
+    confine.declare(k)  # what the command line lets this kernel and its userspace touch
     if kd is not None:
         k.kho_in = kho_populate(k, kd)
     try:
@@ -180,14 +181,13 @@ def start_kernel(k: Kernel, bp_phys: int) -> None:
     k.negotiated_in = negotiate.incoming(k)
     initcalls.run()
     luo_boot.init(k)
-    run_base = k.cmdline.get("lu.run")
-    if run_base:
-        run_dir = os.path.join(run_base, f"kernel-{k.boot_id}")
+    run_dir = confine.run_dir(k)
+    if run_dir:
         try:
             os.makedirs(run_dir, exist_ok=True)
             k.run_dir = run_dir
         except OSError as e:  # the machine's folder: without it, no runtime folder
-            k.printk(f"lu.run={run_base}: {e.strerror}")
+            k.printk(f"lu.run={os.path.dirname(run_dir)}: {e.strerror}")
     testmods.run(k, "late")  # module_init: before memblock's late_initcall below
     reserve_mem.preserve(k)
     k.reboot_notifiers = [m.reboot_notifier for m in testmods.enabled(k)

@@ -8,6 +8,11 @@ machine's requests (run a program, KHO debugfs and status) while userspace runs.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # the kernel process: audited before its own code loads
+    from liveupdate.kernel import fsaudit
+
+    fsaudit.install()
+
 import argparse
 import contextlib
 import errno
@@ -22,7 +27,7 @@ from typing import Any
 from liveupdate.abi import wire
 from liveupdate.abi.wire import Handler, Message, arg
 from liveupdate.errors import LiveUpdateError
-from liveupdate.kernel import boot, debugfs, init
+from liveupdate.kernel import boot, debugfs, fsaudit, init
 from liveupdate.kernel.kernel import Kernel
 from liveupdate.kernel.link import Link
 from liveupdate.kernel.syscalls import server
@@ -99,6 +104,7 @@ def main() -> None:
     if msg is None or msg[0].get("op") != "go":
         sys.exit(0)  # the machine let this warm kernel go unused
     k = Kernel(args.ram_fd, link)
+    fsaudit.enforce(k.panic)  # a violation is a panic from now on
     become_subreaper()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # a handle per open file

@@ -1,8 +1,12 @@
 """The machine process: RAM, firmware, power and jump, and the kernel processes' links.
 
 Folder layout: ``DIR/disk/`` survives everything (kernel images in ``images/``, the
-``services`` list); ``DIR/run/`` holds the control socket, ``console.log`` and each kernel's
-runtime folder, which the machine removes when that kernel is gone.
+``services`` list, host-armed fault points in ``faults/``); ``DIR/run/`` holds the control
+socket, ``console.log`` and, for the kernel and its userspace, a tmpfs: everything else in it is
+removed at every boot, after the previous kernel is gone (its userspace stopped and killed, so
+no process of it runs again, and its bound sockets unreachable by name) and before the next one
+starts -- no state crosses a kexec through ``run/``, and the next kernel's services never
+connect to the previous luod's socket.
 
 At a jump the machine waits for the old kernel to exit and its console to drain, reads the next
 image's header *from RAM* at the entry address, and sends "go" with the boot parameters'
@@ -19,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import socketserver
 import threading
 import time
@@ -48,6 +53,7 @@ class Machine:
         self.disk = os.path.join(self.dir, "disk")
         self.run = os.path.join(self.dir, "run")
         os.makedirs(os.path.join(self.disk, "images"), exist_ok=True)
+        os.makedirs(os.path.join(self.disk, "faults"), exist_ok=True)
         os.makedirs(self.run, exist_ok=True)
         default = os.path.join(self.disk, DEFAULT_IMAGE)
         if not os.path.exists(default):
@@ -116,7 +122,22 @@ class Machine:
             spare.discard(self.run)
         return self._spawn(entry)
 
+    def _empty_run(self) -> None:
+        """``run/`` is a tmpfs for the kernel: it starts empty at every boot (the machine's
+        own control socket and console log stay)."""
+        keep = {self.socket_path, self.console.path}
+        with os.scandir(self.run) as it:
+            for e in it:
+                if e.path in keep:
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    shutil.rmtree(e.path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(e.path)
+
     def _start(self, entry: str, bp_phys: int) -> None:
+        self._empty_run()
         kp = self._take_kernel(entry)
         self.kernel = kp
         self._set_state(State.BOOTING)

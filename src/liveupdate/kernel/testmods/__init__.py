@@ -19,6 +19,7 @@ PARAMS = {
     "test_kho": "test_kho",
     "kho_cheat": "kho_cheat",
     "kho_leak": "kho_leak",
+    "kho_disk": "kho_disk",
     "luo_trace": "luo_trace",
     "luo_fail": "luo_fail",
     "luo_flb": "luo_flb",
