@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import select
 import signal
 import sys
 import tempfile
@@ -108,7 +109,7 @@ class Orchestration(RuleBasedStateMachine):
     @rule(data=st.data())
     def crash(self, data: st.DataObject) -> None:
         name = data.draw(st.sampled_from(sorted(self.held)))
-        os.kill(self.pids.pop(name), signal.SIGKILL)
+        kill(self.pids.pop(name))
         del self.held[name]
 
     @precondition(lambda self: not self.pending)
@@ -152,7 +153,7 @@ class Orchestration(RuleBasedStateMachine):
         try:
             self._update_fails("images/6.19.img", "did not acknowledge prepare")
         finally:
-            os.kill(stuck, signal.SIGKILL)
+            kill(stuck)
 
     @precondition(lambda self: bool(self.pending))
     @rule(data=st.data())
@@ -202,6 +203,19 @@ class Orchestration(RuleBasedStateMachine):
         if not self.pending:
             names = {c["name"] for c in self._luod()["clients"]}
             assert set(self.held) <= names, (self.held, names)
+
+
+def kill(pid: int) -> None:
+    """SIGKILL, then wait until the process is gone (its pidfd turns readable once it has
+    exited and its fds are closed): the next rule must not race its teardown -- a session fd
+    it still holds keeps the session's name taken."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        if not select.select([pidfd], [], [], 60)[0]:
+            raise AssertionError(f"pid {pid} outlived SIGKILL by 60 s")
+    finally:
+        os.close(pidfd)
 
 
 Orchestration.TestCase.settings = settings(
