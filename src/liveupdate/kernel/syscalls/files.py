@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from liveupdate.abi import wire
@@ -27,6 +27,7 @@ from liveupdate.abi.wire import Message, arg
 from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel.fs import memfd
 from liveupdate.kernel.fs.file import File, IoctlOps
+from liveupdate.kernel.syscalls import creds
 
 if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
@@ -40,6 +41,7 @@ DEV_LIVEUPDATE = "/dev/liveupdate"
 class Caller:
     k: Kernel
     proc: Proc | None
+    peer: creds.Peer = field(default_factory=creds.Peer)  # who sent this call (its creds)
 
 
 def _file(c: Caller, m: Message) -> File:
@@ -68,6 +70,8 @@ def sys_open(c: Caller, m: Message) -> Message:
     if c.k.luo is None:
         raise LiveUpdateError(err=errno.ENOENT, msg=f"open: {path}: LUO is not enabled "
                               "(liveupdate=on, kho=on)")
+    # the node is root's, mode 0600: may_open checks the caller before the driver's open
+    creds.may_open_root_node(c.peer.cred(), f"open: {path}", write=True)
     return _handle(c, c.k.luo.open())
 
 
