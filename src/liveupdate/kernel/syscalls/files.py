@@ -12,6 +12,18 @@ EINVAL for reads and writes of /dev/liveupdate, ESPIPE for lseek).
 ``mmap`` returns the physical extents of the range (allocating its holes, as faulting them
 in would) plus the RAM fd, as ``/dev/mem`` would; the calling process holds a reference to
 the file's inode until it exits, so the folios it maps stay allocated.
+
+Limitation of the emulation (kept on purpose, for zero copy): the RAM fd is the machine's
+whole RAM, read-write. Linux's ``mmap`` of a memfd maps that file's pages and nothing else;
+here any process that maps one page of any memfd can read and write every byte of RAM --
+other processes' memfds (another client's guest memory), luod's registry, KHO metadata, the
+next kernel's segments. The emulated kernel cannot narrow a host mapping to a page list
+without copying (each process would need its own memfd per folio, or a userfaultfd broker),
+and a VMM must hand its hypervisor one contiguous range of the very pages LUO preserves. So
+every permission this kernel checks (:mod:`.creds`: the device, kexec, reboot, debugfs) and
+every policy luod enforces hold for what goes through system calls and luod's socket; memory
+isolation between userspace processes does not exist in the emulation, and nothing that
+relies on it is claimed (README, "Who may do what").
 """
 
 from __future__ import annotations
