@@ -37,6 +37,15 @@ def _fds(pid: int) -> dict[int, tuple[Obj, str]]:
     return out
 
 
+def _pidfd_pid(pid: int, fd: int) -> int:
+    """The process a pidfd of ``pid`` names; -1 if the fd was closed while we looked."""
+    try:
+        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("Pid:")), -1)
+    except OSError:
+        return -1
+
+
 def _ppid(pid: int) -> int:
     with open(f"/proc/{pid}/stat", "rb") as f:
         stat = f.read()
@@ -97,6 +106,8 @@ def honesty_violations(st: dict[str, Any]) -> list[str]:
             continue
         if fd > 2 and fd != link_fd and peer is not None and peer in user_socks:
             continue
+        if target == "anon_inode:[pidfd]" and _pidfd_pid(kpid, fd) in {-1, *_descendants(kpid)}:
+            continue  # the sender of a call being served (SCM_PIDFD, kernel/syscalls/creds)
         bad.append(f"fd {fd} ({target}) is not RAM, the link, stdio or a socket to its own "
                    "userspace")
     return bad

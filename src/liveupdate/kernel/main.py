@@ -40,7 +40,11 @@ def _run(k: Kernel, m: Message) -> Message:
     if not argv or not all(isinstance(a, str) for a in argv):
         raise LiveUpdateError(err=errno.EINVAL, msg="run: argv must be a non-empty list of strings")
     timeout = arg(m, "timeout", float, 60.0)
-    proc = k.require_userspace().spawn(argv, capture=True, cwd=k.disk_dir or "/")
+    try:
+        proc = k.require_userspace().spawn(argv, capture=True, cwd=k.disk_dir or "/")
+    except OSError as e:  # execve's errno (ENOENT, EACCES, ENOEXEC, ...), as a shell says it
+        raise LiveUpdateError(err=e.errno or errno.ENOEXEC,
+                              msg=f"run: {argv[0]}: {e.strerror or e}") from e
     try:
         out, err = proc.popen.communicate(timeout=timeout)
     except subprocess.TimeoutExpired as e:

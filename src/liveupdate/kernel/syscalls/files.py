@@ -12,13 +12,25 @@ EINVAL for reads and writes of /dev/liveupdate, ESPIPE for lseek).
 ``mmap`` returns the physical extents of the range (allocating its holes, as faulting them
 in would) plus the RAM fd, as ``/dev/mem`` would; the calling process holds a reference to
 the file's inode until it exits, so the folios it maps stay allocated.
+
+Limitation of the emulation (kept on purpose, for zero copy): the RAM fd is the machine's
+whole RAM, read-write. Linux's ``mmap`` of a memfd maps that file's pages and nothing else;
+here any process that maps one page of any memfd can read and write every byte of RAM --
+other processes' memfds (another client's guest memory), luod's registry, KHO metadata, the
+next kernel's segments. The emulated kernel cannot narrow a host mapping to a page list
+without copying (each process would need its own memfd per folio, or a userfaultfd broker),
+and a VMM must hand its hypervisor one contiguous range of the very pages LUO preserves. So
+every permission this kernel checks (:mod:`.creds`: the device, kexec, reboot, debugfs) and
+every policy luod enforces hold for what goes through system calls and luod's socket; memory
+isolation between userspace processes does not exist in the emulation, and nothing that
+relies on it is claimed (README, "Who may do what").
 """
 
 from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from liveupdate.abi import wire
@@ -27,6 +39,7 @@ from liveupdate.abi.wire import Message, arg
 from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel.fs import memfd
 from liveupdate.kernel.fs.file import File, IoctlOps
+from liveupdate.kernel.syscalls import creds
 
 if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
@@ -40,6 +53,7 @@ DEV_LIVEUPDATE = "/dev/liveupdate"
 class Caller:
     k: Kernel
     proc: Proc | None
+    peer: creds.Peer = field(default_factory=creds.Peer)  # who sent this call (its creds)
 
 
 def _file(c: Caller, m: Message) -> File:
@@ -68,6 +82,8 @@ def sys_open(c: Caller, m: Message) -> Message:
     if c.k.luo is None:
         raise LiveUpdateError(err=errno.ENOENT, msg=f"open: {path}: LUO is not enabled "
                               "(liveupdate=on, kho=on)")
+    # the node is root's, mode 0600: may_open checks the caller before the driver's open
+    creds.may_open_root_node(c.peer.cred(), f"open: {path}", write=True)
     return _handle(c, c.k.luo.open())
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from liveupdate.abi.syscalls import SYSCALL_FD_ENV
 from liveupdate.abi.wire import seqpacket_pair
+from liveupdate.kernel.syscalls import creds
 from liveupdate.procs import children_of
 
 
@@ -78,6 +79,7 @@ class Userspace:
         the console through a socket the kernel reads (a "tty" of this kernel): the
         machine's console pipe is the kernel's alone, so a dying process never holds it."""
         kside, uside = seqpacket_pair()
+        creds.enable(kside)  # before the process runs: each call names its sender
         tty_k, tty_u = (None, None) if capture else socket.socketpair()
         try:
             env = {SYSCALL_FD_ENV: str(uside.fileno()), "PYTHONUNBUFFERED": "1",

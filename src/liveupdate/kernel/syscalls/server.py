@@ -27,6 +27,7 @@ from liveupdate.abi.wire import Message, arg
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.ipc import fds as fdpass
 from liveupdate.kernel import debugfs, kexec, power, reboot
+from liveupdate.kernel.syscalls import creds
 from liveupdate.kernel.syscalls.files import FILE_SYSCALLS, Caller
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ def _boot_id(c: Caller, m: Message) -> Message:
 
 
 def _kexec_file_load(c: Caller, m: Message) -> Message:
+    creds.require_sys_boot(c.peer.cred(), "kexec_file_load")  # unload too, as in Linux
     if arg(m, "unload", bool, False):
         kexec.unload(c.k)
         return Message({})
@@ -59,6 +61,7 @@ def _kexec_file_load(c: Caller, m: Message) -> Message:
 
 
 def _reboot(c: Caller, m: Message) -> Message:
+    creds.require_sys_boot(c.peer.cred(), "reboot")  # before the command is looked at
     k, cmd = c.k, arg(m, "cmd", int)
     if cmd == syscalls.LINUX_REBOOT_CMD_KEXEC:
         reboot.kernel_kexec(k)
@@ -70,10 +73,13 @@ def _reboot(c: Caller, m: Message) -> Message:
 
 
 def _debugfs_read(c: Caller, m: Message) -> Message:
+    """debugfs is mounted root-only (``DEBUGFS_DEFAULT_MODE`` 0700)."""
+    creds.may_open_root_node(c.peer.cred(), "/sys/kernel/debug", write=False)
     return Message({}, debugfs.read(c.k, arg(m, "path", str)))
 
 
 def _debugfs_write(c: Caller, m: Message) -> Message:
+    creds.may_open_root_node(c.peer.cred(), "/sys/kernel/debug", write=True)
     debugfs.write(c.k, arg(m, "path", str), m.payload)
     return Message({})
 
@@ -95,12 +101,13 @@ def _oops(k: Kernel, line: str) -> None:
     traceback.print_exc(file=sys.stdout)
 
 
-def call(k: Kernel, proc: Proc | None, msg: Message) -> Message:
+def call(k: Kernel, proc: Proc | None, msg: Message, peer: creds.Peer) -> Message:
     """One system call under the big kernel lock, after the pending hang-ups: a handle
-    closed before this call is gone by the time it runs."""
+    closed before this call is gone by the time it runs. ``peer`` is its sender, whose
+    credentials a call that checks them reads now (:mod:`.creds`)."""
     with k.lock:
         k.files.drain()
-        return wire.dispatch(SYSCALLS, Caller(k, proc), msg, server="syscall",
+        return wire.dispatch(SYSCALLS, Caller(k, proc, peer), msg, server="syscall",
                              on_bug=lambda line: _oops(k, line))
 
 
@@ -115,8 +122,8 @@ def _dropped_fds(arrived: int) -> AbiError:
     return AbiError(msg=f"more than {MAX_FDS} file descriptors in one call")
 
 
-def _answer(k: Kernel, proc: Proc | None, raw: bytes, fds: list[int],
-            flags: int) -> tuple[bytes, list[int]]:
+def _answer(k: Kernel, proc: Proc | None, raw: bytes, fds: list[int], flags: int,
+            peer: creds.Peer) -> tuple[bytes, list[int]]:
     """The reply record and the fds to send with it."""
     try:
         if flags & socket.MSG_CTRUNC:
@@ -124,7 +131,7 @@ def _answer(k: Kernel, proc: Proc | None, raw: bytes, fds: list[int],
         header, payload = wire.unpack(raw)
     except AbiError as e:
         return wire.pack({"errno": e.errno, "message": e.message}), []
-    reply = call(k, proc, Message(header, payload, fds))
+    reply = call(k, proc, Message(header, payload, fds), peer)
     try:
         return wire.pack(reply.header, reply.payload), reply.fds
     except AbiError as e:  # a reply too large to send: nothing is returned
@@ -146,13 +153,13 @@ def serve(k: Kernel, conn: socket.socket, proc: Proc) -> None:
 def _serve(k: Kernel, conn: socket.socket, proc: Proc) -> None:
     while True:
         try:
-            raw, fds, flags = fdpass.recvmsg(conn, MAX_REQUEST, MAX_FDS)
+            raw, fds, flags, peer = creds.recvmsg(conn, MAX_REQUEST, MAX_FDS)
         except OSError:
             return
         try:
             if not raw:
                 return
-            out, out_fds = _answer(k, proc, raw, fds, flags)
+            out, out_fds = _answer(k, proc, raw, fds, flags, peer)
             try:
                 fdpass.sendmsg(conn, out, out_fds)
             except OSError as e:
@@ -167,6 +174,7 @@ def _serve(k: Kernel, conn: socket.socket, proc: Proc) -> None:
                 for fd in out_fds:
                     os.close(fd)
         finally:
+            peer.close()
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
