@@ -66,6 +66,9 @@ class Machine:
         self.boot_count = 0
         self.last_restart = ""  # why the machine last restarted itself (e.g. a power loss)
         self.jump_times: list[float] = []  # old kernel's jump request to the next one's "go"
+        # the hardware's own witness of the last jump, host CLOCK_MONOTONIC ns: the old
+        # kernel's jump request arrived, the next kernel was told to go, and it said booted
+        self.jump_request_ns = self.kernel_start_ns = self.kernel_booted_ns = 0
         self.next_id = 1
         self.server: socketserver.ThreadingUnixStreamServer | None = None
 
@@ -122,6 +125,7 @@ class Machine:
         self._set_state(State.BOOTING)
         self.boot_count += 1
         kp.link.send(wire.pack({"op": "go", "boot_params": bp_phys}))
+        self.kernel_start_ns = time.monotonic_ns()
         threading.Thread(target=self._link_reader, args=(kp,), daemon=True).start()
         self.spare = self._spawn(entry)
 
@@ -152,6 +156,7 @@ class Machine:
 
     def _booted(self, kp: KernelProc, header: dict[str, Any]) -> bool:
         kp.info = header
+        self.kernel_booted_ns = time.monotonic_ns()
         self._set_state(State.RUNNING)
         return False
 
@@ -173,6 +178,7 @@ class Machine:
 
     def _jump(self, kp: KernelProc, entry: int, bp_phys: int) -> None:
         t0 = time.monotonic()
+        self.jump_request_ns = time.monotonic_ns()
         with self.lock:
             self._set_state(State.JUMPING)
             kp.finish(self.run)
@@ -268,6 +274,8 @@ class Machine:
                 "ram_resident": self.ram.resident() if self.ram else 0,
                 "boot_count": self.boot_count, "last_restart": self.last_restart,
                 "last_jump_seconds": self.jump_times[-1] if self.jump_times else None,
+                "jump_request_ns": self.jump_request_ns, "kernel_start_ns": self.kernel_start_ns,
+                "kernel_booted_ns": self.kernel_booted_ns,
                 "console_bytes": self.console.end,
                 "kernel_pid": kp.popen.pid if kp else None,
                 "spare_pid": self.spare.popen.pid if self.spare else None,

@@ -6,7 +6,15 @@ built from ``MAP_FIXED`` mappings of scattered RAM extents -- KVM takes it as on
 vCPU in 64-bit mode: flat code and data segments, paging on the VMM's identity map. The
 guest's ``out`` to port 0xE9 is a ``KVM_EXIT_IO`` exit: :meth:`Kvm.run_to_exit` returns there.
 The guest TSC is an MSR here: it is saved with the registers and set on load, so a VMM that
-restores adds the host time that passed and the guest's clock keeps real time.
+restores adds the host time that passed and the guest's clock keeps real time -- where KVM
+applies TSC offsets. Not every KVM does: under PVM (``kvm_pvm``, the pagetable-based KVM of
+nested hosts without VMX/SVM, as on the machine this was built on) the guest runs in host
+ring 3 with ``RDTSC`` untrapped and there is no hardware TSC offset to program, so the guest
+reads the host's TSC; ``KVM_SET_MSRS(MSR_IA32_TSC)`` and the ``KVM_VCPU_TSC_OFFSET``
+attribute succeed and change nothing (the MSR reads back as the host's TSC), and
+``KVM_SET_TSC_KHZ`` is EINVAL (no ``KVM_CAP_TSC_CONTROL``). :func:`_tsc_applied` finds out
+on each new vCPU, and :attr:`Kvm.tsc_settable` says which: a VMM reports an unrestorable
+guest clock instead of claiming it set one.
 """
 
 from __future__ import annotations
@@ -71,9 +79,24 @@ def _ioctl(fd: int, cmd: int, arg: int | bytearray = 0, what: str = "") -> int:
                               f"{e.strerror}") from e
 
 
+TSC_PROBE = 1  # a fresh vCPU's TSC is 0; the host's, since its boot, is far larger
+
+
+def _tsc_applied(vcpu: int) -> bool:
+    """Whether this KVM applies a TSC written through ``MSR_IA32_TSC``: write a value no
+    host TSC has (:data:`TSC_PROBE`) and read it back (``kvm_get_msr_common`` answers the
+    guest's view: the offset plus the host TSC). A KVM that applies it reads back a few
+    ticks more than the probe (or, as ``kvm_synchronize_tsc`` matches a write within a
+    second of the vCPU's creation, a few ticks more than 0); one that ignores it, the host's
+    TSC."""
+    msrs = bytearray(MSRS_HEAD.pack(1, 0) + MSR_ENTRY.pack(MSR_IA32_TSC, 0, TSC_PROBE))
+    _ioctl(vcpu, KVM_SET_MSRS, msrs, "SET_MSRS")
+    _ioctl(vcpu, KVM_GET_MSRS, msrs, "GET_MSRS")
+    return bool(MSR_ENTRY.unpack_from(msrs, MSRS_HEAD.size)[2] < 1 << 32)
+
+
 class Kvm:
     name = "kvm"
-    tsc_settable = True
 
     def __init__(self, address: int, size: int) -> None:
         self.kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
@@ -84,6 +107,7 @@ class Kvm:
         run_size = _ioctl(self.kvm, KVM_GET_VCPU_MMAP_SIZE, 0, "GET_VCPU_MMAP_SIZE")
         self.run = mmap.mmap(self.vcpu, run_size, mmap.MAP_SHARED,
                              mmap.PROT_READ | mmap.PROT_WRITE)
+        self.tsc_settable = _tsc_applied(self.vcpu)
 
     def _sregs(self) -> bytearray:
         buf = bytearray(SREGS_SIZE)
