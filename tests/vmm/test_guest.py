@@ -14,6 +14,7 @@ import pytest
 from liveupdate.vmm import cpu, guest, kvm
 from liveupdate.vmm.tcg import Tcg
 from liveupdate.vmm.vmm import Accel
+from tests.vmm import tsc
 
 SIZE = 32 << 20
 
@@ -108,3 +109,12 @@ def test_checked_in_guest_bytes_rebuild_from_source() -> None:
     assert guest.assemble() == guest.CODE
 
 
+
+
+@pytest.mark.parametrize("make", ACCELS)
+def test_the_accelerator_says_whether_it_sets_the_guest_tsc(make: type) -> None:
+    """The guest's own clock decides: an accelerator whose ``tsc_settable`` claims a set TSC
+    must show the guest that TSC; one that does not must leave the guest on the host's TSC
+    (TCG; KVM under PVM, which applies no TSC offset) -- never a third clock."""
+    seen, accel = tsc.observed(make)
+    assert seen == ("restored" if accel.tsc_settable else "host")

@@ -12,22 +12,25 @@ nested hosts without VMX/SVM, as on the machine this was built on) the guest run
 ring 3 with ``RDTSC`` untrapped and there is no hardware TSC offset to program, so the guest
 reads the host's TSC; ``KVM_SET_MSRS(MSR_IA32_TSC)`` and the ``KVM_VCPU_TSC_OFFSET``
 attribute succeed and change nothing (the MSR reads back as the host's TSC), and
-``KVM_SET_TSC_KHZ`` is EINVAL (no ``KVM_CAP_TSC_CONTROL``). :func:`_tsc_applied` finds out
-on each new vCPU, and :attr:`Kvm.tsc_settable` says which: a VMM reports an unrestorable
+``KVM_SET_TSC_KHZ`` is EINVAL (no ``KVM_CAP_TSC_CONTROL``). :func:`tsc_applies` asks a
+guest, and :attr:`Kvm.tsc_settable` says which: a VMM reports an unrestorable
 guest clock instead of claiming it set one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import struct
 
 from liveupdate.errors import LiveUpdateError
 from liveupdate.vmm import guest
-from liveupdate.vmm.cpu import GPRS, MSR_IA32_TSC, CpuState
+from liveupdate.vmm.cpu import GPRS, MSR_IA32_TSC, CpuState, fresh
 
 KVM_GET_API_VERSION = 0xAE00
 KVM_CREATE_VM = 0xAE01
@@ -79,20 +82,40 @@ def _ioctl(fd: int, cmd: int, arg: int | bytearray = 0, what: str = "") -> int:
                               f"{e.strerror}") from e
 
 
-TSC_PROBE = 1  # a fresh vCPU's TSC is 0; the host's, since its boot, is far larger
+TSC_PROBE = 1  # a TSC far below any host's (the host's counts from its boot)
+PROBE_CODE = bytes.fromhex("0f31e6e9")  # rdtsc; out %al, $0xe9
 
 
-def _tsc_applied(vcpu: int) -> bool:
-    """Whether this KVM applies a TSC written through ``MSR_IA32_TSC``: write a value no
-    host TSC has (:data:`TSC_PROBE`) and read it back (``kvm_get_msr_common`` answers the
-    guest's view: the offset plus the host TSC). A KVM that applies it reads back a few
-    ticks more than the probe (or, as ``kvm_synchronize_tsc`` matches a write within a
-    second of the vCPU's creation, a few ticks more than 0); one that ignores it, the host's
-    TSC."""
-    msrs = bytearray(MSRS_HEAD.pack(1, 0) + MSR_ENTRY.pack(MSR_IA32_TSC, 0, TSC_PROBE))
-    _ioctl(vcpu, KVM_SET_MSRS, msrs, "SET_MSRS")
-    _ioctl(vcpu, KVM_GET_MSRS, msrs, "GET_MSRS")
-    return bool(MSR_ENTRY.unpack_from(msrs, MSRS_HEAD.size)[2] < 1 << 32)
+@functools.cache
+def tsc_applies() -> bool:
+    """Whether this host's KVM shows a guest the TSC its VMM sets. Asked of a guest, not
+    of KVM: a throwaway VM (one 2 MiB page, the guest's page-table layout) is given TSC
+    :data:`TSC_PROBE`, runs ``rdtsc`` and exits; the guest read about that, or the host's
+    TSC. (``KVM_GET_MSRS`` is no witness: under PVM it returns a value just written, or
+    KVM's own offset model, while the guest's ``rdtsc`` reads the host.) Once per process,
+    a few ms."""
+    size = 2 << 20
+    buf = mmap.mmap(-1, size)
+    try:
+        words = memoryview(buf).cast("Q")
+        words[guest.PML4_AT // 8] = guest.PDPT_AT | 3
+        words[guest.PDPT_AT // 8] = guest.PD_AT | 3
+        words[guest.PD_AT // 8] = 0x83  # one 2 MiB page at 0
+        words.release()
+        buf[guest.CODE_AT : guest.CODE_AT + len(PROBE_CODE)] = PROBE_CODE
+        vm = Kvm(ctypes.addressof(ctypes.c_char.from_buffer(buf)), size)
+        try:
+            st = fresh()
+            st.tsc = TSC_PROBE
+            vm.load(st)
+            vm.run_to_exit()
+            regs = vm.save().regs
+        finally:
+            vm.close()
+    finally:
+        with contextlib.suppress(BufferError):
+            buf.close()
+    return bool((regs["rdx"] << 32 | regs["rax"] & 0xFFFFFFFF) < 1 << 40)
 
 
 class Kvm:
@@ -107,7 +130,11 @@ class Kvm:
         run_size = _ioctl(self.kvm, KVM_GET_VCPU_MMAP_SIZE, 0, "GET_VCPU_MMAP_SIZE")
         self.run = mmap.mmap(self.vcpu, run_size, mmap.MAP_SHARED,
                              mmap.PROT_READ | mmap.PROT_WRITE)
-        self.tsc_settable = _tsc_applied(self.vcpu)
+
+    @property
+    def tsc_settable(self) -> bool:
+        """Whether the guest sees the TSC :meth:`load` sets (:func:`tsc_applies`)."""
+        return tsc_applies()
 
     def _sregs(self) -> bytearray:
         buf = bytearray(SREGS_SIZE)
