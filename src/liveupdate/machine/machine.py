@@ -7,7 +7,11 @@ runtime folder, which the machine removes when that kernel is gone.
 At a jump the machine waits for the old kernel to exit and its console to drain, reads the next
 image's header *from RAM* at the entry address, and sends "go" with the boot parameters'
 address to the spare kernel process (:mod:`liveupdate.machine.kernels`); the old kernel says
-nothing else. What a kernel process says unasked goes through one table, :data:`LINK`.
+nothing else. What a kernel process says unasked goes through one table, :data:`LINK`. The
+machine is the independent witness of each jump: its status gives the host CLOCK_MONOTONIC
+of the old kernel's jump request, of the next kernel's "go" and of its "booted"
+(``jump_request_ns``, ``kernel_start_ns``, ``kernel_booted_ns``), which a VM's reported
+blackout must cover (:mod:`liveupdate.scenario.witness`).
 
 The machine's state is :class:`~liveupdate.machine.state.State`, every legal transition
 declared once. Control requests go through the handler table of
