@@ -53,9 +53,11 @@ def test_no_jump_witnessed_fails() -> None:
 
 
 def test_the_guest_bound_is_stated_and_tight() -> None:
-    assert witness.guest_bound(1.0) == pytest.approx(0.015)
-    assert witness.blackout_problem(_vm(blackout_guest_s=(RESUMED - PAUSED) / 1e9 + 0.016),
+    assert witness.guest_bound(1.0) == pytest.approx(0.07)
+    assert witness.blackout_problem(_vm(blackout_guest_s=(RESUMED - PAUSED) / 1e9 + 0.072),
                                     JUMP)
+    assert not witness.blackout_problem(
+        _vm(blackout_guest_s=(RESUMED - PAUSED) / 1e9 - 0.068), JUMP)
 
 
 def test_private_memory_sees_a_private_copy() -> None:

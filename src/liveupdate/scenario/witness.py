@@ -25,8 +25,8 @@ from typing import Any
 from liveupdate.scenario.report import Check, UpdateResult, VmResult
 
 RAM_FILE = "/memfd:lu-ram"  # the machine's RAM, as the host names the memfd
-# the host clock and the guest's TSC measure one pause: they agree within 5 ms plus 1 %
-GUEST_AGREES_S, GUEST_AGREES_REL = 0.005, 0.01
+# the host clock and the guest's TSC measure one pause: they agree within 50 ms plus 2 %
+GUEST_AGREES_S, GUEST_AGREES_REL = 0.050, 0.02
 
 
 def guest_bound(host_s: float) -> float:
@@ -34,8 +34,11 @@ def guest_bound(host_s: float) -> float:
     its TSC gap between its last exit before the pause and its first after the resume, less
     the 4096 steps before that exit as the host timed them: the two clocks measure the same
     interval, so what separates them is the TSC frequency the VMM measured over the run
-    before (to well under 1 %) and the moments each exit was stamped (microseconds; a
-    descheduled vCPU thread, milliseconds)."""
+    before (well under 1 %) and when the vCPU thread stamped each exit: at once on an idle
+    host (they agree within a millisecond), but on a busy one the thread may wait for a CPU
+    (on this 2-core machine at load 5: once 27 ms). Failures worth catching are far larger:
+    a guest TSC that was not restored jumps by the host's uptime, one restored without the
+    time that passed shows no pause at all."""
     return GUEST_AGREES_S + GUEST_AGREES_REL * host_s
 
 
