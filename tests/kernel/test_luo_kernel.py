@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import struct
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from liveupdate.abi import image, kho_memmap, memfd, uapi
@@ -87,26 +87,55 @@ def test_unpreserve_after_finalize_is_refused(rig: Rig) -> None:
         raise AssertionError("unpreserve after finalize succeeded")
 
 
+SET_EVENT = uapi.ioctl(Gen.V3, "SET_EVENT")
+UNPRESERVE = uapi.ioctl(Gen.V3, "FD_UNPRESERVE")
+
+
 @settings(max_examples=300, deadline=None)
 @given(nr=st.integers(0, 0xFF), type_=st.sampled_from([0xBA, 0xBB]),
        arg=st.binary(max_size=40))
+@example(nr=SET_EVENT.nr, type_=0xBA, arg=SET_EVENT.pack(size=SET_EVENT.size, event=0))
+@example(nr=UNPRESERVE.nr, type_=0xBA, arg=UNPRESERVE.pack(size=UNPRESERVE.size, token=1))
 def test_garbage_ioctls_change_nothing(nr: int, type_: int, arg: bytes) -> None:
+    """v3 dispatcher: a failed ioctl changes nothing; a successful one is a valid command of the
+    table and changes exactly what it commands."""
     rig = Rig(256 << 20)
     try:
         k = rig.boot(CMD, V3)
         luo = _luo(k)
-        f = kmemfd.open_file(k.new_memfd("g"))
-        luo.files.add(1, f)
-        before = (luo.state, [(e.token, e.state) for e in luo.files])
+        for token in (1, 2):
+            luo.files.add(token, kmemfd.open_file(k.new_memfd(f"g{token}")))
+
+        def state() -> tuple[State, list[tuple[int, State]]]:
+            return luo.state, [(e.token, e.state) for e in luo.files]
+
+        before = state()
         cmd = (type_ << 8) | nr
         try:
             luo.ioctl(cmd, arg, [], _no_fd)
         except LiveUpdateError as e:
             assert e.errno in (errno.EINVAL, errno.ENOTTY, errno.EFAULT, errno.E2BIG,
                                errno.EBUSY, errno.ENOENT, errno.EBADF, errno.EEXIST)
-            assert (luo.state, [(e.token, e.state) for e in luo.files]) == before
+            assert state() == before
+            return
+        entry, a = uapi.lookup(Gen.V3, uapi.Target.DEVICE, cmd, arg)  # it was a valid command
+        assert state() == _v3_commanded(entry.name, a, before), (entry.name, a)
     finally:
         rig.close()
+
+
+def _v3_commanded(name: str, a: dict[str, int], before: tuple[State, list[tuple[int, State]]]
+                  ) -> tuple[State, list[tuple[int, State]]]:
+    """The state a successful v3 command leaves, from the state before it (files 1 and 2,
+    NORMAL)."""
+    gstate, files = before
+    if name == "FD_UNPRESERVE":
+        return gstate, [f for f in files if f[0] != a["token"]]
+    if name == "SET_EVENT" and a["event"] == uapi.Event.PREPARE:
+        return State.PREPARED, [(t, State.PREPARED) for t, _ in files]
+    if name == "SET_FD_EVENT" and a["event"] == uapi.Event.PREPARE:
+        return gstate, [(t, State.PREPARED if t == a["token"] else s) for t, s in files]
+    return before  # queries, and events that are no-ops from NORMAL
 
 
 def test_ioctl_contract_in_process(rig: Rig) -> None:
@@ -200,11 +229,16 @@ S_CMD = "kho=on liveupdate=on"
 V6_19 = image.KernelImage(release="6.19.0-lu", luo="6.19")
 
 
+CREATE = uapi.ioctl(Gen.V6_19, "CREATE_SESSION")
+
+
 @settings(max_examples=300, deadline=None)
 @given(nr=st.integers(0, 0x50), on_session=st.booleans(), arg=st.binary(max_size=80))
+@example(nr=CREATE.nr, on_session=False, arg=CREATE.pack(size=CREATE.size, fd=0, name=b"new"))
 def test_garbage_session_ioctls_change_nothing(nr: int, on_session: bool, arg: bytes) -> None:
     """6.19 dispatcher: every answer is an errno of the contract and the sessions and their
-    files are as they were (a valid CREATE_SESSION is the only thing that may add one)."""
+    files are as they were; a successful ioctl is a valid command of the table and changes
+    exactly what it commands (CREATE_SESSION adds its session, nothing else adds anything)."""
     rig = Rig(256 << 20)
     try:
         k = rig.boot(S_CMD, V6_19)
@@ -214,14 +248,25 @@ def test_garbage_session_ioctls_change_nothing(nr: int, on_session: bool, arg: b
         sess = luo.create("s")
         f = kmemfd.open_file(k.new_memfd("g"))
         luo.preserve(sess.private, 1, [3], lambda fd: f)
-        before = {n: sorted(s.files.files) for n, s in luo.outgoing.items() if s.files}
+
+        def state() -> dict[str, list[int]]:
+            return {n: sorted(s.files.files) for n, s in luo.outgoing.items()
+                    if s.files is not None}
+
+        before = state()
         target = sess if on_session else dev
         try:
             target.ops.ioctl(target, 0xBA00 | nr, arg, [], _no_fd)  # type: ignore[attr-defined]
         except LiveUpdateError as e:
             assert e.errno in (errno.EINVAL, errno.ENOTTY, errno.EFAULT, errno.E2BIG,
                                errno.ENOENT, errno.EBADF, errno.EEXIST, errno.ENOSPC)
-            after = {n: sorted(s.files.files) for n, s in luo.outgoing.items() if s.files}
-            assert after == before
+            assert state() == before
+            return
+        where = uapi.Target.SESSION if on_session else uapi.Target.DEVICE
+        entry, a = uapi.lookup(Gen.V6_19, where, 0xBA00 | nr, arg)  # a valid command
+        want = dict(before)
+        if entry.name == "CREATE_SESSION":
+            want[uapi.session_name(a["name"], strict=False)] = []
+        assert state() == want, (entry.name, a)
     finally:
         rig.close()

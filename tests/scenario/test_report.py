@@ -39,7 +39,7 @@ def _update(n: int, to: str = "6.19", **kw: object) -> UpdateResult:
         "kho": "kho-v1", "luo": "luo-v1", "flb": "none", "memfd": "memfd-v1"}},
         timeline=TIMELINE, kernel_files=12, luod_fds=20, machine_rss=100 << 20,
         ram_resident=50 << 20, finish="every client is done", jump_s=0.01,
-        vms={"vm0": _vm(1000 * n)}, cache=CacheResult(64, True), zeroed_page=None,
+        vms={"vm0": _vm(1000 * n)}, cache=CacheResult(64, True), damage=[],
         preserved_pages=18, free_pages=200000)
     return dataclasses.replace(base, **kw)
 
@@ -62,13 +62,15 @@ def test_an_intact_update_passes_every_check() -> None:
     r = _report([_update(1)])
     assert r.integrity and not r.leak and r.ok
     names = [c.name for c in r.checks]
-    assert names == ["update 1: vm0 intact", "update 1: vm0 resumed", "update 1: cache intact",
+    assert names == ["update 1: vm0 intact", "update 1: vm0 resumed",
+                     "update 1: vm0 vCPU restored", "update 1: cache intact",
                      "handover pages into 6.19 constant"]
 
 
 @pytest.mark.parametrize("broken", [
     {"vms": {"vm0": _vm(1000, integrity=False, problem="page 7 does not sum to ...")}},
     {"vms": {"vm0": _vm(1000, resumed=False)}},
+    {"vms": {"vm0": _vm(1000, vcpu_restored=False, vcpu_problem="entered 2 times")}},
     {"cache": CacheResult(64, False)},
 ])
 def test_anything_lost_fails_integrity(broken: dict[str, object]) -> None:

@@ -111,6 +111,83 @@ def test_checked_in_guest_bytes_rebuild_from_source() -> None:
 
 
 
+def _walked(ram: tuple[mmap.mmap, int], make: type = Tcg, exits: int = 2) -> tuple[Accel, int]:
+    _buf, addr = ram
+    a = make(addr, SIZE)
+    a.load(cpu.fresh())
+    run(a, exits)
+    return a, addr
+
+
+LAST = guest.DATA_AT + (SIZE - guest.DATA_AT) // guest.PAGE * guest.PAGE - guest.PAGE
+
+
+@pytest.mark.parametrize("at", [
+    guest.DATA_AT + 3 * guest.PAGE + 16,  # the first byte the old check did not read
+    guest.DATA_AT + 200 * guest.PAGE + 2049,
+    guest.DATA_AT + 5000 * guest.PAGE + 4095,  # the last byte of a page
+    LAST + 4095,  # the last byte of the guest
+    guest.DATA_AT + 9 * guest.PAGE + 3,  # a counter
+    guest.STATE_AT + 0x40,  # the state page beside its fields
+    guest.STATE_AT + guest.SECRET + 7,
+    guest.PD_AT + 8 * 3 + 7,  # a page-directory entry
+    guest.CODE_AT + len(guest.CODE) - 1,  # the code
+    guest.STACK_TOP - 1,
+    0,
+])
+def test_one_flipped_byte_anywhere_is_caught(ram: tuple[mmap.mmap, int], at: int) -> None:
+    """Every byte of guest memory is known: a single flipped bit of any of them fails the
+    check, and a data page's damage is named by page and byte."""
+    buf, _ = ram
+    a, _ = _walked(ram)
+    secret = a.save().regs[guest.SECRET_REG]  # the mirror is known from the saved vCPU
+    assert guest.verify(memoryview(buf), SIZE, secret).ok
+    buf[at] ^= 0x01
+    chk = guest.verify(memoryview(buf), SIZE, secret)
+    assert not chk.ok, hex(at)
+    page, off = divmod(at - guest.DATA_AT, guest.PAGE)
+    if at >= guest.DATA_AT and off >= 8:
+        assert f"page {guest.DATA_AT + page * guest.PAGE:#x} byte {off} " in chk.problem
+
+
+def test_a_zeroed_tail_and_two_swapped_pages_are_caught(ram: tuple[mmap.mmap, int]) -> None:
+    buf, _ = ram
+    _walked(ram)
+    a, b = guest.DATA_AT + 40 * guest.PAGE, guest.DATA_AT + 41 * guest.PAGE
+    saved = bytes(buf[a : a + guest.PAGE])
+    buf[a + 2048 : a + guest.PAGE] = bytes(2048)
+    assert "byte 2048 is not the page's fill" in guest.verify(memoryview(buf), SIZE).problem
+    buf[a : a + guest.PAGE] = saved
+    assert guest.verify(memoryview(buf), SIZE).ok
+    other = bytes(buf[b : b + guest.PAGE])  # pages 40 and 41 have equal counters: only
+    buf[b : b + guest.PAGE], buf[a : a + guest.PAGE] = saved, other  # their bytes tell
+    assert "another page's tag" in guest.verify(memoryview(buf), SIZE).problem
+
+
+@pytest.mark.parametrize("make", ACCELS)
+def test_a_cold_started_vcpu_is_caught(ram: tuple[mmap.mmap, int], make: type) -> None:
+    """The guest's memory alone lets a cold start pass as a continuation (it re-reads where
+    it was); its entry count and its register-only secret do not."""
+    buf, addr = ram
+    a, _ = _walked(ram, make)
+    saved = cpu.CpuState.from_json(a.save().to_json())
+    secret = saved.regs[guest.SECRET_REG]
+    restored = make(addr, SIZE)
+    restored.load(saved)
+    run(restored, 1)
+    chk = guest.verify(memoryview(buf), SIZE, secret=secret)
+    assert chk.ok and chk.entries == 1 and chk.secret == secret
+    cold = make(addr, SIZE)
+    cold.load(cpu.fresh())  # the saved state thrown away
+    run(cold, 1)
+    chk = guest.verify(memoryview(buf), SIZE, secret=secret)
+    assert not chk.ok and "entered 2 times" in chk.problem and chk.secret != secret
+    words = np.frombuffer(buf, np.uint64)
+    words[(guest.STATE_AT + guest.ENTRIES) // 8] = 1  # a cold start that hides its entry
+    chk = guest.verify(memoryview(buf), SIZE, secret=secret)
+    assert not chk.ok and "secret changed" in chk.problem
+
+
 @pytest.mark.parametrize("make", ACCELS)
 def test_the_accelerator_says_whether_it_sets_the_guest_tsc(make: type) -> None:
     """The guest's own clock decides: an accelerator whose ``tsc_settable`` claims a set TSC

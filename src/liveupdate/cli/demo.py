@@ -16,6 +16,7 @@ from liveupdate.abi import generations
 from liveupdate.cli.common import SizeParam, fail
 from liveupdate.errors import LiveUpdateError
 from liveupdate.scenario import run
+from liveupdate.scenario.damage import DAMAGE, Damage
 from liveupdate.scenario.demo import HEADROOM, LUO_GENERATIONS, Demo
 from liveupdate.scenario.faults import BY_NAME, FAULTS
 from liveupdate.scenario.report import DemoReport, FaultOutcome, SoakResult, UpdateResult
@@ -44,7 +45,8 @@ def render(results: list[UpdateResult], verdict: bool) -> None:
                       f"{guest_s:.3f} s" if guest_s is not None else "-",
                       f"{vm.steps_at_pause:,} -> {vm.steps_after_resume:,}",
                       ("intact" if vm.integrity else f"BROKEN: {vm.problem}")
-                      + ("" if vm.resumed else " (restarted!)"))
+                      + ("" if vm.resumed else " (restarted!)")
+                      + ("" if vm.vcpu_restored else f" vCPU NOT RESTORED: {vm.vcpu_problem}"))
         console.print(v)
         if r.cache is not None:
             console.print(f"cache: {r.cache.keys} keys "
@@ -133,10 +135,13 @@ def plot(results: list[UpdateResult], path: str) -> None:
                    "fails on growth. scripts/soak runs 100.")
 @click.option("--cache/--no-cache", default=True, show_default=True,
               help="Also run the key-value cache service.")
-@click.option("--fault", type=click.Choice(["none", "zero-page", *(f.name for f in FAULTS)]),
+@click.option("--fault", type=click.Choice(["none", *DAMAGE, *(f.name for f in FAULTS)]),
               default="none", metavar="FAULT",
-              help="Break it on purpose. zero-page: zero a guest page after the update; the "
-                   "guest's checksum must catch it and the demo exit non-zero. "
+              help="Break it on purpose. flip-byte (one random byte of a random guest page), "
+                   "zero-tail (a page zeroed from a random byte on), swap-pages (two pages "
+                   "trade places): done to vm0 after the update; cold-vcpu: vm0's VMM throws "
+                   "its saved vCPU state away. The checker must catch each and the demo exit "
+                   "non-zero. "
                    "TARGET@PHASE (kill-client|kill-vmm@normal|prepare|freeze|restore, "
                    "kill-luod@normal|prepared|frozen|updated, no-ack@prepare|freeze, "
                    "enomem@prepare, fds-kernel@prepare, fds-luod@normal, "
@@ -174,7 +179,10 @@ def demo(folder: str, vms: int, vm_memory: int, machine_memory: int, generation:
         if not as_json:
             err.print(f"[dim]{time.monotonic() - t0:7.2f}s[/] {msg}")
 
-    d = Demo(folder, vms, vm_memory, machine_memory, generation, accel, cache, say, plan, to)
+    if fault in DAMAGE and vms < 1:
+        fail(f"--fault {fault} breaks vm0: run at least one VM")
+    d = Demo(folder, vms, vm_memory, machine_memory, generation, accel, cache, say, plan, to,
+             damage=(Damage(fault),) if fault in DAMAGE else ())
     try:
         report: DemoReport = run.faulted(d) if plan is not None else \
             run.updates(d, updates, fault)

@@ -58,7 +58,8 @@ def _mmap(addr: int | None, size: int, prot: int, flags: int, fd: int, off: int)
     return int(got)
 
 
-def map_extents(ram_fd: int, extents: list[tuple[int, int]]) -> Mapping:
+def map_extents(ram_fd: int, extents: list[tuple[int, int]], writable: bool = True
+                ) -> Mapping:
     total = sum(n for _, n in extents)
     if total == 0:
         raise LiveUpdateError(err=errno.EINVAL, msg="mmap: nothing to map")
@@ -67,7 +68,7 @@ def map_extents(ram_fd: int, extents: list[tuple[int, int]]) -> Mapping:
     off = 0
     try:
         for phys, n in extents:
-            _mmap(base + off, n, mmap.PROT_READ | mmap.PROT_WRITE,
+            _mmap(base + off, n, mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0),
                   mmap.MAP_SHARED | MAP_FIXED, ram_fd, phys)
             off += n
     except LiveUpdateError:

@@ -6,6 +6,7 @@ runs it, the bench and the tests drive it directly).
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import sys
 import time
@@ -18,7 +19,9 @@ from liveupdate.client.update import load_image, run_update
 from liveupdate.errors import LiveUpdateError
 from liveupdate.ipc.service import ask
 from liveupdate.machine.client import MachineClient, start
-from liveupdate.scenario import witness
+from liveupdate.scenario import damage as damages
+from liveupdate.scenario import guestcheck, witness
+from liveupdate.scenario.damage import Damage
 from liveupdate.scenario.faults import Fault, helper_line
 from liveupdate.scenario.report import CacheResult, UpdateResult, VmResult
 from liveupdate.vmm import guest
@@ -32,11 +35,12 @@ HEADROOM = 768 << 20  # the kernel's own memory, scratch and the services' besid
 
 
 def _services(py: str, vms: int, vm_memory: int, accel: str, cache: bool,
-              fault: Fault | None, memory: int) -> str:
+              fault: Fault | None, memory: int, plants: dict[str, str]) -> str:
     # with a fault armed, a barrier nobody answers is given up quickly
     timeouts = " --prepare-timeout 3 --freeze-timeout 3" if fault else ""
     lines = [f"@restart {py} -m liveupdate.cli.luod --finish-timeout 60{timeouts}"]
     lines += [f"@restart {py} -m liveupdate.vmm vm{i} --memory {vm_memory} --accel {accel}"
+              + (f" --plant {plants[f'vm{i}']}" if f"vm{i}" in plants else "")
               for i in range(vms)]
     if cache:
         lines.append(f"@restart {py} -m liveupdate.userspace.kvcache cache")
@@ -60,13 +64,18 @@ class Demo:
     """The demo machine in ``folder`` (replaced at :meth:`boot`): ``vms`` VMs running guests
     that count and checksum their own memory, luod, and the cache if ``cache``; ``say``
     receives progress lines. With ``fault``, its helper client and kernel command line are
-    part of the boot (:mod:`liveupdate.scenario.faultrun` injects the rest)."""
+    part of the boot (:mod:`liveupdate.scenario.faultrun` injects the rest); ``damage``
+    (:mod:`liveupdate.scenario.damage`) is done to the guests at a faulted update, or
+    planted in their VMMs at boot."""
 
     def __init__(self, folder: str, vms: int, vm_memory: int, machine_memory: int,
                  generation: str, accel: str, cache: bool, say: Any,
-                 fault: Fault | None = None, to: str | None = None) -> None:
+                 fault: Fault | None = None, to: str | None = None,
+                 damage: tuple[Damage, ...] = ()) -> None:
         self.folder = os.path.abspath(folder)
         self.fault = fault
+        self.damage = damage
+        self.rng = random.Random()
         self.cache_keys = CACHE_KEYS
         self.vms = [f"vm{i}" for i in range(vms)]
         self.vm_memory, self.memory = vm_memory, machine_memory
@@ -94,7 +103,10 @@ class Demo:
         (disk / "images" / "junk.img").write_bytes(b"not a kernel image")
         (disk / "services").write_text(_services(sys.executable, len(self.vms),
                                                  self.vm_memory, self.accel, self.cache,
-                                                 self.fault, self.memory))
+                                                 self.fault, self.memory,
+                                                 {d.vm: damages.PLANTED[d.kind]
+                                                  for d in self.damage
+                                                  if d.kind in damages.PLANTED}))
         self.say(f"booting a {self.memory >> 30} GiB machine, Linux {self.generation}")
         cmdline = f"{CMDLINE} {NEGOTIATE}" if self.to != self.generation else CMDLINE
         cmdline = f"{cmdline} {self.fault.cmdline}".strip() if self.fault else cmdline
@@ -122,17 +134,30 @@ class Demo:
     def statuses(self) -> dict[str, dict[str, Any]]:
         return {vm: ask(self.sock(f"vmm-{vm}.sock"), "status") for vm in self.vms}
 
-    def zero_a_guest_page(self, vm: str) -> int:
-        """Break it on purpose: zero a page the guest has counted, behind its back."""
+    def do_damage(self) -> list[str]:
+        """Break the guests on purpose (:attr:`damage`), each VM paused meanwhile so that
+        its guest cannot overwrite the damage before the check; the VMs stay paused until
+        :meth:`verdicts` has judged them."""
         assert self.m is not None
-        gpa = guest.DATA_AT + 7 * guest.PAGE  # inside the data region
-        hpa = int(ask(self.sock(f"vmm-{vm}.sock"), "phys", gpa=gpa)["hpa"])
-        self.m.ram_write(hpa, bytes(16))
-        return hpa
+        done = []
+        for d in self.damage:
+            sock = self.sock(f"vmm-{d.vm}.sock")
+            ask(sock, "pause")
+            done.append(damages.apply(d, self.m, sock, self.vm_memory, self.rng))
+        return done
+
+    def verdicts(self) -> dict[str, guestcheck.Verdict]:
+        """Each VM judged from the machine's RAM by the checker (not by its VMM); VMs that
+        :meth:`do_damage` paused resume after."""
+        assert self.m is not None
+        out = {vm: guestcheck.check(self.m, self.sock(f"vmm-{vm}.sock")) for vm in self.vms}
+        for vm in {d.vm for d in self.damage}:
+            ask(self.sock(f"vmm-{vm}.sock"), "resume")
+        return out
 
     def update(self, n: int, fault: str) -> UpdateResult:
         """Live update ``n`` (to :attr:`to` when odd, back when even), observed; ``fault``
-        ``zero-page`` breaks a guest page after it, on purpose."""
+        other than ``none`` does :attr:`damage` after it, on purpose."""
         assert self.m is not None
         before = self.statuses()
         maps_before = self.m.maps()
@@ -149,12 +174,13 @@ class Demo:
             self.m.wait(f"vmm {vm}: .* resumed", offset=off, timeout=120)
         if self.cache:
             self.m.wait("kvcache cache: restored", offset=off, timeout=120)
-        zeroed = self.zero_a_guest_page(self.vms[0]) if fault == "zero-page" else None
+        done = self.do_damage() if fault != "none" else []
         after = self.statuses()
         maps_after = self.m.maps()
+        verdicts = self.verdicts()
         vms = {}
         for vm in self.vms:
-            chk = ask(self.sock(f"vmm-{vm}.sock"), "verify")
+            chk = verdicts[vm]
             b = after[vm]["blackout"]
             vms[vm] = VmResult(
                 accel=after[vm]["accel"], memory=self.vm_memory,
@@ -163,8 +189,8 @@ class Demo:
                 resumed=bool(after[vm]["restored"])
                 and b.get("steps_after", 0) > b.get("steps_before", 0) > 0,
                 blackout_host_s=b.get("host_s"), blackout_guest_s=b.get("guest_s"),
-                integrity=chk["intact"], problem=chk["problem"],
-                pages_verified=chk["pages_touched"],
+                integrity=chk.intact, problem=chk.problem, pages_verified=chk.pages,
+                vcpu_restored=chk.vcpu_restored, vcpu_problem=chk.vcpu_problem,
                 blackout_ns=(b["paused_ns"], b["resumed_ns"]) if "paused_ns" in b else None,
                 guest_tsc=b.get("tsc", ""), zero_copy_problem=witness.zero_copy_problem(
                     maps_before, maps_after, vm, self.vm_memory))
@@ -182,7 +208,7 @@ class Demo:
             kernel_files=kho["open_files"], luod_fds=_fds(int(st["pid"])),
             machine_rss=_rss(int(mst["machine_pid"])), ram_resident=mst["ram_resident"],
             finish=report.get("finish"), jump_s=self.m.status()["last_jump_seconds"],
-            vms=vms, cache=cache, zeroed_page=zeroed,
+            vms=vms, cache=cache, damage=done,
             preserved_pages=kho["out"]["preserved_pages"], free_pages=kho["free_pages"],
             machine_jump={"request_ns": mst["jump_request_ns"],
                           "start_ns": mst["kernel_start_ns"],

@@ -58,6 +58,10 @@ class VmResult:
     integrity: bool
     problem: str
     pages_verified: int
+    # the restored registers are the saved ones, and the guest agrees (entered once, its
+    # register-only secret unchanged): judged by the checker from RAM
+    vcpu_restored: bool = True
+    vcpu_problem: str = ""
     blackout_ns: tuple[int, int] | None = None  # (paused, resumed)
     guest_tsc: str = ""
     zero_copy_problem: str | None = None  # "": on the same physical pages; None: unchecked
@@ -96,7 +100,7 @@ class UpdateResult:
     jump_s: float | None
     vms: dict[str, VmResult]
     cache: CacheResult | None
-    zeroed_page: int | None
+    damage: list[str]  # what was broken on purpose (luoctl demo --fault DAMAGE)
     preserved_pages: int
     free_pages: int
     # the machine's timestamps of the jump (host CLOCK_MONOTONIC ns): request_ns, start_ns,
@@ -118,6 +122,8 @@ class UpdateResult:
                              vm.integrity, vm.problem))
             out.append(Check(f"update {self.update}: {name} resumed", "integrity", vm.resumed,
                              "" if vm.resumed else "restarted"))
+            out.append(Check(f"update {self.update}: {name} vCPU restored", "integrity",
+                             vm.vcpu_restored, vm.vcpu_problem))
         if self.cache is not None:
             out.append(Check(f"update {self.update}: cache intact", "integrity",
                              self.cache.intact, f"{self.cache.keys} keys"))

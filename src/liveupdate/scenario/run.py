@@ -11,8 +11,9 @@ from liveupdate.scenario.report import Check, DemoReport, FaultOutcome
 
 
 def updates(demo: Demo, count: int, fault: str = "none") -> DemoReport:
-    """``count`` live updates in a row; ``fault`` (``zero-page`` or ``none``) applies to
-    the last. A run of more than one update is a soak: its resources are compared too."""
+    """``count`` live updates in a row; ``fault`` (``none``, or a kind of
+    :data:`liveupdate.scenario.damage.DAMAGE`: the demo's :attr:`Demo.damage` is done) applies
+    to the last. A run of more than one update is a soak: its resources are compared too."""
     try:
         demo.boot()
         results = [demo.update(n, fault if n == count else "none")

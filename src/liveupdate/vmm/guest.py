@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 
 CODE = bytes.fromhex(
-    "49b80010000000000000498b7820498b702849b9215453455547554c498b5810"
-    "4885db75034889fb4839f372034889fb488b0348ffc04889034889d94c31c948"
-    "894b084901400849ff004881c3001000004989581049f700ff0f000075ca0f31"
-    "48c1e2204809d0498b48184883e13f498984c80001000049ff4018418b00e7e9"
-    "eba6"
+    "49b8001000000000000049ff40300f3148c1e2204809d04883c8014989c2498b"
+    "7820498b702849b9215453455547554c498b58104885db75034889fb4839f372"
+    "034889fb488b0348ffc04889034889d94c31c948894b08490140084d89503849"
+    "ff004881c3001000004989581049f700ff0f000075c60f3148c1e2204809d049"
+    "8b48184883e13f498984c80001000049ff4018418b00e7e9eba2"
 )
 STATE_AT = 0x1000
 PML4_AT, PDPT_AT, PD_AT = 0x2000, 0x3000, 0x4000
@@ -35,10 +35,15 @@ CODE_AT = 0x100000
 DATA_AT = 0x200000
 PAGE = 4096
 STEP, CSUM, CUR, RING_I, DATA_START, DATA_END, RING = 0x00, 0x08, 0x10, 0x18, 0x20, 0x28, 0x100
+ENTRIES, SECRET = 0x30, 0x38  # times the guest was entered at _start; r10's mirror
+SECRET_REG = "r10"  # the register that alone carries the secret between steps
 RING_LEN = 64
-TAG = 0x4C55475545535421  # "!TSEUGUL": each page's word 1 is its address xor this
+TAG = 0x4C55475545535421  # "!TSEUGUL": words 1..511 of a data page are its address xor this
 EXIT_PORT = 0xE9
 STEPS_PER_EXIT = 4096
+CHUNK_PAGES = 4096  # pages checked at a time: 16 MiB of temporaries for any guest size
+AD_BITS = np.uint64(0x60)  # accessed and dirty: the CPU sets them in the page tables
+_WORDS = PAGE // 8
 
 
 def assemble(source: str | None = None) -> bytes:
@@ -53,10 +58,13 @@ def assemble(source: str | None = None) -> bytes:
 
 
 def layout(mem: memoryview, size: int) -> None:
-    """Write the page tables, the code and the state page of a fresh guest of ``size``."""
+    """Write the page tables, the code and the state page of a fresh guest of ``size``, and
+    fill words 1 to 511 of each data page with the page's address xor :data:`TAG` -- as
+    firmware loads a guest image: the guest keeps word 1 stamped, the checker knows every
+    byte. (``mem`` shorter than ``size``: only what lies below the data.)"""
     if not DATA_AT + PAGE <= size <= MAX_GUEST or size % (2 << 20):
         raise ValueError("guest memory must be a multiple of 2 MiB from 4 MiB to 64 GiB")
-    words = np.frombuffer(mem, np.uint64, count=size // 8)
+    words = np.frombuffer(mem, np.uint64, count=DATA_AT // 8)
     gib = -(-size // (1 << 30))
     words[PML4_AT // 8] = PDPT_AT | 3
     words[PDPT_AT // 8 : PDPT_AT // 8 + gib] = (PD_AT + PAGE * np.arange(gib, dtype=np.uint64)
@@ -67,6 +75,12 @@ def layout(mem: memoryview, size: int) -> None:
     mem[CODE_AT : CODE_AT + len(CODE)] = CODE
     words[(STATE_AT + DATA_START) // 8] = DATA_AT
     words[(STATE_AT + DATA_END) // 8] = size
+    if len(mem) >= size:  # the data pages' fill: what makes every byte of a page known
+        pages = np.frombuffer(mem, np.uint64, count=(size - DATA_AT) // 8,
+                              offset=DATA_AT).reshape(-1, _WORDS)
+        for first in range(0, len(pages), CHUNK_PAGES):
+            chunk = pages[first : first + CHUNK_PAGES, 1:]
+            chunk[:] = _fill(first, len(chunk))[:, None]
 
 
 @dataclass(frozen=True)
@@ -75,36 +89,132 @@ class Check:
     steps: int
     pages_touched: int
     problem: str
+    secret: int = 0  # the guest's mirror of its register-only secret
+    entries: int = 0  # times the guest's vCPU started at its entry point
 
 
-def verify(mem: memoryview, size: int) -> Check:
-    """The guest's invariants over all of its memory (call it at an exit, when paused)."""
+def verify(mem: memoryview, size: int, secret: int | None = None) -> Check:
+    """Every byte of the guest's memory against the guest's own records (call it at an
+    exit, when paused): the counters are what ``steps`` steps of the walk leave, the
+    checksum matches them, every other byte of a data page is its fill, the state page
+    holds only its fields, the page tables, code and stack are the layout's, the guest was
+    entered once, and -- given the saved vCPU's ``secret`` register -- its mirror in memory
+    is that register. numpy over the mapping, 16 MiB at a time: no copy of the guest."""
     words = np.frombuffer(mem, np.uint64, count=size // 8)
-    steps = int(words[(STATE_AT + STEP) // 8])
-    csum = int(words[(STATE_AT + CSUM) // 8])
-    pages = words[DATA_AT // 8 :].reshape(-1, PAGE // 8)
-    counters, tags = pages[:, 0], pages[:, 1]
+    st = words[STATE_AT // 8 : STATE_AT // 8 + _WORDS]
+    steps, csum = int(st[STEP // 8]), int(st[CSUM // 8])
+    pages = words[DATA_AT // 8 :].reshape(-1, _WORDS)
+    counters = pages[:, 0]
     touched = counters != 0
-    addrs = np.uint64(DATA_AT) + np.arange(len(pages), dtype=np.uint64) * np.uint64(PAGE)
-    bad_tag = np.flatnonzero(touched & (tags != (addrs ^ np.uint64(TAG))))
-    if bad_tag.size:
-        return Check(False, steps, int(touched.sum()), f"page {int(addrs[bad_tag[0]]):#x} "
-                     "carries another page's tag (misplaced or foreign)")
+    n_touched = int(touched.sum())
+    mirror, entries = int(st[SECRET // 8]), int(st[ENTRIES // 8])
+
+    def result(problem: str) -> Check:
+        return Check(not problem, steps, n_touched, problem, mirror, entries)
+
     total = int(counters.sum(dtype=np.uint64))
     if total != steps:
-        return Check(False, steps, int(touched.sum()), f"the page counters sum to {total}, "
-                     f"not the {steps} steps taken: a page was lost, zeroed or is stale")
+        return result(f"the page counters sum to {total}, not the {steps} steps taken: a "
+                      "page was lost, zeroed or is stale")
+    problem = _pages(pages) or _walk(counters, steps) or _checksum(counters, csum) \
+        or _state(st, size, steps, len(pages), secret) or _low(words, size)
+    return result(problem)
+
+
+def _fill(first: int, n: int) -> np.ndarray:
+    """The fill of data pages ``first`` to ``first + n``: each page's address xor TAG."""
+    return (np.uint64(DATA_AT + first * PAGE) + np.arange(n, dtype=np.uint64)
+            * np.uint64(PAGE)) ^ np.uint64(TAG)
+
+
+def _pages(pages: np.ndarray) -> str:
+    """Words 1..511 of every data page are its fill (word 0 is the counter, checked apart).
+    The first wrong byte is named."""
+    for first in range(0, len(pages), CHUNK_PAGES):
+        chunk = pages[first : first + CHUNK_PAGES, 1:]
+        want = _fill(first, len(chunk))
+        wrong = chunk != want[:, None]
+        if wrong.any():
+            row, word = (int(x) for x in np.argwhere(wrong)[0])
+            return _byte_problem(DATA_AT + (first + row) * PAGE, word + 1,
+                                 int(chunk[row, word]))
+    return ""
+
+
+def _byte_problem(page: int, word: int, value: int) -> str:
+    want = page ^ TAG
+    diff = (value ^ want).to_bytes(8, "little")
+    off = 8 * word + next(i for i, b in enumerate(diff) if b)
+    foreign = value ^ TAG
+    if foreign % PAGE == 0 and DATA_AT <= foreign < MAX_GUEST and foreign != page:
+        return f"page {page:#x} carries another page's tag (misplaced or foreign) at byte {off}"
+    return f"page {page:#x} byte {off} is not the page's fill: changed behind the guest"
+
+
+def _walk(counters: np.ndarray, steps: int) -> str:
+    """The walk visits pages in order, so ``steps`` fixes every counter."""
+    q, r = divmod(steps, len(counters))
+    want = np.full(len(counters), q, np.uint64)
+    want[:r] += np.uint64(1)
+    bad = np.flatnonzero(counters != want)
+    if bad.size:
+        i = int(bad[0])
+        return (f"page {DATA_AT + i * PAGE:#x} was visited {int(counters[i])} times; the "
+                f"guest's walk visited it {int(want[i])} times: stale or misplaced")
+    return ""
+
+
+def _checksum(counters: np.ndarray, csum: int) -> str:
     # sum of c(c+1)/2 in wrapping u64 arithmetic, as the guest adds: halve the even factor
     # first so that no product is divided after it wrapped
     one = np.uint64(1)
     even = counters % np.uint64(2) == 0
     halves = np.where(even, (counters // np.uint64(2)) * (counters + one),
                       counters * ((counters + one) // np.uint64(2)))
-    want = int(halves.sum(dtype=np.uint64))
-    if want != csum:
-        return Check(False, steps, int(touched.sum()), "the running checksum does not match "
-                     "the counters")
-    return Check(True, steps, int(touched.sum()), "")
+    if int(halves.sum(dtype=np.uint64)) != csum:
+        return "the running checksum does not match the counters"
+    return ""
+
+
+def _state(st: np.ndarray, size: int, steps: int, npages: int, secret: int | None) -> str:
+    """Every field of the state page, and zero elsewhere in it."""
+    entries, mirror, n = int(st[ENTRIES // 8]), int(st[SECRET // 8]), int(st[RING_I // 8])
+    if int(st[DATA_START // 8]) != DATA_AT or int(st[DATA_END // 8]) != size:
+        return "the state page's data bounds are not the layout's"
+    if steps % STEPS_PER_EXIT or n != steps // STEPS_PER_EXIT:
+        return f"{steps} steps and {n} timestamps: not the state of an exit"
+    cur = DATA_AT + ((steps - 1) % npages + 1) * PAGE if steps else 0
+    if int(st[CUR // 8]) != cur:
+        return f"the current page is {int(st[CUR // 8]):#x}, not {cur:#x}"
+    if entries > 1 or (steps and entries != 1):
+        return (f"the guest was entered {entries} times: its vCPU started again at the "
+                "entry point (a cold start), it was not restored")
+    if steps and (mirror & 1 == 0 or (secret is not None and mirror != secret)):
+        return ("the guest's register-only secret changed: the vCPU did not continue with "
+                "its saved registers")
+    used = np.zeros(_WORDS, bool)
+    used[: SECRET // 8 + 1] = True
+    used[RING // 8 : RING // 8 + min(n, RING_LEN)] = True
+    if st[~used].any():
+        return f"state page byte {8 * int(np.flatnonzero(st * ~used)[0]):#x} is not zero"
+    return ""
+
+
+def _low(words: np.ndarray, size: int) -> str:
+    """Below the data: zero page, page tables (less the accessed and dirty bits the CPU
+    sets), stack and code exactly as :func:`layout` wrote them."""
+    low = bytearray(DATA_AT)
+    layout(memoryview(low), size)
+    want = np.frombuffer(low, np.uint64)
+    got = words[: DATA_AT // 8].copy()
+    got[STATE_AT // 8 : (STATE_AT + PAGE) // 8] = want[STATE_AT // 8 : (STATE_AT + PAGE) // 8]
+    tables = slice(PML4_AT // 8, CODE_AT // 8)
+    got[tables] &= ~AD_BITS
+    bad = np.flatnonzero(got != want)
+    if bad.size:
+        return (f"guest byte {8 * int(bad[0]):#x} (zero page, page tables, stack or code) is "
+                "not the layout's")
+    return ""
 
 
 def steps(mem: memoryview) -> int:

@@ -160,16 +160,19 @@ class Vm:
 
 
 class Vmm:
-    def __init__(self, name: str, size: int, accel: str, backend: Backend | None = None
-                 ) -> None:
+    def __init__(self, name: str, size: int, accel: str, backend: Backend | None = None,
+                 plant: str = "") -> None:
         self.name = name
+        self.plant = plant  # "cold-start": a planted bug the demo's checks must catch
         self.size = size
         self.accel_kind = accel
         self.backend = backend or open_backend()
         self.limited = False
         self.started = time.monotonic_ns()
         self.restored: dict[str, Any] | None = None
+        self.restored_cpu: CpuState | None = None  # read back from the vCPU after the load
         self.state_fd = -1
+        self.state_ranges: list[tuple[int, int]] = []  # where the saved state lies in RAM
         self.client = self._connect()
         if self.client.restore:
             self.ram_fd = self.client.retrieve(RAM_TOKEN)
@@ -235,9 +238,11 @@ class Vmm:
         m = self.backend.map(fd, STATE_SIZE)
         try:
             raw = bytes(m.view)
+            self.state_ranges = list(m.ranges)
         finally:
             m.close()
-            os.close(fd)
+        # kept open (the next update's state memfd): a checker reads the saved state there
+        self.state_fd = fd
         try:
             sections = vmstate.VM_STATE.decode(raw)
             d = dict(sections["vm"])
@@ -261,7 +266,9 @@ class Vmm:
         if self.vm.accel.tsc_settable:  # keep guest time in step with the wall clock
             passed = max(0.0, time.time() - float(saved["paused_wall"]))
             st.tsc += int(passed * float(saved["tsc_hz"]))
-        self.vm.accel.load(st)
+        # planted: a VMM that throws the saved vCPU state away and starts the vCPU afresh
+        self.vm.accel.load(fresh() if self.plant == "cold-start" else st)
+        self.restored_cpu = self.vm.accel.save()
         self.restored = saved
 
     def _measure_blackout(self, saved: dict[str, Any]) -> None:
@@ -320,7 +327,25 @@ class Vmm:
     def handlers(self) -> service.Handlers:
         """The control socket's requests (see the module docstring)."""
         return {"status": lambda msg: self.status(), "verify": lambda msg: self.verify(),
-                "phys": self._phys, "resize": self._resize}
+                "phys": self._phys, "resize": self._resize, "where": lambda msg: self.where(),
+                "pause": lambda msg: self._pause(), "resume": lambda msg: self._resume()}
+
+    def where(self) -> dict[str, Any]:
+        """Where guest memory and the saved vCPU state lie in RAM, and the vCPU registers as
+        the accelerator held them right after the restore: what an outside checker needs to
+        judge the VM from RAM itself (:mod:`liveupdate.scenario.guestcheck`)."""
+        cpu = self.restored_cpu
+        return {"size": self.size, "ram": self.extents, "state": self.state_ranges,
+                "restored_cpu": cpu.to_json() if cpu is not None else None}
+
+    def _pause(self) -> dict[str, Any]:
+        held = self.vm.want_pause  # frozen for an update: the checker must not resume it
+        self.vm.pause()
+        return {"held": held}
+
+    def _resume(self) -> dict[str, Any]:
+        self.vm.resume()
+        return {}
 
     def _phys(self, msg: dict[str, Any]) -> dict[str, Any]:
         return {"hpa": self.host_phys(framing.field(msg, "gpa", int))}
