@@ -5,8 +5,8 @@ Run: .venv/bin/python bench/bench_vm.py [--runs 5] [--generation 6.19]
 One machine per row, all of the same size (the largest VM + 2 GiB: what grows with machine
 RAM -- page metadata, the sanitizer's walk -- is then the same in every row, and only the
 guest's size changes), one VM (TCG), luod; --runs updates in a row, medians reported.
-Blackout is the host clock from the guest's last exit before the
-pause to its first exit after the resume (the guest's own TSC agrees within a few ms);
+Blackout is the host clock from the guest's last exit before the pause to its first entry
+after the resume (the guest's own TSC agrees within 50 ms + 2 %: scenario/witness.py);
 total is luod's start of the update to every client back (FINISH). The floor is the same
 with a 4 MiB guest -- a kernel, luod and a VMM starting with essentially nothing to restore
 -- and blackout / floor is the cost of guest memory size (target <= 1.5; 8 GiB within 15 %

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from liveupdate.scenario import run
+from liveupdate.scenario import run, witness
 from liveupdate.scenario.damage import Damage
 from liveupdate.scenario.demo import Demo
 from liveupdate.vmm import kvm
+from liveupdate.vmm.tcg import Tcg
+from tests.vmm import tsc
 
 pytestmark = pytest.mark.xdist_group("vms")  # busy guests: one worker (scripts/test)
 
@@ -29,6 +31,7 @@ def demo(tmp_path: Path, *args: str) -> tuple[int, dict]:
 
 
 KVM_REASON = kvm.unusable()
+ACCEL_CLASS = {"tcg": Tcg, "kvm": kvm.Kvm}
 
 
 @pytest.mark.parametrize("generation, accel", [
@@ -39,6 +42,8 @@ KVM_REASON = kvm.unusable()
 def test_demo_is_intact(tmp_path: Path, generation: str, accel: str) -> None:
     rc, out = demo(tmp_path, "--generation", generation, "--accel", accel, "--plot",
                    str(tmp_path / "t.png"))
+    # what the guest's clock does when a VMM sets its TSC, on this host (tests/vmm/tsc.py)
+    clock = tsc.observed(ACCEL_CLASS[accel])[0]
     assert rc == 0 and out["integrity"] and not out["leak"], json.dumps(out)[-3000:]
     (u,) = out["updates"]
     assert set(u["vms"]) == {"vm0", "vm1"} and u["cache"] == {"keys": 64, "intact": True}
@@ -48,6 +53,17 @@ def test_demo_is_intact(tmp_path: Path, generation: str, accel: str) -> None:
         assert vm["vcpu_restored"], vm["vcpu_problem"]
         assert vm["steps_after_resume"] > vm["steps_at_pause"] >= vm["steps_before_update"]
         assert 0 < vm["blackout_host_s"] < 30 and vm["blackout_guest_s"] is not None
+        # the machine witnessed the jump: the pause covers its request to the next kernel's
+        # boot, the host figure is its own ends' distance, the guest's TSC agrees
+        paused, resumed = vm["blackout_ns"]
+        jump = u["machine_jump"]
+        assert paused <= jump["request_ns"] < jump["start_ns"] < jump["booted_ns"] <= resumed
+        assert vm["blackout_host_s"] == pytest.approx((resumed - paused) / 1e9, abs=1e-6)
+        assert abs(vm["blackout_guest_s"] - vm["blackout_host_s"]) <= \
+            witness.guest_bound(vm["blackout_host_s"])
+        # restored or left on the host's TSC: as a guest run here shows it
+        assert vm["guest_tsc"] == clock
+        assert vm["zero_copy_problem"] == ""  # the same physical pages, per the kernel
     assert (tmp_path / "t.png").read_bytes().startswith(b"\x89PNG")
 
 

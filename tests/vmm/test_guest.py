@@ -14,6 +14,7 @@ import pytest
 from liveupdate.vmm import cpu, guest, kvm
 from liveupdate.vmm.tcg import Tcg
 from liveupdate.vmm.vmm import Accel
+from tests.vmm import tsc
 
 SIZE = 32 << 20
 
@@ -185,3 +186,12 @@ def test_a_cold_started_vcpu_is_caught(ram: tuple[mmap.mmap, int], make: type) -
     words[(guest.STATE_AT + guest.ENTRIES) // 8] = 1  # a cold start that hides its entry
     chk = guest.verify(memoryview(buf), SIZE, secret=secret)
     assert not chk.ok and "secret changed" in chk.problem
+
+
+@pytest.mark.parametrize("make", ACCELS)
+def test_the_accelerator_says_whether_it_sets_the_guest_tsc(make: type) -> None:
+    """The guest's own clock decides: an accelerator whose ``tsc_settable`` claims a set TSC
+    must show the guest that TSC; one that does not must leave the guest on the host's TSC
+    (TCG; KVM under PVM, which applies no TSC offset) -- never a third clock."""
+    seen, accel = tsc.observed(make)
+    assert seen == ("restored" if accel.tsc_settable else "host")

@@ -198,4 +198,7 @@ def demo(folder: str, vms: int, vm_memory: int, machine_memory: int, generation:
         render(report.updates[-3:], report.integrity)  # the last few in full; the soak
         if report.soak is not None:                     # table covers all
             render_soak(report.soak, len(report.updates))
+        for c in report.checks:  # blackout and zero copy, against the machine's records
+            if c.group == "witness" and not c.passed:
+                click.echo(f"{c.name}: FAILED: {c.detail}")
     sys.exit(0 if report.ok else 1)

@@ -74,6 +74,7 @@ REQUESTS: dict[str, Handler[Kernel]] = {
     "kho_status": _locked(lambda k, m: Message({"status": debugfs.status(k)})),
     "debugfs": _locked(lambda k, m: Message({}, debugfs.read(k, arg(m, "path", str)))),
     "ping": _locked(lambda k, m: Message({"boot_id": k.boot_id})),
+    "maps": _locked(lambda k, m: Message({"procs": k.require_userspace().maps()})),
 }
 
 

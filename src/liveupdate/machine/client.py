@@ -130,6 +130,12 @@ class MachineClient:
         status: dict[str, Any] = self.call("kho_status")[0]["status"]
         return status
 
+    def maps(self) -> list[dict[str, Any]]:
+        """Each userspace process of the running kernel (host pid, argv) with the memfds it
+        mapped: name, inode, size and physical extents ``[phys, bytes]`` in file order."""
+        procs: list[dict[str, Any]] = self.call("maps")[0]["procs"]
+        return procs
+
     def debugfs(self, path: str) -> bytes:
         return self.call("debugfs", path=path)[1]
 

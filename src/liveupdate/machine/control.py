@@ -1,9 +1,9 @@
 """The machine's control socket: one handler table, dispatched by
 :func:`liveupdate.abi.wire.dispatch` (which turns results and errors into the reply).
 
-The RAM debug port (``ram_read``, ``ram_write``) answers host-side tools only: a peer
-(SO_PEERCRED) that descends from this machine process -- a kernel process or any of its
-userspace -- gets EPERM.
+The RAM debug port (``ram_read``, ``ram_write``, and ``maps``: where each process's memfds
+lie in RAM) answers host-side tools only: a peer (SO_PEERCRED) that descends from this
+machine process -- a kernel process or any of its userspace -- gets EPERM.
 """
 
 from __future__ import annotations
@@ -140,6 +140,13 @@ def _to_kernel(p: Peer, m: Message) -> Message:
     return Message(*p.machine.ask_kernel(m.header, arg(m, "timeout", float, 60.0) + 5))
 
 
+def _maps(p: Peer, m: Message) -> Message:
+    """Each process's memfds and their physical extents: host-side tools only (Linux shows
+    PFNs in ``/proc/PID/pagemap`` to root alone)."""
+    _ram(p)
+    return _to_kernel(p, m)
+
+
 def _ram_read(p: Peer, m: Message) -> Message:
     return Message({}, _ram(p).read(arg(m, "phys", int), arg(m, "size", int)))
 
@@ -165,6 +172,7 @@ CONTROL: dict[str, wire.Handler[Peer]] = {
     "wait_state": _wait_state,
     "run": _to_kernel,
     "kho_status": _to_kernel,
+    "maps": _maps,
     "debugfs": _to_kernel,
     "ram_read": _ram_read,
     "ram_write": _ram_write,

@@ -11,7 +11,11 @@ connect to the previous luod's socket.
 At a jump the machine waits for the old kernel to exit and its console to drain, reads the next
 image's header *from RAM* at the entry address, and sends "go" with the boot parameters'
 address to the spare kernel process (:mod:`liveupdate.machine.kernels`); the old kernel says
-nothing else. What a kernel process says unasked goes through one table, :data:`LINK`.
+nothing else. What a kernel process says unasked goes through one table, :data:`LINK`. The
+machine is the independent witness of each jump: its status gives the host CLOCK_MONOTONIC
+of the old kernel's jump request, of the next kernel's "go" and of its "booted"
+(``jump_request_ns``, ``kernel_start_ns``, ``kernel_booted_ns``), which a VM's reported
+blackout must cover (:mod:`liveupdate.scenario.witness`).
 
 The machine's state is :class:`~liveupdate.machine.state.State`, every legal transition
 declared once. Control requests go through the handler table of
@@ -72,6 +76,9 @@ class Machine:
         self.boot_count = 0
         self.last_restart = ""  # why the machine last restarted itself (e.g. a power loss)
         self.jump_times: list[float] = []  # old kernel's jump request to the next one's "go"
+        # the hardware's own witness of the last jump, host CLOCK_MONOTONIC ns: the old
+        # kernel's jump request arrived, the next kernel was told to go, and it said booted
+        self.jump_request_ns = self.kernel_start_ns = self.kernel_booted_ns = 0
         self.next_id = 1
         self.server: socketserver.ThreadingUnixStreamServer | None = None
 
@@ -143,6 +150,7 @@ class Machine:
         self._set_state(State.BOOTING)
         self.boot_count += 1
         kp.link.send(wire.pack({"op": "go", "boot_params": bp_phys}))
+        self.kernel_start_ns = time.monotonic_ns()
         threading.Thread(target=self._link_reader, args=(kp,), daemon=True).start()
         self.spare = self._spawn(entry)
 
@@ -173,6 +181,7 @@ class Machine:
 
     def _booted(self, kp: KernelProc, header: dict[str, Any]) -> bool:
         kp.info = header
+        self.kernel_booted_ns = time.monotonic_ns()
         self._set_state(State.RUNNING)
         return False
 
@@ -194,6 +203,7 @@ class Machine:
 
     def _jump(self, kp: KernelProc, entry: int, bp_phys: int) -> None:
         t0 = time.monotonic()
+        self.jump_request_ns = time.monotonic_ns()
         with self.lock:
             self._set_state(State.JUMPING)
             kp.finish(self.run)
@@ -289,6 +299,8 @@ class Machine:
                 "ram_resident": self.ram.resident() if self.ram else 0,
                 "boot_count": self.boot_count, "last_restart": self.last_restart,
                 "last_jump_seconds": self.jump_times[-1] if self.jump_times else None,
+                "jump_request_ns": self.jump_request_ns, "kernel_start_ns": self.kernel_start_ns,
+                "kernel_booted_ns": self.kernel_booted_ns,
                 "console_bytes": self.console.end,
                 "kernel_pid": kp.popen.pid if kp else None,
                 "spare_pid": self.spare.popen.pid if self.spare else None,

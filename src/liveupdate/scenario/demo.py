@@ -20,7 +20,7 @@ from liveupdate.errors import LiveUpdateError
 from liveupdate.ipc.service import ask
 from liveupdate.machine.client import MachineClient, start
 from liveupdate.scenario import damage as damages
-from liveupdate.scenario import guestcheck
+from liveupdate.scenario import guestcheck, witness
 from liveupdate.scenario.damage import Damage
 from liveupdate.scenario.faults import Fault, helper_line
 from liveupdate.scenario.report import CacheResult, UpdateResult, VmResult
@@ -160,6 +160,7 @@ class Demo:
         other than ``none`` does :attr:`damage` after it, on purpose."""
         assert self.m is not None
         before = self.statuses()
+        maps_before = self.m.maps()
         off = self.m.status()["console_bytes"]
         gen = self.to if n % 2 else self.generation
         loaded = load_image(self.sock("luod.sock"), f"images/{gen}.img")
@@ -175,6 +176,7 @@ class Demo:
             self.m.wait("kvcache cache: restored", offset=off, timeout=120)
         done = self.do_damage() if fault != "none" else []
         after = self.statuses()
+        maps_after = self.m.maps()
         verdicts = self.verdicts()
         vms = {}
         for vm in self.vms:
@@ -188,7 +190,10 @@ class Demo:
                 and b.get("steps_after", 0) > b.get("steps_before", 0) > 0,
                 blackout_host_s=b.get("host_s"), blackout_guest_s=b.get("guest_s"),
                 integrity=chk.intact, problem=chk.problem, pages_verified=chk.pages,
-                vcpu_restored=chk.vcpu_restored, vcpu_problem=chk.vcpu_problem)
+                vcpu_restored=chk.vcpu_restored, vcpu_problem=chk.vcpu_problem,
+                blackout_ns=(b["paused_ns"], b["resumed_ns"]) if "paused_ns" in b else None,
+                guest_tsc=b.get("tsc", ""), zero_copy_problem=witness.zero_copy_problem(
+                    maps_before, maps_after, vm, self.vm_memory))
         cache = None
         if self.cache:
             sock = self.sock("kvcache-cache.sock")
@@ -204,7 +209,10 @@ class Demo:
             machine_rss=_rss(int(mst["machine_pid"])), ram_resident=mst["ram_resident"],
             finish=report.get("finish"), jump_s=self.m.status()["last_jump_seconds"],
             vms=vms, cache=cache, damage=done,
-            preserved_pages=kho["out"]["preserved_pages"], free_pages=kho["free_pages"])
+            preserved_pages=kho["out"]["preserved_pages"], free_pages=kho["free_pages"],
+            machine_jump={"request_ns": mst["jump_request_ns"],
+                          "start_ns": mst["kernel_start_ns"],
+                          "booted_ns": mst["kernel_booted_ns"]})
 
     def close(self) -> None:
         if self.m is not None:

@@ -41,9 +41,11 @@ def phases(timeline: dict[str, float]) -> list[Phase]:
 
 @dataclass(frozen=True)
 class VmResult:
-    """One VM across one update: the VMM's blackout measurement (host clock from the last
-    exit before the pause to the first after the resume; the guest's own TSC), its step
-    counter, and the guest's own check of every page it touched."""
+    """One VM across one update: the VMM's blackout measurement (host clock from the guest's
+    last instruction before the pause to its first after the resume, and both ends as host
+    CLOCK_MONOTONIC ns; the guest's own TSC, and whether the guest's TSC was ``restored`` or
+    is the ``host``'s), its step counter, and the guest's own check of every page it
+    touched."""
 
     accel: str
     memory: int
@@ -60,6 +62,9 @@ class VmResult:
     # register-only secret unchanged): judged by the checker from RAM
     vcpu_restored: bool = True
     vcpu_problem: str = ""
+    blackout_ns: tuple[int, int] | None = None  # (paused, resumed)
+    guest_tsc: str = ""
+    zero_copy_problem: str | None = None  # "": on the same physical pages; None: unchecked
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,9 @@ class CacheResult:
 @dataclass(frozen=True)
 class Check:
     """One thing the verdict depends on. ``group`` says which verdict: ``integrity`` (nothing
-    lost), ``leak`` (nothing grew) or ``fault`` (the fault ended as defined)."""
+    lost), ``leak`` (nothing grew), ``fault`` (the fault ended as defined) or ``witness``
+    (a VMM's claim -- its blackout, zero copy -- held against the machine's and the kernel's
+    own records: :mod:`liveupdate.scenario.witness`)."""
 
     name: str
     group: str
@@ -96,6 +103,9 @@ class UpdateResult:
     damage: list[str]  # what was broken on purpose (luoctl demo --fault DAMAGE)
     preserved_pages: int
     free_pages: int
+    # the machine's timestamps of the jump (host CLOCK_MONOTONIC ns): request_ns, start_ns,
+    # booted_ns
+    machine_jump: dict[str, int] = field(default_factory=dict)
 
     @property
     def phases(self) -> list[Phase]:

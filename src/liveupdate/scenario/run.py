@@ -4,7 +4,7 @@ The CLI parses options and renders the report; the bench and the tests call thes
 
 from __future__ import annotations
 
-from liveupdate.scenario import soak
+from liveupdate.scenario import soak, witness
 from liveupdate.scenario.demo import Demo
 from liveupdate.scenario.faultrun import faulted_update
 from liveupdate.scenario.report import Check, DemoReport, FaultOutcome
@@ -21,7 +21,8 @@ def updates(demo: Demo, count: int, fault: str = "none") -> DemoReport:
     finally:
         demo.close()
     soaked = soak.soak(results) if count > 1 else None
-    checks = [c for r in results for c in r.checks()] + soak.checks(results, soaked)
+    checks = [c for r in results for c in r.checks()] + witness.checks(results) \
+        + soak.checks(results, soaked)
     return DemoReport(updates=results, soak=soaked, checks=checks)
 
 

@@ -6,20 +6,31 @@ built from ``MAP_FIXED`` mappings of scattered RAM extents -- KVM takes it as on
 vCPU in 64-bit mode: flat code and data segments, paging on the VMM's identity map. The
 guest's ``out`` to port 0xE9 is a ``KVM_EXIT_IO`` exit: :meth:`Kvm.run_to_exit` returns there.
 The guest TSC is an MSR here: it is saved with the registers and set on load, so a VMM that
-restores adds the host time that passed and the guest's clock keeps real time.
+restores adds the host time that passed and the guest's clock keeps real time -- where KVM
+applies TSC offsets. Not every KVM does: under PVM (``kvm_pvm``, the pagetable-based KVM of
+nested hosts without VMX/SVM, as on the machine this was built on) the guest runs in host
+ring 3 with ``RDTSC`` untrapped and there is no hardware TSC offset to program, so the guest
+reads the host's TSC; ``KVM_SET_MSRS(MSR_IA32_TSC)`` and the ``KVM_VCPU_TSC_OFFSET``
+attribute succeed and change nothing (the MSR reads back as the host's TSC), and
+``KVM_SET_TSC_KHZ`` is EINVAL (no ``KVM_CAP_TSC_CONTROL``). :func:`tsc_applies` asks a
+guest, and :attr:`Kvm.tsc_settable` says which: a VMM reports an unrestorable
+guest clock instead of claiming it set one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import struct
 
 from liveupdate.errors import LiveUpdateError
 from liveupdate.vmm import guest
-from liveupdate.vmm.cpu import GPRS, MSR_IA32_TSC, CpuState
+from liveupdate.vmm.cpu import GPRS, MSR_IA32_TSC, CpuState, fresh
 
 KVM_GET_API_VERSION = 0xAE00
 KVM_CREATE_VM = 0xAE01
@@ -71,9 +82,44 @@ def _ioctl(fd: int, cmd: int, arg: int | bytearray = 0, what: str = "") -> int:
                               f"{e.strerror}") from e
 
 
+TSC_PROBE = 1  # a TSC far below any host's (the host's counts from its boot)
+PROBE_CODE = bytes.fromhex("0f31e6e9")  # rdtsc; out %al, $0xe9
+
+
+@functools.cache
+def tsc_applies() -> bool:
+    """Whether this host's KVM shows a guest the TSC its VMM sets. Asked of a guest, not
+    of KVM: a throwaway VM (one 2 MiB page, the guest's page-table layout) is given TSC
+    :data:`TSC_PROBE`, runs ``rdtsc`` and exits; the guest read about that, or the host's
+    TSC. (``KVM_GET_MSRS`` is no witness: under PVM it returns a value just written, or
+    KVM's own offset model, while the guest's ``rdtsc`` reads the host.) Once per process,
+    a few ms."""
+    size = 2 << 20
+    buf = mmap.mmap(-1, size)
+    try:
+        words = memoryview(buf).cast("Q")
+        words[guest.PML4_AT // 8] = guest.PDPT_AT | 3
+        words[guest.PDPT_AT // 8] = guest.PD_AT | 3
+        words[guest.PD_AT // 8] = 0x83  # one 2 MiB page at 0
+        words.release()
+        buf[guest.CODE_AT : guest.CODE_AT + len(PROBE_CODE)] = PROBE_CODE
+        vm = Kvm(ctypes.addressof(ctypes.c_char.from_buffer(buf)), size)
+        try:
+            st = fresh()
+            st.tsc = TSC_PROBE
+            vm.load(st)
+            vm.run_to_exit()
+            regs = vm.save().regs
+        finally:
+            vm.close()
+    finally:
+        with contextlib.suppress(BufferError):
+            buf.close()
+    return bool((regs["rdx"] << 32 | regs["rax"] & 0xFFFFFFFF) < 1 << 40)
+
+
 class Kvm:
     name = "kvm"
-    tsc_settable = True
 
     def __init__(self, address: int, size: int) -> None:
         self.kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
@@ -84,6 +130,11 @@ class Kvm:
         run_size = _ioctl(self.kvm, KVM_GET_VCPU_MMAP_SIZE, 0, "GET_VCPU_MMAP_SIZE")
         self.run = mmap.mmap(self.vcpu, run_size, mmap.MAP_SHARED,
                              mmap.PROT_READ | mmap.PROT_WRITE)
+
+    @property
+    def tsc_settable(self) -> bool:
+        """Whether the guest sees the TSC :meth:`load` sets (:func:`tsc_applies`)."""
+        return tsc_applies()
 
     def _sregs(self) -> bytearray:
         buf = bytearray(SREGS_SIZE)

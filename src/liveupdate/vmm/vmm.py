@@ -16,8 +16,12 @@ In the next kernel init starts it again; luod says ``restore``: it retrieves bot
 maps the same guest memory, loads the vCPU state (KVM: the TSC is set to the saved value plus
 the host time that passed; under TCG the guest reads the host's TSC and needs nothing) and
 resumes. The guest's step counter continues -- it never restarts. The blackout is measured
-twice: host clock (last exit before the pause to the first after the resume, across the two
-VMM processes: CLOCK_MONOTONIC is the host's) and the guest's own TSC timestamps.
+twice: host clock (the guest's last instruction before the pause -- its exit -- to its first
+after the resume -- the accelerator's first entry --, across the two VMM processes:
+CLOCK_MONOTONIC is the host's) and the guest's own TSC timestamps. Both ends are reported as
+host times too, so a check can hold them against the machine's own witness of the jump.
+Where KVM does not apply the TSC (:mod:`kvm`) the guest reads the host's TSC and the result
+says ``tsc: host`` (not restored), never ``restored``.
 
 A control socket (``<luod socket folder>/vmm-NAME.sock``, luod's framing; ask it with
 :func:`liveupdate.luod.service.ask`) answers ``status``, ``verify`` (pause at an exit, check
@@ -49,7 +53,10 @@ STATE_SIZE = 64 << 10
 
 class Accel(Protocol):
     name: str
-    tsc_settable: bool
+
+    @property
+    def tsc_settable(self) -> bool:
+        """Whether the guest sees the TSC :meth:`load` sets (else it reads the host's)."""
 
     def load(self, st: CpuState) -> None: ...
     def save(self) -> CpuState: ...
@@ -74,7 +81,8 @@ def make_accel(kind: str, address: int, size: int) -> Accel:
 class Timing:
     exits: int = 0
     last_exit_ns: int = 0  # host CLOCK_MONOTONIC of the last exit
-    first_exit_after_resume_ns: int = 0
+    first_entry_ns: int = 0  # host CLOCK_MONOTONIC at the vCPU's first entry (the resume)
+    first_exit_ns: int = 0  # ... and at its first exit after it
     blackout: dict[str, Any] = field(default_factory=dict)
     # (host ns, guest TSC) at the first and the latest exit: the guest TSC's frequency
     first_sample: tuple[int, int] = (0, 0)
@@ -115,6 +123,7 @@ class Vm:
             os._exit(70)
 
     def _loop(self) -> None:
+        self.timing.first_entry_ns = time.monotonic_ns()
         while True:
             self.accel.run_to_exit()
             now = time.monotonic_ns()
@@ -125,8 +134,7 @@ class Vm:
                 self.timing.last_sample = (now, tsc)
                 if not self.timing.first_sample[0]:
                     self.timing.first_sample = (now, tsc)
-                if not self.timing.first_exit_after_resume_ns:
-                    self.timing.first_exit_after_resume_ns = now
+                    self.timing.first_exit_ns = now
                 self.cond.notify_all()
                 if self.want_pause:
                     self.paused = True
@@ -268,14 +276,19 @@ class Vmm:
         t = self.vm.timing
         before = saved["ring"]
         after = guest.ring(self.mem)
-        # the guest's own view: the TSC gap across the pause, less one ordinary exit interval
+        # the guest's own view: its TSC from its last timestamp before the pause (taken at
+        # its last exit) to its first after the resume (taken at its first exit, 4096 steps
+        # after the resume), less those 4096 steps as the host timed them
         gap = next((after[i] - after[i - 1] for i in range(1, len(after))
                     if after[i - 1] == before[-1]), 0) if before else 0
-        per_exit = (before[-1] - before[0]) / (len(before) - 1) if len(before) > 1 else 0
         hz = float(saved["tsc_hz"])
+        paused = int(saved["last_exit_ns"])
+        first_steps = (t.first_exit_ns - t.first_entry_ns) / 1e9
         t.blackout = {
-            "host_s": (t.first_exit_after_resume_ns - int(saved["last_exit_ns"])) / 1e9,
-            "guest_s": (gap - per_exit) / hz if hz and gap else None,
+            "host_s": (t.first_entry_ns - paused) / 1e9,
+            "guest_s": gap / hz - first_steps if hz and gap else None,
+            "paused_ns": paused, "resumed_ns": t.first_entry_ns,
+            "tsc": "restored" if self.vm.accel.tsc_settable else "host",
             "steps_before": saved["steps"], "steps_after": guest.steps(self.mem)}
         self.client.done()
 

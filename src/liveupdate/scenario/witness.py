@@ -1,0 +1,145 @@
+"""Checks that hold a VMM's claims against witnesses it does not control.
+
+**Blackout.** The machine -- the hardware -- timestamps the old kernel's jump request, the
+next kernel's start and its boot, on the host's CLOCK_MONOTONIC, the clock the VMMs read
+(``luoctl machine status``: ``jump_request_ns``, ``kernel_start_ns``, ``kernel_booted_ns``).
+A VM's pause must begin before the jump request and end after the next kernel booted; its
+host figure must be the distance between its own two ends; and the guest's TSC must measure
+the same pause within :func:`guest_bound`. A VMM that shrinks or invents a figure fails one
+of the three.
+
+**Zero copy.** The kernel's record of the physical extents under each process's memfds (the
+machine's ``maps`` request: ``/proc/PID/maps`` with ``/proc/PID/pagemap`` on Linux), taken
+before and after the update: the guest's memory must lie on the same extents, and the host's
+own ``/proc/PID/maps`` of the new VMM must map those RAM ranges -- the emulated kernel's
+word held against the host's. A VMM that restores by copying into a fresh memfd maps other
+pages (or two memfds of guest size) and fails. :func:`private_bytes` is the other half: a
+process's anonymous memory, which must not grow with guest size.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from liveupdate.scenario.report import Check, UpdateResult, VmResult
+
+RAM_FILE = "/memfd:lu-ram"  # the machine's RAM, as the host names the memfd
+# the host clock and the guest's TSC measure one pause: they agree within 50 ms plus 2 %
+GUEST_AGREES_S, GUEST_AGREES_REL = 0.050, 0.02
+
+
+def guest_bound(host_s: float) -> float:
+    """How far the guest-TSC blackout may lie from the host figure. The guest's figure is
+    its TSC gap between its last exit before the pause and its first after the resume, less
+    the 4096 steps before that exit as the host timed them: the two clocks measure the same
+    interval, so what separates them is the TSC frequency the VMM measured over the run
+    before (well under 1 %) and when the vCPU thread stamped each exit: at once on an idle
+    host (they agree within a millisecond), but on a busy one the thread may wait for a CPU
+    (on this 2-core machine at load 5: once 27 ms). Failures worth catching are far larger:
+    a guest TSC that was not restored jumps by the host's uptime, one restored without the
+    time that passed shows no pause at all."""
+    return GUEST_AGREES_S + GUEST_AGREES_REL * host_s
+
+
+def blackout_problem(vm: VmResult, jump: dict[str, int]) -> str:
+    """Why ``vm``'s blackout is not witnessed by the machine's jump timestamps ``jump``
+    (request_ns, start_ns, booted_ns), or "" when it is."""
+    if vm.blackout_ns is None or vm.blackout_host_s is None:
+        return "the VMM reported no blackout"
+    paused, resumed = vm.blackout_ns
+    req, booted = jump.get("request_ns", 0), jump.get("booted_ns", 0)
+    if not req or not booted:
+        return "the machine witnessed no jump"
+    if not paused <= req < booted <= resumed:
+        return (f"the pause ({paused}..{resumed} ns) does not cover the machine's jump "
+                f"request to the next kernel's boot ({req}..{booted} ns)")
+    if abs(vm.blackout_host_s - (resumed - paused) / 1e9) > 1e-6:
+        return (f"the host figure {vm.blackout_host_s:.6f} s is not its own ends' distance "
+                f"{(resumed - paused) / 1e9:.6f} s")
+    if vm.blackout_guest_s is None:
+        return "the guest's TSC gave no figure"
+    if abs(vm.blackout_guest_s - vm.blackout_host_s) > guest_bound(vm.blackout_host_s):
+        return (f"the guest's TSC says {vm.blackout_guest_s:.4f} s, the host clock "
+                f"{vm.blackout_host_s:.4f} s (bound {guest_bound(vm.blackout_host_s):.4f} s)")
+    return ""
+
+
+def guest_memory(procs: list[dict[str, Any]], vm: str, size: int
+                 ) -> tuple[int, list[list[tuple[int, int]]]]:
+    """From the kernel's ``maps``: the host pid of the process that runs ``vm`` (its name
+    is an argument) and the extents of each memfd of guest size it has mapped."""
+    mine = [p for p in procs if vm in p["argv"][1:]]
+    if len(mine) != 1:
+        return 0, []
+    return int(mine[0]["pid"]), [[(int(a), int(n)) for a, n in f["extents"]]
+                                 for f in mine[0]["memfds"] if f["size"] == size]
+
+
+def host_ram_ranges(pid: int) -> list[tuple[int, int]]:
+    """The ranges of the machine's RAM file ``pid`` maps now, as the host says
+    (``/proc/PID/maps``: the offset into the RAM file is the physical address), merged."""
+    spans = []
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                m = re.match(r"([0-9a-f]+)-([0-9a-f]+) \S+ ([0-9a-f]+) \S+ \d+\s+(.*)$", line)
+                if m and m.group(4).startswith(RAM_FILE):
+                    off = int(m.group(3), 16)
+                    spans.append((off, off + int(m.group(2), 16) - int(m.group(1), 16)))
+    except OSError:
+        return []
+    merged: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def zero_copy_problem(before: list[dict[str, Any]], after: list[dict[str, Any]], vm: str,
+                      size: int) -> str:
+    """Why ``vm``'s guest memory did not stay on its physical pages across the update
+    (``before``/``after``: the kernel's ``maps``), or "" when it did."""
+    _, old = guest_memory(before, vm, size)
+    pid, new = guest_memory(after, vm, size)
+    if len(old) != 1:
+        return f"before the update the VMM mapped {len(old)} memfds of guest size"
+    if len(new) != 1:
+        return (f"after the update the VMM mapped {len(new)} memfds of guest size "
+                "(a copy beside the preserved one?)")
+    if new[0] != old[0]:
+        moved = sum(n for _, n in set(new[0]) - set(old[0]))
+        return (f"guest memory moved: {moved} of {size} bytes lie on other physical pages "
+                "than before the update (copied, not preserved)")
+    ranges = host_ram_ranges(pid)
+    for a, n in new[0]:
+        if not any(lo <= a and a + n <= hi for lo, hi in ranges):
+            return (f"the host says the VMM (pid {pid}) does not map RAM {a:#x}+{n:#x}, "
+                    "where the kernel says its guest memory lies")
+    return ""
+
+
+def private_bytes(pid: int) -> int:
+    """Anonymous memory of host process ``pid`` (``RssAnon``): what it holds privately,
+    as opposed to the machine's RAM it maps (shared memory, ``RssShmem``)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) << 10
+    raise LookupError(f"no RssAnon for pid {pid}")
+
+
+def checks(results: list[UpdateResult]) -> list[Check]:
+    """Each VM of each update: blackout witnessed, guest memory on the same pages."""
+    out = []
+    for u in results:
+        for name, vm in u.vms.items():
+            why = blackout_problem(vm, u.machine_jump)
+            out.append(Check(f"update {u.update}: {name} blackout witnessed", "witness",
+                             not why, why))
+            zc = "not checked" if vm.zero_copy_problem is None else vm.zero_copy_problem
+            out.append(Check(f"update {u.update}: {name} guest memory on the same pages",
+                             "witness", not zc, zc))
+    return out

@@ -1,0 +1,80 @@
+"""The witness checks in process (synthetic results): a blackout figure that was shrunk, a
+pause that does not cover the machine's jump or a guest clock that disagrees is caught; the
+measure of private memory sees a private copy."""
+
+from __future__ import annotations
+
+import dataclasses
+import mmap
+import os
+
+import pytest
+
+from liveupdate.scenario import witness
+from liveupdate.scenario.report import VmResult
+
+S = 1_000_000_000
+JUMP = {"request_ns": 100 * S, "start_ns": 100 * S + S // 100, "booted_ns": 100 * S + S // 20}
+PAUSED, RESUMED = 100 * S - S // 50, 101 * S  # 20 ms before the jump request, 1 s after
+
+
+def _vm(**kw: object) -> VmResult:
+    base = VmResult(accel="tcg", memory=64 << 20, steps_before_update=10,
+                    steps_at_pause=20, steps_after_resume=40, resumed=True,
+                    blackout_host_s=(RESUMED - PAUSED) / 1e9,
+                    blackout_guest_s=(RESUMED - PAUSED) / 1e9 - 0.002, integrity=True,
+                    problem="", pages_verified=4096, blackout_ns=(PAUSED, RESUMED),
+                    guest_tsc="host", zero_copy_problem="")
+    return dataclasses.replace(base, **kw)
+
+
+def test_an_honest_blackout_is_witnessed() -> None:
+    assert witness.blackout_problem(_vm(), JUMP) == ""
+
+
+@pytest.mark.parametrize("planted, problem", [
+    # both figures divided by 10 (a planted bug of issue 20)
+    ({"blackout_host_s": (RESUMED - PAUSED) / 1e10,
+      "blackout_guest_s": (RESUMED - PAUSED) / 1e10}, "not its own ends"),
+    # ends moved with the figure: the pause no longer covers the jump
+    ({"blackout_host_s": 0.1, "blackout_ns": (RESUMED - S // 10, RESUMED)}, "does not cover"),
+    ({"blackout_ns": (PAUSED, JUMP["booted_ns"] - 1)}, "does not cover"),
+    # the guest's clock jumped (a TSC set wrong, or never set on a KVM that offsets)
+    ({"blackout_guest_s": 0.5}, "guest's TSC says"),
+    ({"blackout_guest_s": None}, "no figure"),
+    ({"blackout_ns": None}, "no blackout"),
+])
+def test_a_blackout_the_machine_does_not_witness_fails(planted: dict, problem: str) -> None:
+    assert problem in witness.blackout_problem(_vm(**planted), JUMP)
+
+
+def test_no_jump_witnessed_fails() -> None:
+    assert "witnessed no jump" in witness.blackout_problem(_vm(), {})
+
+
+def test_the_guest_bound_is_stated_and_tight() -> None:
+    assert witness.guest_bound(1.0) == pytest.approx(0.07)
+    assert witness.blackout_problem(_vm(blackout_guest_s=(RESUMED - PAUSED) / 1e9 + 0.072),
+                                    JUMP)
+    assert not witness.blackout_problem(
+        _vm(blackout_guest_s=(RESUMED - PAUSED) / 1e9 - 0.068), JUMP)
+
+
+def test_private_memory_sees_a_private_copy() -> None:
+    """What the zero-copy test measures grows by what a process copies into its own memory
+    (the 64 MiB a VMM holding a 64 MiB guest privately would add), and not by what it maps
+    of a shared file."""
+    before = witness.private_bytes(os.getpid())
+    fd = os.memfd_create("shared")
+    try:
+        os.ftruncate(fd, 64 << 20)
+        with mmap.mmap(fd, 64 << 20) as shared:
+            chunk = b"\1" * (1 << 20)
+            for _ in range(64):  # touched, but shared memory: not private
+                shared.write(chunk)
+            assert witness.private_bytes(os.getpid()) - before < 16 << 20
+            copy = bytearray(shared)  # a private copy of it
+            assert witness.private_bytes(os.getpid()) - before >= 60 << 20
+            del copy
+    finally:
+        os.close(fd)
