@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import select
 import shutil
 import socketserver
 import threading
@@ -213,22 +214,34 @@ class Machine:
             except (AbiError, LiveUpdateError) as e:
                 self._set_state(State.PANIC, f"jump to {entry:#x}: {e}")
                 return
+            self._bury_old_userspace()
             self._start(img.entry, bp_phys)
         self.jump_times.append(time.monotonic() - t0)
-        self._reap_orphans()
 
-    def _reap_orphans(self) -> None:
+    def _bury_old_userspace(self, timeout: float = 10.0) -> None:
         """The old kernel SIGKILLed its userspace without waiting for the host to tear it
-        down; those processes are re-parented here (subreaper). Reap them in the background."""
+        down; those processes are re-parented here (subreaper). The next kernel starts only
+        once every one of them has exited (its pidfd readable) and been reaped: a real kexec
+        leaves nothing of the old userspace running, and a socket (an abstract one too) of a
+        dying process must not be in the next kernel's way. Descendants re-parented later
+        are taken in the next round; after ``timeout`` the machine says what it left."""
         ours = {kp.popen.pid for kp in (self.kernel, self.spare) if kp is not None}
-        orphans = [p for p in children_of(os.getpid()) if p not in ours]
-
-        def reap() -> None:
+        deadline = time.monotonic() + timeout
+        while orphans := [p for p in children_of(os.getpid()) if p not in ours]:
             for pid in orphans:
+                with contextlib.suppress(ProcessLookupError):
+                    fd = os.pidfd_open(pid)
+                    try:
+                        left = deadline - time.monotonic()
+                        if left <= 0 or not select.select([fd], [], [], left)[0]:
+                            self.console.append(
+                                f"machine: pid {pid} of the previous kernel's userspace "
+                                f"outlived its SIGKILL by {timeout:g} s\n".encode())
+                            return
+                    finally:
+                        os.close(fd)
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, 0)
-        if orphans:
-            threading.Thread(target=reap, daemon=True).start()
 
     # -- power ----------------------------------------------------------------------------
     def power_on(self, config: dict[str, Any]) -> None:

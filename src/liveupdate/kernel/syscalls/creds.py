@@ -94,8 +94,11 @@ class Peer:
         try:
             with open(f"/proc/{self.pid}/status") as f:
                 text = f.read()
-        except OSError as e:
+        except FileNotFoundError as e:
             raise LiveUpdateError(err=errno.ESRCH, msg="the caller is gone") from e
+        except OSError as e:  # EMFILE: this kernel process is out of fds itself
+            raise LiveUpdateError(err=e.errno or errno.EIO, msg="reading the caller's "
+                                  f"credentials: {e.strerror}") from e
         if self.pidfd is not None:
             try:  # still not reaped: the pid was not reused while we read it
                 signal.pidfd_send_signal(self.pidfd, 0)
