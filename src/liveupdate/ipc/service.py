@@ -68,9 +68,15 @@ def dispatch(handlers: Handlers, msg: dict[str, Any], who: str = "") -> dict[str
 
 def serve(srv: socket.socket, handlers: Handlers, who: str = "") -> None:
     """Answer requests forever, one thread per connection; received fds are closed. ``who``
-    prefixes the unknown-op error (``"kvcache: "``)."""
+    prefixes the unknown-op error (``"kvcache: "``). Ends when the listening socket is
+    closed (its owner shut the service down)."""
     while True:
-        conn, _ = srv.accept()
+        try:
+            conn, _ = srv.accept()
+        except OSError:
+            if srv.fileno() == -1:
+                return
+            raise
         threading.Thread(target=_answer, args=(conn, handlers, who), daemon=True).start()
 
 
