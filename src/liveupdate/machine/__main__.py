@@ -14,6 +14,19 @@ from liveupdate.machine.machine import DEFAULT_CMDLINE, Machine
 from liveupdate.procs import become_subreaper
 
 
+def compile_code() -> None:
+    """Kernel processes never write bytecode (the filesystem audit) and their userspace may
+    not (Landlock): the machine, an unconfined host process, brings the package's cached
+    bytecode up to date before any of them starts -- else each would compile its modules from
+    source at every start (measured: ~0.15 s of every live update in the test suite)."""
+    import compileall
+
+    import liveupdate
+
+    with contextlib.suppress(OSError):
+        compileall.compile_dir(os.path.dirname(liveupdate.__file__), quiet=2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="liveupdate-machine")
     ap.add_argument("dir")
@@ -24,6 +37,7 @@ def main() -> None:
     ap.add_argument("--ready-fd", type=int)
     args = ap.parse_args()
     become_subreaper()  # what a kernel leaves dying at a jump is reaped here
+    compile_code()
     m = Machine(args.dir)
     def terminate(*_: object) -> None:
         m.power_off()
