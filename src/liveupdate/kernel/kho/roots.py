@@ -23,6 +23,7 @@ what debugfs shows -- is a method here; the rest of the kernel never asks which 
 from __future__ import annotations
 
 import errno
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -39,19 +40,20 @@ Notifier = Callable[["KhoOut"], None]
 RAW_SUBTREES = frozenset({"kexec-metadata"})  # KHO's own raw blobs (kho-v3+)
 
 
-class Root:
-    """What every root strategy does; the defaults are the live cores' (6.19+)."""
+class Root(ABC):
+    """What every root strategy does; the defaults are the live cores' (6.19+), the
+    abstract methods each strategy's own."""
 
     radix: RadixLive | None = None
 
     def __init__(self, kout: KhoOut) -> None:
         self.kout = kout
 
+    @abstractmethod
     def start(self) -> int:
         """kho_init: the root page (returned)."""
-        raise NotImplementedError
 
-    def check_open(self) -> None:
+    def check_open(self) -> None:  # noqa: B027 - a hook: live cores accept every preserve
         """Called before every preserve: live cores always take more."""
 
     @property
@@ -63,29 +65,33 @@ class Root:
         """A component's "preserve, then add my subtree" step: live cores run it now."""
         notifier(self.kout)
 
+    @abstractmethod
     def add_subtree(self, name: str, phys: int, size: int) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def remove_subtree(self, phys: int) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def subtrees(self) -> tuple[tuple[str, int], ...]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def blob(self) -> bytes:
         """The root FDT as the next kernel would read it."""
-        raise NotImplementedError
 
     def valid(self) -> bool:
         """Whether the root page holds an FDT now (status' ``root_fdt_valid``)."""
         return True
 
+    @abstractmethod
     def debugfs_fdt(self, kho_boot: bool) -> bytes | None:
         """debugfs ``out/fdt``, or None where it does not exist."""
-        raise NotImplementedError
 
+    @abstractmethod
     def finalize(self, freeze: bool) -> int:
-        raise NotImplementedError
+        ...
 
     def abort(self) -> None:
         raise LiveUpdateError(err=errno.EINVAL, msg="KHO: no abort on this core")
