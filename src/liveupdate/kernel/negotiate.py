@@ -127,14 +127,6 @@ def loaded_plan(k: Kernel) -> Plan | None:
     return None if loaded is None else loaded.plan
 
 
-def out_format(k: Kernel, component: str) -> str | None:
-    """What this kernel writes for ``component`` at the reboot: the plan's, else its own."""
-    p = loaded_plan(k)
-    if p is not None and component in p.formats:
-        return p.formats[component]
-    return k.image.native().get(component)
-
-
 def outgoing(k: Kernel) -> dict[str, str]:
     """Per component, what a reboot now writes: the loaded plan's formats over this
     kernel's own. The reboot path computes it once and passes it to every writer."""
@@ -144,13 +136,11 @@ def outgoing(k: Kernel) -> dict[str, str]:
 
 def written(k: Kernel) -> dict[str, str]:
     """What a reboot now would hand over, per component (``memfd`` only with files)."""
-    out = {c: f for c in ("kho", "luo", "flb") if (f := out_format(k, c)) is not None}
-    if k.luo is None:
-        out = {c: f for c, f in out.items() if c == "kho"}
-    if _files(k):
-        mfd = out_format(k, "memfd")
-        if mfd is not None:
-            out["memfd"] = mfd
+    formats = outgoing(k)
+    have = ("kho", "luo", "flb") if k.luo is not None else ("kho",)
+    out = {c: formats[c] for c in have if c in formats}
+    if _files(k) and "memfd" in formats:
+        out["memfd"] = formats["memfd"]
     return out
 
 

@@ -100,8 +100,7 @@ def handlers_for(k: Kernel, native: dict[str, str],
     return out
 
 
-def out_compatible(h: FileHandler, formats: dict[str, str]) -> tuple[str, str]:
-    """The format and ``compatible`` a handover written in ``formats`` names ``h``'s files
-    with: the agreed one of its component, else its own."""
-    fmt = formats.get(h.component, h.format)
-    return fmt, compatible_of(fmt)
+def out_compatible(h: FileHandler, formats: dict[str, str]) -> str:
+    """The ``compatible`` a handover written in ``formats`` names ``h``'s files with: that
+    of the agreed format of its component, else of its own."""
+    return compatible_of(formats.get(h.component, h.format))

@@ -41,7 +41,7 @@ def serialize(luo: LuoSessions, formats: dict[str, str]) -> None:
     luo.release_serialized()
     flb = formats.get("flb") in generations.FLB_NODE and luo.has_flb
     try:
-        sessions = [(s.name, [luo_session.FileSer(out_compatible(e.handler, formats)[1],
+        sessions = [(s.name, [luo_session.FileSer(out_compatible(e.handler, formats),
                                                   e.data, e.token) for e in (s.files or [])])
                     for s in luo.outgoing.values()]
         if flb:
