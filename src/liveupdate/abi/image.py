@@ -43,7 +43,6 @@ PREAMBLE = struct.Struct("<8sII")
 MAX_HEADER = PAGE_SIZE - PREAMBLE.size
 ENTRY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 KHO_FORMATS = ("kho-v1", "kho-v3", "kho-v4")
-KHO_CORES = generations.KHO_CORES
 LUO_GENERATIONS = generations.LUO_GENERATIONS
 MEMFD_FORMATS = tuple(dict.fromkeys(generations.MEMFD_COMPATIBLE.values()))
 
@@ -69,7 +68,7 @@ class KernelImage:
             return  # decode() reports the wrong type
         g = generations.LUO.get(self.luo)
         if self.kho == "":
-            core = KHO_CORES.get(self.kho_core)
+            core = generations.KHO_CORES.get(self.kho_core)
             object.__setattr__(self, "kho", (g.kho if g else "") or (
                 core.roots[0] if core else "kho-v1"))
         if self.memfd == "":
@@ -142,13 +141,13 @@ class KernelImage:
         if not ok:
             raise AbiError(msg=f"image LUO {self.luo} uses {want_memfd or 'no memfd format'},"
                            f" not {self.memfd!r}")
-        if self.kho_core not in KHO_CORES:
+        if self.kho_core not in generations.KHO_CORES:
             raise AbiError(msg=f"image KHO core {self.kho_core!r} unsupported (known: "
-                           f"{', '.join(KHO_CORES)})")
+                           f"{', '.join(generations.KHO_CORES)})")
         if g.kho and self.kho != g.kho:
             raise AbiError(msg=f"image LUO {self.luo} needs the KHO format {g.kho}, not "
                            f"{self.kho}")
-        core = KHO_CORES[self.kho_core]
+        core = generations.KHO_CORES[self.kho_core]
         if self.kho not in core.roots:
             owner = _core_of(self.kho, 4096)
             raise AbiError(msg=f"image KHO format {self.kho} does not run on the "

@@ -48,7 +48,7 @@ def image() -> None:
 @click.option("--kho-bitmap-bytes", type=click.Choice(["4096", "512"]), default=None,
               help="kho-v1 bitmap size: 4096 (6.18+) or 512 (6.16/6.17; implies --kho-core "
                    "6.16) [default: 512 on the 6.16 core, else 4096].")
-@click.option("--kho-core", type=click.Choice(image_abi.KHO_CORES), default=None,
+@click.option("--kho-core", type=click.Choice(list(generations.KHO_CORES)), default=None,
               help="Linux release whose KHO core the kernel follows: when the memory map is "
                    "finalized and what debugfs shows [default: the LUO generation's].")
 @click.option("--luo", type=click.Choice(image_abi.LUO_GENERATIONS), default=None,

@@ -29,8 +29,3 @@ class Generation:
     @classmethod
     def of(cls, img: KernelImage) -> Generation:
         return cls(img, CORES[img.kho_core], img.luo_gen)
-
-    @property
-    def name(self) -> str:
-        """The release generation (``abi.generations.RELEASES``) or "custom"."""
-        return self.image.generation

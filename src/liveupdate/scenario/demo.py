@@ -28,7 +28,7 @@ from liveupdate.vmm import guest
 
 CMDLINE = "kho=on liveupdate=on transparent_hugepage_shmem=within_size"
 NEGOTIATE = "liveupdate_negotiate=on"
-LUO_GENERATIONS = [g for g, r in generations.RELEASES.items() if r.luo != "none"]
+LUO_GENERATIONS = [g for g, r in generations.RELEASES.items() if r.has_luo]
 IMAGES = {g: image_abi.KernelImage.of(g) for g in LUO_GENERATIONS}
 CACHE_KEYS = 64
 HEADROOM = 768 << 20  # the kernel's own memory, scratch and the services' beside the VMs
