@@ -1,7 +1,8 @@
 """luod's orchestration in process, against a fake kernel (tests/luod/fake_kernel.py) behind
 its Backend interface: the phase guards (an operation in the wrong phase fails with the
 guard's errno), a whole update per uAPI generation and custody, a refused prepare and an
-administrator's cancel (nothing stays preserved), and FINISH after the timeout. The real
+administrator's cancel (nothing stays preserved), FINISH after the timeout, and at once when
+nobody preserved anything. The real
 machine runs the same daemon in tests/e2e/test_luod.py."""
 
 from __future__ import annotations
@@ -218,6 +219,15 @@ def test_finish_after_the_timeout_reclaims_what_nobody_claimed(rig: Rig) -> None
     with d.cond:
         assert d.cond.wait_for(lambda: d.phase is Phase.NORMAL, 10)
     assert d.last_error.startswith("FINISH: timeout after 0.0s; unclaimed resources of vm0")
+
+
+def test_an_update_nobody_preserved_for_finishes_at_once(rig: Rig) -> None:
+    d = rig.start()  # no client: only luod's registry crosses
+    rig.reboot(d)
+    rig.timeouts = Timeouts(finish=3600.0)
+    d = rig.start()
+    assert d.phase is Phase.NORMAL and not d.last_error  # not left waiting for the hour
+    assert d.reports[-1]["finish"] == "no client preserved anything"
 
 
 def test_a_second_luod_cannot_have_the_device(rig: Rig) -> None:

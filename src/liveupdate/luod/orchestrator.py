@@ -122,7 +122,10 @@ class Orchestrator:
         if fd is not None:
             self.phase = Phase.UPDATED
             self.reg.timeline["updated"] = time.time()
-            threading.Thread(target=self._finish_after_timeout, daemon=True).start()
+            if not self.waiting_for():  # nobody to wait for: FINISH now, not at the timeout
+                self.finish("no client preserved anything")
+            else:
+                threading.Thread(target=self._finish_after_timeout, daemon=True).start()
         elif previous.get("phase") in ("prepared", "frozen"):
             self.last_error = (f"the previous luod ended while {previous['phase']}; the "
                                "kernel cancelled the update and every client resumed")
