@@ -34,7 +34,7 @@ from liveupdate.client.backends import Backend
 from liveupdate.client.device import LiveUpdate
 from liveupdate.errors import LiveUpdateError
 from liveupdate.ipc.framing import field
-from liveupdate.luod import preflight, registry
+from liveupdate.luod import registry
 from liveupdate.luod.custody import Key, custody_for
 from liveupdate.luod.persistence import Persistence
 from liveupdate.luod.state import Event, Guard, Phase, check, guarded, next_phase
@@ -143,6 +143,10 @@ class Orchestrator:
 
     # -- load -----------------------------------------------------------------------------
     def load(self, path: str, cmdline: str | None, release: str | None) -> dict[str, Any]:
+        # imported here, not at the top: the image parsers bring numpy (~130 ms), and the
+        # luod that starts after a kexec is inside the VMs' blackout
+        from liveupdate.luod import preflight
+
         line = cmdline if cmdline is not None else self.backend.cmdline()
         plan = preflight.plan(path, release, line, self.backend.uname(),
                               self.backend.cmdline())
