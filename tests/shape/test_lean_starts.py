@@ -13,6 +13,7 @@ import pytest
 
 @pytest.mark.parametrize(("module", "then", "heavy"), [
     ("liveupdate.cli.luod", "", ("numpy", "rich", "unicorn", "click")),
+    ("liveupdate.vmm.__main__", "", ("unicorn", "rich", "click")),  # on KVM: no TCG
     ("liveupdate.cli.luoctl", "m.main.get_command(None, 'status')", ("numpy", "unicorn")),
 ])
 def test_what_starts_often_imports_nothing_heavy(module: str, then: str,

@@ -45,7 +45,6 @@ from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.ipc import framing, service
 from liveupdate.vmm import guest, kvm, vmstate
 from liveupdate.vmm.cpu import CpuState, fresh
-from liveupdate.vmm.tcg import Tcg
 
 RAM_TOKEN, STATE_TOKEN = 1, 2
 STATE_SIZE = 64 << 10
@@ -74,6 +73,9 @@ def make_accel(kind: str, address: int, size: int) -> Accel:
             return kvm.Kvm(address, size)
         if kind == "kvm":
             raise LiveUpdateError(err=errno.ENODEV, msg=f"KVM is not usable: {reason}")
+    # only now: unicorn costs ~30 ms of import, in a VMM that restarts inside its blackout
+    from liveupdate.vmm.tcg import Tcg
+
     return Tcg(address, size)
 
 
