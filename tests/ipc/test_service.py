@@ -34,6 +34,14 @@ def test_the_envelope_carries_errno_by_name() -> None:
     assert got.value.errno == errno.EIO  # a name this host does not know
 
 
+def test_an_unexpected_oserror_is_answered_with_its_errno() -> None:
+    def fail() -> dict[str, Any]:
+        raise OSError(errno.EMFILE, "Too many open files", "/some/module.py")
+
+    assert envelope.run(5, fail) == {"id": 5, "ok": False, "errno": "EMFILE",
+                                     "error": "Too many open files: /some/module.py"}
+
+
 def test_a_handler_table_serves_and_refuses_unknown_ops(tmp_path: Path) -> None:
     path = str(tmp_path / "svc.sock")
     srv = service.listen(path)

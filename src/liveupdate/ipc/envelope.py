@@ -33,11 +33,15 @@ def error(rid: Any, e: LiveUpdateError) -> dict[str, Any]:
 
 def run(rid: Any, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """The one helper of every request server: the handler's result, or its LiveUpdateError,
-    as the envelope."""
+    as the envelope. An OSError the handler did not expect (EMFILE, ENOSPC, EIO from the
+    host) is answered with its errno too: the peer learns why, and the connection lives."""
     try:
         return ok(rid, fn())
     except LiveUpdateError as e:
         return error(rid, e)
+    except OSError as e:
+        what = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+        return error(rid, LiveUpdateError(err=e.errno or errno.EIO, msg=what))
 
 
 def check(reply: dict[str, Any], default: str = "refused") -> dict[str, Any]:
