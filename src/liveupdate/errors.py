@@ -28,6 +28,12 @@ class LiveUpdateError(Exception):
     def __str__(self) -> str:
         return f"{self.message} [{self.errno_name}: {os.strerror(self.errno)}]"
 
+    @classmethod
+    def from_os(cls, e: OSError) -> LiveUpdateError:
+        """An OSError nobody expected (EMFILE, ENOSPC, EIO from the host), errno kept."""
+        what = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+        return cls(err=e.errno or _errno.EIO, msg=what)
+
 
 class AbiError(LiveUpdateError):
     """Bytes that cross a kexec or the uAPI are malformed, or cannot be encoded.

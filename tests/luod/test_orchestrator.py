@@ -177,6 +177,25 @@ def test_a_refused_prepare_cancels_and_nothing_stays_preserved(rig: Rig, release
     assert all(not r.tokens and not r.session for r in d.records.values())
 
 
+def test_a_host_error_mid_update_cancels_it(rig: Rig, monkeypatch: pytest.MonkeyPatch
+                                           ) -> None:
+    """An OSError luod did not expect (its registry's disk full) is the update's error, with
+    its errno, and the update is cancelled: nothing half done."""
+    d = rig.start()
+    fd = _memfd(DATA)
+    rig.client("vm0", on_prepare=lambda c: c.preserve(fd, 1))
+
+    def full(*_: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "registry")
+
+    monkeypatch.setattr(d, "_write_registry", full)
+    with pytest.raises(LiveUpdateError) as e:
+        d.update(rig.image(), "", rig.luo.release)
+    assert e.value.errno == errno.ENOSPC and "No space left" in e.value.message
+    assert d.phase is Phase.NORMAL and "No space left" in d.last_error
+    assert rig.luo.preserved() == {}
+
+
 def test_an_administrators_cancel_resumes_every_client(rig: Rig) -> None:
     d = rig.start()
     in_prepare, release = threading.Event(), threading.Event()

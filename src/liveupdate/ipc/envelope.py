@@ -40,8 +40,7 @@ def run(rid: Any, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     except LiveUpdateError as e:
         return error(rid, e)
     except OSError as e:
-        what = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
-        return error(rid, LiveUpdateError(err=e.errno or errno.EIO, msg=what))
+        return error(rid, LiveUpdateError.from_os(e))
 
 
 def check(reply: dict[str, Any], default: str = "refused") -> dict[str, Any]:

@@ -230,10 +230,13 @@ class Orchestrator:
                 self.cond.notify_all()
             self.backend.reboot_kexec()  # on success this process ends here
             raise LiveUpdateError(err=errno.EIO, msg="reboot(KEXEC) returned")
-        except LiveUpdateError as e:
+        except (LiveUpdateError, OSError) as e:  # OSError: the host's (EMFILE, ENOSPC...)
+            err = e if isinstance(e, LiveUpdateError) else LiveUpdateError.from_os(e)
             with self.cond:
-                self._cancel_update(e.message)
-            raise
+                self._cancel_update(err.message)
+            if err is e:
+                raise
+            raise err from e
 
     def holds(self, rec: registry.ClientRecord) -> bool:
         return bool(rec.tokens or rec.session)
