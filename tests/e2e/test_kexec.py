@@ -36,6 +36,20 @@ def test_three_kexecs_carry_state(machine: Factory) -> None:
     assert len(boot_ids) == 4 and m.status()["boot_count"] == 4
 
 
+def test_the_next_kernel_process_starts_when_an_image_is_loaded(machine: Factory) -> None:
+    """The machine starts the next kernel's process when the kernel loads a kexec image --
+    not at every boot -- and the jump uses that one."""
+    m = machine("kho=on")
+    assert m.status()["spare_pid"] is None
+    m.kexec_load()
+    spare = m.status()["spare_pid"]
+    assert spare is not None
+    m.kexec_load()  # a second load of the same kernel keeps it
+    assert m.status()["spare_pid"] == spare
+    st = m.kexec_exec()
+    assert st["kernel_pid"] == spare and st["spare_pid"] is None
+
+
 @pytest.mark.parametrize("sanitize, verdict", [("on", "caught"), ("off", "not caught")])
 def test_sanitizer_catches_the_cheat(machine: Factory, sanitize: str, verdict: str) -> None:
     m = machine(f"kho=on kho_cheat=1 kho_sanitize={sanitize}")

@@ -82,7 +82,8 @@ def test_the_request_tables_cover_every_op() -> None:
     assert set(control.CONTROL) == {"status", "power_on", "power_off", "power_cycle",
                                     "console", "wait", "wait_state", "run", "kho_status",
                                     "debugfs", "maps", "ram_read", "ram_write", "shutdown"}
-    assert set(machine.LINK) == {"booted", "jump", "panic", "poweroff", "restart"}
+    assert set(machine.LINK) == {"booted", "kexec_loaded", "jump", "panic", "poweroff",
+                                 "restart"}
 
 
 def test_is_guest_is_this_process_and_its_descendants_only() -> None:

@@ -42,6 +42,14 @@ MAGIC = b"LUKIMG01"
 PREAMBLE = struct.Struct("<8sII")
 MAX_HEADER = PAGE_SIZE - PREAMBLE.size
 ENTRY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def is_entry(entry: object) -> bool:
+    """A module name an image may give as its kernel's code: one of ours."""
+    return isinstance(entry, str) and bool(ENTRY_RE.match(entry)) and \
+        entry.startswith("liveupdate.")
+
+
 KHO_FORMATS = ("kho-v1", "kho-v3", "kho-v4")
 LUO_GENERATIONS = generations.LUO_GENERATIONS
 MEMFD_FORMATS = tuple(dict.fromkeys(generations.MEMFD_COMPATIBLE.values()))
@@ -125,7 +133,7 @@ class KernelImage:
         return {c: (f,) for c, f in self.native().items()}
 
     def validate(self) -> KernelImage:
-        if not ENTRY_RE.match(self.entry) or not self.entry.startswith("liveupdate."):
+        if not is_entry(self.entry):
             raise AbiError(msg=f"image entry {self.entry!r} is not a liveupdate module")
         if not 0 < self.load_size <= 1 << 32 or self.load_size % PAGE_SIZE:
             raise AbiError(msg=f"image load_size {self.load_size} is not a page multiple "

@@ -2,8 +2,8 @@
 
 Each boot runs one kernel process, started with the RAM fd, one end of a SOCK_SEQPACKET link
 and a pipe for its console, in an empty environment. A spare kernel process is started ahead
-of time with its code imported, waiting for "go" -- a loaded kexec image already sits in
-memory -- so a jump costs no Python start-up.
+of time, when the running kernel loads a kexec image, with its code imported, waiting for "go"
+-- a loaded kexec image already sits in memory -- so a jump costs no Python start-up.
 """
 
 from __future__ import annotations

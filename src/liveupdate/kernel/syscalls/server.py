@@ -57,6 +57,8 @@ def _kexec_file_load(c: Caller, m: Message) -> Message:
         kexec.unload(c.k)
         return Message({})
     loaded = kexec.file_load(c.k, m.payload, arg(m, "cmdline", str, ""))
+    if c.k.link is not None:  # the machine starts the next kernel's process ahead of the jump
+        c.k.link.send({"op": "kexec_loaded", "entry": loaded.image.entry})
     return Message({"entry": loaded.entry, "boot_params": loaded.boot_params})
 
 
