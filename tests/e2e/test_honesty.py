@@ -125,10 +125,12 @@ def test_kernel_holds_only_what_the_machine_gave(machine: Factory, tmp_path: Pat
     first = m.status()
     assert honesty_violations(first) == []
     old_run = first["kernel"]["run_dir"]
-    spare = {"kernel_pid": first["spare_pid"], "machine_pid": first["machine_pid"]}
+    m.kexec_load(finalize=True)
+    loaded = m.status()
+    spare = {"kernel_pid": loaded["spare_pid"], "machine_pid": loaded["machine_pid"]}
     assert honesty_violations(spare) == []  # the next kernel, before the jump
-    st = m.kexec()
-    assert st["kernel_pid"] == first["spare_pid"] and st["kernel"]["kho_boot"]
+    st = m.kexec_exec()
+    assert st["kernel_pid"] == loaded["spare_pid"] and st["kernel"]["kho_boot"]
     m.wait("init: started", offset=first["console_bytes"])
     assert honesty_violations(st) == []
     assert not os.path.exists(old_run)  # the previous kernel's runtime folder is gone
