@@ -233,6 +233,7 @@ def run(name: str, examples: int) -> None:
     fuzz()
 
 
-if __name__ == "__main__":
-    run(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 300)
-    print(f"{sys.argv[1]}: ok")
+if __name__ == "__main__":  # fuzz_runner EXAMPLES NAME...: "NAME: ok" after each that held
+    for name in sys.argv[2:]:
+        run(name, int(sys.argv[1]))
+        print(f"{name}: ok", flush=True)
