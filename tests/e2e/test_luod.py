@@ -138,7 +138,7 @@ def _update_fails(m: MachineClient, gen: str, image_name: str | None = None) -> 
     ("no-freeze-ack", "did not acknowledge freeze"),
 ])
 def test_misbehaving_client_cancels_the_update(lu: Machine, fault: str, reason: str) -> None:
-    m = lu("6.19")
+    m = lu("6.19", luod_args="--freeze-timeout 2")  # the stuck client is given up sooner
     hold(m, "good", "0x1:1048576")
     bad = hold(m, "bad", "0x1:1048576", fault=fault)
     assert reason in _update_fails(m, "6.19")

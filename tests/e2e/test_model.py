@@ -41,7 +41,7 @@ PY = sys.executable
 NAMES = ("a", "b", "c")
 STATES = {"normal", "prepared", "frozen", "updated"}  # the seed's, less the kexec itself
 CMDLINE = "kho=on liveupdate=on"
-LUOD = f"@restart {PY} -m liveupdate.cli.luod --prepare-timeout 3 --freeze-timeout 3 " \
+LUOD = f"@restart {PY} -m liveupdate.cli.luod --prepare-timeout 2 --freeze-timeout 2 " \
        "--finish-timeout 30"
 
 

@@ -37,7 +37,7 @@ HEADROOM = 768 << 20  # the kernel's own memory, scratch and the services' besid
 def _services(py: str, vms: int, vm_memory: int, accel: str, cache: bool,
               fault: Fault | None, memory: int, plants: dict[str, str]) -> str:
     # with a fault armed, a barrier nobody answers is given up quickly
-    timeouts = " --prepare-timeout 3 --freeze-timeout 3" if fault else ""
+    timeouts = " --prepare-timeout 2 --freeze-timeout 2" if fault else ""
     lines = [f"@restart {py} -m liveupdate.cli.luod --finish-timeout 60{timeouts}"]
     lines += [f"@restart {py} -m liveupdate.vmm vm{i} --memory {vm_memory} --accel {accel}"
               + (f" --plant {plants[f'vm{i}']}" if f"vm{i}" in plants else "")
