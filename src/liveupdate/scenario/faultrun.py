@@ -27,6 +27,7 @@ from liveupdate.client.update import admin, luod_status, run_update
 from liveupdate.errors import LiveUpdateError
 from liveupdate.ipc.service import ask
 from liveupdate.machine.client import MachineClient
+from liveupdate.scenario import guestcheck
 from liveupdate.scenario.demo import Demo
 from liveupdate.scenario.faults import COLD_BOOT, HELPER, ROLLED_BACK, UPDATED, Fault
 from liveupdate.scenario.report import FaultOutcome, Workload
@@ -246,15 +247,18 @@ class FaultRun:
         s0 = ask(sock, "status")
         _wait(f"{name}'s guest to make progress",
               lambda: ask(sock, "status")["steps"] > s0["steps"], timeout=30)
-        chk = ask(sock, "verify")
+        # judged from the machine's RAM by the checker, not by the VMM that restored it
+        chk = guestcheck.check(self.m, sock)
         restored = bool(s0["restored"])
-        if not chk["intact"]:
-            return Workload("LOST", f"guest memory broken: {chk['problem']}")
+        if not chk.intact:
+            return Workload("LOST", f"guest memory broken: {chk.problem}")
         if restored != should:
             return Workload("LOST", "restored" if restored else "not restored")
+        if restored and not chk.vcpu_restored:
+            return Workload("LOST", f"vCPU not restored: {chk.vcpu_problem}")
         return Workload("killed" if killed else "gone" if fresh else "intact",
                         f"{'restored, ' if restored else 'fresh, ' if fresh else ''}running, "
-                        f"{chk['pages_touched']} pages verified")
+                        f"{chk.pages} pages verified")
 
     def _cache(self, fresh: bool, should: bool, killed: bool) -> Workload:
         sock = self.d.sock("kvcache-cache.sock")

@@ -24,9 +24,11 @@ Where KVM does not apply the TSC (:mod:`kvm`) the guest reads the host's TSC and
 says ``tsc: host`` (not restored), never ``restored``.
 
 A control socket (``<luod socket folder>/vmm-NAME.sock``, luod's framing; ask it with
-:func:`liveupdate.luod.service.ask`) answers ``status``, ``verify`` (pause at an exit, check
-the guest's invariants over all of memory, resume), ``phys`` (where a guest-physical address
-lies in the machine's RAM) and ``resize`` (refused in limited mode).
+:func:`liveupdate.ipc.service.ask`) answers ``status``, ``where`` (the guest's memory and saved
+state as physical extents, and the vCPU it restored: what an independent check,
+:mod:`liveupdate.scenario.guestcheck`, reads from the machine's RAM -- the VMM does not judge
+itself), ``pause``/``resume``, ``phys`` (where a guest-physical address lies in the machine's
+RAM) and ``resize`` (refused in limited mode).
 """
 
 from __future__ import annotations
@@ -314,21 +316,10 @@ class Vmm:
         raise LiveUpdateError(err=errno.EINVAL, msg=f"guest address {gpa:#x} is not RAM of "
                               "this (emulated) machine")
 
-    def verify(self) -> dict[str, Any]:
-        held = self.vm.want_pause  # frozen for an update: a check must not resume it
-        self.vm.pause()
-        try:
-            chk = guest.verify(self.mem, self.size)
-        finally:
-            if not held:
-                self.vm.resume()
-        return {"intact": chk.ok, "steps": chk.steps, "pages_touched": chk.pages_touched,
-                "problem": chk.problem}
-
     @property
     def handlers(self) -> service.Handlers:
         """The control socket's requests (see the module docstring)."""
-        return {"status": lambda msg: self.status(), "verify": lambda msg: self.verify(),
+        return {"status": lambda msg: self.status(),
                 "phys": self._phys, "resize": self._resize, "where": lambda msg: self.where(),
                 "pause": lambda msg: self._pause(), "resume": lambda msg: self._resume()}
 
