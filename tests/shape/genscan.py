@@ -3,8 +3,11 @@
 A *generation question* is a comparison (``==``, ``!=``, ``in``, ``not in``, ``is``,
 ``is not``, or a ``match`` case) against a generation name, a release string, a handover
 format or ``compatible`` string, a uAPI generation (``Gen.V3``), or a read of a KHO-core
-capability flag (``.notifiers``). Issue #21: these live in the generation objects and their
-tables only; everybody else asks those objects.
+capability flag (``.notifiers``). ``"none"`` (a component with no format, e.g. no FLB) is
+too common a word to be one by itself (``--fault none``): it is a format question when the
+other side of the comparison names a component (``flb``, ``fmts["luo"]``, ``memfd_fmt``).
+Issue #21: these live in the generation objects and their tables only; everybody else asks
+those objects.
 """
 
 from __future__ import annotations
@@ -72,6 +75,24 @@ def _names(node: ast.AST, vocab: frozenset[str], consts: frozenset[str]) -> list
     return found
 
 
+def _names_a_component(node: ast.AST) -> bool:
+    for n in ast.walk(node):
+        word = (n.id if isinstance(n, ast.Name) else n.attr if isinstance(n, ast.Attribute)
+                else n.value if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                else "")
+        if any(c in word.lower() for c in generations.COMPONENTS):
+            return True
+    return False
+
+
+def _no_format(node: ast.Compare) -> list[str]:
+    sides = [node.left, *node.comparators]
+    nones = [s for s in sides if isinstance(s, ast.Constant) and s.value == "none"]
+    if nones and any(_names_a_component(s) for s in sides if s not in nones):
+        return ["'none' (no format)"]
+    return []
+
+
 def scan_source(text: str, path: str, vocab: frozenset[str],
                 consts: frozenset[str] = frozenset()) -> list[Hit]:
     hits: list[Hit] = []
@@ -80,6 +101,7 @@ def scan_source(text: str, path: str, vocab: frozenset[str],
             for side in (node.left, *node.comparators):
                 hits += [Hit(path, node.lineno, f"compares {w}")
                          for w in _names(side, vocab, consts)]
+            hits += [Hit(path, node.lineno, f"compares {w}") for w in _no_format(node)]
         elif isinstance(node, ast.match_case):
             hits += [Hit(path, node.pattern.lineno, f"matches {w}")
                      for w in _names(node.pattern, vocab, consts)]

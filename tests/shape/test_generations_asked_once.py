@@ -41,6 +41,19 @@ def test_the_scan_finds_a_planted_question() -> None:
     assert any("Gen.V3" in h.what for h in hits) and any("'kho-v4'" in h.what for h in hits)
 
 
+def test_no_format_is_a_question_only_about_a_component() -> None:
+    planted = (
+        "def f(fmts, flb, fault):\n"
+        "    if fmts['flb'] == 'none' or flb != 'none':\n"
+        "        return 1\n"
+        "    if fault == 'none':\n"
+        "        return 2\n"
+    )
+    vocab = genscan.words()
+    hits = genscan.scan_source(planted, "planted.py", vocab, genscan.constants(vocab))
+    assert [h.line for h in hits] == [2, 2], hits  # both comparisons of line 2
+
+
 def test_a_table_lookup_is_not_a_question() -> None:
     source = "RULES = {'6.19': 1, '7.1': 2}\nrule = RULES[gen.rules]\n"
     vocab = genscan.words()
