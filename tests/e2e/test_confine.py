@@ -142,3 +142,33 @@ def test_unconfined_userspace_state_crosses_the_disk(machine: Factory, tmp_path:
     Path(f"/tmp/lu-stash-{tag}").unlink()
     assert second[0] == "ENOENT" and second[1].startswith("found:"), second
     assert second[2].startswith("found:"), second
+
+
+CONSOLE = r'''
+import errno, os, sys
+d, machine_pid = sys.argv[1], sys.argv[2]
+log = os.path.join(d, "console.log")
+got = []
+for p in (log, f"/proc/{machine_pid}/root{log}"):
+    try:
+        with open(p, "rb") as f:
+            got.append("found" if b"confine:" in f.read() else "empty")
+    except OSError as e:
+        got.append(errno.errorcode.get(e.errno, str(e.errno)))
+print(" ".join(got))
+'''
+
+
+@pytest.mark.parametrize(("cmdline", "want"), [
+    ("kho=on", ["empty", "EACCES"]),  # covered in the kernel's mount namespace; no ptrace
+    ("kho=on lu.confine=0", ["found", "found"]),  # the channel is real
+])
+def test_userspace_cannot_read_the_machines_console(machine: Factory, cmdline: str,
+                                                    want: list[str]) -> None:
+    """Whatever a process prints reaches the console; if the next kernel's userspace could
+    read the console log, that would carry state across the update (kernel/mountns.py)."""
+    m = machine(cmdline)
+    st = m.status()
+    r = m.run([sys.executable, "-c", CONSOLE, m.dir, str(st["machine_pid"])])
+    assert r["status"] == 0, r["stderr"]
+    assert r["stdout"].split() == want

@@ -93,4 +93,6 @@ def test_the_maps_are_for_host_tools_only(updated: Update) -> None:
     m, _, _ = updated
     r = m.run([sys.executable, "-c", "import sys; from liveupdate.machine.client import "
                "MachineClient as M; M(sys.argv[1]).maps()", m.dir])
-    assert r["status"] != 0 and "host-side tools only" in r["stderr"], r
+    # the control socket is out of a guest's sight (kernel/mountns.py); where it is not
+    # (lu.confine=0, a host without CAP_SYS_ADMIN) the RAM debug port refuses a guest peer
+    assert r["status"] != 0 and "no machine at" in r["stderr"], r

@@ -44,9 +44,10 @@ def machine(ctx: click.Context, folder: str) -> None:
     """Run and drive an emulated machine.
 
     A machine is a process that owns RAM (a sparse memfd), firmware, a console and power;
-    each boot runs one kernel process, replaced at every kexec. Its folder keeps a disk
-    (kernel images in disk/images/, the init services list disk/services) and a run/ folder
-    with the control socket and console.log.
+    each boot runs one kernel process, replaced at every kexec. Its folder keeps the control
+    socket, console.log and machine.log (the machine's: no kernel or userspace sees them), a
+    disk (kernel images in disk/images/, the init services list disk/services) and run/ (the
+    kernel's tmpfs, emptied at every boot).
     """
     ctx.obj = {"dir": folder}
 
@@ -66,7 +67,7 @@ def start_cmd(ctx: click.Context, memory: int, image: str, cmdline: str, as_json
     """
     folder = ctx.obj["dir"]
     try:
-        if os.path.exists(os.path.join(folder, "run", "control.sock")):
+        if os.path.exists(os.path.join(folder, "control.sock")):
             with contextlib.suppress(LiveUpdateError):  # a stale socket: that machine is gone
                 st = MachineClient(folder).status()
                 fail(f"a machine is already running in {folder} ({st['state']})")

@@ -9,7 +9,9 @@ device and ``/proc`` files may be written, host-armed fault points on the disk
 (``<lu.disk>/faults``) may be consumed (removed, never created or written); the disk and the
 rest of the host are read-only (``lu.rw=DIR[,DIR]`` declares more writable places). No TCP;
 no abstract unix socket and no signal reaches outside the domain (ABI 6), so the next
-kernel's userspace cannot reach the previous kernel's, whose domain is another.
+kernel's userspace cannot reach the previous kernel's, whose domain is another. Before that,
+the machine's own files (its console log above all) are covered in a mount namespace of the
+kernel's own (:mod:`.mountns`).
 ``lu.confine=0`` turns both off, to show what the other checks catch.
 """
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from liveupdate.kernel import fsaudit, landlock
+from liveupdate.kernel import fsaudit, landlock, mountns
 
 if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
@@ -41,9 +43,20 @@ def declare(k: Kernel) -> None:
     # more tmpfs-like places (what a host mounts for its services, e.g. a socket folder):
     # declared on the command line, so a test that lets userspace write there says so
     extra = [p for p in k.cmdline.get("lu.rw", "").split(",") if p]
+    # the machine's folder, when disk/ and run/ share it: its own files are covered
+    folder = os.path.dirname(disk) if disk and base and \
+        os.path.dirname(disk) == os.path.dirname(base) else ""
     # read: the service list; the places Landlock's rules name, as themselves (O_PATH)
     fsaudit.declare([os.path.join(disk, "services")] if disk else [],
-                    [run_dir(k)] if base else [], [p for p in (base, faults, "/dev", *extra) if p])
+                    [run_dir(k)] if base else [],
+                    [p for p in (base, faults, "/dev", folder, *extra) if p])
+    if folder:
+        try:
+            covered = mountns.hide(folder, (os.path.basename(disk), os.path.basename(base)))
+        except OSError as e:
+            k.printk(f"confine: the machine's own files stay visible to userspace ({e})")
+        else:
+            k.printk(f"confine: {len(covered)} machine files out of userspace's sight")
     abi = landlock.abi_version()
     if not abi:
         k.printk("confine: no Landlock in this host kernel; userspace may write anywhere")

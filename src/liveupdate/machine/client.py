@@ -26,7 +26,7 @@ RAM_PIECE = 16 << 20  # bytes per debug-port message (a message is at most 64 Mi
 class MachineClient:
     def __init__(self, folder: str) -> None:
         self.dir = os.path.abspath(folder)
-        self.path = os.path.join(self.dir, "run", "control.sock")
+        self.path = os.path.join(self.dir, "control.sock")
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
 

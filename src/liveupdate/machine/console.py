@@ -1,5 +1,5 @@
 """The machine's console (the serial port every kernel process writes to): kept whole in
-``run/console.log``, its newest bytes in memory for waits, so the machine's memory does not
+``DIR/console.log``, its newest bytes in memory for waits, so the machine's memory does not
 grow with every boot's log."""
 
 from __future__ import annotations

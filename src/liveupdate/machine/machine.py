@@ -1,12 +1,13 @@
 """The machine process: RAM, firmware, power and jump, and the kernel processes' links.
 
-Folder layout: ``DIR/disk/`` survives everything (kernel images in ``images/``, the
-``services`` list, host-armed fault points in ``faults/``); ``DIR/run/`` holds the control
-socket, ``console.log`` and, for the kernel and its userspace, a tmpfs: everything else in it is
-removed at every boot, after the previous kernel is gone (its userspace stopped and killed, so
-no process of it runs again, and its bound sockets unreachable by name) and before the next one
-starts -- no state crosses a kexec through ``run/``, and the next kernel's services never
-connect to the previous luod's socket.
+Folder layout: ``DIR/control.sock`` and ``DIR/console.log`` are the machine's own, out of
+sight of every kernel and its userspace (:mod:`liveupdate.kernel.mountns`); ``DIR/disk/``
+survives everything (kernel images in ``images/``, the ``services`` list, host-armed fault
+points in ``faults/``); ``DIR/run/`` is, for the kernel and its userspace, a tmpfs: everything
+in it is removed at every boot, after the previous kernel is gone (its userspace stopped and
+killed, so no process of it runs again, and its bound sockets unreachable by name) and before
+the next one starts -- no state crosses a kexec through ``run/``, and the next kernel's
+services never connect to the previous luod's socket.
 
 At a jump the machine waits for the old kernel to exit and its console to drain, reads the next
 image's header *from RAM* at the entry address, and sends "go" with the boot parameters'
@@ -65,9 +66,9 @@ class Machine:
         if not os.path.exists(default):
             with open(default, "wb") as f:
                 f.write(image.KernelImage().encode())
-        self.socket_path = os.path.join(self.run, "control.sock")
+        self.socket_path = os.path.join(self.dir, "control.sock")
         self.cond = threading.Condition()
-        self.console = Console(os.path.join(self.run, "console.log"), self.cond)
+        self.console = Console(os.path.join(self.dir, "console.log"), self.cond)
         self.lock = threading.RLock()
         self.state = State.OFF
         self.reason = ""
@@ -132,13 +133,9 @@ class Machine:
         return self._spawn(entry)
 
     def _empty_run(self) -> None:
-        """``run/`` is a tmpfs for the kernel: it starts empty at every boot (the machine's
-        own control socket and console log stay)."""
-        keep = {self.socket_path, self.console.path}
+        """``run/`` is a tmpfs for the kernel: it starts empty at every boot."""
         with os.scandir(self.run) as it:
             for e in it:
-                if e.path in keep:
-                    continue
                 if e.is_dir(follow_symlinks=False):
                     shutil.rmtree(e.path, ignore_errors=True)
                 else:
