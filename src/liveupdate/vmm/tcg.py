@@ -34,7 +34,10 @@ class Tcg:
 
     def __init__(self, address: int, size: int) -> None:
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
-        self.uc.ctl_set_tcg_buffer_size(TCG_BUFFER)  # before the first use initializes it
+        # before the first use initializes it; mypy reads unicorn's Python 2 class, which
+        # lacks the control calls of the Python 3 one that runs
+        uc: Any = self.uc
+        uc.ctl_set_tcg_buffer_size(TCG_BUFFER)
         self.uc.mem_map_ptr(0, size, UC_PROT_ALL, address)
         self.exit_value = 0
         self.uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, x86.UC_X86_INS_OUT)
