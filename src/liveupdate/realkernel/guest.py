@@ -16,6 +16,8 @@ Jobs:
   Their KTAP output goes to ``<name>.stage<N>.ktap``.
 * ``command``: any command (``argv``), its output in ``command.stage<N>.out``/``.err``; with
   ``kexec`` it runs again in the next kernel.
+* ``liveupdate``: :mod:`.liveupdate_job` -- our luod, a VMM and the cache live-update this
+  kernel: luod itself does the kexec (the plan says ``"kexec": false``), stage 2 checks.
 * ``scenario``: :mod:`.scenario` preserves memfds of chosen sizes, holes, positions and seals
   in LUO sessions; each stage writes what it sees of every file (``stage<N>.json``), the
   debugfs KHO blobs (``debugfs-stage<N>/``) and, in stage 2, every ``setup_data`` node the
@@ -135,6 +137,10 @@ def main(argv: list[str]) -> int:
             from liveupdate.realkernel import scenario
 
             rc = scenario.run(st, out, DEBUGFS, dump_debugfs, dump_setup_data)
+        elif plan["job"] == "liveupdate":
+            from liveupdate.realkernel import liveupdate_job
+
+            rc = liveupdate_job.run(st, out, plan, log)
         elif plan["job"] == "command":
             p = subprocess.run(plan["argv"], capture_output=True, check=False)
             (out / f"command.stage{st}.out").write_bytes(p.stdout)

@@ -82,7 +82,8 @@ def saved_state(m: MachineClient, extents: list[tuple[int, int]]
     return sections["vm"], CpuState.from_json(sections["cpu0"])
 
 
-def _compare(saved: CpuState, restored: dict[str, Any] | None) -> str:
+def compare_vcpu(saved: CpuState, restored: dict[str, Any] | None) -> str:
+    """Why the restored registers are not the saved ones ("" when they are)."""
     if restored is None:
         return "the VMM loaded no saved vCPU state (it was not restored)"
     got = CpuState.from_json(restored)
@@ -108,7 +109,7 @@ def check(m: MachineClient, sock: str) -> Verdict:
         except (AbiError, ValueError, KeyError) as e:
             vcpu_problem = f"the saved vCPU state is unreadable: {e}"
         else:
-            vcpu_problem = _compare(saved_cpu, where["restored_cpu"])
+            vcpu_problem = compare_vcpu(saved_cpu, where["restored_cpu"])
     secret = saved_cpu.regs[guest.SECRET_REG] if saved_cpu is not None else None
     held = bool(ask(sock, "pause")["held"])
     try:

@@ -4,6 +4,11 @@ Guest memory is the VMM's own mapping of the memfd (``mem_map_ptr``: no copy). T
 ``out`` to port 0xE9 stops emulation: :meth:`Tcg.run_to_exit` returns there, at a point where
 the guest's memory is consistent. Under TCG the guest's ``rdtsc`` reads the host's TSC, so
 the guest's own clock keeps running across the update without any offset to restore.
+
+The translation buffer is :data:`TCG_BUFFER` (unicorn's default is 1 GiB of address space,
+reserved up front: a VMM on a small host -- the real kernel's 1 GiB QEMU guest -- is refused
+it by the kernel's heuristic overcommit, ``__vm_enough_memory``). The guest program is a few
+hundred bytes of code, so a few MiB of translations are all it ever needs.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from liveupdate.vmm.cpu import GPRS, MSR_EFER, CpuState
 _REG = {name: getattr(x86, f"UC_X86_REG_{name.upper()}") for name in GPRS if name != "rflags"}
 _REG["rflags"] = x86.UC_X86_REG_EFLAGS
 END = (1 << 64) - 1
+TCG_BUFFER = 32 << 20
 
 
 class Tcg:
@@ -28,6 +34,10 @@ class Tcg:
 
     def __init__(self, address: int, size: int) -> None:
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        # before the first use initializes it; mypy reads unicorn's Python 2 class, which
+        # lacks the control calls of the Python 3 one that runs
+        uc: Any = self.uc
+        uc.ctl_set_tcg_buffer_size(TCG_BUFFER)
         self.uc.mem_map_ptr(0, size, UC_PROT_ALL, address)
         self.exit_value = 0
         self.uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, x86.UC_X86_INS_OUT)

@@ -326,9 +326,13 @@ class Vmm:
     def where(self) -> dict[str, Any]:
         """Where guest memory and the saved vCPU state lie in RAM, and the vCPU registers as
         the accelerator held them right after the restore: what an outside checker needs to
-        judge the VM from RAM itself (:mod:`liveupdate.scenario.guestcheck`)."""
+        judge the VM from RAM itself (:mod:`liveupdate.scenario.guestcheck`). ``fds`` names
+        the VMM's guest-memory and state memfds: a real kernel shows userspace no physical
+        extents (``ram`` and ``state`` are empty there), so a checker with the rights to
+        open ``/proc/<pid>/fd/<n>`` maps the files themselves."""
         cpu = self.restored_cpu
         return {"size": self.size, "ram": self.extents, "state": self.state_ranges,
+                "fds": {"ram": self.ram_fd, "state": self.state_fd},
                 "restored_cpu": cpu.to_json() if cpu is not None else None}
 
     def _pause(self) -> dict[str, Any]:
