@@ -36,9 +36,7 @@ print(json.dumps(out))
 '''
 
 
-@pytest.mark.parametrize("gen", [pytest.param(g, marks=pytest.mark.xfail(
-    strict=True, reason="7.3's own rules are not modelled yet")) if g in STRICT_NAMES else g
-    for g in GENS])
+@pytest.mark.parametrize("gen", GENS)
 def test_create_session_name_checks(lu: Machine, gen: str) -> None:
     """``create_session_no_null_termination`` and ``create_session_empty_name``."""
     got = luo_prog.run(lu(gen), NAMES)
