@@ -8,10 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from liveupdate.abi import generations, image
 from liveupdate.machine.client import MachineClient, start
 
 GiB = 1 << 30
 Factory = Callable[..., MachineClient]
+Machine = Callable[..., MachineClient]
+CMDLINE = "kho=on liveupdate=on transparent_hugepage_shmem=within_size"
+IMAGES = {g: image.KernelImage.of(g) for g in generations.RELEASES}
 
 
 @pytest.fixture
@@ -33,3 +37,16 @@ def machine(tmp_path: Path) -> Iterator[Factory]:
     for proc, client in running:
         client.shutdown()
         proc.wait(30)
+
+
+@pytest.fixture
+def lu(machine: Factory, tmp_path: Path) -> Machine:
+    """``lu(gen, extra, memory)``: a LUO machine booted from generation ``gen``'s image, with
+    every generation's image on its disk (``images/<gen>.img``) for the kexecs."""
+    def make(gen: str = "6.19", extra: str = "", memory: int = GiB) -> MachineClient:
+        images = tmp_path / "m0" / "disk" / "images"
+        images.mkdir(parents=True, exist_ok=True)
+        for name, img in IMAGES.items():
+            (images / f"{name}.img").write_bytes(img.encode())
+        return machine(f"{CMDLINE} {extra}".strip(), memory=memory, image=f"images/{gen}.img")
+    return make

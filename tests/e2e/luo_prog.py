@@ -16,7 +16,12 @@ import json
 import sys
 from typing import Any
 
+from liveupdate.abi import generations
 from liveupdate.machine.client import MachineClient
+
+# the releases whose LUO is the sessions front end (6.19 onward), oldest first
+SESSION_GENERATIONS = [r.name for r in generations.RELEASES.values()
+                       if generations.LUO[r.luo].frontend == "sessions"]
 
 PRELUDE = r'''
 import errno, hashlib, json, os, resource, signal, sys
@@ -96,3 +101,21 @@ def run(m: MachineClient, body: str, timeout: float = 120) -> Any:
     lines = r["stdout"].strip().splitlines()
     assert lines, r["stderr"][-4000:]
     return json.loads(lines[-1])
+
+
+def update(m: MachineClient, gen: str = "6.19", cmdline: str | None = None) -> dict[str, Any]:
+    """kexec_file_load of ``images/<gen>.img`` and the jump; the machine's status after."""
+    m.kexec_load(f"images/{gen}.img", cmdline=cmdline)
+    st: dict[str, Any] = m.kexec_exec()
+    return st
+
+
+def luo(m: MachineClient) -> dict[str, Any]:
+    """The kernel's LUO status (``luoctl kho status``'s ``luo``)."""
+    status: dict[str, Any] = m.kho_status()["luo"]
+    return status
+
+
+def row(gen: str) -> generations.LuoGeneration:
+    """The LUO generation row of release ``gen`` (what its kernel speaks)."""
+    return generations.LUO[generations.RELEASES[gen].luo]

@@ -81,7 +81,7 @@ LUO: dict[str, LuoGeneration] = {g.name: g for g in (
     LuoGeneration("7.2", "7.1", "sessions", "luo-v5", "luo-flb-v1", "memfd-v2", "kho-v4",
                   "7.1", "7.1"),
     LuoGeneration("7.3", "7.1", "sessions", "luo-v5", "luo-flb-v1", "memfd-v2", "kho-v4",
-                  "7.1", "7.1"),
+                  "7.1", "7.3"),  # its own rules (kernel/luo/rules.py Rules73)
 )}
 LUO_GENERATIONS = tuple(LUO)
 # what an image header's ``memfd`` field says for each memfd format (v3's FDT says memfd-v1)

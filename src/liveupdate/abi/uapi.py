@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Any
@@ -247,11 +248,14 @@ def copy_struct_from_user(ksize: int, min_size: int, user: bytes) -> bytes:
     return bytes(user) + bytes(ksize - len(user))
 
 
-def lookup(gen: Gen, target: Target, cmd: int, arg: bytes) -> tuple[Ioctl, dict[str, Any]]:
+def lookup(gen: Gen, target: Target, cmd: int, arg: bytes,
+           before_size: Callable[[Ioctl], None] | None = None,
+           ) -> tuple[Ioctl, dict[str, Any]]:
     """Resolve an ioctl as the LUO dispatcher does and decode its argument struct.
 
     ``arg`` is what userspace passed (its first u32 is the size it claims). Returns the table
-    entry and the decoded kernel-sized struct.
+    entry and the decoded kernel-sized struct. ``before_size`` runs once the number is known
+    to be the table's, before the size rules (7.3's session direction check).
     """
     tab = table(gen, target)
     nr = cmd & 0xFF
@@ -263,6 +267,8 @@ def lookup(gen: Gen, target: Target, cmd: int, arg: bytes) -> tuple[Ioctl, dict[
     if cmd != entry.number:
         raise AbiError(
             msg=f"ioctl {cmd:#x} is not {entry.name} ({entry.number:#x})", err=errno.ENOTTY)
+    if before_size is not None:
+        before_size(entry)
     (size,) = struct.unpack_from("<I", arg)
     if size > len(arg):
         raise AbiError(msg=f"size {size} exceeds the {len(arg)}-byte buffer", err=errno.EFAULT)
@@ -271,7 +277,7 @@ def lookup(gen: Gen, target: Target, cmd: int, arg: bytes) -> tuple[Ioctl, dict[
 
 
 def session_name(raw: bytes, *, strict: bool) -> str:
-    """A session name field. ``strict`` is 7.2 (EINVAL for empty or unterminated); otherwise
+    """A session name field. ``strict`` is 7.3 (EINVAL for empty or unterminated); otherwise
     6.19's ``strscpy`` truncation to 63 bytes."""
     if b"\0" in raw:
         raw = raw[: raw.index(b"\0")]

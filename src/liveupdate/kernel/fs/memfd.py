@@ -48,6 +48,9 @@ THP_MODES = ("within_size", "never", "always")
 F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 0x1, 0x2, 0x4, 0x8
 F_SEAL_FUTURE_WRITE, F_SEAL_EXEC = 0x10, 0x20
 ALL_SEALS = 0x3F
+# what F_SEAL_EXEC brings along on an executable memfd (W^X from the start)
+EXEC_IMPLIES = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_FUTURE_WRITE
+MODE_EXEC = 0o777  # a memfd's inode mode without MFD_NOEXEC_SEAL (vm.memfd_noexec=0)
 MFD_CLOEXEC, MFD_ALLOW_SEALING = 0x1, 0x2
 
 
@@ -59,6 +62,15 @@ class PageOps(Protocol):
     def read(self, phys: int, size: int) -> bytes: ...
     def write(self, phys: int, data: bytes) -> None: ...
     def zero(self, phys: int, size: int) -> None: ...
+
+
+def implied_seals(seals: int, mode: int) -> int:
+    """``memfd_add_seals``: F_SEAL_EXEC on a memfd with an execute bit also adds
+    SHRINK|GROW|WRITE|FUTURE_WRITE (7.3.4 mm/memfd.c). Memfd core, older than LUO: it is in
+    torvalds/linux mm/memfd.c at 037dd1308c6d (memfd_create still inline, "SEAL_EXEC implys
+    SEAL_WRITE") and in 6.18 stable's copy, where 3b041514cb6e moved it before the
+    write-mapping check -- so every emulated generation does it."""
+    return seals | EXEC_IMPLIES if seals & F_SEAL_EXEC and mode & 0o111 else seals
 
 
 def _pages(size: int) -> int:
@@ -77,6 +89,7 @@ class Memfd:
     order: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
     frozen: bool = False  # SHMEM_F_MAPPING_FROZEN: preserved, the size cannot change
     seals: int = F_SEAL_SEAL
+    mode: int = MODE_EXEC  # every emulated memfd: MFD_NOEXEC_SEAL is not emulated
     refs: int = 0  # open files, mappings and LUO
     on_free: Callable[[Memfd], None] | None = None
 
@@ -206,7 +219,7 @@ class Memfd:
             raise LiveUpdateError(err=errno.EINVAL, msg=f"F_ADD_SEALS: unknown seals {seals:#x}")
         if self.seals & F_SEAL_SEAL:
             raise LiveUpdateError(err=errno.EPERM, msg="F_ADD_SEALS: the memfd has F_SEAL_SEAL")
-        self.seals |= seals
+        self.seals |= implied_seals(seals, self.mode)
 
     def truncate(self, size: int) -> None:
         if not 0 <= size <= MAX_LFS_FILESIZE:

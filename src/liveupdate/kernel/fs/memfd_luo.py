@@ -37,6 +37,7 @@ from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.kernel.fs import memfd
 from liveupdate.kernel.fs.file import File
 from liveupdate.kernel.luo.handler import Args, register_file_handler
+from liveupdate.kernel.luo.rules import rules_of
 
 if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
@@ -54,6 +55,7 @@ class MemfdLuo:
         self.k = k
         self.format = fmt
         self.compatible = compatible_of(fmt)
+        self.rules = rules_of(k.gen.luo)  # the running kernel's: EFBIG, restored seals
 
     def can_preserve(self, f: File) -> bool:
         return isinstance(f.private, memfd.Memfd)  # unlinked shmem: every memfd
@@ -61,7 +63,8 @@ class MemfdLuo:
     # -- outgoing -------------------------------------------------------------------------
     def pin(self, m: memfd.Memfd) -> None:
         if -(-m.size // PAGE_SIZE) > UINT_MAX:
-            raise LiveUpdateError(err=errno.E2BIG, msg="memfd: more than UINT_MAX pages")
+            raise LiveUpdateError(err=self.rules.too_many_pages,
+                                  msg="memfd: more than UINT_MAX pages")
         m.populate(0, -(-m.size // PAGE_SIZE))  # holes become zeroed folios
         self.k.require_kho().preserve_blocks(m.phys, m.order)
         m.frozen = True
@@ -294,7 +297,8 @@ class MemfdSerHandler(MemfdLuo):
     def retrieve(self, a: Args) -> File:
         ser, folios = self._take(a.data)
         m = self.restore_folios(folios, ser.size)
-        m.seals = ser.seals if memfd_abi.HAS_SEALS[self.compatible] else memfd.F_SEAL_SEAL
+        m.seals = (self.rules.restore_seals(ser.seals) if memfd_abi.HAS_SEALS[self.compatible]
+                   else memfd.F_SEAL_SEAL)
         return memfd.open_file(m, ser.pos)
 
     def finish(self, a: Args) -> None:

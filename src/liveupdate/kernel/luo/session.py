@@ -19,7 +19,8 @@ on 7.0+, a malformed header) is ``luo_restore_fail()``: a panic. The first open 
 (``memfd-v1`` on 7.1) makes that and every later open fail with EIO.
 
 Errnos and check orders are those of spec/luo.md 2.1 and 2.3: CREATE_SESSION EEXIST for a
-used outgoing name (6.19 ``strscpy`` truncation to 63 bytes; an empty name is accepted);
+used outgoing name (6.19 ``strscpy`` truncation to 63 bytes, an empty name accepted; 7.3's
+EINVAL for both and its other changes are :mod:`.rules`);
 RETRIEVE_SESSION ENOENT unknown, EINVAL when already retrieved this boot; PRESERVE_FD EEXIST
 token, ENOSPC, EBADF, (7.1) EBUSY when the file is already in a session, ENOENT without a
 handler, then the handler's errno; RETRIEVE_FD ENOENT, repeatable (the same file; 7.1 keeps a
@@ -48,7 +49,7 @@ from liveupdate.kernel.luo.files import FileSet, IncomingSet, InFile
 from liveupdate.kernel.luo.flb import FlbRegistry, IncomingFlb
 from liveupdate.kernel.luo.handler import FileHandler
 from liveupdate.kernel.luo.handover import HANDOVERS, reader_for
-from liveupdate.kernel.luo.rules import RULES
+from liveupdate.kernel.luo.rules import rules_of
 
 if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
@@ -77,7 +78,7 @@ class LuoSessions:
         self.k = k
         self.row = gen
         self.gen = uapi.Gen(gen.uapi)
-        self.rules = RULES[gen.rules]
+        self.rules = rules_of(gen)
         self.writer = HANDOVERS[gen.luo]
         self.has_flb = gen.flb in generations.FLB_NODE  # 7.0+
         self.reads = reads
@@ -195,8 +196,9 @@ class LuoSessions:
         self.outgoing[name] = s
         return File(self.session_ops, s)
 
-    def retrieve_session(self, name: str) -> File:
-        s = self.incoming.get(name)
+    def retrieve_session(self, name: str | None) -> File:
+        """``name`` None: a name field that matches no session (:mod:`.rules`)."""
+        s = None if name is None else self.incoming.get(name)
         if s is None:
             raise LiveUpdateError(err=errno.ENOENT, msg=f"no incoming session {name!r}")
         if s.retrieved:

@@ -33,11 +33,7 @@ class DeviceOps:
     def ioctl(self, f: File, cmd: int, arg: bytes, fds: list[int],
               resolve: Resolve) -> tuple[bytes, list[File]]:
         entry, a = _lookup(self.luo, Target.DEVICE, cmd, arg)
-        try:
-            name = uapi.session_name(a["name"], strict=False)
-        except AbiError as e:  # names are bytes to Linux; ours must be UTF-8 (documented)
-            raise LiveUpdateError(err=e.errno, msg=e.message) from e
-        new = DEVICE_IOCTLS[entry.name](self.luo, name)
+        new = DEVICE_IOCTLS[entry.name](self.luo, a["name"])
         reply = entry.pack(**{**a, "fd": 0})
         return reply[: min(a["size"], entry.size)], [new]
 
@@ -53,16 +49,20 @@ class SessionOps:
 
     def ioctl(self, f: File, cmd: int, arg: bytes, fds: list[int],
               resolve: Resolve) -> tuple[bytes, list[File]]:
-        entry, a = _lookup(self.luo, Target.SESSION, cmd, arg)
+        s: Session = f.private
+        incoming = s.incoming is not None
+        entry, a = _lookup(self.luo, Target.SESSION, cmd, arg,
+                           lambda e: self.luo.rules.check_direction(e.name, incoming))
         out, new = SESSION_IOCTLS[entry.name](self.luo, f.private, a, fds, resolve)
         reply = entry.pack(**{**a, **out})
         return reply[: min(a["size"], entry.size)], new
 
 
-def _lookup(luo: LuoSessions, target: Target, cmd: int,
-            arg: bytes) -> tuple[uapi.Ioctl, dict[str, Any]]:
+def _lookup(luo: LuoSessions, target: Target, cmd: int, arg: bytes,
+            before_size: Callable[[uapi.Ioctl], None] | None = None,
+            ) -> tuple[uapi.Ioctl, dict[str, Any]]:
     try:
-        found = uapi.lookup(luo.gen, target, cmd, arg)
+        found = uapi.lookup(luo.gen, target, cmd, arg, before_size)
     except AbiError as e:
         raise LiveUpdateError(err=e.errno, msg=e.message) from e
     if luo.frozen:
@@ -83,6 +83,7 @@ def _retrieve(luo: LuoSessions, s: Session, a: dict[str, Any], fds: list[int],
 
 def _finish(luo: LuoSessions, s: Session, a: dict[str, Any], fds: list[int],
             resolve: Resolve) -> Reply:
+    luo.rules.check_finish(a["reserved"])
     luo.finish(s)
     return {}, []
 
@@ -94,15 +95,15 @@ def _get_name(luo: LuoSessions, s: Session, a: dict[str, Any], fds: list[int],
     return {"name": s.name.encode()}, []
 
 
-def _create(luo: LuoSessions, name: str) -> File:
-    return luo.create(name)
+def _create(luo: LuoSessions, raw: bytes) -> File:
+    return luo.create(luo.rules.create_name(raw))
 
 
-def _retrieve_session(luo: LuoSessions, name: str) -> File:
-    return luo.retrieve_session(name)
+def _retrieve_session(luo: LuoSessions, raw: bytes) -> File:
+    return luo.retrieve_session(luo.rules.retrieve_name(raw))
 
 
-DEVICE_IOCTLS: dict[str, Callable[[LuoSessions, str], File]] = {
+DEVICE_IOCTLS: dict[str, Callable[[LuoSessions, bytes], File]] = {
     "CREATE_SESSION": _create,
     "RETRIEVE_SESSION": _retrieve_session,
 }
