@@ -183,7 +183,9 @@ def test_a_host_error_mid_update_cancels_it(rig: Rig, monkeypatch: pytest.Monkey
     its errno, and the update is cancelled: nothing half done."""
     d = rig.start()
     fd = _memfd(DATA)
-    rig.client("vm0", on_prepare=lambda c: c.preserve(fd, 1))
+    cancelled = threading.Event()
+    rig.client("vm0", on_prepare=lambda c: c.preserve(fd, 1),
+               on_cancel=lambda c, why: cancelled.set())
 
     def full(*_: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", "registry")
@@ -192,6 +194,7 @@ def test_a_host_error_mid_update_cancels_it(rig: Rig, monkeypatch: pytest.Monkey
     with pytest.raises(LiveUpdateError) as e:
         d.update(rig.image(), "", rig.luo.release)
     assert e.value.errno == errno.ENOSPC and "No space left" in e.value.message
+    assert cancelled.wait(10)  # the client heard of it (and dropped what it had preserved)
     assert d.phase is Phase.NORMAL and "No space left" in d.last_error
     assert rig.luo.preserved() == {}
 
