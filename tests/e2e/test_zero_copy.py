@@ -95,4 +95,5 @@ def test_the_maps_are_for_host_tools_only(updated: Update) -> None:
                "MachineClient as M; M(sys.argv[1]).maps()", m.dir])
     # the control socket is out of a guest's sight (kernel/mountns.py); where it is not
     # (lu.confine=0, a host without CAP_SYS_ADMIN) the RAM debug port refuses a guest peer
-    assert r["status"] != 0 and "no machine at" in r["stderr"], r
+    assert r["status"] != 0 and ("no machine at" in r["stderr"]
+                                 or "host-side tools only" in r["stderr"]), r

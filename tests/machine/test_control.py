@@ -52,12 +52,13 @@ def test_ram_debug_port_refuses_the_machines_own_processes(machine: Factory) -> 
              "run = [w[7:] for w in Kernel().cmdline().split() if w.startswith('lu.run=')][0]\n"
              "c = MachineClient(os.path.dirname(run))\n"
              "print(c.status()['state'])\n"
-             "for op in (lambda: c.ram_read(0x1000, 8), lambda: c.ram_write(0x1000, b'x')):\n"
+             "for op in (lambda: c.ram_read(0x1000, 8), lambda: c.ram_write(0x1000, b'x'),\n"
+             "           lambda: c.console(0), lambda: c.wait('x', timeout=1.0)):\n"
              "    try:\n        op()\n    except LiveUpdateError as e:\n"
              "        print(e.errno_name)\n")
     r = m.run([sys.executable, "-c", probe])
     assert r["status"] == 0, r["stderr"]
-    assert r["stdout"].split() == ["running", "EPERM", "EPERM"]
+    assert r["stdout"].split() == ["running", "EPERM", "EPERM", "EPERM", "EPERM"]
     assert m.ram_read(0x1000, 8) is not None  # host-side tools still have it
 
 

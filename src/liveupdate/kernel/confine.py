@@ -50,13 +50,19 @@ def declare(k: Kernel) -> None:
     fsaudit.declare([os.path.join(disk, "services")] if disk else [],
                     [run_dir(k)] if base else [],
                     [p for p in (base, faults, "/dev", folder, *extra) if p])
-    if folder:
+    if not folder:
+        k.printk("confine: lu.disk and lu.run are not in one folder: the machine's own files "
+                 "stay visible to userspace")
+    else:
         try:
-            covered = mountns.hide(folder, (os.path.basename(disk), os.path.basename(base)))
+            covered, failed = mountns.hide(folder, (os.path.basename(disk),
+                                                    os.path.basename(base)))
         except OSError as e:
             k.printk(f"confine: the machine's own files stay visible to userspace ({e})")
         else:
             k.printk(f"confine: {len(covered)} machine files out of userspace's sight")
+            for why in failed:
+                k.printk(f"confine: not covered, visible to userspace: {why}")
     abi = landlock.abi_version()
     if not abi:
         k.printk("confine: no Landlock in this host kernel; userspace may write anywhere")

@@ -5,9 +5,10 @@ the serial port: the console is the host's. The emulated machine keeps its conso
 control socket and its log beside ``disk/`` and ``run/`` in its folder, where any host process
 could read them -- so a process could print a value and the next kernel's userspace read it
 back, a channel across the kexec that is not the handover. Each kernel process therefore
-enters a mount namespace of its own (``unshare(CLONE_NEWNS)``, every mount made private, as
-``unshare -m`` does) and covers every entry of the machine's folder but ``disk/`` and ``run/``:
-a file or socket with ``/dev/null`` bound over it, a folder with an empty read-only tmpfs. Its
+enters a mount namespace of its own (``unshare(CLONE_NEWNS)``, every mount made a slave:
+the host's later mounts still arrive, ours never leave) and covers every entry of the
+machine's folder but ``disk/`` and ``run/``: a file or socket with ``/dev/null`` bound over
+it, a folder with an empty read-only tmpfs (a symlink is named, not covered). Its
 userspace inherits the namespace and, inside the Landlock domain that :mod:`.confine` makes
 next, cannot unmount the covers (a sandboxed process cannot change the mount topology).
 What the machine creates later in its folder is not covered; it creates its files before the
@@ -20,11 +21,12 @@ so on the console.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 CLONE_NEWNS = 0x00020000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
-MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 1 << 18
+MS_BIND, MS_REC, MS_SLAVE = 0x1000, 0x4000, 1 << 19
 
 
 def _libc() -> ctypes.CDLL:
@@ -44,25 +46,38 @@ def _mount(libc: ctypes.CDLL, source: str | None, target: str, fstype: str | Non
            f"mount {target}")
 
 
-def hide(folder: str, keep: tuple[str, ...]) -> list[str]:
+def hide(folder: str, keep: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """Enter a private mount namespace and cover every entry of ``folder`` whose name is not
-    in ``keep``; returns the paths covered. OSError (EPERM without CAP_SYS_ADMIN) leaves the
-    process in the namespace it had when the unshare failed, or in one where some entries are
-    covered: the caller reports it."""
+    in ``keep``; returns the paths covered and, for each entry that could not be, why (one
+    failure does not stop the others: a symlink, which mount would follow, is not covered
+    but named; an entry gone meanwhile is nothing to cover). OSError when the namespace
+    itself cannot be made (EPERM without CAP_SYS_ADMIN)."""
     libc = _libc()
     _check(libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-    _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)
-    covered = []
+    # slave, not private: the host's later mounts still reach us, ours never reach it
+    _mount(libc, None, "/", None, MS_REC | MS_SLAVE)
+    covered: list[str] = []
+    failed: list[str] = []
     with os.scandir(folder) as it:
-        entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it)
-    for name, is_dir in entries:
-        if name in keep:
+        entries = sorted(it, key=lambda e: e.name)
+    for e in entries:
+        if e.name in keep:
             continue
-        path = os.path.join(folder, name)
-        if is_dir:
-            _mount(libc, "tmpfs", path, "tmpfs",
-                   MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0555")
-        else:
-            _mount(libc, "/dev/null", path, None, MS_BIND)
-        covered.append(path)
-    return covered
+        try:
+            if e.is_symlink():
+                failed.append(f"{e.path}: a symlink (mount would follow it)")
+                continue
+            if e.is_dir(follow_symlinks=False):
+                _mount(libc, "tmpfs", e.path, "tmpfs",
+                       MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0555")
+            else:
+                _mount(libc, "/dev/null", e.path, None, MS_BIND)
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            if err.errno == errno.ENOENT:
+                continue
+            failed.append(f"{e.path}: {err.strerror or err}")
+            continue
+        covered.append(e.path)
+    return covered, failed

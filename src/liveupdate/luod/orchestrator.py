@@ -122,9 +122,7 @@ class Orchestrator:
         if fd is not None:
             self.phase = Phase.UPDATED
             self.reg.timeline["updated"] = time.time()
-            if not self.waiting_for():  # nobody to wait for: FINISH now, not at the timeout
-                self.finish("no client preserved anything")
-            else:
+            if not self._finish_now():
                 threading.Thread(target=self._finish_after_timeout, daemon=True).start()
         elif previous.get("phase") in ("prepared", "frozen"):
             self.last_error = (f"the previous luod ended while {previous['phase']}; the "
@@ -134,6 +132,19 @@ class Orchestrator:
                                "finished them: what clients had retrieved is theirs, the "
                                "rest was freed")
         self._save_state()
+
+    def _finish_now(self) -> bool:
+        """At start, FINISH an update nobody preserved anything in instead of waiting for
+        the timeout; a FINISH that fails here is said (``last_error``) and left to the
+        timeout, as luod must come up whatever happens."""
+        if self.waiting_for():
+            return False
+        try:
+            self.finish("no client preserved anything")
+        except (LiveUpdateError, OSError) as e:
+            self.last_error = f"FINISH at start failed ({e}); retried at the timeout"
+            return False
+        return True
 
     def _save_state(self) -> None:
         self.store.save_state(self.phase.value, self.last_error)

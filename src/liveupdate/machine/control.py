@@ -2,8 +2,11 @@
 :func:`liveupdate.abi.wire.dispatch` (which turns results and errors into the reply).
 
 The RAM debug port (``ram_read``, ``ram_write``, and ``maps``: where each process's memfds
-lie in RAM) answers host-side tools only: a peer (SO_PEERCRED) that descends from this
-machine process -- a kernel process or any of its userspace -- gets EPERM.
+lie in RAM) and the console (``console``, ``wait``) answer host-side tools only: a peer
+(SO_PEERCRED) that descends from this machine process -- a kernel process or any of its
+userspace -- gets EPERM (the console is the host's serial port: a guest that could read it
+back would carry state across the update; kernel/mountns.py also keeps this socket out of
+a confined guest's sight).
 """
 
 from __future__ import annotations
@@ -89,10 +92,7 @@ def _log_bug(line: str) -> None:
 
 
 def _ram(peer: Peer) -> Ram:
-    if peer.guest:
-        raise LiveUpdateError(
-            err=errno.EPERM, msg="the RAM debug port answers host-side tools only, "
-            "not the machine's own kernels or their userspace")
+    _host_only(peer, "RAM debug port")
     if peer.machine.ram is None:
         raise LiveUpdateError(err=errno.EAGAIN, msg="machine is off")
     return peer.machine.ram
@@ -119,7 +119,14 @@ def _power_cycle(p: Peer, m: Message) -> Message:
     return Message(p.machine.status())
 
 
+def _host_only(peer: Peer, what: str) -> None:
+    if peer.guest:
+        raise LiveUpdateError(err=errno.EPERM, msg=f"the {what} answers host-side tools only, "
+                              "not the machine's own kernels or their userspace")
+
+
 def _console(p: Peer, m: Message) -> Message:
+    _host_only(p, "console")
     mc, off = p.machine, arg(m, "offset", int, 0)
     with mc.cond:
         _, text = mc.console.since(off)
@@ -127,6 +134,7 @@ def _console(p: Peer, m: Message) -> Message:
 
 
 def _wait(p: Peer, m: Message) -> Message:
+    _host_only(p, "console")
     return Message(p.machine.wait_console(arg(m, "pattern", str), arg(m, "offset", int, 0),
                                           arg(m, "timeout", float, 60.0)))
 

@@ -191,7 +191,8 @@ class Machine:
         if not isinstance(entry, str) or not image.is_entry(entry):
             return False  # the jump reads the real header from RAM; no spare then
         with self.lock:
-            if kp is not self.kernel or self.state is not State.RUNNING:
+            # BOOTING too: a service may load the next kernel before "booted" is read
+            if kp is not self.kernel or self.state not in (State.BOOTING, State.RUNNING):
                 return False
             spare = self.spare
             if spare is not None and spare.entry == entry and spare.popen.poll() is None:
