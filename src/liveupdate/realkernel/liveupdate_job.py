@@ -46,13 +46,12 @@ from pathlib import Path
 from typing import Any
 
 from liveupdate.client.update import luod_status, reconnect
-from liveupdate.errors import AbiError, LiveUpdateError
+from liveupdate.errors import LiveUpdateError
 from liveupdate.ipc import endpoints
 from liveupdate.ipc.service import ask
 from liveupdate.realkernel.guest import STAGE_ARG
-from liveupdate.scenario.guestcheck import compare_vcpu
-from liveupdate.vmm import guest, vmstate
-from liveupdate.vmm.cpu import CpuState
+from liveupdate.scenario import guestcheck
+from liveupdate.vmm import guest
 from liveupdate.vmm.vmm import STATE_SIZE
 
 VM, VM_MEMORY, CACHE = "vm0", 32 << 20, "cache"
@@ -139,35 +138,19 @@ def _their_file(pid: int, fd: int, size: int) -> Iterator[memoryview]:
 
 
 def check_vm(sock: str) -> dict[str, Any]:
-    """The VM judged by the guest's own records, from its memfds (see the module doc)."""
+    """The VM judged by the guest's own records, from its memfds (see the module doc): the
+    emulated demo's judgement (:func:`liveupdate.scenario.guestcheck.judge`), its bytes
+    read through procfs instead of by physical extent."""
     where = ask(sock, "where")
-    st = ask(sock, "status")
-    pid, size, fds = int(st["pid"]), int(where["size"]), where["fds"]
-    out: dict[str, Any] = {"vcpu_problem": ""}
-    secret = None
+    pid, size, fds = int(ask(sock, "status")["pid"]), int(where["size"]), where["fds"]
+    saved = None
     if where.get("restored_cpu") is not None:
         with _their_file(pid, int(fds["state"]), STATE_SIZE) as raw:
-            try:
-                sections = vmstate.VM_STATE.decode(bytes(raw))
-                saved = CpuState.from_json(sections["cpu0"])
-            except (AbiError, KeyError, ValueError) as e:
-                out["vcpu_problem"] = f"the saved vCPU state is unreadable: {e}"
-            else:
-                out["vcpu_problem"] = compare_vcpu(saved, where["restored_cpu"])
-                out["saved_steps"] = int(sections["vm"]["steps"])
-                secret = saved.regs[guest.SECRET_REG]
-    held = bool(ask(sock, "pause")["held"])
-    try:
-        with _their_file(pid, int(fds["ram"]), size) as mem:
-            chk = guest.verify(mem, size, secret)
-    finally:
-        if not held:
-            ask(sock, "resume")
-    out.update(intact=chk.ok, problem=chk.problem, steps=chk.steps,
-               pages_touched=chk.pages_touched, entries=chk.entries)
-    if chk.entries > 1 or "secret" in chk.problem:
-        out["vcpu_problem"] = out["vcpu_problem"] or chk.problem
-    return out
+            saved = bytes(raw)
+    v = guestcheck.judge(sock, where, saved, lambda: _their_file(pid, int(fds["ram"]), size))
+    return {"intact": v.intact, "problem": v.problem, "steps": v.steps,
+            "pages_touched": v.pages, "entries": v.entries, "saved_steps": v.saved_steps,
+            "vcpu_problem": v.vcpu_problem}
 
 
 def _cache_keys(sock: str) -> dict[str, Any]:

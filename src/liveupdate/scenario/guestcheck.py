@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,8 @@ class Verdict:
     pages: int
     vcpu_restored: bool  # the registers came from the saved state, and the guest agrees
     vcpu_problem: str
+    entries: int  # times the guest's code was entered from its start (1: never restarted)
+    saved_steps: int | None  # the guest's steps when its state was saved (None: no state)
 
 
 def _ram_fd(m: MachineClient) -> int | None:
@@ -73,16 +76,7 @@ def guest_memory(m: MachineClient, extents: list[tuple[int, int]]) -> Iterator[m
         mapping.close()
 
 
-def saved_state(m: MachineClient, extents: list[tuple[int, int]]
-                ) -> tuple[dict[str, Any], CpuState]:
-    """The VM and vCPU sections the VMM wrote at freeze, read from RAM where the preserved
-    state memfd lies."""
-    raw = b"".join(m.ram_read(p, n) for p, n in extents)[:STATE_SIZE]
-    sections = vmstate.VM_STATE.decode(raw)
-    return sections["vm"], CpuState.from_json(sections["cpu0"])
-
-
-def compare_vcpu(saved: CpuState, restored: dict[str, Any] | None) -> str:
+def _compare_vcpu(saved: CpuState, restored: dict[str, Any] | None) -> str:
     """Why the restored registers are not the saved ones ("" when they are)."""
     if restored is None:
         return "the VMM loaded no saved vCPU state (it was not restored)"
@@ -95,34 +89,46 @@ def compare_vcpu(saved: CpuState, restored: dict[str, Any] | None) -> str:
     return ""
 
 
-def check(m: MachineClient, sock: str) -> Verdict:
-    """Pause the VM at an exit, judge its memory and vCPU from RAM, resume it."""
-    where = ask(sock, "where")
-    ram = [(int(p), int(n)) for p, n in where["ram"]]
-    state = [(int(p), int(n)) for p, n in where["state"]]
-    vcpu_problem, saved_cpu = "", None
-    if not state:
+def judge(sock: str, where: dict[str, Any], saved: bytes | None,
+          memory: Callable[[], AbstractContextManager[memoryview]]) -> Verdict:
+    """The one verdict, whatever the host: ``where`` is the VMM's answer, ``saved`` the
+    preserved state memfd's bytes (None: the VM was never restored), ``memory`` maps the
+    guest's memory read-only. Pauses the VM at an exit for the memory check, then resumes
+    it (unless it was already held)."""
+    vcpu_problem, saved_cpu, saved_steps = "", None, None
+    if saved is None:
         vcpu_problem = "no saved vCPU state: the VM was never restored"
     else:
         try:
-            vm, saved_cpu = saved_state(m, state)
+            sections = vmstate.VM_STATE.decode(saved[:STATE_SIZE])
+            saved_cpu = CpuState.from_json(sections["cpu0"])
+            saved_steps = int(sections["vm"]["steps"])
         except (AbiError, ValueError, KeyError) as e:
             vcpu_problem = f"the saved vCPU state is unreadable: {e}"
         else:
-            vcpu_problem = compare_vcpu(saved_cpu, where["restored_cpu"])
+            vcpu_problem = _compare_vcpu(saved_cpu, where["restored_cpu"])
     secret = saved_cpu.regs[guest.SECRET_REG] if saved_cpu is not None else None
     held = bool(ask(sock, "pause")["held"])
     try:
-        with guest_memory(m, ram) as mem:
+        with memory() as mem:
             chk = guest.verify(mem, int(where["size"]), secret)
     finally:
         if not held:
             ask(sock, "resume")
     if chk.entries > 1 or "secret" in chk.problem:
         vcpu_problem = vcpu_problem or chk.problem
-    if saved_cpu is not None and chk.steps < int(vm["steps"]):
+    if saved_steps is not None and chk.steps < saved_steps:
         vcpu_problem = vcpu_problem or (f"the guest is at step {chk.steps}, behind the "
-                                        f"{vm['steps']} it had taken when it was saved")
+                                        f"{saved_steps} it had taken when it was saved")
     return Verdict(chk.ok, chk.problem, chk.steps, chk.pages_touched, not vcpu_problem,
-                   vcpu_problem)
+                   vcpu_problem, chk.entries, saved_steps)
 
+
+def check(m: MachineClient, sock: str) -> Verdict:
+    """Judge the VM from the emulated machine's RAM: its memory mapped by extent, its saved
+    state read through the debug port."""
+    where = ask(sock, "where")
+    ram = [(int(p), int(n)) for p, n in where["ram"]]
+    state = [(int(p), int(n)) for p, n in where["state"]]
+    saved = b"".join(m.ram_read(p, n) for p, n in state) if state else None
+    return judge(sock, where, saved, lambda: guest_memory(m, ram))
