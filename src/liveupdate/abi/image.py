@@ -33,6 +33,7 @@ import json
 import re
 import struct
 from dataclasses import asdict, dataclass, field
+from typing import TypeGuard
 
 from liveupdate.abi import generations
 from liveupdate.abi.consts import PAGE_SIZE
@@ -44,7 +45,7 @@ MAX_HEADER = PAGE_SIZE - PREAMBLE.size
 ENTRY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
-def is_entry(entry: object) -> bool:
+def is_entry(entry: object) -> TypeGuard[str]:
     """A module name an image may give as its kernel's code: one of ours."""
     return isinstance(entry, str) and bool(ENTRY_RE.match(entry)) and \
         entry.startswith("liveupdate.")

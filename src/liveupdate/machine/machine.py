@@ -188,18 +188,12 @@ class Machine:
         no Python start-up -- and only a machine that may jump pays for one, after its boot
         (a spare started at every boot cost ~0.25 s of CPU, competing with the boot)."""
         entry = header.get("entry")
-        if not isinstance(entry, str) or not image.is_entry(entry):
+        if not image.is_entry(entry):
             return False  # the jump reads the real header from RAM; no spare then
         with self.lock:
             # BOOTING too: a service may load the next kernel before "booted" is read
-            if kp is not self.kernel or self.state not in (State.BOOTING, State.RUNNING):
-                return False
-            spare = self.spare
-            if spare is not None and spare.entry == entry and spare.popen.poll() is None:
-                return False
-            if spare is not None:
-                spare.discard(self.run)
-            self.spare = self._spawn(entry)
+            if kp is self.kernel and self.state in (State.BOOTING, State.RUNNING):
+                self.spare = self._take_kernel(entry)  # the one there if it fits, else anew
         return False
 
     def _jumped(self, kp: KernelProc, header: dict[str, Any]) -> bool:
