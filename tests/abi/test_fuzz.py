@@ -29,8 +29,9 @@ def _fuzz(names: list[str]) -> tuple[set[str], str]:
 
 def test_every_decoder_survives_hostile_input() -> None:
     names = sorted(DECODERS)
-    held, _ = _fuzz(names)
-    failed: dict[str, str] = {}
+    held, batch = _fuzz(names)
+    # every decoder held but the process still ended badly (a crash at exit): that too fails
+    failed: dict[str, str] = {"the fuzz process": batch} if batch and held == set(names) else {}
     for name in names:
         if name not in held:  # the batch ended before it: alone, it says its own verdict
             alone, why = _fuzz([name])
