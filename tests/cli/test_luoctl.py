@@ -1,23 +1,23 @@
-"""luoctl example + inspect, run as real processes on real files."""
+"""luoctl example, capture and inspect on real files: in process (``tests.tools.cli``), and
+as its own process where a process is what is checked (capture's machines, one error line)."""
 
 from __future__ import annotations
 
 import json
 import struct
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from liveupdate.abi import kho
+from tests.tools.cli import LUOCTL, luoctl
 
-LUOCTL = [sys.executable, "-m", "liveupdate.cli.luoctl"]
 
-
-def luoctl(*args: str) -> subprocess.CompletedProcess[str]:
+def process(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*LUOCTL, *args], capture_output=True, text=True, timeout=120)
+
 
 
 def make_example(tmp: Path, *extra: str) -> dict[str, Any]:
@@ -64,7 +64,7 @@ def test_example_decodes_end_to_end(tmp_path: Path, generation: str, bitmap: str
 def test_inspect_decodes_a_captured_handover_of_every_generation(
         tmp_path: Path, writer: str, reader: str, negotiate: bool) -> None:
     """luoctl capture (a real kernel's RAM at the jump) then luoctl inspect --ram."""
-    proc = luoctl("capture", "--from", writer, "--to", reader, "--out", str(tmp_path),
+    proc = process("capture", "--from", writer, "--to", reader, "--out", str(tmp_path),
                   "--json", *(["--negotiate"] if negotiate else []))
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
@@ -102,7 +102,7 @@ def test_inspect_plain_blobs_and_human_output(tmp_path: Path) -> None:
 def test_inspect_rejects_garbage_in_one_line(tmp_path: Path) -> None:
     f = tmp_path / "junk"
     f.write_bytes(b"\xd0\x0d\xfe\xed" + b"\xff" * 60)
-    proc = luoctl("inspect", str(f))
+    proc = process("inspect", str(f))
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("luoctl: error: ")
     assert "Traceback" not in proc.stderr

@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
 from pathlib import Path
 
 from liveupdate.abi import kho
-from tests.tools.cli import LUOCTL, inspect
+from tests.tools.cli import inspect, luoctl
 from tests.tools.conftest import write_example
-
-
-def luoctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*LUOCTL, *args], capture_output=True, text=True, timeout=120)
 
 
 def test_usage_errors_exit_2_with_the_reason(tmp_path: Path) -> None:

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from liveupdate.tools import report, report_debugfs
-from tests.tools.cli import LUOCTL, inspect
+from tests.tools.cli import inspect, luoctl
 
 FULL = os.environ.get("LIVEUPDATE_REALCAP")
 KEPT = Path(__file__).resolve().parents[1] / "realkernel" / "captures"
@@ -84,8 +83,7 @@ def test_every_setup_data_form_leads_to_the_same_root(cap: Path) -> None:
             _check_scratch(cap, rep["scratch"])
     for other in (cap / "setup_data").iterdir():
         if other / "data" != _kho_sysfs(cap):
-            p = subprocess.run([*LUOCTL, "inspect", str(other / "data")], capture_output=True,
-                               text=True)
+            p = luoctl("inspect", other / "data")
             assert p.returncode == 1 and "is not SETUP_KEXEC_KHO" in p.stderr
 
 
