@@ -1,11 +1,16 @@
 """Process trees, for the kernel process (ending its userspace) and the machine (reaping
-what a kernel left dying): subreaper status and children by /proc (``/proc/PID/task/*/
-children`` is not always built in)."""
+what a kernel left dying): subreaper status, children by /proc (``/proc/PID/task/*/
+children`` is not always built in), and a handle on an adopted child."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import select
+import signal
+import subprocess
+import threading
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -31,3 +36,50 @@ def children_of(ppid: int) -> list[int]:
         if len(fields) > 1 and int(fields[1]) == ppid:
             out.append(int(name))
     return out
+
+
+class Child:
+    """A child process known by pid -- one this process did not fork itself but adopted as a
+    subreaper (a kernel forked by its template): ``subprocess.Popen``'s ``pid``, ``poll``,
+    ``wait`` and ``kill``, through a pidfd, so a signal never reaches a recycled pid."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.pidfd = os.pidfd_open(pid)
+        self.returncode: int | None = None
+        self._lock = threading.Lock()
+
+    def _reap(self, block: bool) -> int | None:
+        with self._lock:
+            if self.returncode is None:
+                try:
+                    pid, status = os.waitpid(self.pid, 0 if block else os.WNOHANG)
+                except ChildProcessError:  # reaped elsewhere: gone, its status unknown
+                    pid, status = self.pid, -1
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status) if status >= 0 else -1
+            return self.returncode
+
+    def poll(self) -> int | None:
+        return self._reap(block=False)
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None and timeout is not None and \
+                not select.select([self.pidfd], [], [], timeout)[0]:
+            raise subprocess.TimeoutExpired(str(self.pid), timeout)
+        code = self._reap(block=True)
+        assert code is not None
+        return code
+
+    def kill(self) -> None:
+        with self._lock, contextlib.suppress(ProcessLookupError):
+            if self.returncode is None:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+
+    def close(self) -> None:
+        """Reaped, and its pidfd closed: call once nobody waits on it any more."""
+        self.wait()
+        with self._lock:
+            if self.pidfd >= 0:
+                os.close(self.pidfd)
+                self.pidfd = -1

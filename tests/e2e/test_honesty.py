@@ -3,14 +3,19 @@
 The kernel process is checked by object identity, not by name: every fd it holds is the
 machine's RAM memfd (and Python's mmap duplicate of it), its link to the machine (whose peer
 the machine process holds), /dev/null and the console pipe -- or a socket whose peer one of its
-own userspace processes holds. Its parent is the machine, its argv exactly what the machine
-passes, its environment empty. A test component that leaks one file across the jump must
-make the check fail.
+own userspace processes holds. Its parent is the machine, its argv its template's (the
+interpreter that forks kernels, :mod:`liveupdate.kernel.template`), its environment empty. A
+test component that leaks one file across the jump must make the check fail. The template is
+checked the same way: it holds its control socket to the machine and stdio, nothing else; an
+fd planted in it is caught, and is not in the kernels it forks.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import select
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +23,9 @@ from typing import Any
 import liveupdate
 from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.abi.physmem import PhysMem
+from liveupdate.abi.wire import seqpacket_pair
+from liveupdate.ipc import fds as scm
+from liveupdate.kernel.template import LINK_FD
 from liveupdate.machine.client import RemoteRam
 from liveupdate.tools import report
 from tests.e2e.conftest import Factory
@@ -82,11 +90,8 @@ def honesty_violations(st: dict[str, Any], *, loading: bool = False) -> list[str
         bad.append(f"parent is {_ppid(kpid)}, not the machine {mpid}")
     with open(f"/proc/{kpid}/cmdline", "rb") as f:
         argv = f.read().decode().split("\0")[:-1]
-    want = [sys.executable, "-u", "-m", "liveupdate.kernel.main", "--ram-fd", "?",
-            "--link-fd", "?"]
-    if len(argv) != len(want) or any(w not in ("?", a) for a, w in zip(argv, want,
-                                                                        strict=False)):
-        bad.append(f"argv {argv} is not what the machine passes")
+    if argv[:-1] != TEMPLATE_ARGV:
+        bad.append(f"argv {argv} is not its template's")
     with open(f"/proc/{kpid}/environ", "rb") as f:
         if f.read():
             bad.append("environment is not empty")
@@ -98,7 +103,7 @@ def honesty_violations(st: dict[str, Any], *, loading: bool = False) -> list[str
                   if t.startswith("socket:")}
     devnull = os.stat("/dev/null")
     peers = unix_peers()
-    link_fd = int(argv[7]) if len(argv) == 8 and argv[7].isdigit() else -1
+    link_fd = LINK_FD
     held = _fds(kpid)
     if sum(obj in ram for obj, _ in held.values()) not in (1, 2):
         bad.append("the RAM memfd is not held once (plus its mmap duplicate)")
@@ -121,6 +126,83 @@ def honesty_violations(st: dict[str, Any], *, loading: bool = False) -> list[str
         bad.append(f"fd {fd} ({target}) is not RAM, the link, stdio or a socket to its own "
                    "userspace")
     return bad
+
+
+TEMPLATE_ARGV = [sys.executable, "-u", "-m", "liveupdate.kernel.main", "--template-fd"]
+
+
+def template_violations(pid: int, parent: int) -> list[str]:
+    """What a kernel template holds beyond stdio and its control socket to ``parent``."""
+    bad = []
+    if _ppid(pid) != parent:
+        bad.append(f"parent is {_ppid(pid)}, not {parent}")
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = f.read().decode().split("\0")[:-1]
+    if argv[:-1] != TEMPLATE_ARGV or not argv[-1].isdigit():
+        bad.append(f"argv {argv} is not what the machine passes")
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        if f.read():
+            bad.append("environment is not empty")
+    ours = _fds(parent)
+    pipes = {obj for obj, t in ours.values() if t.startswith("pipe:")}
+    socks = {obj[1] for obj, t in ours.values() if t.startswith("socket:")}
+    devnull = os.stat("/dev/null")
+    peers = unix_peers()
+    for fd, (obj, target) in sorted(_fds(pid).items()):
+        if (fd == 0 and obj == (devnull.st_dev, devnull.st_ino)) or \
+                (fd in (1, 2) and obj in pipes):
+            continue
+        if fd == int(argv[-1]) and peers.get(obj[1]) in socks:
+            continue
+        bad.append(f"fd {fd} ({target}) is not stdio or its control socket")
+    return bad
+
+
+def test_the_template_holds_nothing_and_its_kernels_nothing_of_it(tmp_path: Path) -> None:
+    """A template started with one fd too many: the check names the fd; a kernel it forks
+    holds RAM, its link and stdio only (the planted fd is closed) and has nothing to run
+    until "go" (its link closes: it exits)."""
+    planted = tmp_path / "planted"
+    planted.write_bytes(b"state")
+    ours, theirs = seqpacket_pair()
+    rd, wr = os.pipe()
+    with open(planted, "rb") as extra:
+        p = subprocess.Popen([*TEMPLATE_ARGV, str(theirs.fileno())],
+                             pass_fds=(theirs.fileno(), extra.fileno()),
+                             stdin=subprocess.DEVNULL, stdout=wr, stderr=wr, env={}, cwd="/")
+    theirs.close()
+    os.close(wr)
+    try:
+        bad = template_violations(p.pid, os.getpid())
+        assert len(bad) == 1 and str(planted) in bad[0], bad
+        ram = os.memfd_create("lu-ram-test")
+        mside, kside = seqpacket_pair()
+        crd, cwr = os.pipe()
+        scm.sendmsg(ours, b"fork", (ram, kside.fileno(), cwr))
+        kpid = int(json.loads(ours.recv(4096))["pid"])
+        for fd in (ram, cwr):
+            os.close(fd)
+        kside.close()
+        fds = {fd: target for fd, (_, target) in _fds(kpid).items()}
+        assert sorted(fds) == [0, 1, 2, 3, LINK_FD] and fds[3].startswith("/memfd:lu-ram")
+        assert str(planted) not in fds.values()
+        kernel = os.pidfd_open(kpid)
+        mside.close()  # no "go": the kernel has nothing to run
+        assert select.select([kernel], [], [], 30)[0]
+        os.close(kernel)
+        os.close(crd)
+    finally:
+        ours.close()  # EOF: the template exits
+        assert p.wait(30) == 0
+        os.close(rd)
+
+
+def test_the_machines_template_holds_nothing_but_its_control_socket(machine: Factory) -> None:
+    m = machine("kho=on")
+    st = m.status()
+    assert st["templates"], st
+    for pid in st["templates"].values():
+        assert template_violations(pid, st["machine_pid"]) == []
 
 
 def _service(tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
-"""The kernel process: ``python -m liveupdate.kernel.main --ram-fd N --link-fd M``.
+"""The kernel process, forked by its template (``python -m liveupdate.kernel.main
+--template-fd N``, :mod:`liveupdate.kernel.template`) with its code imported.
 
-The machine may start it early: it imports its code, then waits on the link for "go" with the
-physical address of the boot parameters. From then on it holds exactly the fds the machine gave
-(RAM, link, stdio to the console) and reads everything else from RAM. After boot it serves the
-machine's requests (run a program, KHO debugfs and status) while userspace runs.
+The machine may ask for it early: it waits on the link for "go" with the physical address of
+the boot parameters. From then on it holds exactly the fds the machine gave (RAM, link, stdio
+to the console) and reads everything else from RAM. After boot it serves the machine's
+requests (run a program, KHO debugfs and status) while userspace runs.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 from liveupdate.abi import wire
 from liveupdate.abi.wire import Handler, Message, arg
 from liveupdate.errors import LiveUpdateError
-from liveupdate.kernel import boot, debugfs, fsaudit, init
+from liveupdate.kernel import boot, debugfs, fsaudit, init, template
 from liveupdate.kernel.kernel import Kernel
 from liveupdate.kernel.link import Link
 from liveupdate.kernel.syscalls import server
@@ -101,14 +102,19 @@ def _serve_request(k: Kernel, link: Link, h: dict[str, Any]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="liveupdate-kernel")
-    ap.add_argument("--ram-fd", type=int, required=True)
-    ap.add_argument("--link-fd", type=int, required=True)
+    ap.add_argument("--template-fd", type=int, required=True,
+                    help="the machine's end of the control socket: fork a kernel per request")
     args = ap.parse_args()
-    link = Link(socket.socket(fileno=args.link_fd))
+    template.serve(socket.socket(fileno=args.template_fd), run)
+
+
+def run(ram_fd: int, link_fd: int) -> None:
+    """One kernel, from "go" to power off."""
+    link = Link(socket.socket(fileno=link_fd))
     msg = link.recv()
     if msg is None or msg[0].get("op") != "go":
         sys.exit(0)  # the machine let this warm kernel go unused
-    k = Kernel(args.ram_fd, link)
+    k = Kernel(ram_fd, link)
     fsaudit.enforce(k.panic)  # a violation is a panic from now on
     become_subreaper()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]

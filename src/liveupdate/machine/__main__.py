@@ -41,6 +41,7 @@ def main() -> None:
     m = Machine(args.dir)
     def terminate(*_: object) -> None:
         m.power_off()
+        m.close_templates()
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, terminate)
@@ -54,6 +55,7 @@ def main() -> None:
         control.serve(m, args.ready_fd)
     finally:
         m.power_off()
+        m.close_templates()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(m.socket_path)
 

@@ -42,7 +42,7 @@ from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.machine import firmware
 from liveupdate.machine.console import Console
-from liveupdate.machine.kernels import KernelProc, Pending, spawn
+from liveupdate.machine.kernels import KernelProc, Pending, Template, spawn
 from liveupdate.machine.ram import Ram
 from liveupdate.machine.state import STOPPED, TRANSITIONS, State
 from liveupdate.procs import children_of
@@ -76,6 +76,7 @@ class Machine:
         self.config: dict[str, Any] = {}
         self.kernel: KernelProc | None = None
         self.spare: KernelProc | None = None
+        self.templates: dict[str, Template] = {}  # by entry module; they outlive power cycles
         self.boot_count = 0
         self.last_restart = ""  # why the machine last restarted itself (e.g. a power loss)
         self.jump_times: list[float] = []  # old kernel's jump request to the next one's "go"
@@ -122,11 +123,21 @@ class Machine:
     # -- kernel processes -----------------------------------------------------------------
     def _spawn(self, entry: str) -> KernelProc:
         assert self.ram is not None
-        return spawn(self.ram.fd, entry, self.console)
+        template = self.templates.get(entry)
+        if template is None or not template.alive():
+            if template is not None:
+                template.close()
+            template = self.templates[entry] = Template(entry, self.console)
+        return spawn(template, self.ram.fd, self.console)
+
+    def close_templates(self) -> None:
+        for template in self.templates.values():
+            template.close()
+        self.templates.clear()
 
     def _take_kernel(self, entry: str) -> KernelProc:
         spare, self.spare = self.spare, None
-        if spare is not None and spare.entry == entry and spare.popen.poll() is None:
+        if spare is not None and spare.entry == entry and spare.proc.poll() is None:
             return spare
         if spare is not None:
             spare.discard(self.run)
@@ -235,7 +246,8 @@ class Machine:
         leaves nothing of the old userspace running, and a socket (an abstract one too) of a
         dying process must not be in the next kernel's way. Descendants re-parented later
         are taken in the next round; after ``timeout`` the machine says what it left."""
-        ours = {kp.popen.pid for kp in (self.kernel, self.spare) if kp is not None}
+        ours = {kp.proc.pid for kp in (self.kernel, self.spare) if kp is not None} | \
+            {t.popen.pid for t in self.templates.values()}
         deadline = time.monotonic() + timeout
         while orphans := [p for p in children_of(os.getpid()) if p not in ours]:
             for pid in orphans:
@@ -325,8 +337,9 @@ class Machine:
                 "jump_request_ns": self.jump_request_ns, "kernel_start_ns": self.kernel_start_ns,
                 "kernel_booted_ns": self.kernel_booted_ns,
                 "console_bytes": self.console.end,
-                "kernel_pid": kp.popen.pid if kp else None,
-                "spare_pid": self.spare.popen.pid if self.spare else None,
+                "kernel_pid": kp.proc.pid if kp else None,
+                "spare_pid": self.spare.proc.pid if self.spare else None,
+                "templates": {e: t.popen.pid for e, t in self.templates.items()},
                 "kernel": kp.info if kp else {}}
 
     # -- control socket (served by liveupdate.machine.control) ------------------------
