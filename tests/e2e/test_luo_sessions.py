@@ -1,5 +1,10 @@
 """LUO sessions (6.19 to 7.3) across real kexecs: the mainline self-tests (spec/luo.md 6.1,
-6.2), limits, crash safety, and Linux's behaviour between generations (spec/luo.md 7)."""
+6.2), limits, crash safety, and Linux's behaviour between generations (spec/luo.md 7).
+
+The self-test cases run per generation on one machine of that generation (:func:`same`), as
+upstream's run one after another on one host: each must leave LUO as it found it -- no
+outgoing session, the device closed, every incoming session finished -- which is checked
+after each, so a case that leaks fails itself rather than the next one."""
 
 from __future__ import annotations
 
@@ -7,17 +12,67 @@ import errno
 import json
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from liveupdate.abi import generations, luo_session
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import LiveUpdateError
-from liveupdate.machine.client import RemoteRam
+from liveupdate.machine.client import MachineClient, RemoteRam, start
 from liveupdate.tools import report
 from tests.e2e import luo_prog
-from tests.e2e.conftest import CMDLINE, Machine
+from tests.e2e.conftest import CMDLINE, IMAGES, Machine
 from tests.e2e.luo_prog import luo, update
+
+Shared = Callable[[str], MachineClient]
+# the cases on one machine per generation: one xdist group each, so they meet on one worker
+ON_ONE_MACHINE = [pytest.param(g, marks=pytest.mark.xdist_group(f"luo-{g}"))
+                  for g in luo_prog.SESSION_GENERATIONS]
+
+
+@pytest.fixture(scope="module")
+def per_gen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, MachineClient]]:
+    running: list[tuple[subprocess.Popen[bytes], MachineClient]] = []
+    machines: dict[str, MachineClient] = {}
+
+    class Machines(dict[str, MachineClient]):
+        def __missing__(self, gen: str) -> MachineClient:
+            folder = tmp_path_factory.mktemp(f"luo-{gen}") / "m"
+            images = folder / "disk" / "images"
+            images.mkdir(parents=True)
+            for name, img in IMAGES.items():
+                (images / f"{name}.img").write_bytes(img.encode())
+            proc, m = start(str(folder), memory=1 << 30, cmdline=CMDLINE,
+                            image=f"images/{gen}.img", log=f"{folder}.log")
+            running.append((proc, m))
+            m.booted(60)
+            self[gen] = m
+            return m
+
+    machines = Machines()
+    yield machines
+    for proc, m in running:
+        m.shutdown()
+        proc.wait(30)
+
+
+@pytest.fixture
+def same(per_gen: dict[str, MachineClient]) -> Iterator[Shared]:
+    """``same(gen)``: this module's machine of generation ``gen``; after the test, LUO on it
+    must be as a fresh boot has it."""
+    used: list[MachineClient] = []
+
+    def get(gen: str) -> MachineClient:
+        used.append(per_gen[gen])
+        return used[-1]
+
+    yield get
+    for m in used:
+        st = luo(m)
+        left = {"outgoing": st["sessions"], "device_open": st["device_open"],
+                "unfinished": [s["name"] for s in st["incoming"] if not s.get("finished")]}
+        assert left == {"outgoing": [], "device_open": False, "unfinished": []}, left
 
 LIVEUPDATE_C = r'''
 out = {}
@@ -68,9 +123,9 @@ print(json.dumps(out))
 '''
 
 
-@pytest.mark.parametrize("gen", luo_prog.SESSION_GENERATIONS)
-def test_liveupdate_c_cases(lu: Machine, gen: str) -> None:
-    m = lu(gen)
+@pytest.mark.parametrize("gen", ON_ONE_MACHINE)
+def test_liveupdate_c_cases(same: Shared, gen: str) -> None:
+    m = same(gen)
     got = luo_prog.run(m, LIVEUPDATE_C)
     common = {
         "exclusive_open": "EBUSY", "create_duplicate_session": "EEXIST",
@@ -122,13 +177,14 @@ print(json.dumps(out))
 '''
 
 
-@pytest.mark.parametrize("gen", luo_prog.SESSION_GENERATIONS)
-def test_luo_kexec_simple(lu: Machine, gen: str) -> None:
-    m = lu(gen)
+@pytest.mark.parametrize("gen", ON_ONE_MACHINE)
+def test_luo_kexec_simple(same: Shared, gen: str) -> None:
+    m = same(gen)
+    number = luo(m)["liveupdate_number"]
     luo_prog.run(m, KEXEC_SIMPLE_1)
     st = update(m, gen)
     assert st["kernel"]["kho_boot"]
-    assert luo(m)["liveupdate_number"] == 1
+    assert luo(m)["liveupdate_number"] == number + 1
     assert luo_prog.run(m, KEXEC_SIMPLE_2) == {
         "stage": "2", "again": "EINVAL", "text": "hello kexec world", "shared_offset": 5,
         "finish": "ok", "finish_again": "ok", "after_finish": "ENOENT",
@@ -163,9 +219,9 @@ print(json.dumps(out))
 '''
 
 
-@pytest.mark.parametrize("gen", luo_prog.SESSION_GENERATIONS)
-def test_luo_multi_session(lu: Machine, gen: str) -> None:
-    m = lu(gen)
+@pytest.mark.parametrize("gen", ON_ONE_MACHINE)
+def test_luo_multi_session(same: Shared, gen: str) -> None:
+    m = same(gen)
     luo_prog.run(m, MULTI_1)
     update(m, gen)
     assert luo_prog.run(m, MULTI_2) == {
@@ -263,9 +319,9 @@ print(json.dumps({"extents": k.extents(fd, 256 << 20), "digest": digest(mp.view)
 '''
 
 
-@pytest.mark.parametrize("gen", luo_prog.SESSION_GENERATIONS)
-def test_zero_copy_and_seals(lu: Machine, gen: str) -> None:
-    m = lu(gen)
+@pytest.mark.parametrize("gen", ON_ONE_MACHINE)
+def test_zero_copy_and_seals(same: Shared, gen: str) -> None:
+    m = same(gen)
     before = luo_prog.run(m, ZERO_COPY_1)
     resident = m.status()["ram_resident"]
     update(m, gen)
