@@ -64,42 +64,44 @@ def serve(control: socket.socket, run: Callable[[int, int], None]) -> None:
 
 
 def _fork(control: socket.socket, fds: list[int], run: Callable[[int, int], None]) -> int:
+    """The kernel's pid, once it is the machine's child and holds only its own fds: the
+    kernel writes its pid into a pipe after closing every other fd, then closes the pipe, and
+    the template reads to EOF -- which comes only when the middle process has exited too."""
     r, w = os.pipe()
     middle = os.fork()
     if middle == 0:
-        code = 0
         try:
-            kernel = os.fork()
-            if kernel == 0:
-                _become(fds, run)  # never returns
-            os.write(w, str(kernel).encode())
-        except BaseException:
-            code = 1
+            if os.fork() == 0:
+                _become(fds, w, run)  # never returns
         finally:
-            os._exit(code)
+            os._exit(0)
     os.close(w)
     try:
         with os.fdopen(r, "rb", closefd=False) as f:
             said = f.read()
     finally:
         os.close(r)
-        os.waitpid(middle, 0)  # from here the kernel's parent is the machine
+        os.waitpid(middle, 0)
     if not said.isdigit():
-        raise OSError(errno.EAGAIN, "the middle process could not fork the kernel")
+        raise OSError(errno.EAGAIN, "the kernel process did not start")
     return int(said)
 
 
-def _become(fds: list[int], run: Callable[[int, int], None]) -> None:
+def _become(fds: list[int], ready: int, run: Callable[[int, int], None]) -> None:
     """In the forked kernel: take the fds into place, close every other (the template's
-    control socket too), run the kernel, and exit with its status -- never back into the
-    template's loop."""
+    control socket too), say its pid on ``ready`` and close it, run the kernel, and exit with
+    its status -- never back into the template's loop."""
     code = 0
     try:
         # copies above every fd number being replaced, so no dup2 clobbers a source
-        ram, link, console = (fcntl.fcntl(fd, fcntl.F_DUPFD, LINK_FD + 1) for fd in fds)
+        ram, link, console, ready = (fcntl.fcntl(fd, fcntl.F_DUPFD, LINK_FD + 1)
+                                     for fd in (*fds, ready))
         for src, dst in ((console, 1), (console, 2), (ram, RAM_FD), (link, LINK_FD)):
             os.dup2(src, dst)
-        os.closerange(LINK_FD + 1, os.sysconf("SC_OPEN_MAX"))
+        os.closerange(LINK_FD + 1, ready)
+        os.closerange(ready + 1, os.sysconf("SC_OPEN_MAX"))
+        os.write(ready, str(os.getpid()).encode())
+        os.close(ready)
         run(RAM_FD, LINK_FD)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
