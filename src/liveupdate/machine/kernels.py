@@ -30,6 +30,7 @@ from liveupdate.machine.console import Console
 from liveupdate.procs import Child
 
 POWER_OFF_GRACE = 5.0  # seconds a kernel gets to end its userspace when the power is cut
+FORK_TIMEOUT = 60.0  # seconds a template may take to import the kernel's code and fork it
 
 
 @dataclass
@@ -113,6 +114,7 @@ class Template:
         self.entry = entry
         self.console = console
         self.sock, theirs = wire.seqpacket_pair()
+        self.sock.settimeout(FORK_TIMEOUT)
         rd, wr = os.pipe()
         try:
             self.popen = subprocess.Popen(
@@ -129,11 +131,17 @@ class Template:
 
     def fork(self, ram_fd: int, link: socket.socket, console_wr: int) -> Child:
         """A kernel process holding ``ram_fd``, ``link`` and ``console_wr`` (and nothing of
-        the template's), already this process's child."""
+        the template's), already this process's child. A template that fails to answer is
+        closed: the next boot starts another."""
         try:
             scm.sendmsg(self.sock, b"fork", (ram_fd, link.fileno(), console_wr))
             reply = self.sock.recv(4096)
+        except TimeoutError as e:
+            self.close()
+            raise LiveUpdateError(err=errno.ETIMEDOUT, msg=f"kernel template {self.entry}: "
+                                  f"no kernel in {FORK_TIMEOUT:g} s") from e
         except OSError as e:
+            self.close()
             raise LiveUpdateError(err=e.errno or errno.EIO,
                                   msg=f"kernel template {self.entry}: {e.strerror}") from e
         said: Any
@@ -151,8 +159,13 @@ class Template:
         return Child(int(said["pid"]))
 
     def close(self) -> None:
-        self.sock.close()  # it sees EOF and exits
-        self.popen.wait()
+        """It sees EOF and exits; killed if it does not within the grace a kernel gets."""
+        self.sock.close()
+        try:
+            self.popen.wait(POWER_OFF_GRACE)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
 
 
 def spawn(template: Template, ram_fd: int, console: Console) -> KernelProc:
