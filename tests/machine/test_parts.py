@@ -81,7 +81,8 @@ def test_console_wait_ends_when_nothing_more_can_come(tmp_path: Path) -> None:
 def test_the_request_tables_cover_every_op() -> None:
     assert set(control.CONTROL) == {"status", "power_on", "power_off", "power_cycle",
                                     "console", "wait", "wait_state", "run", "kho_status",
-                                    "debugfs", "maps", "ram_read", "ram_write", "shutdown"}
+                                    "debugfs", "maps", "ram_read", "ram_write", "device_wait",
+                                    "dma_log", "shutdown"}
     assert set(machine.LINK) == {"booted", "kexec_loaded", "jump", "panic", "poweroff",
                                  "restart"}
 

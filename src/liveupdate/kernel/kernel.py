@@ -72,6 +72,7 @@ class Kernel:
         self.boot_id = os.urandom(4).hex()
         self.run_dir = ""
         self.disk_dir = ""
+        self.pci: list[int] = []  # the PCI functions enumerated at boot (requester ids)
 
     def fault_point(self, name: str) -> None:
         for hook in self.fault_points.get(name, ()):

@@ -123,6 +123,7 @@ def run(ram_fd: int, link_fd: int) -> None:
     try:
         with k.lock:
             boot.start_kernel(k, int(msg[0]["boot_params"]))
+            link.start_routing()  # userspace may reach hardware: answers come through the loop
             k.printk("Run /init as init process")
             init.start_services(k)
     except Exception as e:  # a bug in the kernel is a kernel panic, as BUG() is
@@ -130,6 +131,7 @@ def run(ram_fd: int, link_fd: int) -> None:
         k.panic(f"unexpected {type(e).__name__} during boot: {e}")
     link.send({"op": "booted", "release": k.image.release, "boot_id": k.boot_id,
                "run_dir": k.run_dir, "kho_boot": k.kho_in is not None})
+    link.start_routing()  # (again, if boot panicked before it)
     while True:
         try:
             req = link.recv()
@@ -138,7 +140,9 @@ def run(ram_fd: int, link_fd: int) -> None:
         if req is None:  # the machine went away: power is gone
             k.require_userspace().kill_all()
             return
-        threading.Thread(target=_serve_request, args=(k, link, req[0]), daemon=True).start()
+        if not link.route(req[0]):
+            threading.Thread(target=_serve_request, args=(k, link, req[0]),
+                             daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ order, with what an emulated machine needs in between:
    handover is written in the agreed format here, with its record.
 3. ``notifiers`` -- reboot notifiers registered by kernel components (test components that
    act after finalize, e.g. ``kho_corrupt``).
+3a. ``device_shutdown`` -- ``device_shutdown()`` at the end of ``kernel_restart_prepare()``:
+   PCI clears bus mastering of its devices (``pci_device_shutdown``,
+   :mod:`liveupdate.kernel.drivers.pci`).
 4. ``end_userspace`` -- every userspace process is stopped, its output forwarded, then
    SIGKILLed (subreaper + pidfds; the host's teardown of its memory is not waited for: the
    machine reaps those processes). KHO was finalized for the reboot by then, which refuses
@@ -41,6 +44,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel import kexec, negotiate
+from liveupdate.kernel.drivers import pci
 from liveupdate.kernel.luo import compat
 
 if TYPE_CHECKING:
@@ -82,6 +86,11 @@ def _notifiers(k: Kernel, formats: Formats) -> None:
         notifier(k)
 
 
+def _device_shutdown(k: Kernel, formats: Formats) -> None:
+    """``kernel_restart_prepare`` -> ``device_shutdown``: after the reboot notifiers."""
+    pci.shutdown(k)
+
+
 def _end_userspace(k: Kernel, formats: Formats) -> None:
     if k.userspace is not None:
         t0 = time.monotonic()
@@ -110,6 +119,7 @@ STEPS: tuple[tuple[str, Callable[[Kernel, Formats], None]], ...] = (
     ("luo_freeze", _luo_freeze),
     ("finalize", _finalize),
     ("notifiers", _notifiers),
+    ("device_shutdown", _device_shutdown),
     ("end_userspace", _end_userspace),
     ("sanitize", _sanitize),
     ("machine_kexec", _machine_kexec),

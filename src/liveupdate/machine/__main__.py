@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -33,6 +34,8 @@ def main() -> None:
     ap.add_argument("--memory", type=int, default=4 << 30)
     ap.add_argument("--image", default="")
     ap.add_argument("--cmdline", default=DEFAULT_CMDLINE)
+    ap.add_argument("--devices", type=json.loads, default=[],
+                    help='PCI devices as JSON: [{"kind": "nic", "bdf": "00:03.0", "rate": 1000}]')
     ap.add_argument("--no-boot", action="store_true")
     ap.add_argument("--ready-fd", type=int)
     args = ap.parse_args()
@@ -47,7 +50,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, terminate)
     if not args.no_boot:
         try:
-            m.power_on({"memory": args.memory, "image": args.image, "cmdline": args.cmdline})
+            m.power_on({"memory": args.memory, "image": args.image, "cmdline": args.cmdline,
+                        "devices": args.devices})
         except LiveUpdateError as e:
             print(f"machine: {e}", file=sys.stderr)
             sys.exit(1)

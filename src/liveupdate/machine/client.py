@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -151,6 +153,20 @@ class MachineClient:
         mem = PhysMem(RemoteRam(self, int(self.status()["memory"])))
         return mem.read_fdt(int(out["root_fdt"], 16), "KHO root FDT")
 
+    def device_wait(self, bdf: str, sent: int, timeout: float = 60) -> dict[str, Any]:
+        """Wait until the NIC at ``bdf``'s source has sent ``sent`` packets; the status."""
+        return self.call("device_wait", bdf=bdf, sent=sent, timeout=timeout)[0]
+
+    def dma_log(self) -> list[tuple[int, int]]:
+        """Every DMA write so far: (physical address, length), in order."""
+        out: list[tuple[int, int]] = []
+        while True:
+            raw = self.call("dma_log", since=len(out))[1]
+            if not raw:
+                return out
+            words = struct.unpack(f"<{len(raw) // 8}Q", raw)
+            out += list(zip(words[::2], words[1::2], strict=True))
+
     def ram_read(self, phys: int, size: int) -> bytes:
         """Read RAM through the debug port, in pieces that fit one control message."""
         if size <= RAM_PIECE:
@@ -198,9 +214,11 @@ class RemoteRam:
 
 
 def start(folder: str, *, memory: int = 4 << 30, image: str = "", cmdline: str = "",
-          boot: bool = True, detach: bool = False,
-          log: str | None = None) -> tuple[subprocess.Popen[bytes], MachineClient]:
-    """Start a machine process for ``folder``; return it and a connected client."""
+          boot: bool = True, detach: bool = False, log: str | None = None,
+          devices: list[dict[str, Any]] | None = None,
+          ) -> tuple[subprocess.Popen[bytes], MachineClient]:
+    """Start a machine process for ``folder``; return it and a connected client.
+    ``devices``: its PCI devices (:class:`liveupdate.machine.devices.Bus`)."""
     os.makedirs(folder, exist_ok=True)
     rd, wr = os.pipe()
     argv = [sys.executable, "-m", "liveupdate.machine", folder, "--memory", str(memory),
@@ -209,6 +227,8 @@ def start(folder: str, *, memory: int = 4 << 30, image: str = "", cmdline: str =
         argv += ["--image", image]
     if cmdline:
         argv += ["--cmdline", cmdline]
+    if devices:
+        argv += ["--devices", json.dumps(devices)]
     if not boot:
         argv.append("--no-boot")
     out = open(log or os.devnull, "ab")  # noqa: SIM115 - handed to the child

@@ -24,6 +24,7 @@ from liveupdate.abi import wire
 from liveupdate.abi.wire import Message, arg
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.machine import protocol
+from liveupdate.machine.devices import Bus
 from liveupdate.machine.machine import Machine
 from liveupdate.machine.ram import Ram
 from liveupdate.machine.state import parse_states
@@ -164,6 +165,22 @@ def _ram_write(p: Peer, m: Message) -> Message:
     return Message({})
 
 
+def _bus(p: Peer) -> Bus:
+    _host_only(p, "device debug port")
+    if p.machine.bus is None:
+        raise LiveUpdateError(err=errno.EAGAIN, msg="machine is off")
+    return p.machine.bus
+
+
+def _device_wait(p: Peer, m: Message) -> Message:
+    return Message(_bus(p).wait_sent(arg(m, "bdf", str), arg(m, "sent", int),
+                                     arg(m, "timeout", float, 60.0)))
+
+
+def _dma_log(p: Peer, m: Message) -> Message:
+    return Message({}, _bus(p).dma_log(arg(m, "since", int, 0)))
+
+
 def _shutdown(p: Peer, m: Message) -> Message:
     p.machine.power_off()
     threading.Thread(target=p.machine.stop, daemon=True).start()
@@ -184,5 +201,7 @@ CONTROL: dict[str, wire.Handler[Peer]] = {
     "debugfs": _to_kernel,
     "ram_read": _ram_read,
     "ram_write": _ram_write,
+    "device_wait": _device_wait,
+    "dma_log": _dma_log,
     "shutdown": _shutdown,
 }

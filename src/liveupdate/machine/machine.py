@@ -42,6 +42,7 @@ from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.machine import firmware
 from liveupdate.machine.console import Console
+from liveupdate.machine.devices import Bus
 from liveupdate.machine.kernels import KernelProc, Pending, Template, spawn
 from liveupdate.machine.ram import Ram
 from liveupdate.machine.state import STOPPED, TRANSITIONS, State
@@ -77,6 +78,7 @@ class Machine:
         self.kernel: KernelProc | None = None
         self.spare: KernelProc | None = None
         self.templates: dict[str, Template] = {}  # by entry module; they outlive power cycles
+        self.bus: Bus | None = None  # the IOMMU and PCI devices, from power on to power off
         self.boot_count = 0
         self.last_restart = ""  # why the machine last restarted itself (e.g. a power loss)
         self.jump_times: list[float] = []  # old kernel's jump request to the next one's "go"
@@ -175,6 +177,9 @@ class Machine:
                 header, payload = wire.unpack(msg)
             except AbiError:
                 continue
+            if "req" in header:  # the kernel reaches its hardware
+                self._hardware(kp, header)
+                continue
             if "id" in header:
                 pending = kp.pending.pop(int(header["id"]), None)
                 if pending is not None:
@@ -187,6 +192,13 @@ class Machine:
             if self.kernel is kp and self.state in (State.BOOTING, State.RUNNING):
                 self._stopped(kp, "panic", "kernel process exited unexpectedly")
         kp.fail_pending()
+
+    def _hardware(self, kp: KernelProc, header: dict[str, Any]) -> None:
+        bus = self.bus
+        reply = bus.access(header) if bus is not None else \
+            {"errno": errno.ENODEV, "message": "the machine is off"}
+        with contextlib.suppress(OSError):  # a kernel gone away needs no answer
+            kp.link.send(wire.pack({**reply, "re": header["req"]}))
 
     def _booted(self, kp: KernelProc, header: dict[str, Any]) -> bool:
         kp.info = header
@@ -287,10 +299,12 @@ class Machine:
             try:
                 bp = firmware.cold_boot(self.ram, raw, cmdline)
                 entry = image.decode(raw).entry
+                self.bus = Bus(self.ram, config.get("devices", []))
             except (AbiError, LiveUpdateError):
                 self.ram.close()
                 self.ram = None
                 raise
+            self.bus.start()  # the devices run from power on to power off, across kexecs
             self.config = dict(config)
             self.reason = ""
             self._start(entry, bp)
@@ -301,6 +315,9 @@ class Machine:
                 if kp is not None:
                     kp.discard(self.run)
             self.kernel = self.spare = None
+            if self.bus is not None:
+                self.bus.stop()
+                self.bus = None
             if self.ram is not None:
                 self.ram.close()
                 self.ram = None
@@ -340,6 +357,7 @@ class Machine:
                 "kernel_pid": kp.proc.pid if kp else None,
                 "spare_pid": self.spare.proc.pid if self.spare else None,
                 "templates": {e: t.popen.pid for e, t in self.templates.items()},
+                "devices": self.bus.status() if self.bus else None,
                 "kernel": kp.info if kp else {}}
 
     # -- control socket (served by liveupdate.machine.control) ------------------------

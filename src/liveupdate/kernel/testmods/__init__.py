@@ -28,6 +28,7 @@ PARAMS = {
     "kho_bench": "kho_bench",
     "test_panic": "test_panic",
     "power_loss": "power_loss",
+    "test_nic": "test_nic",
 }
 
 

@@ -1,0 +1,60 @@
+"""PCI: enumeration at boot and the shutdown a kexec does, as Linux's PCI core does them.
+
+Enumeration reads the vendor id of every slot of bus 0 through config space (the link's
+``pci_read``; an empty slot reads all ones, as ``pci_bus_read_dev_vendor_id`` expects) and
+logs each function as ``pci_setup_device`` does (``pci 0000:BB:DD.F: [vvvv:dddd] type 00
+class 0x......``). At a kexec, ``pci_device_shutdown`` clears bus mastering of every device
+(``if (kexec_in_progress && ...) pci_clear_master(pci_dev)``), so a device the next kernel
+does not know stops writing memory that is no longer its; the devices a live update
+preserves (the PCI FLB of the posted series, issue #25) will be skipped here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from liveupdate.kernel.kernel import Kernel
+
+PCI_VENDOR_ID, PCI_COMMAND, PCI_CLASS_REVISION = 0x00, 0x04, 0x08
+PCI_COMMAND_MASTER = 1 << 2
+SLOTS = 32
+
+
+def _read(k: Kernel, bdf: int, offset: int, size: int) -> int:
+    assert k.link is not None
+    value: int = k.link.call({"op": "pci_read", "bdf": bdf, "offset": offset,
+                              "size": size})["value"]
+    return value
+
+
+def _name(bdf: int) -> str:
+    return f"0000:{bdf >> 8:02x}:{(bdf >> 3) & 31:02x}.{bdf & 7}"
+
+
+def enumerate_bus(k: Kernel) -> None:
+    """Every function 0 on bus 0 that answers, into ``k.pci``."""
+    k.pci = []
+    if k.link is None:  # the in-process rig has no hardware
+        return
+    for slot in range(SLOTS):
+        bdf = slot << 3
+        ids = _read(k, bdf, PCI_VENDOR_ID, 4)
+        if ids & 0xFFFF in (0xFFFF, 0):
+            continue
+        klass = _read(k, bdf, PCI_CLASS_REVISION, 4) >> 8
+        k.printk(f"pci {_name(bdf)}: [{ids & 0xFFFF:04x}:{ids >> 16:04x}] type 00 "
+                 f"class {klass:#08x}")
+        k.pci.append(bdf)
+
+
+def shutdown(k: Kernel) -> None:
+    """``pci_device_shutdown`` at a kexec: bus mastering off on every device."""
+    assert k.link is not None or not k.pci
+    for bdf in k.pci:
+        command = _read(k, bdf, PCI_COMMAND, 2)
+        if command & PCI_COMMAND_MASTER:
+            assert k.link is not None
+            k.link.call({"op": "pci_write", "bdf": bdf, "offset": PCI_COMMAND, "size": 2,
+                         "value": command & ~PCI_COMMAND_MASTER})
+            k.printk(f"pci {_name(bdf)}: bus mastering off (kexec)")
