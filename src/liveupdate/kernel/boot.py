@@ -27,7 +27,7 @@ from liveupdate.abi.consts import PAGE_SHIFT, PAGE_SIZE
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.kernel import confine, initcalls, negotiate, scratch_sizing, testmods
-from liveupdate.kernel.drivers import pci
+from liveupdate.kernel.drivers import iommu, pci
 from liveupdate.kernel.generation import Generation
 from liveupdate.kernel.kho.incoming import KhoIn
 from liveupdate.kernel.kho.outgoing import KhoOut
@@ -181,6 +181,7 @@ def start_kernel(k: Kernel, bp_phys: int) -> None:
         k.kho_enabled = False
     k.negotiated_in = negotiate.incoming(k)
     pci.enumerate_bus(k)  # subsys_initcall time
+    iommu.init(k)
     initcalls.run()
     luo_boot.init(k)
     run_dir = confine.run_dir(k)

@@ -22,6 +22,7 @@ from liveupdate.abi.negotiation import Record
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel import power
+from liveupdate.kernel.drivers.iommu import Tables
 from liveupdate.kernel.fs.file import FileTable
 from liveupdate.kernel.fs.memfd import THP_MODES, Memfd
 from liveupdate.kernel.generation import Generation
@@ -73,6 +74,7 @@ class Kernel:
         self.run_dir = ""
         self.disk_dir = ""
         self.pci: list[int] = []  # the PCI functions enumerated at boot (requester ids)
+        self.iommu: Tables | None = None  # the IOMMU driver's tables (intel_iommu=on)
 
     def fault_point(self, name: str) -> None:
         for hook in self.fault_points.get(name, ()):

@@ -19,7 +19,8 @@ order, with what an emulated machine needs in between:
    act after finalize, e.g. ``kho_corrupt``).
 3a. ``device_shutdown`` -- ``device_shutdown()`` at the end of ``kernel_restart_prepare()``:
    PCI clears bus mastering of its devices (``pci_device_shutdown``,
-   :mod:`liveupdate.kernel.drivers.pci`).
+   :mod:`liveupdate.kernel.drivers.pci`), then the IOMMU turns translation off
+   (``intel_iommu_shutdown``, :mod:`liveupdate.kernel.drivers.iommu`).
 4. ``end_userspace`` -- every userspace process is stopped, its output forwarded, then
    SIGKILLed (subreaper + pidfds; the host's teardown of its memory is not waited for: the
    machine reaps those processes). KHO was finalized for the reboot by then, which refuses
@@ -44,7 +45,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel import kexec, negotiate
-from liveupdate.kernel.drivers import pci
+from liveupdate.kernel.drivers import iommu, pci
 from liveupdate.kernel.luo import compat
 
 if TYPE_CHECKING:
@@ -87,8 +88,10 @@ def _notifiers(k: Kernel, formats: Formats) -> None:
 
 
 def _device_shutdown(k: Kernel, formats: Formats) -> None:
-    """``kernel_restart_prepare`` -> ``device_shutdown``: after the reboot notifiers."""
+    """``kernel_restart_prepare`` -> ``device_shutdown`` (after the reboot notifiers), then
+    the IOMMU's shutdown (``intel_iommu_shutdown``, translation off)."""
     pci.shutdown(k)
+    iommu.kernel_shutdown(k)
 
 
 def _end_userspace(k: Kernel, formats: Formats) -> None:
