@@ -54,8 +54,8 @@ class Child:
             if self.returncode is None:
                 try:
                     pid, status = os.waitpid(self.pid, 0 if block else os.WNOHANG)
-                except ChildProcessError:  # reaped elsewhere: gone, its status unknown
-                    pid, status = self.pid, -1
+                except ChildProcessError:  # not ours (the machine is no subreaper) or
+                    pid, status = self.pid, -1  # reaped elsewhere: gone, status unknown
                 if pid:
                     self.returncode = os.waitstatus_to_exitcode(status) if status >= 0 else -1
             return self.returncode
@@ -64,9 +64,11 @@ class Child:
         return self._reap(block=False)
 
     def wait(self, timeout: float | None = None) -> int:
-        if self.returncode is None and timeout is not None and \
-                not select.select([self.pidfd], [], [], timeout)[0]:
-            raise subprocess.TimeoutExpired(str(self.pid), timeout)
+        if self.returncode is None and timeout is not None:
+            waiter = select.poll()  # poll, not select: a pidfd may be numbered past 1023
+            waiter.register(self.pidfd, select.POLLIN)
+            if not waiter.poll(timeout * 1000):
+                raise subprocess.TimeoutExpired(str(self.pid), timeout)
         code = self._reap(block=True)
         assert code is not None
         return code

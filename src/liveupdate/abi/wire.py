@@ -39,11 +39,18 @@ def seqpacket_pair() -> tuple[socket.socket, socket.socket]:
 
 
 def pack(header: dict[str, Any], payload: bytes = b"") -> bytes:
-    head = json.dumps(header, separators=(",", ":")).encode()
+    try:
+        head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError as e:  # NaN/Infinity, an int past 4300 digits
+        raise AbiError(msg=f"message header cannot be sent: {e}") from e
     msg = _LEN.pack(len(head)) + head + payload
     if len(msg) > MAX_MESSAGE:
         raise AbiError(msg=f"message of {len(msg)} bytes exceeds {MAX_MESSAGE}")
     return msg
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def unpack(msg: bytes) -> tuple[dict[str, Any], bytes]:
@@ -53,8 +60,8 @@ def unpack(msg: bytes) -> tuple[dict[str, Any], bytes]:
     if 4 + n > len(msg):
         raise AbiError(msg=f"message header length {n} exceeds the {len(msg)}-byte message")
     try:
-        header = json.loads(msg[4 : 4 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(msg[4 : 4 + n], parse_constant=_no_constant)
+    except ValueError as e:  # not JSON, not UTF-8, NaN/Infinity, an int past 4300 digits
         raise AbiError(msg=f"message header is not JSON: {e}") from e
     if not isinstance(header, dict):
         raise AbiError(msg="message header is not a JSON object")

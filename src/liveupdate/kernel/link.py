@@ -46,7 +46,7 @@ class Link:
 
     def route(self, header: dict[str, Any]) -> bool:
         """Whether ``header`` is an answer to a call (then handed to it)."""
-        if "re" not in header or self._answers is None:
+        if "re" not in header or "id" in header or self._answers is None:
             return False
         self._answers.put(header)
         return True

@@ -17,9 +17,9 @@ What a forked kernel holds is what a freshly started one held, and no more:
   declared from the command line in RAM at boot, :func:`liveupdate.kernel.confine.declare`);
 * environment, cwd, rlimits: the machine starts the template with an empty environment in
   ``/``, as it started kernels;
-* parent: the template forks twice and the middle process exits, so the kernel is
-  re-parented to the machine (a child subreaper, ``PR_SET_CHILD_SUBREAPER``) before its pid is
-  reported -- the machine reaps it and waits for it as its own child, as before.
+* parent: the template forks twice and reaps the middle process before it reports the
+  kernel's pid, so the kernel is by then re-parented to the machine (a child subreaper,
+  ``PR_SET_CHILD_SUBREAPER``) -- the machine reaps it and waits for it as its own child.
 """
 
 from __future__ import annotations
@@ -64,11 +64,17 @@ def serve(control: socket.socket, run: Callable[[int, int], None]) -> None:
 
 
 def _fork(control: socket.socket, fds: list[int], run: Callable[[int, int], None]) -> int:
-    """The kernel's pid, once it is the machine's child and holds only its own fds: the
-    kernel writes its pid into a pipe after closing every other fd, then closes the pipe, and
-    the template reads to EOF -- which comes only when the middle process has exited too."""
+    """The kernel's pid, once it holds only its own fds and is the machine's child: the
+    kernel writes its pid into a pipe after closing every other fd, then closes the pipe; the
+    template reads to EOF, then reaps the middle process -- after which (``exit_notify`` has
+    run) the kernel is re-parented to the machine."""
     r, w = os.pipe()
-    middle = os.fork()
+    try:
+        middle = os.fork()
+    except OSError:
+        os.close(r)
+        os.close(w)
+        raise
     if middle == 0:
         try:
             if os.fork() == 0:

@@ -22,6 +22,7 @@ from liveupdate.machine.ram import Ram
 
 KINDS = ("nic",)
 DMA_LOG_PIECE = 1 << 16  # records per dma_log answer (1 MiB)
+MAX_RATE = 1e6  # packets per second a source may send
 
 
 class Bus:
@@ -39,8 +40,10 @@ class Bus:
             try:
                 source = pci.bdf(str(d.get("bdf", "")))
                 rate = float(d.get("rate", 1000))
-                if source >> 8 or source in self.functions:
-                    raise ValueError("bus 0 only, one device per slot")
+                if not 0 < rate <= MAX_RATE:
+                    raise ValueError(f"rate must be in (0, {MAX_RATE:g}] packets per second")
+                if source >> 8 or source & 7 or source in self.functions:
+                    raise ValueError("bus 0, function 0 only, one device per slot")
                 self.functions[source] = Nic(source, self.iommu, rate)
             except ValueError as e:
                 raise LiveUpdateError(err=errno.EINVAL, msg=f"device {d!r}: {e}") from e
@@ -64,14 +67,16 @@ class Bus:
         op = h.get("op")
         try:
             f = self._function(h)
+            if op in ("pci_read", "pci_write"):
+                offset, size = int(h["offset"]), int(h["size"])
+                pci.check(offset, size)
             if op == "pci_read":
-                size = int(h["size"])
-                if f is None:
+                if f is None:  # an empty slot: the read completes with all ones
                     return {"value": (1 << 8 * size) - 1}
-                return {"value": f.config_read(int(h["offset"]), size)}
+                return {"value": f.config_read(offset, size)}
             if op == "pci_write":
                 if f is not None:
-                    f.config_write(int(h["offset"]), int(h["size"]), int(h["value"]))
+                    f.config_write(offset, size, int(h["value"]))
                 return {}
             if op in ("bar_read", "bar_write"):
                 if f is None or not f.command & pci.PCI_COMMAND_MEMORY:
@@ -89,7 +94,7 @@ class Bus:
             if op == "iommu_write":
                 self.iommu.write_reg(int(h["offset"]), int(h["value"]))
                 return {}
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, ArithmeticError) as e:
             return {"errno": errno.EINVAL, "message": f"{op}: {e}"}
         except LiveUpdateError as e:
             return {"errno": e.errno, "message": e.message}
@@ -117,9 +122,14 @@ class Bus:
         u = self.iommu
         return {
             "iommu": {"enabled": u.enabled, "root": f"{u.root:#x}", "faults": u.fault_count,
-                      "overflowed": u.overflowed, "dma_writes": len(u.writes) // 2,
+                      "overflowed": u.overflowed, "dma_writes": u.write_count,
                       "last_faults": [f.describe() for f in list(u.faults)[-8:]]},
-            "functions": [{"bdf": f"{s >> 8:02x}:{(s >> 3) & 31:02x}.{s & 7}",
-                           "bus_master": f.bus_master,
-                           "sent": f.sent, **{k.lower(): v for k, v in f.regs.items()}}
-                          for s, f in sorted(self.functions.items())]}
+            "functions": [_snapshot(s, f) for s, f in sorted(self.functions.items())]}
+
+
+def _snapshot(source: int, f: Nic) -> dict[str, Any]:
+    """One consistent view: a packet counts in ``sent`` and in one counter, or in none."""
+    with f.lock:
+        return {"bdf": f"{source >> 8:02x}:{(source >> 3) & 31:02x}.{source & 7}",
+                "bus_master": f.bus_master, "sent": f.sent,
+                **{k.lower(): v for k, v in f.regs.items()}}

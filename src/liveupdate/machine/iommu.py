@@ -14,16 +14,19 @@ Its tables live in RAM, in the layout Linux's Intel IOMMU driver writes
 * second-level tables: 512 8-byte entries; bit 0 read, bit 1 write (neither: not present),
   bit 7 a superpage leaf at level 2 (2 MiB) or 3 (1 GiB), bits 12-51 the address.
 
-Registers at the offsets of ``include/linux/intel-iommu.h`` (``DMAR_GCMD_REG`` 0x18,
+Registers at the offsets of ``drivers/iommu/intel/iommu.h`` (``DMAR_GCMD_REG`` 0x18,
 ``DMAR_GSTS_REG`` 0x1c, ``DMAR_RTADDR_REG`` 0x20): writing ``SRTP`` latches the root table
 address, ``TE`` turns translation on. With translation off a DMA address is a physical
 address, as on the hardware. A DMA that cannot be translated is not performed and is logged
 with the reason codes Linux prints (``dma_remap_fault_reasons[]`` in
 ``drivers/iommu/intel/dmar.c``), unless its context entry sets fault processing disable.
 
-Deviation: the unit caches no translation (no IOTLB, no context cache), so a table change is
-seen by the next DMA without an invalidation; a kernel that forgets to invalidate is not
-caught here.
+Deviations: the unit caches no translation (no IOTLB, no context cache), so a table change
+is seen by the next DMA without an invalidation (a kernel that forgets to invalidate is not
+caught); legacy mode only (``DMA_RTADDR_SMT`` is ignored, translation type 1, device-IOTLB, is
+an invalid context entry); reserved bits are not checked (reasons 0xa-0xc); the fault log
+keeps the newest records where the hardware keeps the first and sets PFO; CAP and ECAP read
+0.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ PTE_READ, PTE_WRITE, PTE_LARGE = 1, 2, 1 << 7
 TT_MULTI_LEVEL, TT_PASS_THROUGH = 0, 2
 LEVELS = {1: 3, 2: 4}  # context address width -> second-level table levels
 FAULT_LOG = 256  # fault records kept; more set the overflow flag, as PFO does
+WRITE_LOG = 1 << 22  # DMA writes logged (64 MiB of records); later ones only counted
 
 # dma_remap_fault_reasons[] of drivers/iommu/intel/dmar.c
 ROOT_NOT_PRESENT, CONTEXT_NOT_PRESENT, CONTEXT_INVALID, BEYOND_MGAW = 1, 2, 3, 4
@@ -74,7 +78,15 @@ class Fault:
                 f"{REASONS.get(self.reason, 'Unknown')}")
 
 
-class Translated(Exception):
+class DmaError(Exception):
+    """A DMA the device's transaction does not complete: the device sees an abort."""
+
+
+class OutsideRam(DmaError):
+    """A DMA to a physical address no RAM answers (a master abort on the bus)."""
+
+
+class Translated(DmaError):
     """A DMA that cannot be translated (the fault, logged or not)."""
 
     def __init__(self, fault: Fault) -> None:
@@ -92,6 +104,7 @@ class Iommu:
         self.faults: deque[Fault] = deque(maxlen=FAULT_LOG)
         self.fault_count = 0
         self.writes = array.array("Q")  # physical address, length: every DMA write
+        self.write_count = 0
 
     # -- registers ------------------------------------------------------------------------
     def write_reg(self, offset: int, value: int) -> None:
@@ -121,19 +134,28 @@ class Iommu:
     # -- DMA ----------------------------------------------------------------------------
     def dma_read(self, source: int, address: int, size: int) -> bytes:
         """Read ``size`` bytes at DMA ``address``, page by page through the tables."""
-        return b"".join(self.ram.read(self.translate(source, a, n, write=False), n)
-                        for a, n in _pages(address, size))
+        spans = [(self._ram_span(self.translate(source, a, n, write=False), n), n)
+                 for a, n in _pages(address, size)]
+        return b"".join(self.ram.read(phys, n) for phys, n in spans)
 
     def dma_write(self, source: int, address: int, data: bytes) -> None:
-        """Write ``data`` at DMA ``address``: every page is translated before any byte lands
-        (a fault writes nothing), and each write's physical range is logged."""
-        spans = [(self.translate(source, a, n, write=True), a - address, n)
+        """Write ``data`` at DMA ``address``: every page is translated and found in RAM
+        before any byte lands (a fault or an abort writes nothing), and each write's
+        physical range is logged (the first :data:`WRITE_LOG` of them; the rest counted)."""
+        spans = [(self._ram_span(self.translate(source, a, n, write=True), n), a - address, n)
                  for a, n in _pages(address, len(data))]
         for phys, off, n in spans:
             self.ram.write(phys, data[off : off + n])
         with self.lock:
             for phys, _, n in spans:
-                self.writes.extend((phys, n))
+                self.write_count += 1
+                if len(self.writes) < 2 * WRITE_LOG:
+                    self.writes.extend((phys, n))
+
+    def _ram_span(self, phys: int, n: int) -> int:
+        if phys + n > self.ram.size:
+            raise OutsideRam(f"DMA to {phys:#x}+{n:#x}: no RAM there")
+        return phys
 
     def written(self, since: int = 0) -> list[tuple[int, int]]:
         """The physical ranges DMA wrote, in order, from record ``since`` on."""

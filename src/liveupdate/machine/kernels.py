@@ -15,11 +15,13 @@ import contextlib
 import errno
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +29,7 @@ from liveupdate.abi import wire
 from liveupdate.errors import LiveUpdateError
 from liveupdate.ipc import fds as scm
 from liveupdate.machine.console import Console
-from liveupdate.procs import Child
+from liveupdate.procs import Child, children_of
 
 POWER_OFF_GRACE = 5.0  # seconds a kernel gets to end its userspace when the power is cut
 FORK_TIMEOUT = 60.0  # seconds a template may take to import the kernel's code and fork it
@@ -184,3 +186,28 @@ def spawn(template: Template, ram_fd: int, console: Console) -> KernelProc:
     kp = KernelProc(child, mside, rd, template.entry)
     threading.Thread(target=kp.read_console, args=(console,), daemon=True).start()
     return kp
+
+
+def bury_orphans(ours: set[int], console: Console, timeout: float = 10.0) -> None:
+    """The old kernel SIGKILLed its userspace without waiting for the host to tear it down;
+    those processes are re-parented to the machine (subreaper). The next kernel starts only
+    once every one of them -- every child of the machine but ``ours`` (kernels, templates) --
+    has exited (its pidfd readable) and been reaped: a real kexec leaves nothing of the old
+    userspace running, and a socket (an abstract one too) of a dying process must not be in
+    the next kernel's way. Descendants re-parented later are taken in the next round; after
+    ``timeout`` the machine says what it left."""
+    deadline = time.monotonic() + timeout
+    while orphans := [p for p in children_of(os.getpid()) if p not in ours]:
+        for pid in orphans:
+            with contextlib.suppress(ProcessLookupError):
+                fd = os.pidfd_open(pid)
+                try:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not select.select([fd], [], [], left)[0]:
+                        console.append(f"machine: pid {pid} of the previous kernel's userspace "
+                                       f"outlived its SIGKILL by {timeout:g} s\n".encode())
+                        return
+                finally:
+                    os.close(fd)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import select
 import shutil
 import socketserver
 import threading
@@ -43,10 +42,9 @@ from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.machine import firmware
 from liveupdate.machine.console import Console
 from liveupdate.machine.devices import Bus
-from liveupdate.machine.kernels import KernelProc, Pending, Template, spawn
+from liveupdate.machine.kernels import KernelProc, Pending, Template, bury_orphans, spawn
 from liveupdate.machine.ram import Ram
 from liveupdate.machine.state import STOPPED, TRANSITIONS, State
-from liveupdate.procs import children_of
 
 # What LUO needs to be on (every generation parses liveupdate= with kstrtobool) and the
 # shmem folio policy of our images (2 MiB folios for memfds that fit them).
@@ -177,28 +175,44 @@ class Machine:
                 header, payload = wire.unpack(msg)
             except AbiError:
                 continue
-            if "req" in header:  # the kernel reaches its hardware
-                self._hardware(kp, header)
-                continue
-            if "id" in header:
-                pending = kp.pending.pop(int(header["id"]), None)
-                if pending is not None:
-                    pending.answer(header, payload)
-                continue
-            said = LINK.get(str(header.get("op")))
-            if said is not None and said(self, kp, header):
-                return  # the kernel is gone
+            try:
+                if self._said(kp, header, payload):
+                    return  # the kernel is gone
+            except Exception as e:  # a machine bug must not leave a kernel unheard
+                self.console.append(f"machine: {type(e).__name__} on the link "
+                                    f"({header.get('op')!r}): {e}\n".encode())
+                with self.lock:
+                    if self.kernel is kp and self.state not in STOPPED:
+                        self._set_state(State.PANIC, f"machine: {type(e).__name__}: {e}")
+                break
         with self.lock:  # the kernel process died without saying why
             if self.kernel is kp and self.state in (State.BOOTING, State.RUNNING):
                 self._stopped(kp, "panic", "kernel process exited unexpectedly")
         kp.fail_pending()
 
+    def _said(self, kp: KernelProc, header: dict[str, Any], payload: bytes) -> bool:
+        """One message of a kernel; True when the kernel is gone."""
+        if "req" in header:  # the kernel reaches its hardware
+            self._hardware(kp, header)
+            return False
+        if "id" in header:
+            pending = kp.pending.pop(int(header["id"]), None)
+            if pending is not None:
+                pending.answer(header, payload)
+            return False
+        said = LINK.get(str(header.get("op")))
+        return said is not None and said(self, kp, header)
+
     def _hardware(self, kp: KernelProc, header: dict[str, Any]) -> None:
         bus = self.bus
         reply = bus.access(header) if bus is not None else \
             {"errno": errno.ENODEV, "message": "the machine is off"}
+        try:
+            msg = wire.pack({**reply, "re": header["req"]})
+        except AbiError as e:  # a request id that cannot be sent back
+            msg = wire.pack({"errno": errno.EINVAL, "message": str(e), "re": None})
         with contextlib.suppress(OSError):  # a kernel gone away needs no answer
-            kp.link.send(wire.pack({**reply, "re": header["req"]}))
+            kp.link.send(msg)
 
     def _booted(self, kp: KernelProc, header: dict[str, Any]) -> bool:
         kp.info = header
@@ -216,7 +230,11 @@ class Machine:
         with self.lock:
             # BOOTING too: a service may load the next kernel before "booted" is read
             if kp is self.kernel and self.state in (State.BOOTING, State.RUNNING):
-                self.spare = self._take_kernel(entry)  # the one there if it fits, else anew
+                try:
+                    self.spare = self._take_kernel(entry)  # the one there if it fits
+                except LiveUpdateError as e:  # no spare: the jump starts one, or panics
+                    self.console.append(f"machine: no spare kernel for {entry}: {e}\n"
+                                        .encode())
         return False
 
     def _jumped(self, kp: KernelProc, header: dict[str, Any]) -> bool:
@@ -233,7 +251,10 @@ class Machine:
             self._set_state(State.PANIC if op == "panic" else State.OFF, reason)
             if op == "restart":  # a reboot or a power loss: a cold boot on fresh RAM
                 self.last_restart = reason or "restart"
-                self.power_on(self.config)
+                try:
+                    self.power_on(self.config)
+                except LiveUpdateError as e:
+                    self.reason = f"restart failed: {e}"
 
     def _jump(self, kp: KernelProc, entry: int, bp_phys: int) -> None:
         t0 = time.monotonic()
@@ -248,34 +269,17 @@ class Machine:
                 self._set_state(State.PANIC, f"jump to {entry:#x}: {e}")
                 return
             self._bury_old_userspace()
-            self._start(img.entry, bp_phys)
+            try:
+                self._start(img.entry, bp_phys)
+            except LiveUpdateError as e:
+                self._set_state(State.PANIC, f"jump to {img.entry}: {e}")
+                return
         self.jump_times.append(time.monotonic() - t0)
 
-    def _bury_old_userspace(self, timeout: float = 10.0) -> None:
-        """The old kernel SIGKILLed its userspace without waiting for the host to tear it
-        down; those processes are re-parented here (subreaper). The next kernel starts only
-        once every one of them has exited (its pidfd readable) and been reaped: a real kexec
-        leaves nothing of the old userspace running, and a socket (an abstract one too) of a
-        dying process must not be in the next kernel's way. Descendants re-parented later
-        are taken in the next round; after ``timeout`` the machine says what it left."""
+    def _bury_old_userspace(self) -> None:
         ours = {kp.proc.pid for kp in (self.kernel, self.spare) if kp is not None} | \
             {t.popen.pid for t in self.templates.values()}
-        deadline = time.monotonic() + timeout
-        while orphans := [p for p in children_of(os.getpid()) if p not in ours]:
-            for pid in orphans:
-                with contextlib.suppress(ProcessLookupError):
-                    fd = os.pidfd_open(pid)
-                    try:
-                        left = deadline - time.monotonic()
-                        if left <= 0 or not select.select([fd], [], [], left)[0]:
-                            self.console.append(
-                                f"machine: pid {pid} of the previous kernel's userspace "
-                                f"outlived its SIGKILL by {timeout:g} s\n".encode())
-                            return
-                    finally:
-                        os.close(fd)
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, 0)
+        bury_orphans(ours, self.console)
 
     # -- power ----------------------------------------------------------------------------
     def power_on(self, config: dict[str, Any]) -> None:
@@ -307,7 +311,11 @@ class Machine:
             self.bus.start()  # the devices run from power on to power off, across kexecs
             self.config = dict(config)
             self.reason = ""
-            self._start(entry, bp)
+            try:
+                self._start(entry, bp)
+            except LiveUpdateError:
+                self.power_off()
+                raise
 
     def power_off(self) -> None:
         with self.lock:

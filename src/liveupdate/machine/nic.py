@@ -18,9 +18,9 @@ NICs do:
 
 A packet that finds the next descriptor still done (the ring full), the device not receiving
 (receive off, bus mastering off, reset) or a buffer too small is dropped and counted, as a
-real NIC counts missed packets: the source does not wait. A DMA the IOMMU refuses aborts that
-packet (``DMA_ERRORS``; the fault is in the IOMMU's log). Only a reset or bus master off
-stops the device; a kexec does not touch it.
+real NIC counts missed packets: the source does not wait. A DMA the IOMMU refuses, or one no
+RAM answers, aborts that packet (``DMA_ERRORS``; a refusal is in the IOMMU's fault log).
+Only a reset or bus master off stops the device; a kexec does not touch it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import threading
 import time
 import zlib
 
-from liveupdate.machine.iommu import Iommu, Translated
+from liveupdate.machine.iommu import DmaError, Iommu
 from liveupdate.machine.pci import PciFunction
 
 VENDOR, DEVICE = 0x1B36, 0x11B0  # QEMU's vendor id for emulated devices; a device id of ours
@@ -125,7 +125,7 @@ class Nic(PciFunction):
                 return
             self.iommu.dma_write(self.source, buf, pkt)
             self.iommu.dma_write(self.source, at, DESC.pack(buf, length, len(pkt), DD))
-        except Translated:
+        except DmaError:  # refused by the IOMMU, or no RAM there: the packet is lost
             r["DMA_ERRORS"] += 1
             return
         r["HEAD"] = (r["HEAD"] + 1) % r["RING_SIZE"]

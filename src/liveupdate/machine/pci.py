@@ -67,13 +67,13 @@ class PciFunction:
         return value & ~0xF
 
     def config_read(self, offset: int, size: int) -> int:
-        _check(offset, size)
+        check(offset, size)
         with self.lock:
             return int.from_bytes(self.config[offset : offset + size], "little")
 
     def config_write(self, offset: int, size: int, value: int) -> None:
         """Only the writable bits change; the rest of the header is read-only."""
-        _check(offset, size)
+        check(offset, size)
         with self.lock:
             raw = bytearray(self.config)
             raw[offset : offset + size] = (value & ((1 << 8 * size) - 1)).to_bytes(size,
@@ -93,6 +93,6 @@ class PciFunction:
         """What the device behind the header loses at a reset (nothing here)."""
 
 
-def _check(offset: int, size: int) -> None:
+def check(offset: int, size: int) -> None:
     if size not in (1, 2, 4) or offset < 0 or offset % size or offset + size > CONFIG_SIZE:
         raise ValueError(f"config access of {size} bytes at {offset:#x}")

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from liveupdate.errors import LiveUpdateError
+
 if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
 
@@ -161,7 +163,11 @@ def init(k: Kernel) -> None:
 def kernel_shutdown(k: Kernel) -> None:
     """At a kexec, after ``device_shutdown``: translation off."""
     if k.iommu is not None:
-        shutdown(lambda offset, value: _write_reg(k, offset, value))
+        try:
+            shutdown(lambda offset, value: _write_reg(k, offset, value))
+        except LiveUpdateError as e:  # the reboot goes on, as device_shutdown's does
+            k.printk(f"DMAR: shutdown failed: {e}")
+            return
         k.printk("DMAR: translation disabled (kexec)")
 
 

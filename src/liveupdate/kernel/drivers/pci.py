@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from liveupdate.errors import LiveUpdateError
+
 if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
 
@@ -49,12 +51,16 @@ def enumerate_bus(k: Kernel) -> None:
 
 
 def shutdown(k: Kernel) -> None:
-    """``pci_device_shutdown`` at a kexec: bus mastering off on every device."""
-    assert k.link is not None or not k.pci
+    """``pci_device_shutdown`` at a kexec: bus mastering off on every device. It cannot fail
+    the reboot (``device_shutdown`` returns nothing): a device that does not answer is
+    logged and the next one shut down."""
     for bdf in k.pci:
-        command = _read(k, bdf, PCI_COMMAND, 2)
-        if command & PCI_COMMAND_MASTER:
-            assert k.link is not None
-            k.link.call({"op": "pci_write", "bdf": bdf, "offset": PCI_COMMAND, "size": 2,
-                         "value": command & ~PCI_COMMAND_MASTER})
-            k.printk(f"pci {_name(bdf)}: bus mastering off (kexec)")
+        try:
+            command = _read(k, bdf, PCI_COMMAND, 2)
+            if command & PCI_COMMAND_MASTER:
+                assert k.link is not None
+                k.link.call({"op": "pci_write", "bdf": bdf, "offset": PCI_COMMAND, "size": 2,
+                             "value": command & ~PCI_COMMAND_MASTER})
+                k.printk(f"pci {_name(bdf)}: bus mastering off (kexec)")
+        except LiveUpdateError as e:
+            k.printk(f"pci {_name(bdf)}: shutdown failed: {e}")
