@@ -169,3 +169,21 @@ def test_616_bitmaps_round_trip_and_are_detected(machine: Factory, tmp_path: Pat
     rep = report.describe(m.debugfs("out/fdt"), mem)  # size detected, not told
     assert rep["memory"]["bitmap_bytes"] == 512
     assert rep["memory"]["pages"] == m.kho_status()["out"]["preserved_pages"]
+
+
+def test_a_next_kernel_that_cannot_start_is_a_panic_not_a_silent_machine(
+        machine: Factory, tmp_path: Path) -> None:
+    """An image whose code the machine cannot run (its template does not import): the spare
+    is not made (said on the console), and the jump ends in PANIC with the reason -- the
+    machine keeps answering."""
+    m = machine("kho=on")
+    (tmp_path / "m0" / "disk" / "images" / "ghost.img").write_bytes(
+        image.KernelImage(entry="liveupdate.no_such_kernel").encode())
+    off = m.status()["console_bytes"]
+    m.kexec_load("images/ghost.img")
+    m.wait(r"machine: no spare kernel for liveupdate\.no_such_kernel", offset=off)
+    with pytest.raises(LiveUpdateError) as e:
+        m.kexec_exec(timeout=30)
+    assert e.value.errno == errno.EIO
+    st = m.status()
+    assert st["state"] == "panic" and "jump to liveupdate.no_such_kernel" in st["reason"]
