@@ -32,7 +32,7 @@ from liveupdate.kernel.fs.file import File
 def _name(raw: bytes, *, strict: bool) -> str:
     try:
         return uapi.session_name(raw, strict=strict)
-    except AbiError as e:  # names are bytes to Linux; ours must be UTF-8 (documented)
+    except AbiError as e:
         raise LiveUpdateError(err=e.errno, msg=e.message) from e
 
 
