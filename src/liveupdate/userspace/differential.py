@@ -136,7 +136,6 @@ class EmulatedSys:
         return int(self.k.fstat(fd)["size"])
 
     def reopen(self, fd: int) -> int:
-        """The emulated kernel has no procfs: ``open`` knows ``/dev/liveupdate`` only."""
         return self.k.open(f"/proc/self/fd/{fd}")
 
 

@@ -252,6 +252,26 @@ def generated(seed: int) -> list[Step]:
     return [s for s in steps if s["op"] != "note"]
 
 
+ABOUT = {
+    "names": "empty, 63-byte, unterminated, UTF-8 and non-UTF-8 names, names equal up to a "
+             "NUL; a second open of the device; GET_NAME before and after",
+    "struct-sizes": "size fields short, exact and long, tails zero and non-zero, on every "
+                    "ioctl; FINISH's reserved",
+    "tokens": "tokens 0 and 2^64-1, a duplicate token, the same memfd in two sessions, a "
+              "dup and a /proc/self/fd reopen of a preserved memfd",
+    "fd-kinds": "memfds (sealable or not, MFD_NOEXEC_SEAL, MFD_EXEC), a pipe, a socket, "
+                "/dev/null, an unlinked tmpfs file, a session, the device, a closed fd, -1",
+    "preserved-memfd": "writes, seeks, size changes and seals on a preserved memfd, and on "
+                       "the retrieved one",
+    "shapes": "holes, a partial last page, an empty file, 2 MiB, position at the end, "
+              "F_SEAL_EXEC on a 0777 memfd, F_SEAL_FUTURE_WRITE",
+    "second-stage": "retrieve twice, unknown names and tokens, FINISH early and twice, a "
+                    "closed incoming session, new sessions with incoming names",
+    "seed": "generated from a fixed seed: sessions of random memfds, some closed, "
+            "retrieved in random order",
+}
+
+
 def batch() -> dict[str, list[Step]]:
     """Every scenario, by id, in the order they run."""
     out = {"names": _names(), "struct-sizes": _sizes(), "tokens": _tokens(),

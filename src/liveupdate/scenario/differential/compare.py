@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from liveupdate.scenario.differential.deviations import KNOWN, Deviation
+from liveupdate.scenario.differential.deviations import FOUND_AND_FIXED, KNOWN, Deviation
 from liveupdate.userspace.differential import stage_steps
 
 Records = dict[str, dict[str, list[dict[str, Any]]]]
@@ -91,7 +91,8 @@ def _what(step: dict[str, Any]) -> str:
     return f"{step['op']} {json.dumps(rest)[:50]}".replace("|", "\\|")
 
 
-def markdown(real: dict[str, Any], c: Comparison) -> str:
+def markdown(real: dict[str, Any], c: Comparison,
+             about: dict[str, str] | None = None) -> str:
     """The table of ``docs/differential.md``."""
     undocumented, _stale = verdict(c)
     lines = [
@@ -113,11 +114,13 @@ def markdown(real: dict[str, Any], c: Comparison) -> str:
         f"{len(c.differences)} differ ({len(c.differences) - len(undocumented)} documented "
         f"deviations, {len(undocumented)} undocumented).**",
         "",
-        "| scenario | steps | agree | differ |",
-        "|---|---:|---:|---:|",
+        "| scenario | what it does | steps | agree | differ |",
+        "|---|---|---:|---:|---:|",
     ]
+    about = about or {}
     for sid, (n, a) in c.scenarios.items():
-        lines.append(f"| {sid} | {n} | {a} | {n - a} |")
+        what = about.get(sid, about.get(sid.split("-")[0], ""))
+        lines.append(f"| {sid} | {what} | {n} | {a} | {n - a} |")
     lines += ["", "## Remaining differences", ""]
     if not c.differences:
         lines.append("None.")
@@ -126,7 +129,12 @@ def markdown(real: dict[str, Any], c: Comparison) -> str:
                   "|---|---|---|---|---|---|"]
         for d in c.differences:
             dev = KNOWN.get(d.key)
-            why = f"{dev.name}: {dev.reason}" if dev else "**UNDOCUMENTED**"
+            why = f"deviation *{dev.name}*" if dev else "**UNDOCUMENTED**"
             lines.append(f"| {d.scenario} | {d.stage}.{d.index} | {_what(d.step)} | "
                          f"{_short(d.real)} | {_short(d.emulated)} | {why} |")
+        lines += ["", "## Deliberate deviations", ""]
+        for dev in dict.fromkeys(KNOWN.values()):
+            lines.append(f"- *{dev.name}*: {dev.reason}.")
+    lines += ["", "## Found by the suite and fixed in the emulator", ""]
+    lines += [f"- *{what}*: {fix}." for what, fix in FOUND_AND_FIXED]
     return "\n".join(lines) + "\n"

@@ -24,3 +24,29 @@ KNOWN: dict[Key, Deviation] = {}
 def _at(dev: Deviation, *keys: Key) -> None:
     for key in keys:
         KNOWN[key] = dev
+
+
+TMPFS = Deviation(
+    "no tmpfs", "the emulated kernel has no tmpfs: an unlinked tmpfs file (O_TMPFILE), which "
+    "7.3's memfd_luo_can_preserve takes (a shmem file with no links), is a host file to it, "
+    "a file of no LUO handler (ENOENT), so nothing comes back after the kexec "
+    "(liveupdate.kernel.fs.file.FileTable.lookup)")
+_at(TMPFS, ("fd-kinds", 1, 18), ("fd-kinds", 2, 10), ("fd-kinds", 2, 11))
+
+
+# what the suite found on its first run against Linux 7.3.4, fixed in the emulator since (the
+# doc lists them; each fix names the Linux function it follows)
+FOUND_AND_FIXED = (
+    ("seals after PRESERVE_FD", "memfd_luo_freeze rewrites only pos: a seal added after "
+     "PRESERVE_FD is not handed over (liveupdate.kernel.fs.memfd_luo)"),
+    ("F_SEAL_WRITE on a preserved memfd", "EBUSY: memfd_wait_for_pins finds the folios LUO "
+     "pinned (liveupdate.kernel.fs.memfd)"),
+    ("MFD_NOEXEC_SEAL and MFD_EXEC", "memfd_create takes them (mode 0666 with F_SEAL_EXEC, "
+     "which RETRIEVE_FD turns into 0x3e on its mode-0777 memfd)"),
+    ("a pipe, a socket, /dev/null", "fget succeeds, no handler can preserve them: ENOENT, "
+     "not EBADF (liveupdate.kernel.fs.file.FileTable.lookup)"),
+    ("non-UTF-8 session names", "names are bytes to Linux: kept through the handover and "
+     "GET_NAME instead of EINVAL (liveupdate.abi.uapi.session_name)"),
+    ("a /proc/self/fd reopen of a memfd", "a new file of the same inode, refused by a second "
+     "PRESERVE_FD with EBUSY (liveupdate.kernel.syscalls.files)"),
+)

@@ -5,7 +5,8 @@ real kernel's switches: ``kho=on liveupdate=on``, and ``transparent_hugepage_shm
 because the real kernel's configuration has no shmem THP, so folio sizes match), runs stage
 1 of the batch as one userspace process (:mod:`liveupdate.userspace.differential`, which
 holds its fds into the kexec), kexecs into the same image with the same command line, runs
-stage 2, and returns each scenario's records of both stages.
+stage 2, and returns each scenario's records of both stages and the handover as the next
+kernel found it (:mod:`.handover`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from liveupdate.abi import image
+from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import LiveUpdateError
-from liveupdate.machine.client import MachineClient, start
+from liveupdate.machine.client import MachineClient, RemoteRam, start
+from liveupdate.scenario.differential import handover
 
 CMDLINE = "kho=on liveupdate=on transparent_hugepage_shmem=never"
 PROGRAM = "liveupdate.userspace.differential"
@@ -36,9 +39,19 @@ def _stage(m: MachineClient, stage: int, batch: Path) -> dict[str, Any]:
     return got
 
 
+def incoming_handover(m: MachineClient) -> handover.Stable:
+    """The handover the running kernel booted with, read from RAM before anything of it is
+    retrieved (the root FDT at the address its KHO reports, decoded through the debug
+    port)."""
+    mem = PhysMem(RemoteRam(m, int(m.status()["memory"])))
+    root = int(m.kho_status()["in"]["root_fdt"], 16)
+    return handover.of_root(mem.read_fdt(root, "KHO root FDT"), mem)
+
+
 def run(batch: dict[str, list[dict[str, Any]]], folder: Path, gen: str = "7.3",
-        memory: int = 1 << 30) -> Records:
-    """Both stages of ``batch`` on an emulated ``gen`` machine in ``folder``."""
+        memory: int = 1 << 30) -> tuple[Records, handover.Stable]:
+    """Both stages of ``batch`` on an emulated ``gen`` machine in ``folder``, and the
+    handover between them."""
     folder.mkdir(parents=True, exist_ok=True)
     disk = folder / "machine" / "disk" / "images"
     disk.mkdir(parents=True, exist_ok=True)
@@ -52,8 +65,9 @@ def run(batch: dict[str, list[dict[str, Any]]], folder: Path, gen: str = "7.3",
         first = _stage(m, 1, path)
         m.kexec_load(f"images/{gen}.img", cmdline=CMDLINE)
         m.kexec_exec()
+        jump = incoming_handover(m)
         second = _stage(m, 2, path)
     finally:
         m.shutdown()
         proc.wait(30)
-    return {sid: {"stage1": first[sid], "stage2": second[sid]} for sid in batch}
+    return {sid: {"stage1": first[sid], "stage2": second[sid]} for sid in batch}, jump
