@@ -33,13 +33,13 @@ def _memfd(f: dict[str, Any]) -> dict[str, Any]:
 
 def _content(c: dict[str, Any]) -> dict[str, Any]:
     kind = c.get("kind")
-    if kind == "luo-v5":
+    if "sessions" in c:  # LUO's own blob, whichever format the report decoded
         return {"kind": kind, "compatible": c.get("compatible"),
                 "liveupdate_number": c.get("liveupdate_number"),
                 "sessions": [{"name": s["name"], "files": [_memfd(f) for f in s["files"]]}
                              for s in c.get("sessions", {}).get("list", [])],
                 "flbs": c.get("flbs", {}).get("list", [])}
-    if kind == "kexec-metadata":
+    if "kexec_count" in c:
         return {"kind": kind, "version": c.get("version"), "kexec_count": c.get("kexec_count")}
     return {"kind": kind, "compatible": c.get("compatible")}
 
