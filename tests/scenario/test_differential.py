@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from liveupdate.scenario.differential import cases, compare, table
-from liveupdate.scenario.differential.deviations import KNOWN
+from liveupdate.scenario.differential.deviations import HANDOVER_KNOWN, KNOWN
 
 Data = dict[str, Any]
 
@@ -38,6 +38,10 @@ def test_emulated_73_answers_as_the_real_kernel_did(comparison: compare.Comparis
     assert [(d.key, d.real, d.emulated) for d in undocumented] == []
     assert stale == []
     assert comparison.steps > 300 and comparison.agreements == comparison.steps - len(KNOWN)
+    # the handover at the jump too: the real one kept with the answers, the emulated one
+    # read from the next kernel's RAM, every differing value listed
+    assert comparison.handover_values > 300
+    assert len(comparison.handover_differences) == len(HANDOVER_KNOWN)
 
 
 def test_the_table_is_generated_from_the_kept_data(

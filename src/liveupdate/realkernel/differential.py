@@ -17,8 +17,9 @@ from typing import Any
 
 from liveupdate.errors import LiveUpdateError
 from liveupdate.realkernel.build import Image
+from liveupdate.realkernel.capture import kho_payload
 from liveupdate.realkernel.vm import boot
-from liveupdate.scenario.differential import cases
+from liveupdate.scenario.differential import cases, handover
 
 # what vm.boot puts on the command line, and this run's own switches: no shmem THP is built
 # in (CONFIG_TRANSPARENT_HUGEPAGE is not set) and KHO is on by default
@@ -55,7 +56,9 @@ def answers(out: Path) -> dict[str, Any]:
     batch = json.loads((out / "batch.json").read_text())
     first = json.loads((out / "stage1.json").read_text())
     second = json.loads((out / "stage2.json").read_text())
+    jump = (handover.of_capture(out, kho_payload(out / "setup_data"))
+            if (out / "ram.raw").exists() else None)
     return {"kernel_release": info["kernel_release"], "debian_version": info["debian_version"],
-            "switches": SWITCHES,
+            "switches": SWITCHES, "handover": jump,
             "scenarios": {sid: {"steps": steps, "stage1": first[sid], "stage2": second[sid]}
                           for sid, steps in batch.items()}}

@@ -11,10 +11,16 @@ deviations no longer happen (both fail the fast suite's test).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from liveupdate.scenario.differential.deviations import FOUND_AND_FIXED, KNOWN, Deviation
+from liveupdate.scenario.differential import handover
+from liveupdate.scenario.differential.deviations import (
+    FOUND_AND_FIXED,
+    HANDOVER_KNOWN,
+    KNOWN,
+    Deviation,
+)
 from liveupdate.userspace.differential import stage_steps
 
 Records = dict[str, dict[str, list[dict[str, Any]]]]
@@ -38,6 +44,8 @@ class Difference:
 class Comparison:
     scenarios: dict[str, tuple[int, int]]  # id -> (steps compared, agreements)
     differences: list[Difference]
+    handover_values: int = 0  # values of the stable handover compared (0: not compared)
+    handover_differences: list[tuple[str, Any, Any]] = field(default_factory=list)
 
     @property
     def steps(self) -> int:
@@ -48,8 +56,10 @@ class Comparison:
         return sum(a for _, a in self.scenarios.values())
 
 
-def compare(real: dict[str, Any], emulated: Records) -> Comparison:
-    """``real`` is the kept data (:func:`liveupdate.realkernel.differential.answers`)."""
+def compare(real: dict[str, Any], emulated: Records,
+            jump: handover.Stable | None = None) -> Comparison:
+    """``real`` is the kept data (:func:`liveupdate.realkernel.differential.answers`);
+    ``jump`` the emulated handover, compared with the real one when the data has it."""
     per: dict[str, tuple[int, int]] = {}
     diffs: list[Difference] = []
     for sid, sc in real["scenarios"].items():
@@ -65,7 +75,11 @@ def compare(real: dict[str, Any], emulated: Records) -> Comparison:
                 else:
                     diffs.append(Difference(sid, stage, i, st, r, e))
         per[sid] = (n, agree)
-    return Comparison(per, diffs)
+    c = Comparison(per, diffs)
+    if jump is not None and real.get("handover"):
+        c.handover_values = handover.leaves(real["handover"])
+        c.handover_differences = handover.differences(real["handover"], jump)
+    return c
 
 
 def verdict(c: Comparison) -> tuple[list[Difference], list[Deviation]]:
@@ -73,6 +87,11 @@ def verdict(c: Comparison) -> tuple[list[Difference], list[Deviation]]:
     seen = {d.key for d in c.differences}
     undocumented = [d for d in c.differences if d.key not in KNOWN]
     stale = [dev for key, dev in KNOWN.items() if key not in seen]
+    if c.handover_values:
+        paths = {p for p, _, _ in c.handover_differences}
+        undocumented += [Difference("handover", 0, 0, {"op": p}, {"value": r}, {"value": e})
+                         for p, r, e in c.handover_differences if p not in HANDOVER_KNOWN]
+        stale += [dev for p, dev in HANDOVER_KNOWN.items() if p not in paths]
     return undocumented, stale
 
 
@@ -89,6 +108,32 @@ def _what(step: dict[str, Any]) -> str:
         return f"{step['cmd']} on {step['target']} {fields}{extra}".replace("|", "\\|")
     rest = {k: v for k, v in step.items() if k not in ("op", "as")}
     return f"{step['op']} {json.dumps(rest)[:50]}".replace("|", "\\|")
+
+
+def _value(v: Any) -> str:
+    return json.dumps(v, ensure_ascii=False)[:60].replace("|", "\\|")
+
+
+def _handover(c: Comparison) -> list[str]:
+    if not c.handover_values:
+        return []
+    n = len(c.handover_differences)
+    lines = ["", "## The handover at the jump", "",
+             "Decoded structure by structure (`luoctl inspect`'s report) and reduced to what "
+             "is stable: the root's compatible, the subtrees in FDT order with their blob "
+             "sizes, LUO's sessions and files in order (token, handler, size, position, "
+             "seals, folio count and flags, index range), its FLBs, kexec-metadata. The real "
+             "one from RAM saved at the jump, the emulated one from the next kernel's RAM "
+             "before anything is retrieved.", "",
+             f"**{c.handover_values} values compared, {c.handover_values - n} agree, {n} "
+             "differ.**", ""]
+    if n:
+        lines += ["| value | real | emulated | why |", "|---|---|---|---|"]
+        for path, r, e in c.handover_differences:
+            dev = HANDOVER_KNOWN.get(path)
+            why = f"*{dev.name}*" if dev else "**UNDOCUMENTED**"
+            lines.append(f"| {path} | {_value(r)} | {_value(e)} | {why} |")
+    return lines
 
 
 def markdown(real: dict[str, Any], c: Comparison,
@@ -129,12 +174,14 @@ def markdown(real: dict[str, Any], c: Comparison,
                   "|---|---|---|---|---|---|"]
         for d in c.differences:
             dev = KNOWN.get(d.key)
-            why = f"deviation *{dev.name}*" if dev else "**UNDOCUMENTED**"
+            why = f"*{dev.name}*" if dev else "**UNDOCUMENTED**"
             lines.append(f"| {d.scenario} | {d.stage}.{d.index} | {_what(d.step)} | "
                          f"{_short(d.real)} | {_short(d.emulated)} | {why} |")
-        lines += ["", "## Deliberate deviations", ""]
-        for dev in dict.fromkeys(KNOWN.values()):
-            lines.append(f"- *{dev.name}*: {dev.reason}.")
+    lines += _handover(c)
+    devs = dict.fromkeys([*KNOWN.values(), *HANDOVER_KNOWN.values()])
+    if devs:
+        lines += ["", "## Why they differ", ""]
+        lines += [f"- *{dev.name}*: {dev.reason}." for dev in devs]
     lines += ["", "## Found by the suite and fixed in the emulator", ""]
     lines += [f"- *{what}*: {fix}." for what, fix in FOUND_AND_FIXED]
     return "\n".join(lines) + "\n"

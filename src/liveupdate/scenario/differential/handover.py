@@ -46,10 +46,11 @@ def _content(c: dict[str, Any]) -> dict[str, Any]:
 
 def stable(root: dict[str, Any]) -> Stable:
     """The stable part of a ``kho-root`` report."""
+    subtrees = root.get("subtrees", [])
     return {"compatible": root.get("compatible"),
-            "subtrees": [{"name": s["name"], "blob_size": s.get("blob_size"),
-                          **_content(s.get("content", {}))}
-                         for s in root.get("subtrees", [])],
+            "subtree_order": [s["name"] for s in subtrees],
+            "subtrees": {s["name"]: {"blob_size": s.get("blob_size"),
+                                     **_content(s.get("content", {}))} for s in subtrees},
             # the map's radix tree is read from RAM the next kernel has begun to use again
             # once it reserved the preserved ranges: not compared, nor its errors
             "errors": [e for e in report.errors(root) if not e.startswith("/memory")]}
@@ -66,6 +67,15 @@ def of_capture(folder: Path, payload: bytes) -> Stable:
 def of_root(fdt: bytes, mem: PhysMem) -> Stable:
     """The stable handover from its root FDT and the RAM it points into."""
     return stable(report.describe_root(fdt, mem))
+
+
+def leaves(s: Any) -> int:
+    """How many values a stable handover compares."""
+    if isinstance(s, dict):
+        return sum(leaves(v) for v in s.values())
+    if isinstance(s, list) and s:
+        return sum(leaves(v) for v in s)
+    return 1
 
 
 def differences(real: Stable, emulated: Stable) -> list[tuple[str, Any, Any]]:

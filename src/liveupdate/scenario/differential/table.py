@@ -57,8 +57,8 @@ def write_data(data: dict[str, Any]) -> Path:
 def emulated_comparison(data: dict[str, Any], work: Path) -> compare.Comparison:
     """The kept steps on an emulated 7.3 machine, compared with the kept answers."""
     batch = {sid: sc["steps"] for sid, sc in data["scenarios"].items()}
-    records, _jump = emulated.run(batch, work)
-    return compare.compare(data, records)
+    records, jump = emulated.run(batch, work)
+    return compare.compare(data, records, jump)
 
 
 def regenerate(data: dict[str, Any], work: Path) -> tuple[str, compare.Comparison]:
