@@ -1,7 +1,11 @@
 """A test FLB (``luo_flb=1``, 7.1 images), as ``lib/tests/liveupdate.c`` attaches test FLBs to
 every registered handler: one page of state shared by all preserved memfds, created by the
 first preserve, dropped by the last unpreserve; the next kernel retrieves it with the first
-retrieved (or finished) memfd and frees it when the last one is finished."""
+retrieved (or finished) memfd and frees it when the last one is finished.
+
+Not yet 7.3's (a listed difference of the differential suite, docs/differential.md): Linux
+7.3.4's ``lib/tests/liveupdate.c`` registers three FLBs, ``liveupdate-test-flb-v0..2`` with
+data ``0xFEEDF00DCAFEBEE0 + i``, fetched when the handler registers."""
 
 from __future__ import annotations
 
