@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from liveupdate.scenario.differential import handover
+from liveupdate.scenario.differential import emulated, handover
 from liveupdate.scenario.differential.deviations import (
     FOUND_AND_FIXED,
     HANDOVER_KNOWN,
@@ -150,7 +150,7 @@ def markdown(real: dict[str, Any], c: Comparison,
         f"- Real kernel: Linux {real['kernel_release']} (Debian {real['debian_version']}), "
         "under QEMU, one boot and one kexec for the whole batch.",
         "- Emulated: generation 7.3, one machine and one kexec, command line "
-        f"`{real['switches']} transparent_hugepage_shmem=never`.",
+        f"`{emulated.CMDLINE}`.",
         "- Compared per step: the errno of every call, every field an ioctl returned (fd "
         "fields as *a new fd* / *unchanged*), each memfd's size, position, seals and sha256 "
         "before and after the kexec.",

@@ -1,8 +1,9 @@
 """The differential suite on the emulated machine: one machine, one kexec, every scenario.
 
 :func:`run` boots a machine from the emulated generation's image with :data:`CMDLINE` (the
-real kernel's switches: ``kho=on liveupdate=on``, and ``transparent_hugepage_shmem=never``
-because the real kernel's configuration has no shmem THP, so folio sizes match), runs stage
+real kernel's switches: ``kho=on liveupdate=on``, ``transparent_hugepage_shmem=never``
+because the real kernel's configuration has no shmem THP, so folio sizes match, and
+``luo_flb=1`` for the selftest FLBs its configuration builds in), runs stage
 1 of the batch as one userspace process (:mod:`liveupdate.userspace.differential`, which
 holds its fds into the kexec), kexecs into the same image with the same command line, runs
 stage 2, and returns each scenario's records of both stages and the handover as the next
@@ -23,7 +24,8 @@ from liveupdate.errors import LiveUpdateError
 from liveupdate.machine.client import MachineClient, RemoteRam, start
 from liveupdate.scenario.differential import handover
 
-CMDLINE = "kho=on liveupdate=on transparent_hugepage_shmem=never"
+# luo_flb=1: the real image builds lib/tests/liveupdate.c in (CONFIG_LIVEUPDATE_TEST=y)
+CMDLINE = "kho=on liveupdate=on transparent_hugepage_shmem=never luo_flb=1"
 PROGRAM = "liveupdate.userspace.differential"
 Records = dict[str, dict[str, list[dict[str, Any]]]]
 
