@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from liveupdate.scenario.differential import cases, compare, table
-from liveupdate.scenario.differential.deviations import HANDOVER_KNOWN, KNOWN
+from liveupdate.scenario.differential.deviations import HANDOVER_KNOWN, KNOWN, Deviation
 
 Data = dict[str, Any]
 
@@ -49,8 +49,8 @@ def test_the_table_is_generated_from_the_kept_data(
     assert table.DOC.read_text() == compare.markdown(data, comparison, cases.ABOUT)
 
 
-def test_a_difference_fails_the_verdict(data: Data,
-                                        comparison: compare.Comparison) -> None:
+def test_a_difference_fails_the_verdict(data: Data, comparison: compare.Comparison,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The comparison can fail: one real answer changed is an undocumented difference, and
     a deviation whose step agrees again is stale."""
     sid, sc = "names", data["scenarios"]["names"]
@@ -61,6 +61,9 @@ def test_a_difference_fails_the_verdict(data: Data,
     assert [d.key for d in undocumented] == [("names", 1, 0)]
     healed = compare.compare(data, _records(comparison, data, heal=True))
     assert len(compare.verdict(healed)[1]) == len(set(KNOWN))
+    gone = Deviation("gone", "a deviation the emulator no longer has")
+    monkeypatch.setitem(compare.KNOWN, ("names", 1, 0), gone)
+    assert compare.verdict(healed)[1][-1] == gone
 
 
 def _records(c: compare.Comparison, data: Data,

@@ -52,6 +52,7 @@ class Sys(Protocol):
     def get_seals(self, fd: int) -> int: ...
     def size(self, fd: int) -> int: ...
     def reopen(self, fd: int) -> int: ...
+    def tmpfile(self) -> int: ...
 
 
 class RealSys:
@@ -92,6 +93,9 @@ class RealSys:
 
     def reopen(self, fd: int) -> int:
         return os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+
+    def tmpfile(self) -> int:
+        return os.open(_tmpfs(), os.O_TMPFILE | os.O_RDWR, 0o600)
 
 
 class EmulatedSys:
@@ -137,6 +141,9 @@ class EmulatedSys:
 
     def reopen(self, fd: int) -> int:
         return self.k.open(f"/proc/self/fd/{fd}")
+
+    def tmpfile(self) -> int:
+        return self.k.open("/dev/shm", os.O_TMPFILE)
 
 
 def fill(seed: int, page: int) -> bytes:
@@ -224,7 +231,9 @@ class Runner:
         return {"ok": True}
 
     def op_other(self, st: Step) -> Record:
-        """A file of a kind LUO has no handler for (Linux's own, on both kernels)."""
+        """A file that is not a memfd: a pipe, a socket, ``/dev/null`` (the host's own, on
+        both kernels: the emulated kernel sees a file it does not emulate) or an unlinked
+        tmpfs file (``O_TMPFILE``, the kernel's)."""
         kind = st["kind"]
         if kind == "pipe":
             r, w = os.pipe()
@@ -235,7 +244,7 @@ class Runner:
         elif kind == "devnull":
             fd = os.open(os.devnull, os.O_RDWR)
         elif kind == "tmpfile":  # an unlinked file of a tmpfs: shmem, like a memfd
-            fd = os.open(_tmpfs(), os.O_TMPFILE | os.O_RDWR, 0o600)
+            fd = self.sys.tmpfile()
         else:
             raise ValueError(f"unknown kind {kind!r}")
         self.bind(st, fd)

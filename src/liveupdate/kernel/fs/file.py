@@ -115,11 +115,7 @@ class FileTable:
         not one of this kernel's files (a pipe, a socket, ``/dev/null``, a regular or tmpfs
         file the process opened on the host) is a :data:`FOREIGN` file: ``fget`` succeeds
         in Linux too, and such a file has no LUO handler (ENOENT at PRESERVE_FD), no
-        ioctls (ENOTTY) and nothing a memfd call can use (EINVAL).
-
-        Deviation (listed by the differential suite): Linux's tmpfs is not emulated, so an
-        unlinked tmpfs file (``O_TMPFILE``), which 7.3's ``memfd_luo_can_preserve`` takes
-        (``shmem_file`` with no links), is a foreign file here and refused."""
+        ioctls (ENOTTY) and nothing a memfd call can use (EINVAL)."""
         try:
             st = os.fstat(fd)
         except OSError as e:

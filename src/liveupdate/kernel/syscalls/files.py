@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 MAX_IO = wire.IO_PIECE  # bytes per read or write call: a reply is one SEQPACKET record
 DEV_LIVEUPDATE = "/dev/liveupdate"
 PROC_FD = re.compile(r"/proc/self/fd/\d+")
+TMPFS = ("/dev/shm", "/run", "/tmp")  # the tmpfs mounts a distribution has
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ def sys_open(c: Caller, m: Message) -> Message:
     path = arg(m, "path", str)
     if PROC_FD.fullmatch(path):
         return _reopen(c, m, path)
+    if arg(m, "flags", int, 0) & os.O_TMPFILE == os.O_TMPFILE:
+        return _tmpfile(c, path)
     if path != DEV_LIVEUPDATE:
         raise LiveUpdateError(err=errno.ENOENT, msg=f"open: {path}: no such device")
     if c.k.luo is None:
@@ -89,6 +92,19 @@ def sys_open(c: Caller, m: Message) -> Message:
     # the node is root's, mode 0600: may_open checks the caller before the driver's open
     creds.may_open_root_node(c.peer.cred(), f"open: {path}", write=True)
     return _handle(c, c.k.luo.open())
+
+
+def _tmpfile(c: Caller, path: str) -> Message:
+    """``open(dir, O_TMPFILE)`` on a tmpfs mount (:data:`TMPFS`): ``shmem_tmpfile``, an
+    unnamed shmem inode with no links -- the object a memfd is, without ``MFD_ALLOW_SEALING``
+    (``F_SEAL_SEAL``), mode 0600 -- so 7.3's ``memfd_luo_can_preserve`` (``shmem_file`` and
+    ``!i_nlink``) takes it too. Any other directory: ENOENT (there is no other
+    filesystem)."""
+    if path.rstrip("/") not in TMPFS:
+        raise LiveUpdateError(err=errno.ENOENT, msg=f"open: {path}: no such directory")
+    mf = c.k.new_memfd("")
+    mf.mode = 0o600
+    return _handle(c, memfd.open_file(mf))
 
 
 def _reopen(c: Caller, m: Message, path: str) -> Message:

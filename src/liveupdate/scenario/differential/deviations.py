@@ -26,12 +26,7 @@ def _at(dev: Deviation, *keys: Key) -> None:
         KNOWN[key] = dev
 
 
-TMPFS = Deviation(
-    "no tmpfs", "the emulated kernel has no tmpfs: an unlinked tmpfs file (O_TMPFILE), which "
-    "7.3's memfd_luo_can_preserve takes (a shmem file with no links), is a host file to it, "
-    "a file of no LUO handler (ENOENT), so nothing comes back after the kexec "
-    "(liveupdate.kernel.fs.file.FileTable.lookup)")
-_at(TMPFS, ("fd-kinds", 1, 18), ("fd-kinds", 2, 10), ("fd-kinds", 2, 11))
+
 
 
 # what the suite found on its first run against Linux 7.3.4, fixed in the emulator since (the
@@ -49,6 +44,9 @@ FOUND_AND_FIXED = (
      "GET_NAME instead of EINVAL (liveupdate.abi.uapi.session_name)"),
     ("a /proc/self/fd reopen of a memfd", "a new file of the same inode, refused by a second "
      "PRESERVE_FD with EBUSY (liveupdate.kernel.syscalls.files)"),
+    ("an unlinked tmpfs file", "open(O_TMPFILE) on a tmpfs makes an unnamed shmem inode, "
+     "which memfd_luo_can_preserve takes: preserved and retrieved as a memfd "
+     "(liveupdate.kernel.syscalls.files)"),
     ("the selftest FLBs", "7.3's lib/tests/liveupdate.c hands over three FLBs, "
      "liveupdate-test-flb-v0..2, whose data is the value 0xFEEDF00DCAFEBEE0 + i "
      "(liveupdate.kernel.testmods.luo_flb, Rules73)"),
@@ -65,15 +63,6 @@ TEST_KHO = Deviation(
     "emulated kernel runs its port only with test_kho=1, and the port still writes the 6.16 "
     "format (7.3's folios_info is a kho_vmalloc; issue #24 item 3, not done): the suite "
     "runs without it")
-METADATA = Deviation(
-    "kexec-metadata read after boot", "the emulated handover is read from the next kernel's "
-    "RAM (there is no stop at the jump), and the emulated next kernel frees the incoming "
-    "kexec-metadata page at boot -- its console says it read count 1 -- where 7.3 never "
-    "frees it (the checklist's 'freeing of incoming pages', not done)")
 HANDOVER_KNOWN.update({
     "subtree_order[1]": TEST_KHO, "subtree_order[2]": TEST_KHO, "subtrees.kho_test": TEST_KHO,
-    # every FLB counts the files preserved: one fewer here, the tmpfs file
-    **{f"subtrees.LUO.flbs[{i}].count": TMPFS for i in range(3)},
-    "subtrees.LUO.sessions[10].files[4]": TMPFS,
-    "subtrees.kexec-metadata.kexec_count": METADATA,
 })

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from liveupdate.scenario.differential import handover
 # luo_flb=1: the real image builds lib/tests/liveupdate.c in (CONFIG_LIVEUPDATE_TEST=y)
 CMDLINE = "kho=on liveupdate=on transparent_hugepage_shmem=never luo_flb=1"
 PROGRAM = "liveupdate.userspace.differential"
+EXEC_FROM = re.compile(r"KHO: exec from: \S+ \(count (\d+)\)")
 Records = dict[str, dict[str, list[dict[str, Any]]]]
 
 
@@ -47,7 +49,14 @@ def incoming_handover(m: MachineClient) -> handover.Stable:
     port)."""
     mem = PhysMem(RemoteRam(m, int(m.status()["memory"])))
     root = int(m.kho_status()["in"]["root_fdt"], 16)
-    return handover.of_root(mem.read_fdt(root, "KHO root FDT"), mem)
+    got = handover.of_root(mem.read_fdt(root, "KHO root FDT"), mem)
+    # the kexec-metadata page is freed by this kernel's boot (7.3 keeps it: kernel/boot.py
+    # says so), so RAM no longer holds it; the count is what the kernel read at boot
+    seen = EXEC_FROM.findall(m.console()[1].decode(errors="replace"))
+    md = got["subtrees"].get("kexec-metadata")
+    if md is not None and seen:
+        md["kexec_count"] = int(seen[-1])
+    return got
 
 
 def run(batch: dict[str, list[dict[str, Any]]], folder: Path, gen: str = "7.3",
