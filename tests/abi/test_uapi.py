@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from liveupdate.abi import uapi
+from liveupdate.abi import luo_session, uapi
 from liveupdate.abi.uapi import Gen, Target
 from liveupdate.errors import AbiError
 
@@ -91,6 +91,11 @@ def test_session_names() -> None:
         uapi.session_name(b"A" * 64, strict=True)
     with pytest.raises(AbiError, match="empty"):
         uapi.session_name(bytes(64), strict=True)
+    # names are bytes to Linux: any byte but NUL comes back as it went in
+    raw = b"\xff\xfe-raw"
+    name = uapi.session_name(raw + b"\0", strict=True)
+    assert name.encode("utf-8", uapi.NAME_ERRORS) == raw
+    assert luo_session.name_field(name, 64, "session name") == raw
 
 
 def test_v3_get_fd_state_accepts_offsetofend_token() -> None:

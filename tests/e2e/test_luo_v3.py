@@ -88,7 +88,7 @@ def test_state_machine_single_opener_and_errnos(v3: Callable[..., MachineClient]
     assert got == {
         "second_open": "EBUSY", "normal": 1, "freeze": "EINVAL", "unknown": "EINVAL",
         "finish_in_normal": "EINVAL", "restore_in_normal": "EBUSY",
-        "pipe": "EBADF", "bad_fd": "EBADF", "device": "ENOENT", "preserve": "ok",
+        "pipe": "ENOENT", "bad_fd": "EBADF", "device": "ENOENT", "preserve": "ok",
         "duplicate": "EEXIST", "unpreserve_unknown": "ENOENT", "fd_state": 1,
         "prepare": "ok", "prepared": 2, "fd_state_prepared": 2,
         "preserve_in_prepared": "EBUSY", "unpreserve_in_prepared": "EBUSY",

@@ -77,3 +77,37 @@ def test_last_reference_frees_the_folios(rig: Rig) -> None:
     assert k.buddy.nr_free < free
     f.put()
     assert k.buddy.nr_free == free
+
+
+def test_memfd_create_flags_set_mode_and_seals(rig: Rig) -> None:
+    """memfd_alloc_file: MFD_NOEXEC_SEAL clears the x bits and leaves F_SEAL_EXEC (sealable
+    without MFD_ALLOW_SEALING); MFD_ALLOW_SEALING alone clears F_SEAL_SEAL; none keeps it."""
+    k = rig.boot("kho=on")
+    got = {}
+    for flags in (0, memfd.MFD_ALLOW_SEALING, memfd.MFD_NOEXEC_SEAL,
+                  memfd.MFD_ALLOW_SEALING | memfd.MFD_EXEC):
+        m = k.new_memfd("f")
+        memfd.init_seals(m, flags)
+        got[flags] = (m.mode, m.seals)
+    assert got == {0: (0o777, memfd.F_SEAL_SEAL), 2: (0o777, 0),
+                   8: (0o666, memfd.F_SEAL_EXEC), 0x12: (0o777, 0)}
+    m = k.new_memfd("noexec")
+    memfd.init_seals(m, memfd.MFD_NOEXEC_SEAL)
+    m.add_seals(memfd.F_SEAL_GROW)  # sealable; F_SEAL_EXEC on 0666 implies nothing
+    assert m.seals == memfd.F_SEAL_EXEC | memfd.F_SEAL_GROW
+
+
+def test_write_seal_on_a_preserved_memfd_is_ebusy(rig: Rig) -> None:
+    """memfd_wait_for_pins: LUO pinned every folio at PRESERVE_FD, so F_SEAL_WRITE cannot
+    be added (F_SEAL_FUTURE_WRITE and the size seals can); once unpinned it can."""
+    k = rig.boot("kho=on")
+    m = k.new_memfd("p")
+    m.seals = 0
+    m.frozen = True
+    with pytest.raises(LiveUpdateError) as e:
+        m.add_seals(memfd.F_SEAL_WRITE)
+    assert e.value.errno == errno.EBUSY and m.seals == 0
+    m.add_seals(memfd.F_SEAL_FUTURE_WRITE | memfd.F_SEAL_GROW)
+    m.frozen = False
+    m.add_seals(memfd.F_SEAL_WRITE)
+    assert m.seals == memfd.F_SEAL_WRITE | memfd.F_SEAL_FUTURE_WRITE | memfd.F_SEAL_GROW

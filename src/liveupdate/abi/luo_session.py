@@ -97,14 +97,11 @@ def _cstr(raw: bytes, size: int, what: str) -> str:
         raw = raw[: raw.index(b"\0")]
     elif len(raw) >= size:
         raise AbiError(msg=f"{what} is not NUL-terminated within {size} bytes")
-    try:
-        return raw.decode()
-    except UnicodeDecodeError as e:
-        raise AbiError(msg=f"{what} is not valid UTF-8") from e
+    return raw.decode("utf-8", "surrogateescape")  # bytes to Linux: any but NUL
 
 
 def name_field(name: str, size: int, what: str) -> bytes:
-    raw = name.encode()
+    raw = name.encode("utf-8", "surrogateescape")
     if len(raw) >= size or b"\0" in raw:
         raise AbiError(msg=f"{what} {name!r} does not fit {size - 1} bytes")
     return raw

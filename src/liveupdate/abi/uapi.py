@@ -276,9 +276,14 @@ def lookup(gen: Gen, target: Target, cmd: int, arg: bytes,
     return entry, entry.unpack(data)
 
 
+NAME_ERRORS = "surrogateescape"  # a name's bytes as a str and back, whatever they are
+
+
 def session_name(raw: bytes, *, strict: bool) -> str:
     """A session name field. ``strict`` is 7.3 (EINVAL for empty or unterminated); otherwise
-    6.19's ``strscpy`` truncation to 63 bytes."""
+    6.19's ``strscpy`` truncation to 63 bytes. Names are bytes to Linux (any byte but NUL):
+    bytes that are not UTF-8 are kept through ``surrogateescape`` (:data:`NAME_ERRORS`), so
+    the name written to the handover and returned by GET_NAME is the same bytes."""
     if b"\0" in raw:
         raw = raw[: raw.index(b"\0")]
     elif strict:
@@ -287,7 +292,4 @@ def session_name(raw: bytes, *, strict: bool) -> str:
         raw = raw[: SESSION_NAME_LENGTH - 1]
     if strict and not raw:
         raise AbiError(msg="session name is empty")
-    try:
-        return raw.decode()
-    except UnicodeDecodeError as e:
-        raise AbiError(msg="session name is not valid UTF-8") from e
+    return raw.decode("utf-8", NAME_ERRORS)

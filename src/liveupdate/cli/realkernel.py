@@ -214,3 +214,46 @@ def capture_cmd(out: Path, memory_mib: int, append: str, fixture: Path | None, e
         fail(e)
     emit(info, as_json, f"captured Linux {info['kernel_release']} in {out} "
          f"({info['seconds']} s): every preserved file came back as it left")
+
+
+@realkernel.command("differential")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              default=OUT / "differential", show_default=True,
+              help="The real run's folder (console, records, RAM at the jump).")
+@click.option("--replay", is_flag=True,
+              help="Do not boot the real kernel: remake the table from the kept answers.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def differential_cmd(out: Path, replay: bool, as_json: bool) -> None:
+    """The differential suite (issue #24): every scenario of
+    liveupdate.scenario.differential.cases on the real kernel (one boot, one kexec), its
+    answers kept in tests/realkernel/data/differential-<release>.json, then the same steps
+    on an emulated 7.3 machine and the table written to docs/differential.md.
+
+    \b
+    Examples:
+      luoctl realkernel differential
+      luoctl realkernel differential --replay
+    """
+    from liveupdate.realkernel import differential
+    from liveupdate.scenario.differential import compare, table
+
+    try:
+        if replay:
+            data = table.kept()
+        else:
+            data = differential.record(_image(), out)
+            table.write_data(data)
+        _text, c = table.regenerate(data, out / "emulated")
+    except ERRORS as e:
+        fail(e)
+    undocumented, stale = compare.verdict(c)
+    summary = {"kernel_release": data["kernel_release"], "scenarios": len(c.scenarios),
+               "steps": c.steps, "agree": c.agreements, "differ": len(c.differences),
+               "undocumented": len(undocumented), "stale_deviations": len(stale),
+               "table": str(table.DOC)}
+    emit(summary, as_json, f"Linux {data['kernel_release']}: {c.steps} steps, "
+         f"{c.agreements} agree, {len(c.differences)} differ ({len(undocumented)} "
+         f"undocumented); table in {table.DOC}")
+    if undocumented or stale:
+        fail(f"{len(undocumented)} undocumented differences, {len(stale)} listed deviations "
+             f"that no longer happen: see {table.DOC}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import threading
 from typing import Any
@@ -100,9 +101,13 @@ class Kernel:
     def _on(self, op: str, fd: int, payload: bytes = b"", **args: Any) -> wire.Message:
         return self.call_fds(op, payload, [fd], **args)
 
-    def open(self, path: str) -> int:
-        """``open(path, O_RDWR)``: a handle the caller owns (close it with ``os.close``)."""
-        return self._new_fd("open", path=path)
+    def open(self, path: str, flags: int = 0) -> int:
+        """``open(path, O_RDWR | flags)``: a handle the caller owns (close it with
+        ``os.close``). ``/proc/self/fd/N`` names one of this process's fds: it rides along,
+        as only the process knows what its fd N is."""
+        own = re.fullmatch(r"/proc/self/fd/(\d+)", path)
+        fds = [int(own.group(1))] if own and _is_open(int(own.group(1))) else []
+        return self._new_fd("open", fds=fds, path=path, flags=flags)
 
     def memfd_create(self, name: str, flags: int = 0) -> int:
         return self._new_fd("memfd_create", name=name, flags=flags)

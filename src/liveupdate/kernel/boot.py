@@ -137,7 +137,11 @@ def memblock_free_all(k: Kernel, scratch: np.ndarray | None) -> None:
 
 def kexec_metadata(k: Kernel) -> None:
     """kho-v3+ ``kho_init``: say which kernel kexec'd us (``KHO: exec from: ...``), give its
-    record back, and add ours with the count one higher (:mod:`abi.kexec_metadata`)."""
+    record back, and add ours with the count one higher (:mod:`abi.kexec_metadata`).
+
+    Differs from Linux 7.3.4 (``kho_in_kexec_metadata`` reads the page in place and never
+    frees it; a listed difference of the differential suite, docs/differential.md): the
+    page is freed here at boot."""
     kout, kin = k.kho_out, k.kho_in
     if kout is None or not kout.core.records_kexec_metadata:
         return

@@ -18,6 +18,8 @@ Jobs:
   ``kexec`` it runs again in the next kernel.
 * ``liveupdate``: :mod:`.liveupdate_job` -- our luod, a VMM and the cache live-update this
   kernel: luod itself does the kexec (the plan says ``"kexec": false``), stage 2 checks.
+* ``differential``: :mod:`liveupdate.userspace.differential` runs the differential suite's
+  batch (``plan["batch"]``), one stage per kernel, its records in ``stage<N>.json``.
 * ``scenario``: :mod:`.scenario` preserves memfds of chosen sizes, holes, positions and seals
   in LUO sessions; each stage writes what it sees of every file (``stage<N>.json``), the
   debugfs KHO blobs (``debugfs-stage<N>/``) and, in stage 2, every ``setup_data`` node the
@@ -137,6 +139,12 @@ def main(argv: list[str]) -> int:
             from liveupdate.realkernel import scenario
 
             rc = scenario.run(st, out, DEBUGFS, dump_debugfs, dump_setup_data)
+        elif plan["job"] == "differential":
+            from liveupdate.userspace import differential
+
+            rc = differential.real_stage(st, Path(plan["batch"]), out)
+            if st == 2:
+                dump_setup_data(out / "setup_data")
         elif plan["job"] == "liveupdate":
             from liveupdate.realkernel import liveupdate_job
 

@@ -70,6 +70,18 @@ class File:
             self.ops.release(self)
 
 
+class _Foreign:
+    """A file of a kind the emulated kernel does not emulate (see :meth:`FileTable.lookup`)."""
+
+    name = "foreign"
+
+    def release(self, f: File) -> None:
+        pass
+
+
+FOREIGN = _Foreign()
+
+
 class FileTable:
     """Every handle this kernel has handed out, by the identity of the process's end."""
 
@@ -99,14 +111,18 @@ class FileTable:
         return uside.detach()
 
     def lookup(self, fd: int) -> File:
-        """The file behind a received handle; EBADF if it is not one of this kernel's."""
+        """The file behind a received handle; EBADF if it is not open. An open fd that is
+        not one of this kernel's files (a pipe, a socket, ``/dev/null``, a regular or tmpfs
+        file the process opened on the host) is a :data:`FOREIGN` file: ``fget`` succeeds
+        in Linux too, and such a file has no LUO handler (ENOENT at PRESERVE_FD), no
+        ioctls (ENOTTY) and nothing a memfd call can use (EINVAL)."""
         try:
             st = os.fstat(fd)
         except OSError as e:
             raise LiveUpdateError(err=errno.EBADF, msg=f"fd: {e.strerror}") from e
         entry = self._by_key.get((st.st_dev, st.st_ino))
         if entry is None:
-            raise LiveUpdateError(err=errno.EBADF, msg="fd is not a file of this kernel")
+            return File(FOREIGN)
         return entry[0]
 
     def drain(self) -> int:

@@ -23,7 +23,8 @@ the size and mmap keep working.
 Seals (``memfd_add_seals``): a memfd made without ``MFD_ALLOW_SEALING`` starts with
 ``F_SEAL_SEAL``; ``F_SEAL_SHRINK``/``GROW`` refuse size changes that way, ``F_SEAL_WRITE``
 and ``F_SEAL_FUTURE_WRITE`` refuse writes and writable mappings (EPERM); adding seals to a
-``F_SEAL_SEAL`` file is EPERM, unknown bits EINVAL.
+``F_SEAL_SEAL`` file is EPERM, unknown bits EINVAL, ``F_SEAL_WRITE`` on a preserved memfd
+EBUSY (``memfd_wait_for_pins``: LUO holds every folio pinned).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ ALL_SEALS = 0x3F
 # what F_SEAL_EXEC brings along on an executable memfd (W^X from the start)
 EXEC_IMPLIES = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_FUTURE_WRITE
 MODE_EXEC = 0o777  # a memfd's inode mode without MFD_NOEXEC_SEAL (vm.memfd_noexec=0)
-MFD_CLOEXEC, MFD_ALLOW_SEALING = 0x1, 0x2
+MFD_CLOEXEC, MFD_ALLOW_SEALING, MFD_NOEXEC_SEAL, MFD_EXEC = 0x1, 0x2, 0x8, 0x10
+MODE_NOEXEC = 0o666  # MFD_NOEXEC_SEAL clears the execute bits
 
 
 class PageOps(Protocol):
@@ -73,6 +75,16 @@ def implied_seals(seals: int, mode: int) -> int:
     return seals | EXEC_IMPLIES if seals & F_SEAL_EXEC and mode & 0o111 else seals
 
 
+def init_seals(m: Memfd, flags: int) -> None:
+    """``memfd_alloc_file``: MFD_NOEXEC_SEAL clears the execute bits and leaves F_SEAL_EXEC
+    (sealable, whatever MFD_ALLOW_SEALING says); MFD_ALLOW_SEALING alone clears F_SEAL_SEAL;
+    otherwise the memfd keeps F_SEAL_SEAL."""
+    if flags & MFD_NOEXEC_SEAL:
+        m.mode, m.seals = MODE_NOEXEC, F_SEAL_EXEC
+    elif flags & MFD_ALLOW_SEALING:
+        m.seals = 0
+
+
 def _pages(size: int) -> int:
     return -(-size // PAGE_SIZE)
 
@@ -89,7 +101,7 @@ class Memfd:
     order: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
     frozen: bool = False  # SHMEM_F_MAPPING_FROZEN: preserved, the size cannot change
     seals: int = F_SEAL_SEAL
-    mode: int = MODE_EXEC  # every emulated memfd: MFD_NOEXEC_SEAL is not emulated
+    mode: int = MODE_EXEC  # MODE_NOEXEC with MFD_NOEXEC_SEAL
     refs: int = 0  # open files, mappings and LUO
     on_free: Callable[[Memfd], None] | None = None
 
@@ -219,7 +231,12 @@ class Memfd:
             raise LiveUpdateError(err=errno.EINVAL, msg=f"F_ADD_SEALS: unknown seals {seals:#x}")
         if self.seals & F_SEAL_SEAL:
             raise LiveUpdateError(err=errno.EPERM, msg="F_ADD_SEALS: the memfd has F_SEAL_SEAL")
-        self.seals |= implied_seals(seals, self.mode)
+        seals = implied_seals(seals, self.mode)
+        if seals & F_SEAL_WRITE and not self.seals & F_SEAL_WRITE and self.frozen:
+            # memfd_wait_for_pins: LUO pinned every folio (memfd_pin_folios) at PRESERVE_FD
+            raise LiveUpdateError(err=errno.EBUSY, msg="F_ADD_SEALS: F_SEAL_WRITE on a "
+                                  "memfd whose folios are pinned (preserved)")
+        self.seals |= seals
 
     def truncate(self, size: int) -> None:
         if not 0 <= size <= MAX_LFS_FILESIZE:

@@ -216,9 +216,11 @@ class MemfdSerHandler(MemfdLuo):
     restores the seal set (unknown bits: EOPNOTSUPP) and allows more sealing only if
     ``F_SEAL_SEAL`` is absent."""
 
-    def _ser(self, f: File, desc: KhoVmalloc, compatible: str = "") -> bytes:
+    def _ser(self, f: File, desc: KhoVmalloc, compatible: str = "",
+             seals: int | None = None) -> bytes:
         m, compatible = f.private, compatible or self.compatible
-        seals = m.seals if memfd_abi.HAS_SEALS[compatible] else 0
+        seals = m.seals if seals is None else seals
+        seals = seals if memfd_abi.HAS_SEALS[compatible] else 0
         return memfd_abi.encode_ser(memfd_abi.MemfdSer(
             f.pos, m.size, len(m.index), desc, seals, compatible))
 
@@ -257,11 +259,14 @@ class MemfdSerHandler(MemfdLuo):
         self.unpin(_file(a).private)
 
     def freeze(self, a: Args) -> int:
-        """Rewrite ``pos`` in the plan's format: a 7.1+ kernel writing ``memfd-v1`` for 6.19
+        """``memfd_luo_freeze``: rewrite ``pos`` only -- the seals stay those of PRESERVE_FD
+        (a seal added later is not handed over; seen on Linux 7.3.4 by the differential
+        suite). In the plan's format: a 7.1+ kernel writing ``memfd-v1`` for 6.19
         (negotiated) writes the same page, 40 bytes, no seals --
         :mod:`liveupdate.kernel.negotiate` refused the load if the seals mattered."""
         ser = self._read(a.data)
-        self.k.write(a.data, self._ser(_file(a), ser.folios, compatible_of(a.out_format)))
+        self.k.write(a.data, self._ser(_file(a), ser.folios, compatible_of(a.out_format),
+                                       ser.seals))
         return a.data
 
     def unfreeze(self, a: Args) -> None:

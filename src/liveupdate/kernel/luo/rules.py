@@ -32,13 +32,17 @@ from liveupdate.kernel.fs.file import File
 def _name(raw: bytes, *, strict: bool) -> str:
     try:
         return uapi.session_name(raw, strict=strict)
-    except AbiError as e:  # names are bytes to Linux; ours must be UTF-8 (documented)
+    except AbiError as e:
         raise LiveUpdateError(err=e.errno, msg=e.message) from e
 
 
 class Rules619:
     # the errno of a memfd whose pages a u32 folio count cannot hold
     too_many_pages = errno.E2BIG
+    # lib/tests/liveupdate.c's FLBs (the luo_flb test module): their names, and the data
+    # each hands over (None: a page of state, as the 7.1 module modelled here keeps)
+    test_flbs: ClassVar[tuple[str, ...]] = ("test-flb-v1",)
+    test_flb_data: int | None = None
 
     def check_preserve(self, f: File, in_any_session: Callable[[File], bool]) -> None:
         """Before a file joins a session."""
@@ -81,6 +85,10 @@ class Rules73(Rules71):
     """Linux 7.3.4's sessions uAPI (kernel/liveupdate/luo_session.c, mm/memfd_luo.c)."""
 
     too_many_pages = errno.EFBIG  # memfd_luo_preserve: DIV_ROUND_UP_ULL(size) > UINT_MAX
+    # lib/tests/liveupdate.c: TEST_NFLBS 3, LIVEUPDATE_TEST_FLB_COMPATIBLE(i), data
+    # TEST_FLB_MAGIC_BASE + i (test_flb_preserve) -- no page
+    test_flbs = tuple(f"liveupdate-test-flb-v{i}" for i in range(3))
+    test_flb_data = 0xFEEDF00DCAFEBEE0
     # luo_session_ioctl_ops' types: LUO_IOCTL_INCOMING / _OUTGOING (the rest: _ALL)
     DIRECTION: ClassVar[dict[str, bool]] = {"SESSION_FINISH": True, "SESSION_RETRIEVE_FD": True,
                                             "SESSION_PRESERVE_FD": False}

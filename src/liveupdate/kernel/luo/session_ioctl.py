@@ -92,7 +92,7 @@ def _get_name(luo: LuoSessions, s: Session, a: dict[str, Any], fds: list[int],
               resolve: Resolve) -> Reply:
     if a["reserved"]:
         raise LiveUpdateError(err=errno.EINVAL, msg="GET_NAME: reserved must be 0")
-    return {"name": s.name.encode()}, []
+    return {"name": s.name.encode("utf-8", uapi.NAME_ERRORS)}, []
 
 
 def _create(luo: LuoSessions, raw: bytes) -> File:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
 
 MAX_IO = wire.IO_PIECE  # bytes per read or write call: a reply is one SEQPACKET record
 DEV_LIVEUPDATE = "/dev/liveupdate"
+PROC_FD = re.compile(r"/proc/self/fd/\d+")
+TMPFS = ("/dev/shm", "/run", "/tmp")  # the tmpfs mounts a distribution has
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,10 @@ def _handle(c: Caller, f: File) -> Message:
 
 def sys_open(c: Caller, m: Message) -> Message:
     path = arg(m, "path", str)
+    if PROC_FD.fullmatch(path):
+        return _reopen(c, m, path)
+    if arg(m, "flags", int, 0) & os.O_TMPFILE == os.O_TMPFILE:
+        return _tmpfile(c, path)
     if path != DEV_LIVEUPDATE:
         raise LiveUpdateError(err=errno.ENOENT, msg=f"open: {path}: no such device")
     if c.k.luo is None:
@@ -85,6 +92,33 @@ def sys_open(c: Caller, m: Message) -> Message:
     # the node is root's, mode 0600: may_open checks the caller before the driver's open
     creds.may_open_root_node(c.peer.cred(), f"open: {path}", write=True)
     return _handle(c, c.k.luo.open())
+
+
+def _tmpfile(c: Caller, path: str) -> Message:
+    """``open(dir, O_TMPFILE)`` on a tmpfs mount (:data:`TMPFS`): ``shmem_tmpfile``, an
+    unnamed shmem inode with no links -- the object a memfd is, without ``MFD_ALLOW_SEALING``
+    (``F_SEAL_SEAL``), mode 0600 -- so 7.3's ``memfd_luo_can_preserve`` (``shmem_file`` and
+    ``!i_nlink``) takes it too. Any other directory: ENOENT (there is no other
+    filesystem)."""
+    if path.rstrip("/") not in TMPFS:
+        raise LiveUpdateError(err=errno.ENOENT, msg=f"open: {path}: no such directory")
+    mf = c.k.new_memfd("")
+    mf.mode = 0o600
+    return _handle(c, memfd.open_file(mf))
+
+
+def _reopen(c: Caller, m: Message, path: str) -> Message:
+    """``open("/proc/self/fd/N")`` of a memfd: procfs's magic link opens a new file of the
+    same inode (a new position; LUO sees the same file identity, the inode). The client
+    attaches fd N, as the process's fd table is its own; anything else is ENXIO (sockets,
+    anonymous inodes) or ENOENT (N is not open)."""
+    if not m.fds:
+        raise LiveUpdateError(err=errno.ENOENT, msg=f"open: {path}: no such file")
+    f = c.k.files.lookup(m.fds[0])
+    if not isinstance(f.private, memfd.Memfd):
+        raise LiveUpdateError(err=errno.ENXIO, msg=f"open: {path}: a {f.ops.name} file "
+                              "cannot be reopened")
+    return _handle(c, memfd.open_file(f.private))
 
 
 def sys_ioctl(c: Caller, m: Message) -> Message:
@@ -101,15 +135,21 @@ def sys_ioctl(c: Caller, m: Message) -> Message:
 
 
 def sys_memfd_create(c: Caller, m: Message) -> Message:
+    """``memfd_create`` (mm/memfd.c): ``check_memfd_flags`` (unknown flags, or MFD_EXEC
+    with MFD_NOEXEC_SEAL: EINVAL; with ``vm.memfd_noexec`` 0, neither means MFD_EXEC), then
+    ``memfd_alloc_file``'s mode and seals (:func:`memfd.init_seals`)."""
     name = arg(m, "name", str, "")
     flags = arg(m, "flags", int, 0)
     if len(name.encode()) > 249:  # MFD_NAME_MAX_LEN
         raise LiveUpdateError(err=errno.EINVAL, msg="memfd_create: name too long")
-    if flags & ~(memfd.MFD_CLOEXEC | memfd.MFD_ALLOW_SEALING):  # MFD_HUGETLB: not emulated
+    known = memfd.MFD_CLOEXEC | memfd.MFD_ALLOW_SEALING | memfd.MFD_NOEXEC_SEAL | memfd.MFD_EXEC
+    if flags & ~known:  # MFD_HUGETLB: not emulated
         raise LiveUpdateError(err=errno.EINVAL, msg=f"memfd_create: flags {flags:#x}")
+    if flags & memfd.MFD_EXEC and flags & memfd.MFD_NOEXEC_SEAL:
+        raise LiveUpdateError(err=errno.EINVAL, msg="memfd_create: MFD_EXEC and "
+                              "MFD_NOEXEC_SEAL together")
     mf = c.k.new_memfd(name)
-    if flags & memfd.MFD_ALLOW_SEALING:
-        mf.seals = 0
+    memfd.init_seals(mf, flags)
     return _handle(c, memfd.open_file(mf))
 
 

@@ -7,6 +7,10 @@ FDT, restore every folio requiring the recorded order, re-checksum, and print "K
 succeeded". Unlike 6.16, a successful restore saves a fresh set, so chained kexecs verify every
 hop. The checksum is a 32-bit ones'-complement sum of 16-bit words (csum_partial's arithmetic,
 not bit-identical to x86's; both boots use this one).
+
+Not yet 7.3's (a listed difference of the differential suite, docs/differential.md): Linux
+7.3.4's test_kho runs at ``device_initcall`` (its subtree follows LUO's in the root), keeps
+``folios_info`` in a 16-byte ``kho_vmalloc`` and either restores or saves.
 """
 
 from __future__ import annotations
