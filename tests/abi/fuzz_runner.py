@@ -22,6 +22,8 @@ from liveupdate.abi import (
     fdt,
     formats,
     image,
+    iommu_flb,
+    iommufd,
     kexec_metadata,
     kho,
     kho_block,
@@ -34,7 +36,9 @@ from liveupdate.abi import (
     memblock,
     memfd,
     negotiation,
+    pci_flb,
     uapi,
+    vfio_pci,
     vmalloc,
     wire,
 )
@@ -81,6 +85,9 @@ def _seeds() -> dict[str, bytes]:
         "ioctl": uapi.ioctl(uapi.Gen.V6_19, "CREATE_SESSION").pack(name="x"),
         "image": image.KernelImage().encode(),
         "wire": wire.pack({"op": "kexec_file_load", "cmdline": "kho=on"}, b"payload"),
+        "vfio-pci-v1": vfio_pci.encode(vfio_pci.VfioPciSer(0, 0x318)),
+        "pci-flb": pci_flb.encode_ser(pci_flb.PciSer(2, 1, 0x101000)),
+        "iommufd-v1": iommufd.encode([iommufd.Hwpt(0x101040, 7)]),
     }
 
 
@@ -167,6 +174,13 @@ def _blocks(draw: st.DrawFn) -> None:
     luo_ser.decode_sessions(mem, ptr)
 
 
+def _posted(draw: st.DrawFn) -> None:
+    """The posted series' lists in RAM: the PCI FLB's device blocks, the IOMMU FLB."""
+    mem, ptr = ram_mutated(draw)
+    pci_flb.decode_devices(mem, pci_flb.PciSer(2, draw(st.integers(0, 600)), ptr))
+    iommu_flb.decode(mem, ptr)
+
+
 def _sessions(draw: st.DrawFn) -> None:
     mem, ptr = ram_mutated(draw)
     luo_session.decode_sessions(mem, ptr)
@@ -217,6 +231,10 @@ DECODERS: dict[str, Callable[[st.DrawFn], None]] = {
     "report.describe": _inspect,
     "image.decode": _blob("image", image.decode),
     "wire.unpack": _blob("wire", wire.unpack),
+    "vfio_pci.decode": _blob("vfio-pci-v1", vfio_pci.decode),
+    "pci_flb.decode_ser": _blob("pci-flb", pci_flb.decode_ser),
+    "iommufd.decode": _blob("iommufd-v1", iommufd.decode),
+    "posted.lists": _posted,
 }
 
 
