@@ -192,6 +192,8 @@ class Demo:
                 integrity=chk.intact, problem=chk.problem, pages_verified=chk.pages,
                 vcpu_restored=chk.vcpu_restored, vcpu_problem=chk.vcpu_problem,
                 blackout_ns=(b["paused_ns"], b["resumed_ns"]) if "paused_ns" in b else None,
+                blackout_wall_ns=(b["paused_wall_ns"], b["resumed_wall_ns"])
+                if "paused_wall_ns" in b else None,
                 guest_tsc=b.get("tsc", ""), zero_copy_problem=witness.zero_copy_problem(
                     maps_before, maps_after, vm, self.vm_memory))
         cache = None

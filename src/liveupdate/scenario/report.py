@@ -42,10 +42,11 @@ def phases(timeline: dict[str, float]) -> list[Phase]:
 @dataclass(frozen=True)
 class VmResult:
     """One VM across one update: the VMM's blackout measurement (host clock from the guest's
-    last instruction before the pause to its first after the resume, and both ends as host
-    CLOCK_MONOTONIC ns; the guest's own TSC, and whether the guest's TSC was ``restored`` or
-    is the ``host``'s), its step counter, and the guest's own check of every page it
-    touched."""
+    last instruction before the pause to its first after the resume, as CLOCK_REALTIME --
+    the host clock that continues across a kexec: :mod:`liveupdate.vmm.vmm` -- and both ends
+    as CLOCK_REALTIME and CLOCK_MONOTONIC ns; the guest's own TSC, and whether the guest's
+    TSC was ``restored`` or is the ``host``'s), its step counter, and the guest's own check
+    of every page it touched."""
 
     accel: str
     memory: int
@@ -62,7 +63,8 @@ class VmResult:
     # register-only secret unchanged): judged by the checker from RAM
     vcpu_restored: bool = True
     vcpu_problem: str = ""
-    blackout_ns: tuple[int, int] | None = None  # (paused, resumed)
+    blackout_ns: tuple[int, int] | None = None  # (paused, resumed): CLOCK_MONOTONIC
+    blackout_wall_ns: tuple[int, int] | None = None  # (paused, resumed): CLOCK_REALTIME
     guest_tsc: str = ""
     zero_copy_problem: str | None = None  # "": on the same physical pages; None: unchecked
 
