@@ -158,3 +158,15 @@ def test_the_text_report_renders_from_the_schema(capsys: pytest.CaptureFixture[s
                  "strictly increasing across every update", "outcome: rolled back (defined: "
                  "rolled back); luod normal, says: vm0 went away", "as defined, nothing lost"):
         assert want in text, want
+
+
+def test_an_update_reads_back_from_its_json() -> None:
+    """A real-kernel run's result crosses from the QEMU guest as JSON: it reads back to the
+    same result (pairs that JSON made lists are pairs again), and a cache-less one too."""
+    u = _update(1, vms={"vm0": _vm(1000, blackout_ns=(5, 9), blackout_wall_ns=(7, 11))},
+                host="real")
+    back = UpdateResult.from_json(json.loads(json.dumps(DemoReport([u]).to_json()))
+                                  ["updates"][0])
+    assert back == u and back.vms["vm0"].blackout_wall_ns == (7, 11)
+    bare = _update(2, cache=None)
+    assert UpdateResult.from_json(json.loads(json.dumps(dataclasses.asdict(bare)))) == bare
