@@ -18,6 +18,9 @@ Jobs:
   ``kexec`` it runs again in the next kernel.
 * ``liveupdate``: :mod:`.liveupdate_job` -- our luod, a VMM and the cache live-update this
   kernel: luod itself does the kexec (the plan says ``"kexec": false``), stage 2 checks.
+* ``faults``: :mod:`.faults_job` -- faults of the emulated fault matrix injected into our
+  userspace's live updates of this kernel, each observed to end as the matrix defines
+  (``faults.json``); all roll back, so no kexec happens.
 * ``scenario``: :mod:`.scenario` preserves memfds of chosen sizes, holes, positions and seals
   in LUO sessions; each stage writes what it sees of every file (``stage<N>.json``), the
   debugfs KHO blobs (``debugfs-stage<N>/``) and, in stage 2, every ``setup_data`` node the
@@ -141,6 +144,10 @@ def main(argv: list[str]) -> int:
             from liveupdate.realkernel import liveupdate_job
 
             rc = liveupdate_job.run(st, out, plan, log)
+        elif plan["job"] == "faults":
+            from liveupdate.realkernel import faults_job
+
+            rc = faults_job.run(st, out, plan, log)
         elif plan["job"] == "command":
             p = subprocess.run(plan["argv"], capture_output=True, check=False)
             (out / f"command.stage{st}.out").write_bytes(p.stdout)

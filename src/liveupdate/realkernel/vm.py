@@ -86,6 +86,7 @@ _PLAIN = re.compile(r"[A-Za-z0-9._/+-]+")
 # what a run leaves in its folder; cleared first, so a stale file is never read as this run's
 _OUTPUTS = ("plan.json", "console.log", "stage*.done", "stage*.traceback", "stage*.json",
             "stage*.kexec-error", "*.ktap", "command.stage*", "*.stage*.log", "luoctl.stage*",
+            "faults.json", "faults.unexpected-kexec", "junk.img",
             "ram.raw", "ram.elf")
 
 
