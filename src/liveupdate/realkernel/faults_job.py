@@ -45,7 +45,8 @@ from liveupdate.client import faultpoint
 from liveupdate.client.update import luod_status
 from liveupdate.errors import LiveUpdateError
 from liveupdate.ipc.service import ask
-from liveupdate.realkernel.demo_host import VM, RealHost, Services
+from liveupdate.realkernel.demo_host import VM, RealHost, Services, cmdline
+from liveupdate.realkernel.guest import STAGE_ARG
 from liveupdate.scenario.faults import BY_NAME, HELPER, ROLLED_BACK
 from liveupdate.scenario.host import CACHE, LUOD, vmm_sock
 from liveupdate.scenario.report import FaultOutcome, Workload
@@ -83,10 +84,13 @@ class RealFaults:
                                 stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
 
     def update(self, image: str | None = None) -> subprocess.Popen[bytes]:
-        args = ["update", "--json"]
-        if image is not None:
-            args += ["--image", image, "--release", os.uname().release]
-        return self.luoctl(*args)
+        """``luoctl update`` of ``image`` (this kernel's bzImage by default), with this
+        command line plus ``lu_harness_stage=2``: should a fault fail to stop the update,
+        the next kernel runs stage 2, which says so instead of starting over."""
+        line = " ".join(w for w in cmdline().split() if not w.startswith(f"{STAGE_ARG}="))
+        return self.luoctl("update", "--json", "--image", image or self.kernel,
+                           "--release", os.uname().release, "--cmdline",
+                           f"{line} {STAGE_ARG}=2")
 
     def clients(self) -> set[str]:
         return {str(c["name"]) for c in luod_status(self.luod)["clients"]}
@@ -121,15 +125,21 @@ class RealFaults:
         p = self.update()
         _, err = p.communicate(timeout=300)
         why = err.decode(errors="replace").strip()
-        self.svc.procs["kvcache"].wait(60)  # it killed itself: init reaps it and restarts
+        try:
+            self.svc.procs["kvcache"].wait(60)  # it killed itself: init reaps, restarts
+        except subprocess.TimeoutExpired:
+            return False, f"the cache did not die in prepare; luoctl update: {why}"
         self.restart("kvcache", self.h.sock(CACHE), "stats")
         gone = not os.path.exists(point)
         return gone and p.returncode == 1 and pid != int(
             ask(self.h.sock(CACHE), "stats")["pid"]), why
 
     def kill_luod(self) -> tuple[bool, str]:
-        self.svc.start("helper", [sys.executable, "-m", "liveupdate.userspace.luod_client",
-                                  "hold", HELPER, "0x1:65536", "--fault", "no-prepare-ack"])
+        # the helper's daemon says its pid once luod has registered it, and lives on
+        held = subprocess.run([sys.executable, "-m", "liveupdate.userspace.luod_client",
+                               "hold", HELPER, "0x1:65536", "--fault", "no-prepare-ack"],
+                              capture_output=True, text=True, timeout=300, check=True)
+        helper = int(json.loads(held.stdout)["pid"])
         _wait("the helper client", lambda: HELPER in self.clients())
         p = self.update()
         vmm, cache = self.h.sock(vmm_sock(VM)), self.h.sock(CACHE)
@@ -143,8 +153,7 @@ class RealFaults:
         _wait("luod to listen again", lambda: luod_status(self.luod))
         _, err = p.communicate(timeout=300)
         why = err.decode(errors="replace").strip()
-        self.svc.procs["helper"].kill()  # it has done its part
-        self.svc.procs["helper"].wait(60)
+        os.kill(helper, signal.SIGKILL)  # it has done its part
         _wait("the VMM and the cache to reconnect", lambda: {VM, "cache"} <= self.clients())
         return p.returncode == 1, why
 
