@@ -102,6 +102,9 @@ def test_two_clients_five_updates(lu: Machine, gen: str) -> None:
         got1 = restore(m, "vm1", "0x1", "0x2", "0x3")  # 0x2 is vm0's: not vm1's to take
         out, err = upd.communicate(timeout=120)
         assert upd.returncode == 0, err
+        # what it said before the kexec, for a real host where the kexec would end it here
+        assert f"update {n}: frozen, the kexec follows" in err
+        assert f"`luoctl wait --update {n}` in the next one" in err
         report = json.loads(out)
         if waiter is not None:  # it waited for the FINISH, and says what `update` says
             w_out, w_err = waiter.communicate(timeout=120)

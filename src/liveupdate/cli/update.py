@@ -164,6 +164,10 @@ def update(image: str | None, cmdline: str | None, release: str | None, socket: 
 
     A live display shows the phase and the elapsed time on a terminal. Exit status 1, with
     the reason on one line, when the update was refused or cancelled.
+
+    On a real host the kexec ends this process with the kernel it ran on: once luod is
+    frozen it says so on standard error, with the `luoctl wait --update N` that reports
+    the outcome from the next kernel.
     """
     console = Console(stderr=True)
     t0 = time.monotonic()
@@ -175,6 +179,11 @@ def update(image: str | None, cmdline: str | None, release: str | None, socket: 
         shown["phase"] = ev["phase"]
         if live is not None:
             live.update(f"[bold]{ev['phase']}[/] {time.monotonic() - t0:.2f}s")
+        if ev["phase"] == "frozen":  # on a real host the kexec may end this process now
+            console.print(f"update {ev['update']}: frozen, the kexec follows; if this "
+                          "process ends with its kernel, `luoctl wait --update "
+                          f"{ev['update']}` in the next one reports the outcome",
+                          highlight=False, soft_wrap=True)
 
     try:
         if live is not None:

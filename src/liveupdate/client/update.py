@@ -60,10 +60,18 @@ def run_update(path: str, *, image: str | None = None, cmdline: str | None = Non
                on_phase: Callable[[dict[str, Any]], None] | None = None
                ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One update; returns the next luod's status and the update's report (its phase
-    timeline and how FINISH went). LiveUpdateError with luod's reason when it was refused
+    timeline and how FINISH went). ``on_phase`` hears luod's phase events, each with the
+    update's number (``update``). LiveUpdateError with luod's reason when it was refused
     or cancelled (no kexec happened)."""
-    c = admin(path, on_phase=on_phase)
+    number = {"update": 0}  # the update's number, in every phase event
+
+    def phase(ev: dict[str, Any]) -> None:
+        if on_phase:
+            on_phase({**ev, **number})
+
+    c = admin(path, on_phase=phase)
     before = c.status()["update"]
+    number["update"] = before + 1
     try:
         c.request("update", image=image, cmdline=cmdline, release=release)
         raise LiveUpdateError(err=errno.EIO, msg="luod answered instead of rebooting")
@@ -72,8 +80,7 @@ def run_update(path: str, *, image: str | None = None, cmdline: str | None = Non
             raise
     finally:
         c.close()
-    if on_phase:
-        on_phase({"phase": "kexec", "time": time.time()})
+    phase({"phase": "kexec", "time": time.time()})
     return wait_update(path, before + 1)
 
 
