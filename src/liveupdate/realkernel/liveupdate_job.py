@@ -9,7 +9,8 @@ on :class:`liveupdate.realkernel.demo_host.RealHost`.
   frames) and runs ``luoctl update --json`` (``host.kexec``): luod prepares and freezes its
   clients and calls ``reboot(LINUX_REBOOT_CMD_KEXEC)`` -- this process ends with the kernel,
   as an administrator's shell does on a real host. ``luoctl``'s own output is kept in
-  ``luoctl.stage1.out`` (empty when the jump happened).
+  ``luoctl.stage1.out`` (when the jump happened: only its note on following the update
+  with ``luoctl wait --update N``).
 * Stage 2 (after the real kexec) starts the same services: luod finds its registry through
   LUO, the VMM retrieves its memory and saved state by token and resumes, the cache reads
   its table back, and luod FINISHes once every client is done. Stage 2 follows the update
