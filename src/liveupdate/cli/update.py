@@ -166,8 +166,10 @@ def update(image: str | None, cmdline: str | None, release: str | None, socket: 
     the reason on one line, when the update was refused or cancelled.
 
     On a real host the kexec ends this process with the kernel it ran on: once luod is
-    frozen it says so on standard error, with the `luoctl wait --update N` that reports
-    the outcome from the next kernel.
+    frozen it says so (standard output; not with --json, whose output stays one JSON
+    document), with the `luoctl wait --update N` that reports the outcome from the next
+    kernel. A script remembers `luoctl status --json`'s "update" before, and runs `luoctl
+    wait --update N` (N = that + 1) after the reboot.
     """
     console = Console(stderr=True)
     t0 = time.monotonic()
@@ -179,11 +181,12 @@ def update(image: str | None, cmdline: str | None, release: str | None, socket: 
         shown["phase"] = ev["phase"]
         if live is not None:
             live.update(f"[bold]{ev['phase']}[/] {time.monotonic() - t0:.2f}s")
-        if ev["phase"] == "frozen":  # on a real host the kexec may end this process now
-            console.print(f"update {ev['update']}: frozen, the kexec follows; if this "
-                          "process ends with its kernel, `luoctl wait --update "
-                          f"{ev['update']}` in the next one reports the outcome",
-                          highlight=False, soft_wrap=True)
+        if ev["phase"] == "frozen" and not as_json:  # on a real host the kexec may end
+            # this process now: say how to follow it (on stdout: stderr is for the error)
+            click.echo(f"update {ev['update']}: frozen, the kexec follows; if this process "
+                       f"ends with its kernel, `luoctl wait --update {ev['update']}` in the "
+                       "next one reports the outcome")
+            sys.stdout.flush()
 
     try:
         if live is not None:

@@ -184,9 +184,10 @@ class RealHost:
         os.sync()
         out = self.svc.out / f"luoctl.stage{self.svc.stage}.out"
         with open(out, "wb") as f:
-            p = subprocess.run([luoctl, "update", "--json"], stdout=f,
-                               stderr=subprocess.STDOUT, check=False)
-        why = out.read_text(errors="replace").strip()
+            p = subprocess.run([luoctl, "update"], stdout=f, stderr=subprocess.STDOUT,
+                               check=False)
+        said = out.read_text(errors="replace").strip().splitlines() or [""]
+        why = next((w for w in said if w.startswith("luoctl: error: ")), said[-1])
         raise LiveUpdateError(err=errno.ECANCELED, msg=f"luoctl update exited "
                               f"{p.returncode}: {why.removeprefix('luoctl: error: ')}")
 

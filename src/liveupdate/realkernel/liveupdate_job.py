@@ -6,7 +6,7 @@ on :class:`liveupdate.realkernel.demo_host.RealHost`.
   all of its memory once and the cache holds its keys (``host.ready``), has luod load this
   bzImage with this command line plus ``lu_harness_stage=2`` (``host.load``), records what
   it sees (``stage1.json``: the VMMs' status, the checker's verdict, the guest memfd's page
-  frames) and runs ``luoctl update --json`` (``host.kexec``): luod prepares and freezes its
+  frames) and runs ``luoctl update`` (``host.kexec``): luod prepares and freezes its
   clients and calls ``reboot(LINUX_REBOOT_CMD_KEXEC)`` -- this process ends with the kernel,
   as an administrator's shell does on a real host. ``luoctl``'s own output is kept in
   ``luoctl.stage1.out`` (when the jump happened: only its note on following the update
