@@ -16,11 +16,13 @@ record (:class:`~liveupdate.scenario.report.FaultOutcome`, in ``faults.json``):
   (its one-shot fault point, :mod:`liveupdate.client.faultpoint`); luod's barrier fails and
   it cancels: the VM resumes, the cache comes back (restarted) empty.
 * ``kill-luod@prepared``: a helper client that never acknowledges prepare holds the
-  barrier; once the VMM and the cache have preserved, luod is SIGKILLed. Its
-  ``/dev/liveupdate`` fd closes with it -- the real kernel's ``luo_session_release()`` /
-  ``luo_file_unpreserve_files()`` undo what the closed sessions held -- and the clients hear
-  luod go away and resume (the update did not happen in this kernel); the restarted luod
-  says why from its state file.
+  barrier; once the VMM and the cache are limited (preserving), luod is SIGKILLed. Its
+  fds close with it: ``/dev/liveupdate`` (Linux's ``luo_release()`` lets the device be
+  opened again -- the restarted luod opens it) and luod's copies of the sessions it
+  created; the clients close theirs when the restarted luod tells them the update did not
+  happen in this kernel, and the last close of a session runs Linux's
+  ``luo_session_release()``, which unpreserves its files (``luo_file_unpreserve_files()``).
+  The clients resume; the restarted luod says why from its state file.
 
 Workloads are judged as the emulated matrix judges them: a VM ``intact`` when it runs (not
 paused, not limited, its steps going on) and the checker finds every page it touched
