@@ -70,6 +70,7 @@ def test_luod_vmm_and_cache_live_update_the_real_kernel(image: Image) -> None:
     assert all(c["passed"] for c in second["checks"]), second["checks"]
     assert {c["name"] for c in second["checks"]} >= {
         "update 1: vm0 intact", "update 1: vm0 blackout within luod's timeline",
-        "update 1: vm0 guest memory on the same pages", "update 1: cache intact"}
+        "update 1: vm0 guest memory on the same pages", "update 1: cache intact",
+        "update 1: vm0 blackout agrees with the guest's TSC"}
     assert second["cache"]["stats"]["restored"]
     assert run.stage_rc(2) == 0

@@ -99,6 +99,18 @@ def test_a_timeline_without_its_points_fails() -> None:
     assert "lacks a point" in witness.timeline_problem(_vm(), short)
 
 
+def test_without_a_machine_the_guest_clock_bounds_the_host_figure() -> None:
+    """A real kernel: no machine saw the jump; the host figure (REALTIME read back from the
+    RTC in whole seconds by each kernel) must agree with the guest's TSC within the guest
+    bound plus one second -- as seen on the real 7.3: 73.00 vs 74.06 s, 58.02 vs 57.81 s."""
+    for host_s, guest_s in ((73.003688, 74.064336), (58.020, 57.813)):
+        assert witness.clocks_problem(_vm(blackout_host_s=host_s,
+                                          blackout_guest_s=guest_s)) == ""
+    assert "guest's TSC says" in witness.clocks_problem(
+        _vm(blackout_host_s=7.3, blackout_guest_s=74.06))  # a figure shrunk tenfold
+    assert "no figure" in witness.clocks_problem(_vm(blackout_guest_s=None))
+
+
 def test_private_memory_sees_a_private_copy() -> None:
     """What the zero-copy test measures grows by what a process copies into its own memory
     (the 64 MiB a VMM holding a 64 MiB guest privately would add), and not by what it maps

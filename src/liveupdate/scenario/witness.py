@@ -68,6 +68,26 @@ def blackout_problem(vm: VmResult, jump: dict[str, int]) -> str:
     return ""
 
 
+# across a real kexec each kernel reads the wall clock back from the x86 CMOS RTC in whole
+# seconds (read_persistent_clock64() -> mach_get_cmos_time()): each REALTIME end may be up to
+# a second behind, so their distance is off by less than one second either way
+RTC_RESOLUTION_S = 1.0
+
+
+def clocks_problem(vm: VmResult) -> str:
+    """Where no machine witnessed the jump (a real kernel): why the host figure and the
+    guest's TSC disagree by more than :func:`guest_bound` plus the RTC's resolution, or ""
+    when they agree. Both measure the same pause; the host figure's ends are CLOCK_REALTIME
+    of two kernels (see :data:`RTC_RESOLUTION_S`)."""
+    if vm.blackout_host_s is None or vm.blackout_guest_s is None:
+        return "the VMM or the guest's TSC gave no figure"
+    bound = guest_bound(vm.blackout_host_s) + RTC_RESOLUTION_S
+    if abs(vm.blackout_guest_s - vm.blackout_host_s) > bound:
+        return (f"the guest's TSC says {vm.blackout_guest_s:.4f} s, the host clock "
+                f"{vm.blackout_host_s:.4f} s (bound {bound:.4f} s)")
+    return ""
+
+
 def timeline_problem(vm: VmResult, timeline: dict[str, float]) -> str:
     """Why ``vm``'s blackout does not lie where luod's ``timeline`` (wall-clock points)
     says it must, or "" when it does: luod asks its clients to freeze after it records
@@ -167,6 +187,10 @@ def checks(results: list[UpdateResult]) -> list[Check]:
                 why = blackout_problem(vm, u.machine_jump)
                 out.append(Check(f"update {u.update}: {name} blackout witnessed", "witness",
                                  not why, why))
+            else:  # no such witness: the guest's clock against the host's, RTC and all
+                why = clocks_problem(vm)
+                out.append(Check(f"update {u.update}: {name} blackout agrees with the "
+                                 "guest's TSC", "witness", not why, why))
             why = timeline_problem(vm, u.timeline)
             out.append(Check(f"update {u.update}: {name} blackout within luod's timeline",
                              "witness", not why, why))
