@@ -92,11 +92,24 @@ def test_two_clients_five_updates(lu: Machine, gen: str) -> None:
                                stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "LIVEUPDATE_MACHINE": m.dir})
         m.wait(f"luod: LUO {gen}, updated", offset=off, timeout=120)
+        # as a script on a real host follows it: the kexec ended `luoctl update` there
+        waiter = subprocess.Popen([PY, "-m", "liveupdate.cli.luoctl", "wait", "--update",
+                                   str(n), "--json"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "LIVEUPDATE_MACHINE": m.dir}) \
+            if n == 1 else None
         got0 = restore(m, "vm0", "0x1", "0x2")
         got1 = restore(m, "vm1", "0x1", "0x2", "0x3")  # 0x2 is vm0's: not vm1's to take
         out, err = upd.communicate(timeout=120)
         assert upd.returncode == 0, err
         report = json.loads(out)
+        if waiter is not None:  # it waited for the FINISH, and says what `update` says
+            w_out, w_err = waiter.communicate(timeout=120)
+            assert waiter.returncode == 0, w_err
+            assert json.loads(w_out)["report"] == report["report"]
+            r = luoctl(m, "wait", "--update", "2", "--timeout", "5")
+            assert r.returncode == 1 and "update 2 did not happen (luod is at update 1)" \
+                in r.stderr, r.stderr
         assert report["status"]["update"] == n and report["status"]["phase"] == "normal"
         assert {"prepared", "frozen", "reboot", "updated", "normal"} <= set(
             report["report"]["timeline"])
@@ -180,6 +193,8 @@ def test_luod_killed_in_prepared(lu: Machine) -> None:
     st = status(m)
     assert st["phase"] == "normal" and "ended while prepared" in st["last_error"]
     assert st["pid"] != pid and m.status()["boot_count"] == 1
+    r = luoctl(m, "wait", "--update", "1")  # what a script following it learns
+    assert r.returncode == 1 and "ended while prepared" in r.stderr, r.stderr
 
 
 def test_bad_images_are_refused_before_anyone_pauses(lu: Machine) -> None:
@@ -227,7 +242,13 @@ def test_junk_image_fails_to_load(lu: Machine) -> None:
 def test_failing_freeze_in_reboot_cancels(lu: Machine) -> None:
     m = lu("v3", "luo_fail=freeze")
     hold(m, "vm0", "0x1:1048576")
-    reason = _update_fails(m, "v3")
+    r = luoctl(m, "update", "--image", "images/v3.img")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    reason = r.stderr.strip()
+    # frozen, it said how to follow the update from the next kernel, where a real host's
+    # kexec would have ended it (here the freeze failed inside reboot(): no kexec)
+    assert r.stdout == "update 1: frozen, the kexec follows; if this process ends with its " \
+        "kernel, `luoctl wait --update 1` in the next one reports the outcome\n"
     assert "luo_fail: injected freeze failure" in reason
     st = status(m)
     assert st["phase"] == "normal" and "freeze" in st["last_error"]

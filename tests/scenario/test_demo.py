@@ -52,13 +52,20 @@ def test_demo_is_intact(tmp_path: Path, generation: str, accel: str) -> None:
         assert vm["integrity"] and vm["resumed"] and vm["pages_verified"] > 0
         assert vm["vcpu_restored"], vm["vcpu_problem"]
         assert vm["steps_after_resume"] > vm["steps_at_pause"] >= vm["steps_before_update"]
-        assert 0 < vm["blackout_host_s"] < 30 and vm["blackout_guest_s"] is not None
+        assert vm["blackout_guest_s"] is not None
+        # the host figure (CLOCK_REALTIME) lies within what luod's own timeline allows: at
+        # least reboot -> updated, at most frozen -> normal
+        tl = u["timeline"]
+        assert tl["updated"] - tl["reboot"] <= vm["blackout_host_s"] \
+            <= tl["normal"] - tl["frozen"]
+        w_paused, w_resumed = vm["blackout_wall_ns"]
+        assert vm["blackout_host_s"] == pytest.approx((w_resumed - w_paused) / 1e9, abs=1e-6)
         # the machine witnessed the jump: the pause covers its request to the next kernel's
         # boot, the host figure is its own ends' distance, the guest's TSC agrees
         paused, resumed = vm["blackout_ns"]
         jump = u["machine_jump"]
         assert paused <= jump["request_ns"] < jump["start_ns"] < jump["booted_ns"] <= resumed
-        assert vm["blackout_host_s"] == pytest.approx((resumed - paused) / 1e9, abs=1e-6)
+        assert vm["blackout_host_s"] == pytest.approx((resumed - paused) / 1e9, abs=5e-3)
         assert abs(vm["blackout_guest_s"] - vm["blackout_host_s"]) <= \
             witness.guest_bound(vm["blackout_host_s"])
         # restored or left on the host's TSC: as a guest run here shows it

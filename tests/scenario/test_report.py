@@ -10,6 +10,7 @@ import json
 import pytest
 
 from liveupdate.cli import demo as cli_demo
+from liveupdate.cli import demo_real
 from liveupdate.scenario import faults, run, soak
 from liveupdate.scenario.report import (
     CacheResult,
@@ -158,3 +159,36 @@ def test_the_text_report_renders_from_the_schema(capsys: pytest.CaptureFixture[s
                  "strictly increasing across every update", "outcome: rolled back (defined: "
                  "rolled back); luod normal, says: vm0 went away", "as defined, nothing lost"):
         assert want in text, want
+
+
+def test_an_update_reads_back_from_its_json() -> None:
+    """A real-kernel run's result crosses from the QEMU guest as JSON: it reads back to the
+    same result (pairs that JSON made lists are pairs again), and a cache-less one too."""
+    u = _update(1, vms={"vm0": _vm(1000, blackout_ns=(5, 9), blackout_wall_ns=(7, 11))},
+                host="real")
+    back = UpdateResult.from_json(json.loads(json.dumps(DemoReport([u]).to_json()))
+                                  ["updates"][0])
+    assert back == u and back.vms["vm0"].blackout_wall_ns == (7, 11)
+    bare = _update(2, cache=None)
+    assert UpdateResult.from_json(json.loads(json.dumps(dataclasses.asdict(bare)))) == bare
+
+
+def test_real_and_emulated_phases_are_compared_by_name_and_order(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """luoctl demo --real: the phases side by side (times differ, that is expected), the same
+    phases in the same order pass; a real run that stopped short of a phase does not. A real
+    kernel's result renders without the emulated machine's figures."""
+    emulated = _update(1)
+    slow = {k: 100.0 + (v - 100.0) * 40 for k, v in TIMELINE.items()}  # TCG in QEMU: slow
+    real = _update(1, to="7.3.4", timeline=slow, jump_s=None, host="real")
+    got = demo_real.compare(emulated, real)
+    assert got["same_phases_in_order"] and len(got["phases"]) == 5
+    assert got["phases"][3]["real_s"] == pytest.approx(30.0)
+    short = _update(1, timeline={k: v for k, v in slow.items() if k != "normal"})
+    got = demo_real.compare(emulated, short)
+    assert not got["same_phases_in_order"] and got["phases"][4]["real_s"] is None
+    cli_demo.render([real], True)
+    demo_real.render_compare(demo_real.compare(emulated, real), emulated, real)
+    text = capsys.readouterr().out
+    assert "FINISH: every client is done" in text and "kexec jump (machine)" not in text
+    assert "phases and their order: the same" in text

@@ -16,6 +16,13 @@ from liveupdate.scenario.report import VmResult
 S = 1_000_000_000
 JUMP = {"request_ns": 100 * S, "start_ns": 100 * S + S // 100, "booted_ns": 100 * S + S // 20}
 PAUSED, RESUMED = 100 * S - S // 50, 101 * S  # 20 ms before the jump request, 1 s after
+# the same ends on CLOCK_REALTIME (another origin: MONOTONIC restarts with each kernel)
+EPOCH = 1_800_000_000 * S
+WALL = (EPOCH + PAUSED, EPOCH + RESUMED)
+# luod's timeline around them: frozen 10 ms before the pause, reboot 10 ms after it, ...
+TIMELINE = {"start": (EPOCH + PAUSED) / 1e9 - 0.5, "prepared": (EPOCH + PAUSED) / 1e9 - 0.1,
+            "frozen": (EPOCH + PAUSED) / 1e9 - 0.01, "reboot": (EPOCH + PAUSED) / 1e9 + 0.01,
+            "updated": (EPOCH + RESUMED) / 1e9 - 0.2, "normal": (EPOCH + RESUMED) / 1e9 + 0.05}
 
 
 def _vm(**kw: object) -> VmResult:
@@ -24,6 +31,7 @@ def _vm(**kw: object) -> VmResult:
                     blackout_host_s=(RESUMED - PAUSED) / 1e9,
                     blackout_guest_s=(RESUMED - PAUSED) / 1e9 - 0.002, integrity=True,
                     problem="", pages_verified=4096, blackout_ns=(PAUSED, RESUMED),
+                    blackout_wall_ns=WALL,
                     guest_tsc="host", zero_copy_problem="")
     return dataclasses.replace(base, **kw)
 
@@ -58,6 +66,49 @@ def test_the_guest_bound_is_stated_and_tight() -> None:
                                     JUMP)
     assert not witness.blackout_problem(
         _vm(blackout_guest_s=(RESUMED - PAUSED) / 1e9 - 0.068), JUMP)
+
+
+def test_the_host_figure_is_the_distance_of_its_realtime_ends() -> None:
+    """The figure is REALTIME's distance (the clock that crosses a kexec), not MONOTONIC's:
+    after a real kexec MONOTONIC's ends are in two kernels' clocks."""
+    restarted = (PAUSED, S // 2)  # the next kernel's MONOTONIC, from its boot
+    assert witness.timeline_problem(_vm(blackout_ns=restarted), TIMELINE) == ""
+    assert "not its own ends" in witness.blackout_problem(
+        _vm(blackout_wall_ns=(WALL[0], WALL[1] + S // 10)), JUMP)
+
+
+def test_a_blackout_within_luods_timeline_is_witnessed() -> None:
+    assert witness.timeline_problem(_vm(), TIMELINE) == ""
+
+
+@pytest.mark.parametrize("planted, problem", [
+    # a pause that began before luod asked to freeze (or after it rebooted)
+    ({"blackout_wall_ns": (WALL[0] - S // 20, WALL[1])}, "not while luod was frozen"),
+    ({"blackout_wall_ns": (WALL[0] + S // 20, WALL[1])}, "not while luod was frozen"),
+    # a resume before the next luod was up, or after it FINISHed: a figure shrunk or grown
+    ({"blackout_wall_ns": (WALL[0], WALL[1] - S // 2)}, "not while luod was updated"),
+    ({"blackout_wall_ns": (WALL[0], WALL[1] + S // 10)}, "not while luod was updated"),
+    ({"blackout_wall_ns": None}, "no REALTIME ends"),
+])
+def test_a_blackout_outside_luods_timeline_fails(planted: dict, problem: str) -> None:
+    assert problem in witness.timeline_problem(_vm(**planted), TIMELINE)
+
+
+def test_a_timeline_without_its_points_fails() -> None:
+    short = {k: v for k, v in TIMELINE.items() if k != "updated"}
+    assert "lacks a point" in witness.timeline_problem(_vm(), short)
+
+
+def test_without_a_machine_the_guest_clock_bounds_the_host_figure() -> None:
+    """A real kernel: no machine saw the jump; the host figure (REALTIME read back from the
+    RTC in whole seconds by each kernel) must agree with the guest's TSC within the guest
+    bound plus one second -- as seen on the real 7.3: 73.00 vs 74.06 s, 58.02 vs 57.81 s."""
+    for host_s, guest_s in ((73.003688, 74.064336), (58.020, 57.813)):
+        assert witness.clocks_problem(_vm(blackout_host_s=host_s,
+                                          blackout_guest_s=guest_s)) == ""
+    assert "guest's TSC says" in witness.clocks_problem(
+        _vm(blackout_host_s=7.3, blackout_guest_s=74.06))  # a figure shrunk tenfold
+    assert "no figure" in witness.clocks_problem(_vm(blackout_guest_s=None))
 
 
 def test_private_memory_sees_a_private_copy() -> None:

@@ -19,7 +19,8 @@ from liveupdate.vmm.vmstate import Description, Field, Section
 SIZE = 64 << 10
 VALUES: dict[str, dict[str, Any]] = {
     "vm": {"size": 1 << 30, "accel": "tcg", "steps": 12, "tsc_hz": 2.5e9,
-           "last_exit_ns": 99, "paused_wall": 1.5, "ring": [1, 2, 3]},
+           "last_exit_ns": 99, "paused_wall": 1.5, "ring": [1, 2, 3],
+           "last_exit_wall_ns": 1_400_000_000},
     "cpu0": cpu.fresh().to_json()}
 
 
@@ -34,6 +35,18 @@ def test_round_trip_with_magic_and_version() -> None:
     assert len(raw) == SIZE and raw.startswith(vmstate.MAGIC)
     assert vmstate.VM_STATE.decode(raw) == VALUES
     assert cpu.CpuState.from_json(vmstate.VM_STATE.decode(raw)["cpu0"]) == cpu.fresh()
+
+
+def test_a_version_1_vm_section_still_reads_without_the_realtime_pause() -> None:
+    """A VMM before the REALTIME pause (section vm version 1) hands over to this one: its
+    record reads, without ``last_exit_wall_ns`` (the VMM falls back to ``paused_wall``)."""
+    v1 = {k: v for k, v in VALUES["vm"].items() if k != "last_exit_wall_ns"}
+    sections = [{"name": "vm", "version": 1, "required": True, "fields": v1},
+                vmstate.CPU0.encode(VALUES["cpu0"])]
+    assert vmstate.VM_STATE.decode(_record(sections))["vm"] == v1
+    sections[0]["version"] = 2  # a version 2 record without it is malformed
+    with pytest.raises(AbiError, match="field last_exit_wall_ns is not a u64"):
+        vmstate.VM_STATE.decode(_record(sections))
 
 
 def test_an_unknown_required_section_is_a_precise_error() -> None:

@@ -18,6 +18,7 @@ COMMANDS = {
     "status": "liveupdate.cli.update:status",
     "load": "liveupdate.cli.update:load",
     "update": "liveupdate.cli.update:update",
+    "wait": "liveupdate.cli.update:wait",
     "cancel": "liveupdate.cli.update:cancel",
     "sessions": "liveupdate.cli.update:sessions",
     "kho": "liveupdate.cli.kho:kho",

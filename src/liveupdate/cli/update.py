@@ -1,4 +1,4 @@
-"""``luoctl status | load | update | cancel | sessions``: talk to luod.
+"""``luoctl status | load | update | wait | cancel | sessions``: talk to luod.
 
 luod's socket is ``--socket``, else ``$LUOD_SOCKET``, else the emulated machine's
 (``$LIVEUPDATE_MACHINE/run/luod.sock``), else the host's ``/run/luod/luod.sock``.
@@ -19,7 +19,7 @@ from rich.table import Table
 from liveupdate.abi import generations
 from liveupdate.cli.common import emit, fail
 from liveupdate.client.luod import LuodClient
-from liveupdate.client.update import admin, run_update
+from liveupdate.client.update import admin, run_update, wait_update
 from liveupdate.errors import LiveUpdateError
 from liveupdate.ipc import endpoints
 
@@ -164,6 +164,12 @@ def update(image: str | None, cmdline: str | None, release: str | None, socket: 
 
     A live display shows the phase and the elapsed time on a terminal. Exit status 1, with
     the reason on one line, when the update was refused or cancelled.
+
+    On a real host the kexec ends this process with the kernel it ran on: once luod is
+    frozen it says so (standard output; not with --json, whose output stays one JSON
+    document), with the `luoctl wait --update N` that reports the outcome from the next
+    kernel. A script remembers `luoctl status --json`'s "update" before, and runs `luoctl
+    wait --update N` (N = that + 1) after the reboot.
     """
     console = Console(stderr=True)
     t0 = time.monotonic()
@@ -175,6 +181,12 @@ def update(image: str | None, cmdline: str | None, release: str | None, socket: 
         shown["phase"] = ev["phase"]
         if live is not None:
             live.update(f"[bold]{ev['phase']}[/] {time.monotonic() - t0:.2f}s")
+        if ev["phase"] == "frozen" and not as_json:  # on a real host the kexec may end
+            # this process now: say how to follow it (on stdout: stderr is for the error)
+            click.echo(f"update {ev['update']}: frozen, the kexec follows; if this process "
+                       f"ends with its kernel, `luoctl wait --update {ev['update']}` in the "
+                       "next one reports the outcome")
+            sys.stdout.flush()
 
     try:
         if live is not None:
@@ -194,3 +206,34 @@ def update(image: str | None, cmdline: str | None, release: str | None, socket: 
     if st.get("last_error"):
         click.echo(f"note: {st['last_error']}", err=True)
     sys.stdout.flush()
+
+
+@click.command()
+@click.option("--update", "number", type=click.IntRange(1), default=None,
+              help="The update to wait for (luod's count before `luoctl update`, plus one) "
+                   "[default: the latest].")
+@click.option("--timeout", type=click.FloatRange(0), default=300.0, show_default=True,
+              help="Seconds to wait for luod to listen, and as long for it to FINISH.")
+@socket_option
+@json_option
+def wait(number: int | None, timeout: float, socket: str | None, as_json: bool) -> None:
+    """Wait for luod -- in the next kernel, after a kexec -- to finish an update, and report
+    its outcome as `luoctl update` does (--json: the same {"status", "report"}).
+
+    On a real host the kexec ends `luoctl update` with the kernel it ran on; a script runs
+    `luoctl wait --update N` after the reboot to follow the update to its end. Exit status 1,
+    with luod's reason on one line, when update N did not happen (refused or cancelled).
+    """
+    try:
+        st, report = wait_update(_path(socket), number, timeout)
+    except LiveUpdateError as e:
+        fail(e)
+    if as_json:
+        emit({"status": st, "report": report}, True, "")
+        return
+    if report:
+        Console().print(phase_table(report.get("timeline", {})))
+    click.echo(f"update {report.get('update', st['update'])} done; FINISH: "
+               f"{report.get('finish', '? (finished by an earlier luod)')}")
+    if st.get("last_error"):
+        click.echo(f"note: {st['last_error']}", err=True)

@@ -60,10 +60,18 @@ def run_update(path: str, *, image: str | None = None, cmdline: str | None = Non
                on_phase: Callable[[dict[str, Any]], None] | None = None
                ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One update; returns the next luod's status and the update's report (its phase
-    timeline and how FINISH went). LiveUpdateError with luod's reason when it was refused
+    timeline and how FINISH went). ``on_phase`` hears luod's phase events, each with the
+    update's number (``update``). LiveUpdateError with luod's reason when it was refused
     or cancelled (no kexec happened)."""
-    c = admin(path, on_phase=on_phase)
+    number = {"update": 0}  # the update's number, in every phase event
+
+    def phase(ev: dict[str, Any]) -> None:
+        if on_phase:
+            on_phase({**ev, **number})
+
+    c = admin(path, on_phase=phase)
     before = c.status()["update"]
+    number["update"] = before + 1
     try:
         c.request("update", image=image, cmdline=cmdline, release=release)
         raise LiveUpdateError(err=errno.EIO, msg="luod answered instead of rebooting")
@@ -72,14 +80,31 @@ def run_update(path: str, *, image: str | None = None, cmdline: str | None = Non
             raise
     finally:
         c.close()
-    if on_phase:
-        on_phase({"phase": "kexec", "time": time.time()})
-    c = reconnect(path)
+    phase({"phase": "kexec", "time": time.time()})
+    return wait_update(path, before + 1)
+
+
+def wait_update(path: str, update: int | None = None, timeout: float = RECONNECT_SECONDS
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The outcome of update number ``update`` (None: the latest), once luod is NORMAL and
+    idle: its status and that update's report (``{}`` when the luod that FINISHed it is not
+    the one answering). Waits up to ``timeout`` for luod to listen -- after a real kexec it
+    starts in the next kernel -- and as long again for it to FINISH. LiveUpdateError
+    (ECANCELED, with luod's reason) when luod is back but that update did not happen.
+
+    This is how an update is followed on a real host, where the kexec kills ``luoctl
+    update`` with the kernel it ran on: a script remembers luod's update count before, and
+    in the next kernel asks for the one after it (``luoctl wait --update N``)."""
+    c = reconnect(path, timeout)
     try:
-        st = c.request("wait", timeout=RECONNECT_SECONDS)[0]
+        st = c.request("wait", timeout=timeout)[0]
     finally:
         c.close()
-    if st["update"] <= before:  # luod went away, but no kexec happened
+    want = int(st["update"]) if update is None else update
+    if st["update"] < want:  # luod went away, but no kexec happened
         raise LiveUpdateError(err=errno.ECANCELED, msg=st.get("last_error")
-                              or "luod went away and the update did not happen")
-    return st, st["reports"][-1] if st.get("reports") else {}
+                              or f"update {want} did not happen (luod is at update "
+                              f"{st['update']})")
+    report: dict[str, Any] = next(
+        (r for r in st.get("reports", []) if r.get("update") == want), {})
+    return st, report

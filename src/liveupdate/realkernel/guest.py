@@ -20,6 +20,9 @@ Jobs:
   kernel: luod itself does the kexec (the plan says ``"kexec": false``), stage 2 checks.
 * ``differential``: :mod:`liveupdate.userspace.differential` runs the differential suite's
   batch (``plan["batch"]``), one stage per kernel, its records in ``stage<N>.json``.
+* ``faults``: :mod:`.faults_job` -- faults of the emulated fault matrix injected into our
+  userspace's live updates of this kernel, each observed to end as the matrix defines
+  (``faults.json``); all roll back, so no kexec happens.
 * ``scenario``: :mod:`.scenario` preserves memfds of chosen sizes, holes, positions and seals
   in LUO sessions; each stage writes what it sees of every file (``stage<N>.json``), the
   debugfs KHO blobs (``debugfs-stage<N>/``) and, in stage 2, every ``setup_data`` node the
@@ -149,6 +152,10 @@ def main(argv: list[str]) -> int:
             from liveupdate.realkernel import liveupdate_job
 
             rc = liveupdate_job.run(st, out, plan, log)
+        elif plan["job"] == "faults":
+            from liveupdate.realkernel import faults_job
+
+            rc = faults_job.run(st, out, plan, log)
         elif plan["job"] == "command":
             p = subprocess.run(plan["argv"], capture_output=True, check=False)
             (out / f"command.stage{st}.out").write_bytes(p.stdout)

@@ -86,6 +86,7 @@ _PLAIN = re.compile(r"[A-Za-z0-9._/+-]+")
 # what a run leaves in its folder; cleared first, so a stale file is never read as this run's
 _OUTPUTS = ("plan.json", "console.log", "stage*.done", "stage*.traceback", "stage*.json",
             "stage*.kexec-error", "*.ktap", "command.stage*", "*.stage*.log", "luoctl.stage*",
+            "faults.json", "faults.unexpected-kexec", "junk.img",
             "ram.raw", "ram.elf")
 
 
@@ -100,8 +101,10 @@ def plain_path(path: Path, what: str) -> Path:
 
 def boot(image: Image, plan: dict[str, Any], out: Path, *, memory_mib: int = 512,
          append: str = "", capture: bool = False, timeout: float = 600.0,
-         echo: bool = False) -> Run:
-    """Boot ``image`` with ``plan`` (written to ``out/plan.json``) and wait for it to end."""
+         echo: bool = False, progress: bool = False) -> Run:
+    """Boot ``image`` with ``plan`` (written to ``out/plan.json``) and wait for it to end;
+    ``echo`` shows the whole console on standard error, ``progress`` the harness's lines
+    (and the jump)."""
     ensure_tools(QEMU)
     out = plain_path(out, "results folder")
     plain_path(REPO, "repository")
@@ -147,7 +150,7 @@ def boot(image: Image, plan: dict[str, Any], out: Path, *, memory_mib: int = 512
     try:
         with open(out / "console.log", "w") as log:
             _watch(proc, listener, run, log, t0, capture=capture, echo=echo,
-                   ram_bytes=memory_mib << 20)
+                   ram_bytes=memory_mib << 20, progress=progress)
     finally:
         watchdog.cancel()
         listener.close()
@@ -168,7 +171,8 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _watch(proc: subprocess.Popen[bytes], listener: Listener, run: Run, log: TextIO,
-           t0: float, *, capture: bool, echo: bool, ram_bytes: int) -> None:
+           t0: float, *, capture: bool, echo: bool, ram_bytes: int,
+           progress: bool = False) -> None:
     """Follow the console to its end: note when each stage and the jump happen, and save
     RAM at the jump when asked."""
     assert proc.stdout is not None
@@ -187,6 +191,8 @@ def _watch(proc: subprocess.Popen[bytes], listener: Listener, run: Run, log: Tex
             if echo:
                 print(line, file=sys.stderr)
             now = time.monotonic() - t0
+            if progress and (PREFIX in line or JUMP in line):
+                say(f"{now:6.1f}s guest: {line.split(PREFIX)[-1] if PREFIX in line else JUMP}")
             for st in (1, 2):
                 if PREFIX + STAGE.format(st) in line:
                     run.events.setdefault(f"stage{st}", now)

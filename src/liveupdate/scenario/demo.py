@@ -9,22 +9,19 @@ import os
 import random
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from liveupdate.abi import generations
 from liveupdate.abi import image as image_abi
-from liveupdate.client.update import load_image, run_update
-from liveupdate.errors import LiveUpdateError
+from liveupdate.client.update import run_update
 from liveupdate.ipc.service import ask
 from liveupdate.machine.client import MachineClient, start
 from liveupdate.scenario import damage as damages
-from liveupdate.scenario import guestcheck, witness
+from liveupdate.scenario import guestcheck, host, witness
 from liveupdate.scenario.damage import Damage
 from liveupdate.scenario.faults import Fault, helper_line
-from liveupdate.scenario.report import CacheResult, UpdateResult, VmResult
-from liveupdate.vmm import guest
+from liveupdate.scenario.report import UpdateResult
 
 CMDLINE = "kho=on liveupdate=on transparent_hugepage_shmem=within_size"
 NEGOTIATE = "liveupdate_negotiate=on"
@@ -76,7 +73,8 @@ class Demo:
         self.fault = fault
         self.damage = damage
         self.rng = random.Random()
-        self.cache_keys = CACHE_KEYS
+        self.kind = "emulated"
+        self.cache_keys = CACHE_KEYS if cache else 0
         self.vms = [f"vm{i}" for i in range(vms)]
         self.vm_memory, self.memory = vm_memory, machine_memory
         self.generation, self.accel, self.cache = generation, accel, cache
@@ -85,6 +83,9 @@ class Demo:
         self.run = os.path.join(self.folder, "run")
         self.m: MachineClient | None = None
         self.proc: Any = None
+        self.ready: dict[str, dict[str, Any]] = {}
+        self.maps_before: list[dict[str, Any]] = []
+        self.maps_after: list[dict[str, Any]] = []
 
     def sock(self, name: str) -> str:
         return os.path.join(self.run, name)
@@ -118,21 +119,14 @@ class Demo:
         m.wait("luod: LUO .* listening", timeout=120)
         for vm in self.vms:
             m.wait(f"vmm {vm}: .* started", timeout=120)
-        self.say("guests running: waiting for each to walk all of its memory once")
-        pages = (self.vm_memory - guest.DATA_AT) // guest.PAGE
-        deadline = time.monotonic() + 300
-        while any(s["steps"] < pages for s in self.statuses().values()):
-            if time.monotonic() > deadline:
-                raise LiveUpdateError(err=110, msg="the guests made no progress in 300 s")
-            time.sleep(0.1)  # a CLI watching guests run
         if self.cache:
             m.wait("kvcache cache: started", timeout=120)
-            for i in range(CACHE_KEYS):
-                ask(self.sock("kvcache-cache.sock"), "put", key=f"key-{i}", value=f"value-{i}")
+        self.say("guests running: waiting for each to walk all of its memory once")
+        self.ready = host.ready(self, 300)
         return m
 
     def statuses(self) -> dict[str, dict[str, Any]]:
-        return {vm: ask(self.sock(f"vmm-{vm}.sock"), "status") for vm in self.vms}
+        return host.statuses(self)
 
     def do_damage(self) -> list[str]:
         """Break the guests on purpose (:attr:`damage`), each VM paused meanwhile so that
@@ -157,62 +151,48 @@ class Demo:
 
     def update(self, n: int, fault: str) -> UpdateResult:
         """Live update ``n`` (to :attr:`to` when odd, back when even), observed; ``fault``
-        other than ``none`` does :attr:`damage` after it, on purpose."""
+        other than ``none`` does :attr:`damage` after it, on purpose. The scenario's steps
+        are :mod:`liveupdate.scenario.host`'s, as on a real kernel."""
         assert self.m is not None
-        before = self.statuses()
-        maps_before = self.m.maps()
-        off = self.m.status()["console_bytes"]
+        before = host.statuses(self)
+        self.maps_before = self.m.maps()
         gen = self.to if n % 2 else self.generation
-        loaded = load_image(self.sock("luod.sock"), f"images/{gen}.img")
-        handover = loaded["handover"]
-        self.say(f"update {n} to Linux {gen}: {handover['mode']} handover ("
-                 + generations.describe(handover["formats"])
-                 + "); prepare, freeze, kexec")
-        st, report = run_update(self.sock("luod.sock"),
-                                on_phase=lambda ev: self.say(f"  {ev['phase']}"))
+        self.say(f"update {n} to Linux {gen}:")
+        handover = host.load(self, f"images/{gen}.img", self.say)
+        self.kexec(self.say)
+        st, report = host.outcome(self, n, 120)
+        done = self.do_damage() if fault != "none" else []
+        return host.observe(self, gen, handover, before, st, report, done)
+
+    # -- the scenario's host (liveupdate.scenario.host.Host) -------------------------------
+    def kexec(self, say: host.Say) -> None:
+        assert self.m is not None
+        off = self.m.status()["console_bytes"]
+        run_update(self.sock(host.LUOD), on_phase=lambda ev: say(f"  {ev['phase']}"))
         for vm in self.vms:
             self.m.wait(f"vmm {vm}: .* resumed", offset=off, timeout=120)
         if self.cache:
             self.m.wait("kvcache cache: restored", offset=off, timeout=120)
-        done = self.do_damage() if fault != "none" else []
-        after = self.statuses()
-        maps_after = self.m.maps()
-        verdicts = self.verdicts()
-        vms = {}
-        for vm in self.vms:
-            chk = verdicts[vm]
-            b = after[vm]["blackout"]
-            vms[vm] = VmResult(
-                accel=after[vm]["accel"], memory=self.vm_memory,
-                steps_before_update=before[vm]["steps"],
-                steps_at_pause=b.get("steps_before"), steps_after_resume=b.get("steps_after"),
-                resumed=bool(after[vm]["restored"])
-                and b.get("steps_after", 0) > b.get("steps_before", 0) > 0,
-                blackout_host_s=b.get("host_s"), blackout_guest_s=b.get("guest_s"),
-                integrity=chk.intact, problem=chk.problem, pages_verified=chk.pages,
-                vcpu_restored=chk.vcpu_restored, vcpu_problem=chk.vcpu_problem,
-                blackout_ns=(b["paused_ns"], b["resumed_ns"]) if "paused_ns" in b else None,
-                guest_tsc=b.get("tsc", ""), zero_copy_problem=witness.zero_copy_problem(
-                    maps_before, maps_after, vm, self.vm_memory))
-        cache = None
-        if self.cache:
-            sock = self.sock("kvcache-cache.sock")
-            got = [ask(sock, "get", key=f"key-{i}") for i in range(CACHE_KEYS)]
-            cache = CacheResult(CACHE_KEYS, all(
-                g["found"] and g["value"] == f"value-{i}" for i, g in enumerate(got)))
-        kho = self.m.kho_status()
-        mst = self.m.status()
-        return UpdateResult(
-            update=st["update"], to=gen, handover=handover,
-            timeline=report.get("timeline", {}),
-            kernel_files=kho["open_files"], luod_fds=_fds(int(st["pid"])),
-            machine_rss=_rss(int(mst["machine_pid"])), ram_resident=mst["ram_resident"],
-            finish=report.get("finish"), jump_s=self.m.status()["last_jump_seconds"],
-            vms=vms, cache=cache, damage=done,
-            preserved_pages=kho["out"]["preserved_pages"], free_pages=kho["free_pages"],
-            machine_jump={"request_ns": mst["jump_request_ns"],
-                          "start_ns": mst["kernel_start_ns"],
-                          "booted_ns": mst["kernel_booted_ns"]})
+
+    def settled(self) -> None:
+        assert self.m is not None
+        self.maps_after = self.m.maps()
+
+    def zero_copy_problem(self, vm: str) -> str | None:
+        return witness.zero_copy_problem(self.maps_before, self.maps_after, vm,
+                                         self.vm_memory)
+
+    def figures(self, luod: dict[str, Any]) -> dict[str, Any]:
+        assert self.m is not None
+        kho, mst = self.m.kho_status(), self.m.status()
+        return {"kernel_files": kho["open_files"], "luod_fds": _fds(int(luod["pid"])),
+                "machine_rss": _rss(int(mst["machine_pid"])),
+                "ram_resident": mst["ram_resident"], "jump_s": mst["last_jump_seconds"],
+                "preserved_pages": kho["out"]["preserved_pages"],
+                "free_pages": kho["free_pages"],
+                "machine_jump": {"request_ns": mst["jump_request_ns"],
+                                 "start_ns": mst["kernel_start_ns"],
+                                 "booted_ns": mst["kernel_booted_ns"]}}
 
     def close(self) -> None:
         if self.m is not None:

@@ -40,6 +40,9 @@ the whole matrix: `.venv/bin/pytest tests/scenario/test_reliability.py`.
 """
 
 
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[3]) + "/"  # the checkout (src/ layout)
+
+
 def render(records: list[dict[str, Any]]) -> str:
     order = {f.name: i for i, f in enumerate(FAULTS)}
     records = sorted(records, key=lambda r: order.get(r["fault"], len(order)))
@@ -60,7 +63,8 @@ def render(records: list[dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|" + "---|" * len(names) + "---|"]
     for r in records:
         w = r["workloads"]
-        why = (r["why"] or "-").replace("|", "/")
+        # paths of this checkout said relative to it: the table reads the same in any clone
+        why = (r["why"] or "-").replace(PACKAGE_ROOT, "").replace("|", "/")
         mark = "" if r["as_expected"] else " **(NOT AS DEFINED)**"
         lines.append(f"| `{r['fault']}` | {r['target']} | {r['phase']} | {r['generation']} "
                      f"| {r['expected']} | {r['outcome']}{mark} | "

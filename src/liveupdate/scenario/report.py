@@ -42,10 +42,11 @@ def phases(timeline: dict[str, float]) -> list[Phase]:
 @dataclass(frozen=True)
 class VmResult:
     """One VM across one update: the VMM's blackout measurement (host clock from the guest's
-    last instruction before the pause to its first after the resume, and both ends as host
-    CLOCK_MONOTONIC ns; the guest's own TSC, and whether the guest's TSC was ``restored`` or
-    is the ``host``'s), its step counter, and the guest's own check of every page it
-    touched."""
+    last instruction before the pause to its first after the resume, as CLOCK_REALTIME --
+    the host clock that continues across a kexec: :mod:`liveupdate.vmm.vmm` -- and both ends
+    as CLOCK_REALTIME and CLOCK_MONOTONIC ns; the guest's own TSC, and whether the guest's
+    TSC was ``restored`` or is the ``host``'s), its step counter, and the guest's own check
+    of every page it touched."""
 
     accel: str
     memory: int
@@ -62,7 +63,8 @@ class VmResult:
     # register-only secret unchanged): judged by the checker from RAM
     vcpu_restored: bool = True
     vcpu_problem: str = ""
-    blackout_ns: tuple[int, int] | None = None  # (paused, resumed)
+    blackout_ns: tuple[int, int] | None = None  # (paused, resumed): CLOCK_MONOTONIC
+    blackout_wall_ns: tuple[int, int] | None = None  # (paused, resumed): CLOCK_REALTIME
     guest_tsc: str = ""
     zero_copy_problem: str | None = None  # "": on the same physical pages; None: unchecked
 
@@ -106,6 +108,27 @@ class UpdateResult:
     # the machine's timestamps of the jump (host CLOCK_MONOTONIC ns): request_ns, start_ns,
     # booted_ns
     machine_jump: dict[str, int] = field(default_factory=dict)
+    # where it ran (liveupdate.scenario.host): "emulated", or "real" -- a real kernel in QEMU,
+    # whose resource figures above are not observed (0) and whose jump has no machine witness
+    host: str = "emulated"
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> UpdateResult:
+        """An update as :meth:`DemoReport.to_json` wrote it (a real-kernel run's result
+        crosses from the QEMU guest to ``luoctl demo --real`` this way)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        vm_names = {f.name for f in dataclasses.fields(VmResult)}
+        args = {k: v for k, v in d.items() if k in names}
+        vms: dict[str, VmResult] = {}
+        for name, vm in d["vms"].items():
+            kw: dict[str, Any] = {k: v for k, v in vm.items() if k in vm_names}
+            for k in ("blackout_ns", "blackout_wall_ns"):  # JSON made the pairs lists
+                if kw.get(k) is not None:
+                    kw[k] = tuple(kw[k])
+            vms[name] = VmResult(**kw)
+        args["vms"] = vms
+        args["cache"] = CacheResult(**d["cache"]) if d.get("cache") else None
+        return cls(**args)
 
     @property
     def phases(self) -> list[Phase]:

@@ -6,7 +6,9 @@ next kernel's start and its boot, on the host's CLOCK_MONOTONIC, the clock the V
 A VM's pause must begin before the jump request and end after the next kernel booted; its
 host figure must be the distance between its own two ends; and the guest's TSC must measure
 the same pause within :func:`guest_bound`. A VMM that shrinks or invents a figure fails one
-of the three.
+of the three. The machine is emulated; on both hosts luod's own timeline (CLOCK_REALTIME,
+as the VMM's figure: :mod:`liveupdate.vmm.vmm` says why) witnesses the pause too
+(:func:`timeline_problem`): it began while luod was Frozen and ended while it was Updated.
 
 **Zero copy.** The kernel's record of the physical extents under each process's memfds (the
 machine's ``maps`` request: ``/proc/PID/maps`` with ``/proc/PID/pagemap`` on Linux), taken
@@ -54,14 +56,58 @@ def blackout_problem(vm: VmResult, jump: dict[str, int]) -> str:
     if not paused <= req < booted <= resumed:
         return (f"the pause ({paused}..{resumed} ns) does not cover the machine's jump "
                 f"request to the next kernel's boot ({req}..{booted} ns)")
-    if abs(vm.blackout_host_s - (resumed - paused) / 1e9) > 1e-6:
+    w_paused, w_resumed = vm.blackout_wall_ns or (paused, resumed)
+    if abs(vm.blackout_host_s - (w_resumed - w_paused) / 1e9) > 1e-6:
         return (f"the host figure {vm.blackout_host_s:.6f} s is not its own ends' distance "
-                f"{(resumed - paused) / 1e9:.6f} s")
+                f"{(w_resumed - w_paused) / 1e9:.6f} s")
     if vm.blackout_guest_s is None:
         return "the guest's TSC gave no figure"
     if abs(vm.blackout_guest_s - vm.blackout_host_s) > guest_bound(vm.blackout_host_s):
         return (f"the guest's TSC says {vm.blackout_guest_s:.4f} s, the host clock "
                 f"{vm.blackout_host_s:.4f} s (bound {guest_bound(vm.blackout_host_s):.4f} s)")
+    return ""
+
+
+# across a real kexec each kernel reads the wall clock back from the x86 CMOS RTC in whole
+# seconds (read_persistent_clock64() -> mach_get_cmos_time()): each REALTIME end may be up to
+# a second behind, so their distance is off by less than one second either way
+RTC_RESOLUTION_S = 1.0
+
+
+def clocks_problem(vm: VmResult) -> str:
+    """Where no machine witnessed the jump (a real kernel): why the host figure and the
+    guest's TSC disagree by more than :func:`guest_bound` plus the RTC's resolution, or ""
+    when they agree. Both measure the same pause; the host figure's ends are CLOCK_REALTIME
+    of two kernels (see :data:`RTC_RESOLUTION_S`)."""
+    if vm.blackout_host_s is None or vm.blackout_guest_s is None:
+        return "the VMM or the guest's TSC gave no figure"
+    bound = guest_bound(vm.blackout_host_s) + RTC_RESOLUTION_S
+    if abs(vm.blackout_guest_s - vm.blackout_host_s) > bound:
+        return (f"the guest's TSC says {vm.blackout_guest_s:.4f} s, the host clock "
+                f"{vm.blackout_host_s:.4f} s (bound {bound:.4f} s)")
+    return ""
+
+
+def timeline_problem(vm: VmResult, timeline: dict[str, float]) -> str:
+    """Why ``vm``'s blackout does not lie where luod's ``timeline`` (wall-clock points)
+    says it must, or "" when it does: luod asks its clients to freeze after it records
+    ``frozen`` and calls reboot after ``reboot``, so the pause began in between; the VMM
+    resumes after the next luod recorded ``updated`` (it retrieves its memory through that
+    luod) and before ``normal`` (luod FINISHes once the VMM said it is done, which it says
+    after its first exit). So the figure lies within [updated - reboot, normal - frozen],
+    bounds taken from the run itself, on the emulated machine and on a real kernel alike:
+    each end is compared with luod's points of the same kernel."""
+    if vm.blackout_wall_ns is None or vm.blackout_host_s is None:
+        return "the VMM reported no REALTIME ends of its blackout"
+    if any(k not in timeline for k in ("frozen", "reboot", "updated", "normal")):
+        return f"luod's timeline lacks a point: {sorted(timeline)}"
+    paused, resumed = (t / 1e9 for t in vm.blackout_wall_ns)
+    if not timeline["frozen"] <= paused <= timeline["reboot"]:
+        return (f"the pause began at {paused:.6f}, not while luod was frozen "
+                f"({timeline['frozen']:.6f}..{timeline['reboot']:.6f})")
+    if not timeline["updated"] <= resumed <= timeline["normal"]:
+        return (f"the resume came at {resumed:.6f}, not while luod was updated "
+                f"({timeline['updated']:.6f}..{timeline['normal']:.6f})")
     return ""
 
 
@@ -132,13 +178,22 @@ def private_bytes(pid: int) -> int:
 
 
 def checks(results: list[UpdateResult]) -> list[Check]:
-    """Each VM of each update: blackout witnessed, guest memory on the same pages."""
+    """Each VM of each update: blackout witnessed (by the machine, where one saw the jump;
+    by luod's timeline always), guest memory on the same pages."""
     out = []
     for u in results:
         for name, vm in u.vms.items():
-            why = blackout_problem(vm, u.machine_jump)
-            out.append(Check(f"update {u.update}: {name} blackout witnessed", "witness",
-                             not why, why))
+            if u.machine_jump:  # a machine that witnessed the jump (the emulated one)
+                why = blackout_problem(vm, u.machine_jump)
+                out.append(Check(f"update {u.update}: {name} blackout witnessed", "witness",
+                                 not why, why))
+            else:  # no such witness: the guest's clock against the host's, RTC and all
+                why = clocks_problem(vm)
+                out.append(Check(f"update {u.update}: {name} blackout agrees with the "
+                                 "guest's TSC", "witness", not why, why))
+            why = timeline_problem(vm, u.timeline)
+            out.append(Check(f"update {u.update}: {name} blackout within luod's timeline",
+                             "witness", not why, why))
             zc = "not checked" if vm.zero_copy_problem is None else vm.zero_copy_problem
             out.append(Check(f"update {u.update}: {name} guest memory on the same pages",
                              "witness", not zc, zc))

@@ -17,9 +17,21 @@ maps the same guest memory, loads the vCPU state (KVM: the TSC is set to the sav
 the host time that passed; under TCG the guest reads the host's TSC and needs nothing) and
 resumes. The guest's step counter continues -- it never restarts. The blackout is measured
 twice: host clock (the guest's last instruction before the pause -- its exit -- to its first
-after the resume -- the accelerator's first entry --, across the two VMM processes:
-CLOCK_MONOTONIC is the host's) and the guest's own TSC timestamps. Both ends are reported as
-host times too, so a check can hold them against the machine's own witness of the jump.
+after the resume -- the accelerator's first entry --, across the two VMM processes) and the
+guest's own TSC timestamps.
+
+Which host clock: the two ends are read in two kernels. CLOCK_MONOTONIC and CLOCK_BOOTTIME
+start again at zero in every kernel (``timekeeping_init()`` sets them up afresh; a kexec is
+a boot), so their difference across a real kexec is meaningless (it came out negative).
+CLOCK_REALTIME is the one that continues: the next kernel's ``timekeeping_init()`` reads
+the wall clock back (``read_persistent_clock64()``, on x86 the CMOS RTC, whole seconds,
+until NTP or ``settimeofday`` refine it). So the pause is saved as CLOCK_REALTIME
+(``last_exit_wall_ns``, in the VM state's ``vm`` section since version 2) and the figure is
+REALTIME(resume) - REALTIME(pause) on both hosts. On the emulated machine both VMMs run on
+one host kernel and the figure is as exact as MONOTONIC's would be; across a real kexec it
+carries the RTC's resolution (up to a second) -- the guest's TSC figure does not. The ends
+are also reported as CLOCK_MONOTONIC (``paused_ns``, ``resumed_ns``): on the emulated
+machine that is the host's one clock, which the machine's witness of the jump uses.
 Where KVM does not apply the TSC (:mod:`kvm`) the guest reads the host's TSC and the result
 says ``tsc: host`` (not restored), never ``restored``.
 
@@ -85,7 +97,9 @@ def make_accel(kind: str, address: int, size: int) -> Accel:
 class Timing:
     exits: int = 0
     last_exit_ns: int = 0  # host CLOCK_MONOTONIC of the last exit
+    last_exit_wall_ns: int = 0  # ... and its CLOCK_REALTIME (crosses a kexec)
     first_entry_ns: int = 0  # host CLOCK_MONOTONIC at the vCPU's first entry (the resume)
+    first_entry_wall_ns: int = 0  # ... and its CLOCK_REALTIME
     first_exit_ns: int = 0  # ... and at its first exit after it
     blackout: dict[str, Any] = field(default_factory=dict)
     # (host ns, guest TSC) at the first and the latest exit: the guest TSC's frequency
@@ -128,13 +142,15 @@ class Vm:
 
     def _loop(self) -> None:
         self.timing.first_entry_ns = time.monotonic_ns()
+        self.timing.first_entry_wall_ns = time.time_ns()
         while True:
             self.accel.run_to_exit()
-            now = time.monotonic_ns()
+            now, wall = time.monotonic_ns(), time.time_ns()
             tsc = guest.latest_tsc(self.mem)
             with self.cond:
                 self.timing.exits += 1
                 self.timing.last_exit_ns = now
+                self.timing.last_exit_wall_ns = wall
                 self.timing.last_sample = (now, tsc)
                 if not self.timing.first_sample[0]:
                     self.timing.first_sample = (now, tsc)
@@ -222,7 +238,9 @@ class Vmm:
         raw = vmstate.VM_STATE.encode({
             "vm": {"size": self.size, "accel": self.vm.accel.name,
                    "steps": guest.steps(self.mem), "tsc_hz": self.vm.timing.tsc_hz,
-                   "last_exit_ns": self.vm.timing.last_exit_ns, "paused_wall": time.time(),
+                   "last_exit_ns": self.vm.timing.last_exit_ns,
+                   "last_exit_wall_ns": self.vm.timing.last_exit_wall_ns,
+                   "paused_wall": time.time(),
                    "ring": guest.ring(self.mem)},
             "cpu0": st.to_json()}, STATE_SIZE)
         m = self.backend.map(self.state_fd, STATE_SIZE)
@@ -287,11 +305,14 @@ class Vmm:
                     if after[i - 1] == before[-1]), 0) if before else 0
         hz = float(saved["tsc_hz"])
         paused = int(saved["last_exit_ns"])
+        # a version 1 record has no REALTIME of the exit: its freeze time is a little later
+        paused_wall = int(saved.get("last_exit_wall_ns", float(saved["paused_wall"]) * 1e9))
         first_steps = (t.first_exit_ns - t.first_entry_ns) / 1e9
         t.blackout = {
-            "host_s": (t.first_entry_ns - paused) / 1e9,
+            "host_s": (t.first_entry_wall_ns - paused_wall) / 1e9,
             "guest_s": gap / hz - first_steps if hz and gap else None,
             "paused_ns": paused, "resumed_ns": t.first_entry_ns,
+            "paused_wall_ns": paused_wall, "resumed_wall_ns": t.first_entry_wall_ns,
             "tsc": "restored" if self.vm.accel.tsc_settable else "host",
             "steps_before": saved["steps"], "steps_after": guest.steps(self.mem)}
         self.client.done()

@@ -144,9 +144,12 @@ class Description:
 
 CPU_FIELDS = (Field("regs", "u64{}"), *(Field(n, "u64") for n in
                                         ("cr0", "cr3", "cr4", "efer", "tsc")))
-VM = Section("vm", 1, 1, (
+# version 2 adds last_exit_wall_ns: the pause as CLOCK_REALTIME, the host clock that
+# continues across a real kexec (CLOCK_MONOTONIC restarts; see liveupdate.vmm.vmm); a
+# version 1 record still reads (its paused_wall stands in)
+VM = Section("vm", 2, 1, (
     Field("size", "u64"), Field("accel", "str"), Field("steps", "u64"),
     Field("tsc_hz", "f64"), Field("last_exit_ns", "u64"), Field("paused_wall", "f64"),
-    Field("ring", "u64[]")))
+    Field("ring", "u64[]"), Field("last_exit_wall_ns", "u64", since=2)))
 CPU0 = Section("cpu0", 1, 1, CPU_FIELDS)
 VM_STATE = Description((VM, CPU0))  # device sections (vfio, virtio) are added here
