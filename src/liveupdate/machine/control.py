@@ -19,6 +19,7 @@ import struct
 import sys
 import threading
 from dataclasses import dataclass
+from typing import TypeVar
 
 from liveupdate.abi import wire
 from liveupdate.abi.wire import Message, arg
@@ -80,6 +81,9 @@ def serve(machine: Machine, ready_fd: int | None = None) -> None:
     machine.server.serve_forever()
 
 
+Part = TypeVar("Part")
+
+
 @dataclass(frozen=True)
 class Peer:
     """One control connection: the machine, and whether the peer is its own guest."""
@@ -92,11 +96,16 @@ def _log_bug(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _ram(peer: Peer) -> Ram:
-    _host_only(peer, "RAM debug port")
-    if peer.machine.ram is None:
+def _powered(peer: Peer, what: str, part: Part | None) -> Part:
+    """A part of the machine for a host-side debug port: EAGAIN while the power is off."""
+    _host_only(peer, what)
+    if part is None:
         raise LiveUpdateError(err=errno.EAGAIN, msg="machine is off")
-    return peer.machine.ram
+    return part
+
+
+def _ram(peer: Peer) -> Ram:
+    return _powered(peer, "RAM debug port", peer.machine.ram)
 
 
 def _status(p: Peer, m: Message) -> Message:
@@ -166,10 +175,7 @@ def _ram_write(p: Peer, m: Message) -> Message:
 
 
 def _bus(p: Peer) -> Bus:
-    _host_only(p, "device debug port")
-    if p.machine.bus is None:
-        raise LiveUpdateError(err=errno.EAGAIN, msg="machine is off")
-    return p.machine.bus
+    return _powered(p, "device debug port", p.machine.bus)
 
 
 def _device_wait(p: Peer, m: Message) -> Message:

@@ -38,38 +38,26 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from liveupdate.client import faultpoint
 from liveupdate.client.update import luod_status
-from liveupdate.errors import LiveUpdateError
 from liveupdate.ipc.service import ask
 from liveupdate.realkernel.demo_host import VM, RealHost, Services, cmdline
 from liveupdate.realkernel.guest import STAGE_ARG
 from liveupdate.scenario.faults import BY_NAME, HELPER, ROLLED_BACK
 from liveupdate.scenario.host import CACHE, LUOD, vmm_sock
 from liveupdate.scenario.report import FaultOutcome, Workload
+from liveupdate.scenario.settle import settle
 
 Log = Any
 FAULTS = ("bad-image@normal", "kill-client@prepare", "kill-luod@prepared")
 
 
 def _wait(what: str, check: Callable[[], Any], timeout: float = 120.0) -> Any:
-    """Poll a condition while the system settles (a CLI watching daemons)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            got = check()
-        except (LiveUpdateError, OSError):
-            got = None
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise LiveUpdateError(err=110, msg=f"faults: timed out waiting for {what}")
-        time.sleep(0.2)
+    return settle(what, check, timeout, step=0.2)
 
 
 class RealFaults:

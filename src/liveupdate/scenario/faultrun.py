@@ -19,7 +19,7 @@ import os
 import resource
 import signal
 import threading
-import time
+from collections.abc import Callable
 from typing import Any
 
 from liveupdate.client import faultpoint
@@ -31,21 +31,11 @@ from liveupdate.scenario import guestcheck
 from liveupdate.scenario.demo import Demo
 from liveupdate.scenario.faults import COLD_BOOT, HELPER, ROLLED_BACK, UPDATED, Fault
 from liveupdate.scenario.report import FaultOutcome, Workload
+from liveupdate.scenario.settle import settle
 
 
-def _wait(what: str, check: Any, timeout: float = 60.0) -> Any:
-    """Poll a condition while the machine settles (a CLI watching daemons; 20 ms steps)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            got = check()
-        except (LiveUpdateError, OSError):
-            got = None
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise LiveUpdateError(err=110, msg=f"fault run: timed out waiting for {what}")
-        time.sleep(0.02)
+def _wait(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
+    return settle(what, check, timeout, step=0.02)
 
 
 class FaultRun:
