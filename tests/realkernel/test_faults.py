@@ -11,20 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from liveupdate.realkernel import build
 from liveupdate.realkernel.build import Image
 from liveupdate.realkernel.vm import boot
 from liveupdate.scenario.faults import BY_NAME, ROLLED_BACK
+from tests.realkernel.conftest import ROOT
 
 pytestmark = pytest.mark.realkernel
 
-ROOT = Path(__file__).resolve().parents[2]
 OUT = Path(os.environ.get("LIVEUPDATE_REALFAULTS", ROOT / "build" / "realkernel-faults"))
-
-
-@pytest.fixture(scope="module")
-def image() -> Image:
-    return build.build()
 
 
 def test_faults_on_the_real_kernel_end_as_the_emulated_matrix_defines(image: Image) -> None:

@@ -12,21 +12,15 @@ from pathlib import Path
 import pytest
 
 from liveupdate.errors import LiveUpdateError
-from liveupdate.realkernel import build
 from liveupdate.realkernel.build import Image
 from liveupdate.realkernel.demo_run import real_update
 from liveupdate.scenario.report import UpdateResult
+from tests.realkernel.conftest import ROOT
 
 pytestmark = pytest.mark.realkernel
 
-ROOT = Path(__file__).resolve().parents[2]
 # kept after the run (pytest's tmp_path is not): stage<N>.json, the services' logs, console
 OUT = Path(os.environ.get("LIVEUPDATE_REALLU", ROOT / "build" / "realkernel-liveupdate"))
-
-
-@pytest.fixture(scope="module")
-def image() -> Image:
-    return build.build()
 
 
 def test_luod_vmm_and_cache_live_update_the_real_kernel(image: Image) -> None:

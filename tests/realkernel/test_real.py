@@ -13,19 +13,14 @@ import pytest
 from liveupdate.realkernel import build, capture, fixture, selftests
 from liveupdate.realkernel.build import Image
 from liveupdate.realkernel.vm import boot
+from tests.realkernel.conftest import ROOT
 
 pytestmark = pytest.mark.realkernel
 
-ROOT = Path(__file__).resolve().parents[2]
 KEPT = Path(__file__).with_name("captures") / "linux-7.3.4-memfds"
 # where the fresh capture goes: ./scripts/test-realkernel then runs tests/tools/test_realcap.py
 # on it (LIVEUPDATE_REALCAP), every input form of luoctl inspect against the real kernel
 REALCAP = Path(os.environ.get("LIVEUPDATE_REALCAP", ROOT / "build" / "realcap"))
-
-
-@pytest.fixture(scope="module")
-def image() -> Image:
-    return build.build()
 
 
 def test_image_has_every_option_the_fragment_asks_for(image: Image) -> None:
