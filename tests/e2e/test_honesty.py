@@ -76,6 +76,33 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
+TEMPLATE_ARGV = [sys.executable, "-u", "-m", "liveupdate.kernel.main", "--template-fd"]
+
+
+def _identity(pid: int, parent: int) -> tuple[list[str], list[str]]:
+    """A kernel's or a template's process: its parent, the template's argv (a kernel is
+    forked from it) with the control socket's fd, an empty environment. (what is wrong,
+    argv)"""
+    bad = []
+    if _ppid(pid) != parent:
+        bad.append(f"parent is {_ppid(pid)}, not {parent}")
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = f.read().decode().split("\0")[:-1]
+    if argv[:-1] != TEMPLATE_ARGV or not argv[-1].isdigit():
+        bad.append(f"argv {argv} is not the template's")
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        if f.read():
+            bad.append("environment is not empty")
+    return bad, argv
+
+
+def _stdio(fd: int, obj: Obj, parent_pipes: set[Obj]) -> bool:
+    """/dev/null on 0, a pipe the parent holds (the console) on 1 and 2."""
+    devnull = os.stat("/dev/null")
+    return (fd == 0 and obj == (devnull.st_dev, devnull.st_ino)) or \
+        (fd in (1, 2) and obj in parent_pipes)
+
+
 CODE = tuple(os.path.realpath(p) + "/" for p in (sys.prefix, sys.base_prefix,
                                                   os.path.dirname(liveupdate.__file__)))
 
@@ -85,23 +112,13 @@ def honesty_violations(st: dict[str, Any], *, loading: bool = False) -> list[str
     a spare that may still be starting, reading its own code (the interpreter's and the
     package's files) -- the machine loading the kernel image, not state."""
     kpid, mpid = int(st["kernel_pid"]), int(st["machine_pid"])
-    bad = []
-    if _ppid(kpid) != mpid:
-        bad.append(f"parent is {_ppid(kpid)}, not the machine {mpid}")
-    with open(f"/proc/{kpid}/cmdline", "rb") as f:
-        argv = f.read().decode().split("\0")[:-1]
-    if argv[:-1] != TEMPLATE_ARGV:
-        bad.append(f"argv {argv} is not its template's")
-    with open(f"/proc/{kpid}/environ", "rb") as f:
-        if f.read():
-            bad.append("environment is not empty")
+    bad, _ = _identity(kpid, mpid)
     machine = _fds(mpid)
     ram = {obj for obj, t in machine.values() if t.startswith("/memfd:lu-ram")}
     pipes = {obj for obj, t in machine.values() if t.startswith("pipe:")}
     machine_socks = {obj[1] for obj, t in machine.values() if t.startswith("socket:")}
     user_socks = {obj[1] for d in _descendants(kpid) for obj, t in _fds(d).values()
                   if t.startswith("socket:")}
-    devnull = os.stat("/dev/null")
     peers = unix_peers()
     link_fd = LINK_FD
     held = _fds(kpid)
@@ -109,11 +126,7 @@ def honesty_violations(st: dict[str, Any], *, loading: bool = False) -> list[str
         bad.append("the RAM memfd is not held once (plus its mmap duplicate)")
     for fd, (obj, target) in sorted(held.items()):
         peer = peers.get(obj[1])
-        if fd == 0 and obj == (devnull.st_dev, devnull.st_ino):
-            continue
-        if fd in (1, 2) and obj in pipes:
-            continue
-        if obj in ram:
+        if _stdio(fd, obj, pipes) or obj in ram:
             continue
         if fd == link_fd and peer in machine_socks:
             continue
@@ -128,29 +141,15 @@ def honesty_violations(st: dict[str, Any], *, loading: bool = False) -> list[str
     return bad
 
 
-TEMPLATE_ARGV = [sys.executable, "-u", "-m", "liveupdate.kernel.main", "--template-fd"]
-
-
 def template_violations(pid: int, parent: int) -> list[str]:
     """What a kernel template holds beyond stdio and its control socket to ``parent``."""
-    bad = []
-    if _ppid(pid) != parent:
-        bad.append(f"parent is {_ppid(pid)}, not {parent}")
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        argv = f.read().decode().split("\0")[:-1]
-    if argv[:-1] != TEMPLATE_ARGV or not argv[-1].isdigit():
-        bad.append(f"argv {argv} is not what the machine passes")
-    with open(f"/proc/{pid}/environ", "rb") as f:
-        if f.read():
-            bad.append("environment is not empty")
+    bad, argv = _identity(pid, parent)
     ours = _fds(parent)
     pipes = {obj for obj, t in ours.values() if t.startswith("pipe:")}
     socks = {obj[1] for obj, t in ours.values() if t.startswith("socket:")}
-    devnull = os.stat("/dev/null")
     peers = unix_peers()
     for fd, (obj, target) in sorted(_fds(pid).items()):
-        if (fd == 0 and obj == (devnull.st_dev, devnull.st_ino)) or \
-                (fd in (1, 2) and obj in pipes):
+        if _stdio(fd, obj, pipes):
             continue
         if fd == int(argv[-1]) and peers.get(obj[1]) in socks:
             continue
