@@ -9,17 +9,16 @@ now the next kernel's free pages; this one drops every packet and writes nothing
 from __future__ import annotations
 
 import re
-import struct
 from pathlib import Path
 
 import pytest
 
+from liveupdate.kernel.testmods.test_nic import BUF, ENTRIES
 from liveupdate.machine.client import start
+from liveupdate.machine.nic import DESC
 
 BDF = "00:03.0"
 NIC = {"kind": "nic", "bdf": BDF, "rate": 2000}
-DESC = struct.Struct("<QHHB3x")
-ENTRIES, BUF = 256, 256
 
 
 @pytest.mark.parametrize("iommu", ["off", "on"])

@@ -130,6 +130,6 @@ class Bus:
 def _snapshot(source: int, f: Nic) -> dict[str, Any]:
     """One consistent view: a packet counts in ``sent`` and in one counter, or in none."""
     with f.lock:
-        return {"bdf": f"{source >> 8:02x}:{(source >> 3) & 31:02x}.{source & 7}",
+        return {"bdf": pci.bdf_text(source),
                 "bus_master": f.bus_master, "sent": f.sent,
                 **{k.lower(): v for k, v in f.regs.items()}}

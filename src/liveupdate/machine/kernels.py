@@ -61,12 +61,7 @@ class KernelProc:
 
     def read_console(self, console: Console) -> None:
         """Copy its console pipe into the machine's console until the kernel is gone."""
-        while True:
-            data = os.read(self.console, 65536)
-            if not data:
-                break
-            console.append(data)
-        os.close(self.console)
+        copy_console(self.console, console)
         with console.cond:
             self.drained.set()
             console.cond.notify_all()
@@ -102,7 +97,8 @@ class KernelProc:
         self.finish(run)
 
 
-def _copy_console(rd: int, console: Console) -> None:
+def copy_console(rd: int, console: Console) -> None:
+    """A pipe into the machine's console until its writers are gone; then it is closed."""
     while data := os.read(rd, 65536):
         console.append(data)
     os.close(rd)
@@ -126,7 +122,7 @@ class Template:
         finally:
             os.close(wr)
             theirs.close()
-        threading.Thread(target=_copy_console, args=(rd, console), daemon=True).start()
+        threading.Thread(target=copy_console, args=(rd, console), daemon=True).start()
 
     def alive(self) -> bool:
         return self.popen.poll() is None

@@ -32,6 +32,11 @@ def bdf(text: str) -> int:
     return b << 8 | d << 3 | f
 
 
+def bdf_text(source: int) -> str:
+    """The requester id as ``BB:DD.F`` (:func:`bdf`'s inverse)."""
+    return f"{source >> 8:02x}:{(source >> 3) & 31:02x}.{source & 7}"
+
+
 class PciFunction:
     """Config space and reset; a device subclasses it and overrides :meth:`reset_device`."""
 

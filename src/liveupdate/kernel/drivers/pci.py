@@ -23,11 +23,19 @@ PCI_COMMAND_MASTER = 1 << 2
 SLOTS = 32
 
 
-def _read(k: Kernel, bdf: int, offset: int, size: int) -> int:
+def config_read(k: Kernel, bdf: int, offset: int, size: int) -> int:
+    """``pci_read_config_*``: through the link (the machine's ECAM window)."""
     assert k.link is not None
     value: int = k.link.call({"op": "pci_read", "bdf": bdf, "offset": offset,
                               "size": size})["value"]
     return value
+
+
+def config_write(k: Kernel, bdf: int, offset: int, size: int, value: int) -> None:
+    """``pci_write_config_*``."""
+    assert k.link is not None
+    k.link.call({"op": "pci_write", "bdf": bdf, "offset": offset, "size": size,
+                 "value": value})
 
 
 def _name(bdf: int) -> str:
@@ -41,10 +49,10 @@ def enumerate_bus(k: Kernel) -> None:
         return
     for slot in range(SLOTS):
         bdf = slot << 3
-        ids = _read(k, bdf, PCI_VENDOR_ID, 4)
+        ids = config_read(k, bdf, PCI_VENDOR_ID, 4)
         if ids & 0xFFFF in (0xFFFF, 0):
             continue
-        klass = _read(k, bdf, PCI_CLASS_REVISION, 4) >> 8
+        klass = config_read(k, bdf, PCI_CLASS_REVISION, 4) >> 8
         k.printk(f"pci {_name(bdf)}: [{ids & 0xFFFF:04x}:{ids >> 16:04x}] type 00 "
                  f"class {klass:#08x}")
         k.pci.append(bdf)
@@ -56,11 +64,9 @@ def shutdown(k: Kernel) -> None:
     logged and the next one shut down."""
     for bdf in k.pci:
         try:
-            command = _read(k, bdf, PCI_COMMAND, 2)
+            command = config_read(k, bdf, PCI_COMMAND, 2)
             if command & PCI_COMMAND_MASTER:
-                assert k.link is not None
-                k.link.call({"op": "pci_write", "bdf": bdf, "offset": PCI_COMMAND, "size": 2,
-                             "value": command & ~PCI_COMMAND_MASTER})
+                config_write(k, bdf, PCI_COMMAND, 2, command & ~PCI_COMMAND_MASTER)
                 k.printk(f"pci {_name(bdf)}: bus mastering off (kexec)")
         except LiveUpdateError as e:
             k.printk(f"pci {_name(bdf)}: shutdown failed: {e}")

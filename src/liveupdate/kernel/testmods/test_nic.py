@@ -12,6 +12,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from liveupdate.abi.consts import PAGE_SIZE
+from liveupdate.kernel.drivers import pci
 
 if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
@@ -26,8 +27,7 @@ IOVA = 0x10000000
 def late(k: Kernel) -> None:
     assert k.link is not None
     for bdf in k.pci:
-        if k.link.call({"op": "pci_read", "bdf": bdf, "offset": 0, "size": 4})["value"] != \
-                NIC_IDS:
+        if pci.config_read(k, bdf, pci.PCI_VENDOR_ID, 4) != NIC_IDS:
             continue
         ring = k.alloc_pages(0)
         bufs = k.alloc_pages(4)  # 64 KiB: 256 buffers of 256 bytes
@@ -40,8 +40,7 @@ def late(k: Kernel) -> None:
             k.iommu.attach(d, bdf)
         descs = b"".join(DESC.pack(dma_bufs + BUF * i, BUF, 0, 0) for i in range(ENTRIES))
         k.ram[ring : ring + len(descs)] = descs
-        k.link.call({"op": "pci_write", "bdf": bdf, "offset": 4, "size": 2,
-                     "value": COMMAND_MEMORY_MASTER})
+        pci.config_write(k, bdf, pci.PCI_COMMAND, 2, COMMAND_MEMORY_MASTER)
         for reg, value in (("RING_LO", dma_ring & 0xFFFFFFFF), ("RING_HI", dma_ring >> 32),
                            ("RING_SIZE", ENTRIES), ("CTRL", 1)):
             k.link.call({"op": "bar_write", "bdf": bdf, "reg": reg, "value": value})
