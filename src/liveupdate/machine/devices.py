@@ -12,8 +12,11 @@ an empty slot complete. The host sees their state in the machine's status.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from typing import Any
 
+from liveupdate.abi import wire
+from liveupdate.abi.wire import Message, arg
 from liveupdate.errors import LiveUpdateError
 from liveupdate.machine import pci
 from liveupdate.machine.iommu import Iommu
@@ -21,6 +24,7 @@ from liveupdate.machine.nic import REGS, Nic
 from liveupdate.machine.ram import Ram
 
 KINDS = ("nic",)
+Handler = Callable[["Bus", Message], Message]
 DMA_LOG_PIECE = 1 << 16  # records per dma_log answer (1 MiB)
 MAX_RATE = 1e6  # packets per second a source may send
 
@@ -56,49 +60,16 @@ class Bus:
         for f in self.functions.values():
             f.stop()
 
-    def _function(self, h: dict[str, Any]) -> Nic | None:
-        bdf = h.get("bdf")
-        return self.functions.get(bdf) if isinstance(bdf, int) else None
+    def access(self, h: dict[str, Any], on_bug: Callable[[str], None]) -> dict[str, Any]:
+        """One ``pci_*``/``bar_*``/``iommu_*`` request of a kernel, through the request
+        helper every server uses (:func:`liveupdate.abi.wire.dispatch`): its reply
+        (``value``, or ``errno`` and ``message``)."""
+        return wire.dispatch(HARDWARE, self, Message(h), server="hardware",
+                             on_bug=on_bug).header
 
-    # -- link operations: the kernel's access to the hardware ----------------------------
-    def access(self, h: dict[str, Any]) -> dict[str, Any]:
-        """One ``pci_*``/``bar_*``/``iommu_*`` request of a kernel: its reply (``value``, or
-        ``errno`` and ``message``)."""
-        op = h.get("op")
-        try:
-            f = self._function(h)
-            if op in ("pci_read", "pci_write"):
-                offset, size = int(h["offset"]), int(h["size"])
-                pci.check(offset, size)
-            if op == "pci_read":
-                if f is None:  # an empty slot: the read completes with all ones
-                    return {"value": (1 << 8 * size) - 1}
-                return {"value": f.config_read(offset, size)}
-            if op == "pci_write":
-                if f is not None:
-                    f.config_write(offset, size, int(h["value"]))
-                return {}
-            if op in ("bar_read", "bar_write"):
-                if f is None or not f.command & pci.PCI_COMMAND_MEMORY:
-                    raise LiveUpdateError(err=errno.EIO, msg="BAR access to a function "
-                                          "without memory space enabled")
-                name = str(h["reg"])
-                if name not in REGS:
-                    raise ValueError(f"no register {name}")
-                if op == "bar_read":
-                    return {"value": f.reg_read(name)}
-                f.reg_write(name, int(h["value"]))
-                return {}
-            if op == "iommu_read":
-                return {"value": self.iommu.read_reg(int(h["offset"]))}
-            if op == "iommu_write":
-                self.iommu.write_reg(int(h["offset"]), int(h["value"]))
-                return {}
-        except (KeyError, TypeError, ValueError, ArithmeticError) as e:
-            return {"errno": errno.EINVAL, "message": f"{op}: {e}"}
-        except LiveUpdateError as e:
-            return {"errno": e.errno, "message": e.message}
-        return {"errno": errno.EINVAL, "message": f"no device operation {op!r}"}
+    def function(self, m: Message) -> Nic | None:
+        """The function a request names by requester id (None: an empty slot)."""
+        return self.functions.get(arg(m, "bdf", int))
 
     # -- the host's view ---------------------------------------------------------------------
     def wait_sent(self, bdf: str, count: int, timeout: float) -> dict[str, Any]:
@@ -133,3 +104,72 @@ def _snapshot(source: int, f: Nic) -> dict[str, Any]:
         return {"bdf": pci.bdf_text(source),
                 "bus_master": f.bus_master, "sent": f.sent,
                 **{k.lower(): v for k, v in f.regs.items()}}
+
+
+def _einval(fn: Handler) -> Handler:
+    """A value the hardware refuses (the parts raise ValueError) is the kernel's EINVAL."""
+    def run(bus: Bus, m: Message) -> Message:
+        try:
+            return fn(bus, m)
+        except (ValueError, ArithmeticError) as e:
+            raise LiveUpdateError(err=errno.EINVAL, msg=f"{m.header.get('op')}: {e}") from e
+    return run
+
+
+def _config(m: Message) -> tuple[int, int]:
+    offset, size = arg(m, "offset", int), arg(m, "size", int)
+    pci.check(offset, size)
+    return offset, size
+
+
+def _pci_read(bus: Bus, m: Message) -> Message:
+    offset, size = _config(m)
+    f = bus.function(m)
+    if f is None:  # an empty slot: the read completes with all ones
+        return Message({"value": (1 << 8 * size) - 1})
+    return Message({"value": f.config_read(offset, size)})
+
+
+def _pci_write(bus: Bus, m: Message) -> Message:
+    offset, size = _config(m)
+    f = bus.function(m)
+    if f is not None:
+        f.config_write(offset, size, arg(m, "value", int))
+    return Message({})
+
+
+def _bar(bus: Bus, m: Message) -> tuple[Nic, str]:
+    f = bus.function(m)
+    if f is None or not f.command & pci.PCI_COMMAND_MEMORY:
+        raise LiveUpdateError(err=errno.EIO, msg="BAR access to a function without memory "
+                              "space enabled")
+    name = arg(m, "reg", str)
+    if name not in REGS:
+        raise ValueError(f"no register {name}")
+    return f, name
+
+
+def _bar_read(bus: Bus, m: Message) -> Message:
+    f, name = _bar(bus, m)
+    return Message({"value": f.reg_read(name)})
+
+
+def _bar_write(bus: Bus, m: Message) -> Message:
+    f, name = _bar(bus, m)
+    f.reg_write(name, arg(m, "value", int))
+    return Message({})
+
+
+def _iommu_read(bus: Bus, m: Message) -> Message:
+    return Message({"value": bus.iommu.read_reg(arg(m, "offset", int))})
+
+
+def _iommu_write(bus: Bus, m: Message) -> Message:
+    bus.iommu.write_reg(arg(m, "offset", int), arg(m, "value", int))
+    return Message({})
+
+
+# what a kernel may ask of its hardware over the link, by op
+HARDWARE: dict[str, Handler] = {op: _einval(fn) for op, fn in (
+    ("pci_read", _pci_read), ("pci_write", _pci_write), ("bar_read", _bar_read),
+    ("bar_write", _bar_write), ("iommu_read", _iommu_read), ("iommu_write", _iommu_write))}

@@ -205,7 +205,8 @@ class Machine:
 
     def _hardware(self, kp: KernelProc, header: dict[str, Any]) -> None:
         bus = self.bus
-        reply = bus.access(header) if bus is not None else \
+        reply = bus.access(header, on_bug=lambda line: self.console.append(
+            f"machine: {line}\n".encode())) if bus is not None else \
             {"errno": errno.ENODEV, "message": "the machine is off"}
         try:
             msg = wire.pack({**reply, "re": header["req"]})
