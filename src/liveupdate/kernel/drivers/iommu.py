@@ -155,7 +155,7 @@ def init(k: Kernel) -> None:
     k.iommu = None
     if k.link is None or k.cmdline.get("intel_iommu", "off") != "on":
         return
-    k.iommu = Tables(_KernelMemory(k), lambda: k.alloc_pages(0))
+    k.iommu = Tables(k.ram, lambda: k.alloc_pages(0))
     program(lambda offset, value: _write_reg(k, offset, value), k.iommu.root)
     k.printk(f"DMAR: IOMMU enabled, root table at {k.iommu.root:#x}")
 
@@ -174,14 +174,3 @@ def kernel_shutdown(k: Kernel) -> None:
 def _write_reg(k: Kernel, offset: int, value: int) -> None:
     assert k.link is not None
     k.link.call({"op": "iommu_write", "offset": offset, "value": value})
-
-
-class _KernelMemory:
-    def __init__(self, k: Kernel) -> None:
-        self.ram = k.ram
-
-    def __getitem__(self, key: slice, /) -> bytes:
-        return bytes(self.ram[key])
-
-    def __setitem__(self, key: slice, value: bytes, /) -> None:
-        self.ram[key] = value
