@@ -12,6 +12,7 @@ fd planted in it is caught, and is not in the kernels it forks.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import select
@@ -172,6 +173,12 @@ def test_the_template_holds_nothing_and_its_kernels_nothing_of_it(tmp_path: Path
     theirs.close()
     os.close(wr)
     try:
+        # Popen returns once exec closed the CLOEXEC error pipe, which is before the new
+        # image's argv is in place (/proc/PID/cmdline reads empty in between): a request it
+        # answers (one fd, not three: EINVAL) proves the template runs its own code.
+        with open(os.devnull, "rb") as one:
+            scm.sendmsg(ours, b"fork", (one.fileno(),))
+        assert json.loads(ours.recv(4096))["errno"] == errno.EINVAL
         bad = template_violations(p.pid, os.getpid())
         assert len(bad) == 1 and str(planted) in bad[0], bad
         ram = os.memfd_create("lu-ram-test")
