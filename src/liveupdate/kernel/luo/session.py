@@ -321,9 +321,9 @@ class LuoSessions:
         return (f"luo: LUO {self.row.name} enabled (sessions), live update "
                 f"{self.number}")
 
-    def outgoing_files(self) -> list[tuple[str, File]]:
-        """Every outgoing file and how an error names it."""
-        return [(f"session {s.name!r} token {e.token:#x}", e.file)
+    def outgoing_files(self) -> list[tuple[str, File, str]]:
+        """Every outgoing file, how an error names it and its handler's component."""
+        return [(f"session {s.name!r} token {e.token:#x}", e.file, e.handler.component)
                 for s in self.outgoing.values() for e in s.files or []]
 
     # -- reports --------------------------------------------------------------------------
