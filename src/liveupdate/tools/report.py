@@ -20,6 +20,7 @@ import numpy as np
 from liveupdate.abi import (
     bootparams,
     fdt,
+    hugetlb,
     kexec_metadata,
     kho,
     kho_memmap,
@@ -37,6 +38,11 @@ from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.tools.report_devices import describe_iommufd, describe_vfio_pci
+from liveupdate.tools.report_hugetlb import (
+    describe_huge_memfd,
+    describe_huge_memfd_at,
+    describe_hugetlb_flb,
+)
 from liveupdate.tools.report_identify import identify, is_kho_data
 from liveupdate.tools.report_walk import once, spend_fdt, walk
 
@@ -278,6 +284,8 @@ def _sessions_report(mem: PhysMem, sessions: list[luo_session.SessionSer]) -> Re
                              "data": hx(f.data)}
             if f.compatible in memfd.SER_SIZE:  # a memfd struct of a format we know
                 entry["memfd"] = guard(partial(describe_memfd_ser, mem, f.data, f.compatible))
+            elif f.compatible == hugetlb.COMPATIBLE:
+                entry["huge-memfd"] = guard(partial(describe_huge_memfd_at, mem, f.data))
             files.append(entry)
         out.append({"name": s.name, "files": files})
     return {"list": out}
@@ -350,6 +358,8 @@ DESCRIBERS: dict[str, Describer] = {
     "memfd-v2": lambda raw, mem, bb: _describe_memfd_struct(raw, mem, memfd.MEMFD_V2),
     "vfio-pci-v1": describe_vfio_pci,
     "iommufd-v1": describe_iommufd,
+    "huge-memfd-v1": describe_huge_memfd,
+    "hugetlb-v1": describe_hugetlb_flb,
 }
 
 
