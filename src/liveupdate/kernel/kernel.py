@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from liveupdate.kernel.kexec import Loaded
     from liveupdate.kernel.luo.session import LuoSessions
     from liveupdate.kernel.luo.v3 import LuoV3
+    from liveupdate.kernel.mm.hugetlb import Hugetlb
 
 
 class Kernel:
@@ -75,6 +76,7 @@ class Kernel:
         self.disk_dir = ""
         self.pci: list[int] = []  # the PCI functions enumerated at boot (requester ids)
         self.iommu: Tables | None = None  # the IOMMU driver's tables (intel_iommu=on)
+        self.hugetlb: Hugetlb | None = None  # hstates and their pools (mm/hugetlb.py)
 
     def fault_point(self, name: str) -> None:
         for hook in self.fault_points.get(name, ()):
