@@ -179,9 +179,12 @@ class Vm:
             self.cond.wait_for(lambda: self.timing.exits >= target, timeout)
 
 
+HUGE_FLAGS = {"": 0, "2M": 0x4 | 21 << 26, "1G": 0x4 | 30 << 26}  # memfd.h MFD_HUGE_*
+
+
 class Vmm:
     def __init__(self, name: str, size: int, accel: str, backend: Backend | None = None,
-                 plant: str = "") -> None:
+                 plant: str = "", hugepages: str = "") -> None:
         self.name = name
         self.plant = plant  # "cold-start": a planted bug the demo's checks must catch
         self.size = size
@@ -198,7 +201,8 @@ class Vmm:
             self.ram_fd = self.client.retrieve(RAM_TOKEN)
             saved = self._read_state(self.client.retrieve(STATE_TOKEN))
         else:
-            self.ram_fd = self.backend.memfd_create(f"vm-{name}")
+            # MFD_HUGETLB | MFD_HUGE_2MB/1GB when asked: guest RAM on hugetlb folios
+            self.ram_fd = self.backend.memfd_create(f"vm-{name}", HUGE_FLAGS[hugepages])
             self.backend.ftruncate(self.ram_fd, size)
             saved = None
         self.mapping = self.backend.map(self.ram_fd, self.size)
