@@ -182,7 +182,8 @@ def demo(folder: str, vms: int, vm_memory: int, machine_memory: int, generation:
     if vms * vm_memory + HEADROOM > machine_memory:
         fail(f"{vms} VMs of {vm_memory >> 20} MiB do not fit a {machine_memory >> 20} MiB "
              f"machine (leave {HEADROOM >> 20} MiB for the kernel and services)")
-    if vm_hugepages and "huge-memfd" not in IMAGES[to or generation].native():
+    if vm_hugepages and any("huge-memfd" not in IMAGES[g].native()
+                            for g in (generation, to or generation)):
         fail("--vm-hugepages: only 7.3+posted preserves a hugetlb memfd (the hugetlb RFC); "
              "7.3 answers PRESERVE_FD with ENOENT")
     plan = BY_NAME.get(fault)

@@ -284,11 +284,14 @@ def _sessions_report(mem: PhysMem, sessions: list[luo_session.SessionSer]) -> Re
                              "data": hx(f.data)}
             if f.compatible in memfd.SER_SIZE:  # a memfd struct of a format we know
                 entry["memfd"] = guard(partial(describe_memfd_ser, mem, f.data, f.compatible))
-            elif f.compatible == hugetlb.COMPATIBLE:
-                entry["huge-memfd"] = guard(partial(describe_huge_memfd_at, mem, f.data))
+            elif f.compatible in FILE_DESCRIBERS:  # a file of the posted series
+                entry[f.compatible] = guard(partial(FILE_DESCRIBERS[f.compatible], mem, f.data))
             files.append(entry)
         out.append({"name": s.name, "files": files})
     return {"list": out}
+
+
+FILE_DESCRIBERS = {hugetlb.COMPATIBLE: describe_huge_memfd_at}
 
 
 def _flbs(rep: Report, mem: PhysMem, phys: int) -> None:

@@ -103,10 +103,12 @@ def incoming_counts(k: Kernel) -> dict[int, int]:
     try:
         head = k.mem.read(phys, 4, "LUO blob")
         inc = reader_for((k.gen.luo.luo,), head).read(k.mem, phys, kin.root.size(node), False)
-        for f in luo_session.decode_flbs(k.mem, inc.flbs) if inc.flbs else []:
-            if f.name == abi.FLB_COMPATIBLE:
-                ser = abi.decode_flb(k.mem.read(f.data, abi.FLB_SIZE, "hugetlb FLB"))
-                return dict(ser.hstates)
+        flbs = {f.name: f for f in (luo_session.decode_flbs(k.mem, inc.flbs)
+                                    if inc.flbs else [])}
+        flb = flbs.get(abi.FLB_COMPATIBLE)
+        if flb is not None:
+            ser = abi.decode_flb(k.mem.read(flb.data, abi.FLB_SIZE, "hugetlb FLB"))
+            return dict(ser.hstates)
     except (AbiError, LiveUpdateError) as e:
         k.printk(f"hugetlb: cannot read the live update FLB ({e.message}); counting 0")
     return {}
@@ -269,5 +271,5 @@ def register_flb(k: Kernel) -> None:
     luo = k.luo
     flbs = getattr(luo, "flbs", None)
     for h in getattr(luo, "handlers", []):
-        if isinstance(h, HugeMemfdHandler) and flbs is not None and h.format == "huge-memfd-v1":
+        if isinstance(h, HugeMemfdHandler) and flbs is not None:
             flbs.register(h.compatible, h.flb)

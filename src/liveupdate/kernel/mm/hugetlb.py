@@ -24,7 +24,9 @@ as preserved memory and come back into the hstate when their files are retrieved
 finished); an FLB that cannot be read counts 0.
 
 Deviations: no surplus pages, overcommit, NUMA, CMA, vmemmap optimization or sysfs resizing;
-the pool's free pages are a list of physical addresses.
+the pool's free pages are a list of physical addresses, handed out lowest first after boot (so
+a guest's folios are physically contiguous and map as few extents; Linux's free lists are
+LIFO with no such order).
 """
 
 from __future__ import annotations
@@ -223,6 +225,7 @@ def _fill(k: Kernel, h: Hstate, alloc: Callable[[], int], preserved: int) -> Non
             k.printk(f"HugeTLB: allocating {want} of page size {size_name(h.order)} failed.  "
                      f"Only allocated {len(h.free)} hugepages.")
             break
+    h.free.sort(reverse=True)  # popped lowest first: a file's folios lie in physical order
     h.nr_huge_pages = len(h.free)
 
 
