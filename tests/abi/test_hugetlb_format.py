@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from liveupdate.abi import formats, hugetlb
+from liveupdate.abi import formats, hugetlb, vmalloc
 from liveupdate.abi.vmalloc import KhoVmalloc
+from liveupdate.tools import report
+from tests.conftest import FakeRam
 
 
 def le(value: int, size: int) -> bytes:
@@ -49,3 +51,22 @@ def test_the_format_table_names_the_component() -> None:
     assert formats.compatible_of("huge-memfd-v1") == "huge-memfd-v1"
     rows = {f.name: f for f in formats.FORMATS}
     assert rows["hugetlb-v1"].component == rows["huge-memfd-v1"].component == "huge-memfd"
+
+
+def test_inspect_describes_a_huge_memfd_and_its_folios_from_ram() -> None:
+
+    ram = FakeRam(pages=8, base=0x100000)
+    raw = hugetlb.encode_folios(hugetlb.HugeFolios(np.array([0x40000, 0x80000], np.uint64),
+                                                   np.array([0, 0x40000], np.uint64)))
+    nblocks, nchunks = vmalloc.pages_needed(len(raw))
+    lay = vmalloc.layout(raw, np.array([ram.alloc() for _ in range(nblocks)], np.uint64),
+                         np.array([ram.alloc() for _ in range(nchunks)], np.uint64))
+    for p, page in lay.pages:
+        ram.put(p, page)
+    blob = hugetlb.encode_ser(hugetlb.HugeMemfdSer(2 << 30, 0, 2, lay.desc, 18))
+    rep = report.DESCRIBERS["huge-memfd-v1"](blob, ram.mem(), None)
+    assert rep["page_size"] == "1 GiB" and rep["folios"]["phys"] == ["0x40000000",
+                                                                     "0x80000000"]
+    flb = report.DESCRIBERS["hugetlb-v1"](hugetlb.encode_flb(hugetlb.HugetlbSer(((18, 2),))),
+                                          None, None)
+    assert flb["hstates"] == [{"order": 18, "page_size": "1 GiB", "nr_pages": 2}]
