@@ -111,6 +111,8 @@ class HugeMemfd(memfd.Memfd):
 
     def mmap_range(self, off: int, length: int, writable: bool) -> tuple[int, int]:
         """``hugetlbfs_file_mmap``: the checks and the reservation; the page range."""
+        if writable:
+            self.check_write("mmap(PROT_WRITE)")  # before anything changes
         if off % self.hsize:
             raise LiveUpdateError(err=errno.EINVAL, msg="mmap: offset not aligned to the "
                                   "huge page")
