@@ -33,6 +33,7 @@ from rich.table import Table
 
 from bench_vm import measure
 from liveupdate.cli.common import SizeParam
+from liveupdate.errors import LiveUpdateError
 from qemu_peer import blackout, unavailable, version
 
 GiB = 1 << 30
@@ -43,7 +44,11 @@ PAGES = ("", "2M", "1G")
 def ours(size: int, hugepages: str, runs: int, machine: int, vms: int = 1) -> float:
     if hugepages == "1G" and size % GiB:
         return float("nan")
-    r = measure(size, runs, GEN, hugepages, vms, machine)
+    try:
+        r = measure(size, runs, GEN, hugepages, vms, machine)
+    except (LiveUpdateError, SystemExit) as e:  # one row's failure costs its cell, said so
+        print(f"ours {size >> 20} MiB {hugepages or '4K'} x{vms}: failed: {e}", file=sys.stderr)
+        return float("nan")
     figure = r["guest"] if r["guest"] is not None else r["blackout"]
     assert figure is not None
     return figure
