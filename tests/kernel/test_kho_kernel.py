@@ -66,6 +66,31 @@ def test_kho_scratch_parameter(param: str, sizes: list[int], said: str,
         r.close()
 
 
+# 7.3.4's scratch_size_update / scratch_size_node: 4 MiB (SCRATCH_ALIGNMENT_BYTES) for the
+# rounding and the allocations, explicit sizes rounded too. 48 MiB of kernel reservations.
+@pytest.mark.parametrize("param, sizes", [
+    ("", [96 * MiB, 0, 96 * MiB]),
+    ("kho_scratch=3M,1M,3M", [4 * MiB, 4 * MiB, 4 * MiB]),
+    ("kho_scratch=1M,3M,5M", [4 * MiB, 4 * MiB, 8 * MiB]),
+    ("kho_scratch=3%", [4 * MiB, 0, 4 * MiB]),  # 1.44 MiB each: 7.2 rounds to 2 MiB
+])
+def test_kho_scratch_on_7_3_is_4_mib_aligned(param: str, sizes: list[int]) -> None:
+    r = Rig()
+    try:
+        k = r.boot(f"kho=on {param}", image.KernelImage.of("7.3"))
+        assert scratch_sizes(k) == sizes
+        assert all(int(a) % (4 * MiB) == 0 for a in k.require_kho().scratch["addr"])
+        # the same switches on 7.2's core: 2 MiB rounding, explicit sizes as given
+        old = Rig()
+        try:
+            k72 = old.boot(f"kho=on {param}", image.KernelImage.of("7.2"))
+            assert scratch_sizes(k72) != sizes or param == ""
+        finally:
+            old.close()
+    finally:
+        r.close()
+
+
 def test_api_errors(rig: Rig) -> None:
     k = rig.boot()
     kout = k.require_kho()

@@ -187,6 +187,7 @@ def start_kernel(k: Kernel, bp_phys: int) -> None:
     pci.enumerate_bus(k)  # subsys_initcall time
     iommu.init(k)
     initcalls.run()
+    testmods.run(k, "device")  # device_initcall: before LUO's late_initcall
     luo_boot.init(k)
     run_dir = confine.run_dir(k)
     if run_dir:
