@@ -91,6 +91,40 @@ def test_kho_scratch_on_7_3_is_4_mib_aligned(param: str, sizes: list[int]) -> No
         r.close()
 
 
+@pytest.mark.parametrize("gen, kho", [("7.3", False), ("7.2", True)])
+def test_a_kdump_kernel_has_no_kho_on_7_3(gen: str, kho: bool,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """7.3.4's kho_memory_init: is_kdump_kernel() (elfcorehdr= given) turns KHO off, and
+    LUO with it; the 7.1 core of 7.2 knows no such rule."""
+    r = Rig()
+    try:
+        k = r.boot("kho=on liveupdate=on elfcorehdr=0x1000000", image.KernelImage.of(gen))
+        assert (k.kho_out is not None) is kho and (k.luo is not None) is kho
+        assert ("KHO: disabled in the kdump kernel" in capsys.readouterr().out) is not kho
+    finally:
+        r.close()
+
+
+def test_a_kdump_kernel_ignores_the_handover_it_was_given(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    r = Rig()
+    try:
+        img = image.KernelImage.of("7.3")
+        k = r.boot("kho=on test_kho=1", img)
+        k2 = r.kexec(k, "kho=on test_kho=1 elfcorehdr=0x1000000", img)
+        out = capsys.readouterr().out
+        assert k2.kho_in is None and "KHO restore succeeded" not in out
+        cold = Rig()
+        try:  # test_kho's 8 MiB (2048 pages) are not kept: free memory as on a cold kdump
+            # boot, but for the kexec boot's own pages (boot params, setup_data, cmdline)
+            k3 = cold.boot("kho=on test_kho=1 elfcorehdr=0x1000000", img)
+            assert 0 <= k3.buddy.nr_free - k2.buddy.nr_free < 8
+        finally:
+            cold.close()
+    finally:
+        r.close()
+
+
 def test_api_errors(rig: Rig) -> None:
     k = rig.boot()
     kout = k.require_kho()

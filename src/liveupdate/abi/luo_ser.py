@@ -14,7 +14,8 @@ block; 0 when empty). ``flbs_pa`` is the same FLB header page as 7.0/7.1 (``luo_
 limit (:data:`kho_block.KHO_MAX_BLOCKS`) remains.
 
 ``luo_early_startup`` checks the blob is at least 32 bytes and ``strncmp(compatible,
-"luo-v5", 8) == 0``; anything else is EINVAL and a panic.
+"luo-v5", 8) == 0`` (7.3.4: the byte after the string's NUL is not compared); anything else
+is EINVAL and a panic.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def decode(raw: bytes) -> LuoSer:
     if len(raw) < LUO_SER.size:
         raise AbiError(msg=f"luo_ser is {len(raw)} bytes, less than {LUO_SER.size}")
     compat, num, sessions, flbs = LUO_SER.unpack_from(raw)
-    if compat != LUO_V5.encode().ljust(COMPAT_LEN, b"\0"):
+    # strncmp: the compare ends at the first NUL, so bytes after "luo-v5\0" are not read
+    if compat.split(b"\0", 1)[0] != LUO_V5.encode():
         raise AbiError(msg=f"luo_ser compatible is {compat.rstrip(bytes(1))!r}, not {LUO_V5!r}")
     return LuoSer(num, sessions, flbs)
 

@@ -67,6 +67,7 @@ class KhoCore:
     requires_map: bool  # 6.19+ kho_populate: a zero kho-v1 map is ENOENT (6.16-6.18: empty)
     restore_caps_order: bool  # kho_restore_page refuses order > MAX_PAGE_ORDER (not 7.1+)
     records_kexec_metadata: bool  # kho_init adds the ``kexec-metadata`` subtree (7.1+)
+    off_in_kdump: bool = False  # kho_memory_init disables KHO in a kdump kernel (7.3.4)
 
     @property
     def finalized_by_userspace(self) -> bool:
@@ -126,4 +127,4 @@ CORES = {
 }
 # 7.3.4: the 7.1 core's behaviour here; its scratch sizing (kernel/scratch_sizing.py) and
 # test_kho (kernel/testmods/test_kho.py) are its own, keyed by the core's name there
-CORES["7.3"] = dataclasses.replace(CORES["7.1"], name="7.3")
+CORES["7.3"] = dataclasses.replace(CORES["7.1"], name="7.3", off_in_kdump=True)
