@@ -13,7 +13,8 @@ LUO`). A generation that changes a behaviour adds a subclass here and names it i
 * **7.3** -- read in Linux 7.3.4 (:class:`Rules73`): name checks at CREATE_SESSION and a
   64-byte compare at RETRIEVE_SESSION, FINISH's ``reserved``, the direction check before the
   size rules, EFBIG for a memfd of more than UINT_MAX pages, seals restored through
-  ``memfd_add_seals``.
+  ``memfd_add_seals``; the incoming LUO data read (and a damaged one a panic) with
+  ``liveupdate=off`` too, and a LUO subtree lookup failing other than ENOENT a panic.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ class Rules619:
     # each hands over (None: a page of state, as the 7.1 module modelled here keeps)
     test_flbs: ClassVar[tuple[str, ...]] = ("test-flb-v1",)
     test_flb_data: int | None = None
+    # luo_early_startup runs whatever liveupdate= says (an early_initcall that checks only
+    # kho_is_enabled), and a failed LUO subtree lookup other than ENOENT is a panic
+    parses_incoming_when_off = False
+    panic_on_subtree_error = False
 
     def check_preserve(self, f: File, in_any_session: Callable[[File], bool]) -> None:
         """Before a file joins a session."""
@@ -89,6 +94,8 @@ class Rules73(Rules71):
     # TEST_FLB_MAGIC_BASE + i (test_flb_preserve) -- no page
     test_flbs = tuple(f"liveupdate-test-flb-v{i}" for i in range(3))
     test_flb_data = 0xFEEDF00DCAFEBEE0
+    parses_incoming_when_off = True  # luo_core.c liveupdate_early_init
+    panic_on_subtree_error = True  # luo_early_startup: err != -ENOENT -> luo_restore_fail
     # luo_session_ioctl_ops' types: LUO_IOCTL_INCOMING / _OUTGOING (the rest: _ALL)
     DIRECTION: ClassVar[dict[str, bool]] = {"SESSION_FINISH": True, "SESSION_RETRIEVE_FD": True,
                                             "SESSION_PRESERVE_FD": False}

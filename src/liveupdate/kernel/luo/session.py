@@ -104,18 +104,28 @@ class LuoSessions:
         """``luo_early_startup``: read and check the previous kernel's LUO data (a panic
         when unreadable), then build this kernel's outgoing LUO blob in the live KHO tree
         (its handover writer's format), with the FLB header page first (7.0+)."""
-        kin = self.k.kho_in
-        if kin is not None:
-            try:
-                phys = kin.retrieve_subtree(LUO_KHO_ENTRY_NAME)
-            except LiveUpdateError:
-                phys = 0
-            if phys:
-                self._read_incoming(phys, kin.root.size(LUO_KHO_ENTRY_NAME))
+        self.read_incoming()
         if self.has_flb:
             self.flb_header = self.k.require_kho().alloc_preserve(PAGE_SIZE)
             self.k.write(self.flb_header, luo_session.encode_flbs([]))
         self.writer.boot(self)
+
+    def read_incoming(self) -> None:
+        """The incoming half of ``luo_early_startup``: the LUO subtree, if the previous kernel
+        left one. A lookup failure other than ENOENT panics where the rules say so (7.3.4:
+        ``luo_restore_fail``); older rules take it as no LUO data."""
+        kin = self.k.kho_in
+        if kin is None:
+            return
+        try:
+            phys = kin.retrieve_subtree(LUO_KHO_ENTRY_NAME)
+        except LiveUpdateError as e:
+            if e.errno != errno.ENOENT and self.rules.panic_on_subtree_error:
+                self.k.panic(f"LUO: the incoming tree failed to initialize properly "
+                             f"({e.message}), disabling live update")
+            phys = 0
+        if phys:
+            self._read_incoming(phys, kin.root.size(LUO_KHO_ENTRY_NAME))
 
     def publish(self, phys: int, size: int) -> None:
         """The LUO subtree is ``phys`` (replacing another one: negotiation)."""
