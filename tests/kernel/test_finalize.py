@@ -88,7 +88,7 @@ def test_618_finalize_must_come_before_the_load(rig: Rig,
     loaded = reboot.prepare_jump(k)
     assert len(loaded.segments) == 2  # no scratch-array segment
     k.ram.close()
-    k2 = rig._start(loaded.boot_params)
+    k2 = rig.start(loaded.boot_params)
     out = capsys.readouterr().out
     assert "gets no handover" in out
     assert k2.kho_in is None and "disabling KHO revival" not in out  # nothing was passed

@@ -223,6 +223,6 @@ def test_liveupdate_off_reads_an_intact_handover_without_a_device_on_7_3() -> No
             matrix.preserve(k)
             k2 = rig.kexec(k, "kho=on liveupdate=off", KernelImage.of("7.3"))
         assert k2.luo is None  # no /dev/liveupdate: the files stay reserved, unreachable
-        assert "luo: live update 1: 1 incoming sessions" in out.getvalue()
+        assert "luo: Retrieved live update data, liveupdate number: 1" in out.getvalue()
     finally:
         rig.close()

@@ -76,18 +76,27 @@ def encode_sessions(sessions: list[tuple[str, list[luo_session.FileSer]]],
     return first, pages
 
 
-def decode_sessions(mem: PhysMem, sessions_pa: int) -> tuple[list[luo_session.SessionSer],
-                                                             list[int]]:
-    """Every session and its files from the block chains; also every block's phys (the
-    pages the next kernel restores and frees once it has read them)."""
+def session_rows(mem: PhysMem, sessions_pa: int) -> tuple[np.ndarray, list[int]]:
+    """The session chain alone (7.3.4 ``luo_session_setup_incoming``:
+    ``kho_block_set_restore`` at boot): its ``luo_session_ser`` rows and its blocks."""
     raw, blocks = kho_block.decode(mem, sessions_pa, luo_session.SESSION_DTYPE.itemsize,
                                    "luo sessions")
-    rows = np.frombuffer(raw, luo_session.SESSION_DTYPE)
+    return np.frombuffer(raw, luo_session.SESSION_DTYPE), blocks
 
+
+def file_reader(mem: PhysMem, blocks: list[int]) -> Callable[[str, int, int], np.ndarray]:
+    """Reads one session's file chain, adding its blocks to ``blocks``."""
     def files(name: str, phys: int, n: int) -> np.ndarray:
         fraw, fblocks = kho_block.decode(mem, phys, luo_session.FILE_DTYPE.itemsize,
                                          f"session {name!r} files")
         blocks.extend(fblocks)
         return np.frombuffer(fraw, luo_session.FILE_DTYPE)
+    return files
 
-    return luo_session.check_sessions(rows, files), blocks
+
+def decode_sessions(mem: PhysMem, sessions_pa: int) -> tuple[list[luo_session.SessionSer],
+                                                             list[int]]:
+    """Every session and its files from the block chains; also every block's phys (the
+    pages the next kernel restores and frees once it has read them)."""
+    rows, blocks = session_rows(mem, sessions_pa)
+    return luo_session.check_sessions(rows, file_reader(mem, blocks)), blocks

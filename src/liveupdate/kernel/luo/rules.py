@@ -48,6 +48,9 @@ class Rules619:
     # kho_is_enabled), and a failed LUO subtree lookup other than ENOENT is a panic
     parses_incoming_when_off = False
     panic_on_subtree_error = False
+    # luo-v5: only the session chain is read at boot (a panic when damaged); the entries and
+    # file chains at the first open, an error then EIO on every open (7.3.4)
+    deserialize_at_open = False
 
     def check_preserve(self, f: File, in_any_session: Callable[[File], bool]) -> None:
         """Before a file joins a session."""
@@ -96,6 +99,7 @@ class Rules73(Rules71):
     test_flb_data = 0xFEEDF00DCAFEBEE0
     parses_incoming_when_off = True  # luo_core.c liveupdate_early_init
     panic_on_subtree_error = True  # luo_early_startup: err != -ENOENT -> luo_restore_fail
+    deserialize_at_open = True  # luo_session_setup_incoming / luo_session_deserialize
     # luo_session_ioctl_ops' types: LUO_IOCTL_INCOMING / _OUTGOING (the rest: _ALL)
     DIRECTION: ClassVar[dict[str, bool]] = {"SESSION_FINISH": True, "SESSION_RETRIEVE_FD": True,
                                             "SESSION_PRESERVE_FD": False}
