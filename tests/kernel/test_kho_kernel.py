@@ -11,7 +11,7 @@ import pytest
 from liveupdate.abi import bootparams, image
 from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.errors import LiveUpdateError
-from liveupdate.kernel import kexec
+from liveupdate.kernel import debugfs, kexec
 from tests.kernel.conftest import Rig
 
 MiB = 1 << 20
@@ -335,3 +335,21 @@ def test_partly_reserved_pages_never_reach_the_page_allocator(rig: Rig) -> None:
 def test_test_kho_clamps_like_upstream(order: int, left: int, want: int) -> None:
     from liveupdate.kernel.testmods.test_kho import clamp_order
     assert clamp_order(order, left) == want
+
+
+def test_debugfs_sub_blobs_are_blob_size_bytes_on_sized_roots() -> None:
+    """kho-v3+ debugfs (spec/kho.md 6; 7.3.4 __kho_debugfs_blob_add): sub_fdts/<name> is the
+    blob of its blob-size, FDT or not -- LUO's raw luo_ser, kexec-metadata, memblock's FDT
+    to its totalsize."""
+    r = Rig()
+    try:
+        img = image.KernelImage.of("7.3")
+        k = r.boot("kho=on liveupdate=on reserve_mem=1M:4096:trace", img)
+        k2 = r.kexec(k, "kho=on liveupdate=on reserve_mem=1M:4096:trace", img)
+        luo = debugfs.read(k2, "in/sub_fdts/LUO")
+        assert len(luo) == 32 and luo.startswith(b"luo-v5\0")
+        assert len(debugfs.read(k2, "out/sub_fdts/kexec-metadata")) == 73
+        memblock = debugfs.read(k2, "in/sub_fdts/memblock")
+        assert len(memblock) == int.from_bytes(memblock[4:8], "big")  # fdt_totalsize
+    finally:
+        r.close()
