@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from liveupdate.abi import kho_block, luo_ser, luo_session
+from liveupdate.abi import memfd as memfd_abi
 from liveupdate.abi.image import KernelImage
 from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel.fs import memfd as kmemfd
@@ -95,3 +96,27 @@ def test_7_3_keeps_duplicate_incoming_tokens_and_retrieves_the_first() -> None:
 def test_7_2_panics_at_boot_on_either(edit: Edit) -> None:
     with pytest.raises(Halted, match="duplicate"), _updated("7.2", edit):
         pass
+
+
+def _lose_first_folio_array(k: Kernel, pa: int) -> None:
+    """The first memfd's ``folios`` kho_vmalloc points at a page nobody preserved."""
+    at = _entries(pa)
+    files = int(np.frombuffer(k.read(at, luo_session.SESSION_DTYPE.itemsize),
+                              luo_session.SESSION_DTYPE)[0]["files"])
+    entry = np.frombuffer(k.read(_entries(files), luo_session.FILE_DTYPE.itemsize),
+                          luo_session.FILE_DTYPE)[0]
+    k.write(int(entry["data"]) + memfd_abi.SER_V2.size, (0x1000).to_bytes(8, "little"))
+
+
+@pytest.mark.parametrize("gen, err", [("7.3", errno.EINVAL), ("7.2", errno.EIO)])
+def test_a_memfd_whose_folio_array_is_lost(gen: str, err: int) -> None:
+    """memfd_luo_retrieve: kho_restore_vmalloc refusing the folio array is EINVAL on 7.3.4;
+    the other memfd of the session is still retrieved."""
+    with _updated(gen, _lose_first_folio_array) as k:
+        assert k.luo is not None
+        _, (s0,) = ioctl(k, k.luo.open(), "RETRIEVE_SESSION", fd=0, name=b"s0")
+        with pytest.raises(LiveUpdateError) as e:
+            ioctl(k, s0, "SESSION_RETRIEVE_FD", fd=0, token=1)
+        assert e.value.errno == err
+        _, (f,) = ioctl(k, s0, "SESSION_RETRIEVE_FD", fd=0, token=2)
+        assert bytes(f.private.pread(3, 0)) == b"two"

@@ -40,6 +40,8 @@ def _name(raw: bytes, *, strict: bool) -> str:
 class Rules619:
     # the errno of a memfd whose pages a u32 folio count cannot hold
     too_many_pages = errno.E2BIG
+    # the errno of a RETRIEVE_FD whose memfd folio array kho_restore_vmalloc refuses
+    folio_array_lost = errno.EIO
     # lib/tests/liveupdate.c's FLBs (the luo_flb test module): their names, and the data
     # each hands over (None: a page of state, as the 7.1 module modelled here keeps)
     test_flbs: ClassVar[tuple[str, ...]] = ("test-flb-v1",)
@@ -93,6 +95,7 @@ class Rules73(Rules71):
     """Linux 7.3.4's sessions uAPI (kernel/liveupdate/luo_session.c, mm/memfd_luo.c)."""
 
     too_many_pages = errno.EFBIG  # memfd_luo_preserve: DIV_ROUND_UP_ULL(size) > UINT_MAX
+    folio_array_lost = errno.EINVAL  # memfd_luo_retrieve: kho_restore_vmalloc NULL -> -EINVAL
     # lib/tests/liveupdate.c: TEST_NFLBS 3, LIVEUPDATE_TEST_FLB_COMPATIBLE(i), data
     # TEST_FLB_MAGIC_BASE + i (test_flb_preserve) -- no page
     test_flbs = tuple(f"liveupdate-test-flb-v{i}" for i in range(3))
