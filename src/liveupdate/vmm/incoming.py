@@ -48,7 +48,12 @@ class Slot:
                                           on_prepare=self._prepare, on_freeze=self._freeze,
                                           on_cancel=self._cancel)
         if self.client.restore:  # it held a VM at the last update: resume it
-            self.hold(Vmm(name, 0, accel, self.backend, duty=duty, client=self.client))
+            try:
+                self.hold(Vmm(name, 0, accel, self.backend, duty=duty, client=self.client))
+            except LiveUpdateError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+                self.client.done()  # it was empty: nothing to restore, luod may FINISH
 
     def hold(self, vmm: Vmm) -> None:
         self.table = {**vmm.handlers, **migration_handlers(vmm, self)}
