@@ -20,6 +20,7 @@ export PATH="$root/.venv/bin:$PATH"
 export ANSIBLE_COLLECTIONS_PATH="$root/.venv/share/ansible/collections"
 export ANSIBLE_HOME="$root/.venv/share/ansible" ANSIBLE_LOCAL_TEMP="$root/.venv/share/ansible/tmp"
 export ANSIBLE_NOCOLOR=1 ANSIBLE_DEPRECATION_WARNINGS=0
+export PYTHONWARNINGS="ignore:DSA is deprecated"  # cryptography, imported by ansible-core
 coll="$root/ansible/liveupdate/fleet"
 cstamp="$ANSIBLE_COLLECTIONS_PATH/.fleet.sha256"
 cwant=$(cd "$coll" && find . -type f ! -name '*.pyc' | sort | xargs sha256sum | sha256sum | cut -d' ' -f1)
