@@ -165,7 +165,7 @@ class Vm:
                     self.paused = False
                 elif self.duty < 1.0:  # idle after each burst; a pause request ends it
                     idle = (now - ran) * (1.0 - self.duty) / self.duty / 1e9
-                    self.cond.wait_for(lambda: self.want_pause, min(idle, 0.25))
+                    self.cond.wait_for(lambda: self.want_pause, min(idle, 1.0))
 
     def pause(self, timeout: float = 30.0) -> None:
         with self.cond:
