@@ -110,6 +110,9 @@ class WriteTracker:
         try:
             self.hook = self.uc.hook_add(UC_HOOK_MEM_WRITE, self._mark, None, 0,
                                          self.vmm.size - 1)
+            # TCG decides at translation whether a memory access calls hooks: drop what
+            # was translated before this one (QEMU's TCG flushes when dirty logging starts)
+            self.uc.ctl_flush_tb()
         finally:
             self.vmm.vm.resume()
 
@@ -178,8 +181,9 @@ def send(vmm: Vmm, to: str, origin: str, timeout: float = 120.0) -> dict[str, An
                     break  # converged, out of rounds, or not converging (QEMU would
                     # throttle the vCPU: auto-converge) -- stop and copy
             vmm.vm.pause()  # stop and copy: the downtime starts at this exit
-            last = np.union1d(tracker.collect(running=False),
-                              np.arange(LOW_PAGES, dtype=np.uint32))
+            # what the last round left dirty, what was written since, and the low area
+            last = np.union1d(np.union1d(pages, tracker.collect(running=False)),
+                              np.arange(LOW_PAGES, dtype=np.uint32)).astype(np.uint32)
             send_pages(sock, vmm.mem, last)
             rounds.append(len(last))
             send_record(sock, b"STAT", vmm.state_bytes())
