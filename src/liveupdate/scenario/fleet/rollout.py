@@ -5,7 +5,9 @@ image) -- then the health gate, and the result recorded in the fleet's state.
 
 Paths a host takes, as the report names them: ``live update``; ``migrate + reboot``;
 ``skipped`` (an assigned device and the ``skip`` policy: the host is untouched); ``failed``
-(the update or the gate failed: what happened is in ``why``). The gate passes when every VM
+(the update or the gate failed: what happened is in ``why``); a host updated in an earlier
+run is left alone (``already updated``, nothing changed: the play can be run again after a
+halt, and picks up where it stopped). The gate passes when every VM
 left on the host is intact (the checker's verdict), its step counter is rising, and its
 blackout is within the budget; a migrated VM is gated on its destination the same way,
 with its downtime against the same budget.
@@ -48,6 +50,9 @@ def host_update(fleet_dir: str, name: str, *, budget: float = 1.0, assigned: str
     fleet = state.load(fleet_dir)
     h = fleet.host(name)
     folder = h.folder(fleet.folder)
+    if h.status == "updated" and h.generation == fleet.target:  # a playbook run again
+        return {**h.result, "path": "already updated", "ok": True,
+                "why": f"already updated to {fleet.target} in an earlier run"}
     r: dict[str, Any] = {"host": name, "batch": batch, "started": time.time(),
                          "release_before": ops.release(folder), "target": fleet.target,
                          "moved": [], "vms": {}, "gate": []}

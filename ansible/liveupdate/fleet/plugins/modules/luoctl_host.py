@@ -97,7 +97,8 @@ result:
   type: dict
   contains:
     path:
-      description: C(live update), C(migrate + reboot), C(skipped) or C(failed).
+      description: C(live update), C(migrate + reboot), C(skipped), C(failed), or
+        C(already updated) (an earlier run updated it; nothing changed).
       type: str
     status:
       description: The host's state in the rollout, C(updated), C(failed) or C(skipped).
@@ -139,11 +140,11 @@ gate:
   elements: str
 """
 
-import json
-import os
-import sys
+import json  # noqa: E402 - after DOCUMENTATION, as Ansible modules are laid out
+import os  # noqa: E402
+import sys  # noqa: E402
 
-from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
 
 def _luoctl(module: AnsibleModule) -> str:
@@ -191,7 +192,8 @@ def main() -> None:
         module.fail_json(msg=err.strip() or f"luoctl exited {rc}", rc=rc, cmd=argv)
     if p["action"] == "update":
         failed = data["status"] == "failed" and not data.get("gate")
-        module.exit_json(changed=data["path"] != "skipped", failed=failed, result=data,
+        module.exit_json(changed=data["path"] not in ("skipped", "already updated"),
+                         failed=failed, result=data,
                          path=data["path"], gate=data.get("gate", []),
                          msg=f"{p['host']}: {data['path']}: {data['why']}")
     module.exit_json(changed=False, vms=data, failed=rc != 0 and p["action"] != "verify",
