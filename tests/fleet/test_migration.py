@@ -7,6 +7,7 @@ an assigned device."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +16,9 @@ import pytest
 
 from liveupdate.errors import LiveUpdateError
 from liveupdate.ipc.service import ask
-from liveupdate.scenario.fleet import hosts, migrate, ops, rollout, state
+from liveupdate.machine.client import MachineClient
+from liveupdate.scenario.fleet import hosts, migrate, ops, resources, rollout, state
+from tests.e2e.unix_diag import unix_peers
 from tests.tools.cli import LUOCTL
 
 pytestmark = pytest.mark.xdist_group("vms")  # busy guests: one worker (scripts/test)
@@ -48,6 +51,35 @@ def machine(fleet: str, host: str) -> str:
     return state.load(fleet).host(host).folder(fleet)
 
 
+def sockets_of(folder: str) -> set[int]:
+    """The socket inodes every process of the host (machine, kernel, userspace) holds."""
+    m = MachineClient(folder)
+    try:
+        pids = resources.tree(int(m.status()["machine_pid"]), resources.parents())
+    finally:
+        m.close()
+    out = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                out.add(int(link[8:-1]))
+    return out
+
+
+def connected(a: str, b: str) -> list[tuple[int, int]]:
+    """Unix connections between the processes of host folders ``a`` and ``b``."""
+    peers, sa, sb = unix_peers(), sockets_of(a), sockets_of(b)
+    return [(i, peers[i]) for i in sa if peers.get(i) in sb]
+
+
 def test_vm_status_and_verify_report_each_vm_and_the_empty_slot(fleet: str) -> None:
     rc, st = luoctl(machine(fleet, "host1"), "vm", "status")
     assert rc == 0
@@ -76,6 +108,10 @@ def test_a_vm_under_load_migrates_intact_and_then_survives_a_live_update(fleet: 
     assert gone["paused"] and gone["departed"]["to"].endswith("migrate-slot0.sock")
     assert gone["steps"] == moved["steps_at_pause"]  # the source stopped for good there
     dst = machine(fleet, "host1")
+    # the "network" was a Unix socket between the two VMMs: closed when the copy is done,
+    # so nothing of it is left for the destination's next kexec to carry
+    assert connected(dst, src) == []
+    assert connected(dst, dst)  # the probe sees connections: the kernel's to its userspace
     rc, verdicts = luoctl(dst, "vm", "verify", "slot0")
     assert rc == 0 and verdicts["slot0"]["vcpu_restored"] is True
     assert verdicts["slot0"]["saved_steps"] == moved["steps_at_pause"]
