@@ -6,6 +6,7 @@ an assigned device."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -129,6 +130,9 @@ def test_a_vm_under_load_migrates_intact_and_then_survives_a_live_update(fleet: 
 
 
 def test_assigned_device_with_skip_policy_leaves_the_host_untouched(fleet: str) -> None:
+    with pytest.raises(LiveUpdateError) as e:
+        migrate.migrate(fleet, "host2", "vm1")
+    assert e.value.errno == errno.EOPNOTSUPP and "assigned device" in e.value.message
     with state.locked(fleet) as f:  # host2 has vm1 (assigned) left after the migration
         f.host("host2").vms = [v for v in f.host("host2").vms if v.name == "vm1"]
     r = rollout.host_update(fleet, "host2", assigned="skip")
@@ -142,4 +146,4 @@ def test_assigned_device_with_skip_policy_leaves_the_host_untouched(fleet: str) 
 def test_no_room_is_enospc(fleet: str) -> None:
     with pytest.raises(LiveUpdateError) as e:
         migrate.migrate(fleet, "host1", "vm0")  # host2 runs 6.19: not a target
-    assert e.value.errno == 28
+    assert e.value.errno == errno.ENOSPC

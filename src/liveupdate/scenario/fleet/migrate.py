@@ -45,6 +45,9 @@ def migrate(fleet_dir: str, source: str, vm_name: str) -> dict[str, Any]:
         vm = next((v for v in src.vms if v.name == vm_name), None)
         if vm is None:
             raise LiveUpdateError(err=errno.ENOENT, msg=f"no VM {vm_name} on {source}")
+        if vm.assigned:  # QEMU: a VFIO device without migration support blocks migration
+            raise LiveUpdateError(err=errno.EOPNOTSUPP, msg=f"{source}/{vm_name} has an "
+                                  "assigned device: it cannot be live-migrated")
         dst, slot = pick(fleet, source, vm)
         placed = VmSpec(f"{source}.{vm.name}", vm.memory, vm.assigned, vm.plant, slot,
                         f"{source}/{vm.name}")
