@@ -40,6 +40,8 @@ class Backend(Protocol):
     def memfd_create(self, name: str, flags: int = 0) -> int: ...
     def ftruncate(self, fd: int, size: int) -> None: ...
     def size(self, fd: int) -> int: ...
+    def pread(self, fd: int, count: int, offset: int) -> bytes: ...
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int: ...
     def map(self, fd: int, length: int) -> Mapping: ...
     def kexec_file_load(self, image: str, cmdline: str) -> None: ...
     def reboot_kexec(self) -> None: ...
@@ -83,6 +85,18 @@ class RealBackend:
 
     def size(self, fd: int) -> int:
         return os.fstat(fd).st_size
+
+    def pread(self, fd: int, count: int, offset: int) -> bytes:
+        try:
+            return os.pread(fd, count, offset)
+        except OSError as e:
+            raise _oserror(e, "pread") from e
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        try:
+            return os.pwrite(fd, data, offset)
+        except OSError as e:
+            raise _oserror(e, "pwrite") from e
 
     def map(self, fd: int, length: int) -> Mapping:
         addr = _mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
@@ -137,6 +151,12 @@ class EmulatedBackend:
 
     def size(self, fd: int) -> int:
         return int(self.k.fstat(fd)["size"])
+
+    def pread(self, fd: int, count: int, offset: int) -> bytes:
+        return self.k.pread(fd, count, offset)
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        return self.k.pwrite(fd, data, offset)
 
     def map(self, fd: int, length: int) -> Mapping:
         return self.k.mmap(fd, length)

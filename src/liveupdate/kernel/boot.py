@@ -26,7 +26,7 @@ from liveupdate.abi.cmdline import Cmdline
 from liveupdate.abi.consts import PAGE_SHIFT, PAGE_SIZE
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError, LiveUpdateError
-from liveupdate.kernel import confine, initcalls, negotiate, scratch_sizing, testmods
+from liveupdate.kernel import confine, initcalls, negotiate, scratch_sizing, testmods, vfio
 from liveupdate.kernel.drivers import iommu, pci
 from liveupdate.kernel.generation import Generation
 from liveupdate.kernel.kho.incoming import KhoIn
@@ -192,6 +192,7 @@ def start_kernel(k: Kernel, bp_phys: int) -> None:
     k.negotiated_in = negotiate.incoming(k)
     pci.enumerate_bus(k)  # subsys_initcall time
     iommu.init(k)
+    vfio.init(k)  # /dev/iommu and vfio-pci's cdevs
     initcalls.run()
     testmods.run(k, "device")  # device_initcall: before LUO's late_initcall
     luo_boot.init(k)
