@@ -36,10 +36,13 @@ def ioctl(backend: Backend, fd: int, name: str, /, **fields: Any) -> dict[str, A
 
 
 class _Fd:
-    def __init__(self, backend: Backend | None, path: str) -> None:
+    """An open device file: opened by path, or an fd the caller holds (one retrieved from a
+    LUO session), which the object then owns."""
+
+    def __init__(self, backend: Backend | None, path: str, fd: int | None = None) -> None:
         self.backend = backend or open_backend()
         self.path = path
-        self.fd = self.backend.open(path)
+        self.fd = self.backend.open(path) if fd is None else fd
 
     def _io(self, name: str, /, **fields: Any) -> dict[str, Any]:
         return ioctl(self.backend, self.fd, name, **fields)
@@ -51,8 +54,9 @@ class _Fd:
 
 
 class Iommufd(_Fd):
-    def __init__(self, backend: Backend | None = None, path: str = DEV_IOMMU) -> None:
-        super().__init__(backend, path)
+    def __init__(self, backend: Backend | None = None, path: str = DEV_IOMMU,
+                 fd: int | None = None) -> None:
+        super().__init__(backend, path, fd)
 
     def ioas_alloc(self) -> int:
         return int(self._io("IOMMU_IOAS_ALLOC")["out_ioas_id"])
@@ -88,10 +92,7 @@ class VfioDevice(_Fd):
 
     def __init__(self, backend: Backend | None = None, path: str = "",
                  fd: int | None = None) -> None:
-        if fd is None:
-            super().__init__(backend, path)
-        else:
-            self.backend, self.path, self.fd = backend or open_backend(), path, fd
+        super().__init__(backend, path, fd)
 
     def bind(self, iommufd: int) -> int:
         return int(self._io("VFIO_DEVICE_BIND_IOMMUFD", iommufd=iommufd)["out_devid"])

@@ -57,6 +57,16 @@ class Tables:
         self.root = self._zeroed()
         self.domains: dict[int, Domain] = {}
 
+    @classmethod
+    def adopt(cls, mem: Memory, alloc_page: Callable[[], int],
+              free_page: Callable[[int], None], root: int) -> Tables:
+        """Tables around a root table already in use (the live update take-over); the
+        caller adds the domains it knows."""
+        t = cls.__new__(cls)
+        t.mem, t.alloc_page, t.free_page = mem, alloc_page, free_page
+        t.root, t.domains = root, {}
+        return t
+
     def _zeroed(self) -> int:
         phys = self.alloc_page()
         self.mem[phys : phys + PAGE] = bytes(PAGE)
@@ -206,8 +216,18 @@ def init(k: Kernel) -> None:
     k.printk(f"DMAR: IOMMU enabled, root table at {k.iommu.root:#x}")
 
 
-def kernel_shutdown(k: Kernel) -> None:
-    """At a kexec, after ``device_shutdown``: translation off."""
+def kernel_shutdown(k: Kernel, kept: set[int] | None = None) -> None:
+    """At a kexec, after ``device_shutdown``: translation off -- unless a live update keeps
+    devices translating (``kept``: the requester ids the IOMMU FLB holds): then, as the
+    posted series' ``clear_unpreserved_context_entries``, every other device's context entry
+    is cleared and translation stays on."""
+    if k.iommu is not None and kept:
+        t = k.iommu
+        for d in t.domains.values():
+            for source in list(d.devices - kept):
+                t.detach(d, source)
+        k.printk(f"DMAR: translation kept for {len(kept)} preserved devices (kexec)")
+        return
     if k.iommu is not None:
         try:
             shutdown(lambda offset, value: _write_reg(k, offset, value))

@@ -119,6 +119,10 @@ class Ictx:
         self._next += 1
         return self._next - 1
 
+    def skip_ids(self, first_free: int) -> None:
+        """IDs below ``first_free`` are taken (objects a retrieve made)."""
+        self._next = max(self._next, first_free)
+
     def new_ioas(self) -> Ioas:
         ioas = Ioas(self._id())
         self.objects[ioas.id] = ioas

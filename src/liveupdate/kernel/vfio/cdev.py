@@ -16,7 +16,7 @@ from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel.fs.file import File
 from liveupdate.kernel.iommufd.fops import IommufdOps
 from liveupdate.kernel.iommufd.objects import Hwpt, Ictx, Idev, Ioas
-from liveupdate.kernel.vfio.pci import VfioPciDevice
+from liveupdate.kernel.vfio.pci import VfioPciDevice, continuous
 
 Resolve = Callable[[int], File]
 
@@ -26,6 +26,8 @@ class DeviceFile:
     """``struct vfio_device_file``: the device, and once bound its iommufd and device."""
 
     dev: VfioPciDevice
+    retrieved: bool = False  # made by LUO retrieve (the device may be running)
+    frozen: bool = False  # the live update froze it: every use is EIO (VFIO v5)
     iommufd: File | None = None
     idev: Idev | None = None
 
@@ -36,6 +38,9 @@ class DeviceFile:
         return ctx
 
     def need_bound(self, what: str) -> None:
+        if self.frozen:
+            raise LiveUpdateError(err=errno.EIO, msg=f"{what}: the device is frozen for a "
+                                  "live update")
         if self.idev is None:
             raise LiveUpdateError(err=errno.EINVAL, msg=f"{what}: the device is not bound "
                                   "to an iommufd (VFIO_DEVICE_BIND_IOMMUFD)")
@@ -43,6 +48,8 @@ class DeviceFile:
 
 def _bind(df: DeviceFile, arg: bytes, fds: list[int], resolve: Resolve) -> bytes:
     entry = du.cmd("VFIO_DEVICE_BIND_IOMMUFD")
+    if df.frozen:
+        raise LiveUpdateError(err=errno.EIO, msg="BIND_IOMMUFD: the device is frozen")
     a = du.vfio_args(entry, arg)
     if a["flags"] & ~du.VFIO_DEVICE_BIND_FLAG_TOKEN:
         raise LiveUpdateError(err=errno.EINVAL, msg=f"BIND_IOMMUFD: flags {a['flags']:#x}")
@@ -58,7 +65,10 @@ def _bind(df: DeviceFile, arg: bytes, fds: list[int], resolve: Resolve) -> bytes
     f = resolve(fds[0])
     if not isinstance(f.ops, IommufdOps):
         raise LiveUpdateError(err=errno.EBADFD, msg="BIND_IOMMUFD: not an iommufd")
-    df.dev.enable()
+    if df.retrieved and df.dev.incoming and continuous(df.dev.k):
+        pass  # continuous live update (deviation): the running device is not reset
+    else:
+        df.dev.enable()
     df.iommufd = f.get()
     idev = df.ictx.new_idev(df.dev.bdf)
     df.idev, df.dev.open = idev, True
@@ -181,5 +191,9 @@ VFIO_DEVICE_OPS = VfioDeviceOps()
 
 
 def open_device(dev: VfioPciDevice) -> File:
-    """``vfio_device_fops_cdev_open``: a file not yet bound."""
+    """``vfio_device_fops_cdev_open``: a file not yet bound; EBUSY for a device a live
+    update preserved until its session finishes (VFIO v5 11/20: only RETRIEVE_FD gets it)."""
+    if dev.incoming:
+        raise LiveUpdateError(err=errno.EBUSY, msg=f"{dev.path}: preserved by the previous "
+                              "kernel; retrieve it from its LUO session")
     return File(VFIO_DEVICE_OPS, DeviceFile(dev))

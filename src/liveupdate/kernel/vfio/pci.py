@@ -51,6 +51,8 @@ class VfioPciDevice:
     index: int  # N of /dev/vfio/devices/vfioN
     bar_size: int
     open: bool = False  # bound through a file (cdev: one at a time)
+    preserved: bool = False  # in an outgoing LUO session
+    incoming: bool = False  # preserved by the previous kernel, not finished yet
 
     @property
     def path(self) -> str:
@@ -134,6 +136,12 @@ class VfioPciDevice:
         return bytes(out)
 
 
+def continuous(k: Kernel) -> bool:
+    """``liveupdate_devices=continuous`` (our deviation; ``posted`` by default): preserved
+    devices keep running through a live update (:mod:`liveupdate.kernel.vfio.luo`)."""
+    return k.cmdline.get("liveupdate_devices", "posted") == "continuous"
+
+
 def _ids(value: str) -> set[int]:
     """``vfio-pci.ids=VVVV:DDDD,...`` as config dword 0 reads them (device << 16 | vendor);
     a malformed entry is skipped with a warning, as the module's ``vfio_pci_fill_ids``."""
@@ -147,8 +155,11 @@ def _ids(value: str) -> set[int]:
     return out
 
 
-def probe(k: Kernel) -> list[VfioPciDevice]:
-    """Claim the functions ``vfio-pci.ids`` names (none without an IOMMU)."""
+def probe(k: Kernel, incoming: set[int]) -> list[VfioPciDevice]:
+    """Claim the functions ``vfio-pci.ids`` names (none without an IOMMU); those in
+    ``incoming`` (the PCI FLB) are marked so, and nothing else is done to them: sizing
+    BAR0 rewrites its address at once and touches neither the command register nor the
+    device (open question 6: enumeration leaves a preserved device running)."""
     wanted = _ids(k.cmdline.get("vfio-pci.ids", ""))
     out: list[VfioPciDevice] = []
     if not wanted or k.link is None:
@@ -164,7 +175,9 @@ def probe(k: Kernel) -> list[VfioPciDevice]:
         pci.config_write(k, bdf, PCI_BASE_ADDRESS_0, 4, 0xFFFFFFFF)
         mask = pci.config_read(k, bdf, PCI_BASE_ADDRESS_0, 4) & ~0xF
         pci.config_write(k, bdf, PCI_BASE_ADDRESS_0, 4, bar)
-        dev = VfioPciDevice(k, bdf, len(out), (~mask & 0xFFFFFFFF) + 1)
+        dev = VfioPciDevice(k, bdf, len(out), (~mask & 0xFFFFFFFF) + 1,
+                            incoming=bdf in incoming)
         out.append(dev)
-        k.printk(f"vfio-pci {name}: {dev.path} (BAR0 {dev.bar_size:#x} bytes)")
+        k.printk(f"vfio-pci {name}: {dev.path} (BAR0 {dev.bar_size:#x} bytes)"
+                 + (", incoming (preserved by the previous kernel)" if dev.incoming else ""))
     return out
