@@ -21,8 +21,10 @@ from typing import Any
 
 import pytest
 
-from liveupdate.machine.client import MachineClient, start
+from liveupdate.abi.physmem import PhysMem
+from liveupdate.machine.client import MachineClient, RemoteRam, start
 from liveupdate.machine.nic import DESC, check_packet
+from liveupdate.tools import report
 from tests.e2e.conftest import IMAGES
 
 BDF = "00:03.0"
@@ -155,6 +157,14 @@ def seqs(ring: bytes, bufs: bytes) -> list[int]:
     return out
 
 
+def inspect_flbs(m: MachineClient, st: dict[str, Any]) -> dict[str, Any]:
+    mem = PhysMem(RemoteRam(m, st["memory"]))
+    root = report.describe(m.debugfs("in/fdt"), mem)
+    luo = next(s for s in root["subtrees"] if s["name"] == "LUO")["content"]
+    assert report.errors(luo) == []
+    return {f["name"]: f["decoded"] for f in luo["flbs"]["list"] if "decoded" in f}
+
+
 def inside(log: list[tuple[int, int]], extents: list[list[int]]) -> bool:
     return all(any(p <= a and a + n <= p + size for p, size in extents) for a, n in log)
 
@@ -170,6 +180,12 @@ def test_continuous_the_nic_never_stops(machine: Any) -> None:
     at_jump = st["devices"]["functions"][0]
     assert at_jump["bus_master"] and st["devices"]["iommu"]["enabled"]
     m.wait(r"DMAR: took over the preserved root table")
+    flbs = inspect_flbs(m, st)  # the handover as luoctl inspect decodes it, through RAM
+    assert [d["bdf"] for d in flbs["pci"]["devices"]] == ["0x0018"]
+    iommu = flbs["iommu-liveupdate"]
+    assert iommu["units"][0]["root_table"] == st["devices"]["iommu"]["root"]
+    assert [d["devid"] for d in iommu["devices"]] == ["0x0018"]
+    assert iommu["domains"][0]["top_level"] == 3 and iommu["domains"][0]["vasz"] == 48
     out = run(m, RESUME.replace("REINIT", "False"))
     assert out["plain_open"] == "EBUSY" and out["attached"] == 1
     got = seqs(bytes.fromhex(out["ring"]), bytes.fromhex(out["bufs"]))
