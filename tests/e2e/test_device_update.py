@@ -113,6 +113,15 @@ if REINIT:  # as posted: the device was reset; the VMM gives it its ring again
 out["bufs"] = k.pread(mfd, BUF * ENTRIES, BUFS).hex()
 s.finish()
 out["extents"] = k.extents(mfd, SIZE)
+if AGAIN:  # the next update: the same three files into a new session
+    s = lu.create_session("vm0")
+    out["again"] = []
+    for token, fd in ((1, mfd), (2, ifd), (3, dfd)):
+        try:
+            s.preserve_fd(fd, token)
+            out["again"].append("ok")
+        except LiveUpdateError as e:
+            out["again"].append(e.errno_name)
 hold(out)
 '''
 
@@ -175,7 +184,7 @@ def test_continuous_the_nic_never_stops(machine: Any) -> None:
     setup = run(m, SETUP)
     assert [setup[t] for t in "123"] == ["ok"] * 3
     before = m.status()["devices"]["functions"][0]
-    m.kexec_load("images/next.img", cmdline=f"{BASE} liveupdate_devices=continuous")
+    m.kexec_load("images/next.img")  # the same command line, with its mode
     st = m.kexec_exec()
     at_jump = st["devices"]["functions"][0]
     assert at_jump["bus_master"] and st["devices"]["iommu"]["enabled"]
@@ -186,7 +195,7 @@ def test_continuous_the_nic_never_stops(machine: Any) -> None:
     assert iommu["units"][0]["root_table"] == st["devices"]["iommu"]["root"]
     assert [d["devid"] for d in iommu["devices"]] == ["0x0018"]
     assert iommu["domains"][0]["top_level"] == 3 and iommu["domains"][0]["vasz"] == 48
-    out = run(m, RESUME.replace("REINIT", "False"))
+    out = run(m, RESUME.replace("REINIT", "False").replace("AGAIN", "True"))
     assert out["plain_open"] == "EBUSY" and out["attached"] == 1
     got = seqs(bytes.fromhex(out["ring"]), bytes.fromhex(out["bufs"]))
     assert got == list(range(got[0], got[0] + len(got)))  # in order, none missing
@@ -197,18 +206,32 @@ def test_continuous_the_nic_never_stops(machine: Any) -> None:
     assert m.status()["devices"]["iommu"]["faults"] == 0
     assert out["extents"] == setup["extents"]  # the same pages: nothing copied
     assert inside(m.dma_log()[log0:], setup["extents"])
+    assert out["again"] == ["ok"] * 3
+
+    # a second update: the taken-over tables are preserved again, the NIC still running
+    m.kexec_load("images/next.img")  # the same command line, with its mode
+    st = m.kexec_exec()
+    assert st["devices"]["functions"][0]["bus_master"]
+    second = run(m, RESUME.replace("REINIT", "False").replace("AGAIN", "False"))
+    got2 = seqs(bytes.fromhex(second["ring"]), bytes.fromhex(second["bufs"]))
+    assert got2[: len(got)] == got and got2 == list(range(got2[0], got2[0] + len(got2)))
+    assert len(got2) > len(got)  # the ring kept filling through the second kexec
+    fn = m.status()["devices"]["functions"][0]
+    assert fn["drops"] == before["drops"] and m.status()["devices"]["iommu"]["faults"] == 0
+    assert second["extents"] == setup["extents"]
+    assert inside(m.dma_log()[log0:], setup["extents"])
 
 
 def test_as_posted_dma_stops_for_the_blackout(machine: Any) -> None:
     m = machine("posted")
     setup = run(m, SETUP)
     assert [setup[t] for t in "123"] == ["ok"] * 3
-    m.kexec_load("images/next.img", cmdline=f"{BASE} liveupdate_devices=posted")
+    m.kexec_load("images/next.img")  # the same command line, with its mode
     st = m.kexec_exec()
     m.wait(r"vfio-pci 0000:00:03\.0: reset at freeze")
     assert not st["devices"]["functions"][0]["bus_master"]
     log_at_jump = st["devices"]["iommu"]["dma_writes"]
-    out = run(m, RESUME.replace("REINIT", "True"))
+    out = run(m, RESUME.replace("REINIT", "True").replace("AGAIN", "False"))
     last_before = seqs(bytes.fromhex(out["ring"]), bytes.fromhex(out["bufs"]))[-1]
     first_after = check_packet(bytes.fromhex(out["bufs"])[:60])
     assert DESC.unpack(bytes.fromhex(out["after"]))[3] & 1

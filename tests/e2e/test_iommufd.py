@@ -244,3 +244,49 @@ out["iommu_user"] = err(k.open, "/dev/iommu")
 print(json.dumps(out))
 '''
     assert run(m, body) == {"vfio1": "ENOENT", "iommu_user": "EACCES"}
+
+
+UNPRESERVE = r'''
+from liveupdate.client.device import LiveUpdate
+out = {}
+lu = LiveUpdate(b)
+mfd = k.memfd_create("guest", 0x2)
+k.ftruncate(mfd, 1 << 20)
+iommufd = Iommufd(b)
+ioas = iommufd.ioas_alloc()
+dev = VfioDevice(b, "/dev/vfio/devices/vfio0")
+hwpt = iommufd.hwpt_alloc(dev.bind(iommufd.fd), ioas)
+dev.attach(hwpt)
+iommufd.map_file(ioas, mfd, 0, 1 << 20, iova=0)
+s = lu.create_session("u")
+out["no_mark"] = err(s.preserve_fd, iommufd.fd, 2)
+out["mark_twice"] = [err(iommufd.mark_preserve, hwpt, 5), err(iommufd.mark_preserve, hwpt, 5)]
+out["unsealed"] = err(s.preserve_fd, iommufd.fd, 2)
+out["vfio_first"] = err(s.preserve_fd, dev.fd, 3)
+iommufd.unmap(ioas, 0, 1 << 20)
+k.add_seals(mfd, 0x7)
+iommufd.map_file(ioas, mfd, 0, 1 << 20, iova=0)
+out["memfd_not_preserved"] = err(s.preserve_fd, iommufd.fd, 2)
+s.preserve_fd(mfd, 1)
+out["iommufd"] = err(s.preserve_fd, iommufd.fd, 2)
+out["map_immutable"] = err(iommufd.map_file, ioas, mfd, 0, 4096, iova=1 << 30)
+out["vfio"] = err(s.preserve_fd, dev.fd, 3)
+s2 = lu.create_session("v")
+out["vfio_again"] = err(s2.preserve_fd, dev.fd, 4)
+s.close()
+s2.close()
+k.uname()  # the closes are seen: everything unpreserved
+out["map_after"] = err(iommufd.map_file, ioas, mfd, 0, 4096, iova=1 << 30)
+print(json.dumps(out))
+'''
+
+
+def test_preserve_refusals_and_unpreserve(m: MachineClient) -> None:
+    before = m.kho_status()
+    out = run(m, UNPRESERVE)
+    assert out == {"no_mark": "EINVAL", "mark_twice": ["ok", "EADDRINUSE"],
+                   "unsealed": "EINVAL", "vfio_first": "EINVAL",
+                   "memfd_not_preserved": "ENOENT", "iommufd": "ok",
+                   "map_immutable": "EBUSY", "vfio": "ok", "vfio_again": "EBUSY",
+                   "map_after": "ok"}
+    assert m.kho_status()["out"]["preserved_pages"] == before["out"]["preserved_pages"]

@@ -21,16 +21,17 @@ DEV_IOMMU = "/dev/iommu"
 def init(k: Kernel) -> None:
     """At boot, after PCI enumeration and the IOMMU driver (and LUO, whose incoming FLBs
     they read): ``/dev/iommu`` (iommufd is built in; the posted series adds ``MARK_PRESERVE``
-    on ``7.3+posted``), a cdev per function vfio-pci claims (``vfio-pci.ids``), and the FLBs
-    the handlers carry -- the IOMMU FLB on iommufd's, the PCI FLB on vfio-pci's."""
-    posted = "iommufd-v1" in k.gen.luo.files
+    where LUO has its handler, i.e. ``7.3+posted`` with ``liveupdate=on``), a cdev per
+    function vfio-pci claims (``vfio-pci.ids``), and the FLBs the handlers carry -- the
+    IOMMU FLB on iommufd's, the PCI FLB on vfio-pci's."""
+    luo = k.luo
+    mine = {h.compatible for h in luo.handlers} if isinstance(luo, LuoSessions) else set()
+    posted = IommufdHandler.compatible in mine  # the LUO row builds the posted handlers
     k.chrdevs[DEV_IOMMU] = lambda: open_iommufd(k.iommu, posted)
     k.vfio = pci.probe(k, pci_flb.incoming(k))
     for dev in k.vfio:
         k.chrdevs[dev.path] = lambda dev=dev: cdev.open_device(dev)  # type: ignore[misc]
-    luo = k.luo
     if isinstance(luo, LuoSessions) and luo.has_flb:
-        mine = {h.compatible for h in luo.handlers}
         for handler, flb in ((IommufdHandler.compatible, iommu_flb.IommuFlb(k)),
                              (VfioPciHandler.compatible, pci_flb.PciFlb(k))):
             if handler in mine:
