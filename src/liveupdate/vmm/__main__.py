@@ -19,12 +19,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plant", default="", choices=("", "cold-start"),
                     help="a planted bug, for the demo's negative tests: cold-start throws "
                          "the saved vCPU state away at restore")
+    ap.add_argument("--nic", default="", help="a VFIO device cdev to assign "
+                    "(/dev/vfio/devices/vfioN): the NIC guest runs, see liveupdate.vmm.nic")
+    ap.add_argument("--ring", type=int, default=4096, help="the NIC guest's ring entries")
     args = ap.parse_args(argv)
     units = {"K": 10, "M": 20, "G": 30}
     m = args.memory.upper()
     try:
         size = int(m[:-1]) << units[m[-1]] if m[-1] in units else int(m)
-        vmm = Vmm(args.name, size, args.accel, plant=args.plant)
+        vmm = Vmm(args.name, size, args.accel, plant=args.plant, nic=args.nic,
+                  ring=args.ring)
         path = endpoints.service_socket(vmm.backend.cmdline(), f"vmm-{args.name}")
         srv = service.listen(path)
         st = vmm.status()

@@ -57,10 +57,12 @@ from liveupdate.client.luod import LuodClient, connect
 from liveupdate.client.mapping import Mapping
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.ipc import framing, service
-from liveupdate.vmm import guest, kvm, vmstate
+from liveupdate.vmm import guest, guest_nic, kvm, vmstate
 from liveupdate.vmm.cpu import CpuState, fresh
+from liveupdate.vmm.nic import SEALS, Assigned
 
 RAM_TOKEN, STATE_TOKEN = 1, 2
+MFD_ALLOW_SEALING = 0x2
 STATE_SIZE = 64 << 10
 
 
@@ -181,7 +183,7 @@ class Vm:
 
 class Vmm:
     def __init__(self, name: str, size: int, accel: str, backend: Backend | None = None,
-                 plant: str = "") -> None:
+                 plant: str = "", nic: str = "", ring: int = 4096) -> None:
         self.name = name
         self.plant = plant  # "cold-start": a planted bug the demo's checks must catch
         self.size = size
@@ -193,13 +195,17 @@ class Vmm:
         self.restored_cpu: CpuState | None = None  # read back from the vCPU after the load
         self.state_fd = -1
         self.state_ranges: list[tuple[int, int]] = []  # where the saved state lies in RAM
+        self.nic = Assigned(self.backend, nic, ring) if nic else None  # vmm/nic.py
         self.client = self._connect()
         if self.client.restore:
             self.ram_fd = self.client.retrieve(RAM_TOKEN)
             saved = self._read_state(self.client.retrieve(STATE_TOKEN))
         else:
-            self.ram_fd = self.backend.memfd_create(f"vm-{name}")
+            self.ram_fd = self.backend.memfd_create(f"vm-{name}", MFD_ALLOW_SEALING
+                                                    if self.nic else 0)
             self.backend.ftruncate(self.ram_fd, size)
+            if self.nic:
+                self.backend.add_seals(self.ram_fd, SEALS)
             saved = None
         self.mapping = self.backend.map(self.ram_fd, self.size)
         # where guest memory lies in (emulated) RAM: for tools that prove zero copy
@@ -207,11 +213,19 @@ class Vmm:
         accel_obj = make_accel(accel, self.mapping.address, self.size)
         self.vm = Vm(accel_obj, self.mapping, self.size)
         if saved is None:
-            guest.layout(self.mem, self.size)
+            if self.nic:
+                guest_nic.layout(self.mem, self.size, ring)
+                self.nic.assign(self.ram_fd, self.size)
+            else:
+                guest.layout(self.mem, self.size)
             accel_obj.load(fresh())
         else:
+            if self.nic:
+                self.nic.retrieve(self.client)
             self._resume_from(saved)
         self.vm.start()
+        if self.nic and (saved is None or not self.nic.found_running):
+            self.nic.reinit(self.mem, lambda: self.vm.wait_exits(1))  # posts, then RX on
         if saved is not None:
             self._measure_blackout(saved)
 
@@ -231,6 +245,8 @@ class Vmm:
             self.backend.ftruncate(self.state_fd, STATE_SIZE)
         c.preserve(self.ram_fd, RAM_TOKEN)
         c.preserve(self.state_fd, STATE_TOKEN)
+        if self.nic:
+            self.nic.preserve(c)
 
     def _freeze(self, c: LuodClient) -> None:
         self.vm.pause()
@@ -325,7 +341,8 @@ class Vmm:
                 "limited": self.limited, "paused": self.vm.paused, "steps": steps,
                 "exits": self.vm.timing.exits,
                 "restored": self.restored is not None, "blackout": self.vm.timing.blackout,
-                "pid": os.getpid(), "extents": len(self.extents)}
+                "pid": os.getpid(), "extents": len(self.extents),
+                **({"nic": self.nic.status(self.mem)} if self.nic else {})}
 
     def host_phys(self, gpa: int) -> int:
         """Where guest-physical ``gpa`` lies in the (emulated) machine's RAM."""

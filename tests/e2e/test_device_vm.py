@@ -1,0 +1,137 @@
+"""A VM with the NIC assigned, live-updated through luod on ``7.3+posted`` (issue #25): the
+guest itself posts its receive buffers and checks every packet (sequence number, CRC-32,
+payload), counting in its own memory; the VMM preserves guest memory, iommufd and device in
+its LUO session and retrieves them after the kexec.
+
+* continuous, ring >= 2 x R x blackout: after the resume the guest has every packet sent
+  during the pause, in order, intact -- no gap, no bad packet, no drop, no IOMMU fault, every
+  DMA write inside the guest's memory (the preserved memfd, whose pages did not move);
+* continuous, a ring of 16: the device drops while the guest is paused, and the guest's gaps
+  are exactly the device's drops;
+* as posted: the device is reset at freeze; the VMM finds it reset, the guest reposts and the
+  gap it measures is the blackout's packets.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from liveupdate.client.update import load_image, run_update
+from liveupdate.ipc.service import ask
+from liveupdate.machine.client import MachineClient, start
+from tests.e2e.conftest import IMAGES
+
+BDF = "00:03.0"
+RATE = 400
+BASE = "kho=on liveupdate=on intel_iommu=on vfio-pci.ids=1b36:11b0"
+
+
+@pytest.fixture
+def vm_machine(tmp_path: Path) -> Iterator[Any]:
+    running: list[Any] = []
+
+    def make(mode: str, ring: int) -> tuple[MachineClient, str]:
+        folder = tmp_path / f"m{len(running)}"
+        disk = folder / "disk"
+        (disk / "images").mkdir(parents=True)
+        (disk / "images" / "next.img").write_bytes(IMAGES["7.3+posted"].encode())
+        py = sys.executable
+        (disk / "services").write_text(
+            f"@restart {py} -m liveupdate.cli.luod --finish-timeout 60\n"
+            f"@restart {py} -m liveupdate.vmm vm0 --memory 64M --accel tcg "
+            f"--nic /dev/vfio/devices/vfio0 --ring {ring}\n")
+        proc, m = start(str(folder), memory=1 << 30, image="images/next.img",
+                        cmdline=f"{BASE} liveupdate_devices={mode}", log=f"{folder}.log",
+                        devices=[{"kind": "nic", "bdf": BDF, "rate": RATE}])
+        running.append((proc, m))
+        m.booted(60)
+        m.wait("luod: LUO .* listening", timeout=120)
+        m.wait("vmm vm0: .* started", timeout=120)
+        return m, str(folder / "run")
+
+    yield make
+    for proc, m in running:
+        m.shutdown()
+        proc.wait(30)
+
+
+def nic(run: str) -> dict[str, Any]:
+    st: dict[str, Any] = ask(os.path.join(run, "vmm-vm0.sock"), "status")
+    return st
+
+
+def received(m: MachineClient, run: str, n: int) -> dict[str, Any]:
+    """The VM's status once its guest has received ``n`` packets (the source sends on)."""
+    for _ in range(1000):
+        st = nic(run)
+        if st["nic"]["guest"]["received"] >= n:
+            return st
+        m.device_wait(BDF, m.status()["devices"]["functions"][0]["sent"] + 20)
+    raise AssertionError(f"the guest did not receive {n} packets: {st}")
+
+
+def update(m: MachineClient, run: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    load_image(os.path.join(run, "luod.sock"), "images/next.img")
+    off = m.status()["console_bytes"]
+    run_update(os.path.join(run, "luod.sock"))
+    m.wait("vmm vm0: .* resumed", offset=off, timeout=120)
+    return m.status(), nic(run)
+
+
+def inside(log: list[tuple[int, int]], extents: list[list[int]]) -> bool:
+    return all(any(p <= a and a + n <= p + size for p, size in extents) for a, n in log)
+
+
+def test_continuous_every_packet_of_the_blackout_arrives(vm_machine: Any) -> None:
+    m, run = vm_machine("continuous", 4096)  # 4096 / 400 pps: 10 s of pause
+    before = received(m, run, 50)
+    where = ask(os.path.join(run, "vmm-vm0.sock"), "where")
+    log0 = m.status()["devices"]["iommu"]["dma_writes"]
+    dev0 = m.status()["devices"]["functions"][0]
+    st, after = update(m, run)
+    assert st["devices"]["functions"][0]["bus_master"]  # it never stopped
+    after = received(m, run, after["nic"]["guest"]["received"] + 50)
+    g = after["nic"]["guest"]
+    assert after["nic"]["found_running"] is True and after["restored"]
+    assert g["gaps"] == 0 and g["bad"] == 0 and g["out_of_order"] == 0
+    assert g["received"] == g["last_seq"] - before["nic"]["guest"]["last_seq"] \
+        + before["nic"]["guest"]["received"]
+    fn = m.status()["devices"]["functions"][0]
+    assert fn["drops"] == dev0["drops"] and fn["dma_errors"] == 0
+    assert m.status()["devices"]["iommu"]["faults"] == 0
+    assert after["blackout"]["host_s"] > 0
+    delivered_in_pause = fn["delivered"] - dev0["delivered"]
+    assert delivered_in_pause > 0
+    assert inside(m.dma_log()[log0:], where["ram"])
+    assert ask(os.path.join(run, "vmm-vm0.sock"), "where")["ram"] == where["ram"]
+
+
+def test_continuous_small_ring_gaps_equal_drops(vm_machine: Any) -> None:
+    m, run = vm_machine("continuous", 16)  # 40 ms of pause fill it
+    received(m, run, 50)
+    drops0 = m.status()["devices"]["functions"][0]["drops"]
+    gaps0 = nic(run)["nic"]["guest"]["gaps"]
+    _, after = update(m, run)
+    after = received(m, run, after["nic"]["guest"]["received"] + 20)
+    drops = m.status()["devices"]["functions"][0]["drops"] - drops0
+    assert drops > 0 and after["nic"]["guest"]["gaps"] - gaps0 == drops
+    assert after["nic"]["guest"]["bad"] == 0
+    assert m.status()["devices"]["iommu"]["faults"] == 0
+
+
+def test_as_posted_the_gap_is_measured(vm_machine: Any) -> None:
+    m, run = vm_machine("posted", 4096)
+    before = received(m, run, 50)
+    _, after = update(m, run)
+    after = received(m, run, after["nic"]["guest"]["received"] + 20)
+    g = after["nic"]["guest"]
+    assert after["nic"]["found_running"] is False and g["postings"] == 2
+    assert g["gaps"] > 0 and g["bad"] == 0  # the packets of the blackout are lost
+    assert g["received"] > before["nic"]["guest"]["received"]
+    assert m.status()["devices"]["iommu"]["faults"] == 0
