@@ -40,7 +40,8 @@ BUF = 64
 MAX_GUEST = 2 << 30
 N = {"rx": 0x800, "expected": 0x808, "received": 0x810, "bad": 0x818, "gaps": 0x820,
      "out_of_order": 0x828, "first": 0x830, "polls": 0x838, "ring": 0x840, "entries": 0x848,
-     "bufs": 0x850, "postings": 0x858, "repost": 0x860, "last_seq": 0x870}
+     "bufs": 0x850, "postings": 0x858, "repost": 0x860, "last_seq": 0x870,
+     "drops_before_rx": 0x878}  # the last one the VMM's: the device's drops before RX on
 
 
 def crc_table() -> bytes:
@@ -64,24 +65,39 @@ def layout(mem: memoryview, size: int, entries: int) -> None:
     mem[guest.CODE_AT : guest.CODE_AT + len(CODE)] = CODE
     mem[CRC_AT : CRC_AT + 1024] = crc_table()
     for name, value in (("ring", RING_AT), ("entries", entries), ("bufs", BUFS_AT)):
-        _put(mem, name, value)
+        put(mem, name, value)
 
 
-def _put(mem: memoryview, name: str, value: int) -> None:
+def put(mem: memoryview, name: str, value: int) -> None:
     at = guest.STATE_AT + N[name]
     mem[at : at + 8] = value.to_bytes(8, "little")
 
 
 def counters(mem: memoryview) -> dict[str, int]:
     """The guest's own counters, read from its memory."""
-    raw = bytes(mem[guest.STATE_AT + 0x800 : guest.STATE_AT + 0x878])
+    raw = bytes(mem[guest.STATE_AT + 0x800 : guest.STATE_AT + 0x880])
     return {name: int.from_bytes(raw[off - 0x800 : off - 0x7F8], "little")
             for name, off in N.items()}
 
 
+def waiting(mem: memoryview) -> list[tuple[int, int]]:
+    """(sequence number, send time) of every packet the device left done in the ring from
+    the guest's next descriptor on, in ring order -- read while the guest does not run."""
+    c = counters(mem)
+    out = []
+    for k in range(c["entries"]):
+        at = c["ring"] + 16 * ((c["rx"] + k) % c["entries"])
+        buf, _, length, flags = struct.unpack("<QHHB3x", bytes(mem[at : at + 16]))
+        if not flags & 1 or length < 24 or buf + 24 > len(mem):
+            break
+        seq, sent = struct.unpack("<QQ", bytes(mem[buf + 8 : buf + 24]))
+        out.append((seq, sent))
+    return out
+
+
 def ask_repost(mem: memoryview) -> None:
     """Tell the guest its device was reset: it posts every buffer again from descriptor 0."""
-    _put(mem, "repost", 1)
+    put(mem, "repost", 1)
 
 
 

@@ -44,6 +44,7 @@ class Assigned:
         self.iommufd: Iommufd | None = None
         self.dev: VfioDevice | None = None
         self.found_running: bool | None = None  # after a live update: continuous or reset
+        self.blackout: dict[str, Any] = {}  # what the pause left in the ring (see retrieve)
 
     def assign(self, ram_fd: int, size: int) -> None:
         self.iommufd = Iommufd(self.backend)
@@ -58,22 +59,29 @@ class Assigned:
             if e.errno != errno.ENOTTY:  # a kernel without the posted series: no preserve
                 raise
 
-    def start(self) -> None:
-        """Turn the device on (the guest has posted its ring)."""
+    def start(self, mem: memoryview) -> None:
+        """Turn the device on (the guest has posted its ring). The drops it counted until
+        now (packets arriving before receive was on) are kept in the guest's state page,
+        which crosses the update with the guest."""
         dev = self._dev()
         dev.config_write(PCI_COMMAND, 2, dev.config_read(PCI_COMMAND, 2) | MEMORY_MASTER)
         for reg, value in (("RING_LO", guest_nic.RING_AT), ("RING_HI", 0),
                            ("RING_SIZE", self.entries), ("CTRL", 1)):
             dev.bar_write(REGS[reg], value)
+        guest_nic.put(mem, "drops_before_rx", dev.bar_read(REGS["DROPS"]))
 
     def preserve(self, c: LuodClient) -> None:
         assert self.iommufd is not None
         c.preserve(self.iommufd.fd, IOMMUFD_TOKEN)
         c.preserve(self._dev().fd, DEVICE_TOKEN)
 
-    def retrieve(self, c: LuodClient) -> None:
+    def retrieve(self, c: LuodClient, mem: memoryview) -> None:
         """The preserved files back; the device bound and attached to the preserved page
-        table; whether it kept running through the update."""
+        table; whether it kept running through the update; and, the vCPU not yet running,
+        what arrived while the guest was paused: the packets waiting in its ring (sequence
+        number and the source's send time each), after the last it consumed."""
+        self.blackout = {"last_seq_at_pause": guest_nic.counters(mem)["last_seq"],
+                         "waiting": guest_nic.waiting(mem)}
         self.iommufd = Iommufd(self.backend, fd=c.retrieve(IOMMUFD_TOKEN))
         self.dev = VfioDevice(self.backend, self.path, fd=c.retrieve(DEVICE_TOKEN))
         self.dev.bind(self.iommufd.fd)
@@ -88,7 +96,7 @@ class Assigned:
         guest_nic.ask_repost(mem)
         while guest_nic.counters(mem)["repost"]:
             wait_exit()
-        self.start()
+        self.start(mem)
 
     def _dev(self) -> VfioDevice:
         if self.dev is None:
@@ -99,5 +107,6 @@ class Assigned:
         dev = self._dev()
         regs = {name.lower(): dev.bar_read(off) for name, off in REGS.items()
                 if name in ("HEAD", "DELIVERED", "DROPS", "DMA_ERRORS")}
-        return {"guest": guest_nic.counters(mem), "device": regs,
-                "found_running": self.found_running}
+        c = guest_nic.counters(mem)
+        return {"guest": c, "device": regs, "drops": regs["drops"] - c["drops_before_rx"],
+                "found_running": self.found_running, "blackout": self.blackout}

@@ -221,7 +221,7 @@ class Vmm:
             accel_obj.load(fresh())
         else:
             if self.nic:
-                self.nic.retrieve(self.client)
+                self.nic.retrieve(self.client, self.mem)
             self._resume_from(saved)
         self.vm.start()
         if self.nic and (saved is None or not self.nic.found_running):
