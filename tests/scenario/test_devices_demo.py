@@ -14,7 +14,7 @@ from liveupdate.cli.luoctl import main
 
 def test_demo_devices_continuous(tmp_path: Path) -> None:
     png = tmp_path / "devices.png"
-    r = CliRunner().invoke(main, ["demo", "--dir", str(tmp_path / "m"), "--devices",
+    r = CliRunner().invoke(main, ["demo", "--dir", str(tmp_path / "d"), "--devices",
                                   "continuous", "--json", "--plot", str(png)])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)

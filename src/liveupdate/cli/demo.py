@@ -206,7 +206,7 @@ def demo(folder: str, vms: int, vm_memory: int, machine_memory: int, generation:
 
         given = click.get_current_context().get_parameter_source("vms")
         n = vms if given == click.core.ParameterSource.COMMANDLINE else 1
-        demo_devices.run(f"{folder}-devices", devices_mode, n, ring,
+        demo_devices.run(f"{folder}-dev", devices_mode, n, ring,
                          "tcg" if accel == "auto" else accel, as_json, plot_path, say)
 
     if real:

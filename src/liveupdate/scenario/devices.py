@@ -199,7 +199,8 @@ def run(folder: str, modes: tuple[str, ...], vms: int, ring: int, accel: str,
         say: Any) -> list[DeviceVm]:
     out: list[DeviceVm] = []
     for mode in modes:
-        d = DevicesDemo(os.path.join(folder, mode), mode, vms, ring, accel, say)
+        d = DevicesDemo(os.path.join(folder, mode[0]), mode, vms, ring, accel, say)  # short:
+        # the services' sockets live below it (AF_UNIX paths end at 108 bytes)
         try:
             d.boot()
             out += d.update()

@@ -16,9 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("name")
     ap.add_argument("--memory", default="1G", help="guest memory, with K/M/G")
     ap.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
-    ap.add_argument("--plant", default="", choices=("", "cold-start"),
+    ap.add_argument("--plant", default="", choices=("", "cold-start", "no-device"),
                     help="a planted bug, for the demo's negative tests: cold-start throws "
-                         "the saved vCPU state away at restore")
+                         "the saved vCPU state away at restore; no-device leaves an "
+                         "assigned device out of the live update")
     ap.add_argument("--nic", default="", help="a VFIO device cdev to assign "
                     "(/dev/vfio/devices/vfioN): the NIC guest runs, see liveupdate.vmm.nic")
     ap.add_argument("--ring", type=int, default=4096, help="the NIC guest's ring entries")

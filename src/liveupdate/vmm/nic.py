@@ -45,12 +45,16 @@ class Assigned:
         self.dev: VfioDevice | None = None
         self.found_running: bool | None = None  # after a live update: continuous or reset
         self.blackout: dict[str, Any] = {}  # what the pause left in the ring (see retrieve)
+        self.lost = ""  # after a live update: what did not cross, as the VM was told
 
     def assign(self, ram_fd: int, size: int) -> None:
+        self._assign_to(VfioDevice(self.backend, self.path), ram_fd, size)
+
+    def _assign_to(self, dev: VfioDevice, ram_fd: int, size: int) -> None:
+        self.dev = dev
         self.iommufd = Iommufd(self.backend)
         ioas = self.iommufd.ioas_alloc()
         self.iommufd.map_file(ioas, ram_fd, 0, size, iova=0)
-        self.dev = VfioDevice(self.backend, self.path)
         hwpt = self.iommufd.hwpt_alloc(self.dev.bind(self.iommufd.fd), ioas)
         self.dev.attach(hwpt)
         try:
@@ -75,15 +79,34 @@ class Assigned:
         c.preserve(self.iommufd.fd, IOMMUFD_TOKEN)
         c.preserve(self._dev().fd, DEVICE_TOKEN)
 
-    def retrieve(self, c: LuodClient, mem: memoryview) -> None:
+    def retrieve(self, c: LuodClient, mem: memoryview, ram_fd: int, size: int) -> None:
         """The preserved files back; the device bound and attached to the preserved page
         table; whether it kept running through the update; and, the vCPU not yet running,
         what arrived while the guest was paused: the packets waiting in its ring (sequence
-        number and the source's send time each), after the last it consumed."""
+        number and the source's send time each), after the last it consumed.
+
+        A file that did not cross (not preserved, or its handler refused it: an IOMMU
+        domain the next kernel blocked) is what the VM is told about (``lost``): the device
+        is assigned afresh -- its cdev opened if the device file is gone, a new IOAS over
+        the same guest memory -- and re-initialized like a reset one."""
         self.blackout = {"last_seq_at_pause": guest_nic.counters(mem)["last_seq"],
                          "waiting": guest_nic.waiting(mem)}
-        self.iommufd = Iommufd(self.backend, fd=c.retrieve(IOMMUFD_TOKEN))
-        self.dev = VfioDevice(self.backend, self.path, fd=c.retrieve(DEVICE_TOKEN))
+        fds: dict[int, int] = {}
+        lost = []
+        for token in (IOMMUFD_TOKEN, DEVICE_TOKEN):
+            try:
+                fds[token] = c.retrieve(token)
+            except LiveUpdateError as e:
+                lost.append(f"token {token}: {e.message} [{e.errno_name}]")
+        self.dev = VfioDevice(self.backend, self.path, fd=fds.get(DEVICE_TOKEN))
+        if lost:
+            self.lost = "; ".join(lost)
+            if IOMMUFD_TOKEN in fds:
+                Iommufd(self.backend, fd=fds[IOMMUFD_TOKEN]).close()
+            self._assign_to(self.dev, ram_fd, size)
+            self.found_running = False
+            return
+        self.iommufd = Iommufd(self.backend, fd=fds[IOMMUFD_TOKEN])
         self.dev.bind(self.iommufd.fd)
         self.dev.attach(1)
         command = self.dev.config_read(PCI_COMMAND, 2)
@@ -109,4 +132,5 @@ class Assigned:
                 if name in ("HEAD", "DELIVERED", "DROPS", "DMA_ERRORS")}
         c = guest_nic.counters(mem)
         return {"guest": c, "device": regs, "drops": regs["drops"] - c["drops_before_rx"],
-                "found_running": self.found_running, "blackout": self.blackout}
+                "found_running": self.found_running, "blackout": self.blackout,
+                "lost": self.lost}

@@ -221,7 +221,7 @@ class Vmm:
             accel_obj.load(fresh())
         else:
             if self.nic:
-                self.nic.retrieve(self.client, self.mem)
+                self.nic.retrieve(self.client, self.mem, self.ram_fd, self.size)
             self._resume_from(saved)
         self.vm.start()
         if self.nic and (saved is None or not self.nic.found_running):
@@ -245,7 +245,7 @@ class Vmm:
             self.backend.ftruncate(self.state_fd, STATE_SIZE)
         c.preserve(self.ram_fd, RAM_TOKEN)
         c.preserve(self.state_fd, STATE_TOKEN)
-        if self.nic:
+        if self.nic and self.plant != "no-device":  # planted: the device left behind
             self.nic.preserve(c)
 
     def _freeze(self, c: LuodClient) -> None:

@@ -218,10 +218,10 @@ def init(k: Kernel) -> None:
 
 def kernel_shutdown(k: Kernel, kept: set[int] | None = None) -> None:
     """At a kexec, after ``device_shutdown``: translation off -- unless a live update keeps
-    devices translating (``kept``: the requester ids the IOMMU FLB holds): then, as the
-    posted series' ``clear_unpreserved_context_entries``, every other device's context entry
-    is cleared and translation stays on."""
-    if k.iommu is not None and kept:
+    devices (``kept``, not None: the requester ids that go on translating; possibly none,
+    when each was blocked): then, as the posted series' ``clear_unpreserved_context_entries``,
+    every other device's context entry is cleared and translation stays on."""
+    if k.iommu is not None and kept is not None:
         t = k.iommu
         for d in t.domains.values():
             for source in list(d.devices - kept):
