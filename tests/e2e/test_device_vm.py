@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -186,3 +187,27 @@ def test_fault_iommu_table_page_not_preserved(vm_machine: Any) -> None:
     st = m.status()["devices"]
     assert st["iommu"]["faults"] > 0 and st["functions"][0]["dma_errors"] > 0  # logged
     assert inside(m.dma_log()[log0:], where["ram"])  # and none landed elsewhere
+
+
+def test_fault_vmm_killed_with_the_device_attached(vm_machine: Any) -> None:
+    """kill -9 of the VMM before the update: its files close, so vfio-pci disables the device
+    (bus mastering off, reset) before unbinding -- no DMA lands after its memory is gone;
+    init restarts the VMM, which assigns the device afresh; the update then goes through."""
+    m, run = vm_machine("continuous", 4096)
+    received(m, run, 20)
+    pid = nic(run)["pid"]
+    where = ask(os.path.join(run, "vmm-vm0.sock"), "where")
+    off = m.status()["console_bytes"]
+    log0 = m.status()["devices"]["iommu"]["dma_writes"]
+    os.kill(pid, signal.SIGKILL)
+    m.wait("vmm vm0: .* started", offset=off, timeout=120)  # restarted by init: a new VM
+    fresh = received(m, run, 20)
+    assert fresh["pid"] != pid and not fresh["restored"]
+    new_where = ask(os.path.join(run, "vmm-vm0.sock"), "where")
+    # the dead VM's memory saw no DMA after the device was disabled; all DMA since went to
+    # one of the two VMs' memory
+    assert inside(m.dma_log()[log0:], where["ram"] + new_where["ram"])
+    assert m.status()["devices"]["iommu"]["faults"] == 0
+    _, after = update(m, run)
+    after = received(m, run, after["nic"]["guest"]["received"] + 20)
+    assert after["nic"]["found_running"] and after["nic"]["guest"]["gaps"] == 0
