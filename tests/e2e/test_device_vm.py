@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from liveupdate.client import faultpoint
 from liveupdate.client.update import load_image, run_update
 from liveupdate.errors import LiveUpdateError
 from liveupdate.ipc.service import ask
@@ -211,3 +212,30 @@ def test_fault_vmm_killed_with_the_device_attached(vm_machine: Any) -> None:
     _, after = update(m, run)
     after = received(m, run, after["nic"]["guest"]["received"] + 20)
     assert after["nic"]["found_running"] and after["nic"]["guest"]["gaps"] == 0
+
+
+@pytest.mark.parametrize("event", faultpoint.EVENTS)
+def test_fault_vmm_killed_at_each_phase(vm_machine: Any, event: str) -> None:
+    """kill -9 of the VMM inside prepare or freeze (before it acknowledges: the update is
+    rolled back) or in the next kernel before it retrieves anything (init's new VMM does:
+    the update completes). Whatever happens, the device ends up serving a running VM, no
+    IOMMU fault, and every DMA write lands in the memory of a VM."""
+    m, run = vm_machine("continuous", 4096)
+    received(m, run, 20)
+    wheres = [ask(os.path.join(run, "vmm-vm0.sock"), "where")["ram"]]
+    log0 = m.status()["devices"]["iommu"]["dma_writes"]
+    luod = os.path.join(run, "luod.sock")
+    faultpoint.arm(luod, "vm0", event)
+    load_image(luod, "images/next.img")
+    off = m.status()["console_bytes"]
+    try:
+        run_update(luod)
+    except LiveUpdateError:
+        assert event != "restore"  # rolled back
+    m.wait("luod client vm0: fault point .*: killed", offset=off, timeout=30)
+    m.wait("vmm vm0: .* (started|resumed)", offset=off, timeout=120)
+    st = received(m, run, nic(run)["nic"]["guest"]["received"] + 20)
+    wheres.append(ask(os.path.join(run, "vmm-vm0.sock"), "where")["ram"])
+    assert st["restored"] == (event == "restore")
+    assert st["nic"]["guest"]["bad"] == 0 and m.status()["devices"]["iommu"]["faults"] == 0
+    assert inside(m.dma_log()[log0:], [r for w in wheres for r in w])
