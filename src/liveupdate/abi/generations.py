@@ -97,9 +97,9 @@ LUO: dict[str, LuoGeneration] = {g.name: g for g in (
     LuoGeneration("7.2", "7.1", "sessions", "luo-v5", "luo-flb-v1", "memfd-v2", "kho-v4",
                   "7.1", "7.1"),
     LuoGeneration("7.3", "7.1", "sessions", "luo-v5", "luo-flb-v1", "memfd-v2", "kho-v4",
-                  "7.1", "7.3"),  # its own rules (kernel/luo/rules.py Rules73)
+                  "7.3", "7.3"),  # its own rules (kernel/luo/rules.py Rules73)
     LuoGeneration("7.3+posted", "7.1", "sessions", "luo-v5", "luo-flb-v1", "memfd-v2",
-                  "kho-v4", "7.1", "7.3", ("vfio-pci-v1", "iommufd-v1", "huge-memfd-v1")),
+                  "kho-v4", "7.3", "7.3", ("vfio-pci-v1", "iommufd-v1", "huge-memfd-v1")),
 )}
 LUO_GENERATIONS = tuple(LUO)
 # what an image header's ``memfd`` field says for each memfd format (v3's FDT says memfd-v1)
@@ -144,8 +144,8 @@ RELEASES: dict[str, Release] = {r.name: r for r in (
     Release("7.0", "7.0.0-lu", "kho-v1", 4096, "6.19", "7.0"),
     Release("7.1", "7.1.0-lu", "kho-v3", 4096, "7.1", "7.1"),
     Release("7.2", "7.2.0-lu", "kho-v4", 4096, "7.1", "7.2"),
-    Release("7.3", "7.3.0-lu", "kho-v4", 4096, "7.1", "7.3"),
-    Release("7.3+posted", "7.3.0-lu-posted", "kho-v4", 4096, "7.1", "7.3+posted"),
+    Release("7.3", "7.3.0-lu", "kho-v4", 4096, "7.3", "7.3"),
+    Release("7.3+posted", "7.3.0-lu-posted", "kho-v4", 4096, "7.3", "7.3+posted"),
 )}
 @dataclass(frozen=True)
 class KhoCoreRow:
@@ -164,6 +164,8 @@ KHO_CORES: dict[str, KhoCoreRow] = {c.name: c for c in (
     KhoCoreRow("6.18", ("kho-v1",), (4096,), "6.18.0-lu", "none"),
     KhoCoreRow("6.19", ("kho-v1",), (4096,), "6.19.0-lu", "6.19"),
     KhoCoreRow("7.1", ("kho-v3", "kho-v4"), (4096,), "7.1.0-lu", "6.19"),
+    # 7.1's stateless core with 7.3.4's scratch sizing and test_kho (kernel/kho/core.py)
+    KhoCoreRow("7.3", ("kho-v3", "kho-v4"), (4096,), "7.3.0-lu", "6.19"),
 )}
 # the core an image that names none runs on, by its root format and bitmap width
 DEFAULT_CORE = {("kho-v1", 512): "6.16", ("kho-v1", 4096): "6.19", ("kho-v3", 4096): "7.1",

@@ -26,8 +26,8 @@ from liveupdate.abi.cmdline import Cmdline
 from liveupdate.abi.consts import PAGE_SHIFT, PAGE_SIZE
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError, LiveUpdateError
-from liveupdate.kernel import confine, initcalls, negotiate, scratch_sizing, testmods
-from liveupdate.kernel.drivers import iommu, pci
+from liveupdate.kernel import confine, initcalls, negotiate, scratch_sizing, testmods, vfio
+from liveupdate.kernel.drivers import iommu_flb, pci
 from liveupdate.kernel.fs import hugetlb_luo
 from liveupdate.kernel.generation import Generation
 from liveupdate.kernel.kho.incoming import KhoIn
@@ -100,7 +100,13 @@ def kho_populate(k: Kernel, kd: bootparams.KhoData) -> KhoIn | None:
 
 
 def kho_memory_init(k: Kernel) -> np.ndarray | None:
-    """Reserve preserved memory (KHO boot) or fresh scratch (cold boot, kho=on)."""
+    """Reserve preserved memory (KHO boot) or fresh scratch (cold boot, kho=on). On the 7.3
+    core a kdump kernel (``elfcorehdr=`` given: ``is_kdump_kernel``) turns KHO off first, and
+    the handover it was given is neither reserved nor read (7.3.4 ``kho_memory_init``)."""
+    if k.gen.kho.off_in_kdump and "elfcorehdr" in k.cmdline.params:
+        k.kho_enabled, k.kho_in = False, None
+        k.printk("KHO: disabled in the kdump kernel")
+        return None
     kin = k.kho_in
     if kin is not None:
         ranges = kho_memmap.merged_ranges(kin.preserved.phys, kin.preserved.order)
@@ -187,12 +193,14 @@ def start_kernel(k: Kernel, bp_phys: int) -> None:
     elif k.kho_enabled:
         k.kho_enabled = False
     k.negotiated_in = negotiate.incoming(k)
-    pci.enumerate_bus(k)  # subsys_initcall time
-    iommu.init(k)
     hugetlb.init(k, huge_in)  # subsys_initcall: the other pools from the buddy
     initcalls.run()
-    luo_boot.init(k)
+    testmods.run(k, "device")  # device_initcall: before LUO's late_initcall
+    luo_boot.init(k)  # before the devices: their drivers read incoming FLBs at init
     hugetlb_luo.register_flb(k)
+    pci.enumerate_bus(k)  # subsys_initcall time
+    iommu_flb.init(k)  # intel_iommu_init: a new root table, or the preserved one taken over
+    vfio.init(k)  # /dev/iommu, vfio-pci's cdevs, the devices' LUO handlers' FLBs
     run_dir = confine.run_dir(k)
     if run_dir:
         try:

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from liveupdate.kernel import vfio
 from liveupdate.kernel.fs import hugetlb_luo, memfd_luo
 
-INITCALLS: tuple[Callable[[], None], ...] = (memfd_luo.init, hugetlb_luo.init)
+INITCALLS: tuple[Callable[[], None], ...] = (memfd_luo.init, vfio.luo_init, hugetlb_luo.init)
 _done = False
 
 
