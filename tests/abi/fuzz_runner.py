@@ -21,6 +21,7 @@ from liveupdate.abi import (
     bootparams,
     fdt,
     formats,
+    hugetlb,
     image,
     iommu_flb,
     iommufd,
@@ -88,6 +89,9 @@ def _seeds() -> dict[str, bytes]:
         "vfio-pci-v1": vfio_pci.encode(vfio_pci.VfioPciSer(0, 0x318)),
         "pci-flb": pci_flb.encode_ser(pci_flb.PciSer(2, 1, 0x101000)),
         "iommufd-v1": iommufd.encode([iommufd.Hwpt(0x101040, 7)]),
+        "huge-memfd-v1": hugetlb.encode_ser(hugetlb.HugeMemfdSer(
+            2 << 30, 0, 2, vmalloc.KhoVmalloc(0x101000, 1, 1, 0), 18)),
+        "hugetlb-v1": hugetlb.encode_flb(hugetlb.HugetlbSer(((9, 0), (18, 8)))),
     }
 
 
@@ -188,6 +192,14 @@ def _posted(draw: st.DrawFn) -> None:
     iommu_flb.decode(mem, ptr)
 
 
+def _huge_folios(draw: st.DrawFn) -> None:
+    """A huge memfd's folio array, mutated, against a mutated struct."""
+    ser = hugetlb.decode_ser(draw(mutated(SEEDS["huge-memfd-v1"])))
+    raw = hugetlb.encode_folios(hugetlb.HugeFolios(np.array([0x40000, 0x80000], np.uint64),
+                                                   np.array([0, 0x40000], np.uint64)))
+    hugetlb.decode_folios(draw(mutated(raw)), ser)
+
+
 def _sessions(draw: st.DrawFn) -> None:
     mem, ptr = ram_mutated(draw)
     luo_session.decode_sessions(mem, ptr)
@@ -243,6 +255,7 @@ DECODERS: dict[str, Callable[[st.DrawFn], None]] = {
     "pci_flb.decode_ser": _blob("pci-flb", pci_flb.decode_ser),
     "iommufd.decode": _blob("iommufd-v1", iommufd.decode),
     "posted.lists": _posted,
+    "hugetlb.decode_folios": _huge_folios,
 }
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from liveupdate.abi import (
     fdt,
+    hugetlb,
     kho,
     kho_memmap,
     luo_session,
@@ -204,6 +205,34 @@ CASES: dict[str, tuple[Callable[[], object], str]] = {
     "folios: unknown flag bits": (
         lambda: memfd.decode_folio_array(struct.pack("<QQ", 0x200 | 8 << 52, 0), 1, 8192),
         "flag bits"),
+    # hugetlb (the RFC): the pools' FLB, a huge memfd and its folio array
+    "hugetlb-v1: more hstates than the ABI has": (
+        lambda: hugetlb.decode_flb(bytes(36) + b"\x05"), "nr_hstates"),
+    "hugetlb-v1: an hstate of order 0": (
+        lambda: hugetlb.decode_flb(bytes(36) + b"\x01"), "order 0"),
+    "hugetlb-v1: two hstates of one order": (
+        lambda: hugetlb.decode_flb(struct.pack("<QBQB", 1, 9, 2, 9) + bytes(18) + b"\x02"),
+        "one order"),
+    "huge-memfd-v1: size not a multiple of the huge page": (
+        lambda: hugetlb.decode_ser(struct.pack("<QQQ", 4096, 0, 0) + bytes(16) + b"\x09"),
+        "multiple"),
+    "huge-memfd-v1: more folios than the size holds": (
+        lambda: hugetlb.decode_ser(struct.pack("<QQQ", 2 << 20, 0, 2)
+                                   + vmalloc.KhoVmalloc(0x1000, 1, 1, 0).encode() + b"\x09"),
+        "do not fit"),
+    "huge-memfd-v1: folios counted but no array": (
+        lambda: hugetlb.decode_ser(struct.pack("<QQQ", 2 << 20, 0, 1) + bytes(16) + b"\x09"),
+        "folio array"),
+    "huge-memfd-v1: a folio not aligned to its order": (
+        lambda: hugetlb.decode_folios(struct.pack("<QQ", 0x201, 0), HUGE_SER), "aligned"),
+    "huge-memfd-v1: a folio past the end": (
+        lambda: hugetlb.decode_folios(struct.pack("<QQ", 0x200, 1024), HUGE_SER), "past the end"),
+    "huge-memfd-v1: reserved bits set": (
+        lambda: hugetlb.decode_folios(struct.pack("<QQ", 0x200 | 1 << 60, 0), HUGE_SER),
+        "reserved"),
+    "huge-memfd-v1: two folios at one index": (
+        lambda: hugetlb.decode_folios(struct.pack("<QQQQ", 0x200, 0, 0x400, 0),
+                                      hugetlb.HugeMemfdSer(4 << 20, 0, 2, V, 9)), "share"),
     # FDT-level: the KHO root and the memblock subtree
     "kho root: preserved-memory-map of the wrong length": (
         lambda: kho.decode_root(fdt.SwBuilder().begin_node("")
@@ -221,6 +250,9 @@ CASES: dict[str, tuple[Callable[[], object], str]] = {
         lambda: memfd.decode_fdt(memfd.encode_fdt(memfd.MemfdState(
             0, MAX_LFS_FILESIZE + 1, memfd.Folios.empty()))), "MAX_LFS_FILESIZE"),
 }
+
+
+HUGE_SER = hugetlb.HugeMemfdSer(2 << 20, 0, 1, V, 9)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -26,6 +26,7 @@ from typing import Any
 from liveupdate.abi import (
     bootparams,
     generations,
+    hugetlb,
     iommufd,
     kexec_metadata,
     kho,
@@ -81,6 +82,9 @@ FORMATS: tuple[Format, ...] = (
            "memfd", "memfd-v2"),
     Format("vfio-pci-v1", vfio_pci.COMPATIBLE, vfio_pci.decode, "vfio", "vfio-pci-v1"),
     Format("iommufd-v1", iommufd.COMPATIBLE, iommufd.decode, "iommufd", "iommufd-v1"),
+    Format("huge-memfd-v1", hugetlb.COMPATIBLE, hugetlb.decode_ser, "huge-memfd",
+           "huge-memfd-v1"),
+    Format("hugetlb-v1", hugetlb.FLB_COMPATIBLE, hugetlb.decode_flb, "huge-memfd"),
 )
 COMPATIBLE_OF = {f.fmt: f.compatible for f in reversed(FORMATS) if f.fmt}  # first row wins
 

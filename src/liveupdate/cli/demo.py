@@ -18,7 +18,7 @@ from liveupdate.cli.common import SizeParam, fail
 from liveupdate.errors import LiveUpdateError
 from liveupdate.scenario import run
 from liveupdate.scenario.damage import DAMAGE, Damage
-from liveupdate.scenario.demo import HEADROOM, LUO_GENERATIONS, Demo
+from liveupdate.scenario.demo import HEADROOM, IMAGES, LUO_GENERATIONS, Demo
 from liveupdate.scenario.faults import BY_NAME, FAULTS
 from liveupdate.scenario.report import DemoReport, FaultOutcome, SoakResult, UpdateResult
 
@@ -153,6 +153,9 @@ def plot(results: list[UpdateResult], path: str) -> None:
                    "power-loss@reboot|boot|restore): inject that fault into one update and "
                    "report what became of every workload; exit 0 when the outcome is the "
                    "defined one and nothing was lost. docs/reliability.md lists them all.")
+@click.option("--vm-hugepages", type=click.Choice(["2M", "1G"]), default=None,
+              help="Guest memory on hugetlb pages (MFD_HUGETLB) from pools sized on the "
+                   "kernel command line; preserved as huge-memfd-v1 (--from 7.3+posted).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG timeline of the last update: phases and each VM's blackout.")
@@ -176,7 +179,7 @@ def plot(results: list[UpdateResult], path: str) -> None:
 def demo(folder: str, vms: int, vm_memory: int, machine_memory: int, generation: str,
          to: str | None, accel: str, updates: int, cache: bool, fault: str, as_json: bool,
          plot_path: str | None, real: bool, real_out: Path, echo: bool,
-         devices_mode: str | None, ring: int) -> None:
+         devices_mode: str | None, ring: int, vm_hugepages: str | None) -> None:
     """Boot an emulated machine with VMs (and a cache), let the guests run, live-update it
     to a new kernel image, and report: a phase timeline, each VM's blackout measured by the
     host clock and by the guest's own timestamps, and the integrity verdict (every guest page
@@ -187,6 +190,10 @@ def demo(folder: str, vms: int, vm_memory: int, machine_memory: int, generation:
     if vms * vm_memory + HEADROOM > machine_memory:
         fail(f"{vms} VMs of {vm_memory >> 20} MiB do not fit a {machine_memory >> 20} MiB "
              f"machine (leave {HEADROOM >> 20} MiB for the kernel and services)")
+    if vm_hugepages and any("huge-memfd" not in IMAGES[g].native()
+                            for g in (generation, to or generation)):
+        fail("--vm-hugepages: only 7.3+posted preserves a hugetlb memfd (the hugetlb RFC); "
+             "7.3 answers PRESERVE_FD with ENOENT")
     plan = BY_NAME.get(fault)
     if plan is not None and plan.generation and plan.generation != generation:
         fail(f"--fault {fault} needs --generation {plan.generation}")
@@ -219,7 +226,7 @@ def demo(folder: str, vms: int, vm_memory: int, machine_memory: int, generation:
     if fault in DAMAGE and vms < 1:
         fail(f"--fault {fault} breaks vm0: run at least one VM")
     d = Demo(folder, vms, vm_memory, machine_memory, generation, accel, cache, say, plan, to,
-             damage=(Damage(fault),) if fault in DAMAGE else ())
+             damage=(Damage(fault),) if fault in DAMAGE else (), hugepages=vm_hugepages or "")
     try:
         report: DemoReport = run.faulted(d) if plan is not None else \
             run.updates(d, updates, fault)

@@ -28,12 +28,13 @@ from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.kernel import confine, initcalls, negotiate, scratch_sizing, testmods, vfio
 from liveupdate.kernel.drivers import iommu_flb, pci
+from liveupdate.kernel.fs import hugetlb_luo
 from liveupdate.kernel.generation import Generation
 from liveupdate.kernel.kho.incoming import KhoIn
 from liveupdate.kernel.kho.outgoing import KhoOut
 from liveupdate.kernel.kho.validate import validate_handover
 from liveupdate.kernel.luo import boot as luo_boot
-from liveupdate.kernel.mm import reserve_mem
+from liveupdate.kernel.mm import hugetlb, reserve_mem
 from liveupdate.kernel.mm.memblock import (
     MEMBLOCK_RSRV_KERN,
     MEMBLOCK_RSRV_NOINIT,
@@ -179,6 +180,8 @@ def start_kernel(k: Kernel, bp_phys: int) -> None:
     reserve_mem.init(k)
     scratch = kho_memory_init(k)
     testmods.run(k, "early")
+    huge_in = hugetlb_luo.incoming_counts(k)  # the RFC's early FLB read
+    hugetlb.bootmem_alloc(k, huge_in)  # gigantic pages: memblock, outside scratch
     memblock_free_all(k, scratch)
     in_scratch = 0 if scratch is None else int(scratch["size"].sum())
     k.printk(f"Memory: {k.buddy.nr_free << 2}K available, {in_scratch >> 20}M in KHO scratch")
@@ -190,9 +193,11 @@ def start_kernel(k: Kernel, bp_phys: int) -> None:
     elif k.kho_enabled:
         k.kho_enabled = False
     k.negotiated_in = negotiate.incoming(k)
+    hugetlb.init(k, huge_in)  # subsys_initcall: the other pools from the buddy
     initcalls.run()
     testmods.run(k, "device")  # device_initcall: before LUO's late_initcall
     luo_boot.init(k)  # before the devices: their drivers read incoming FLBs at init
+    hugetlb_luo.register_flb(k)
     pci.enumerate_bus(k)  # subsys_initcall time
     iommu_flb.init(k)  # intel_iommu_init: a new root table, or the preserved one taken over
     vfio.init(k)  # /dev/iommu, vfio-pci's cdevs, the devices' LUO handlers' FLBs

@@ -8,9 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from liveupdate.kernel import vfio
-from liveupdate.kernel.fs import memfd_luo
+from liveupdate.kernel.fs import hugetlb_luo, memfd_luo
 
-INITCALLS: tuple[Callable[[], None], ...] = (memfd_luo.init, vfio.luo_init)
+INITCALLS: tuple[Callable[[], None], ...] = (memfd_luo.init, vfio.luo_init, hugetlb_luo.init)
 _done = False
 
 

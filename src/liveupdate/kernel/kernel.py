@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from liveupdate.kernel.kexec import Loaded
     from liveupdate.kernel.luo.session import LuoSessions
     from liveupdate.kernel.luo.v3 import LuoV3
+    from liveupdate.kernel.mm.hugetlb import Hugetlb
     from liveupdate.kernel.vfio.pci import VfioPciDevice
 
 
@@ -76,6 +77,7 @@ class Kernel:
         self.disk_dir = ""
         self.pci: list[int] = []  # the PCI functions enumerated at boot (requester ids)
         self.iommu: Tables | None = None  # the IOMMU driver's tables (intel_iommu=on)
+        self.hugetlb: Hugetlb | None = None  # hstates and their pools (mm/hugetlb.py)
         self.chrdevs: dict[str, Callable[[], File]] = {}  # device nodes of drivers, by path
         self.vfio: list[VfioPciDevice] = []  # the functions vfio-pci claimed
 

@@ -32,16 +32,24 @@ HEADROOM = 768 << 20  # the kernel's own memory, scratch and the services' besid
 
 
 def _services(py: str, vms: int, vm_memory: int, accel: str, cache: bool,
-              fault: Fault | None, memory: int, plants: dict[str, str]) -> str:
+              fault: Fault | None, memory: int, plants: dict[str, str],
+              hugepages: str = "") -> str:
     # with a fault armed, a barrier nobody answers is given up quickly
     timeouts = " --prepare-timeout 2 --freeze-timeout 2" if fault else ""
     lines = [f"@restart {py} -m liveupdate.cli.luod --finish-timeout 60{timeouts}"]
     lines += [f"@restart {py} -m liveupdate.vmm vm{i} --memory {vm_memory} --accel {accel}"
               + (f" --plant {plants[f'vm{i}']}" if f"vm{i}" in plants else "")
+              + (f" --hugepages {hugepages}" if hugepages else "")
               for i in range(vms)]
     if cache:
         lines.append(f"@restart {py} -m liveupdate.userspace.kvcache cache")
     return "\n".join(lines) + "\n" + (helper_line(py, fault, memory) if fault else "")
+
+
+def hugepages_cmdline(size: str, total: int) -> str:
+    """A pool of ``size`` pages holding ``total`` bytes of guests."""
+    page = {"2M": 2 << 20, "1G": 1 << 30}[size]
+    return f"hugepagesz={size} hugepages={-(-total // page)}"
 
 
 def _fds(pid: int) -> int | None:
@@ -68,8 +76,9 @@ class Demo:
     def __init__(self, folder: str, vms: int, vm_memory: int, machine_memory: int,
                  generation: str, accel: str, cache: bool, say: Any,
                  fault: Fault | None = None, to: str | None = None,
-                 damage: tuple[Damage, ...] = ()) -> None:
+                 damage: tuple[Damage, ...] = (), hugepages: str = "") -> None:
         self.folder = os.path.abspath(folder)
+        self.hugepages = hugepages  # "2M"/"1G": guests on hugetlb pools sized for them
         self.fault = fault
         self.damage = damage
         self.rng = random.Random()
@@ -107,10 +116,13 @@ class Demo:
                                                  self.fault, self.memory,
                                                  {d.vm: damages.PLANTED[d.kind]
                                                   for d in self.damage
-                                                  if d.kind in damages.PLANTED}))
+                                                  if d.kind in damages.PLANTED},
+                                                 self.hugepages))
         self.say(f"booting a {self.memory >> 30} GiB machine, Linux {self.generation}")
         cmdline = f"{CMDLINE} {NEGOTIATE}" if self.to != self.generation else CMDLINE
         cmdline = f"{cmdline} {self.fault.cmdline}".strip() if self.fault else cmdline
+        if self.hugepages:
+            cmdline += f" {hugepages_cmdline(self.hugepages, len(self.vms) * self.vm_memory)}"
         self.proc, m = start(self.folder, memory=self.memory, cmdline=cmdline,
                              image=f"images/{self.generation}.img",
                              log=os.path.join(self.folder, "machine.log"))

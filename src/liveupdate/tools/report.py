@@ -20,6 +20,7 @@ import numpy as np
 from liveupdate.abi import (
     bootparams,
     fdt,
+    hugetlb,
     kexec_metadata,
     kho,
     kho_memmap,
@@ -41,6 +42,11 @@ from liveupdate.tools.report_devices import (
     describe_flb,
     describe_iommufd,
     describe_vfio_pci,
+)
+from liveupdate.tools.report_hugetlb import (
+    describe_huge_memfd,
+    describe_huge_memfd_at,
+    describe_hugetlb_flb,
 )
 from liveupdate.tools.report_identify import identify, is_kho_data
 from liveupdate.tools.report_walk import once, spend_fdt, walk
@@ -283,9 +289,14 @@ def _sessions_report(mem: PhysMem, sessions: list[luo_session.SessionSer]) -> Re
                              "data": hx(f.data)}
             if f.compatible in memfd.SER_SIZE:  # a memfd struct of a format we know
                 entry["memfd"] = guard(partial(describe_memfd_ser, mem, f.data, f.compatible))
+            elif f.compatible in FILE_DESCRIBERS:  # a file of the posted series
+                entry[f.compatible] = guard(partial(FILE_DESCRIBERS[f.compatible], mem, f.data))
             files.append(entry)
         out.append({"name": s.name, "files": files})
     return {"list": out}
+
+
+FILE_DESCRIBERS = {hugetlb.COMPATIBLE: describe_huge_memfd_at}
 
 
 def _flbs(rep: Report, mem: PhysMem, phys: int) -> None:
@@ -358,6 +369,8 @@ DESCRIBERS: dict[str, Describer] = {
     "memfd-v2": lambda raw, mem, bb: _describe_memfd_struct(raw, mem, memfd.MEMFD_V2),
     "vfio-pci-v1": describe_vfio_pci,
     "iommufd-v1": describe_iommufd,
+    "huge-memfd-v1": describe_huge_memfd,
+    "hugetlb-v1": describe_hugetlb_flb,
 }
 
 

@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nic", default="", help="a VFIO device cdev to assign "
                     "(/dev/vfio/devices/vfioN): the NIC guest runs, see liveupdate.vmm.nic")
     ap.add_argument("--ring", type=int, default=4096, help="the NIC guest's ring entries")
+    ap.add_argument("--hugepages", default="", choices=("", "2M", "1G"),
+                    help="guest memory on hugetlb pages of this size (MFD_HUGETLB)")
     args = ap.parse_args(argv)
     units = {"K": 10, "M": 20, "G": 30}
     m = args.memory.upper()
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             service.serve(srv, slot.handlers)
             return 0
         vmm = Vmm(args.name, size, args.accel, plant=args.plant, duty=args.duty,
-                  nic=args.nic, ring=args.ring)
+                  nic=args.nic, ring=args.ring, hugepages=args.hugepages)
         path = endpoints.service_socket(vmm.backend.cmdline(), f"vmm-{args.name}")
         srv = service.listen(path)
         st = vmm.status()

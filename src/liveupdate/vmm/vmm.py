@@ -64,15 +64,19 @@ MFD_ALLOW_SEALING = 0x2
 STATE_SIZE = 64 << 10
 
 
+HUGE_FLAGS = {"": 0, "2M": 0x4 | 21 << 26, "1G": 0x4 | 30 << 26}  # memfd.h MFD_HUGE_*
+
+
 class Vmm:
     def __init__(self, name: str, size: int, accel: str, backend: Backend | None = None,
                  plant: str = "", *, duty: float = 1.0, client: LuodClient | None = None,
                  incoming: tuple[int, int] | None = None, nic: str = "",
-                 ring: int = 4096) -> None:
+                 ring: int = 4096, hugepages: str = "") -> None:
         """``size`` 0: the saved state's. ``client``: an already connected luod client (a
         migration slot's, :mod:`liveupdate.vmm.incoming`); ``incoming``: the guest memory
         memfd and the state memfd a live migration filled, resumed as after a kexec.
-        ``nic``: a VFIO device cdev assigned to the guest (:mod:`liveupdate.vmm.nic`)."""
+        ``nic``: a VFIO device cdev assigned to the guest (:mod:`liveupdate.vmm.nic`).
+        ``hugepages``: "2M"/"1G", guest RAM on hugetlb folios (MFD_HUGETLB)."""
         self.name = name
         self.plant = plant  # "cold-start": a planted bug the demo's checks must catch
         self.size = size
@@ -94,8 +98,9 @@ class Vmm:
             self.ram_fd = self.client.retrieve(RAM_TOKEN)
             saved = self._read_state(self.client.retrieve(STATE_TOKEN))
         else:
-            self.ram_fd = self.backend.memfd_create(f"vm-{name}", MFD_ALLOW_SEALING
-                                                    if self.nic else 0)
+            # MFD_HUGETLB | MFD_HUGE_2MB/1GB when asked: guest RAM on hugetlb folios
+            self.ram_fd = self.backend.memfd_create(f"vm-{name}", HUGE_FLAGS[hugepages]
+                                                    | (MFD_ALLOW_SEALING if self.nic else 0))
             self.backend.ftruncate(self.ram_fd, size)
             if self.nic:
                 self.backend.add_seals(self.ram_fd, SEALS)

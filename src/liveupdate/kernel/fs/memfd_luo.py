@@ -34,7 +34,7 @@ from liveupdate.abi.consts import MAX_PAGE_ORDER, PAGE_SHIFT, PAGE_SIZE, get_ord
 from liveupdate.abi.formats import compatible_of
 from liveupdate.abi.vmalloc import KhoVmalloc
 from liveupdate.errors import AbiError, LiveUpdateError
-from liveupdate.kernel.fs import memfd
+from liveupdate.kernel.fs import hugetlbfs, memfd
 from liveupdate.kernel.fs.file import File
 from liveupdate.kernel.luo.handler import Args, register_file_handler
 from liveupdate.kernel.luo.rules import rules_of
@@ -58,7 +58,10 @@ class MemfdLuo:
         self.rules = rules_of(k.gen.luo)  # the running kernel's: EFBIG, restored seals
 
     def can_preserve(self, f: File) -> bool:
-        return isinstance(f.private, memfd.Memfd)  # unlinked shmem: every memfd
+        """``shmem_file(file) && !inode->i_nlink``: every memfd but a hugetlb one (a
+        hugetlbfs file is not shmem: 7.3 has no handler for it, PRESERVE_FD is ENOENT)."""
+        return (isinstance(f.private, memfd.Memfd)
+                and not isinstance(f.private, hugetlbfs.HugeMemfd))
 
     # -- outgoing -------------------------------------------------------------------------
     def pin(self, m: memfd.Memfd) -> None:

@@ -86,10 +86,11 @@ class KhoOut:
         self._check_unfinalized("kho_unpreserve_pages")
         self.tracker.remove_pages(phys, nr)
 
-    def preserve_blocks(self, phys: np.ndarray, order: np.ndarray) -> None:
+    def preserve_blocks(self, phys: np.ndarray, order: np.ndarray,
+                        max_order: int = MAX_PAGE_ORDER) -> None:
         """Bulk preserve, vectorized (one array operation per bitmap touched)."""
         self.strategy.check_open()
-        self.tracker.add_blocks(phys, order)
+        self.tracker.add_blocks(phys, order, max_order)
 
     def unpreserve_blocks(self, phys: np.ndarray, order: np.ndarray) -> None:
         """Bulk unpreserve, the symmetric pair of :meth:`preserve_blocks`."""

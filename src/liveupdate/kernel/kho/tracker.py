@@ -86,11 +86,14 @@ class Tracker:
         for pfn, order in block_orders(phys >> PAGE_SHIFT, (phys >> PAGE_SHIFT) + nr):
             self._bit(pfn << PAGE_SHIFT, order, False)
 
-    def add_blocks(self, phys: np.ndarray, order: np.ndarray) -> None:
-        """Bulk preserve, vectorized (one array operation per bitmap touched)."""
+    def add_blocks(self, phys: np.ndarray, order: np.ndarray,
+                   max_order: int = MAX_PAGE_ORDER) -> None:
+        """Bulk preserve, vectorized (one array operation per bitmap touched). Folios up to
+        MAX_PAGE_ORDER, or ``max_order`` (the hugetlb RFC's 01/10 lifts the limit: 1 GiB
+        folios are order 18)."""
         phys = np.asarray(phys, np.uint64)
         order = np.asarray(order, np.uint8)
-        if len(order) and int(order.max()) > MAX_PAGE_ORDER:
+        if len(order) and int(order.max()) > max_order:
             raise LiveUpdateError(
                 err=errno.EINVAL, msg=f"KHO: order {int(order.max())} out of range")
         size = np.uint64(PAGE_SIZE) << order.astype(np.uint64)

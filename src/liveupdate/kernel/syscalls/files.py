@@ -38,7 +38,7 @@ from liveupdate.abi import wire
 from liveupdate.abi.consts import PAGE_SHIFT, PAGE_SIZE
 from liveupdate.abi.wire import Message, arg
 from liveupdate.errors import LiveUpdateError
-from liveupdate.kernel.fs import memfd
+from liveupdate.kernel.fs import hugetlbfs, memfd
 from liveupdate.kernel.fs.file import File, IoctlOps, RwOps
 from liveupdate.kernel.syscalls import creds
 
@@ -140,19 +140,25 @@ def sys_ioctl(c: Caller, m: Message) -> Message:
 
 def sys_memfd_create(c: Caller, m: Message) -> Message:
     """``memfd_create`` (mm/memfd.c): ``check_memfd_flags`` (unknown flags, or MFD_EXEC
-    with MFD_NOEXEC_SEAL: EINVAL; with ``vm.memfd_noexec`` 0, neither means MFD_EXEC), then
-    ``memfd_alloc_file``'s mode and seals (:func:`memfd.init_seals`)."""
+    with MFD_NOEXEC_SEAL: EINVAL; with ``vm.memfd_noexec`` 0, neither means MFD_EXEC; size
+    bits only with MFD_HUGETLB), then ``memfd_alloc_file``: a hugetlbfs file for
+    MFD_HUGETLB (:mod:`liveupdate.kernel.fs.hugetlbfs`), its mode and seals
+    (:func:`memfd.init_seals`)."""
     name = arg(m, "name", str, "")
     flags = arg(m, "flags", int, 0)
     if len(name.encode()) > 249:  # MFD_NAME_MAX_LEN
         raise LiveUpdateError(err=errno.EINVAL, msg="memfd_create: name too long")
-    known = memfd.MFD_CLOEXEC | memfd.MFD_ALLOW_SEALING | memfd.MFD_NOEXEC_SEAL | memfd.MFD_EXEC
-    if flags & ~known:  # MFD_HUGETLB: not emulated
+    known = (memfd.MFD_CLOEXEC | memfd.MFD_ALLOW_SEALING | memfd.MFD_NOEXEC_SEAL
+             | memfd.MFD_EXEC | hugetlbfs.MFD_HUGETLB)
+    if flags & hugetlbfs.MFD_HUGETLB:  # the huge page size may be encoded
+        known |= hugetlbfs.MFD_HUGE_MASK << hugetlbfs.MFD_HUGE_SHIFT
+    if flags & ~known:
         raise LiveUpdateError(err=errno.EINVAL, msg=f"memfd_create: flags {flags:#x}")
     if flags & memfd.MFD_EXEC and flags & memfd.MFD_NOEXEC_SEAL:
         raise LiveUpdateError(err=errno.EINVAL, msg="memfd_create: MFD_EXEC and "
                               "MFD_NOEXEC_SEAL together")
-    mf = c.k.new_memfd(name)
+    mf = (hugetlbfs.memfd_create(c.k, name, flags) if flags & hugetlbfs.MFD_HUGETLB
+          else c.k.new_memfd(name))
     memfd.init_seals(mf, flags)
     return _handle(c, memfd.open_file(mf))
 
@@ -239,6 +245,8 @@ def sys_mmap(c: Caller, m: Message) -> Message:
         raise LiveUpdateError(err=errno.EINVAL, msg="mmap: offset must be page aligned and "
                               "length positive")
     first, last = off >> PAGE_SHIFT, -(-(off + length) // PAGE_SIZE)
+    if isinstance(mf, hugetlbfs.HugeMemfd):  # hugetlbfs_file_mmap: alignment, reservation
+        first, last = mf.mmap_range(off, length, writable=True)
     if mf.frozen and last > -(-mf.size // PAGE_SIZE):
         raise LiveUpdateError(err=errno.EINVAL, msg="mmap: past the end of a frozen memfd")
     mf.check_write("mmap(PROT_WRITE)")
