@@ -49,6 +49,10 @@ def render(results: list[UpdateResult], verdict: bool) -> None:
                       + ("" if vm.resumed else " (restarted!)")
                       + ("" if vm.vcpu_restored else f" vCPU NOT RESTORED: {vm.vcpu_problem}"))
         console.print(v)
+        for name, vm in r.vms.items():
+            if vm.blackout_parts:
+                console.print(f"{name} blackout: " + ", ".join(
+                    f"{part} {s * 1000:.0f} ms" for part, s in vm.blackout_parts.items()))
         if r.cache is not None:
             console.print(f"cache: {r.cache.keys} keys "
                           + ("intact" if r.cache.intact else "LOST"))
@@ -107,6 +111,16 @@ def plot(results: list[UpdateResult], path: str) -> None:
     for i, (label, start_s, dur) in enumerate(rows):
         ax.barh(i, dur, left=start_s, color="tab:red" if "blackout" in label else "tab:blue")
         ax.text(start_s + dur, i, f" {dur:.3f} s", va="center", fontsize=8)
+    colors = plt.get_cmap("tab10").colors
+    for i, vm in enumerate(r.vms.values(), len(r.phases)):  # the blackout rows, in parts
+        at = (vm.blackout_wall_ns[0] / 1e9 - r.timeline.get("start", 0.0)) \
+            if vm.blackout_wall_ns else pause
+        for j, (part, dur) in enumerate((vm.blackout_parts or {}).items()):
+            ax.barh(i, dur, left=at, height=0.4, color=colors[j % len(colors)],
+                    label=part if i == len(r.phases) else None)
+            at += dur
+    if any(vm.blackout_parts for vm in r.vms.values()):
+        ax.legend(fontsize=7, loc="lower right")
     ax.set_yticks(range(len(rows)), [label for label, _, _ in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("seconds since the update started")
