@@ -111,7 +111,7 @@ def plot(results: list[UpdateResult], path: str) -> None:
     for i, (label, start_s, dur) in enumerate(rows):
         ax.barh(i, dur, left=start_s, color="tab:red" if "blackout" in label else "tab:blue")
         ax.text(start_s + dur, i, f" {dur:.3f} s", va="center", fontsize=8)
-    colors = plt.get_cmap("tab10").colors
+    colors = [f"C{i}" for i in range(10)]  # matplotlib's default cycle
     for i, vm in enumerate(r.vms.values(), len(r.phases)):  # the blackout rows, in parts
         at = (vm.blackout_wall_ns[0] / 1e9 - r.timeline.get("start", 0.0)) \
             if vm.blackout_wall_ns else pause
