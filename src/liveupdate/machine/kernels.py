@@ -172,6 +172,16 @@ class Template:
             self.popen.wait()
 
 
+def template_for(templates: dict[str, Template], entry: str, console: Console) -> Template:
+    """The template of ``entry`` in ``templates``, started (again) when it is not alive."""
+    template = templates.get(entry)
+    if template is None or not template.alive():
+        if template is not None:
+            template.close()
+        template = templates[entry] = Template(entry, console)
+    return template
+
+
 def spawn(template: Template, ram_fd: int, console: Console, cmdline: str,
           spares: int) -> KernelProc:
     """A kernel process for ``template``'s entry, its code imported, prepared for

@@ -39,19 +39,10 @@ from typing import Any
 from liveupdate.abi import image, wire
 from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.errors import AbiError, LiveUpdateError
-from liveupdate.machine import firmware
+from liveupdate.machine import firmware, kernels
 from liveupdate.machine.console import Console
 from liveupdate.machine.devices import Bus
-from liveupdate.machine.kernels import (
-    KernelProc,
-    Pending,
-    Template,
-    bury_orphans,
-    cmdline_at,
-    ready,
-    service_count,
-    spawn,
-)
+from liveupdate.machine.kernels import KernelProc, Pending, Template, bury_orphans
 from liveupdate.machine.ram import Ram
 from liveupdate.machine.state import STOPPED, TRANSITIONS, State
 
@@ -133,14 +124,10 @@ class Machine:
     # -- kernel processes -----------------------------------------------------------------
     def _spawn(self, entry: str, cmdline: str) -> KernelProc:
         assert self.ram is not None
-        template = self.templates.get(entry)
-        if template is None or not template.alive():
-            if template is not None:
-                template.close()
-            template = self.templates[entry] = Template(entry, self.console)
         # one userspace spare per service line (the machine owns the disk), none without
-        spares = service_count(self.disk) if self.config.get("spares", True) else 0
-        return spawn(template, self.ram.fd, self.console, cmdline, spares)
+        spares = kernels.service_count(self.disk) if self.config.get("spares", True) else 0
+        return kernels.spawn(kernels.template_for(self.templates, entry, self.console),
+                             self.ram.fd, self.console, cmdline, spares)
 
     def close_templates(self) -> None:
         for template in self.templates.values():
@@ -168,7 +155,7 @@ class Machine:
 
     def _start(self, entry: str, bp_phys: int) -> None:
         self._empty_run()
-        kp = self._take_kernel(entry, cmdline_at(self.ram, bp_phys))
+        kp = self._take_kernel(entry, kernels.cmdline_at(self.ram, bp_phys))
         self.kernel = kp
         self._set_state(State.BOOTING)
         self.boot_count += 1
@@ -239,11 +226,9 @@ class Machine:
 
     def _kexec_loaded(self, kp: KernelProc, header: dict[str, Any]) -> None:
         """The kernel loaded a kexec image: start its kernel process now, prepared for the
-        command line loaded with it, so the jump costs no Python start-up -- and only a
-        machine that may jump pays for one, after its boot (a spare started at every boot
-        cost ~0.25 s of CPU, competing with the boot). The kernel's ``kexec_file_load``
-        returns when it is ready, its userspace spares with it: that is done before any
-        pause. At the jump the machine checks entry and command line against RAM."""
+        command line loaded with it, so the jump costs no Python start-up (only a machine
+        that may jump pays for one). ``kexec_file_load`` returns when it is ready, its
+        userspace spares too: before any pause. The jump checks both against RAM."""
         entry, cmdline = header.get("entry"), header.get("cmdline")
         kernel = None
         if image.is_entry(entry) and isinstance(cmdline, str):
@@ -255,7 +240,7 @@ class Machine:
                     except LiveUpdateError as e:  # no spare: the jump starts one, or panics
                         self.console.append(f"machine: no spare kernel for {entry}: {e}\n"
                                             .encode())
-        if kernel is not None and not ready(kernel, SPARE_READY):
+        if kernel is not None and not kernels.ready(kernel, SPARE_READY):
             self.console.append(f"machine: the next kernel was not ready in "
                                 f"{SPARE_READY:g} s\n".encode())
         with contextlib.suppress(OSError):  # a kernel gone away needs no answer

@@ -48,6 +48,7 @@ class Userspace:
         self._lock = threading.Lock()
         self._ttys: list[socket.socket] = []
         self._out_lock = threading.Lock()
+        self._partial: dict[socket.socket, bytes] = {}  # a line not yet ended, per tty
         self.dying = False
 
     def _forward(self, tty: socket.socket) -> None:
@@ -59,16 +60,25 @@ class Userspace:
                 return
             if not data:
                 break
-            self._write(data)
+            self._write(tty, data)
+        self._write(tty, b"", end=True)
         with self._out_lock:
             if tty in self._ttys:
                 self._ttys.remove(tty)
         tty.close()
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, tty: socket.socket, data: bytes, end: bool = False) -> None:
+        """Whole lines, as a tty's line discipline hands them on: a line written in pieces
+        (``print`` writes the text, then the newline) is not cut by the kernel's own lines
+        or another process's; what is left at the end goes as it is."""
         with self._out_lock:
-            sys.stdout.buffer.write(data)
-            sys.stdout.flush()
+            data = self._partial.pop(tty, b"") + data
+            cut = len(data) if end or len(data) > 65536 else data.rfind(b"\n") + 1
+            if data[cut:]:
+                self._partial[tty] = data[cut:]
+            if cut:
+                sys.stdout.buffer.write(data[:cut])
+                sys.stdout.flush()
 
     def _drain_ttys(self) -> None:
         """Everything stopped processes wrote, to the console (nothing is lost)."""
@@ -78,7 +88,8 @@ class Userspace:
                     data = tty.recv(65536, socket.MSG_DONTWAIT)
                     if not data:
                         break
-                    self._write(data)
+                    self._write(tty, data)
+            self._write(tty, b"", end=True)
 
     def spawn(self, argv: list[str], *, capture: bool = False, cwd: str = "/",
               stdin: int | None = subprocess.DEVNULL) -> Proc:
