@@ -153,6 +153,10 @@ def plot(results: list[UpdateResult], path: str) -> None:
                    "fails on growth. scripts/soak runs 100.")
 @click.option("--cache/--no-cache", default=True, show_default=True,
               help="Also run the key-value cache service.")
+@click.option("--spares/--no-spares", default=True, show_default=True,
+              help="Pre-imported userspace spares that each next kernel adopts as luod, the "
+                   "VMMs and the cache (--no-spares: lu.spares=0, a Python start each, inside "
+                   "the VMs' pause).")
 @click.option("--fault", type=click.Choice(["none", *DAMAGE, *(f.name for f in FAULTS)]),
               default="none", metavar="FAULT",
               help="Break it on purpose. flip-byte (one random byte of a random guest page), "
@@ -180,8 +184,9 @@ def plot(results: list[UpdateResult], path: str) -> None:
               help="With --real: the guest's results, services' logs and console.")
 @click.option("--echo", is_flag=True, help="With --real: show the guest's whole console.")
 def demo(folder: str, vms: int, vm_memory: int, machine_memory: int, generation: str,
-         to: str | None, accel: str, updates: int, cache: bool, fault: str, as_json: bool,
-         plot_path: str | None, real: bool, real_out: Path, echo: bool) -> None:
+         to: str | None, accel: str, updates: int, cache: bool, spares: bool, fault: str,
+         as_json: bool, plot_path: str | None, real: bool, real_out: Path,
+         echo: bool) -> None:
     """Boot an emulated machine with VMs (and a cache), let the guests run, live-update it
     to a new kernel image, and report: a phase timeline, each VM's blackout measured by the
     host clock and by the guest's own timestamps, and the integrity verdict (every guest page
@@ -216,7 +221,7 @@ def demo(folder: str, vms: int, vm_memory: int, machine_memory: int, generation:
     if fault in DAMAGE and vms < 1:
         fail(f"--fault {fault} breaks vm0: run at least one VM")
     d = Demo(folder, vms, vm_memory, machine_memory, generation, accel, cache, say, plan, to,
-             damage=(Damage(fault),) if fault in DAMAGE else ())
+             damage=(Damage(fault),) if fault in DAMAGE else (), spares=spares)
     try:
         report: DemoReport = run.faulted(d) if plan is not None else \
             run.updates(d, updates, fault)

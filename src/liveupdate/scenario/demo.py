@@ -68,8 +68,9 @@ class Demo:
     def __init__(self, folder: str, vms: int, vm_memory: int, machine_memory: int,
                  generation: str, accel: str, cache: bool, say: Any,
                  fault: Fault | None = None, to: str | None = None,
-                 damage: tuple[Damage, ...] = ()) -> None:
+                 damage: tuple[Damage, ...] = (), spares: bool = True) -> None:
         self.folder = os.path.abspath(folder)
+        self.spares = spares  # off: lu.spares=0 (kernel/spares.py)
         self.fault = fault
         self.damage = damage
         self.rng = random.Random()
@@ -111,6 +112,7 @@ class Demo:
         self.say(f"booting a {self.memory >> 30} GiB machine, Linux {self.generation}")
         cmdline = f"{CMDLINE} {NEGOTIATE}" if self.to != self.generation else CMDLINE
         cmdline = f"{cmdline} {self.fault.cmdline}".strip() if self.fault else cmdline
+        cmdline = cmdline if self.spares else f"{cmdline} lu.spares=0"
         self.proc, m = start(self.folder, memory=self.memory, cmdline=cmdline,
                              image=f"images/{self.generation}.img",
                              log=os.path.join(self.folder, "machine.log"))
