@@ -2,9 +2,12 @@
 --template-fd N``, :mod:`liveupdate.kernel.template`) with its code imported.
 
 The machine may ask for it early: it waits on the link for "go" with the physical address of
-the boot parameters. From then on it holds exactly the fds the machine gave (RAM, link, stdio
-to the console) and reads everything else from RAM. After boot it serves the machine's
-requests (run a program, KHO debugfs and status) while userspace runs.
+the boot parameters -- after "prepare", when the machine sends one, with the command line it
+expects the jump to carry and how many userspace spares to start: the process confines itself
+by that line (checked against RAM at boot) and starts its spares (:mod:`.spares`) before "go".
+From "go" on it holds exactly the fds the machine gave (RAM, link, stdio to the console) and
+the sockets to its own userspace, and reads everything else from RAM. After boot it serves
+the machine's requests (run a program, KHO debugfs and status) while userspace runs.
 """
 
 from __future__ import annotations

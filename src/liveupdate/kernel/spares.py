@@ -149,11 +149,3 @@ class Spares:
             finally:
                 chan.close()
             return Adopted(pid)
-
-    def close(self) -> None:
-        """No more spares: the template sees EOF and exits; spares not adopted too."""
-        with self._lock:
-            pool, self._pool = self._pool, []
-        for _, chan in pool:
-            chan.close()
-        self.control.close()
