@@ -220,6 +220,8 @@ def test_the_next_kernels_spares_wait_under_it_and_become_its_services(
     m.kexec_load(finalize=True)
     loaded = m.status()
     nxt = int(loaded["spare_pid"])
+    m.kexec_load()  # loaded again, the same: the same next kernel, ready, with its spares
+    assert m.status()["spare_pid"] == nxt
     waiting = [p for p in _spares_of(nxt) if _ppid(p) == nxt]
     assert len(waiting) == 3  # the template and two spares, the next kernel's children
     assert honesty_violations({"kernel_pid": nxt, "machine_pid": loaded["machine_pid"]},

@@ -60,6 +60,7 @@ class KernelProc:
     console: int  # read end of its console pipe
     entry: str
     cmdline: str = ""  # what it was prepared for ("prepare"): the jump must carry it
+    ready: bool = False  # it said "ready" (its spares started)
     drained: threading.Event = field(default_factory=threading.Event)
     info: dict[str, Any] = field(default_factory=dict)
     # requests sent to this kernel, by id: failed when it goes, never another kernel's
@@ -206,9 +207,9 @@ def spawn(template: Template, ram_fd: int, console: Console, cmdline: str,
 
 def ready(kp: KernelProc, timeout: float) -> bool:
     """Wait for a spawned kernel process's "ready" (its spares started) -- before its "go",
-    while nothing else reads its link."""
+    while nothing else reads its link; at once if it said so before (a second load)."""
     deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
+    while not kp.ready and (left := deadline - time.monotonic()) > 0:
         if not select.select([kp.link], [], [], left)[0]:
             return False
         try:
@@ -216,8 +217,8 @@ def ready(kp: KernelProc, timeout: float) -> bool:
         except (OSError, AbiError):
             return False
         if header.get("op") == "ready":
-            return True
-    return False
+            kp.ready = True
+    return kp.ready
 
 
 def service_count(disk: str) -> int:
