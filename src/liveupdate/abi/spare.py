@@ -6,7 +6,8 @@ The kernel asks the template, over a SOCK_SEQPACKET control socket, for a spare
 channel beside it (SCM_RIGHTS), or ``{"errno", "message"}``. Adopting it is one record on that
 channel: :func:`adoption` (argv, environment, working directory) with :data:`ADOPT_FDS` fds
 -- stdin, stdout, stderr and the syscall connection, which the program finds at
-:data:`SYSCALL_AT`. Our own protocol: Linux has no spares.
+:data:`SYSCALL_AT` --, answered with :data:`ADOPTED` once the spare holds them (as a started
+process holds its fds when ``exec`` returns). Our own protocol: Linux has no spares.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 TEMPLATE_MODULE = "liveupdate.userspace.spare"
 ASK = b"spare"
+ADOPTED = b"adopted"
 ADOPT_FDS = 4  # stdin, stdout, stderr, the syscall connection
 SYSCALL_AT = 3  # where an adopted program finds its syscall connection
 MAX_RECORD = 1 << 16

@@ -142,10 +142,16 @@ class Spares:
                 if not self._pool:
                     return None
                 pid, chan = self._pool.pop(0)
+            said = b""
             try:
                 scm.sendmsg(chan, abi.adoption(argv, env, cwd), fds)
-            except OSError:  # it died unadopted: the next one
-                continue
+                chan.settimeout(READY_TIMEOUT)
+                said = chan.recv(len(abi.ADOPTED))
+            except OSError:  # it died unadopted, or never answered: the next one
+                pass
             finally:
                 chan.close()
-            return Adopted(pid)
+            if said == abi.ADOPTED:  # it holds the fds: the caller may close its copies
+                return Adopted(pid)
+            with contextlib.suppress(ProcessLookupError):  # never two of one program
+                os.kill(pid, signal.SIGKILL)

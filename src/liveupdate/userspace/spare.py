@@ -37,7 +37,7 @@ import warnings
 import liveupdate.luod.daemon
 import liveupdate.userspace.kvcache
 import liveupdate.vmm.vmm  # noqa: F401
-from liveupdate.abi.spare import ADOPT_FDS, MAX_RECORD, SYSCALL_AT, decode_adoption
+from liveupdate.abi.spare import ADOPT_FDS, ADOPTED, MAX_RECORD, SYSCALL_AT, decode_adoption
 from liveupdate.ipc import fds as scm
 
 PRELOAD = ("liveupdate.luod.daemon", "liveupdate.vmm.vmm", "liveupdate.userspace.kvcache")
@@ -122,6 +122,7 @@ def _adopted(channel: socket.socket) -> int:
             zip((1 << 10, (1 << 10) + 1, (1 << 10) + 2, (1 << 10) + 3), fds, strict=True)]
     for fd in fds:
         os.close(fd)
+    channel.send(ADOPTED)  # it holds them: the kernel's copies may go
     channel.close()
     for n, fd in enumerate(held):
         os.dup2(fd, SYSCALL_AT if n == 3 else n)
