@@ -174,6 +174,13 @@ def _blocks(draw: st.DrawFn) -> None:
     luo_ser.decode_sessions(mem, ptr)
 
 
+def _sessions_73(draw: st.DrawFn) -> None:
+    """7.3.4: the session chain at boot, its entries and file chains at the first open."""
+    mem, ptr = ram_mutated(draw)
+    rows, blocks = luo_ser.session_rows(mem, ptr)
+    luo_session.deserialize_73(rows, luo_ser.file_reader(mem, blocks))
+
+
 def _posted(draw: st.DrawFn) -> None:
     """The posted series' lists in RAM: the PCI FLB's device blocks, the IOMMU FLB."""
     mem, ptr = ram_mutated(draw)
@@ -223,6 +230,7 @@ DECODERS: dict[str, Callable[[st.DrawFn], None]] = {
     "bootparams.scratch": _blob("setup_data", bootparams.decode_scratch),
     "bootparams.chosen": _blob("setup_data", lambda b: bootparams.decode_chosen_range(b[:16])),
     "luo_session.decode_sessions": _sessions,
+    "luo_session.deserialize_73": _sessions_73,
     "memfd.decode_folio_array": _blob("memfd-v1", lambda b: memfd.decode_folio_array(
         b, len(b) // 16, 1 << 20)),
     "khotest.decode_inline": _blob("kho-test-inline", khotest.decode),

@@ -24,6 +24,20 @@ def _native(gen: str) -> dict[str, tuple[str, ...]]:
     return {c: (f,) for c, f in image.KernelImage.of(gen).native().items()}
 
 
+def test_a_device_file_is_eio_where_the_reader_lacks_its_handler() -> None:
+    """7.3 plus the posted series hands a VFIO device over; plain 7.3 has no vfio-pci-v1
+    handler (luo_file_deserialize: EIO) but takes the memfd-only handover of the same kernel."""
+    written = image.KernelImage.of("7.3+posted").native()
+    assert written["vfio"] == "vfio-pci-v1" and written["iommufd"] == "iommufd-v1"
+    got = formats.incompatibilities(written, _native("7.3"))
+    assert [(i.component, i.effect) for i in got] == [
+        ("vfio", "EIO"), ("iommufd", "EIO"), ("huge-memfd", "EIO")]
+    memfd_only = {c: f for c, f in written.items()
+                  if c not in generations.FILE_COMPONENTS or c == "memfd"}
+    assert formats.incompatibilities(memfd_only, _native("7.3")) == []
+    assert formats.incompatibilities(written, _native("7.3+posted")) == []
+
+
 @pytest.mark.parametrize("writer, reader, want", [
     ("6.19", "6.19", []),
     ("7.2", "7.2", []),

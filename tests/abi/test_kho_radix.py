@@ -181,11 +181,18 @@ def test_block_chain_length_limit() -> None:
 @pytest.mark.parametrize("blob, message", [
     (b"luo-v5\0\0" + bytes(16), "less than 32"),
     (b"luo-v4\0\0" + bytes(24), "not 'luo-v5'"),
-    (b"luo-v5\0x" + bytes(24), "not 'luo-v5'"),  # strncmp over all 8 bytes
+    (b"luo-v5x\0" + bytes(24), "not 'luo-v5'"),
 ])
 def test_luo_ser_refusals(blob: bytes, message: str) -> None:
     with pytest.raises(AbiError, match=message):
         luo_ser.decode(blob)
+
+
+def test_luo_ser_compatible_is_compared_as_a_c_string() -> None:
+    """strncmp stops at the NUL: 7.3.4's luo_early_startup takes "luo-v5\0" followed by
+    any byte."""
+    assert luo_ser.decode(b"luo-v5\0x" + (7).to_bytes(8, "little") + bytes(16)) \
+        .liveupdate_number == 7
 
 
 def test_luo_ser_sessions_round_trip_and_duplicates() -> None:

@@ -159,3 +159,12 @@ def test_kho_test_of_two_folios_is_read_inline() -> None:
     t = khotest.decode(khotest.encode(khotest.KhoTest(2, 7, info, None)))
     assert t.folios_vmalloc is None and t.folios_info is not None
     assert t.folios_info.tolist() == info.tolist()
+
+
+def test_kho_test_of_two_folios_is_read_as_vmalloc_when_it_is_one() -> None:
+    """The same 16 bytes as a 7.3 kho_vmalloc: its first field is page-aligned."""
+    desc = KhoVmalloc(0x123000, 2, 0, 0).encode()
+    blob = khotest.encode(khotest.KhoTest(2, 7, None, KhoVmalloc.decode(desc)))
+    t = khotest.decode(blob)
+    assert t.folios_info is None and t.folios_vmalloc is not None
+    assert t.folios_vmalloc.encode() == desc

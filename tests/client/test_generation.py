@@ -7,18 +7,19 @@ import errno
 
 import pytest
 
-from liveupdate.abi import generations, uapi, uapi_generation
+from liveupdate.abi import uapi, uapi_generation
 from liveupdate.abi.uapi import Gen
 from liveupdate.client.generation import generation_of, kernel_generation
 from liveupdate.errors import LiveUpdateError
 
-NEWEST = list(generations.RELEASES)[-1]
+NEWEST = uapi_generation.RELEASES[0].handover  # the newest release (not a suffixed one)
 
 
 @pytest.mark.parametrize("release, gen, handover", [
     ("6.17.0-lu-v3", Gen.V3, "v3"), ("6.19.0", Gen.V6_19, "6.19"),
     ("7.0.3-lu", Gen.V6_19, "7.0"), ("7.1.0", Gen.V7_1, "7.1"), ("7.2.0-lu", Gen.V7_1, "7.2"),
     ("8.0", Gen.V7_1, NEWEST),  # a release past the table counts as the newest generation
+    ("7.3.0-lu-posted", Gen.V7_1, "7.3+posted"),  # the suffix beats the number
 ])
 def test_release_table(release: str, gen: Gen, handover: str) -> None:
     assert generation_of(release) is uapi_generation.BY_GEN[gen]

@@ -12,6 +12,7 @@ the reboot ends it. RLIMIT_NOFILE is raised to its hard limit, as the stress sel
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from typing import Any
@@ -19,9 +20,18 @@ from typing import Any
 from liveupdate.abi import generations
 from liveupdate.machine.client import MachineClient
 
-# the releases whose LUO is the sessions front end (6.19 onward), oldest first
-SESSION_GENERATIONS = [r.name for r in generations.RELEASES.values()
-                       if generations.LUO[r.luo].frontend == "sessions"]
+
+def _sessions_behaviour(luo: str) -> generations.LuoGeneration:
+    """What of a LUO row the sessions uAPI answers by: all but its name and the handlers of
+    other file kinds (``7.3+posted`` answers every session case as 7.3)."""
+    return dataclasses.replace(generations.LUO[luo], name="", files=())
+
+
+# the releases whose LUO is the sessions front end (6.19 onward), oldest first, each with a
+# sessions behaviour of its own
+SESSION_GENERATIONS = list({
+    _sessions_behaviour(r.luo): r.name for r in reversed(generations.RELEASES.values())
+    if generations.LUO[r.luo].frontend == "sessions"}.values())[::-1]
 
 PRELUDE = r'''
 import errno, hashlib, json, os, resource, signal, sys

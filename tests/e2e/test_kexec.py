@@ -146,7 +146,7 @@ def test_init_services_and_debugfs(machine: Factory, tmp_path: Path) -> None:
     root = kho.decode_root(m.debugfs("in/fdt"), require_map=True)
     assert [n for n, _ in root.subtrees] == ["kho_test"]
     sub = m.debugfs("in/sub_fdts/kho_test")
-    assert khotest.decode(sub, "inline").nr_folios > 0
+    assert khotest.decode(sub).nr_folios > 0
     with pytest.raises(LiveUpdateError) as e:
         m.debugfs("in/sub_fdts/nope")
     assert e.value.errno == errno.ENOENT

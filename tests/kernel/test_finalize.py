@@ -53,7 +53,7 @@ def test_616_finalize_is_a_toggle_and_abort_drops_everything(rig: Rig) -> None:
     assert [n for n, _ in root.subtrees] == ["kho_test", "memblock"]
     assert blob == kho.encode_root_sequential(root.mem_map, list(root.subtrees))
     assert fdt.check_header(blob).off_mem_rsvmap == 0x30  # the sequential layout
-    assert khotest.decode(debugfs.read(k, "out/sub_fdts/kho_test"), "inline").nr_folios > 0
+    assert khotest.decode(debugfs.read(k, "out/sub_fdts/kho_test")).nr_folios > 0
     pages = preserved_pages(k)
     assert pages > 2048  # 8 MiB of test folios, the region, the FDTs
     assert errno_of(k.require_kho().preserve_folio, k.alloc_pages(0), 0) == errno.EBUSY
@@ -88,7 +88,7 @@ def test_618_finalize_must_come_before_the_load(rig: Rig,
     loaded = reboot.prepare_jump(k)
     assert len(loaded.segments) == 2  # no scratch-array segment
     k.ram.close()
-    k2 = rig._start(loaded.boot_params)
+    k2 = rig.start(loaded.boot_params)
     out = capsys.readouterr().out
     assert "gets no handover" in out
     assert k2.kho_in is None and "disabling KHO revival" not in out  # nothing was passed

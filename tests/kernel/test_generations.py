@@ -193,3 +193,36 @@ def test_a_damaged_radix_or_luo_ser_handover(gen: str, kind: str, outcome: str,
         assert setup and reason in setup[-1], setup
     finally:
         rig.close()
+
+
+@pytest.mark.parametrize("gen, panics", [("7.3", True), ("7.2", False)])
+def test_liveupdate_off_still_reads_the_incoming_luo_data_on_7_3(gen: str, panics: bool) -> None:
+    """7.3.4's luo_early_startup is an early_initcall that checks only kho_is_enabled: a
+    damaged LUO handover panics the next kernel even with liveupdate=off; 7.2 (as modelled)
+    does not look at it."""
+    rig, out = Rig(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            k = rig.boot("kho=on liveupdate=on kho_corrupt=luo_compatible", KernelImage.of(gen))
+            matrix.preserve(k)
+            try:
+                k2 = rig.kexec(k, "kho=on liveupdate=off", KernelImage.of(gen))
+            except Halted as e:
+                assert panics and "luo-v9" in str(e), str(e)
+                return
+        assert not panics and k2.luo is None and k2.kho_in is not None
+    finally:
+        rig.close()
+
+
+def test_liveupdate_off_reads_an_intact_handover_without_a_device_on_7_3() -> None:
+    rig, out = Rig(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            k = rig.boot("kho=on liveupdate=on", KernelImage.of("7.3"))
+            matrix.preserve(k)
+            k2 = rig.kexec(k, "kho=on liveupdate=off", KernelImage.of("7.3"))
+        assert k2.luo is None  # no /dev/liveupdate: the files stay reserved, unreachable
+        assert "luo: Retrieved live update data, liveupdate number: 1" in out.getvalue()
+    finally:
+        rig.close()

@@ -11,7 +11,7 @@ import pytest
 from liveupdate.abi import bootparams, image
 from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.errors import LiveUpdateError
-from liveupdate.kernel import kexec
+from liveupdate.kernel import debugfs, kexec
 from tests.kernel.conftest import Rig
 
 MiB = 1 << 20
@@ -62,6 +62,65 @@ def test_kho_scratch_parameter(param: str, sizes: list[int], said: str,
         k = r.boot(f"kho=on {param}")
         assert scratch_sizes(k) == sizes
         assert said in capsys.readouterr().out.splitlines()
+    finally:
+        r.close()
+
+
+# 7.3.4's scratch_size_update / scratch_size_node: 4 MiB (SCRATCH_ALIGNMENT_BYTES) for the
+# rounding and the allocations, explicit sizes rounded too. 48 MiB of kernel reservations.
+@pytest.mark.parametrize("param, sizes", [
+    ("", [96 * MiB, 0, 96 * MiB]),
+    ("kho_scratch=3M,1M,3M", [4 * MiB, 4 * MiB, 4 * MiB]),
+    ("kho_scratch=1M,3M,5M", [4 * MiB, 4 * MiB, 8 * MiB]),
+    ("kho_scratch=3%", [4 * MiB, 0, 4 * MiB]),  # 1.44 MiB each: 7.2 rounds to 2 MiB
+])
+def test_kho_scratch_on_7_3_is_4_mib_aligned(param: str, sizes: list[int]) -> None:
+    r = Rig()
+    try:
+        k = r.boot(f"kho=on {param}", image.KernelImage.of("7.3"))
+        assert scratch_sizes(k) == sizes
+        assert all(int(a) % (4 * MiB) == 0 for a in k.require_kho().scratch["addr"])
+        # the same switches on 7.2's core: 2 MiB rounding, explicit sizes as given
+        old = Rig()
+        try:
+            k72 = old.boot(f"kho=on {param}", image.KernelImage.of("7.2"))
+            assert scratch_sizes(k72) != sizes or param == ""
+        finally:
+            old.close()
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("gen, kho", [("7.3", False), ("7.2", True)])
+def test_a_kdump_kernel_has_no_kho_on_7_3(gen: str, kho: bool,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """7.3.4's kho_memory_init: is_kdump_kernel() (elfcorehdr= given) turns KHO off, and
+    LUO with it; the 7.1 core of 7.2 knows no such rule."""
+    r = Rig()
+    try:
+        k = r.boot("kho=on liveupdate=on elfcorehdr=0x1000000", image.KernelImage.of(gen))
+        assert (k.kho_out is not None) is kho and (k.luo is not None) is kho
+        assert ("KHO: disabled in the kdump kernel" in capsys.readouterr().out) is not kho
+    finally:
+        r.close()
+
+
+def test_a_kdump_kernel_ignores_the_handover_it_was_given(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    r = Rig()
+    try:
+        img = image.KernelImage.of("7.3")
+        k = r.boot("kho=on test_kho=1", img)
+        k2 = r.kexec(k, "kho=on test_kho=1 elfcorehdr=0x1000000", img)
+        out = capsys.readouterr().out
+        assert k2.kho_in is None and "KHO restore succeeded" not in out
+        cold = Rig()
+        try:  # test_kho's 8 MiB (2048 pages) are not kept: free memory as on a cold kdump
+            # boot, but for the kexec boot's own pages (boot params, setup_data, cmdline)
+            k3 = cold.boot("kho=on test_kho=1 elfcorehdr=0x1000000", img)
+            assert 0 <= k3.buddy.nr_free - k2.buddy.nr_free < 8
+        finally:
+            cold.close()
     finally:
         r.close()
 
@@ -276,3 +335,21 @@ def test_partly_reserved_pages_never_reach_the_page_allocator(rig: Rig) -> None:
 def test_test_kho_clamps_like_upstream(order: int, left: int, want: int) -> None:
     from liveupdate.kernel.testmods.test_kho import clamp_order
     assert clamp_order(order, left) == want
+
+
+def test_debugfs_sub_blobs_are_blob_size_bytes_on_sized_roots() -> None:
+    """kho-v3+ debugfs (spec/kho.md 6; 7.3.4 __kho_debugfs_blob_add): sub_fdts/<name> is the
+    blob of its blob-size, FDT or not -- LUO's raw luo_ser, kexec-metadata, memblock's FDT
+    to its totalsize."""
+    r = Rig()
+    try:
+        img = image.KernelImage.of("7.3")
+        k = r.boot("kho=on liveupdate=on reserve_mem=1M:4096:trace", img)
+        k2 = r.kexec(k, "kho=on liveupdate=on reserve_mem=1M:4096:trace", img)
+        luo = debugfs.read(k2, "in/sub_fdts/LUO")
+        assert len(luo) == 32 and luo.startswith(b"luo-v5\0")
+        assert len(debugfs.read(k2, "out/sub_fdts/kexec-metadata")) == 73
+        memblock = debugfs.read(k2, "in/sub_fdts/memblock")
+        assert len(memblock) == int.from_bytes(memblock[4:8], "big")  # fdt_totalsize
+    finally:
+        r.close()

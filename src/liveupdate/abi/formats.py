@@ -25,6 +25,8 @@ from typing import Any
 
 from liveupdate.abi import (
     bootparams,
+    generations,
+    iommufd,
     kexec_metadata,
     kho,
     khotest,
@@ -34,6 +36,7 @@ from liveupdate.abi import (
     memblock,
     memfd,
     negotiation,
+    vfio_pci,
 )
 
 
@@ -76,6 +79,8 @@ FORMATS: tuple[Format, ...] = (
            "memfd", "memfd-v1"),
     Format("memfd-v2", memfd.MEMFD_V2, lambda raw: memfd.decode_ser(raw, memfd.MEMFD_V2),
            "memfd", "memfd-v2"),
+    Format("vfio-pci-v1", vfio_pci.COMPATIBLE, vfio_pci.decode, "vfio", "vfio-pci-v1"),
+    Format("iommufd-v1", iommufd.COMPATIBLE, iommufd.decode, "iommufd", "iommufd-v1"),
 )
 COMPATIBLE_OF = {f.fmt: f.compatible for f in reversed(FORMATS) if f.fmt}  # first row wins
 
@@ -85,8 +90,8 @@ def compatible_of(fmt: str) -> str:
     return COMPATIBLE_OF[fmt]
 
 
-EFFECT = {"kho": "cold boot", "luo": "panic", "flb": "panic", "memfd": "EIO",
-          "unreachable": "unreachable"}
+EFFECT = {"kho": "cold boot", "luo": "panic", "flb": "panic", "unreachable": "unreachable",
+          **dict.fromkeys(generations.FILE_COMPONENTS, "EIO")}
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,7 @@ def describe(bad: list[Incompatibility]) -> str:
 def incompatibilities(written: Mapping[str, str],
                       reads: Mapping[str, tuple[str, ...]]) -> list[Incompatibility]:
     """What stops a reader that reads ``reads`` (per component) from taking a handover that
-    holds ``written`` (per component; ``memfd`` only when a file of it is preserved). Each
+    holds ``written`` (per component; a file component only when a file of it is preserved). Each
     entry's ``effect`` is what Linux does about it; a KHO mismatch hides everything else
     (the handover is ignored)."""
     kho_fmt = written.get("kho")
@@ -123,7 +128,8 @@ def incompatibilities(written: Mapping[str, str],
     if luo is None:
         return []
     if "luo" not in reads:
-        return [Incompatibility("luo", luo, "has no LUO")] if "memfd" in written else []
+        files = generations.FILE_COMPONENTS & written.keys()
+        return [Incompatibility("luo", luo, "has no LUO")] if files else []
     if luo not in reads["luo"]:
         return [Incompatibility("luo", luo, "cannot read")]
     bad = []
@@ -131,7 +137,9 @@ def incompatibilities(written: Mapping[str, str],
     if flb is not None and flb not in flb_reads and flb_reads != ("none",):
         bad.append(Incompatibility("flb", "luo-flb-v1", "requires" if flb == "none"
                                    else "cannot read"))
-    mfd = written.get("memfd")
-    if mfd is not None and mfd not in reads.get("memfd", ()):
-        bad.append(Incompatibility("memfd", mfd, "cannot read"))
+    for comp in generations.COMPONENTS:
+        fmt = written.get(comp)
+        if comp in generations.FILE_COMPONENTS and fmt is not None \
+                and fmt not in reads.get(comp, ()):
+            bad.append(Incompatibility(comp, fmt, "cannot read"))
     return bad

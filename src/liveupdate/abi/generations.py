@@ -1,4 +1,5 @@
-"""Kernel generations 6.16 to 7.2: what each writes and reads, component by component.
+"""Kernel generations 6.16 to 7.3, and ``7.3+posted``: what each writes and reads,
+component by component.
 
 A handover has four versioned components, each with its formats oldest first:
 
@@ -11,7 +12,16 @@ A handover has four versioned components, each with its formats oldest first:
 ``flb``   ``none`` (6.19 writes no FLB node and ignores one), ``luo-flb-v1`` (7.0+, required)
 ``memfd`` ``memfd-fdt`` (v3's FDT ``memfd-v1``), ``memfd-v1`` (6.19/7.0 struct), ``memfd-v2``
           (7.1+: seals)
+``vfio``  ``vfio-pci-v1`` (the posted VFIO series; ``7.3+posted`` only)
+``iommufd`` ``iommufd-v1`` (the posted IOMMU/iommufd series; ``7.3+posted`` only)
+``huge-memfd`` ``huge-memfd-v1`` (the posted hugetlb RFC; ``7.3+posted`` only)
 ========  ===================================================================================
+
+The last four are **file components**: a handover carries one only when a file of its kind
+is preserved, and a reader without the handler answers every open of /dev/liveupdate with
+EIO (``luo_file_deserialize``: no handler for a compatible). ``7.3+posted`` is Linux 7.3
+plus the series in flight (docs/posted-series.md pins each by message-id): not a release;
+its images say ``7.3.0-lu-posted``.
 
 **Native** is Linux: a kernel writes exactly one format per component and reads only that one
 (kho.md 8, luo.md 7). **Capable** is our negotiation extension (spec: none in Linux; QEMU's
@@ -32,20 +42,25 @@ from dataclasses import dataclass
 
 from liveupdate.errors import AbiError
 
-COMPONENTS = ("kho", "luo", "flb", "memfd")
 ORDER: dict[str, tuple[str, ...]] = {
     "kho": ("kho-v1-512", "kho-v1", "kho-v3", "kho-v4"),
     "luo": ("luo-v3", "luo-v1", "luo-v5"),
     "flb": ("none", "luo-flb-v1"),
     "memfd": ("memfd-fdt", "memfd-v1", "memfd-v2"),
+    "vfio": ("vfio-pci-v1",),
+    "iommufd": ("iommufd-v1",),
+    "huge-memfd": ("huge-memfd-v1",),
 }
+COMPONENTS = tuple(ORDER)
+# only files need them: nothing in common leaves one out, and it is written only with a file
+FILE_COMPONENTS = frozenset({"memfd", "vfio", "iommufd", "huge-memfd"})
+COMPONENT_OF = {f: c for c, fmts in ORDER.items() for f in fmts}
 KHO_COMPATIBLE = {"kho-v1-512": "kho-v1", "kho-v1": "kho-v1", "kho-v3": "kho-v3",
                   "kho-v4": "kho-v4"}
 FAMILY_OF_ONE = frozenset({"luo-v3", "memfd-fdt"})  # the v3 family: its own, no negotiation
 NEEDS_SIZED_ROOT = frozenset({"luo-v5"})  # stored raw: the root must say its size
 FLB_NODE = frozenset({"luo-flb-v1"})  # the FLB formats that write a node (7.0+ requires it)
 DROPS_SEALS = frozenset({"memfd-v1"})  # 6.19's struct: every memfd retrieved unsealable
-OPTIONAL = frozenset({"memfd"})  # only files need it: nothing in common leaves it out
 
 
 @dataclass(frozen=True)
@@ -63,6 +78,7 @@ class LuoGeneration:
     kho: str  # the KHO root format it needs; "" = whatever the KHO core has
     kho_core: str  # the KHO core it runs on; "" = any
     rules: str  # the uAPI behaviour rules of its kernel (kernel/luo/rules.py)
+    files: tuple[str, ...] = ()  # native formats of its other file handlers (FILE_COMPONENTS)
 
     @property
     def enabled(self) -> bool:
@@ -81,7 +97,9 @@ LUO: dict[str, LuoGeneration] = {g.name: g for g in (
     LuoGeneration("7.2", "7.1", "sessions", "luo-v5", "luo-flb-v1", "memfd-v2", "kho-v4",
                   "7.1", "7.1"),
     LuoGeneration("7.3", "7.1", "sessions", "luo-v5", "luo-flb-v1", "memfd-v2", "kho-v4",
-                  "7.1", "7.3"),  # its own rules (kernel/luo/rules.py Rules73)
+                  "7.3", "7.3"),  # its own rules (kernel/luo/rules.py Rules73)
+    LuoGeneration("7.3+posted", "7.1", "sessions", "luo-v5", "luo-flb-v1", "memfd-v2",
+                  "kho-v4", "7.3", "7.3", ("vfio-pci-v1", "iommufd-v1", "huge-memfd-v1")),
 )}
 LUO_GENERATIONS = tuple(LUO)
 # what an image header's ``memfd`` field says for each memfd format (v3's FDT says memfd-v1)
@@ -126,7 +144,8 @@ RELEASES: dict[str, Release] = {r.name: r for r in (
     Release("7.0", "7.0.0-lu", "kho-v1", 4096, "6.19", "7.0"),
     Release("7.1", "7.1.0-lu", "kho-v3", 4096, "7.1", "7.1"),
     Release("7.2", "7.2.0-lu", "kho-v4", 4096, "7.1", "7.2"),
-    Release("7.3", "7.3.0-lu", "kho-v4", 4096, "7.1", "7.3"),
+    Release("7.3", "7.3.0-lu", "kho-v4", 4096, "7.3", "7.3"),
+    Release("7.3+posted", "7.3.0-lu-posted", "kho-v4", 4096, "7.3", "7.3+posted"),
 )}
 @dataclass(frozen=True)
 class KhoCoreRow:
@@ -145,6 +164,8 @@ KHO_CORES: dict[str, KhoCoreRow] = {c.name: c for c in (
     KhoCoreRow("6.18", ("kho-v1",), (4096,), "6.18.0-lu", "none"),
     KhoCoreRow("6.19", ("kho-v1",), (4096,), "6.19.0-lu", "6.19"),
     KhoCoreRow("7.1", ("kho-v3", "kho-v4"), (4096,), "7.1.0-lu", "6.19"),
+    # 7.1's stateless core with 7.3.4's scratch sizing and test_kho (kernel/kho/core.py)
+    KhoCoreRow("7.3", ("kho-v3", "kho-v4"), (4096,), "7.3.0-lu", "6.19"),
 )}
 # the core an image that names none runs on, by its root format and bitmap width
 DEFAULT_CORE = {("kho-v1", 512): "6.16", ("kho-v1", 4096): "6.19", ("kho-v3", 4096): "7.1",
@@ -166,6 +187,7 @@ def native(kho: str, bitmap_bytes: int, luo: str) -> dict[str, str]:
     g = luo_generation(luo)
     out = {"kho": kho_format(kho, bitmap_bytes)}
     out.update({c: f for c, f in (("luo", g.luo), ("flb", g.flb), ("memfd", g.memfd)) if f})
+    out.update({COMPONENT_OF[f]: f for f in g.files})
     return out
 
 
@@ -220,7 +242,7 @@ def agree(native: Mapping[str, str], can: Mapping[str, tuple[str, ...]],
     """Per component, the newest format the writer can write (``can``) and the reader reads
     (``theirs``), for the components the writer has (``native``) and the reader knows;
     ``luo-v5`` only over a kho-v3+ root. A component with nothing in common is left out for
-    ``memfd`` (only files need it) and raises AbiError for ``kho`` and ``luo``."""
+    a file component (only files need it) and raises AbiError for ``kho`` and ``luo``."""
     out: dict[str, str] = {}
     for comp in COMPONENTS:
         if comp not in native or comp not in theirs:
@@ -230,7 +252,7 @@ def agree(native: Mapping[str, str], can: Mapping[str, tuple[str, ...]],
             common -= NEEDS_SIZED_ROOT  # a raw blob needs blob-size
         best = newest(comp, common)
         if best is None:
-            if comp in OPTIONAL:
+            if comp in FILE_COMPONENTS:
                 continue
             raise AbiError(msg=f"the next kernel reads {'/'.join(theirs[comp]) or 'no'} "
                            f"{comp} format, this one writes {'/'.join(can[comp])}")

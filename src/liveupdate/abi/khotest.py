@@ -8,8 +8,7 @@ Built sequentially::
 ``folios_info`` is an inline ``u64[nr_folios]`` of ``phys | order`` (6.16) or a 16-byte
 ``struct kho_vmalloc`` of that array (6.18+). test_kho of each version requires exactly ``8 * n``
 or 16 bytes; ``decode`` takes the form when the caller knows the producer, and otherwise infers
-it from the length -- ambiguous only for ``nr_folios == 2``, read then as the 6.18+ vmalloc
-form.
+it (:func:`_infer`).
 """
 
 from __future__ import annotations
@@ -54,6 +53,17 @@ def encode(t: KhoTest) -> bytes:
     return b.end_node().end_node().finish()
 
 
+def _infer(raw: bytes, n: int) -> str:
+    """The form of ``folios_info``: 16 bytes are either form only when ``nr_folios`` is 2
+    (two order-10 folios fill the 8 MiB test); then an inline entry is ``phys | 10`` and a
+    ``kho_vmalloc``'s first field a page-aligned physical address, so the low bits decide."""
+    if len(raw) != DESC_SIZE:
+        return "inline"
+    if 8 * n != DESC_SIZE:
+        return "vmalloc"
+    return "inline" if int.from_bytes(raw[:8], "little") & (PAGE_SIZE - 1) else "vmalloc"
+
+
 def decode(blob: bytes, form: str | None = None) -> KhoTest:
     """``form`` is ``"inline"`` (6.16), ``"vmalloc"`` (6.18+) or None to infer."""
     what = "kho_test FDT"
@@ -68,9 +78,7 @@ def decode(blob: bytes, form: str | None = None) -> KhoTest:
     if form not in (None, "inline", "vmalloc"):
         raise AbiError(msg=f"unknown kho_test form {form!r}")
     if form is None:
-        # 16 bytes are either form when nr_folios is 2 (two order-10 folios fill the 8 MiB
-        # test); the inline array says exactly 8 bytes per folio, so it wins the tie
-        form = "vmalloc" if len(raw) == DESC_SIZE and 8 * n != DESC_SIZE else "inline"
+        form = _infer(raw, n)
     if form == "inline" and len(raw) == 8 * n:
         info = np.frombuffer(raw, "<u8").copy()
         order = info & np.uint64(PAGE_SIZE - 1)

@@ -14,7 +14,8 @@ block; 0 when empty). ``flbs_pa`` is the same FLB header page as 7.0/7.1 (``luo_
 limit (:data:`kho_block.KHO_MAX_BLOCKS`) remains.
 
 ``luo_early_startup`` checks the blob is at least 32 bytes and ``strncmp(compatible,
-"luo-v5", 8) == 0``; anything else is EINVAL and a panic.
+"luo-v5", 8) == 0`` (7.3.4: the byte after the string's NUL is not compared); anything else
+is EINVAL and a panic.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def decode(raw: bytes) -> LuoSer:
     if len(raw) < LUO_SER.size:
         raise AbiError(msg=f"luo_ser is {len(raw)} bytes, less than {LUO_SER.size}")
     compat, num, sessions, flbs = LUO_SER.unpack_from(raw)
-    if compat != LUO_V5.encode().ljust(COMPAT_LEN, b"\0"):
+    # strncmp: the compare ends at the first NUL, so bytes after "luo-v5\0" are not read
+    if compat.split(b"\0", 1)[0] != LUO_V5.encode():
         raise AbiError(msg=f"luo_ser compatible is {compat.rstrip(bytes(1))!r}, not {LUO_V5!r}")
     return LuoSer(num, sessions, flbs)
 
@@ -74,18 +76,27 @@ def encode_sessions(sessions: list[tuple[str, list[luo_session.FileSer]]],
     return first, pages
 
 
-def decode_sessions(mem: PhysMem, sessions_pa: int) -> tuple[list[luo_session.SessionSer],
-                                                             list[int]]:
-    """Every session and its files from the block chains; also every block's phys (the
-    pages the next kernel restores and frees once it has read them)."""
+def session_rows(mem: PhysMem, sessions_pa: int) -> tuple[np.ndarray, list[int]]:
+    """The session chain alone (7.3.4 ``luo_session_setup_incoming``:
+    ``kho_block_set_restore`` at boot): its ``luo_session_ser`` rows and its blocks."""
     raw, blocks = kho_block.decode(mem, sessions_pa, luo_session.SESSION_DTYPE.itemsize,
                                    "luo sessions")
-    rows = np.frombuffer(raw, luo_session.SESSION_DTYPE)
+    return np.frombuffer(raw, luo_session.SESSION_DTYPE), blocks
 
+
+def file_reader(mem: PhysMem, blocks: list[int]) -> Callable[[str, int, int], np.ndarray]:
+    """Reads one session's file chain, adding its blocks to ``blocks``."""
     def files(name: str, phys: int, n: int) -> np.ndarray:
         fraw, fblocks = kho_block.decode(mem, phys, luo_session.FILE_DTYPE.itemsize,
                                          f"session {name!r} files")
         blocks.extend(fblocks)
         return np.frombuffer(fraw, luo_session.FILE_DTYPE)
+    return files
 
-    return luo_session.check_sessions(rows, files), blocks
+
+def decode_sessions(mem: PhysMem, sessions_pa: int) -> tuple[list[luo_session.SessionSer],
+                                                             list[int]]:
+    """Every session and its files from the block chains; also every block's phys (the
+    pages the next kernel restores and frees once it has read them)."""
+    rows, blocks = session_rows(mem, sessions_pa)
+    return luo_session.check_sessions(rows, file_reader(mem, blocks)), blocks

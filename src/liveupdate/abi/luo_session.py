@@ -192,6 +192,41 @@ def check_sessions(arr: np.ndarray,
     return out
 
 
+def _strscpy(raw: bytes, size: int) -> str:
+    """``strscpy(dst, src, size)``: up to the first NUL, at most ``size - 1`` bytes."""
+    return raw.split(b"\0", 1)[0][: size - 1].decode("utf-8", "surrogateescape")
+
+
+def deserialize_73(arr: np.ndarray,
+                   read_files: Callable[[str, int, int], np.ndarray]) -> list[SessionSer]:
+    """Linux 7.3.4's ``luo_session_deserialize`` and ``luo_file_deserialize``, run at the
+    first open of /dev/liveupdate (any error then is EIO on every open): a name is
+    ``strscpy``'d (an unterminated one loses its last byte), a duplicate name is EEXIST, a
+    session without a file chain has no files whatever its count says (a WARN), a chain
+    holding another number of files than counted is EINVAL, duplicate tokens are kept (a
+    retrieve finds the first). An unterminated handler compatible matches no handler."""
+    out: list[SessionSer] = []
+    names: set[str] = set()
+    for s in arr:
+        name = _strscpy(bytes(s["name"]), SESSION_NAME_LEN)
+        if name in names:
+            raise AbiError(msg=f"duplicate session name {name!r}", err=errno.EEXIST)
+        names.add(name)
+        nfiles, files_phys = int(s["count"]), int(s["files"])
+        files = read_files(name, files_phys, nfiles) if files_phys else np.zeros(0, FILE_DTYPE)
+        if files_phys and len(files) != nfiles:
+            raise AbiError(msg=f"session {name!r}: file count mismatch: expected {nfiles}, "
+                           f"found {len(files)}")
+        entries = []
+        for f in files:
+            raw = bytes(f["compatible"])  # numpy drops trailing NULs: full length = none
+            compat = raw.decode("utf-8", "surrogateescape") if len(raw) < HNDL_COMPAT_LEN \
+                else raw.hex()  # read past the field by strcmp: matches no handler
+            entries.append(FileSer(compat, int(f["data"]), int(f["token"])))
+        out.append(SessionSer(name, files_phys, tuple(entries)))
+    return out
+
+
 @dataclass(frozen=True)
 class FlbSer:
     name: str

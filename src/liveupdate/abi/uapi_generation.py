@@ -10,9 +10,10 @@ global state machine with global tokens), :attr:`UapiGeneration.state_machine` (
 SET_EVENT: PREPARE, FREEZE, FINISH, CANCEL), :attr:`UapiGeneration.get_name`, and
 :meth:`UapiGeneration.ioctl` (the uAPI table's entry, ENOTTY/EOPNOTSUPP when absent).
 
-Mainline has LUO from 6.19 (sessions); 7.1 added GET_NAME. The seed's state-machine uAPI
-("v3") never shipped in a release: kernels that carry it say so with a ``-v3`` suffix (our v3
-images report ``6.17.0-lu-v3``). Anything else before 6.19 has no LUO.
+Mainline has LUO from 6.19 (sessions); 7.1 added GET_NAME. Generations that never shipped
+as a release say so with a suffix, which beats the number: the seed's state-machine uAPI
+(our v3 images report ``6.17.0-lu-v3``) and 7.3 with the posted series (``7.3.0-lu-posted``).
+Anything else before 6.19 has no LUO.
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def named(name: str) -> UapiGeneration:
             from None
 
 
-V3_SUFFIX = re.compile(r"-v3(\b|$)")
 _RELEASE = re.compile(r"^(\d+)\.(\d+)")
+_LOCAL = "-lu"  # our images' local version; what follows it names an unreleased generation
 
 
 @dataclass(frozen=True)
@@ -89,28 +90,40 @@ def _version(release: str) -> tuple[int, int] | None:
     return None if m is None else (int(m.group(1)), int(m.group(2)))
 
 
+def _suffix(release: str) -> str:
+    """``-v3`` of ``6.17.0-lu-v3``; "" for a mainline generation's ``7.3.0-lu``."""
+    _, _, tail = release.partition(_LOCAL)
+    return tail
+
+
+def _uapi(name: str) -> UapiGeneration | None:
+    u = generations.LUO[generations.RELEASES[name].luo].uapi
+    return BY_GEN[Gen(u)] if u else None
+
+
 def _releases() -> tuple[Release, ...]:
     """The release-string rules, newest first, from the generation table
     (:data:`liveupdate.abi.generations.RELEASES`): each mainline generation from its release
     on, the oldest from (0, 0) -- 6.17 is counted with 6.16 (512-byte bitmaps, unless the
-    stable fix was backported); a ``-v3`` suffix beats the number."""
-    rows = sorted(((v, name, generations.LUO[r.luo].uapi)
-                   for name, r in generations.RELEASES.items()
-                   if not V3_SUFFIX.search(r.release) and (v := _version(r.release))),
-                  reverse=True)
-    return tuple(Release(v if i < len(rows) - 1 else (0, 0), name,
-                         BY_GEN[Gen(u)] if u else None) for i, (v, name, u) in enumerate(rows))
+    stable fix was backported)."""
+    rows = sorted(((v, name) for name, r in generations.RELEASES.items()
+                   if not _suffix(r.release) and (v := _version(r.release))), reverse=True)
+    return tuple(Release(v if i < len(rows) - 1 else (0, 0), name, _uapi(name))
+                 for i, (v, name) in enumerate(rows))
 
 
 RELEASES = _releases()
-V3_RELEASE = Release((0, 0), "v3", V3)
+# the unreleased generations, by the suffix their release strings carry
+SUFFIXED = {re.compile(re.escape(sfx) + r"(\b|$)"): Release((0, 0), name, _uapi(name))
+            for name, r in generations.RELEASES.items() if (sfx := _suffix(r.release))}
 
 
 def release_of(release: str) -> Release:
     """The row of :data:`RELEASES` a release string falls in (EINVAL when it is not
     ``MAJOR.MINOR...``)."""
-    if V3_SUFFIX.search(release):
-        return V3_RELEASE
+    for suffix, row in SUFFIXED.items():
+        if suffix.search(release):
+            return row
     m = _RELEASE.match(release)
     if m is None:
         raise LiveUpdateError(err=errno.EINVAL, msg=f"kernel release {release!r} is not "

@@ -23,6 +23,8 @@ COMMANDS = {
     "sessions": "liveupdate.cli.update:sessions",
     "kho": "liveupdate.cli.kho:kho",
     "image": "liveupdate.cli.image:image",
+    "vm": "liveupdate.cli.vm:vm",
+    "fleet": "liveupdate.cli.fleet:fleet",
     "realkernel": "liveupdate.cli.realkernel:realkernel",
     "inspect": "liveupdate.cli.handover:inspect",
     "capture": "liveupdate.cli.handover:capture",

@@ -99,7 +99,13 @@ def kho_populate(k: Kernel, kd: bootparams.KhoData) -> KhoIn | None:
 
 
 def kho_memory_init(k: Kernel) -> np.ndarray | None:
-    """Reserve preserved memory (KHO boot) or fresh scratch (cold boot, kho=on)."""
+    """Reserve preserved memory (KHO boot) or fresh scratch (cold boot, kho=on). On the 7.3
+    core a kdump kernel (``elfcorehdr=`` given: ``is_kdump_kernel``) turns KHO off first, and
+    the handover it was given is neither reserved nor read (7.3.4 ``kho_memory_init``)."""
+    if k.gen.kho.off_in_kdump and "elfcorehdr" in k.cmdline.params:
+        k.kho_enabled, k.kho_in = False, None
+        k.printk("KHO: disabled in the kdump kernel")
+        return None
     kin = k.kho_in
     if kin is not None:
         ranges = kho_memmap.merged_ranges(kin.preserved.phys, kin.preserved.order)
@@ -187,6 +193,7 @@ def start_kernel(k: Kernel, bp_phys: int) -> None:
     pci.enumerate_bus(k)  # subsys_initcall time
     iommu.init(k)
     initcalls.run()
+    testmods.run(k, "device")  # device_initcall: before LUO's late_initcall
     luo_boot.init(k)
     run_dir = confine.run_dir(k)
     if run_dir:

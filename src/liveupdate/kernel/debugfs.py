@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from liveupdate.abi import bootparams, fdt
+from liveupdate.abi import kho as kho_abi
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.kernel import negotiate
 
@@ -24,10 +25,16 @@ if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
 
 
-def _sub_fdt(k: Kernel, subtrees: tuple[tuple[str, int], ...], name: str) -> bytes:
+def _sub_fdt(k: Kernel, subtrees: tuple[tuple[str, int], ...], name: str,
+             size: int | None = None) -> bytes:
+    """``sub_fdts/<name>``: on a root that says each blob's size (kho-v3+, spec/kho.md 6)
+    the blob of ``blob-size`` bytes, whatever it holds (7.3.4 ``__kho_debugfs_blob_add``:
+    LUO's raw ``luo_ser``, kexec-metadata); else an FDT read to its ``totalsize``."""
     for n, phys in subtrees:
         if n == name:
             try:
+                if size is not None:
+                    return k.mem.read(phys, size, f"sub blob {name}")
                 return k.mem.read_fdt(phys, f"sub FDT {name}")
             except AbiError as e:
                 raise LiveUpdateError(err=errno.EIO, msg=e.message) from e
@@ -54,14 +61,16 @@ def read(k: Kernel, path: str) -> bytes:
         if parts[1:] == ["scratch_len"]:
             return _lines(kout.scratch["size"].tolist())
         if len(parts) == 3 and parts[1] == "sub_fdts":
-            return _sub_fdt(k, kout.subtrees(), parts[2])
+            sizes = kho_abi.decode_root(kout.root_blob()) if kout.radix is not None else None
+            return _sub_fdt(k, kout.subtrees(), parts[2],
+                            None if sizes is None else sizes.size(parts[2]))
     if parts[0] == "in" and kin is not None:
         if parts[1:] == ["fdt"]:
             return kin.fdt[: fdt.check_header(kin.fdt).totalsize]
         if len(parts) == 3 and parts[1] == "sub_fdts":
             if parts[2] in kin.sub_fdts:
                 return kin.sub_fdts[parts[2]]
-            return _sub_fdt(k, kin.root.subtrees, parts[2])
+            return _sub_fdt(k, kin.root.subtrees, parts[2], kin.root.size(parts[2]))
     raise LiveUpdateError(err=errno.ENOENT, msg=f"no debugfs file kho/{path}")
 
 

@@ -91,8 +91,8 @@ def plan(k: Kernel, img: KernelImage, cmdline: str) -> Plan:
     return Plan(out, generations.mode(out, nat, img.native()), img.release)
 
 
-def _files(k: Kernel) -> list[tuple[str, File]]:
-    """Every outgoing file and how an error names it."""
+def _files(k: Kernel) -> list[tuple[str, File, str]]:
+    """Every outgoing file, how an error names it and its handler's component."""
     return [] if k.luo is None else k.luo.outgoing_files()
 
 
@@ -107,11 +107,11 @@ def check_files(k: Kernel, p: Plan, what: str) -> None:
         raise LiveUpdateError(err=errno.EINVAL, msg=(
             f"{what}: negotiation: the next kernel ({p.reader}) has no LUO; {files[0][0]}"
             f"{more} would be unreachable"))
-    fmt = p.formats.get("memfd")
-    for name, f in files:
+    for name, f, comp in files:
+        fmt = p.formats.get(comp)
         if fmt is None:
             raise LiveUpdateError(err=errno.EINVAL, msg=(
-                f"{what}: negotiation: the next kernel ({p.reader}) reads no memfd format "
+                f"{what}: negotiation: the next kernel ({p.reader}) reads no {comp} format "
                 f"this kernel writes; {name} cannot cross"))
         seals = f.private.seals if isinstance(f.private, memfd.Memfd) else 0
         if fmt in generations.DROPS_SEALS and seals & ~memfd.F_SEAL_SEAL:
@@ -135,12 +135,14 @@ def outgoing(k: Kernel) -> dict[str, str]:
 
 
 def written(k: Kernel) -> dict[str, str]:
-    """What a reboot now would hand over, per component (``memfd`` only with files)."""
+    """What a reboot now would hand over, per component (a file component only with a
+    file of its kind)."""
     formats = outgoing(k)
     have = ("kho", "luo", "flb") if k.luo is not None else ("kho",)
     out = {c: formats[c] for c in have if c in formats}
-    if _files(k) and "memfd" in formats:
-        out["memfd"] = formats["memfd"]
+    for comp in dict.fromkeys(c for _, _, c in _files(k)):
+        if comp in formats:
+            out[comp] = formats[comp]
     return out
 
 

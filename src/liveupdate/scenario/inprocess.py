@@ -29,9 +29,11 @@ class Rig:
     def boot(self, cmdline: str = "kho=on", img: image.KernelImage | None = None) -> Kernel:
         raw = (img or image.KernelImage()).encode()
         bp = firmware.cold_boot(self.ram, raw, cmdline)
-        return self._start(bp)
+        return self.start(bp)
 
-    def _start(self, bp: int) -> Kernel:
+    def start(self, bp: int) -> Kernel:
+        """A kernel booting from boot params ``bp`` on the RAM as it is (after a :meth:`jump`,
+        as the jump left it)."""
         k = Kernel(self.ram.fd, link=None)  # type: ignore[arg-type]  # no machine: Halted
         self.kernels.append(k)
         boot.start_kernel(k, bp)
@@ -53,7 +55,7 @@ class Rig:
         """:meth:`jump`, then the next kernel boots on the same RAM."""
         loaded = self.jump(k, cmdline, img, finalize=finalize)
         k.ram.close()
-        return self._start(loaded.boot_params)
+        return self.start(loaded.boot_params)
 
     def close(self) -> None:
         for k in self.kernels:

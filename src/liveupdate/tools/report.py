@@ -36,6 +36,7 @@ from liveupdate.abi import (
 from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError, LiveUpdateError
+from liveupdate.tools.report_devices import describe_iommufd, describe_vfio_pci
 from liveupdate.tools.report_identify import identify, is_kho_data
 from liveupdate.tools.report_walk import once, spend_fdt, walk
 
@@ -347,6 +348,8 @@ DESCRIBERS: dict[str, Describer] = {
     "memfd-fdt": _describe_memfd_fdt,
     "memfd-v1": lambda raw, mem, bb: _describe_memfd_struct(raw, mem, memfd.MEMFD_V1),
     "memfd-v2": lambda raw, mem, bb: _describe_memfd_struct(raw, mem, memfd.MEMFD_V2),
+    "vfio-pci-v1": describe_vfio_pci,
+    "iommufd-v1": describe_iommufd,
 }
 
 

@@ -116,8 +116,9 @@ class Timing:
 class Vm:
     """One vCPU on its own thread, pausable at the guest's exits."""
 
-    def __init__(self, accel: Accel, mapping: Mapping, size: int) -> None:
+    def __init__(self, accel: Accel, mapping: Mapping, size: int, duty: float = 1.0) -> None:
         self.accel = accel
+        self.duty = duty  # the share of time the vCPU runs (a fleet's guests idle, as HLT)
         self.mapping = mapping
         self.size = size
         self.timing = Timing()
@@ -144,6 +145,7 @@ class Vm:
         self.timing.first_entry_ns = time.monotonic_ns()
         self.timing.first_entry_wall_ns = time.time_ns()
         while True:
+            ran = time.monotonic_ns()
             self.accel.run_to_exit()
             now, wall = time.monotonic_ns(), time.time_ns()
             tsc = guest.latest_tsc(self.mem)
@@ -161,6 +163,9 @@ class Vm:
                     self.cond.notify_all()
                     self.cond.wait_for(lambda: not self.want_pause)
                     self.paused = False
+                elif self.duty < 1.0:  # idle after each burst; a pause request ends it
+                    idle = (now - ran) * (1.0 - self.duty) / self.duty / 1e9
+                    self.cond.wait_for(lambda: self.want_pause, min(idle, 1.0))
 
     def pause(self, timeout: float = 30.0) -> None:
         with self.cond:
@@ -181,7 +186,11 @@ class Vm:
 
 class Vmm:
     def __init__(self, name: str, size: int, accel: str, backend: Backend | None = None,
-                 plant: str = "") -> None:
+                 plant: str = "", *, duty: float = 1.0, client: LuodClient | None = None,
+                 incoming: tuple[int, int] | None = None) -> None:
+        """``size`` 0: the saved state's. ``client``: an already connected luod client (a
+        migration slot's, :mod:`liveupdate.vmm.incoming`); ``incoming``: the guest memory
+        memfd and the state memfd a live migration filled, resumed as after a kexec."""
         self.name = name
         self.plant = plant  # "cold-start": a planted bug the demo's checks must catch
         self.size = size
@@ -194,8 +203,12 @@ class Vmm:
         self.restored_cpu: CpuState | None = None  # read back from the vCPU after the load
         self.state_fd = -1
         self.state_ranges: list[tuple[int, int]] = []  # where the saved state lies in RAM
-        self.client = self._connect()
-        if self.client.restore:
+        self.client = client or self._connect()
+        self.incoming = incoming is not None
+        if incoming is not None:
+            self.ram_fd = incoming[0]
+            saved = self._read_state(incoming[1])
+        elif self.client.restore:
             self.ram_fd = self.client.retrieve(RAM_TOKEN)
             saved = self._read_state(self.client.retrieve(STATE_TOKEN))
         else:
@@ -206,7 +219,7 @@ class Vmm:
         # where guest memory lies in (emulated) RAM: for tools that prove zero copy
         self.extents = list(self.mapping.ranges)
         accel_obj = make_accel(accel, self.mapping.address, self.size)
-        self.vm = Vm(accel_obj, self.mapping, self.size)
+        self.vm = Vm(accel_obj, self.mapping, self.size, duty)
         if saved is None:
             guest.layout(self.mem, self.size)
             accel_obj.load(fresh())
@@ -235,8 +248,18 @@ class Vmm:
 
     def _freeze(self, c: LuodClient) -> None:
         self.vm.pause()
+        raw = self.state_bytes()
+        m = self.backend.map(self.state_fd, STATE_SIZE)
+        try:
+            m.view[:STATE_SIZE] = raw
+        finally:
+            m.close()
+
+    def state_bytes(self) -> bytes:
+        """The paused VM's state as :data:`liveupdate.vmm.vmstate.VM_STATE` describes it:
+        what freeze preserves and what a live migration sends last."""
         st = self.vm.accel.save()
-        raw = vmstate.VM_STATE.encode({
+        return vmstate.VM_STATE.encode({
             "vm": {"size": self.size, "accel": self.vm.accel.name,
                    "steps": guest.steps(self.mem), "tsc_hz": self.vm.timing.tsc_hz,
                    "last_exit_ns": self.vm.timing.last_exit_ns,
@@ -244,11 +267,6 @@ class Vmm:
                    "paused_wall": time.time(),
                    "ring": guest.ring(self.mem)},
             "cpu0": st.to_json()}, STATE_SIZE)
-        m = self.backend.map(self.state_fd, STATE_SIZE)
-        try:
-            m.view[:STATE_SIZE] = raw
-        finally:
-            m.close()
 
     def _cancel(self, c: LuodClient, reason: str) -> None:
         self.limited = False
@@ -269,8 +287,9 @@ class Vmm:
         try:
             sections = vmstate.VM_STATE.decode(raw)
             d = dict(sections["vm"])
-            if d["size"] != self.size:
+            if self.size and d["size"] != self.size:
                 raise ValueError(f"saved for a {d['size']}-byte guest")
+            self.size = int(d["size"])
             d["cpu"] = CpuState.from_json(sections["cpu0"])
         except AbiError as e:
             raise LiveUpdateError(err=errno.EINVAL, msg=f"vm {self.name}: the saved vCPU "
@@ -318,7 +337,8 @@ class Vmm:
             "paused_wall_ns": paused_wall, "resumed_wall_ns": t.first_entry_wall_ns,
             "tsc": "restored" if self.vm.accel.tsc_settable else "host",
             "steps_before": saved["steps"], "steps_after": guest.steps(self.mem)}
-        self.client.done()
+        if not self.incoming:  # a migrated VM took no part in an update of this host
+            self.client.done()
 
     # -- control --------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

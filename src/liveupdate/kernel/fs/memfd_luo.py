@@ -289,8 +289,8 @@ class MemfdSerHandler(MemfdLuo):
         kin = self.k.kho_in
         area = None if kin is None else kin.restore_vmalloc(ser.folios)
         if area is None:
-            raise LiveUpdateError(err=errno.EIO, msg="memfd: the folio array was not "
-                                  "preserved as a KHO vmalloc area")
+            raise LiveUpdateError(err=self.rules.folio_array_lost, msg="memfd: the folio "
+                                  "array was not preserved as a KHO vmalloc area")
         raw = area.read(self.k.mem)
         for p in np.concatenate([area.chunk_phys, area.block_phys]).tolist():
             self.k.free_pages(p, 0 if p in area.chunk_phys else ser.folios.order)

@@ -20,7 +20,7 @@ Read in upstream ``kernel/kexec_handover.c`` (6.16) and ``kernel/liveupdate/kexe
   ``liveupdate_reboot()`` calls it when LUO is enabled (``liveupdate=on``). Without either the
   root's ``preserved-memory-map`` stays 0 and the next kernel's ``kho_populate`` says
   "disabling KHO revival: -2".
-* **7.1/7.2** -- stateless: no finalize and no ``out/finalize``; the radix tree
+* **7.1-7.3** -- stateless: no finalize and no ``out/finalize``; the radix tree
   (:mod:`liveupdate.kernel.kho.radix`) is kept in RAM from boot, so what is in memory at the
   jump is the handover. The reboot path only closes the tracker (or, negotiated, writes an
   older kho-v1 map for an older kernel).
@@ -31,6 +31,7 @@ at ``kho_init`` (a debugfs blob's size is fixed at creation, so later subtrees a
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,6 +67,7 @@ class KhoCore:
     requires_map: bool  # 6.19+ kho_populate: a zero kho-v1 map is ENOENT (6.16-6.18: empty)
     restore_caps_order: bool  # kho_restore_page refuses order > MAX_PAGE_ORDER (not 7.1+)
     records_kexec_metadata: bool  # kho_init adds the ``kexec-metadata`` subtree (7.1+)
+    off_in_kdump: bool = False  # kho_memory_init disables KHO in a kdump kernel (7.3.4)
 
     @property
     def finalized_by_userspace(self) -> bool:
@@ -123,3 +125,6 @@ CORES = {
     "7.1": KhoCore("7.1", StatelessRoot, False, Debugfs.ABSENT, AtReboot.ALWAYS,
                    requires_map=True, restore_caps_order=False, records_kexec_metadata=True),
 }
+# 7.3.4: the 7.1 core's behaviour here; its scratch sizing (kernel/scratch_sizing.py) and
+# test_kho (kernel/testmods/test_kho.py) are its own, keyed by the core's name there
+CORES["7.3"] = dataclasses.replace(CORES["7.1"], name="7.3", off_in_kdump=True)

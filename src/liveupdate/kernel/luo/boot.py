@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from liveupdate.abi.generations import LuoGeneration
 from liveupdate.kernel import negotiate
 from liveupdate.kernel.luo.handler import FileHandler, handlers_for
+from liveupdate.kernel.luo.rules import rules_of
 from liveupdate.kernel.luo.session import LuoSessions
 from liveupdate.kernel.luo.v3 import LuoV3
 
@@ -24,9 +25,10 @@ FRONTENDS: dict[str, FrontEnd] = {"v3": LuoV3, "sessions": LuoSessions}
 
 
 def init(k: Kernel) -> None:
-    if not k.cmdline.flag("liveupdate"):
-        return
     gen = k.gen.luo
+    if not k.cmdline.flag("liveupdate"):
+        _read_only(k, gen)
+        return
     if not gen.enabled:  # before 6.19 there is no LUO to turn on
         k.printk("luo: this kernel has no Live Update Orchestrator; liveupdate= ignored")
         return
@@ -38,3 +40,13 @@ def init(k: Kernel) -> None:
     k.luo = luo
     luo.boot()
     k.printk(luo.enabled_message())
+
+
+def _read_only(k: Kernel, gen: LuoGeneration) -> None:
+    """``liveupdate=off``: where the rules say so (7.3.4), ``luo_early_startup`` still reads
+    the previous kernel's LUO data -- a damaged one panics -- but no outgoing state, no
+    device: the preserved files stay reserved and unreachable."""
+    if k.kho_in is None or not rules_of(gen).parses_incoming_when_off:
+        return
+    reads = negotiate.code_reads(k)
+    LuoSessions(k, gen, handlers_for(k, k.image.native(), reads), reads).read_incoming()

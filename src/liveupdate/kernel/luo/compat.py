@@ -22,7 +22,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from liveupdate.abi import formats
+from liveupdate.abi import formats, generations
 from liveupdate.abi.image import KernelImage
 from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel import negotiate
@@ -49,7 +49,8 @@ def check(k: Kernel, written: dict[str, str], img: KernelImage, cmdline: str,
 
 
 def check_load(k: Kernel, img: KernelImage, cmdline: str) -> None:
-    written = {c: f for c, f in k.image.native().items() if c != "memfd"}
+    written = {c: f for c, f in k.image.native().items()
+               if c not in generations.FILE_COMPONENTS}
     check(k, written, img, cmdline, "kexec_file_load")
 
 

@@ -18,8 +18,11 @@ native kernel reads only its own and meets the other one as garbage (a panic, as
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
 
 from liveupdate.abi import luo_ser, luo_session
 from liveupdate.abi.consts import PAGE_SIZE
@@ -37,6 +40,9 @@ class Incoming:
     number: int
     flbs: int  # the FLB header's address, 0 without
     meta: list[int]  # the previous kernel's LUO pages, given back after reading
+    # 7.3.4: the sessions' entries and file chains, read at the first open (adding the file
+    # blocks to the list it is given); None when everything was read at boot
+    later: Callable[[list[int]], list[luo_session.SessionSer]] | None = None
 
 
 class Handover(Protocol):
@@ -49,7 +55,9 @@ class Handover(Protocol):
 
     def boot(self, luo: LuoSessions) -> None: ...
 
-    def read(self, mem: PhysMem, phys: int, size: int | None, require_flb: bool) -> Incoming:
+    def read(self, mem: PhysMem, phys: int, size: int | None, require_flb: bool,
+             defer: bool = False) -> Incoming:
+        """``defer``: only what 7.3.4 reads at boot; the rest at the first open."""
         ...
 
     def serialize(self, luo: LuoSessions, sessions: list[tuple[str, list[
@@ -73,7 +81,9 @@ class LuoV1:
         luo.fdt = kout.store(blob)
         luo.publish(luo.fdt, len(blob))
 
-    def read(self, mem: PhysMem, phys: int, size: int | None, require_flb: bool) -> Incoming:
+    def read(self, mem: PhysMem, phys: int, size: int | None, require_flb: bool,
+             defer: bool = False) -> Incoming:
+        """7.3 reads only luo-v5 natively; a negotiated luo-v1 is read whole at boot."""
         fdt = luo_session.decode_luo_fdt(mem.read_fdt(phys, "LUO FDT"), require_flb=require_flb)
         sessions = luo_session.decode_sessions(mem, fdt.session_header)
         meta = [phys, fdt.session_header] + [s.files_phys for s in sessions if s.files]
@@ -112,13 +122,21 @@ class LuoV5:
             luo_ser.LuoSer(luo.number + 1, 0, luo.flb_header)))
         luo.publish(luo.ser, luo_ser.LUO_SER.size)
 
-    def read(self, mem: PhysMem, phys: int, size: int | None, require_flb: bool) -> Incoming:
+    def read(self, mem: PhysMem, phys: int, size: int | None, require_flb: bool,
+             defer: bool = False) -> Incoming:
         """``luo_early_startup``: the blob must hold a ``luo_ser`` (kho-v1 roots carry no
         size, so the struct's own is read)."""
         want = luo_ser.LUO_SER.size if size is None else min(size, PAGE_SIZE)
         ser = luo_ser.decode(mem.read(phys, want, "luo_ser"))
-        sessions, blocks = luo_ser.decode_sessions(mem, ser.sessions_pa)
-        return Incoming(sessions, ser.liveupdate_number, ser.flbs_pa, [phys, *blocks])
+        if not defer:
+            sessions, blocks = luo_ser.decode_sessions(mem, ser.sessions_pa)
+            return Incoming(sessions, ser.liveupdate_number, ser.flbs_pa, [phys, *blocks])
+        rows, blocks = luo_ser.session_rows(mem, ser.sessions_pa) if ser.sessions_pa \
+            else (np.zeros(0, luo_session.SESSION_DTYPE), [])
+
+        def later(meta: list[int]) -> list[luo_session.SessionSer]:
+            return luo_session.deserialize_73(rows, luo_ser.file_reader(mem, meta))
+        return Incoming([], ser.liveupdate_number, ser.flbs_pa, [phys, *blocks], later)
 
     def serialize(self, luo: LuoSessions, sessions: list[tuple[str, list[
             luo_session.FileSer]]], flb: bool) -> None:

@@ -13,7 +13,8 @@ LUO`). A generation that changes a behaviour adds a subclass here and names it i
 * **7.3** -- read in Linux 7.3.4 (:class:`Rules73`): name checks at CREATE_SESSION and a
   64-byte compare at RETRIEVE_SESSION, FINISH's ``reserved``, the direction check before the
   size rules, EFBIG for a memfd of more than UINT_MAX pages, seals restored through
-  ``memfd_add_seals``.
+  ``memfd_add_seals``; the incoming LUO data read (and a damaged one a panic) with
+  ``liveupdate=off`` too, and a LUO subtree lookup failing other than ENOENT a panic.
 """
 
 from __future__ import annotations
@@ -39,10 +40,19 @@ def _name(raw: bytes, *, strict: bool) -> str:
 class Rules619:
     # the errno of a memfd whose pages a u32 folio count cannot hold
     too_many_pages = errno.E2BIG
+    # the errno of a RETRIEVE_FD whose memfd folio array kho_restore_vmalloc refuses
+    folio_array_lost = errno.EIO
     # lib/tests/liveupdate.c's FLBs (the luo_flb test module): their names, and the data
     # each hands over (None: a page of state, as the 7.1 module modelled here keeps)
     test_flbs: ClassVar[tuple[str, ...]] = ("test-flb-v1",)
     test_flb_data: int | None = None
+    # luo_early_startup runs whatever liveupdate= says (an early_initcall that checks only
+    # kho_is_enabled), and a failed LUO subtree lookup other than ENOENT is a panic
+    parses_incoming_when_off = False
+    panic_on_subtree_error = False
+    # luo-v5: only the session chain is read at boot (a panic when damaged); the entries and
+    # file chains at the first open, an error then EIO on every open (7.3.4)
+    deserialize_at_open = False
 
     def check_preserve(self, f: File, in_any_session: Callable[[File], bool]) -> None:
         """Before a file joins a session."""
@@ -85,10 +95,14 @@ class Rules73(Rules71):
     """Linux 7.3.4's sessions uAPI (kernel/liveupdate/luo_session.c, mm/memfd_luo.c)."""
 
     too_many_pages = errno.EFBIG  # memfd_luo_preserve: DIV_ROUND_UP_ULL(size) > UINT_MAX
+    folio_array_lost = errno.EINVAL  # memfd_luo_retrieve: kho_restore_vmalloc NULL -> -EINVAL
     # lib/tests/liveupdate.c: TEST_NFLBS 3, LIVEUPDATE_TEST_FLB_COMPATIBLE(i), data
     # TEST_FLB_MAGIC_BASE + i (test_flb_preserve) -- no page
     test_flbs = tuple(f"liveupdate-test-flb-v{i}" for i in range(3))
     test_flb_data = 0xFEEDF00DCAFEBEE0
+    parses_incoming_when_off = True  # luo_core.c liveupdate_early_init
+    panic_on_subtree_error = True  # luo_early_startup: err != -ENOENT -> luo_restore_fail
+    deserialize_at_open = True  # luo_session_setup_incoming / luo_session_deserialize
     # luo_session_ioctl_ops' types: LUO_IOCTL_INCOMING / _OUTGOING (the rest: _ALL)
     DIRECTION: ClassVar[dict[str, bool]] = {"SESSION_FINISH": True, "SESSION_RETRIEVE_FD": True,
                                             "SESSION_PRESERVE_FD": False}

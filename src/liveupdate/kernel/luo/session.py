@@ -94,6 +94,7 @@ class LuoSessions:
         self.frozen = False
         self._incoming_raw: list[luo_session.SessionSer] | None = None
         self._incoming_meta: list[int] = []
+        self._incoming_later: Callable[[list[int]], list[luo_session.SessionSer]] | None = None
         self._flbs_raw: list[luo_session.FlbSer] = []
         self.fdt = self.header = self.flb_header = self.ser = 0
         self.published = 0  # the blob the LUO subtree points at
@@ -104,18 +105,28 @@ class LuoSessions:
         """``luo_early_startup``: read and check the previous kernel's LUO data (a panic
         when unreadable), then build this kernel's outgoing LUO blob in the live KHO tree
         (its handover writer's format), with the FLB header page first (7.0+)."""
-        kin = self.k.kho_in
-        if kin is not None:
-            try:
-                phys = kin.retrieve_subtree(LUO_KHO_ENTRY_NAME)
-            except LiveUpdateError:
-                phys = 0
-            if phys:
-                self._read_incoming(phys, kin.root.size(LUO_KHO_ENTRY_NAME))
+        self.read_incoming()
         if self.has_flb:
             self.flb_header = self.k.require_kho().alloc_preserve(PAGE_SIZE)
             self.k.write(self.flb_header, luo_session.encode_flbs([]))
         self.writer.boot(self)
+
+    def read_incoming(self) -> None:
+        """The incoming half of ``luo_early_startup``: the LUO subtree, if the previous kernel
+        left one. A lookup failure other than ENOENT panics where the rules say so (7.3.4:
+        ``luo_restore_fail``); older rules take it as no LUO data."""
+        kin = self.k.kho_in
+        if kin is None:
+            return
+        try:
+            phys = kin.retrieve_subtree(LUO_KHO_ENTRY_NAME)
+        except LiveUpdateError as e:
+            if e.errno != errno.ENOENT and self.rules.panic_on_subtree_error:
+                self.k.panic(f"LUO: the incoming tree failed to initialize properly "
+                             f"({e.message}), disabling live update")
+            phys = 0
+        if phys:
+            self._read_incoming(phys, kin.root.size(LUO_KHO_ENTRY_NAME))
 
     def publish(self, phys: int, size: int) -> None:
         """The LUO subtree is ``phys`` (replacing another one: negotiation)."""
@@ -135,8 +146,8 @@ class LuoSessions:
         require_flb = bool(flb_reads) and set(flb_reads) <= generations.FLB_NODE
         try:
             head = self.k.mem.read(phys, 4, "LUO blob")
-            inc = reader_for(self.reads["luo"], head).read(self.k.mem, phys, size,
-                                                           require_flb)
+            inc = reader_for(self.reads["luo"], head).read(
+                self.k.mem, phys, size, require_flb, self.rules.deserialize_at_open)
             meta = inc.meta
             if inc.flbs:
                 self._flbs_raw = luo_session.decode_flbs(self.k.mem, inc.flbs)
@@ -144,21 +155,35 @@ class LuoSessions:
         except AbiError as e:
             self.k.panic(f"LUO: cannot restore the previous kernel's state: {e.message}")
         self._incoming_raw = inc.sessions
+        self._incoming_later = inc.later
         self.number = inc.number
         self._incoming_meta = meta
-        self.k.printk(f"luo: live update {self.number}: {len(self._incoming_raw)} incoming "
-                      "sessions")
+        if inc.later is not None:  # 7.3.4 luo_early_startup's pr_info; sessions come later
+            self.k.printk(f"luo: Retrieved live update data, liveupdate number: {self.number}")
+        else:
+            self.k.printk(f"luo: live update {self.number}: {len(self._incoming_raw)} "
+                          "incoming sessions")
 
     def _deserialize(self) -> None:
         """First open: build the incoming sessions (``luo_session_deserialize``, once)."""
         raw, self._incoming_raw = self._incoming_raw, None
         if raw is None:
             return
+        later, self._incoming_later = self._incoming_later, None
+        if later is not None:
+            try:
+                raw = later(self._incoming_meta)
+            except AbiError as e:  # luo_session_deserialize's saved_err: EIO every open
+                self.restore_failed = e.message
+                self.k.printk(f"luo: {e.message}; /dev/liveupdate is EIO")
+                return
         by_compat = {h.compatible: h for h in self.handlers}
         sessions: dict[str, Session] = {}
         for s in raw:
             inc = IncomingSet()
             for f in s.files:
+                if f.token in inc.files:
+                    continue  # 7.3.4 keeps duplicates; a retrieve finds the first
                 handler = by_compat.get(f.compatible)
                 if handler is None:
                     self.restore_failed = (f"session {s.name!r}: no handler for "
@@ -321,9 +346,9 @@ class LuoSessions:
         return (f"luo: LUO {self.row.name} enabled (sessions), live update "
                 f"{self.number}")
 
-    def outgoing_files(self) -> list[tuple[str, File]]:
-        """Every outgoing file and how an error names it."""
-        return [(f"session {s.name!r} token {e.token:#x}", e.file)
+    def outgoing_files(self) -> list[tuple[str, File, str]]:
+        """Every outgoing file, how an error names it and its handler's component."""
+        return [(f"session {s.name!r} token {e.token:#x}", e.file, e.handler.component)
                 for s in self.outgoing.values() for e in s.files or []]
 
     # -- reports --------------------------------------------------------------------------

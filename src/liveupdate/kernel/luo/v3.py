@@ -332,9 +332,9 @@ class LuoV3:
     def enabled_message(self) -> str:
         return f"luo: LUO v3 enabled, state {self.state.name.lower()}"
 
-    def outgoing_files(self) -> list[tuple[str, File]]:
-        """Every outgoing file and how an error names it."""
-        return [(f"token {e.token:#x}", e.file) for e in self.files]
+    def outgoing_files(self) -> list[tuple[str, File, str]]:
+        """Every outgoing file, how an error names it and its handler's component."""
+        return [(f"token {e.token:#x}", e.file, e.handler.component) for e in self.files]
 
     def check_limits(self, luo_format: str, what: str) -> None:
         """The files FDT grows with its files: no array limits."""

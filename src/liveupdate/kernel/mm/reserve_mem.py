@@ -121,6 +121,7 @@ def preserve(k: Kernel) -> None:
                 return
         phys = kout.store_again(blob, stored[0] if stored else None)
         stored[:] = [phys]
-        kout.add_subtree(memblock_abi.MEMBLOCK_KHO_NODE, phys)
+        # kho-v3+ blob-size: fdt_totalsize, as memblock.c's kho_add_subtree call passes
+        kout.add_subtree(memblock_abi.MEMBLOCK_KHO_NODE, phys, len(blob))
 
     k.kho_out.publish(notifier)

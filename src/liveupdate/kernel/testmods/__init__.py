@@ -1,7 +1,8 @@
 """Kernel-side test components, enabled from the command line like test modules.
 
 Each module may define ``early(k)`` (a KHO boot, after preserved memory is reserved and before
-the page allocator takes free memory), ``late(k)`` (after ``kho_init``) and ``reboot_notifier(k)``
+the page allocator takes free memory), ``device(k)`` (``device_initcall``: after ``kho_init``,
+before LUO), ``late(k)`` (``late_initcall``, after LUO) and ``reboot_notifier(k)``
 (the reboot path's notifier step, after KHO finalize; see ``kernel/reboot.py``). ``PARAMS``
 maps the command-line switch to the module.
 """

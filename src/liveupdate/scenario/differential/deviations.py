@@ -47,6 +47,9 @@ FOUND_AND_FIXED = (
     ("an unlinked tmpfs file", "open(O_TMPFILE) on a tmpfs makes an unnamed shmem inode, "
      "which memfd_luo_can_preserve takes: preserved and retrieved as a memfd "
      "(liveupdate.kernel.syscalls.files)"),
+    ("test_kho", "7.3's lib/test_kho.c runs at device_initcall (its subtree before LUO's), "
+     "keeps folios_info as a kho_vmalloc and gives its blob-size; the port did none of it "
+     "(liveupdate.kernel.testmods.test_kho, the 7.3 KHO core)"),
     ("the selftest FLBs", "7.3's lib/tests/liveupdate.c hands over three FLBs, "
      "liveupdate-test-flb-v0..2, whose data is the value 0xFEEDF00DCAFEBEE0 + i "
      "(liveupdate.kernel.testmods.luo_flb, Rules73)"),
@@ -56,13 +59,3 @@ FOUND_AND_FIXED = (
 # the handover at the jump: a value's path in the stable reduction
 # (liveupdate.scenario.differential.handover) -> why it differs
 HANDOVER_KNOWN: dict[str, Deviation] = {}
-
-TEST_KHO = Deviation(
-    "test_kho not run", "the real image builds lib/test_kho.c in "
-    "(CONFIG_TEST_KEXEC_HANDOVER=y), so its kho_test subtree is in every handover; the "
-    "emulated kernel runs its port only with test_kho=1, and the port still writes the 6.16 "
-    "format (7.3's folios_info is a kho_vmalloc; issue #24 item 3, not done): the suite "
-    "runs without it")
-HANDOVER_KNOWN.update({
-    "subtree_order[1]": TEST_KHO, "subtree_order[2]": TEST_KHO, "subtrees.kho_test": TEST_KHO,
-})

@@ -25,8 +25,9 @@ from liveupdate.errors import LiveUpdateError
 from liveupdate.machine.client import MachineClient, RemoteRam, start
 from liveupdate.scenario.differential import handover
 
-# luo_flb=1: the real image builds lib/tests/liveupdate.c in (CONFIG_LIVEUPDATE_TEST=y)
-CMDLINE = "kho=on liveupdate=on transparent_hugepage_shmem=never luo_flb=1"
+# luo_flb=1 and test_kho=1: the real image builds lib/tests/liveupdate.c
+# (CONFIG_LIVEUPDATE_TEST=y) and lib/test_kho.c (CONFIG_TEST_KEXEC_HANDOVER=y) in
+CMDLINE = "kho=on liveupdate=on transparent_hugepage_shmem=never luo_flb=1 test_kho=1"
 PROGRAM = "liveupdate.userspace.differential"
 EXEC_FROM = re.compile(r"KHO: exec from: \S+ \(count (\d+)\)")
 Records = dict[str, dict[str, list[dict[str, Any]]]]
@@ -63,6 +64,7 @@ def run(batch: dict[str, list[dict[str, Any]]], folder: Path, gen: str = "7.3",
         memory: int = 1 << 30) -> tuple[Records, handover.Stable]:
     """Both stages of ``batch`` on an emulated ``gen`` machine in ``folder``, and the
     handover between them."""
+    folder = folder.resolve()  # the stage programs run in the machine's userspace, in /
     folder.mkdir(parents=True, exist_ok=True)
     disk = folder / "machine" / "disk" / "images"
     disk.mkdir(parents=True, exist_ok=True)
