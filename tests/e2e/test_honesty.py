@@ -233,8 +233,7 @@ def test_kernel_holds_only_what_the_machine_gave(machine: Factory, tmp_path: Pat
     assert honesty_violations(st) == []
     assert not os.path.exists(old_run)  # the previous kernel's runtime folder is gone
     m.wait("KHO restore succeeded", offset=first["console_bytes"])
-    # test_kho's 8 MiB and its folios_info array as a KHO vmalloc area (6.18+): one block
-    # page and one chunk page (as tests/cli/test_machine_cli.py counts them since 854fa19)
+    # test_kho's 8 MiB and its folios_info array as a KHO vmalloc area: a block and a chunk
     assert m.kho_status()["in"]["restored_pages"] == 2048 + 2
 
 

@@ -66,3 +66,29 @@ def test_overlaps_and_misalignment_are_refused(ram: Ram) -> None:
                              (0x1001, 0x1000, 0x1000), (1 << 48, 0, 0x1000)):
         with pytest.raises(ValueError):
             t.map(d, iova, phys, size)
+
+
+def test_unmap_detach_and_free_leave_nothing_translating(ram: Ram) -> None:
+    pages = Pages()
+    freed: list[int] = []
+    t = drv.Tables(ram.map, pages, freed.append)
+    d = t.domain()
+    t.attach(d, SRC)
+    t.map(d, 0, 0x2000000, 0x201000)  # a 2 MiB leaf and a 4 KiB one
+    hw = Iommu(ram)
+    drv.program(hw.write_reg, t.root)
+    with pytest.raises(ValueError):  # half a superpage
+        t.unmap(d, 0, 0x1000)
+    t.unmap(d, 0x200000, 0x1000)
+    assert hw.translate(SRC, 0x1000, 8, write=True) == 0x2001000
+    with pytest.raises(Translated):
+        hw.translate(SRC, 0x200000, 8, write=True)
+    t.detach(d, SRC)
+    with pytest.raises(Translated) as e:
+        hw.translate(SRC, 0x1000, 8, write=True)
+    assert e.value.fault.reason == 2  # context not present
+    t.attach(d, SRC)
+    t.free_domain(d)
+    assert not d.devices and d.did not in t.domains
+    assert sorted(freed) == sorted(set(pages.taken) - set(t.table_pages()))
+    assert t.domain().did == 1  # the id is free again

@@ -13,7 +13,7 @@ import pytest
 
 from liveupdate.vmm import cpu, guest, kvm
 from liveupdate.vmm.tcg import Tcg
-from liveupdate.vmm.vmm import Accel
+from liveupdate.vmm.vcpu import Accel
 from tests.vmm import tsc
 
 SIZE = 32 << 20

@@ -27,6 +27,7 @@ from liveupdate.errors import LiveUpdateError
 
 SYS_KEXEC_FILE_LOAD = 320  # x86_64
 KEXEC_FILE_NO_INITRAMFS = 0x4
+F_ADD_SEALS = 1033  # fcntl.h: F_LINUX_SPECIFIC_BASE + 9
 
 
 class Backend(Protocol):
@@ -40,6 +41,9 @@ class Backend(Protocol):
     def memfd_create(self, name: str, flags: int = 0) -> int: ...
     def ftruncate(self, fd: int, size: int) -> None: ...
     def size(self, fd: int) -> int: ...
+    def pread(self, fd: int, count: int, offset: int) -> bytes: ...
+    def add_seals(self, fd: int, seals: int) -> None: ...
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int: ...
     def map(self, fd: int, length: int) -> Mapping: ...
     def kexec_file_load(self, image: str, cmdline: str) -> None: ...
     def reboot_kexec(self) -> None: ...
@@ -83,6 +87,24 @@ class RealBackend:
 
     def size(self, fd: int) -> int:
         return os.fstat(fd).st_size
+
+    def add_seals(self, fd: int, seals: int) -> None:
+        try:
+            fcntl.fcntl(fd, F_ADD_SEALS, seals)
+        except OSError as e:
+            raise _oserror(e, "F_ADD_SEALS") from e
+
+    def pread(self, fd: int, count: int, offset: int) -> bytes:
+        try:
+            return os.pread(fd, count, offset)
+        except OSError as e:
+            raise _oserror(e, "pread") from e
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        try:
+            return os.pwrite(fd, data, offset)
+        except OSError as e:
+            raise _oserror(e, "pwrite") from e
 
     def map(self, fd: int, length: int) -> Mapping:
         addr = _mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
@@ -137,6 +159,15 @@ class EmulatedBackend:
 
     def size(self, fd: int) -> int:
         return int(self.k.fstat(fd)["size"])
+
+    def add_seals(self, fd: int, seals: int) -> None:
+        self.k.add_seals(fd, seals)
+
+    def pread(self, fd: int, count: int, offset: int) -> bytes:
+        return self.k.pread(fd, count, offset)
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        return self.k.pwrite(fd, data, offset)
 
     def map(self, fd: int, length: int) -> Mapping:
         return self.k.mmap(fd, length)

@@ -14,7 +14,7 @@ import socket
 import threading
 from typing import Any
 
-from liveupdate.abi import syscalls, wire
+from liveupdate.abi import devices_uapi, syscalls, wire
 from liveupdate.abi.uapi_generation import UapiGeneration
 from liveupdate.client.generation import generation_of
 from liveupdate.client.mapping import Mapping, map_extents
@@ -187,7 +187,7 @@ class Kernel:
         named by ``fd_in`` fields ride along (a negative or closed fd is not attached, and
         the kernel answers EBADF); fds the kernel returns are patched into ``fd_out``
         fields as numbers of this process."""
-        entry = self.generation.entry_for(cmd)
+        entry = devices_uapi.entry_for(cmd) or self.generation.entry_for(cmd)
         fds: list[int] = []
         if entry is not None:
             for name in entry.fd_in:

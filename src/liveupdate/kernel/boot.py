@@ -26,8 +26,8 @@ from liveupdate.abi.cmdline import Cmdline
 from liveupdate.abi.consts import PAGE_SHIFT, PAGE_SIZE
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError, LiveUpdateError
-from liveupdate.kernel import confine, initcalls, negotiate, scratch_sizing, testmods
-from liveupdate.kernel.drivers import iommu, pci
+from liveupdate.kernel import confine, initcalls, negotiate, scratch_sizing, testmods, vfio
+from liveupdate.kernel.drivers import iommu_flb, pci
 from liveupdate.kernel.generation import Generation
 from liveupdate.kernel.kho.incoming import KhoIn
 from liveupdate.kernel.kho.outgoing import KhoOut
@@ -190,11 +190,12 @@ def start_kernel(k: Kernel, bp_phys: int) -> None:
     elif k.kho_enabled:
         k.kho_enabled = False
     k.negotiated_in = negotiate.incoming(k)
-    pci.enumerate_bus(k)  # subsys_initcall time
-    iommu.init(k)
     initcalls.run()
     testmods.run(k, "device")  # device_initcall: before LUO's late_initcall
-    luo_boot.init(k)
+    luo_boot.init(k)  # before the devices: their drivers read incoming FLBs at init
+    pci.enumerate_bus(k)  # subsys_initcall time
+    iommu_flb.init(k)  # intel_iommu_init: a new root table, or the preserved one taken over
+    vfio.init(k)  # /dev/iommu, vfio-pci's cdevs, the devices' LUO handlers' FLBs
     run_dir = confine.run_dir(k)
     if run_dir:
         try:

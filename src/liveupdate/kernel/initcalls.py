@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from liveupdate.kernel import vfio
 from liveupdate.kernel.fs import memfd_luo
 
-INITCALLS: tuple[Callable[[], None], ...] = (memfd_luo.init,)
+INITCALLS: tuple[Callable[[], None], ...] = (memfd_luo.init, vfio.luo_init)
 _done = False
 
 

@@ -23,7 +23,7 @@ from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel import power
 from liveupdate.kernel.drivers.iommu import Tables
-from liveupdate.kernel.fs.file import FileTable
+from liveupdate.kernel.fs.file import File, FileTable
 from liveupdate.kernel.fs.memfd import THP_MODES, Memfd
 from liveupdate.kernel.generation import Generation
 from liveupdate.kernel.kho.incoming import KhoIn
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from liveupdate.kernel.kexec import Loaded
     from liveupdate.kernel.luo.session import LuoSessions
     from liveupdate.kernel.luo.v3 import LuoV3
+    from liveupdate.kernel.vfio.pci import VfioPciDevice
 
 
 class Kernel:
@@ -77,6 +78,8 @@ class Kernel:
         self.disk_dir = ""
         self.pci: list[int] = []  # the PCI functions enumerated at boot (requester ids)
         self.iommu: Tables | None = None  # the IOMMU driver's tables (intel_iommu=on)
+        self.chrdevs: dict[str, Callable[[], File]] = {}  # device nodes of drivers, by path
+        self.vfio: list[VfioPciDevice] = []  # the functions vfio-pci claimed
 
     def fault_point(self, name: str) -> None:
         for hook in self.fault_points.get(name, ()):

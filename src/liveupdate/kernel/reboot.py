@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel import kexec, negotiate
-from liveupdate.kernel.drivers import iommu, pci
+from liveupdate.kernel.drivers import iommu, iommu_flb, pci, pci_flb
 from liveupdate.kernel.luo import compat
 
 if TYPE_CHECKING:
@@ -90,8 +90,9 @@ def _notifiers(k: Kernel, formats: Formats) -> None:
 def _device_shutdown(k: Kernel, formats: Formats) -> None:
     """``kernel_restart_prepare`` -> ``device_shutdown`` (after the reboot notifiers), then
     the IOMMU's shutdown (``intel_iommu_shutdown``, translation off)."""
-    pci.shutdown(k)
-    iommu.kernel_shutdown(k)
+    kept = pci_flb.kept(k)
+    pci.shutdown(k, kept)
+    iommu.kernel_shutdown(k, kept - iommu_flb.blocked(k) if kept else None)
 
 
 def _end_userspace(k: Kernel, formats: Formats) -> None:

@@ -139,10 +139,18 @@ def _pci_write(bus: Bus, m: Message) -> Message:
 
 
 def _bar(bus: Bus, m: Message) -> tuple[Nic, str]:
+    """The register a BAR access names, by ``reg`` (its name) or ``offset`` (in BAR0, as a
+    mapping of the BAR addresses it: 32-bit registers, naturally aligned)."""
     f = bus.function(m)
     if f is None or not f.command & pci.PCI_COMMAND_MEMORY:
         raise LiveUpdateError(err=errno.EIO, msg="BAR access to a function without memory "
                               "space enabled")
+    if "offset" in m.header:
+        offset = arg(m, "offset", int)
+        name = next((n for n, at in REGS.items() if at == offset), "")
+        if not name:
+            raise ValueError(f"no register at BAR0 offset {offset:#x}")
+        return f, name
     name = arg(m, "reg", str)
     if name not in REGS:
         raise ValueError(f"no register {name}")
@@ -160,6 +168,17 @@ def _bar_write(bus: Bus, m: Message) -> Message:
     return Message({})
 
 
+def _pci_flr(bus: Bus, m: Message) -> Message:
+    """A function-level reset (``pcie_flr``'s write of ``PCI_EXP_DEVCTL_BCR_FLR``; the
+    functions have no capability list, so the link carries the reset itself): the header as
+    at power on, the device's registers cleared. An empty slot: ENODEV."""
+    f = bus.function(m)
+    if f is None:
+        raise LiveUpdateError(err=errno.ENODEV, msg="FLR of an empty slot")
+    f.reset()
+    return Message({})
+
+
 def _iommu_read(bus: Bus, m: Message) -> Message:
     return Message({"value": bus.iommu.read_reg(arg(m, "offset", int))})
 
@@ -172,4 +191,5 @@ def _iommu_write(bus: Bus, m: Message) -> Message:
 # what a kernel may ask of its hardware over the link, by op
 HARDWARE: dict[str, Handler] = {op: _einval(fn) for op, fn in (
     ("pci_read", _pci_read), ("pci_write", _pci_write), ("bar_read", _bar_read),
-    ("bar_write", _bar_write), ("iommu_read", _iommu_read), ("iommu_write", _iommu_write))}
+    ("bar_write", _bar_write), ("pci_flr", _pci_flr), ("iommu_read", _iommu_read),
+    ("iommu_write", _iommu_write))}

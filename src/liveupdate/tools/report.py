@@ -36,7 +36,12 @@ from liveupdate.abi import (
 from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.abi.physmem import PhysMem
 from liveupdate.errors import AbiError, LiveUpdateError
-from liveupdate.tools.report_devices import describe_iommufd, describe_vfio_pci
+from liveupdate.tools.report_devices import (
+    FLB_DESCRIBERS,
+    describe_flb,
+    describe_iommufd,
+    describe_vfio_pci,
+)
 from liveupdate.tools.report_identify import identify, is_kho_data
 from liveupdate.tools.report_walk import once, spend_fdt, walk
 
@@ -284,9 +289,12 @@ def _sessions_report(mem: PhysMem, sessions: list[luo_session.SessionSer]) -> Re
 
 
 def _flbs(rep: Report, mem: PhysMem, phys: int) -> None:
-    rep["flbs"] = guard(lambda: {"list": [
-        {"name": f.name, "data": hx(f.data), "count": f.count}
-        for f in luo_session.decode_flbs(mem, phys)]})
+    def one(f: luo_session.FlbSer) -> Report:
+        entry: Report = {"name": f.name, "data": hx(f.data), "count": f.count}
+        if f.name in FLB_DESCRIBERS:
+            entry["decoded"] = guard(lambda: describe_flb(mem, f.name, f.data) or {})
+        return entry
+    rep["flbs"] = guard(lambda: {"list": [one(f) for f in luo_session.decode_flbs(mem, phys)]})
 
 
 def _describe_luo_v5(blob: bytes, mem: PhysMem | None, bb: int | None) -> Report:

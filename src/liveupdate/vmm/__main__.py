@@ -18,14 +18,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("name")
     ap.add_argument("--memory", default="1G", help="guest memory, with K/M/G")
     ap.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
-    ap.add_argument("--plant", default="", choices=("", "cold-start"),
+    ap.add_argument("--plant", default="", choices=("", "cold-start", "no-device"),
                     help="a planted bug, for the demo's negative tests: cold-start throws "
-                         "the saved vCPU state away at restore")
+                         "the saved vCPU state away at restore; no-device leaves an "
+                         "assigned device out of the live update")
     ap.add_argument("--duty", type=float, default=1.0,
                     help="the share of time the vCPU runs; it idles (as on HLT) the rest: a "
                          "fleet's guests walk their memory, then idle")
     ap.add_argument("--incoming", action="store_true",
                     help="start empty, as a slot a VM is live-migrated into")
+    ap.add_argument("--nic", default="", help="a VFIO device cdev to assign "
+                    "(/dev/vfio/devices/vfioN): the NIC guest runs, see liveupdate.vmm.nic")
+    ap.add_argument("--ring", type=int, default=4096, help="the NIC guest's ring entries")
     args = ap.parse_args(argv)
     units = {"K": 10, "M": 20, "G": 30}
     m = args.memory.upper()
@@ -42,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
                   + f", control {path}", flush=True)
             service.serve(srv, slot.handlers)
             return 0
-        vmm = Vmm(args.name, size, args.accel, plant=args.plant, duty=args.duty)
+        vmm = Vmm(args.name, size, args.accel, plant=args.plant, duty=args.duty,
+                  nic=args.nic, ring=args.ring)
         path = endpoints.service_socket(vmm.backend.cmdline(), f"vmm-{args.name}")
         srv = service.listen(path)
         st = vmm.status()

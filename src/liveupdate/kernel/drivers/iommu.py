@@ -51,10 +51,21 @@ class Domain:
 
 
 class Tables:
-    def __init__(self, mem: Memory, alloc_page: Callable[[], int]) -> None:
-        self.mem, self.alloc_page = mem, alloc_page
+    def __init__(self, mem: Memory, alloc_page: Callable[[], int],
+                 free_page: Callable[[int], None] | None = None) -> None:
+        self.mem, self.alloc_page, self.free_page = mem, alloc_page, free_page
         self.root = self._zeroed()
         self.domains: dict[int, Domain] = {}
+
+    @classmethod
+    def adopt(cls, mem: Memory, alloc_page: Callable[[], int],
+              free_page: Callable[[int], None], root: int) -> Tables:
+        """Tables around a root table already in use (the live update take-over); the
+        caller adds the domains it knows."""
+        t = cls.__new__(cls)
+        t.mem, t.alloc_page, t.free_page = mem, alloc_page, free_page
+        t.root, t.domains = root, {}
+        return t
 
     def _zeroed(self) -> int:
         phys = self.alloc_page()
@@ -69,9 +80,19 @@ class Tables:
         self.mem[phys : phys + 8] = struct.pack("<Q", value)
 
     def domain(self) -> Domain:
-        did = len(self.domains) + 1  # domain id 0 is reserved (caching mode)
+        did = max(self.domains, default=0) + 1  # domain id 0 is reserved (caching mode)
         self.domains[did] = Domain(did, self._zeroed())
         return self.domains[did]
+
+    def free_domain(self, d: Domain) -> None:
+        """``intel_iommu_domain_free``: every device detached, every table page freed."""
+        for source in list(d.devices):
+            self.detach(d, source)
+        pages = self._walk_pages(d.top, LEVELS)
+        del self.domains[d.did]
+        if self.free_page is not None:
+            for page in pages:
+                self.free_page(page)
 
     def attach(self, d: Domain, source: int) -> None:
         """``domain_context_mapping_one``: the device's context entry points at ``d``."""
@@ -85,6 +106,41 @@ class Tables:
         self._set(entry + 8, AGAW_48 | d.did << 8)
         self._set(entry, d.top | 1)  # present last, as the driver orders it
         d.devices.add(source)
+
+    def detach(self, d: Domain, source: int) -> None:
+        """``domain_context_clear_one``: the device's context entry cleared (present first),
+        so its next DMA faults (context not present) until it is attached again."""
+        ctx = self._get(self.root + 16 * (source >> 8)) & ADDR_MASK
+        if ctx:
+            entry = ctx + 16 * (source & 0xFF)
+            self._set(entry, 0)
+            self._set(entry + 8, 0)
+        d.devices.discard(source)
+
+    def unmap(self, d: Domain, iova: int, size: int) -> None:
+        """Clear the leaves of ``[iova, iova + size)``; a superpage must be covered whole
+        (iommufd only unmaps whole areas, which were mapped with these leaves)."""
+        end = iova + size
+        while iova < end:
+            slot, span = self._slot(d, iova)
+            if slot is None or iova & (span - 1) or iova + span > end:
+                raise ValueError(f"iova {iova:#x}: no leaf of the range starts there")
+            self._set(slot, 0)
+            iova += span
+
+    def _slot(self, d: Domain, iova: int) -> tuple[int | None, int]:
+        """The leaf slot mapping ``iova`` and its span (None: not mapped)."""
+        table = d.top
+        for level in range(LEVELS, 0, -1):
+            shift = 12 + 9 * (level - 1)
+            slot = table + 8 * ((iova >> shift) & 0x1FF)
+            entry = self._get(slot)
+            if not entry:
+                return None, 1 << shift
+            if level == 1 or entry & LARGE:
+                return slot, 1 << shift
+            table = entry & ADDR_MASK
+        return None, PAGE
 
     def map(self, d: Domain, iova: int, phys: int, size: int, prot: int = READ | WRITE) -> None:
         """Map ``size`` bytes (page multiples, aligned) with the largest leaves that fit."""
@@ -155,13 +211,23 @@ def init(k: Kernel) -> None:
     k.iommu = None
     if k.link is None or k.cmdline.get("intel_iommu", "off") != "on":
         return
-    k.iommu = Tables(k.ram, lambda: k.alloc_pages(0))
+    k.iommu = Tables(k.ram, lambda: k.alloc_pages(0), lambda p: k.free_pages(p, 0))
     program(lambda offset, value: _write_reg(k, offset, value), k.iommu.root)
     k.printk(f"DMAR: IOMMU enabled, root table at {k.iommu.root:#x}")
 
 
-def kernel_shutdown(k: Kernel) -> None:
-    """At a kexec, after ``device_shutdown``: translation off."""
+def kernel_shutdown(k: Kernel, kept: set[int] | None = None) -> None:
+    """At a kexec, after ``device_shutdown``: translation off -- unless a live update keeps
+    devices (``kept``, not None: the requester ids that go on translating; possibly none,
+    when each was blocked): then, as the posted series' ``clear_unpreserved_context_entries``,
+    every other device's context entry is cleared and translation stays on."""
+    if k.iommu is not None and kept is not None:
+        t = k.iommu
+        for d in t.domains.values():
+            for source in list(d.devices - kept):
+                t.detach(d, source)
+        k.printk(f"DMAR: translation kept for {len(kept)} preserved devices (kexec)")
+        return
     if k.iommu is not None:
         try:
             shutdown(lambda offset, value: _write_reg(k, offset, value))

@@ -58,11 +58,15 @@ def enumerate_bus(k: Kernel) -> None:
         k.pci.append(bdf)
 
 
-def shutdown(k: Kernel) -> None:
-    """``pci_device_shutdown`` at a kexec: bus mastering off on every device. It cannot fail
-    the reboot (``device_shutdown`` returns nothing): a device that does not answer is
-    logged and the next one shut down."""
+def shutdown(k: Kernel, kept: set[int] | None = None) -> None:
+    """``pci_device_shutdown`` at a kexec: bus mastering off on every device but those a
+    live update preserves (``kept``: the PCI FLB's). It cannot fail the reboot
+    (``device_shutdown`` returns nothing): a device that does not answer is logged and the
+    next one shut down."""
     for bdf in k.pci:
+        if kept and bdf in kept:
+            k.printk(f"pci {_name(bdf)}: preserved, left as it is (kexec)")
+            continue
         try:
             command = config_read(k, bdf, PCI_COMMAND, 2)
             if command & PCI_COMMAND_MASTER:

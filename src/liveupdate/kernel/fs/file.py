@@ -50,6 +50,18 @@ class IoctlOps(Protocol):
               resolve: Callable[[int], File]) -> tuple[bytes, list[File]]: ...
 
 
+@runtime_checkable
+class RwOps(Protocol):
+    """A kind of file with ``read_iter``/``write_iter`` at an offset of its own meaning (a
+    VFIO device's regions): ``pread`` and ``pwrite``."""
+
+    name: str
+
+    def release(self, f: File) -> None: ...
+    def pread(self, f: File, count: int, offset: int) -> bytes: ...
+    def pwrite(self, f: File, data: bytes, offset: int) -> int: ...
+
+
 @dataclass(eq=False)
 class File:
     """``struct file``: an open file description, shared by every copy of its handle."""

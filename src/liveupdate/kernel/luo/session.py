@@ -128,6 +128,12 @@ class LuoSessions:
         if phys:
             self._read_incoming(phys, kin.root.size(LUO_KHO_ENTRY_NAME))
 
+    def incoming_flb(self, name: str) -> int:
+        """The data of the previous kernel's FLB ``name`` (0: none), readable at boot before
+        the sessions are deserialized -- the early-boot FLB access the posted hugetlb and
+        IOMMU series add, for the drivers that take hardware over at init."""
+        return next((f.data for f in self._flbs_raw if f.name == name), 0)
+
     def publish(self, phys: int, size: int) -> None:
         """The LUO subtree is ``phys`` (replacing another one: negotiation)."""
         if self.published == phys:

@@ -39,7 +39,7 @@ from liveupdate.abi.consts import PAGE_SHIFT, PAGE_SIZE
 from liveupdate.abi.wire import Message, arg
 from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel.fs import memfd
-from liveupdate.kernel.fs.file import File, IoctlOps
+from liveupdate.kernel.fs.file import File, IoctlOps, RwOps
 from liveupdate.kernel.syscalls import creds
 
 if TYPE_CHECKING:
@@ -84,6 +84,10 @@ def sys_open(c: Caller, m: Message) -> Message:
         return _reopen(c, m, path)
     if arg(m, "flags", int, 0) & os.O_TMPFILE == os.O_TMPFILE:
         return _tmpfile(c, path)
+    node = c.k.chrdevs.get(path)
+    if node is not None:  # a driver's device node: root's, mode 0600, as udev makes them
+        creds.may_open_root_node(c.peer.cred(), f"open: {path}", write=True)
+        return _handle(c, node())
     if path != DEV_LIVEUPDATE:
         raise LiveUpdateError(err=errno.ENOENT, msg=f"open: {path}: no such device")
     if c.k.luo is None:
@@ -180,11 +184,17 @@ def _count(m: Message) -> int:
 
 
 def sys_pread(c: Caller, m: Message) -> Message:
+    f = _file(c, m)
+    if isinstance(f.ops, RwOps):  # a driver's file (a VFIO device's regions)
+        return Message({}, f.ops.pread(f, _count(m), arg(m, "offset", int)))
     _, mf = _memfd(c, m)
     return Message({}, mf.pread(_count(m), arg(m, "offset", int)))
 
 
 def sys_pwrite(c: Caller, m: Message) -> Message:
+    f = _file(c, m)
+    if isinstance(f.ops, RwOps):
+        return Message({"written": f.ops.pwrite(f, m.payload, arg(m, "offset", int))})
     _, mf = _memfd(c, m)
     return Message({"written": mf.pwrite(m.payload, arg(m, "offset", int))})
 

@@ -1,0 +1,1 @@
+"""iommufd: ``/dev/iommu`` (IOAS, HWPT, bound devices) over the Intel IOMMU driver's tables."""
