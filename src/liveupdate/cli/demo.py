@@ -49,6 +49,10 @@ def render(results: list[UpdateResult], verdict: bool) -> None:
                       + ("" if vm.resumed else " (restarted!)")
                       + ("" if vm.vcpu_restored else f" vCPU NOT RESTORED: {vm.vcpu_problem}"))
         console.print(v)
+        for name, vm in r.vms.items():
+            if vm.blackout_parts:
+                console.print(f"{name} blackout: " + ", ".join(
+                    f"{part} {s * 1000:.0f} ms" for part, s in vm.blackout_parts.items()))
         if r.cache is not None:
             console.print(f"cache: {r.cache.keys} keys "
                           + ("intact" if r.cache.intact else "LOST"))
@@ -107,6 +111,16 @@ def plot(results: list[UpdateResult], path: str) -> None:
     for i, (label, start_s, dur) in enumerate(rows):
         ax.barh(i, dur, left=start_s, color="tab:red" if "blackout" in label else "tab:blue")
         ax.text(start_s + dur, i, f" {dur:.3f} s", va="center", fontsize=8)
+    colors = [f"C{i}" for i in range(10)]  # matplotlib's default cycle
+    for i, vm in enumerate(r.vms.values(), len(r.phases)):  # the blackout rows, in parts
+        at = (vm.blackout_wall_ns[0] / 1e9 - r.timeline.get("start", 0.0)) \
+            if vm.blackout_wall_ns else pause
+        for j, (part, dur) in enumerate((vm.blackout_parts or {}).items()):
+            ax.barh(i, dur, left=at, height=0.4, color=colors[j % len(colors)],
+                    label=part if i == len(r.phases) else None)
+            at += dur
+    if any(vm.blackout_parts for vm in r.vms.values()):
+        ax.legend(fontsize=7, loc="lower right")
     ax.set_yticks(range(len(rows)), [label for label, _, _ in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("seconds since the update started")
@@ -139,6 +153,10 @@ def plot(results: list[UpdateResult], path: str) -> None:
                    "fails on growth. scripts/soak runs 100.")
 @click.option("--cache/--no-cache", default=True, show_default=True,
               help="Also run the key-value cache service.")
+@click.option("--spares/--no-spares", default=True, show_default=True,
+              help="Pre-imported userspace spares that each next kernel adopts as luod, the "
+                   "VMMs and the cache (--no-spares: lu.spares=0, a Python start each, inside "
+                   "the VMs' pause).")
 @click.option("--fault", type=click.Choice(["none", *DAMAGE, *(f.name for f in FAULTS)]),
               default="none", metavar="FAULT",
               help="Break it on purpose. flip-byte (one random byte of a random guest page), "
@@ -177,8 +195,8 @@ def plot(results: list[UpdateResult], path: str) -> None:
 @click.option("--ring", type=click.IntRange(16, 65536), default=4096, show_default=True,
               help="With --devices: the guests' receive ring entries (a power of two).")
 def demo(folder: str, vms: int, vm_memory: int, machine_memory: int, generation: str,
-         to: str | None, accel: str, updates: int, cache: bool, fault: str, as_json: bool,
-         plot_path: str | None, real: bool, real_out: Path, echo: bool,
+         to: str | None, accel: str, updates: int, cache: bool, spares: bool, fault: str,
+         as_json: bool, plot_path: str | None, real: bool, real_out: Path, echo: bool,
          devices_mode: str | None, ring: int, vm_hugepages: str | None) -> None:
     """Boot an emulated machine with VMs (and a cache), let the guests run, live-update it
     to a new kernel image, and report: a phase timeline, each VM's blackout measured by the
@@ -226,7 +244,8 @@ def demo(folder: str, vms: int, vm_memory: int, machine_memory: int, generation:
     if fault in DAMAGE and vms < 1:
         fail(f"--fault {fault} breaks vm0: run at least one VM")
     d = Demo(folder, vms, vm_memory, machine_memory, generation, accel, cache, say, plan, to,
-             damage=(Damage(fault),) if fault in DAMAGE else (), hugepages=vm_hugepages or "")
+             damage=(Damage(fault),) if fault in DAMAGE else (), hugepages=vm_hugepages or "",
+             spares=spares)
     try:
         report: DemoReport = run.faulted(d) if plan is not None else \
             run.updates(d, updates, fault)

@@ -46,7 +46,7 @@ from liveupdate.client import faultpoint
 from liveupdate.client.backends import Backend, open_backend
 from liveupdate.client.device import Session
 from liveupdate.errors import LiveUpdateError
-from liveupdate.ipc import endpoints, envelope, framing
+from liveupdate.ipc import appear, endpoints, envelope, framing
 
 Callback = Callable[["LuodClient"], None]
 
@@ -313,11 +313,18 @@ def connect(name: str, timeout: float = 60.0, **kw: Any) -> LuodClient:
     """A client that waits for luod to listen (services start beside it after a kexec) and,
     for a long-running workload, reconnects when luod restarts (30 s window by default)."""
     kw.setdefault("reconnect", 30.0)
+    if kw.get("backend") is None:
+        kw["backend"] = open_backend()
+    path = kw.get("path") or endpoints.socket_path(kw["backend"].cmdline())
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return LuodClient(name, **kw)
-        except LiveUpdateError as e:
-            if time.monotonic() > deadline or e.errno not in (errno.ENOENT, errno.ECONNREFUSED):
-                raise
-        time.sleep(0.05)  # luod is starting
+    with appear.Watch(path) as watch:  # before the first try: no appearance is missed
+        while True:
+            try:
+                return LuodClient(name, **kw)
+            except LiveUpdateError as e:
+                if time.monotonic() > deadline or \
+                        e.errno not in (errno.ENOENT, errno.ECONNREFUSED):
+                    raise
+            # luod is starting: its socket appears when it answers (a stale one is
+            # replaced); tried again at least every half second all the same
+            watch.wait(min(0.5, max(0.0, deadline - time.monotonic())))

@@ -8,6 +8,7 @@ a table, run it, turn the result or its LiveUpdateError into the envelope
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -43,12 +44,27 @@ def ask(path: str, op: str, timeout: float = 60.0, **fields: Any) -> dict[str, A
 def listen(path: str, mode: int = 0o600) -> socket.socket:
     """A service's socket, bound and listening (bind before announcing the service: then it
     answers as soon as it says it is up)."""
-    if os.path.exists(path):
-        os.unlink(path)  # a previous instance's
+    return bound(path, mode, 16)
+
+
+def bound(path: str, mode: int, backlog: int) -> socket.socket:
+    """A SOCK_SEQPACKET socket listening at ``path`` -- bound under a temporary name and
+    renamed into place, replacing a previous instance's: the name appears only once it
+    answers (its clients wait for it with :mod:`liveupdate.ipc.appear`)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    srv.bind(path)
-    os.chmod(path, mode)
-    srv.listen(16)
+    try:
+        srv.bind(tmp)
+        os.chmod(tmp, mode)
+        srv.listen(backlog)
+        os.rename(tmp, path)
+    except OSError:
+        srv.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     return srv
 
 

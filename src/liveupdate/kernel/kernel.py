@@ -35,6 +35,7 @@ from liveupdate.kernel.mm.pages import PageMeta
 from liveupdate.kernel.syscalls.process import Userspace
 
 if TYPE_CHECKING:
+    from liveupdate.kernel.confine import Early
     from liveupdate.kernel.kexec import Loaded
     from liveupdate.kernel.luo.session import LuoSessions
     from liveupdate.kernel.luo.v3 import LuoV3
@@ -49,6 +50,7 @@ class Kernel:
         self.ram = mmap.mmap(ram_fd, self.ram_size, mmap.MAP_SHARED,
                              mmap.PROT_READ | mmap.PROT_WRITE)
         self.link = link
+        self.early: Early | None = None  # confined before "go" (kernel/confine.py)
         self.lock = threading.RLock()  # the big kernel lock: syscalls and link requests
         self.mem = PhysMem(self.ram)
         self.memblock = Memblock()

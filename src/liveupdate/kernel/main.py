@@ -2,9 +2,12 @@
 --template-fd N``, :mod:`liveupdate.kernel.template`) with its code imported.
 
 The machine may ask for it early: it waits on the link for "go" with the physical address of
-the boot parameters. From then on it holds exactly the fds the machine gave (RAM, link, stdio
-to the console) and reads everything else from RAM. After boot it serves the machine's
-requests (run a program, KHO debugfs and status) while userspace runs.
+the boot parameters -- after "prepare", when the machine sends one, with the command line it
+expects the jump to carry and how many userspace spares to start: the process confines itself
+by that line (checked against RAM at boot) and starts its spares (:mod:`.spares`) before "go".
+From "go" on it holds exactly the fds the machine gave (RAM, link, stdio to the console) and
+the sockets to its own userspace, and reads everything else from RAM. After boot it serves
+the machine's requests (run a program, KHO debugfs and status) while userspace runs.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ import traceback
 from typing import Any
 
 from liveupdate.abi import wire
+from liveupdate.abi.cmdline import Cmdline
 from liveupdate.abi.wire import Handler, Message, arg
 from liveupdate.errors import LiveUpdateError
-from liveupdate.kernel import boot, debugfs, fsaudit, init, template
+from liveupdate.kernel import boot, confine, debugfs, fsaudit, init, template
 from liveupdate.kernel.kernel import Kernel
 from liveupdate.kernel.link import Link
+from liveupdate.kernel.spares import READY_TIMEOUT, Spares
 from liveupdate.kernel.syscalls import server
 from liveupdate.kernel.syscalls.process import Userspace
 from liveupdate.procs import become_subreaper
@@ -46,6 +51,7 @@ def _run(k: Kernel, m: Message) -> Message:
     except OSError as e:  # execve's errno (ENOENT, EACCES, ENOEXEC, ...), as a shell says it
         raise LiveUpdateError(err=e.errno or errno.ENOEXEC,
                               msg=f"run: {argv[0]}: {e.strerror or e}") from e
+    assert isinstance(proc.popen, subprocess.Popen)  # captured: never a spare
     try:
         out, err = proc.popen.communicate(timeout=timeout)
     except subprocess.TimeoutExpired as e:
@@ -108,18 +114,38 @@ def main() -> None:
     template.serve(socket.socket(fileno=args.template_fd), run)
 
 
+def _prepare(link: Link, h: dict[str, Any]) -> tuple[confine.Early, Spares | None]:
+    """Before "go": confine this process by the command line the machine expects the jump
+    to carry, become a subreaper, start the userspace spares (none with ``lu.spares=0``) and
+    say "ready" once they are (kernel/spares.py)."""
+    raw = str(h.get("cmdline", ""))
+    early = confine.early(raw)
+    become_subreaper()
+    count = int(h.get("spares", 0)) if Cmdline.parse(raw).flag("lu.spares", True) else 0
+    spares = Spares(count, early.lines.append) if count > 0 else None
+    if spares is not None and not spares.ready.wait(READY_TIMEOUT):
+        early.lines.append(f"spares: not ready in {READY_TIMEOUT:g} s")
+    link.send({"op": "ready", "spares": spares.count() if spares else 0})
+    return early, spares
+
+
 def run(ram_fd: int, link_fd: int) -> None:
-    """One kernel, from "go" to power off."""
+    """One kernel, from "go" (after "prepare", when the machine sends it) to power off."""
     link = Link(socket.socket(fileno=link_fd))
     msg = link.recv()
+    early, spares = None, None
+    if msg is not None and msg[0].get("op") == "prepare":
+        early, spares = _prepare(link, msg[0])
+        msg = link.recv()
     if msg is None or msg[0].get("op") != "go":
         sys.exit(0)  # the machine let this warm kernel go unused
     k = Kernel(ram_fd, link)
+    k.early = early
     fsaudit.enforce(k.panic)  # a violation is a panic from now on
     become_subreaper()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # a handle per open file
-    k.userspace = Userspace(lambda conn, proc: server.serve(k, conn, proc))
+    k.userspace = Userspace(lambda conn, proc: server.serve(k, conn, proc), spares)
     try:
         with k.lock:
             boot.start_kernel(k, int(msg[0]["boot_params"]))

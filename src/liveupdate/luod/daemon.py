@@ -18,6 +18,7 @@ luod imports nothing from the emulated kernel: it runs unchanged on a real one.
 from __future__ import annotations
 
 import socket
+import time
 
 from liveupdate.client.backends import Backend
 from liveupdate.luod import server
@@ -40,6 +41,7 @@ class Luod(Orchestrator):
 
     def listen(self) -> socket.socket:
         self.server = server.listen(self.path, self.mode)
+        self.listening_ns = time.monotonic_ns()
         return self.server
 
     def serve_forever(self) -> None:

@@ -151,7 +151,7 @@ class Operations:
                     "loaded": o.loaded, "update": o.reg.update,
                     "clients": [{"uid": u, "name": n} for u, n in sorted(o.conns)],
                     "allow_uids": sorted(self.allow),
-                    "reports": o.reports[-5:]}
+                    "reports": o.reports[-5:], "listening_ns": o.listening_ns}
 
     def status(self, c: Conn, msg: dict[str, Any], fds: list[int]) -> Reply:
         return self.status_fields(), []

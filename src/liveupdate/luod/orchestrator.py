@@ -76,6 +76,7 @@ class Orchestrator:
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
         self.phase = Phase.NORMAL
+        self.listening_ns = 0  # CLOCK_MONOTONIC when its socket was bound (a blackout part)
         self.busy = ""  # the running operation (load, update, prepare)
         self.last_error = ""
         self.loaded: dict[str, Any] | None = None

@@ -53,13 +53,8 @@ Handler = Callable[[Conn, dict[str, Any], list[int]], Reply]
 
 def listen(path: str, mode: int) -> socket.socket:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    if os.path.exists(path):
-        os.unlink(path)  # a stale socket of a previous luod (we have the device)
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    s.bind(path)
-    os.chmod(path, mode)
-    s.listen(64)
-    return s
+    # replaces a stale socket of a previous luod (we have the device)
+    return service.bound(path, mode, 64)
 
 
 def serve_forever(server: socket.socket, serve: Callable[[Conn], None]) -> None:

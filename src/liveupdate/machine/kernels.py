@@ -6,7 +6,9 @@ for its console. It is forked by the entry module's template (:class:`Template`,
 imported, started in an empty environment, that never runs a kernel itself -- so a boot costs
 a fork, not a Python start (~0.2 s of CPU each). A spare kernel process is forked ahead of
 time, when the running kernel loads a kexec image, waiting for "go" -- a loaded kexec image
-already sits in memory.
+already sits in memory. Before "go" the machine tells it the command line it expects the
+jump to carry and how many userspace spares to start ("prepare"); the kernel process
+confines itself by it, starts its spares (:mod:`liveupdate.kernel.spares`) and says "ready".
 """
 
 from __future__ import annotations
@@ -25,10 +27,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from liveupdate.abi import wire
-from liveupdate.errors import LiveUpdateError
+from liveupdate.abi import bootparams, wire
+from liveupdate.abi.consts import PAGE_SIZE
+from liveupdate.abi.physmem import PhysMem
+from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.ipc import fds as scm
 from liveupdate.machine.console import Console
+from liveupdate.machine.ram import Ram
 from liveupdate.procs import Child, children_of
 
 POWER_OFF_GRACE = 5.0  # seconds a kernel gets to end its userspace when the power is cut
@@ -54,6 +59,8 @@ class KernelProc:
     link: socket.socket
     console: int  # read end of its console pipe
     entry: str
+    cmdline: str = ""  # what it was prepared for ("prepare"): the jump must carry it
+    ready: bool = False  # it said "ready" (its spares started)
     drained: threading.Event = field(default_factory=threading.Event)
     info: dict[str, Any] = field(default_factory=dict)
     # requests sent to this kernel, by id: failed when it goes, never another kernel's
@@ -166,8 +173,21 @@ class Template:
             self.popen.wait()
 
 
-def spawn(template: Template, ram_fd: int, console: Console) -> KernelProc:
-    """A kernel process for ``template``'s entry, its code imported, waiting for "go"."""
+def template_for(templates: dict[str, Template], entry: str, console: Console) -> Template:
+    """The template of ``entry`` in ``templates``, started (again) when it is not alive."""
+    template = templates.get(entry)
+    if template is None or not template.alive():
+        if template is not None:
+            template.close()
+        template = templates[entry] = Template(entry, console)
+    return template
+
+
+def spawn(template: Template, ram_fd: int, console: Console, cmdline: str,
+          spares: int) -> KernelProc:
+    """A kernel process for ``template``'s entry, its code imported, prepared for
+    ``cmdline`` with ``spares`` userspace spares (:func:`ready` says when), waiting for
+    "go"."""
     mside, kside = wire.seqpacket_pair()
     rd, wr = os.pipe()
     try:
@@ -179,9 +199,46 @@ def spawn(template: Template, ram_fd: int, console: Console) -> KernelProc:
     finally:
         os.close(wr)
         kside.close()
-    kp = KernelProc(child, mside, rd, template.entry)
+    kp = KernelProc(child, mside, rd, template.entry, cmdline)
     threading.Thread(target=kp.read_console, args=(console,), daemon=True).start()
+    mside.send(wire.pack({"op": "prepare", "cmdline": cmdline, "spares": spares}))
     return kp
+
+
+def ready(kp: KernelProc, timeout: float) -> bool:
+    """Wait for a spawned kernel process's "ready" (its spares started) -- before its "go",
+    while nothing else reads its link; at once if it said so before (a second load)."""
+    deadline = time.monotonic() + timeout
+    while not kp.ready and (left := deadline - time.monotonic()) > 0:
+        if not select.select([kp.link], [], [], left)[0]:
+            return False
+        try:
+            header, _ = wire.unpack(kp.link.recv(wire.SEQPACKET_BUFFER))
+        except (OSError, AbiError):
+            return False
+        if header.get("op") == "ready":
+            kp.ready = True
+    return kp.ready
+
+
+def service_count(disk: str) -> int:
+    """The lines of the disk's service list: how many userspace spares a kernel starts."""
+    try:
+        with open(os.path.join(disk, "services")) as f:
+            return sum(1 for line in f if line.split("#", 1)[0].strip())
+    except OSError:
+        return 0
+
+
+def cmdline_at(ram: Ram | None, bp_phys: int) -> str:
+    """The command line the boot parameters at ``bp_phys`` carry ("" if unreadable: the
+    kernel says why at boot)."""
+    assert ram is not None
+    try:
+        bp = bootparams.BootParams.decode(ram.read(bp_phys, PAGE_SIZE))
+        return bp.read_cmdline(PhysMem(ram.map))
+    except (AbiError, LiveUpdateError):
+        return ""
 
 
 def bury_orphans(ours: set[int], console: Console, timeout: float = 10.0) -> None:

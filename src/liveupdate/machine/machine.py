@@ -39,10 +39,10 @@ from typing import Any
 from liveupdate.abi import image, wire
 from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.errors import AbiError, LiveUpdateError
-from liveupdate.machine import firmware
+from liveupdate.machine import firmware, kernels
 from liveupdate.machine.console import Console
 from liveupdate.machine.devices import Bus
-from liveupdate.machine.kernels import KernelProc, Pending, Template, bury_orphans, spawn
+from liveupdate.machine.kernels import KernelProc, Pending, Template, bury_orphans
 from liveupdate.machine.ram import Ram
 from liveupdate.machine.state import STOPPED, TRANSITIONS, State
 
@@ -51,6 +51,7 @@ from liveupdate.machine.state import STOPPED, TRANSITIONS, State
 DEFAULT_CMDLINE = "console=ttyS0 kho=on liveupdate=on transparent_hugepage_shmem=within_size"
 DEFAULT_IMAGE = "images/default.img"
 LINK_RECORD = wire.SEQPACKET_BUFFER
+SPARE_READY = 8.0  # seconds the next kernel's process may take to start its spares
 
 
 class Machine:
@@ -121,27 +122,26 @@ class Machine:
         return self.status()
 
     # -- kernel processes -----------------------------------------------------------------
-    def _spawn(self, entry: str) -> KernelProc:
+    def _spawn(self, entry: str, cmdline: str) -> KernelProc:
         assert self.ram is not None
-        template = self.templates.get(entry)
-        if template is None or not template.alive():
-            if template is not None:
-                template.close()
-            template = self.templates[entry] = Template(entry, self.console)
-        return spawn(template, self.ram.fd, self.console)
+        # one userspace spare per service line (the machine owns the disk), none without
+        spares = kernels.service_count(self.disk) if self.config.get("spares", True) else 0
+        return kernels.spawn(kernels.template_for(self.templates, entry, self.console),
+                             self.ram.fd, self.console, cmdline, spares)
 
     def close_templates(self) -> None:
         for template in self.templates.values():
             template.close()
         self.templates.clear()
 
-    def _take_kernel(self, entry: str) -> KernelProc:
+    def _take_kernel(self, entry: str, cmdline: str) -> KernelProc:
         spare, self.spare = self.spare, None
-        if spare is not None and spare.entry == entry and spare.proc.poll() is None:
+        if spare is not None and spare.entry == entry and spare.cmdline == cmdline and \
+                spare.proc.poll() is None:
             return spare
         if spare is not None:
             spare.discard(self.run)
-        return self._spawn(entry)
+        return self._spawn(entry, cmdline)
 
     def _empty_run(self) -> None:
         """``run/`` is a tmpfs for the kernel: it starts empty at every boot."""
@@ -155,7 +155,7 @@ class Machine:
 
     def _start(self, entry: str, bp_phys: int) -> None:
         self._empty_run()
-        kp = self._take_kernel(entry)
+        kp = self._take_kernel(entry, kernels.cmdline_at(self.ram, bp_phys))
         self.kernel = kp
         self._set_state(State.BOOTING)
         self.boot_count += 1
@@ -192,6 +192,9 @@ class Machine:
 
     def _said(self, kp: KernelProc, header: dict[str, Any], payload: bytes) -> bool:
         """One message of a kernel; True when the kernel is gone."""
+        if "req" in header and header.get("op") == "kexec_loaded":
+            threading.Thread(target=self._kexec_loaded, args=(kp, header), daemon=True).start()
+            return False
         if "req" in header:  # the kernel reaches its hardware
             self._hardware(kp, header)
             return False
@@ -221,22 +224,27 @@ class Machine:
         self._set_state(State.RUNNING)
         return False
 
-    def _kexec_loaded(self, kp: KernelProc, header: dict[str, Any]) -> bool:
-        """The kernel loaded a kexec image: start its kernel process now, so the jump costs
-        no Python start-up -- and only a machine that may jump pays for one, after its boot
-        (a spare started at every boot cost ~0.25 s of CPU, competing with the boot)."""
-        entry = header.get("entry")
-        if not image.is_entry(entry):
-            return False  # the jump reads the real header from RAM; no spare then
-        with self.lock:
-            # BOOTING too: a service may load the next kernel before "booted" is read
-            if kp is self.kernel and self.state in (State.BOOTING, State.RUNNING):
-                try:
-                    self.spare = self._take_kernel(entry)  # the one there if it fits
-                except LiveUpdateError as e:  # no spare: the jump starts one, or panics
-                    self.console.append(f"machine: no spare kernel for {entry}: {e}\n"
-                                        .encode())
-        return False
+    def _kexec_loaded(self, kp: KernelProc, header: dict[str, Any]) -> None:
+        """The kernel loaded a kexec image: start its kernel process now, prepared for the
+        command line loaded with it, so the jump costs no Python start-up (only a machine
+        that may jump pays for one). ``kexec_file_load`` returns when it is ready, its
+        userspace spares too: before any pause. The jump checks both against RAM."""
+        entry, cmdline = header.get("entry"), header.get("cmdline")
+        kernel = None
+        if image.is_entry(entry) and isinstance(cmdline, str):
+            with self.lock:
+                # BOOTING too: a service may load the next kernel before "booted" is read
+                if kp is self.kernel and self.state in (State.BOOTING, State.RUNNING):
+                    try:
+                        kernel = self.spare = self._take_kernel(entry, cmdline)
+                    except LiveUpdateError as e:  # no spare: the jump starts one, or panics
+                        self.console.append(f"machine: no spare kernel for {entry}: {e}\n"
+                                            .encode())
+        if kernel is not None and not kernels.ready(kernel, SPARE_READY):
+            self.console.append(f"machine: the next kernel was not ready in "
+                                f"{SPARE_READY:g} s\n".encode())
+        with contextlib.suppress(OSError):  # a kernel gone away needs no answer
+            kp.link.send(wire.pack({"re": header["req"]}))
 
     def _jumped(self, kp: KernelProc, header: dict[str, Any]) -> bool:
         self._jump(kp, int(header["entry"]), int(header["boot_params"]))
@@ -378,7 +386,7 @@ class Machine:
 # what a kernel process says unasked, by op; a handler returns True when the kernel is gone
 LINK: dict[str, Callable[[Machine, KernelProc, dict[str, Any]], bool]] = {
     "booted": Machine._booted,
-    "kexec_loaded": Machine._kexec_loaded,
+    "ready": lambda m, kp, h: False,  # a kernel started at power on: its spares are ready
     "jump": Machine._jumped,
     "panic": Machine._ended,
     "poweroff": Machine._ended,

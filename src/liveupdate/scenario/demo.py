@@ -76,9 +76,11 @@ class Demo:
     def __init__(self, folder: str, vms: int, vm_memory: int, machine_memory: int,
                  generation: str, accel: str, cache: bool, say: Any,
                  fault: Fault | None = None, to: str | None = None,
-                 damage: tuple[Damage, ...] = (), hugepages: str = "") -> None:
+                 damage: tuple[Damage, ...] = (), hugepages: str = "",
+                 spares: bool = True) -> None:
         self.folder = os.path.abspath(folder)
         self.hugepages = hugepages  # "2M"/"1G": guests on hugetlb pools sized for them
+        self.spares = spares  # off: lu.spares=0 (kernel/spares.py)
         self.fault = fault
         self.damage = damage
         self.rng = random.Random()
@@ -123,6 +125,7 @@ class Demo:
         cmdline = f"{cmdline} {self.fault.cmdline}".strip() if self.fault else cmdline
         if self.hugepages:
             cmdline += f" {hugepages_cmdline(self.hugepages, len(self.vms) * self.vm_memory)}"
+        cmdline = cmdline if self.spares else f"{cmdline} lu.spares=0"
         self.proc, m = start(self.folder, memory=self.memory, cmdline=cmdline,
                              image=f"images/{self.generation}.img",
                              log=os.path.join(self.folder, "machine.log"))

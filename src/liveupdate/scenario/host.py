@@ -33,6 +33,7 @@ from typing import Any, Protocol
 from liveupdate.client.update import load_image, wait_update
 from liveupdate.errors import LiveUpdateError
 from liveupdate.ipc.service import ask
+from liveupdate.scenario import blackout
 from liveupdate.scenario.guestcheck import Verdict
 from liveupdate.scenario.report import CacheResult, UpdateResult, VmResult
 from liveupdate.vmm import guest
@@ -117,7 +118,7 @@ def cache_result(h: Host) -> CacheResult | None:
 
 
 def vm_result(h: Host, vm: str, before: dict[str, Any], after: dict[str, Any],
-              chk: Verdict) -> VmResult:
+              chk: Verdict, parts: dict[str, float] | None = None) -> VmResult:
     b = after["blackout"]
     return VmResult(
         accel=after["accel"], memory=h.vm_memory, steps_before_update=before["steps"],
@@ -130,7 +131,8 @@ def vm_result(h: Host, vm: str, before: dict[str, Any], after: dict[str, Any],
         blackout_ns=(b["paused_ns"], b["resumed_ns"]) if "paused_ns" in b else None,
         blackout_wall_ns=(b["paused_wall_ns"], b["resumed_wall_ns"])
         if "paused_wall_ns" in b else None,
-        guest_tsc=b.get("tsc", ""), zero_copy_problem=h.zero_copy_problem(vm))
+        guest_tsc=b.get("tsc", ""), zero_copy_problem=h.zero_copy_problem(vm),
+        blackout_parts=parts)
 
 
 def observe(h: Host, to: str, handover: dict[str, Any], before: dict[str, dict[str, Any]],
@@ -141,8 +143,14 @@ def observe(h: Host, to: str, handover: dict[str, Any], before: dict[str, dict[s
     after = statuses(h)
     h.settled()
     verdicts = h.verdicts()
-    vms = {vm: vm_result(h, vm, before[vm], after[vm], verdicts[vm]) for vm in h.vms}
+    figures = h.figures(luod)
+    timeline = report.get("timeline", {})
+    vms = {vm: vm_result(h, vm, before[vm], after[vm], verdicts[vm],
+                         blackout.parts(after[vm]["blackout"] or {}, timeline,
+                                        figures.get("machine_jump") or {},
+                                        luod.get("listening_ns")))
+           for vm in h.vms}
     return UpdateResult(
         update=luod["update"], to=to, handover=handover,
-        timeline=report.get("timeline", {}), finish=report.get("finish"), vms=vms,
-        cache=cache_result(h), damage=damage or [], host=h.kind, **h.figures(luod))
+        timeline=timeline, finish=report.get("finish"), vms=vms,
+        cache=cache_result(h), damage=damage or [], host=h.kind, **figures)

@@ -67,6 +67,8 @@ class VmResult:
     blackout_wall_ns: tuple[int, int] | None = None  # (paused, resumed): CLOCK_REALTIME
     guest_tsc: str = ""
     zero_copy_problem: str | None = None  # "": on the same physical pages; None: unchecked
+    # the host-clock blackout in its parts, in order (liveupdate.scenario.blackout), seconds
+    blackout_parts: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)

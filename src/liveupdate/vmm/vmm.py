@@ -84,6 +84,7 @@ class Vmm:
         self.backend = backend or open_backend()
         self.limited = False
         self.started = time.monotonic_ns()
+        self.restored_ns = 0
         self.restored: dict[str, Any] | None = None
         self.restored_cpu: CpuState | None = None  # read back from the vCPU after the load
         self.state_fd = -1
@@ -212,6 +213,7 @@ class Vmm:
         self.vm.accel.load(fresh() if self.plant == "cold-start" else st)
         self.restored_cpu = self.vm.accel.save()
         self.restored = saved
+        self.restored_ns = time.monotonic_ns()  # memory mapped, vCPU loaded: a blackout part
 
     def _measure_blackout(self, saved: dict[str, Any]) -> None:
         self.vm.wait_exits(2)
@@ -232,6 +234,7 @@ class Vmm:
             "host_s": (t.first_entry_wall_ns - paused_wall) / 1e9,
             "guest_s": gap / hz - first_steps if hz and gap else None,
             "paused_ns": paused, "resumed_ns": t.first_entry_ns,
+            "started_ns": self.started, "restored_ns": self.restored_ns,
             "paused_wall_ns": paused_wall, "resumed_wall_ns": t.first_entry_wall_ns,
             "tsc": "restored" if self.vm.accel.tsc_settable else "host",
             "steps_before": saved["steps"], "steps_after": guest.steps(self.mem)}

@@ -17,18 +17,22 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from liveupdate.abi.consts import PAGE_SIZE
+from liveupdate.abi.spare import SYSCALL_AT
 from liveupdate.abi.syscalls import SYSCALL_FD_ENV
 from liveupdate.abi.wire import seqpacket_pair
 from liveupdate.kernel.syscalls import creds
 from liveupdate.procs import children_of
 
+if TYPE_CHECKING:
+    from liveupdate.kernel.spares import Adopted, Spares
+
 
 @dataclass(eq=False)
 class Proc:
-    popen: subprocess.Popen[bytes]
+    popen: subprocess.Popen[bytes] | Adopted
     argv: list[str]
     conn: socket.socket
     # what this process mapped (memfds): references dropped when the process is gone
@@ -36,12 +40,15 @@ class Proc:
 
 
 class Userspace:
-    def __init__(self, serve: Callable[[socket.socket, Proc], None]) -> None:
+    def __init__(self, serve: Callable[[socket.socket, Proc], None],
+                 spares: Spares | None = None) -> None:
         self._serve = serve
+        self.spares = spares  # adopted instead of starting a Python (kernel/spares.py)
         self.procs: dict[int, Proc] = {}
         self._lock = threading.Lock()
         self._ttys: list[socket.socket] = []
         self._out_lock = threading.Lock()
+        self._partial: dict[socket.socket, bytes] = {}  # a line not yet ended, per tty
         self.dying = False
 
     def _forward(self, tty: socket.socket) -> None:
@@ -53,16 +60,25 @@ class Userspace:
                 return
             if not data:
                 break
-            self._write(data)
+            self._write(tty, data)
+        self._write(tty, b"", end=True)
         with self._out_lock:
             if tty in self._ttys:
                 self._ttys.remove(tty)
         tty.close()
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, tty: socket.socket, data: bytes, end: bool = False) -> None:
+        """Whole lines, as a tty's line discipline hands them on: a line written in pieces
+        (``print`` writes the text, then the newline) is not cut by the kernel's own lines
+        or another process's; what is left at the end goes as it is."""
         with self._out_lock:
-            sys.stdout.buffer.write(data)
-            sys.stdout.flush()
+            data = self._partial.pop(tty, b"") + data
+            cut = len(data) if end or len(data) > 65536 else data.rfind(b"\n") + 1
+            if data[cut:]:
+                self._partial[tty] = data[cut:]
+            if cut:
+                sys.stdout.buffer.write(data[:cut])
+                sys.stdout.flush()
 
     def _drain_ttys(self) -> None:
         """Everything stopped processes wrote, to the console (nothing is lost)."""
@@ -72,7 +88,8 @@ class Userspace:
                     data = tty.recv(65536, socket.MSG_DONTWAIT)
                     if not data:
                         break
-                    self._write(data)
+                    self._write(tty, data)
+            self._write(tty, b"", end=True)
 
     def spawn(self, argv: list[str], *, capture: bool = False, cwd: str = "/",
               stdin: int | None = subprocess.DEVNULL) -> Proc:
@@ -85,9 +102,12 @@ class Userspace:
         try:
             env = {SYSCALL_FD_ENV: str(uside.fileno()), "PYTHONUNBUFFERED": "1",
                    "PATH": "/usr/local/bin:/usr/bin:/bin"}
-            out = subprocess.PIPE if tty_u is None else tty_u.fileno()
-            popen = subprocess.Popen(argv, pass_fds=(uside.fileno(),), env=env, cwd=cwd,
-                                     stdin=stdin, stdout=out, stderr=out)
+            popen: subprocess.Popen[bytes] | Adopted | None = None if tty_u is None else \
+                self._adopt(argv, env, cwd, stdin, tty_u, uside)
+            if popen is None:
+                out = subprocess.PIPE if tty_u is None else tty_u.fileno()
+                popen = subprocess.Popen(argv, pass_fds=(uside.fileno(),), env=env, cwd=cwd,
+                                         stdin=stdin, stdout=out, stderr=out)
         except OSError:
             kside.close()
             if tty_k is not None:
@@ -105,6 +125,15 @@ class Userspace:
             self.procs[popen.pid] = proc
         threading.Thread(target=self._run, args=(proc,), daemon=True).start()
         return proc
+
+    def _adopt(self, argv: list[str], env: dict[str, str], cwd: str, stdin: int | None,
+               tty: socket.socket, conn: socket.socket) -> Adopted | None:
+        if self.spares is None or stdin != subprocess.DEVNULL:
+            return None
+        with open(os.devnull, "rb") as null:
+            return self.spares.adopt(argv, {**env, SYSCALL_FD_ENV: str(SYSCALL_AT)}, cwd,
+                                     (null.fileno(), tty.fileno(), tty.fileno(),
+                                      conn.fileno()))
 
     def _run(self, proc: Proc) -> None:
         try:

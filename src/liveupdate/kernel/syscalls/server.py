@@ -58,7 +58,8 @@ def _kexec_file_load(c: Caller, m: Message) -> Message:
         return Message({})
     loaded = kexec.file_load(c.k, m.payload, arg(m, "cmdline", str, ""))
     if c.k.link is not None:  # the machine starts the next kernel's process ahead of the jump
-        c.k.link.send({"op": "kexec_loaded", "entry": loaded.image.entry})
+        c.k.link.call({"op": "kexec_loaded", "entry": loaded.image.entry,
+                       "cmdline": loaded.cmdline})
     return Message({"entry": loaded.entry, "boot_params": loaded.boot_params})
 
 

@@ -93,7 +93,8 @@ def boot(fleet: str, h: HostSpec) -> None:
     folder = h.folder(fleet)
     shutil.rmtree(folder, ignore_errors=True)
     prepare_disk(folder, h)
-    _, m = start(folder, memory=h.memory, cmdline=CMDLINE, image=f"images/{h.generation}.img",
+    _, m = start(folder, memory=h.memory, cmdline=f"{CMDLINE} lu.spares=0",  # no spares
+                 image=f"images/{h.generation}.img",
                  detach=True, log=os.path.join(folder, "machine.log"))
     try:
         m.booted(BOOT_TIMEOUT)

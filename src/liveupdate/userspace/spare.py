@@ -1,0 +1,164 @@
+"""Userspace spares: pre-imported interpreters that a kernel adopts as its services
+(ARCHITECTURE.md, "Spares"), so no interpreter start sits inside a VM's pause.
+
+``python -u -m liveupdate.userspace.spare --control-fd N`` is the *template*: the kernel
+starts one before its "go" (:mod:`liveupdate.kernel.spares`), inside its own confinement, in
+an empty environment with its output on a console socket of that kernel. It imports the
+userspace programs' code (:data:`PRELOAD`) and never runs any of them; for each request on
+its control socket (SOCK_SEQPACKET) it forks a *spare* and answers with the spare's pid and
+the kernel's end of the spare's adoption channel (SCM_RIGHTS). It forks twice and reaps the
+middle process first, as the kernel template does, so a spare is by then the kernel's child
+(the kernel is a child subreaper).
+
+A spare holds one fd, its adoption channel (stdio too is closed), and nothing else that
+import did not make: the template's environment is empty and it has run no program. The
+adoption (:mod:`liveupdate.abi.spare`) carries everything the program will know: argv, the
+environment, the working directory, and its fds -- stdin, stdout, stderr and the syscall
+connection (at :data:`SYSCALL_AT`). The spare puts them in place, closes the channel and runs
+the program as ``python`` would: ``-m MODULE``, ``-c CODE`` or a script path, ``sys.path[0]``
+set as the interpreter sets it, exiting with the program's status. Deviation from an exec:
+``/proc/PID/cmdline`` keeps the template's argv (Python cannot rewrite it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import json
+import os
+import runpy
+import socket
+import sys
+import traceback
+import warnings
+
+# the userspace programs the template imports once (their code only: nothing runs)
+import liveupdate.luod.daemon
+import liveupdate.userspace.kvcache
+import liveupdate.vmm.vmm  # noqa: F401
+from liveupdate.abi.spare import ADOPT_FDS, ADOPTED, MAX_RECORD, SYSCALL_AT, decode_adoption
+from liveupdate.ipc import fds as scm
+
+PRELOAD = ("liveupdate.luod.daemon", "liveupdate.vmm.vmm", "liveupdate.userspace.kvcache")
+
+
+def serve(control: socket.socket) -> None:
+    """Fork a spare for each request until the kernel closes ``control``."""
+    while True:
+        try:
+            req = control.recv(64)
+        except OSError:
+            return
+        if not req:
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = _fork(theirs, control)
+            scm.sendmsg(control, json.dumps({"pid": pid}).encode(), (ours.fileno(),))
+        except OSError as e:
+            control.send(json.dumps({"errno": e.errno, "message": str(e)}).encode())
+        finally:
+            ours.close()
+            theirs.close()
+
+
+def _fork(channel: socket.socket, control: socket.socket) -> int:
+    """The spare's pid once it holds only ``channel`` and the kernel is its parent."""
+    r, w = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        try:
+            if os.fork() == 0:
+                _wait(channel.fileno(), w)  # never returns
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb", closefd=False) as f:
+            said = f.read()
+    finally:
+        os.close(r)
+        os.waitpid(middle, 0)
+    if not said.isdigit():
+        raise OSError(errno.EAGAIN, "the spare did not start")
+    return int(said)
+
+
+def _wait(channel: int, ready: int) -> None:
+    """In the spare: keep the channel alone, say the pid, wait to be adopted."""
+    code = 0
+    try:
+        keep = os.dup2(channel, 0)  # the lowest number: every other fd is closed after it
+        ready = os.dup2(ready, 1)
+        os.closerange(2, os.sysconf("SC_OPEN_MAX"))
+        os.write(ready, str(os.getpid()).encode())
+        os.close(ready)
+        code = _adopted(socket.socket(fileno=keep))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            traceback.print_exc()
+        code = 1
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _adopted(channel: socket.socket) -> int:
+    """Take what the kernel gives and run the program; its exit status. A channel closed
+    unused (the kernel went) ends the spare."""
+    try:
+        raw, fds, _ = scm.recvmsg(channel, MAX_RECORD, ADOPT_FDS)
+    except OSError:
+        return 0
+    if not raw or len(fds) != ADOPT_FDS:
+        return 0
+    argv, env, cwd = decode_adoption(raw)
+    held = [os.dup2(fd, n) if fd != n else n for n, fd in
+            zip((1 << 10, (1 << 10) + 1, (1 << 10) + 2, (1 << 10) + 3), fds, strict=True)]
+    for fd in fds:
+        os.close(fd)
+    channel.send(ADOPTED)  # it holds them: the kernel's copies may go
+    channel.close()
+    for n, fd in enumerate(held):
+        os.dup2(fd, SYSCALL_AT if n == 3 else n)
+        os.close(fd)
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    return _run(argv)
+
+
+def _run(argv: list[str]) -> int:
+    """``argv[1:]`` as ``python`` runs it (``argv[0]`` is the interpreter)."""
+    if argv[1] == "-m":
+        sys.argv = [argv[2], *argv[3:]]
+        sys.path[0] = os.getcwd()
+        # a preloaded module runs afresh as __main__, as ``-m`` runs it: runpy's warning
+        # that it is also in sys.modules (under its own name) says nothing here
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module="runpy")
+        runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
+    elif argv[1] == "-c":
+        sys.argv = ["-c", *argv[3:]]
+        sys.path[0] = ""
+        exec(compile(argv[2], "<string>", "exec"), {"__name__": "__main__"})
+    else:
+        sys.argv = argv[1:]
+        sys.path[0] = os.path.dirname(os.path.abspath(argv[1]))
+        runpy.run_path(argv[1], run_name="__main__")
+    return 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="liveupdate-spare")
+    ap.add_argument("--control-fd", type=int, required=True)
+    args = ap.parse_args()
+    serve(socket.socket(fileno=args.control_fd))
+
+
+if __name__ == "__main__":
+    main()
