@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import select
 import signal
 import subprocess
 import threading
+from collections.abc import Callable
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -85,3 +87,33 @@ class Child:
             if self.pidfd >= 0:
                 os.close(self.pidfd)
                 self.pidfd = -1
+
+
+def detached(body: Callable[[int], None], what: str) -> int:
+    """Fork twice: the grandchild runs ``body(ready)`` (it never returns) and writes its pid
+    into ``ready`` once it holds only what it should, then closes it; the caller reads to
+    EOF, then reaps the middle process -- after which (``exit_notify`` has run) the
+    grandchild is re-parented to the nearest subreaper. EAGAIN when it said no pid."""
+    r, w = os.pipe()
+    try:
+        middle = os.fork()
+    except OSError:
+        os.close(r)
+        os.close(w)
+        raise
+    if middle == 0:
+        try:
+            if os.fork() == 0:
+                body(w)  # never returns
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb", closefd=False) as f:
+            said = f.read()
+    finally:
+        os.close(r)
+        os.waitpid(middle, 0)
+    if not said.isdigit():
+        raise OSError(errno.EAGAIN, f"{what} did not start")
+    return int(said)

@@ -33,6 +33,20 @@ SESSION_GENERATIONS = list({
     _sessions_behaviour(r.luo): r.name for r in reversed(generations.RELEASES.values())
     if generations.LUO[r.luo].frontend == "sessions"}.values())[::-1]
 
+# a program that keeps what it holds (its fds) across the update: says its result, then
+# waits detached from the machine's run
+HOLD = r'''
+def hold(result):
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    for fd in (0, 1, 2):
+        os.close(fd)
+    signal.pause()
+'''
+
 PRELUDE = r'''
 import errno, hashlib, json, os, resource, signal, sys
 from liveupdate.abi import uapi
@@ -94,16 +108,7 @@ def restore_text(sfd, token):
     r = io(sfd, "SESSION_RETRIEVE_FD", token=token)
     return r["errno"] if "errno" in r else read_text(r["fd"])
 
-def hold(result):
-    sys.stdout.write(json.dumps(result) + "\n")
-    sys.stdout.flush()
-    if os.fork():
-        os._exit(0)
-    os.setsid()
-    for fd in (0, 1, 2):
-        os.close(fd)
-    signal.pause()
-'''
+''' + HOLD
 
 
 def run(m: MachineClient, body: str, timeout: float = 120) -> Any:

@@ -25,6 +25,7 @@ from liveupdate.abi.physmem import PhysMem
 from liveupdate.machine.client import MachineClient, RemoteRam, start
 from liveupdate.machine.nic import DESC, check_packet
 from liveupdate.tools import report
+from tests.e2e import luo_prog
 from tests.e2e.conftest import IMAGES
 
 BDF = "00:03.0"
@@ -49,17 +50,7 @@ def start_nic(dev):
     dev.config_write(4, 2, dev.config_read(4, 2) | 0x6)  # memory space, bus master
     for off, v in ((0x08, 0), (0x0C, 0), (0x10, ENTRIES), (0x00, 1)):
         dev.bar_write(off, v)
-
-def hold(result):
-    sys.stdout.write(json.dumps(result) + "\n")
-    sys.stdout.flush()
-    if os.fork():
-        os._exit(0)
-    os.setsid()
-    for fd in (0, 1, 2):
-        os.close(fd)
-    signal.pause()
-'''.replace("SIZES", f"SIZE, ENTRIES, BUFS, BUF = {SIZE}, {ENTRIES}, {BUFS}, {BUF}")
+'''.replace("SIZES", f"SIZE, ENTRIES, BUFS, BUF = {SIZE}, {ENTRIES}, {BUFS}, {BUF}") + luo_prog.HOLD
 
 SETUP = r'''
 lu = LiveUpdate(b)

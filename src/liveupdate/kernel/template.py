@@ -34,6 +34,7 @@ import sys
 import traceback
 from collections.abc import Callable
 
+from liveupdate import procs
 from liveupdate.ipc import fds as scm
 
 RAM_FD, LINK_FD = 3, 4  # where a forked kernel finds its RAM and its link
@@ -65,32 +66,9 @@ def serve(control: socket.socket, run: Callable[[int, int], None]) -> None:
 
 def _fork(control: socket.socket, fds: list[int], run: Callable[[int, int], None]) -> int:
     """The kernel's pid, once it holds only its own fds and is the machine's child: the
-    kernel writes its pid into a pipe after closing every other fd, then closes the pipe; the
-    template reads to EOF, then reaps the middle process -- after which (``exit_notify`` has
-    run) the kernel is re-parented to the machine."""
-    r, w = os.pipe()
-    try:
-        middle = os.fork()
-    except OSError:
-        os.close(r)
-        os.close(w)
-        raise
-    if middle == 0:
-        try:
-            if os.fork() == 0:
-                _become(fds, w, run)  # never returns
-        finally:
-            os._exit(0)
-    os.close(w)
-    try:
-        with os.fdopen(r, "rb", closefd=False) as f:
-            said = f.read()
-    finally:
-        os.close(r)
-        os.waitpid(middle, 0)
-    if not said.isdigit():
-        raise OSError(errno.EAGAIN, "the kernel process did not start")
-    return int(said)
+    kernel writes its pid into a pipe after closing every other fd (:func:`procs.detached`),
+    so it is re-parented to the machine (a subreaper) when the pid is read."""
+    return procs.detached(lambda ready: _become(fds, ready, run), "the kernel process")
 
 
 def _become(fds: list[int], ready: int, run: Callable[[int, int], None]) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import json
 import os
 import runpy
@@ -37,6 +36,7 @@ import warnings
 import liveupdate.luod.daemon
 import liveupdate.userspace.kvcache
 import liveupdate.vmm.vmm  # noqa: F401
+from liveupdate import procs
 from liveupdate.abi.spare import ADOPT_FDS, ADOPTED, MAX_RECORD, SYSCALL_AT, decode_adoption
 from liveupdate.ipc import fds as scm
 
@@ -65,24 +65,7 @@ def serve(control: socket.socket) -> None:
 
 def _fork(channel: socket.socket, control: socket.socket) -> int:
     """The spare's pid once it holds only ``channel`` and the kernel is its parent."""
-    r, w = os.pipe()
-    middle = os.fork()
-    if middle == 0:
-        try:
-            if os.fork() == 0:
-                _wait(channel.fileno(), w)  # never returns
-        finally:
-            os._exit(0)
-    os.close(w)
-    try:
-        with os.fdopen(r, "rb", closefd=False) as f:
-            said = f.read()
-    finally:
-        os.close(r)
-        os.waitpid(middle, 0)
-    if not said.isdigit():
-        raise OSError(errno.EAGAIN, "the spare did not start")
-    return int(said)
+    return procs.detached(lambda ready: _wait(channel.fileno(), ready), "the spare")
 
 
 def _wait(channel: int, ready: int) -> None:
