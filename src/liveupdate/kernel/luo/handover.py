@@ -27,6 +27,7 @@ import numpy as np
 from liveupdate.abi import luo_ser, luo_session
 from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.abi.physmem import PhysMem
+from liveupdate.kernel.luo.blocks import preallocated
 
 if TYPE_CHECKING:
     from liveupdate.kernel.luo.session import LuoSessions
@@ -140,7 +141,11 @@ class LuoV5:
 
     def serialize(self, luo: LuoSessions, sessions: list[tuple[str, list[
             luo_session.FileSer]]], flb: bool) -> None:
-        first, pages = luo_ser.encode_sessions(sessions, luo.alloc_at_reboot)
+        alloc: Callable[[], int] = luo.alloc_at_reboot
+        if luo.rules.blocks_at_ioctl:  # 7.3.4: into the blocks the ioctls allocated
+            alloc = preallocated([*(s.blocks.pages for s in luo.outgoing.values()
+                                    if s.blocks is not None), luo.session_blocks.pages])
+        first, pages = luo_ser.encode_sessions(sessions, alloc)
         for p, page in pages.items():
             luo.k.write(p, page)
         luo.k.write(luo.ser, luo_ser.encode(luo_ser.LuoSer(luo.number + 1, first,

@@ -53,6 +53,9 @@ class Rules619:
     # luo-v5: only the session chain is read at boot (a panic when damaged); the entries and
     # file chains at the first open, an error then EIO on every open (7.3.4)
     deserialize_at_open = False
+    # luo-v5's session and file blocks allocated at CREATE_SESSION and PRESERVE_FD
+    # (kernel/luo/blocks.py) rather than at the reboot (7.3.4)
+    blocks_at_ioctl = False
 
     def check_preserve(self, f: File, in_any_session: Callable[[File], bool]) -> None:
         """Before a file joins a session."""
@@ -103,6 +106,7 @@ class Rules73(Rules71):
     parses_incoming_when_off = True  # luo_core.c liveupdate_early_init
     panic_on_subtree_error = True  # luo_early_startup: err != -ENOENT -> luo_restore_fail
     deserialize_at_open = True  # luo_session_setup_incoming / luo_session_deserialize
+    blocks_at_ioctl = True  # luo_session_insert / luo_preserve_file: kho_block_set_grow
     # luo_session_ioctl_ops' types: LUO_IOCTL_INCOMING / _OUTGOING (the rest: _ALL)
     DIRECTION: ClassVar[dict[str, bool]] = {"SESSION_FINISH": True, "SESSION_RETRIEVE_FD": True,
                                             "SESSION_PRESERVE_FD": False}

@@ -45,6 +45,7 @@ from liveupdate.kernel import negotiate
 from liveupdate.kernel.fs.file import File
 from liveupdate.kernel.kho.incoming import restore_free
 from liveupdate.kernel.luo import session_freeze, session_ioctl
+from liveupdate.kernel.luo.blocks import BlockSet
 from liveupdate.kernel.luo.files import FileSet, IncomingSet, InFile
 from liveupdate.kernel.luo.flb import FlbRegistry, IncomingFlb
 from liveupdate.kernel.luo.handler import FileHandler
@@ -66,6 +67,7 @@ class Session:
     files_array: int = 0  # the outgoing luo_file_ser block, once a file was preserved
     retrieved: bool = False
     errors: dict[int, LiveUpdateError] = field(default_factory=dict)  # 7.1: sticky
+    blocks: BlockSet | None = None  # 7.3.4: its file chain's blocks, from PRESERVE_FD on
 
 
 class LuoSessions:
@@ -99,6 +101,7 @@ class LuoSessions:
         self.fdt = self.header = self.flb_header = self.ser = 0
         self.published = 0  # the blob the LUO subtree points at
         self.serialized: list[tuple[int, int]] = []  # pages the last serialization allocated
+        self.session_blocks = BlockSet(k, luo_session.SESSION_DTYPE.itemsize)  # 7.3.4
 
     # -- boot -----------------------------------------------------------------------------
     def boot(self) -> None:
@@ -224,6 +227,9 @@ class LuoSessions:
             raise LiveUpdateError(err=errno.ENOMEM, msg=f"more than {limit}"
                                   " sessions do not fit the session header")
         s = Session(name, files=FileSet(lambda: self.handlers))
+        if self.rules.blocks_at_ioctl:
+            self.session_blocks.grow(len(self.outgoing) + 1)
+            s.blocks = BlockSet(self.k, luo_session.FILE_DTYPE.itemsize)
         self.outgoing[name] = s
         return File(self.session_ops, s)
 
@@ -262,7 +268,14 @@ class LuoSessions:
             raise LiveUpdateError(err=errno.EBADF, msg="PRESERVE_FD: bad fd")
         f = resolve(fds[0])
         self.rules.check_preserve(f, self._in_any_session)
-        entry = s.files.add(token, f)
+        if s.blocks is not None:
+            s.blocks.grow(len(s.files) + 1)
+        try:
+            entry = s.files.add(token, f)
+        except LiveUpdateError:
+            if s.blocks is not None:
+                s.blocks.shrink(len(s.files))
+            raise
         try:
             self.flbs.file_preserved(entry.handler.compatible)
             try:
@@ -273,6 +286,8 @@ class LuoSessions:
         except LiveUpdateError:
             del s.files.files[token]
             f.put()
+            if s.blocks is not None:
+                s.blocks.shrink(len(s.files))
             raise
         if not s.files_array and self.writer.files_array_at_preserve:
             s.files_array = self.k.require_kho().alloc_preserve(luo_session.FILE_BLOCK)
@@ -319,6 +334,9 @@ class LuoSessions:
         if s.files_array and (s.files_array, luo_session.FILE_BLOCK) not in self.serialized:
             self.k.require_kho().unpreserve_free(s.files_array, luo_session.FILE_BLOCK)
         del self.outgoing[s.name]
+        if s.blocks is not None:
+            s.blocks.shrink(0)
+            self.session_blocks.shrink(len(self.outgoing))
 
     # -- reboot ---------------------------------------------------------------------------
     def freeze(self, formats: dict[str, str]) -> None:
