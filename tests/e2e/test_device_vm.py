@@ -40,7 +40,7 @@ BASE = "kho=on liveupdate=on intel_iommu=on vfio-pci.ids=1b36:11b0"
 def vm_machine(tmp_path: Path) -> Iterator[Any]:
     running: list[Any] = []
 
-    def make(mode: str, ring: int, plant: str = "", extra: str = ""
+    def make(mode: str, ring: int, plant: str = "", extra: str = "", nic: bool = True
              ) -> tuple[MachineClient, str]:
         folder = tmp_path / f"m{len(running)}"
         disk = folder / "disk"
@@ -50,8 +50,8 @@ def vm_machine(tmp_path: Path) -> Iterator[Any]:
         py = sys.executable
         (disk / "services").write_text(
             f"@restart {py} -m liveupdate.cli.luod --finish-timeout 60\n"
-            f"@restart {py} -m liveupdate.vmm vm0 --memory 64M --accel tcg "
-            f"--nic /dev/vfio/devices/vfio0 --ring {ring}"
+            f"@restart {py} -m liveupdate.vmm vm0 --memory 64M --accel tcg"
+            + (f" --nic /dev/vfio/devices/vfio0 --ring {ring}" if nic else "")
             + (f" --plant {plant}" if plant else "") + "\n")
         proc, m = start(str(folder), memory=1 << 30, image="images/next.img",
                         cmdline=f"{BASE} liveupdate_devices={mode} {extra}".strip(),
@@ -99,11 +99,16 @@ def inside(log: list[tuple[int, int]], extents: list[list[int]]) -> bool:
 def test_continuous_every_packet_of_the_blackout_arrives(vm_machine: Any) -> None:
     m, run = vm_machine("continuous", 4096)  # 4096 / 400 pps: 10 s of pause
     before = received(m, run, 50)
-    # a next kernel without the devices' handlers: luod's pre-flight refuses it, nothing paused
+    # a next kernel without the devices' handlers: the pre-flight names what it lacks, and
+    # once the VMM has preserved its device files luod refuses it, nothing paused
+    loaded = load_image(os.path.join(run, "luod.sock"), "images/plain.img")
+    assert loaded["lacks"]["vfio"] == "vfio-pci-v1", loaded
+    boots = m.status()["boot_count"]
     with pytest.raises(LiveUpdateError) as refused:
-        load_image(os.path.join(run, "luod.sock"), "images/plain.img")
+        run_update(os.path.join(run, "luod.sock"))
     assert refused.value.errno == errno.EINVAL and "vfio-pci-v1" in refused.value.message
-    assert not nic(run)["paused"]
+    assert "client vm0 preserved iommufd, vfio files" in refused.value.message
+    assert not nic(run)["paused"] and m.status()["boot_count"] == boots
     where = ask(os.path.join(run, "vmm-vm0.sock"), "where")
     log0 = m.status()["devices"]["iommu"]["dma_writes"]
     dev0 = m.status()["devices"]["functions"][0]
@@ -123,6 +128,22 @@ def test_continuous_every_packet_of_the_blackout_arrives(vm_machine: Any) -> Non
     assert delivered_in_pause > 0
     assert inside(m.dma_log()[log0:], where["ram"])
     assert ask(os.path.join(run, "vmm-vm0.sock"), "where")["ram"] == where["ram"]
+
+
+def test_a_memfd_only_host_goes_to_plain_73(vm_machine: Any) -> None:
+    """No device file preserved (the VM has no NIC): a 7.3 next kernel, which has none of
+    the posted series' handlers, takes the update -- guest memory and state cross as
+    memfds."""
+    m, run = vm_machine("continuous", 0, nic=False)
+    loaded = load_image(os.path.join(run, "luod.sock"), "images/plain.img")
+    assert loaded["lacks"] and loaded["handover"]["mode"] == "native"
+    boots = m.status()["boot_count"]
+    off = m.status()["console_bytes"]
+    run_update(os.path.join(run, "luod.sock"))
+    m.wait("vmm vm0: .* resumed", offset=off, timeout=120)
+    st, ms = nic(run), m.status()
+    assert ms["boot_count"] == boots + 1 and st["restored"], st
+    assert ms["kernel"]["release"] == IMAGES["7.3"].release
 
 
 def test_continuous_small_ring_gaps_equal_drops(vm_machine: Any) -> None:
