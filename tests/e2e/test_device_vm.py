@@ -211,6 +211,36 @@ def test_fault_iommu_table_page_not_preserved(vm_machine: Any) -> None:
     assert inside(m.dma_log()[log0:], where["ram"])  # and none landed elsewhere
 
 
+def test_fault_next_kernel_does_not_honour_the_pci_flb(vm_machine: Any) -> None:
+    """The next kernel has the handlers but its PCI core ignores the PCI FLB
+    (``pci_lu_ignore_flb``, on the next kernel only): the device crosses running, is
+    enumerated as new, and the VMM's bind of the retrieved file resets it; the VMM finds it
+    reset and tells the guest, which reposts and sees the gap. Nothing is damaged, no IOMMU
+    fault, every DMA write inside the guest's (unmoved) memory."""
+    m, run = vm_machine("continuous", 4096)
+    before = received(m, run, 50)
+    where = ask(os.path.join(run, "vmm-vm0.sock"), "where")
+    log0 = m.status()["devices"]["iommu"]["dma_writes"]
+    off = m.status()["console_bytes"]
+    booted = m.console()[1].decode().split("Command line: ", 1)[1].splitlines()[0]
+    line = f"{booted} pci_lu_ignore_flb=1"  # the next kernel's command line only
+    load_image(os.path.join(run, "luod.sock"), "images/next.img", cmdline=line)
+    run_update(os.path.join(run, "luod.sock"))
+    m.wait("vmm vm0: .* resumed", offset=off, timeout=120)
+    m.wait(r"PCI: incoming FLB not honoured", offset=off)
+    m.wait(r"vfio-pci 0000:00:03\.0: reset at bind \(vfio_pci_core_enable, not incoming\)",
+           offset=off)
+    after = received(m, run, nic(run)["nic"]["guest"]["received"] + 20)
+    g, g0 = after["nic"]["guest"], before["nic"]["guest"]
+    assert after["restored"] and after["nic"]["lost"] == ""  # every file crossed
+    assert after["nic"]["found_running"] is False  # ... but the device was reset
+    assert g["postings"] == g0["postings"] + 1  # the VM was told: the guest reposted
+    assert g["gaps"] > 0 and g["bad"] == 0 and g["out_of_order"] == 0
+    assert m.status()["devices"]["iommu"]["faults"] == 0
+    assert inside(m.dma_log()[log0:], where["ram"])
+    assert ask(os.path.join(run, "vmm-vm0.sock"), "where")["ram"] == where["ram"]
+
+
 def test_fault_vmm_killed_with_the_device_attached(vm_machine: Any) -> None:
     """kill -9 of the VMM before the update: its files close, so vfio-pci disables the device
     (bus mastering off, reset) before unbinding -- no DMA lands after its memory is gone;
