@@ -29,6 +29,7 @@ from liveupdate.client.update import load_image, run_update
 from liveupdate.errors import LiveUpdateError
 from liveupdate.ipc.service import ask
 from liveupdate.machine.client import MachineClient, start
+from liveupdate.scenario import device_faults
 from tests.e2e.conftest import IMAGES
 
 BDF = "00:03.0"
@@ -93,12 +94,34 @@ def update(m: MachineClient, run: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def inside(log: list[tuple[int, int]], extents: list[list[int]]) -> bool:
-    return all(any(p <= a and a + n <= p + size for p, size in extents) for a, n in log)
+    return outside(log, extents) == 0
+
+
+def outside(log: list[tuple[int, int]], extents: list[list[int]]) -> int:
+    return sum(1 for a, n in log
+               if not any(p <= a and a + n <= p + size for p, size in extents))
+
+
+def cell(name: str, m: MachineClient, run: str, log0: int, extents: list[list[int]],
+         **more: Any) -> None:
+    """The reliability matrix's record of device fault ``name`` (docs/reliability.md): what
+    the VM and the machine show now, after the test's checks passed."""
+    st, dev = nic(run), m.status()["devices"]
+    log = m.dma_log()[log0:]
+    g = st["nic"]["guest"]
+    device_faults.record(name, {
+        "gaps": g["gaps"], "bad": g["bad"], "out_of_order": g["out_of_order"],
+        "iommu_faults": dev["iommu"]["faults"],
+        "dma_errors": dev["functions"][0]["dma_errors"], "dma_writes": len(log),
+        "dma_outside": outside(log, extents), "found_running": st["nic"]["found_running"],
+        "lost": st["nic"]["lost"], "restored": st["restored"], **more})
 
 
 def test_continuous_every_packet_of_the_blackout_arrives(vm_machine: Any) -> None:
     m, run = vm_machine("continuous", 4096)  # 4096 / 400 pps: 10 s of pause
     before = received(m, run, 50)
+    where = ask(os.path.join(run, "vmm-vm0.sock"), "where")
+    log0 = m.status()["devices"]["iommu"]["dma_writes"]
     # a next kernel without the devices' handlers: the pre-flight names what it lacks, and
     # once the VMM has preserved its device files luod refuses it, nothing paused
     loaded = load_image(os.path.join(run, "luod.sock"), "images/plain.img")
@@ -109,8 +132,10 @@ def test_continuous_every_packet_of_the_blackout_arrives(vm_machine: Any) -> Non
     assert refused.value.errno == errno.EINVAL and "vfio-pci-v1" in refused.value.message
     assert "client vm0 preserved iommufd, vfio files" in refused.value.message
     assert not nic(run)["paused"] and m.status()["boot_count"] == boots
-    where = ask(os.path.join(run, "vmm-vm0.sock"), "where")
-    log0 = m.status()["devices"]["iommu"]["dma_writes"]
+    still = received(m, run, nic(run)["nic"]["guest"]["received"] + 20)["nic"]["guest"]
+    assert still["gaps"] == 0 and still["bad"] == 0  # it never stopped receiving
+    cell("next-kernel-without-handlers", m, run, log0, where["ram"], outcome="rolled back",
+         luod_says=refused.value.message)
     dev0 = m.status()["devices"]["functions"][0]
     st, after = update(m, run)
     assert st["devices"]["functions"][0]["bus_master"]  # it never stopped
@@ -190,6 +215,7 @@ def test_fault_device_not_preserved(vm_machine: Any) -> None:
     assert not after["nic"]["blackout"]["waiting"] or after["nic"]["found_running"] is False
     assert m.status()["devices"]["iommu"]["faults"] == 0
     assert inside(m.dma_log()[log0:], where["ram"])
+    cell("device-not-preserved", m, run, log0, where["ram"], outcome="updated")
 
 
 def test_fault_iommu_table_page_not_preserved(vm_machine: Any) -> None:
@@ -209,6 +235,7 @@ def test_fault_iommu_table_page_not_preserved(vm_machine: Any) -> None:
     st = m.status()["devices"]
     assert st["iommu"]["faults"] > 0 and st["functions"][0]["dma_errors"] > 0  # logged
     assert inside(m.dma_log()[log0:], where["ram"])  # and none landed elsewhere
+    cell("iommu-table-not-preserved", m, run, log0, where["ram"], outcome="updated")
 
 
 def test_fault_next_kernel_does_not_honour_the_pci_flb(vm_machine: Any) -> None:
@@ -239,6 +266,7 @@ def test_fault_next_kernel_does_not_honour_the_pci_flb(vm_machine: Any) -> None:
     assert m.status()["devices"]["iommu"]["faults"] == 0
     assert inside(m.dma_log()[log0:], where["ram"])
     assert ask(os.path.join(run, "vmm-vm0.sock"), "where")["ram"] == where["ram"]
+    cell("pci-flb-not-honoured", m, run, log0, where["ram"], outcome="updated")
 
 
 def test_fault_vmm_killed_with_the_device_attached(vm_machine: Any) -> None:
@@ -263,6 +291,8 @@ def test_fault_vmm_killed_with_the_device_attached(vm_machine: Any) -> None:
     _, after = update(m, run)
     after = received(m, run, after["nic"]["guest"]["received"] + 20)
     assert after["nic"]["found_running"] and after["nic"]["guest"]["gaps"] == 0
+    cell("kill-vmm@normal", m, run, log0, where["ram"] + new_where["ram"]
+         + ask(os.path.join(run, "vmm-vm0.sock"), "where")["ram"], outcome="updated")
 
 
 @pytest.mark.parametrize("event", faultpoint.EVENTS)
@@ -290,3 +320,5 @@ def test_fault_vmm_killed_at_each_phase(vm_machine: Any, event: str) -> None:
     assert st["restored"] == (event == "restore")
     assert st["nic"]["guest"]["bad"] == 0 and m.status()["devices"]["iommu"]["faults"] == 0
     assert inside(m.dma_log()[log0:], [r for w in wheres for r in w])
+    cell(f"kill-vmm@{event}", m, run, log0, [r for w in wheres for r in w],
+         outcome="updated" if event == "restore" else "rolled back")
