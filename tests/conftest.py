@@ -101,12 +101,20 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     folder = Path(os.environ.get(RECORDS_ENV, ""))
     if not folder.is_dir():
         return
-    from liveupdate.scenario import reliability
+    from liveupdate.scenario import device_faults, reliability
     from liveupdate.scenario.faults import FAULTS
 
+    doc = ROOT / "docs" / "reliability.md"
+    text = old = doc.read_text() if doc.exists() else ""
     records = reliability.load(folder)
     if {r["fault"] for r in records} == {f.name for f in FAULTS}:  # the whole matrix ran
-        (ROOT / "docs" / "reliability.md").write_text(reliability.render(records))
+        text = reliability.render(records).rstrip("\n") + "\n\n" \
+            + reliability.devices_section(old)
+    devices = device_faults.load(folder)
+    if reliability.complete(devices):  # every device fault cell ran
+        text = reliability.with_devices(text, devices)
+    if text.strip() and text != old:
+        doc.write_text(text.rstrip("\n") + "\n")
     from liveupdate.scenario import generations
 
     cells = generations.load(folder / "generations") if (folder / "generations").is_dir() \

@@ -29,6 +29,7 @@ from liveupdate.client.update import load_image, run_update
 from liveupdate.errors import LiveUpdateError
 from liveupdate.ipc.service import ask
 from liveupdate.machine.client import MachineClient, start
+from liveupdate.scenario import device_faults
 from tests.e2e.conftest import IMAGES
 
 BDF = "00:03.0"
@@ -40,7 +41,7 @@ BASE = "kho=on liveupdate=on intel_iommu=on vfio-pci.ids=1b36:11b0"
 def vm_machine(tmp_path: Path) -> Iterator[Any]:
     running: list[Any] = []
 
-    def make(mode: str, ring: int, plant: str = "", extra: str = ""
+    def make(mode: str, ring: int, plant: str = "", extra: str = "", nic: bool = True
              ) -> tuple[MachineClient, str]:
         folder = tmp_path / f"m{len(running)}"
         disk = folder / "disk"
@@ -50,8 +51,8 @@ def vm_machine(tmp_path: Path) -> Iterator[Any]:
         py = sys.executable
         (disk / "services").write_text(
             f"@restart {py} -m liveupdate.cli.luod --finish-timeout 60\n"
-            f"@restart {py} -m liveupdate.vmm vm0 --memory 64M --accel tcg "
-            f"--nic /dev/vfio/devices/vfio0 --ring {ring}"
+            f"@restart {py} -m liveupdate.vmm vm0 --memory 64M --accel tcg"
+            + (f" --nic /dev/vfio/devices/vfio0 --ring {ring}" if nic else "")
             + (f" --plant {plant}" if plant else "") + "\n")
         proc, m = start(str(folder), memory=1 << 30, image="images/next.img",
                         cmdline=f"{BASE} liveupdate_devices={mode} {extra}".strip(),
@@ -93,19 +94,48 @@ def update(m: MachineClient, run: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def inside(log: list[tuple[int, int]], extents: list[list[int]]) -> bool:
-    return all(any(p <= a and a + n <= p + size for p, size in extents) for a, n in log)
+    return outside(log, extents) == 0
+
+
+def outside(log: list[tuple[int, int]], extents: list[list[int]]) -> int:
+    return sum(1 for a, n in log
+               if not any(p <= a and a + n <= p + size for p, size in extents))
+
+
+def cell(name: str, m: MachineClient, run: str, log0: int, extents: list[list[int]],
+         **more: Any) -> None:
+    """The reliability matrix's record of device fault ``name`` (docs/reliability.md): what
+    the VM and the machine show now, after the test's checks passed."""
+    st, dev = nic(run), m.status()["devices"]
+    log = m.dma_log()[log0:]
+    g = st["nic"]["guest"]
+    device_faults.record(name, {
+        "gaps": g["gaps"], "bad": g["bad"], "out_of_order": g["out_of_order"],
+        "iommu_faults": dev["iommu"]["faults"],
+        "dma_errors": dev["functions"][0]["dma_errors"], "dma_writes": len(log),
+        "dma_outside": outside(log, extents), "found_running": st["nic"]["found_running"],
+        "lost": st["nic"]["lost"], "restored": st["restored"], **more})
 
 
 def test_continuous_every_packet_of_the_blackout_arrives(vm_machine: Any) -> None:
     m, run = vm_machine("continuous", 4096)  # 4096 / 400 pps: 10 s of pause
     before = received(m, run, 50)
-    # a next kernel without the devices' handlers: luod's pre-flight refuses it, nothing paused
-    with pytest.raises(LiveUpdateError) as refused:
-        load_image(os.path.join(run, "luod.sock"), "images/plain.img")
-    assert refused.value.errno == errno.EINVAL and "vfio-pci-v1" in refused.value.message
-    assert not nic(run)["paused"]
     where = ask(os.path.join(run, "vmm-vm0.sock"), "where")
     log0 = m.status()["devices"]["iommu"]["dma_writes"]
+    # a next kernel without the devices' handlers: the pre-flight names what it lacks, and
+    # once the VMM has preserved its device files luod refuses it, nothing paused
+    loaded = load_image(os.path.join(run, "luod.sock"), "images/plain.img")
+    assert loaded["lacks"]["vfio"] == "vfio-pci-v1", loaded
+    boots = m.status()["boot_count"]
+    with pytest.raises(LiveUpdateError) as refused:
+        run_update(os.path.join(run, "luod.sock"))
+    assert refused.value.errno == errno.EINVAL and "vfio-pci-v1" in refused.value.message
+    assert "client vm0 preserved iommufd, vfio files" in refused.value.message
+    assert not nic(run)["paused"] and m.status()["boot_count"] == boots
+    still = received(m, run, nic(run)["nic"]["guest"]["received"] + 20)["nic"]["guest"]
+    assert still["gaps"] == 0 and still["bad"] == 0  # it never stopped receiving
+    cell("next-kernel-without-handlers", m, run, log0, where["ram"], outcome="rolled back",
+         luod_says=refused.value.message)
     dev0 = m.status()["devices"]["functions"][0]
     st, after = update(m, run)
     assert st["devices"]["functions"][0]["bus_master"]  # it never stopped
@@ -123,6 +153,22 @@ def test_continuous_every_packet_of_the_blackout_arrives(vm_machine: Any) -> Non
     assert delivered_in_pause > 0
     assert inside(m.dma_log()[log0:], where["ram"])
     assert ask(os.path.join(run, "vmm-vm0.sock"), "where")["ram"] == where["ram"]
+
+
+def test_a_memfd_only_host_goes_to_plain_73(vm_machine: Any) -> None:
+    """No device file preserved (the VM has no NIC): a 7.3 next kernel, which has none of
+    the posted series' handlers, takes the update -- guest memory and state cross as
+    memfds."""
+    m, run = vm_machine("continuous", 0, nic=False)
+    loaded = load_image(os.path.join(run, "luod.sock"), "images/plain.img")
+    assert loaded["lacks"] and loaded["handover"]["mode"] == "native"
+    boots = m.status()["boot_count"]
+    off = m.status()["console_bytes"]
+    run_update(os.path.join(run, "luod.sock"))
+    m.wait("vmm vm0: .* resumed", offset=off, timeout=120)
+    st, ms = nic(run), m.status()
+    assert ms["boot_count"] == boots + 1 and st["restored"], st
+    assert ms["kernel"]["release"] == IMAGES["7.3"].release
 
 
 def test_continuous_small_ring_gaps_equal_drops(vm_machine: Any) -> None:
@@ -169,6 +215,7 @@ def test_fault_device_not_preserved(vm_machine: Any) -> None:
     assert not after["nic"]["blackout"]["waiting"] or after["nic"]["found_running"] is False
     assert m.status()["devices"]["iommu"]["faults"] == 0
     assert inside(m.dma_log()[log0:], where["ram"])
+    cell("device-not-preserved", m, run, log0, where["ram"], outcome="updated")
 
 
 def test_fault_iommu_table_page_not_preserved(vm_machine: Any) -> None:
@@ -188,6 +235,38 @@ def test_fault_iommu_table_page_not_preserved(vm_machine: Any) -> None:
     st = m.status()["devices"]
     assert st["iommu"]["faults"] > 0 and st["functions"][0]["dma_errors"] > 0  # logged
     assert inside(m.dma_log()[log0:], where["ram"])  # and none landed elsewhere
+    cell("iommu-table-not-preserved", m, run, log0, where["ram"], outcome="updated")
+
+
+def test_fault_next_kernel_does_not_honour_the_pci_flb(vm_machine: Any) -> None:
+    """The next kernel has the handlers but its PCI core ignores the PCI FLB
+    (``pci_lu_ignore_flb``, on the next kernel only): the device crosses running, is
+    enumerated as new, and the VMM's bind of the retrieved file resets it; the VMM finds it
+    reset and tells the guest, which reposts and sees the gap. Nothing is damaged, no IOMMU
+    fault, every DMA write inside the guest's (unmoved) memory."""
+    m, run = vm_machine("continuous", 4096)
+    before = received(m, run, 50)
+    where = ask(os.path.join(run, "vmm-vm0.sock"), "where")
+    log0 = m.status()["devices"]["iommu"]["dma_writes"]
+    off = m.status()["console_bytes"]
+    booted = m.console()[1].decode().split("Command line: ", 1)[1].splitlines()[0]
+    line = f"{booted} pci_lu_ignore_flb=1"  # the next kernel's command line only
+    load_image(os.path.join(run, "luod.sock"), "images/next.img", cmdline=line)
+    run_update(os.path.join(run, "luod.sock"))
+    m.wait("vmm vm0: .* resumed", offset=off, timeout=120)
+    m.wait(r"PCI: incoming FLB not honoured", offset=off)
+    m.wait(r"vfio-pci 0000:00:03\.0: reset at bind \(vfio_pci_core_enable, not incoming\)",
+           offset=off)
+    after = received(m, run, nic(run)["nic"]["guest"]["received"] + 20)
+    g, g0 = after["nic"]["guest"], before["nic"]["guest"]
+    assert after["restored"] and after["nic"]["lost"] == ""  # every file crossed
+    assert after["nic"]["found_running"] is False  # ... but the device was reset
+    assert g["postings"] == g0["postings"] + 1  # the VM was told: the guest reposted
+    assert g["gaps"] > 0 and g["bad"] == 0 and g["out_of_order"] == 0
+    assert m.status()["devices"]["iommu"]["faults"] == 0
+    assert inside(m.dma_log()[log0:], where["ram"])
+    assert ask(os.path.join(run, "vmm-vm0.sock"), "where")["ram"] == where["ram"]
+    cell("pci-flb-not-honoured", m, run, log0, where["ram"], outcome="updated")
 
 
 def test_fault_vmm_killed_with_the_device_attached(vm_machine: Any) -> None:
@@ -212,6 +291,8 @@ def test_fault_vmm_killed_with_the_device_attached(vm_machine: Any) -> None:
     _, after = update(m, run)
     after = received(m, run, after["nic"]["guest"]["received"] + 20)
     assert after["nic"]["found_running"] and after["nic"]["guest"]["gaps"] == 0
+    cell("kill-vmm@normal", m, run, log0, where["ram"] + new_where["ram"]
+         + ask(os.path.join(run, "vmm-vm0.sock"), "where")["ram"], outcome="updated")
 
 
 @pytest.mark.parametrize("event", faultpoint.EVENTS)
@@ -239,3 +320,5 @@ def test_fault_vmm_killed_at_each_phase(vm_machine: Any, event: str) -> None:
     assert st["restored"] == (event == "restore")
     assert st["nic"]["guest"]["bad"] == 0 and m.status()["devices"]["iommu"]["faults"] == 0
     assert inside(m.dma_log()[log0:], [r for w in wheres for r in w])
+    cell(f"kill-vmm@{event}", m, run, log0, [r for w in wheres for r in w],
+         outcome="updated" if event == "restore" else "rolled back")

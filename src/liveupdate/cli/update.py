@@ -118,6 +118,8 @@ def load(image: str, cmdline: str | None, release: str | None, socket: str | Non
     h = got["handover"]
     emit(got, as_json, f"loaded {got['image']} (LUO {got['generation']}); {h['mode']} "
          "handover: " + generations.describe(h["formats"])
+         + (f"; refused at prepare if a client preserves a file of: "
+            f"{generations.describe(got['lacks'])}" if got.get("lacks") else "")
          + (f"; warning: {got['warning']}" if got.get("warning") else ""))
 
 

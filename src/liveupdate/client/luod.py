@@ -11,8 +11,10 @@ and preserves them, and asks luod for them afterwards (``mediated``).
 Events arrive on a background thread and run the client's callbacks in order: ``on_prepare``
 (preserve everything, enter limited mode), ``on_freeze`` (pause, final writes), ``on_cancel``
 (resume; on 6.19 the session is closed first, which drops what it held). The acknowledgement
-is sent when the callback returns; a callback that raises refuses the event with its reason
-(an ``ack`` carrying ``error``), and luod cancels the update at once, naming it.
+is sent when the callback returns (prepare's names the components of the files preserved,
+``files``: luod refuses a next kernel without their handlers before anyone pauses); a
+callback that raises refuses the event with its reason (an ``ack`` carrying ``error``), and
+luod cancels the update at once, naming it.
 
 If luod goes away the client reconnects (init restarts luod; ``reconnect`` seconds at most)
 and says hello again under the same name, so the next update includes it. Mid-update:
@@ -74,6 +76,7 @@ class LuodClient:
         self.path = path or endpoints.socket_path(self.backend.cmdline())
         self.role = "admin" if admin else "client"
         self.reconnect = reconnect
+        self.files: set[str] = set()  # this update's preserved files' components
         self._lock = threading.Lock()
         self._next = 1
         self._waiting: dict[int, tuple[threading.Event, list[Any]]] = {}
@@ -210,10 +213,13 @@ class LuodClient:
         self.gone.set()
         self._events.put(None)
 
-    def _ack(self, event: str, error: str | None = None) -> None:
+    def _ack(self, event: str, error: str | None = None,
+             files: set[str] | None = None) -> None:
         msg: dict[str, Any] = {"op": "ack", "event": event}
         if error is not None:
             msg["error"] = error
+        if files is not None:
+            msg["files"] = sorted(files)
         try:
             if self.sock is not None:
                 framing.send(self.sock, msg)
@@ -247,9 +253,10 @@ class LuodClient:
                     self.mediated = bool(msg.get("mediated", self.mediated))
                     if fds:
                         self.session = Session(self.backend, self.gen, fds[0], self.name)
+                    self.files = set()
                     if self.on_prepare:
                         self.on_prepare(self)
-                    self._ack("prepare")
+                    self._ack("prepare", files=self.files)
                 elif event == "freeze":
                     faultpoint.fire(self.path, self.name, "freeze")
                     if self.on_freeze:
@@ -274,15 +281,19 @@ class LuodClient:
             self.on_cancel(self, reason)
 
     # -- the API --------------------------------------------------------------------------
-    def preserve(self, fd: int, token: int) -> None:
-        """Keep ``fd`` across the coming kexec under ``token`` (this client's namespace)."""
+    def preserve(self, fd: int, token: int, component: str = "memfd") -> None:
+        """Keep ``fd`` across the coming kexec under ``token`` (this client's namespace);
+        ``component``: the LUO file handler's (``abi.generations.FILE_COMPONENTS``: memfd,
+        huge-memfd, iommufd, vfio), told to luod with the prepare acknowledgement."""
         if self.mediated:
             self.request("preserve", (fd,), token=token)
+            self.files.add(component)
             return
         if self.session is None:
             raise LiveUpdateError(err=errno.EBUSY, msg="no session yet: preserve inside "
                                   "on_prepare, when luod hands one over")
         self.session.preserve_fd(fd, token)
+        self.files.add(component)
 
     def retrieve(self, token: int) -> int:
         """Get back, after the kexec, what this client preserved under ``token``."""

@@ -84,13 +84,18 @@ class Operations:
 
     def ack(self, c: Conn, msg: dict[str, Any], fds: list[int]) -> Reply:
         """An acknowledgement -- or, with ``error``, the client's refusal of the event (its
-        callback failed): the barrier fails at once with the client's reason."""
+        callback failed): the barrier fails at once with the client's reason. prepare's
+        names the components of the files the client preserved (``files``)."""
         event = field(msg, "event", str)
         error = msg.get("error")
         with self.o.cond:
             if error is not None:
                 c.refused[event] = str(error)[:200].replace("\n", " ")
             else:
+                if event == "prepare":
+                    files = msg.get("files", [])
+                    c.files = {str(f)[:40] for f in files} if isinstance(files, list) \
+                        else set()
                 c.acks.add(event)
             self.o.cond.notify_all()
         return {}, []

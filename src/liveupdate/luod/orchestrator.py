@@ -4,7 +4,8 @@ connected client through one state machine (:mod:`liveupdate.luod.state`).
 1. **load** -- decide, before anyone pauses, what the update will do
    (:mod:`~liveupdate.luod.preflight`), then ``kexec_file_load``. With negotiation, the
    image is loaded again after prepare, so the kernel checks what was actually preserved
-   while the VMs still run.
+   while the VMs still run; a device or huge-memfd file the next kernel cannot read
+   (the pre-flight's ``lacks``) is refused after prepare too, named by the clients' acks.
 2. **prepare** -- every client is told ``prepare`` and must acknowledge in time; the
    custody (:mod:`~liveupdate.luod.custody`) gives each what it preserves into, then
    luod's registry is preserved.
@@ -191,6 +192,26 @@ class Orchestrator:
             raise LiveUpdateError(err=e.errno, msg=f"the preserved files cannot cross: "
                                   f"{e.message}") from e
 
+    def check_files(self) -> None:
+        """After prepare, nothing paused: EINVAL if a client preserved a file of a component
+        the next kernel cannot take (the pre-flight's ``lacks``). Our deviation: Linux
+        checks nothing; the next kernel's ``luo_file_deserialize`` finds no handler and every
+        open of /dev/liveupdate fails with EIO."""
+        if self.loaded is None:
+            return
+        lacks: dict[str, str] = self.loaded.get("lacks", {})
+        bad = {c.name: sorted(c.files & lacks.keys()) for c in self.conns.values()}
+        bad = {name: comps for name, comps in bad.items() if comps}
+        if bad:
+            who = "; ".join(f"client {n} preserved {', '.join(comps)} files"
+                            for n, comps in sorted(bad.items()))
+            what = ", ".join(f"{lacks[c]} ({c})" for c in sorted({c for v in bad.values()
+                                                                  for c in v}))
+            raise LiveUpdateError(err=errno.EINVAL, msg=(
+                f"the next kernel ({self.loaded['image']}, LUO {self.loaded['generation']})"
+                f" cannot take this handover: {who}; it cannot read {what} -- Linux would "
+                "EIO"))
+
     # -- the update -----------------------------------------------------------------------
     def _set_phase(self, event: Event) -> None:
         self.phase = next_phase(self.phase, event)
@@ -234,6 +255,7 @@ class Orchestrator:
                 self.last_error = ""
                 self.reg.timeline = {"start": started}
                 self._prepare()
+                self.check_files()
                 self._recheck()
                 self._freeze()
                 self.reg.update += 1
@@ -266,6 +288,7 @@ class Orchestrator:
             self.usage = {}
         for c in list(self.conns.values()):
             c.acks.clear()
+            c.files.clear()
             out = self.custody.open_for(c.key, self.record(c.key))
             c.send({"event": "prepare", "mediated": self.mediated}, out)
         self._barrier("prepare", self.timeouts.prepare)

@@ -6,6 +6,16 @@ handover is ``native`` (every format matches), ``negotiated`` (this kernel runs 
 ``liveupdate_negotiate=on`` and both agree on older formats: which), or EINVAL with the
 reason and what Linux would do (cold boot, panic, EIO, unreachable) -- read from the one
 table of formats (:mod:`liveupdate.abi.formats`, :mod:`liveupdate.abi.generations`).
+
+A file component other than memfd (``vfio``, ``iommufd``, ``huge-memfd``: what
+``7.3+posted`` adds) counts only if a client actually preserves a file of it, as in
+``formats.incompatibilities``' own rule ("a file component only when a file of it is
+preserved") and the kernel's ``reboot(KEXEC)`` check. At load nothing of this update is
+preserved yet, so the plan names them (``lacks``: component -> format the next kernel cannot
+read) and luod refuses after prepare, with every client's files known and nothing paused
+(:meth:`liveupdate.luod.orchestrator.Orchestrator.check_files`). memfd is always counted:
+luod's own registry is a memfd. Linux itself checks none of this (the next kernel's
+``luo_file_deserialize`` finds no handler: EIO at every open of /dev/liveupdate).
 """
 
 from __future__ import annotations
@@ -19,12 +29,16 @@ from liveupdate.client.generation import kernel_generation
 from liveupdate.errors import AbiError, LiveUpdateError
 
 NEGOTIATE = "liveupdate_negotiate"  # the kernel flag of kernel/negotiate.py
+# counted only when a client preserves a file of it (memfd: luod's registry always is one)
+WHEN_PRESERVED = generations.FILE_COMPONENTS - {"memfd"}
 
 
 def plan(path: str, release: str | None, line: str, this_release: str, this_cmdline: str
          ) -> dict[str, Any]:
-    """``{"generation", "handover": {"mode", "formats"}}`` for loading ``path`` with command
-    line ``line`` from a kernel of ``this_release`` running ``this_cmdline``."""
+    """``{"generation", "handover": {"mode", "formats"}, "lacks"}`` for loading ``path``
+    with command line ``line`` from a kernel of ``this_release`` running ``this_cmdline``;
+    ``lacks``: the file components (not memfd) the next kernel cannot take, refused only
+    if a client preserves a file of one."""
     try:
         with open(path, "rb") as f:
             head = f.read(4096)
@@ -40,10 +54,11 @@ def plan(path: str, release: str | None, line: str, this_release: str, this_cmdl
         nxt = image.KernelImage.of(kernel_generation(release))
     this = image.KernelImage.of(kernel_generation(this_release))
     theirs = nxt.reads_for(Cmdline.parse(line).flag(NEGOTIATE))
-    written = this.native()
+    native = this.native()
+    written = {c: f for c, f in native.items() if c not in WHEN_PRESERVED}
     if Cmdline.parse(this_cmdline).flag(NEGOTIATE):
         try:
-            agreed = generations.agree(written, this.capable(), theirs)
+            agreed = generations.agree(native, this.capable(), theirs)
         except AbiError as e:
             raise LiveUpdateError(err=errno.EINVAL, msg=f"negotiation with the next "
                                   f"kernel ({nxt.release}): {e.message}") from e
@@ -52,8 +67,10 @@ def plan(path: str, release: str | None, line: str, this_release: str, this_cmdl
             raise LiveUpdateError(err=errno.EINVAL, msg=f"negotiation with the next "
                                   f"kernel ({nxt.release}): no common {missing[0]} format "
                                   "-- the clients' files could not cross")
+        lacks = {c: native[c] for c in sorted(WHEN_PRESERVED & native.keys())
+                 if c not in agreed}
         handover: dict[str, Any] = {
-            "mode": generations.mode(agreed, written, nxt.native()), "formats": agreed}
+            "mode": generations.mode(agreed, native, nxt.native()), "formats": agreed}
     else:
         bad = formats.incompatibilities(written, theirs)
         if bad:
@@ -61,5 +78,8 @@ def plan(path: str, release: str | None, line: str, this_release: str, this_cmdl
                                   f" LUO {nxt.luo}) cannot take this handover: "
                                   f"{formats.describe(bad)} -- Linux would "
                                   f"{bad[0].effect}")
-        handover = {"mode": "native", "formats": written}
-    return {"generation": nxt.luo, "handover": handover}
+        lacks = {c: native[c] for c in sorted(WHEN_PRESERVED & native.keys())
+                 if native[c] not in theirs.get(c, ())}
+        handover = {"mode": "native",
+                    "formats": {c: f for c, f in native.items() if c not in lacks}}
+    return {"generation": nxt.luo, "handover": handover, "lacks": lacks}

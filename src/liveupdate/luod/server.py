@@ -32,6 +32,7 @@ class Conn:
     name: str = ""
     acks: set[str] = field(default_factory=set)
     refused: dict[str, str] = field(default_factory=dict)  # event -> the client's reason
+    files: set[str] = field(default_factory=set)  # components it preserved (prepare's ack)
     alive: bool = True
     admin: bool = False  # luoctl: watches and commands, holds nothing
     send_lock: threading.Lock = field(default_factory=threading.Lock)

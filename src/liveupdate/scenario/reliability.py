@@ -3,7 +3,10 @@
 Each cell of the matrix is one ``luoctl demo --fault FAULT`` run: a real emulated machine with
 luod, two VMs and the cache, one live update with the fault injected. The test writes one JSON
 record per cell (what :meth:`liveupdate.scenario.faultrun.FaultRun.outcome` observed); this
-renders them -- only observed values, nothing typed by hand.
+renders them -- only observed values, nothing typed by hand. The passthrough-device cells
+(:mod:`liveupdate.scenario.device_faults`, tests/e2e/test_device_vm.py) are their own section,
+at the end: rendered from their records when they all ran (:func:`with_devices`), kept as they
+were when only the main matrix ran.
 
     python -m liveupdate.scenario.reliability RECORDS_DIR [--out docs/reliability.md]
 """
@@ -17,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from liveupdate.scenario.device_faults import DEVICE_FAULTS
 from liveupdate.scenario.faults import FAULTS
 
 HEADER = """# Reliability matrix
@@ -73,6 +77,62 @@ def render(records: list[dict[str, Any]]) -> str:
     lines += ["", "## What each fault does", ""]
     lines += [f"* `{f.name}` -- {f.what}." for f in FAULTS]
     return "\n".join(lines) + "\n"
+
+
+DEVICES = "## Passthrough devices (issue #25)"
+DEVICES_HEADER = f"""{DEVICES}
+
+Each row is one fault test of `tests/e2e/test_device_vm.py`: a machine running luod and VMM
+`vm0` with the NIC assigned (`7.3+posted`, continuous mode, 400 packets/s), the guest checking
+the sequence number and CRC-32 of every packet; one live update with the fault injected. The
+counts are the guest's own (gaps, damaged packets) and the machine's (IOMMU faults, every DMA
+write checked against the guest memory's physical extents), read after the test's checks
+passed. The fault table is `src/liveupdate/scenario/device_faults.py`; rerun these rows:
+`.venv/bin/pytest tests/e2e/test_device_vm.py` (the section is rewritten when every cell ran).
+
+""" + ("| fault | injected by | defined outcome | observed | gaps | bad | IOMMU faults | "
+       "DMA writes (outside guest memory) | the VM |\n" + "|---" * 9 + "|")
+
+
+def _vm(r: dict[str, Any]) -> str:
+    if r.get("luod_says"):
+        return "still running; luod: " + str(r["luod_says"]).replace("|", "/")
+    if r["lost"]:
+        lost = str(r["lost"])
+        return f"told: {lost[:90]}{'...' if len(lost) > 90 else ''}".replace("|", "/")
+    if not r["restored"]:
+        return "a new VM (init restarted the VMM), the device assigned afresh"
+    return "device kept running" if r["found_running"] else "told: device found reset"
+
+
+def render_devices(devices: list[dict[str, Any]]) -> str:
+    by_name = {r["fault"]: r for r in devices}
+    lines = [DEVICES_HEADER]
+    for f in DEVICE_FAULTS:
+        r = by_name.get(f.name)
+        if r is None:
+            continue
+        lines.append(f"| `{f.name}` | {f.injected} | {f.expect} | {r['outcome']} | "
+                     f"{r['gaps']} | {r['bad']} | {r['iommu_faults']} | {r['dma_writes']} "
+                     f"({r['dma_outside']}) | {_vm(r)} |")
+    return "\n".join(lines) + "\n"
+
+
+def devices_section(text: str) -> str:
+    """The devices section of a rendered matrix ("" if it has none)."""
+    at = text.find(DEVICES)
+    return text[at:] if at >= 0 else ""
+
+
+def with_devices(text: str, devices: list[dict[str, Any]]) -> str:
+    """``text`` (a rendered matrix, or "") with its devices section rendered anew."""
+    at = text.find(DEVICES)
+    head = (text[:at] if at >= 0 else text).rstrip("\n")
+    return (head + "\n\n" if head else "") + render_devices(devices)
+
+
+def complete(devices: list[dict[str, Any]]) -> bool:
+    return {r["fault"] for r in devices} == {f.name for f in DEVICE_FAULTS}
 
 
 def load(folder: Path) -> list[dict[str, Any]]:

@@ -76,8 +76,8 @@ class Assigned:
 
     def preserve(self, c: LuodClient) -> None:
         assert self.iommufd is not None
-        c.preserve(self.iommufd.fd, IOMMUFD_TOKEN)
-        c.preserve(self._dev().fd, DEVICE_TOKEN)
+        c.preserve(self.iommufd.fd, IOMMUFD_TOKEN, "iommufd")
+        c.preserve(self._dev().fd, DEVICE_TOKEN, "vfio")
 
     def retrieve(self, c: LuodClient, mem: memoryview, ram_fd: int, size: int) -> None:
         """The preserved files back; the device bound and attached to the preserved page

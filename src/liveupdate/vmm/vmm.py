@@ -90,6 +90,8 @@ class Vmm:
         self.state_fd = -1
         self.state_ranges: list[tuple[int, int]] = []  # where the saved state lies in RAM
         self.nic = Assigned(self.backend, nic, ring) if nic else None  # vmm/nic.py
+        # the LUO file handler of guest RAM (MFD_HUGETLB: the hugetlb RFC's huge-memfd)
+        self.ram_component = "huge-memfd" if hugepages else "memfd"
         self.client = client or self._connect()
         self.incoming = incoming is not None
         if incoming is not None:
@@ -142,7 +144,7 @@ class Vmm:
         if self.state_fd < 0:
             self.state_fd = self.backend.memfd_create(f"vm-{self.name}-state")
             self.backend.ftruncate(self.state_fd, STATE_SIZE)
-        c.preserve(self.ram_fd, RAM_TOKEN)
+        c.preserve(self.ram_fd, RAM_TOKEN, self.ram_component)
         c.preserve(self.state_fd, STATE_TOKEN)
         if self.nic and self.plant != "no-device":  # planted: the device left behind
             self.nic.preserve(c)

@@ -14,6 +14,16 @@ afterwards.
 Next kernel (:func:`incoming`): the FLB read at boot, before enumeration; a version it does
 not read or an entry twice is a panic, as the PCI core's "Failed to retrieve incoming FLB
 data". Finish (:meth:`PciFlb.finish`) gives the pages back.
+
+Fault injection (ours): ``pci_lu_ignore_flb`` on the next kernel's command line makes a
+kernel that does not honour the PCI FLB -- the vfio-pci and iommufd handlers there, the PCI
+core without the series' incoming path (``pci_liveupdate_setup_device`` marks nothing). The
+image manifest names no PCI FLB version, so a manifest claiming ``vfio-pci-v1`` (a lying one)
+or ``liveupdate_compat=off`` lets an update go to such a kernel. Its defined outcome: the
+device is enumerated as a new one, so the VMM's bind of the retrieved file resets it
+(``vfio_pci_core_enable``'s FLR: it is not incoming) and the VMM re-initializes it -- the
+guest is told and sees the gap; until then its DMA goes through the IOMMU tables the IOMMU
+FLB kept, into the guest's preserved memory only.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ if TYPE_CHECKING:
     from liveupdate.kernel.kernel import Kernel
 
 NAME = ser.COMPATIBLE
+IGNORE = "pci_lu_ignore_flb"  # fault injection: a next kernel that does not honour the FLB
 
 
 class PciFlb:
@@ -113,6 +124,10 @@ def incoming(k: Kernel) -> set[int]:
     marks each incoming); a FLB that cannot be read is a panic."""
     data = getattr(k.luo, "incoming_flb", lambda name: 0)(NAME)
     if not data:
+        return set()
+    if k.cmdline.flag(IGNORE):
+        k.printk("PCI: incoming FLB not honoured (pci_lu_ignore_flb): the devices the "
+                 "previous kernel preserved are enumerated as new")
         return set()
     try:
         head = ser.decode_ser(k.mem.read(data, ser.SER.size, "pci FLB"))

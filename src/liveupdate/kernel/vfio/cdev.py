@@ -69,6 +69,9 @@ def _bind(df: DeviceFile, arg: bytes, fds: list[int], resolve: Resolve) -> bytes
         pass  # continuous live update (deviation): the running device is not reset
     else:
         df.dev.enable()
+        if df.retrieved:  # as posted, or a device the PCI core did not mark incoming
+            df.dev.k.printk(f"vfio-pci {df.dev.name}: reset at bind (vfio_pci_core_enable"
+                            f"{'' if df.dev.incoming else ', not incoming'})")
     df.iommufd = f.get()
     idev = df.ictx.new_idev(df.dev.bdf)
     df.idev, df.dev.open = idev, True
