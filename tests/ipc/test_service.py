@@ -87,3 +87,18 @@ def test_socket_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     assert endpoints.service_socket("lu.run=/m/run", "vmm-a") == "/m/run/vmm-a.sock"
     monkeypatch.setenv(endpoints.SOCKET_ENV, "/x.sock")
     assert endpoints.socket_path("lu.run=/m/run") == "/x.sock"
+
+
+def test_a_socket_path_at_the_sun_path_limit_can_be_listened_on(tmp_path: Path) -> None:
+    """107 bytes and the NUL fill sun_path: the temporary name a service binds first must
+    not be longer than the service's own (a long test folder once lost the cache this way)."""
+    name = "kvcache-cache.sock"
+    folder = tmp_path / ("d" * (107 - len(str(tmp_path)) - len(name) - 2))
+    folder.mkdir()
+    path = str(folder / name)
+    assert len(path) == 107
+    srv = service.listen(path)
+    try:
+        assert os.path.exists(path) and os.listdir(folder) == [name]
+    finally:
+        srv.close()

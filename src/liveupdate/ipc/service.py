@@ -50,8 +50,10 @@ def listen(path: str, mode: int = 0o600) -> socket.socket:
 def bound(path: str, mode: int, backlog: int) -> socket.socket:
     """A SOCK_SEQPACKET socket listening at ``path`` -- bound under a temporary name and
     renamed into place, replacing a previous instance's: the name appears only once it
-    answers (its clients wait for it with :mod:`liveupdate.ipc.appear`)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
+    answers (its clients wait for it with :mod:`liveupdate.ipc.appear`). The temporary name
+    is no longer than a service's own (``.PID`` in the same folder): a path that fits
+    ``sun_path`` must not fail for its temporary."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.getpid()}")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
