@@ -1,9 +1,14 @@
 """Blackout of a VM with a NIC assigned against one without, in the same live updates
-(issue #25): one ``7.3+posted`` machine (sanitizer on) running luod, ``vm0`` -- 64 MiB, the
-NIC guest, its NIC preserved in continuous mode (DMA never stops) -- and ``vm1`` -- 64 MiB,
-the memory-walking guest, no device -- both under TCG, live-updated --runs times in a row
-through luod. Each update pauses both VMs at once, so the two blackouts (host clock, last exit
-before the pause to the first entry after the resume) are measured on the same kexec.
+(issue #25): a ``7.3+posted`` machine (sanitizer on) running luod and two 64 MiB VMs under
+TCG, one the NIC guest with its NIC preserved in continuous mode (DMA never stops), the other
+the memory-walking guest with no device, live-updated --runs times in a row through luod.
+Each update pauses both VMs at once, so the two blackouts (host clock, last exit before the
+pause to the first entry after the resume) are measured on the same kexec.
+
+luod freezes and restores its clients in turn, so a VM's place in that order weighs on its
+blackout more than its device does. The bench therefore runs two machines, the NIC on
+``vm0`` and then on ``vm1``, and compares each place with the device against the same place
+without it (the figure the target is held to: the worst of the two places).
 
 Run: .venv/bin/python bench/bench_devices.py [--runs 5] [--mode continuous|posted]
 
@@ -19,6 +24,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -31,8 +37,10 @@ from liveupdate.machine.client import start
 CMDLINE = "kho=on liveupdate=on intel_iommu=on vfio-pci.ids=1b36:11b0"
 
 
-def run(runs: int, mode: str) -> dict[str, list[float]]:
+def run(runs: int, mode: str, nic: str) -> dict[str, list[float]]:
+    """``runs`` blackouts of each VM on one machine whose VM ``nic`` has the NIC."""
     out: dict[str, list[float]] = {"vm0": [], "vm1": []}
+    args = {vm: ("--nic /dev/vfio/devices/vfio0" if vm == nic else "") for vm in out}
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         folder = Path(tmp) / "m"
         disk = folder / "disk"
@@ -41,9 +49,8 @@ def run(runs: int, mode: str) -> dict[str, list[float]]:
         py = sys.executable
         (disk / "services").write_text(
             f"@restart {py} -m liveupdate.cli.luod --finish-timeout 60\n"
-            f"@restart {py} -m liveupdate.vmm vm0 --memory 64M --accel tcg "
-            "--nic /dev/vfio/devices/vfio0\n"
-            f"@restart {py} -m liveupdate.vmm vm1 --memory 64M --accel tcg\n")
+            f"@restart {py} -m liveupdate.vmm vm0 --memory 64M --accel tcg {args['vm0']}\n"
+            f"@restart {py} -m liveupdate.vmm vm1 --memory 64M --accel tcg {args['vm1']}\n")
         proc, m = start(str(folder), memory=1 << 30, image="images/next.img",
                         cmdline=f"{CMDLINE} liveupdate_devices={mode}", log=f"{folder}.log",
                         devices=[{"kind": "nic", "bdf": "00:03.0", "rate": 400}])
@@ -73,25 +80,30 @@ def main() -> None:
     ap.add_argument("--mode", choices=("continuous", "posted"), default="continuous")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    got = run(args.runs, args.mode)
-    with_dev, without = statistics.median(got["vm0"]), statistics.median(got["vm1"])
-    extra = with_dev - without
-    limit = max(0.10 * without, 0.020)
+    # place -> (with the NIC, without): vm0 has it on the first machine, vm1 on the second
+    first, second = run(args.runs, args.mode, "vm0"), run(args.runs, args.mode, "vm1")
+    places = {"vm0": (first["vm0"], second["vm0"]), "vm1": (second["vm1"], first["vm1"])}
+    rows: dict[str, dict[str, Any]] = {}
+    for place, (dev, plain) in places.items():
+        with_dev, without = statistics.median(dev), statistics.median(plain)
+        limit = max(0.10 * without, 0.020)
+        rows[place] = {"with_device_s": dev, "without_s": plain, "median_with_device_s": with_dev,
+                       "median_without_s": without, "extra_s": with_dev - without,
+                       "limit_s": limit, "within": with_dev - without <= limit}
+    within = all(r["within"] for r in rows.values())
     if args.json:
-        print(json.dumps({"runs": got, "median_with_device_s": with_dev,
-                          "median_without_s": without, "extra_s": extra,
-                          "limit_s": limit, "within": extra <= limit}))
+        print(json.dumps({"places": rows, "within": within}))
         return
-    t = Table(title=f"blackout, {args.runs} live updates ({args.mode} device, sanitizer on, "
-                    "TCG, 64 MiB guests)")
-    for col in ("VM", "median s", "runs s"):
+    t = Table(title=f"blackout, {args.runs} live updates per machine ({args.mode} device, "
+                    "sanitizer on, TCG, 64 MiB guests), each place with and without the NIC")
+    for col in ("place", "with NIC: median s", "without: median s", "extra ms", "limit ms",
+                "verdict"):
         t.add_column(col, justify="right")
-    t.add_row("vm0 (NIC assigned)", f"{with_dev:.3f}", " ".join(f"{x:.3f}" for x in got["vm0"]))
-    t.add_row("vm1 (no device)", f"{without:.3f}", " ".join(f"{x:.3f}" for x in got["vm1"]))
+    for place, r in rows.items():
+        t.add_row(place, f"{r['median_with_device_s']:.3f}", f"{r['median_without_s']:.3f}",
+                  f"{r['extra_s'] * 1e3:+.1f}", f"{r['limit_s'] * 1e3:.1f}",
+                  "within" if r["within"] else "OVER")
     Console().print(t)
-    Console().print(f"the device adds {extra * 1e3:+.1f} ms (target: at most "
-                    f"{limit * 1e3:.1f} ms): {'within' if extra <= limit else 'OVER'}")
-
 
 if __name__ == "__main__":
     main()
