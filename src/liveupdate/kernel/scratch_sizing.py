@@ -47,18 +47,17 @@ MiB = 1 << 20
 U64 = (1 << 64) - 1
 
 
+def _round_to(n: int, align: int) -> int:
+    """``round_up`` on a u64: a value within ``align`` of 2^64 wraps to 0, as in C."""
+    return (n + align - 1) // align * align & U64
+
+
 def _round(n: int) -> int:
-    """``round_up`` on a u64: a value within 2 MiB of 2^64 wraps to 0, as in C."""
-    return (n + CMA_MIN_ALIGNMENT_BYTES - 1) // CMA_MIN_ALIGNMENT_BYTES \
-        * CMA_MIN_ALIGNMENT_BYTES & U64
+    return _round_to(n, CMA_MIN_ALIGNMENT_BYTES)
 
 
 SCRATCH_ALIGNMENT_BYTES_73 = 4 << 20
 ALIGN_73_CORES = frozenset({"7.3"})  # the KHO cores that size scratch as 7.3.4 does
-
-
-def _round_to(n: int, align: int) -> int:
-    return (n + align - 1) // align * align & U64
 
 
 def _sizes_73(k: Kernel, spec: ScratchSizes) -> tuple[int, int, int]:
