@@ -11,8 +11,11 @@ import os
 import select
 import signal
 import subprocess
+import sys
 import threading
+import traceback
 from collections.abc import Callable
+from typing import NoReturn
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -117,3 +120,22 @@ def detached(body: Callable[[int], None], what: str) -> int:
     if not said.isdigit():
         raise OSError(errno.EAGAIN, f"{what} did not start")
     return int(said)
+
+
+def exit_with(body: Callable[[], int | None]) -> NoReturn:
+    """In a forked child: run ``body`` and leave with its status, never back into the
+    parent's code -- SystemExit's code, 1 for any other exception (its traceback printed when
+    stderr still takes it), after flushing stdio."""
+    code = 1
+    try:
+        code = body() or 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)

@@ -24,14 +24,11 @@ What a forked kernel holds is what a freshly started one held, and no more:
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import json
 import os
 import socket
-import sys
-import traceback
 from collections.abc import Callable
 
 from liveupdate import procs
@@ -68,32 +65,21 @@ def _fork(control: socket.socket, fds: list[int], run: Callable[[int, int], None
     """The kernel's pid, once it holds only its own fds and is the machine's child: the
     kernel writes its pid into a pipe after closing every other fd (:func:`procs.detached`),
     so it is re-parented to the machine (a subreaper) when the pid is read."""
-    return procs.detached(lambda ready: _become(fds, ready, run), "the kernel process")
+    return procs.detached(lambda ready: procs.exit_with(lambda: _become(fds, ready, run)),
+                          "the kernel process")
 
 
 def _become(fds: list[int], ready: int, run: Callable[[int, int], None]) -> None:
     """In the forked kernel: take the fds into place, close every other (the template's
-    control socket too), say its pid on ``ready`` and close it, run the kernel, and exit with
-    its status -- never back into the template's loop."""
-    code = 0
-    try:
-        # copies above every fd number being replaced, so no dup2 clobbers a source
-        ram, link, console, ready = (fcntl.fcntl(fd, fcntl.F_DUPFD, LINK_FD + 1)
-                                     for fd in (*fds, ready))
-        for src, dst in ((console, 1), (console, 2), (ram, RAM_FD), (link, LINK_FD)):
-            os.dup2(src, dst)
-        os.closerange(LINK_FD + 1, ready)
-        os.closerange(ready + 1, os.sysconf("SC_OPEN_MAX"))
-        os.write(ready, str(os.getpid()).encode())
-        os.close(ready)
-        run(RAM_FD, LINK_FD)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    finally:
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(code)
+    control socket too), say its pid on ``ready`` and close it, run the kernel (its exit
+    status: :func:`procs.exit_with`, never back into the template's loop)."""
+    # copies above every fd number being replaced, so no dup2 clobbers a source
+    ram, link, console, ready = (fcntl.fcntl(fd, fcntl.F_DUPFD, LINK_FD + 1)
+                                 for fd in (*fds, ready))
+    for src, dst in ((console, 1), (console, 2), (ram, RAM_FD), (link, LINK_FD)):
+        os.dup2(src, dst)
+    os.closerange(LINK_FD + 1, ready)
+    os.closerange(ready + 1, os.sysconf("SC_OPEN_MAX"))
+    os.write(ready, str(os.getpid()).encode())
+    os.close(ready)
+    run(RAM_FD, LINK_FD)

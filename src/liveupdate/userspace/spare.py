@@ -23,13 +23,11 @@ set as the interpreter sets it, exiting with the program's status. Deviation fro
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import runpy
 import socket
 import sys
-import traceback
 import warnings
 
 # the userspace programs the template imports once (their code only: nothing runs)
@@ -65,30 +63,19 @@ def serve(control: socket.socket) -> None:
 
 def _fork(channel: socket.socket, control: socket.socket) -> int:
     """The spare's pid once it holds only ``channel`` and the kernel is its parent."""
-    return procs.detached(lambda ready: _wait(channel.fileno(), ready), "the spare")
+    return procs.detached(lambda ready: procs.exit_with(lambda: _wait(channel.fileno(), ready)),
+                          "the spare")
 
 
-def _wait(channel: int, ready: int) -> None:
-    """In the spare: keep the channel alone, say the pid, wait to be adopted."""
-    code = 0
-    try:
-        keep = os.dup2(channel, 0)  # the lowest number: every other fd is closed after it
-        ready = os.dup2(ready, 1)
-        os.closerange(2, os.sysconf("SC_OPEN_MAX"))
-        os.write(ready, str(os.getpid()).encode())
-        os.close(ready)
-        code = _adopted(socket.socket(fileno=keep))
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            traceback.print_exc()
-        code = 1
-    finally:
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(code)
+def _wait(channel: int, ready: int) -> int:
+    """In the spare: keep the channel alone, say the pid, wait to be adopted; the adopted
+    program's exit status (:func:`procs.exit_with`)."""
+    keep = os.dup2(channel, 0)  # the lowest number: every other fd is closed after it
+    ready = os.dup2(ready, 1)
+    os.closerange(2, os.sysconf("SC_OPEN_MAX"))
+    os.write(ready, str(os.getpid()).encode())
+    os.close(ready)
+    return _adopted(socket.socket(fileno=keep))
 
 
 def _adopted(channel: socket.socket) -> int:
