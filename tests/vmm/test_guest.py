@@ -87,7 +87,7 @@ def test_every_kind_of_damage_is_caught(ram: tuple[mmap.mmap, int], damage: str,
     elif damage == "stale":
         words[page] -= np.uint64(1)
     elif damage == "misplace":
-        words[page : page + 2] = words[other : other + 2]
+        words[page : page + guest.PAGE // 8] = words[other : other + guest.PAGE // 8]
     else:
         words[(guest.STATE_AT + guest.CSUM) // 8] += np.uint64(1)
     chk = guest.verify(memoryview(buf), SIZE)
@@ -162,6 +162,17 @@ def test_a_zeroed_tail_and_two_swapped_pages_are_caught(ram: tuple[mmap.mmap, in
     other = bytes(buf[b : b + guest.PAGE])  # pages 40 and 41 have equal counters: only
     buf[b : b + guest.PAGE], buf[a : a + guest.PAGE] = saved, other  # their bytes tell
     assert "another page's tag" in guest.verify(memoryview(buf), SIZE).problem
+
+
+def test_one_byte_that_happens_to_spell_another_page_is_a_changed_byte(
+        ram: tuple[mmap.mmap, int]) -> None:
+    """Byte 1 of a fill word xor 0x10 turns the page's tag into its neighbour's: a flip, not
+    a misplaced page (the whole page would carry the other tag)."""
+    buf, _ = ram
+    _walked(ram)
+    a = guest.DATA_AT + 40 * guest.PAGE
+    buf[a + 2049] ^= 0x10
+    assert "byte 2049 is not the page's fill" in guest.verify(memoryview(buf), SIZE).problem
 
 
 @pytest.mark.parametrize("make", ACCELS)

@@ -136,17 +136,19 @@ def _pages(pages: np.ndarray) -> str:
         wrong = chunk != want[:, None]
         if wrong.any():
             row, word = (int(x) for x in np.argwhere(wrong)[0])
-            return _byte_problem(DATA_AT + (first + row) * PAGE, word + 1,
-                                 int(chunk[row, word]))
+            return _byte_problem(DATA_AT + (first + row) * PAGE, word + 1, chunk[row])
     return ""
 
 
-def _byte_problem(page: int, word: int, value: int) -> str:
-    want = page ^ TAG
-    diff = (value ^ want).to_bytes(8, "little")
+def _byte_problem(page: int, word: int, fill: np.ndarray) -> str:
+    """Name the first wrong byte of ``page`` (``word`` is its first wrong word, ``fill``
+    words 1..511). A page is called misplaced only when all its fill is one other page's: a
+    single changed byte can make a word look like another page's tag by chance."""
+    value = int(fill[word - 1])
+    diff = (value ^ page ^ TAG).to_bytes(8, "little")
     off = 8 * word + next(i for i, b in enumerate(diff) if b)
     foreign = value ^ TAG
-    if foreign % PAGE == 0 and DATA_AT <= foreign < MAX_GUEST and foreign != page:
+    if foreign % PAGE == 0 and DATA_AT <= foreign < MAX_GUEST and bool((fill == value).all()):
         return f"page {page:#x} carries another page's tag (misplaced or foreign) at byte {off}"
     return f"page {page:#x} byte {off} is not the page's fill: changed behind the guest"
 
