@@ -44,7 +44,7 @@ def apply(d: Damage, m: MachineClient, sock: str, vm_memory: int,
     offset = d.offset if d.offset is not None else rng.randrange(guest.PAGE)
 
     def hpa(page: int, offset: int = 0) -> int:
-        gpa = guest.DATA_AT + page * guest.PAGE + offset
+        gpa = guest.physical(guest.DATA_AT + page * guest.PAGE + offset)
         return int(ask(sock, "phys", gpa=gpa)["hpa"])
 
     if d.kind == "flip-byte":

@@ -8,6 +8,13 @@ compares the two when binutils are installed). Layout of guest-physical memory:
   0x4000.. -- one page directory per GiB (2 MiB pages, identity map, up to 64 GiB);
 * :data:`STACK_TOP` -- the stack, growing down; :data:`CODE_AT` -- the code;
 * :data:`DATA_AT` to the end of memory -- the pages the guest walks.
+
+Those are the guest's *virtual* addresses, and equal to offsets in the VMM's memory file.
+Guest-physical memory has the PC's hole below 4 GiB (:data:`HOLE_AT` to 4 GiB: the local
+APIC at 0xFEE00000, which KVM claims whatever the guest's memory slots say, and the 32-bit
+PCI window), as QEMU's ``pc`` machine splits RAM at 3 GiB: a guest larger than 3 GiB has its
+memory above the hole in a second slot (:func:`regions`), and its page tables map the virtual
+addresses past :data:`HOLE_AT` to there -- the guest program walks a flat range either way.
 """
 
 from __future__ import annotations
@@ -44,6 +51,24 @@ STEPS_PER_EXIT = 4096
 CHUNK_PAGES = 4096  # pages checked at a time: 16 MiB of temporaries for any guest size
 AD_BITS = np.uint64(0x60)  # accessed and dirty: the CPU sets them in the page tables
 _WORDS = PAGE // 8
+HOLE_AT, HOLE_END = 3 << 30, 4 << 30
+
+
+def regions(size: int) -> list[tuple[int, int, int]]:
+    """The guest-physical slots of a guest of ``size``: (guest-physical address, offset in
+    the memory file, length) -- one below the hole, one above it when the guest is larger."""
+    low = min(size, HOLE_AT)
+    return [(0, 0, low)] + ([(HOLE_END, HOLE_AT, size - HOLE_AT)] if size > HOLE_AT else [])
+
+
+def file_offset(gpa: int) -> int | None:
+    """Where guest-physical ``gpa`` lies in the memory file (None: in the hole)."""
+    return gpa if gpa < HOLE_AT else None if gpa < HOLE_END else gpa - (HOLE_END - HOLE_AT)
+
+
+def physical(virtual: int) -> int:
+    """The guest-physical address of a guest-virtual one (the page tables' map)."""
+    return virtual + (HOLE_END - HOLE_AT if virtual >= HOLE_AT else 0)
 
 
 def assemble(source: str | None = None) -> bytes:
@@ -70,8 +95,8 @@ def layout(mem: memoryview, size: int) -> None:
     words[PDPT_AT // 8 : PDPT_AT // 8 + gib] = (PD_AT + PAGE * np.arange(gib, dtype=np.uint64)
                                                 ) | np.uint64(3)
     huge = size >> 21
-    words[PD_AT // 8 : PD_AT // 8 + huge] = (np.arange(huge, dtype=np.uint64) << np.uint64(21)
-                                             ) | np.uint64(0x83)
+    words[PD_AT // 8 : PD_AT // 8 + huge] = np.fromiter(
+        (physical(i << 21) | 0x83 for i in range(huge)), np.uint64, huge)
     mem[CODE_AT : CODE_AT + len(CODE)] = CODE
     words[(STATE_AT + DATA_START) // 8] = DATA_AT
     words[(STATE_AT + DATA_END) // 8] = size

@@ -124,8 +124,9 @@ class Kvm:
     def __init__(self, address: int, size: int) -> None:
         self.kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
         self.vm = _ioctl(self.kvm, KVM_CREATE_VM, 0, "CREATE_VM")
-        region = bytearray(struct.pack("<IIQQQ", 0, 0, 0, size, address))
-        _ioctl(self.vm, KVM_SET_USER_MEMORY_REGION, region, "SET_USER_MEMORY_REGION")
+        for slot, (gpa, offset, length) in enumerate(guest.regions(size)):
+            region = bytearray(struct.pack("<IIQQQ", slot, 0, gpa, length, address + offset))
+            _ioctl(self.vm, KVM_SET_USER_MEMORY_REGION, region, "SET_USER_MEMORY_REGION")
         self.vcpu = _ioctl(self.vm, KVM_CREATE_VCPU, 0, "CREATE_VCPU")
         run_size = _ioctl(self.kvm, KVM_GET_VCPU_MMAP_SIZE, 0, "GET_VCPU_MMAP_SIZE")
         self.run = mmap.mmap(self.vcpu, run_size, mmap.MAP_SHARED,

@@ -29,7 +29,7 @@ from liveupdate.client.backends import Backend
 from liveupdate.client.devices import Iommufd, VfioDevice
 from liveupdate.client.luod import LuodClient
 from liveupdate.errors import LiveUpdateError
-from liveupdate.vmm import guest_nic
+from liveupdate.vmm import guest, guest_nic
 
 IOMMUFD_TOKEN, DEVICE_TOKEN, HWPT_TOKEN = 3, 4, 0x1D
 SEALS = 0x1 | 0x2 | 0x4
@@ -54,7 +54,8 @@ class Assigned:
         self.dev = dev
         self.iommufd = Iommufd(self.backend)
         ioas = self.iommufd.ioas_alloc()
-        self.iommufd.map_file(ioas, ram_fd, 0, size, iova=0)
+        for gpa, offset, length in guest.regions(size):  # IOVA = guest-physical, as QEMU's
+            self.iommufd.map_file(ioas, ram_fd, offset, length, iova=gpa)
         hwpt = self.iommufd.hwpt_alloc(self.dev.bind(self.iommufd.fd), ioas)
         self.dev.attach(hwpt)
         try:

@@ -38,7 +38,8 @@ class Tcg:
         # lacks the control calls of the Python 3 one that runs
         uc: Any = self.uc
         uc.ctl_set_tcg_buffer_size(TCG_BUFFER)
-        self.uc.mem_map_ptr(0, size, UC_PROT_ALL, address)
+        for gpa, offset, length in guest.regions(size):
+            self.uc.mem_map_ptr(gpa, length, UC_PROT_ALL, address + offset)
         self.exit_value = 0
         self.uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, x86.UC_X86_INS_OUT)
 

@@ -256,8 +256,10 @@ class Vmm:
 
     def host_phys(self, gpa: int) -> int:
         """Where guest-physical ``gpa`` lies in the (emulated) machine's RAM."""
-        off = gpa
+        off = guest.file_offset(gpa)
         for phys, n in self.extents:
+            if off is None:
+                break
             if 0 <= off < n:
                 return phys + off
             off -= n
