@@ -27,6 +27,30 @@ def become_subreaper() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
+PF_EXITING = 0x4  # include/linux/sched.h: set by exit_signals() as do_exit() begins
+
+
+def dying(pid: int) -> bool:
+    """Whether ``pid`` has entered ``do_exit()`` on every thread (or is gone): it never runs
+    userspace again and no syscall of it is still in progress, only the host's teardown
+    (``exit_mm``: its mappings, a KVM VM's page tables) is left. ``/proc/PID/task/*/stat``
+    field 9, the task flags."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # that thread is gone
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 6 and not int(fields[6]) & PF_EXITING:
+            return False
+    return True
+
+
 def children_of(ppid: int) -> list[int]:
     out = []
     for name in os.listdir("/proc"):
