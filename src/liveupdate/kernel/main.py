@@ -28,6 +28,9 @@ import threading
 import traceback
 from typing import Any
 
+# np.unique imports numpy.ma on first use: 40 ms of the first retrieve after a kexec
+import numpy.ma  # noqa: F401
+
 from liveupdate.abi import wire
 from liveupdate.abi.cmdline import Cmdline
 from liveupdate.abi.wire import Handler, Message, arg

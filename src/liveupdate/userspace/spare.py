@@ -33,12 +33,14 @@ import warnings
 # the userspace programs the template imports once (their code only: nothing runs)
 import liveupdate.luod.daemon
 import liveupdate.userspace.kvcache
+import liveupdate.vmm.tcg  # unicorn: 40-80 ms of a TCG VMM's restore when imported there
 import liveupdate.vmm.vmm  # noqa: F401
 from liveupdate import procs
 from liveupdate.abi.spare import ADOPT_FDS, ADOPTED, MAX_RECORD, SYSCALL_AT, decode_adoption
 from liveupdate.ipc import fds as scm
 
-PRELOAD = ("liveupdate.luod.daemon", "liveupdate.vmm.vmm", "liveupdate.userspace.kvcache")
+PRELOAD = ("liveupdate.luod.daemon", "liveupdate.vmm.vmm", "liveupdate.vmm.tcg",
+           "liveupdate.userspace.kvcache")
 
 
 def serve(control: socket.socket) -> None:
