@@ -41,12 +41,25 @@ def test_config_space_bars_and_iommu_registers(bus: Bus) -> None:
     assert bugs == []
 
 
+def test_a_scan_answers_each_read_as_pci_read_does(bus: Bus) -> None:
+    bugs: list[str] = []
+    reads = [[slot << 3, off, 4] for slot in range(32) for off in (0, 8)]
+    alone = [ask(bus, bugs, op="pci_read", bdf=b, offset=o, size=n)["value"]
+             for b, o, n in reads]
+    assert ask(bus, bugs, op="pci_scan", reads=reads)["values"] == alone
+    assert alone.count(0xFFFFFFFF) == 62 and bugs == []  # one function answers
+
+
 @pytest.mark.parametrize(("request_", "err"), [
     ({"op": "pci_read", "bdf": NIC, "offset": 0, "size": 10**10}, errno.EINVAL),
     ({"op": "pci_read", "bdf": NIC, "offset": -4, "size": 4}, errno.EINVAL),
     ({"op": "pci_read", "bdf": NIC, "offset": 1, "size": 4}, errno.EINVAL),
     ({"op": "pci_read", "bdf": 0x20, "offset": 0, "size": 1 << 40}, errno.EINVAL),
     ({"op": "pci_read", "bdf": "00:03.0", "offset": 0, "size": 4}, errno.EINVAL),
+    ({"op": "pci_scan", "reads": [[NIC, 1, 4]]}, errno.EINVAL),
+    ({"op": "pci_scan", "reads": [[NIC, 0]]}, errno.EINVAL),
+    ({"op": "pci_scan", "reads": [[NIC, 0, 4]] * 257}, errno.EINVAL),
+    ({"op": "pci_scan", "reads": "all"}, errno.EINVAL),
     ({"op": "pci_write", "bdf": NIC, "offset": 4, "size": 2, "value": "x"}, errno.EINVAL),
     ({"op": "pci_write", "bdf": NIC, "offset": 4, "size": 2}, errno.EINVAL),
     ({"op": "bar_write", "bdf": NIC, "reg": "DROPS", "value": 0}, errno.EIO),
