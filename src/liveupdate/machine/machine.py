@@ -342,6 +342,13 @@ class Machine:
 
     # -- requests to the running kernel ---------------------------------------------------
     def ask_kernel(self, header: dict[str, Any], timeout: float) -> tuple[dict[str, Any], bytes]:
+        """A request to the running kernel; one that is booting is waited for (within
+        ``timeout``): its services may already answer on the console before it says
+        "booted". EAGAIN when no kernel runs or comes up in time."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while self.state is State.BOOTING and (left := deadline - time.monotonic()) > 0:
+                self.cond.wait(left)
         with self.lock:
             kp = self.kernel
             if kp is None or self.state is not State.RUNNING:
