@@ -32,6 +32,7 @@ import warnings
 
 # the userspace programs the template imports once (their code only: nothing runs)
 import liveupdate.luod.daemon
+import liveupdate.luod.preflight  # luod imports it at its first load: 60-180 ms of a cycle
 import liveupdate.userspace.kvcache
 import liveupdate.vmm.tcg  # unicorn: 40-80 ms of a TCG VMM's restore when imported there
 import liveupdate.vmm.vmm  # noqa: F401
@@ -39,8 +40,8 @@ from liveupdate import procs
 from liveupdate.abi.spare import ADOPT_FDS, ADOPTED, MAX_RECORD, SYSCALL_AT, decode_adoption
 from liveupdate.ipc import fds as scm
 
-PRELOAD = ("liveupdate.luod.daemon", "liveupdate.vmm.vmm", "liveupdate.vmm.tcg",
-           "liveupdate.userspace.kvcache")
+PRELOAD = ("liveupdate.luod.daemon", "liveupdate.luod.preflight", "liveupdate.vmm.vmm",
+           "liveupdate.vmm.tcg", "liveupdate.userspace.kvcache")
 
 
 def serve(control: socket.socket) -> None:
