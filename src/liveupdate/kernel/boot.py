@@ -145,12 +145,13 @@ def memblock_free_all(k: Kernel, scratch: np.ndarray | None) -> None:
 
 
 def kexec_metadata(k: Kernel) -> None:
-    """kho-v3+ ``kho_init``: say which kernel kexec'd us (``KHO: exec from: ...``), give its
-    record back, and add ours with the count one higher (:mod:`abi.kexec_metadata`).
+    """kho-v3+ ``kho_init``: say which kernel kexec'd us (``KHO: exec from: ...``) and add
+    our record with the count one higher (:mod:`abi.kexec_metadata`).
 
-    Differs from Linux 7.3.4 (``kho_in_kexec_metadata`` reads the page in place and never
-    frees it; a listed difference of the differential suite, docs/differential.md): the
-    page is freed here at boot."""
+    The 7.3 core keeps the previous kernel's page for its whole life, as Linux 7.3.4
+    (``kho_in_kexec_metadata`` copies what it needs and never frees the page): not a leak
+    across kexecs, since nobody preserves it again (tests/kernel/test_luo_incoming_pages_73.py).
+    Older cores, as modelled before 7.3 was read, give it back here at boot."""
     kout, kin = k.kho_out, k.kho_in
     if kout is None or not kout.core.records_kexec_metadata:
         return
@@ -164,7 +165,8 @@ def kexec_metadata(k: Kernel) -> None:
             count = md.kexec_count
         except AbiError as e:
             k.printk(f"KHO: kexec-metadata: {e.message}")
-        kin.restore_free(phys)
+        if not kout.core.keeps_kexec_metadata:
+            kin.restore_free(phys)
     blob = kexec_md.encode(kexec_md.KexecMetadata(k.image.release, count + 1))
     kout.add_subtree(kexec_md.NODE, kout.store(blob), len(blob))
 
