@@ -8,7 +8,7 @@ import errno
 import numpy as np
 import pytest
 
-from liveupdate.abi import bootparams, image
+from liveupdate.abi import bootparams, image, kexec_metadata
 from liveupdate.abi.consts import PAGE_SIZE
 from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel import debugfs, kexec
@@ -346,9 +346,12 @@ def test_debugfs_sub_blobs_are_blob_size_bytes_on_sized_roots() -> None:
         img = image.KernelImage.of("7.3")
         k = r.boot("kho=on liveupdate=on reserve_mem=1M:4096:trace", img)
         k2 = r.kexec(k, "kho=on liveupdate=on reserve_mem=1M:4096:trace", img)
-        luo = debugfs.read(k2, "in/sub_fdts/LUO")
-        assert len(luo) == 32 and luo.startswith(b"luo-v5\0")
+        # 7.3.4 gives the luo_ser page back at boot: the file shows what is there now
+        assert len(debugfs.read(k2, "in/sub_fdts/LUO")) == 32
+        assert debugfs.read(k2, "out/sub_fdts/LUO").startswith(b"luo-v5\0")
         assert len(debugfs.read(k2, "out/sub_fdts/kexec-metadata")) == 73
+        md = kexec_metadata.decode(debugfs.read(k2, "in/sub_fdts/kexec-metadata"))
+        assert md.kexec_count == 1  # kept for the kernel's life (kho_in_kexec_metadata)
         memblock = debugfs.read(k2, "in/sub_fdts/memblock")
         assert len(memblock) == int.from_bytes(memblock[4:8], "big")  # fdt_totalsize
     finally:

@@ -34,7 +34,7 @@ whole chain is checked before anything is returned -- chunk alignment and bounds
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -86,6 +86,9 @@ class PreservedMemory:
     phys: np.ndarray  # uint64[n]
     order: np.ndarray  # uint8[n]
     bitmap_bytes: int
+    # the map's own pages, which are not in the map (kho-v3+ radix tree nodes; kho-v1 chunks
+    # and the pages holding its bitmaps), ascending
+    tables: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
 
     def __len__(self) -> int:
         return int(self.phys.shape[0])
@@ -253,8 +256,11 @@ def decode_mem_map(mem: PhysMem, first: int, bitmap_bytes: int | None = None, *,
         raise AbiError(msg=f"bitmap size {bitmap_bytes} is neither 4096 nor 512 bytes")
     bits_per = bitmap_bytes * 8
     n = len(ce.order)
+    tables = np.unique(np.concatenate([ce.chunk_phys, ce.bitmap_phys])
+                       & ~np.uint64(PAGE_SIZE - 1))
     if n == 0:
-        return PreservedMemory(np.zeros(0, np.uint64), np.zeros(0, np.uint8), bitmap_bytes)
+        return PreservedMemory(np.zeros(0, np.uint64), np.zeros(0, np.uint8), bitmap_bytes,
+                               tables)
     bits_shift = bits_per.bit_length() - 1
     shift = ce.order.astype(np.uint64) + np.uint64(PAGE_SHIFT)
     span_mask = (np.uint64(bits_per) << shift) - np.uint64(1)
@@ -283,7 +289,7 @@ def decode_mem_map(mem: PhysMem, first: int, bitmap_bytes: int | None = None, *,
     # No wrap is possible: phys_start is span-aligned and the span fits a u64 (MAX_MAP_ORDER).
     if check_ram:
         _check_in_ram(mem, ce, phys, order, row)
-    return PreservedMemory(phys, order, bitmap_bytes)
+    return PreservedMemory(phys, order, bitmap_bytes, tables)
 
 
 def _check_in_ram(mem: PhysMem, ce: ChunkEntries, phys: np.ndarray, order: np.ndarray,

@@ -183,9 +183,10 @@ def decode(mem: PhysMem, root_phys: int, *, check_ram: bool = False) -> Preserve
         orders.append(np.full(len(bits), o[0], np.uint8))
         if check_ram:
             _check_in_ram(mem, leaf, phys[-1], int(o[0]))
+    tables = np.array(sorted(seen), np.uint64)
     if not phys:
-        return PreservedMemory(np.zeros(0, np.uint64), np.zeros(0, np.uint8), PAGE_SIZE)
-    return PreservedMemory(np.concatenate(phys), np.concatenate(orders), PAGE_SIZE)
+        return PreservedMemory(np.zeros(0, np.uint64), np.zeros(0, np.uint8), PAGE_SIZE, tables)
+    return PreservedMemory(np.concatenate(phys), np.concatenate(orders), PAGE_SIZE, tables)
 
 
 def _check_in_ram(mem: PhysMem, leaf: int, phys: np.ndarray, order: int) -> None:

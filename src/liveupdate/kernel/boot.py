@@ -2,9 +2,10 @@
 
 Cold boot and KHO boot share this path; only the boot parameters differ. The order follows
 Linux: setup_arch (e820 -> memblock, command line, image and setup_data reservations,
-``kho_populate``), early allocations (the memmap, ``reserve_mem``) -- from scratch only on a
-KHO boot -- then ``kho_memory_init`` (reserve preserved memory, or size and reserve fresh
-scratch on a cold boot), ``memblock_free_all`` (scratch-only ends; free memory goes to the
+``kho_populate``), on the 7.3 core ``kho_extend_scratch`` (:mod:`.kho.extend_scratch`), early
+allocations (the memmap, ``reserve_mem``) -- from scratch only on a KHO boot -- then
+``kho_memory_init`` (reserve preserved memory, or size and reserve fresh scratch on a cold
+boot), ``memblock_free_all`` (scratch-only ends; free memory goes to the
 buddy allocator, scratch stays apart for kexec segments), ``kho_init`` (the new live root
 FDT), test components (module_init), ``reserve_mem``'s preservation (late_initcall), and init.
 
@@ -30,6 +31,7 @@ from liveupdate.kernel import confine, initcalls, negotiate, scratch_sizing, tes
 from liveupdate.kernel.drivers import iommu_flb, pci
 from liveupdate.kernel.fs import hugetlb_luo
 from liveupdate.kernel.generation import Generation
+from liveupdate.kernel.kho.extend_scratch import extend_scratch
 from liveupdate.kernel.kho.incoming import KhoIn
 from liveupdate.kernel.kho.outgoing import KhoOut
 from liveupdate.kernel.kho.validate import validate_handover
@@ -143,12 +145,13 @@ def memblock_free_all(k: Kernel, scratch: np.ndarray | None) -> None:
 
 
 def kexec_metadata(k: Kernel) -> None:
-    """kho-v3+ ``kho_init``: say which kernel kexec'd us (``KHO: exec from: ...``), give its
-    record back, and add ours with the count one higher (:mod:`abi.kexec_metadata`).
+    """kho-v3+ ``kho_init``: say which kernel kexec'd us (``KHO: exec from: ...``) and add
+    our record with the count one higher (:mod:`abi.kexec_metadata`).
 
-    Differs from Linux 7.3.4 (``kho_in_kexec_metadata`` reads the page in place and never
-    frees it; a listed difference of the differential suite, docs/differential.md): the
-    page is freed here at boot."""
+    The 7.3 core keeps the previous kernel's page for its whole life, as Linux 7.3.4
+    (``kho_in_kexec_metadata`` copies what it needs and never frees the page): not a leak
+    across kexecs, since nobody preserves it again (tests/kernel/test_luo_incoming_pages_73.py).
+    Older cores, as modelled before 7.3 was read, give it back here at boot."""
     kout, kin = k.kho_out, k.kho_in
     if kout is None or not kout.core.records_kexec_metadata:
         return
@@ -162,7 +165,8 @@ def kexec_metadata(k: Kernel) -> None:
             count = md.kexec_count
         except AbiError as e:
             k.printk(f"KHO: kexec-metadata: {e.message}")
-        kin.restore_free(phys)
+        if not kout.core.keeps_kexec_metadata:
+            kin.restore_free(phys)
     blob = kexec_md.encode(kexec_md.KexecMetadata(k.image.release, count + 1))
     kout.add_subtree(kexec_md.NODE, kout.store(blob), len(blob))
 
@@ -172,6 +176,8 @@ def start_kernel(k: Kernel, bp_phys: int) -> None:
     confine.declare(k)  # what the command line lets this kernel and its userspace touch
     if kd is not None:
         k.kho_in = kho_populate(k, kd)
+    if k.kho_in is not None and k.gen.kho.extends_scratch:  # kho_memory_init_early
+        extend_scratch(k.memblock, k.kho_in.preserved)
     try:
         k.memblock.alloc(-(-k.meta.nr_pages * MEMMAP_BYTES_PER_PAGE // PAGE_SIZE) * PAGE_SIZE,
                          PAGE_SIZE)

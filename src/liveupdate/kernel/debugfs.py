@@ -127,6 +127,10 @@ def status(k: Kernel) -> dict[str, Any]:
             "preserved": _per_order(kin.preserved.order),
             "restored_pages": kin.restored,
             "scratch": _areas(kin.scratch),
+            # memblock's KHO_SCRATCH regions: the areas above, and on the 7.3 core what
+            # kho_extend_scratch added for this boot's early allocations
+            "memblock_scratch": [{"addr": f"{r.base:#x}", "size": r.size}
+                                 for r in k.memblock.scratch_regions()],
             "subtrees": [{"name": n, "fdt": f"{p:#x}"} for n, p in kin.root.subtrees],
             "unretrievable": [{"name": n, "why": why} for n, why in kin.root.broken],
         }

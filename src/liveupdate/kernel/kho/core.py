@@ -68,6 +68,8 @@ class KhoCore:
     restore_caps_order: bool  # kho_restore_page refuses order > MAX_PAGE_ORDER (not 7.1+)
     records_kexec_metadata: bool  # kho_init adds the ``kexec-metadata`` subtree (7.1+)
     off_in_kdump: bool = False  # kho_memory_init disables KHO in a kdump kernel (7.3.4)
+    extends_scratch: bool = False  # kho_memory_init_early's kho_extend_scratch (7.3.4)
+    keeps_kexec_metadata: bool = False  # kho_in_kexec_metadata never frees the page (7.3.4)
 
     @property
     def finalized_by_userspace(self) -> bool:
@@ -127,4 +129,5 @@ CORES = {
 }
 # 7.3.4: the 7.1 core's behaviour here; its scratch sizing (kernel/scratch_sizing.py) and
 # test_kho (kernel/testmods/test_kho.py) are its own, keyed by the core's name there
-CORES["7.3"] = dataclasses.replace(CORES["7.1"], name="7.3", off_in_kdump=True)
+CORES["7.3"] = dataclasses.replace(CORES["7.1"], name="7.3", off_in_kdump=True,
+                                   extends_scratch=True, keeps_kexec_metadata=True)

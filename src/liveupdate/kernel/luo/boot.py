@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from liveupdate.abi.generations import LuoGeneration
 from liveupdate.kernel import negotiate
+from liveupdate.kernel.luo import session_incoming
 from liveupdate.kernel.luo.handler import FileHandler, handlers_for
 from liveupdate.kernel.luo.rules import rules_of
 from liveupdate.kernel.luo.session import LuoSessions
@@ -49,4 +50,6 @@ def _read_only(k: Kernel, gen: LuoGeneration) -> None:
     if k.kho_in is None or not rules_of(gen).parses_incoming_when_off:
         return
     reads = negotiate.code_reads(k)
-    LuoSessions(k, gen, handlers_for(k, k.image.native(), reads), reads).read_incoming()
+    luo = LuoSessions(k, gen, handlers_for(k, k.image.native(), reads), reads)
+    luo.read_incoming()
+    session_incoming.free_ser(luo)

@@ -41,9 +41,9 @@ class Incoming:
     number: int
     flbs: int  # the FLB header's address, 0 without
     meta: list[int]  # the previous kernel's LUO pages, given back after reading
-    # 7.3.4: the sessions' entries and file chains, read at the first open (adding the file
-    # blocks to the list it is given); None when everything was read at boot
-    later: Callable[[list[int]], list[luo_session.SessionSer]] | None = None
+    # 7.3.4: the sessions' entries and file chains, read at the first open (each session's
+    # file blocks put in the dict it is given, by name); None when everything was read at boot
+    later: Callable[[dict[str, list[int]]], list[luo_session.SessionSer]] | None = None
 
 
 class Handover(Protocol):
@@ -135,8 +135,13 @@ class LuoV5:
         rows, blocks = luo_ser.session_rows(mem, ser.sessions_pa) if ser.sessions_pa \
             else (np.zeros(0, luo_session.SESSION_DTYPE), [])
 
-        def later(meta: list[int]) -> list[luo_session.SessionSer]:
-            return luo_session.deserialize_73(rows, luo_ser.file_reader(mem, meta))
+        def later(per_session: dict[str, list[int]]) -> list[luo_session.SessionSer]:
+            def files(name: str, files_pa: int, n: int) -> np.ndarray:
+                blocks: list[int] = []
+                arr = luo_ser.file_reader(mem, blocks)(name, files_pa, n)
+                per_session[name] = blocks
+                return arr
+            return luo_session.deserialize_73(rows, files)
         return Incoming([], ser.liveupdate_number, ser.flbs_pa, [phys, *blocks], later)
 
     def serialize(self, luo: LuoSessions, sessions: list[tuple[str, list[

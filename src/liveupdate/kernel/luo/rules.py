@@ -56,6 +56,10 @@ class Rules619:
     # luo-v5's session and file blocks allocated at CREATE_SESSION and PRESERVE_FD
     # (kernel/luo/blocks.py) rather than at the reboot (7.3.4)
     blocks_at_ioctl = False
+    # when the previous kernel's LUO pages go back: all at the first open; 7.3.4 frees
+    # luo_ser at boot, the session chain at the first open, a file chain at its session's
+    # FINISH and never the FLB header (kernel/luo/session_incoming.py)
+    frees_incoming_as_73 = False
 
     def check_preserve(self, f: File, in_any_session: Callable[[File], bool]) -> None:
         """Before a file joins a session."""
@@ -107,6 +111,7 @@ class Rules73(Rules71):
     panic_on_subtree_error = True  # luo_early_startup: err != -ENOENT -> luo_restore_fail
     deserialize_at_open = True  # luo_session_setup_incoming / luo_session_deserialize
     blocks_at_ioctl = True  # luo_session_insert / luo_preserve_file: kho_block_set_grow
+    frees_incoming_as_73 = True  # luo_early_startup, luo_session_deserialize, luo_file_finish
     # luo_session_ioctl_ops' types: LUO_IOCTL_INCOMING / _OUTGOING (the rest: _ALL)
     DIRECTION: ClassVar[dict[str, bool]] = {"SESSION_FINISH": True, "SESSION_RETRIEVE_FD": True,
                                             "SESSION_PRESERVE_FD": False}

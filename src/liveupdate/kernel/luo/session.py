@@ -40,16 +40,15 @@ from typing import TYPE_CHECKING, Any
 
 from liveupdate.abi import generations, luo_session, uapi
 from liveupdate.abi.consts import PAGE_SIZE
-from liveupdate.errors import AbiError, LiveUpdateError
+from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel import negotiate
 from liveupdate.kernel.fs.file import File
-from liveupdate.kernel.kho.incoming import restore_free
-from liveupdate.kernel.luo import session_freeze, session_ioctl
+from liveupdate.kernel.luo import session_freeze, session_incoming, session_ioctl
 from liveupdate.kernel.luo.blocks import BlockSet
-from liveupdate.kernel.luo.files import FileSet, IncomingSet, InFile
-from liveupdate.kernel.luo.flb import FlbRegistry, IncomingFlb
+from liveupdate.kernel.luo.files import FileSet, IncomingSet
+from liveupdate.kernel.luo.flb import FlbRegistry
 from liveupdate.kernel.luo.handler import FileHandler
-from liveupdate.kernel.luo.handover import HANDOVERS, reader_for
+from liveupdate.kernel.luo.handover import HANDOVERS
 from liveupdate.kernel.luo.rules import rules_of
 
 if TYPE_CHECKING:
@@ -68,6 +67,7 @@ class Session:
     retrieved: bool = False
     errors: dict[int, LiveUpdateError] = field(default_factory=dict)  # 7.1: sticky
     blocks: BlockSet | None = None  # 7.3.4: its file chain's blocks, from PRESERVE_FD on
+    in_blocks: list[int] = field(default_factory=list)  # 7.3.4: incoming, freed at FINISH
 
 
 class LuoSessions:
@@ -94,10 +94,12 @@ class LuoSessions:
         self.number = 0
         self.restore_failed = ""  # sticky EIO for every open
         self.frozen = False
-        self._incoming_raw: list[luo_session.SessionSer] | None = None
-        self._incoming_meta: list[int] = []
-        self._incoming_later: Callable[[list[int]], list[luo_session.SessionSer]] | None = None
-        self._flbs_raw: list[luo_session.FlbSer] = []
+        self.incoming_raw: list[luo_session.SessionSer] | None = None
+        self.incoming_meta: list[int] = []  # LUO pages given back at the first open
+        self.incoming_ser = 0  # 7.3.4: the luo_ser page, given back at boot
+        self.incoming_later: Callable[[dict[str, list[int]]],
+                                      list[luo_session.SessionSer]] | None = None
+        self.flbs_raw: list[luo_session.FlbSer] = []
         self.fdt = self.header = self.flb_header = self.ser = 0
         self.published = 0  # the blob the LUO subtree points at
         self.serialized: list[tuple[int, int]] = []  # pages the last serialization allocated
@@ -113,6 +115,7 @@ class LuoSessions:
             self.flb_header = self.k.require_kho().alloc_preserve(PAGE_SIZE)
             self.k.write(self.flb_header, luo_session.encode_flbs([]))
         self.writer.boot(self)
+        session_incoming.free_ser(self)
 
     def read_incoming(self) -> None:
         """The incoming half of ``luo_early_startup``: the LUO subtree, if the previous kernel
@@ -129,13 +132,13 @@ class LuoSessions:
                              f"({e.message}), disabling live update")
             phys = 0
         if phys:
-            self._read_incoming(phys, kin.root.size(LUO_KHO_ENTRY_NAME))
+            session_incoming.read(self, phys, kin.root.size(LUO_KHO_ENTRY_NAME))
 
     def incoming_flb(self, name: str) -> int:
         """The data of the previous kernel's FLB ``name`` (0: none), readable at boot before
         the sessions are deserialized -- the early-boot FLB access the posted hugetlb and
         IOMMU series add, for the drivers that take hardware over at init."""
-        return next((f.data for f in self._flbs_raw if f.name == name), 0)
+        return next((f.data for f in self.flbs_raw if f.name == name), 0)
 
     def publish(self, phys: int, size: int) -> None:
         """The LUO subtree is ``phys`` (replacing another one: negotiation)."""
@@ -147,66 +150,12 @@ class LuoSessions:
         kout.add_subtree(LUO_KHO_ENTRY_NAME, phys, size)
         self.published = phys
 
-    def _read_incoming(self, phys: int, size: int | None) -> None:
-        """Read with the reader of the blob's format among those this kernel reads; a
-        native kernel tries only its own -- 6.19 meets 7.2's struct as a bad FDT, 7.2 meets
-        6.19's FDT as a wrong ``compatible`` -- and panics, as Linux."""
-        flb_reads = self.reads.get("flb", ())
-        require_flb = bool(flb_reads) and set(flb_reads) <= generations.FLB_NODE
-        try:
-            head = self.k.mem.read(phys, 4, "LUO blob")
-            inc = reader_for(self.reads["luo"], head).read(
-                self.k.mem, phys, size, require_flb, self.rules.deserialize_at_open)
-            meta = inc.meta
-            if inc.flbs:
-                self._flbs_raw = luo_session.decode_flbs(self.k.mem, inc.flbs)
-                meta.append(inc.flbs)
-        except AbiError as e:
-            self.k.panic(f"LUO: cannot restore the previous kernel's state: {e.message}")
-        self._incoming_raw = inc.sessions
-        self._incoming_later = inc.later
-        self.number = inc.number
-        self._incoming_meta = meta
-        if inc.later is not None:  # 7.3.4 luo_early_startup's pr_info; sessions come later
-            self.k.printk(f"luo: Retrieved live update data, liveupdate number: {self.number}")
-        else:
-            self.k.printk(f"luo: live update {self.number}: {len(self._incoming_raw)} "
-                          "incoming sessions")
-
     def _deserialize(self) -> None:
-        """First open: build the incoming sessions (``luo_session_deserialize``, once)."""
-        raw, self._incoming_raw = self._incoming_raw, None
-        if raw is None:
-            return
-        later, self._incoming_later = self._incoming_later, None
-        if later is not None:
-            try:
-                raw = later(self._incoming_meta)
-            except AbiError as e:  # luo_session_deserialize's saved_err: EIO every open
-                self.restore_failed = e.message
-                self.k.printk(f"luo: {e.message}; /dev/liveupdate is EIO")
-                return
-        by_compat = {h.compatible: h for h in self.handlers}
-        sessions: dict[str, Session] = {}
-        for s in raw:
-            inc = IncomingSet()
-            for f in s.files:
-                if f.token in inc.files:
-                    continue  # 7.3.4 keeps duplicates; a retrieve finds the first
-                handler = by_compat.get(f.compatible)
-                if handler is None:
-                    self.restore_failed = (f"session {s.name!r}: no handler for "
-                                           f"{f.compatible!r}")
-                    self.k.printk(f"luo: {self.restore_failed}; /dev/liveupdate is EIO")
-                    return
-                inc.files[f.token] = InFile(f.token, f.compatible, f.data, handler)
-            sessions[s.name] = Session(s.name, incoming=inc)
-        self.incoming = sessions
-        self.flbs.incoming = {f.name: IncomingFlb(f.name, f.data, f.count)
-                              for f in self._flbs_raw}
-        for p in self._incoming_meta:  # the previous kernel's LUO pages: read, give back
-            restore_free(self.k.kho_in, p)
-        self._incoming_meta = []
+        """First open: :func:`liveupdate.kernel.luo.session_incoming.deserialize`."""
+        built = session_incoming.deserialize(self)
+        if built is not None:
+            self.incoming = {name: Session(name, incoming=inc, in_blocks=blocks)
+                             for name, (inc, blocks) in built.items()}
 
     # -- /dev/liveupdate ------------------------------------------------------------------
     def open(self) -> File:
@@ -315,6 +264,7 @@ class LuoSessions:
         for entry in reversed(list(s.incoming.files.values())):
             s.incoming.finish_one(entry)
             self.flbs.file_finished(entry.handler.compatible)
+        session_incoming.finish_blocks(self, s.in_blocks)
 
     def close(self, s: Session) -> None:
         """The last handle of a session fd is gone."""
@@ -390,7 +340,7 @@ class LuoSessions:
                  "retrieved": e.file is not None}
                 for e in (s.incoming.files.values() if s.incoming else [])]}
                 for s in self.incoming.values()],
-            "pending_incoming": len(self._incoming_raw or []),
+            "pending_incoming": len(self.incoming_raw or []),
             "flbs": [{"name": f.ops.name, "count": f.count} for f in self.flbs.flbs],
         }
 

@@ -124,8 +124,8 @@ def _handover(c: Comparison) -> list[str]:
              "sizes, LUO's sessions and files in order (token, handler, size, position, "
              "seals, folio count and flags, index range), its FLBs, kexec-metadata. The real "
              "one from RAM saved at the jump, the emulated one from the next kernel's RAM "
-             "before anything is retrieved (kexec-metadata's count as that kernel read it "
-             "at boot: it frees the page, where 7.3 keeps it).", "",
+             "before anything is retrieved (7.3 keeps the kexec-metadata page, as Linux "
+             "does; the luo_ser page it gives back at boot is not reused by then).", "",
              f"**{c.handover_values} values compared, {c.handover_values - n} agree, {n} "
              "differ.**", ""]
     if n:

@@ -51,8 +51,8 @@ def incoming_handover(m: MachineClient) -> handover.Stable:
     mem = PhysMem(RemoteRam(m, int(m.status()["memory"])))
     root = int(m.kho_status()["in"]["root_fdt"], 16)
     got = handover.of_root(mem.read_fdt(root, "KHO root FDT"), mem)
-    # the kexec-metadata page is freed by this kernel's boot (7.3 keeps it: kernel/boot.py
-    # says so), so RAM no longer holds it; the count is what the kernel read at boot
+    # the kexec-metadata page: the 7.3 core keeps it, as Linux; an older core frees it at
+    # boot (kernel/boot.py), so the count is taken as the kernel read it at boot
     seen = EXEC_FROM.findall(m.console()[1].decode(errors="replace"))
     md = got["subtrees"].get("kexec-metadata")
     if md is not None and seen:
