@@ -30,6 +30,9 @@ from liveupdate.kernel.mm.pages import KHO_PAGE_MAGIC
 NOT_PRESERVED = -1
 
 
+SLICED_ORDER = 6  # from 64 pages a folio, a slice per folio beats one fancy index
+
+
 @dataclass
 class KhoIn:
     mm: MmOps
@@ -99,7 +102,10 @@ class KhoIn:
         good, meta = pfn[ok], self.mm.meta
         meta.private[good] = 0
         meta.order[good] = order
-        if len(good):  # every page of every folio at once, then the heads
+        if order >= SLICED_ORDER:  # every page of every folio (prep_compound_page touches
+            for first in good.tolist():  # each tail too): a memset per large folio --
+                meta.refcount[first : first + (1 << order)] = 0  # a 1 GiB one is 262144
+        elif len(good):  # small folios: all pages at once
             meta.refcount[(good[:, None] + np.arange(1 << order)).ravel()] = 0
         meta.refcount[good] = 1
         self.restored += len(good) << order
