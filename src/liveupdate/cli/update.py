@@ -179,8 +179,13 @@ def update(image: str | None, cmdline: str | None, release: str | None,
     frozen it says so (standard output; not with --json, whose output stays one JSON
     document), with the `luoctl wait --update N` that reports the outcome from the next
     kernel. A script remembers `luoctl status --json`'s "update" before, and runs `luoctl
-    wait --update N` (N = that + 1) after the reboot.
+    wait --update N` (N = that + 1) after the reboot -- or runs `luoctl update --detach
+    DIR`, which does the first half for it in a process that outlives an SSH connection,
+    then `luoctl wait --update N --detached DIR`.
     """
+    if state_dir is not None:
+        _start_detached(state_dir, image, cmdline, release, socket, as_json)
+        return
     console = Console(stderr=True)
     t0 = time.monotonic()
     shown = {"phase": "normal"}
