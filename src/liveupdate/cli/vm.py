@@ -44,7 +44,8 @@ def _blackout(st: dict[str, object]) -> str:
 
 @click.group()
 def vm() -> None:
-    """The VMs of an emulated machine: their VMMs' state and the checker's verdict."""
+    """The VMs of a host (an emulated machine, or the VMMs beside luod on a real one): their
+    VMMs' state and the checker's verdict."""
 
 
 @vm.command()
