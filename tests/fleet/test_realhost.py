@@ -1,6 +1,9 @@
 """The role's real-host path end to end, without SSH (``./scripts/test-fleet``): one emulated
 host in an inventory with no fleet folder and no machine, only luod's socket -- as a real
-host's ``luoctl`` knows nothing but ``/run/luod/luod.sock`` -- and ``ansible_connection=local``.
+host's ``luoctl`` knows nothing but ``/run/luod/luod.sock`` -- reached through the
+connection ``kexec_local`` (``local``, but a command during which the machine booted another
+kernel fails as unreachable, as an SSH connection dies with the old kernel: see
+``connection_plugins/kexec_local.py``).
 The example playbook takes the real-host branch: the module's ``start`` (luod's pre-flight,
 ``luoctl update --detach``), ``wait_for_connection``, then ``wait`` (``luoctl wait --update
 N``, each VM judged by its own VMM). The update must have happened (luod's count and boot
@@ -40,7 +43,7 @@ def inventory(machine: str, state: str) -> str:
     return "\n".join([
         "[fleet]",
         f"host1 lu_luod_socket={machine}/run/luod.sock lu_image=images/7.2.img",
-        "", "[fleet:vars]", "ansible_connection=local",
+        "", "[fleet:vars]", "ansible_connection=kexec_local",
         f"ansible_python_interpreter={sys.executable}", f"lu_state_dir={state}",
         "lu_reconnect_delay=0", "lu_reconnect_timeout=60", "lu_blackout_budget=10", ""])
 
@@ -57,11 +60,14 @@ def played(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
             f.write(inventory(machine, f"{folder}/state"))
         env = {k: v for k, v in os.environ.items()
                if k not in ("LIVEUPDATE_MACHINE", "LUOD_SOCKET")}
+        env["ANSIBLE_CONNECTION_PLUGINS"] = str(Path(__file__).parent / "connection_plugins")
+        env["LU_KEXEC_MACHINE"] = machine  # the connection's view of the host, not luoctl's
         play = subprocess.run(
             [os.path.join(os.path.dirname(sys.executable), "ansible-playbook"), "-i",
              f"{folder}/real.ini", "liveupdate.fleet.rolling_update",
              "-e", json.dumps({"lu_waves": [1]})],
             capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+        Path(folder, "play.log").write_text(play.stdout + play.stderr)  # for a failure
         yield {"folder": folder, "machine": machine, "sock": sock, "before": before,
                "play": play, "after": luod_status(sock)}
     finally:

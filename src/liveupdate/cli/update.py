@@ -25,6 +25,7 @@ from liveupdate.client.update import admin, load_image, luod_status, run_update,
 from liveupdate.errors import LiveUpdateError
 from liveupdate.ipc import endpoints
 
+AFTER_EXIT_TIMEOUT = 600.0  # --after-exit: how long the caller may take to end
 PHASES = ("start", "prepared", "frozen", "reboot", "updated", "normal")
 
 
@@ -165,10 +166,15 @@ def phase_table(timeline: dict[str, float]) -> Table:
                    "DIR/update-N.log and its record in DIR/update-N.json; print N and "
                    "return. `luoctl wait --update N` follows it (after the reboot, on a "
                    "real host).")
+@click.option("--after-exit", "after", type=click.IntRange(1), default=None, metavar="PID",
+              help="With --detach: the update waits for process PID to end first (the "
+                   "caller, so its answer leaves the host before the kexec ends the "
+                   "connection).")
 @socket_option
 @json_option
 def update(image: str | None, cmdline: str | None, release: str | None,
-           state_dir: str | None, socket: str | None, as_json: bool) -> None:
+           state_dir: str | None, after: int | None, socket: str | None,
+           as_json: bool) -> None:
     """Live-update: prepare every client, freeze, kexec, and follow the next kernel's luod
     until every client has its resources back; then print the phase table.
 
@@ -184,8 +190,11 @@ def update(image: str | None, cmdline: str | None, release: str | None,
     then `luoctl wait --update N --detached DIR`.
     """
     if state_dir is not None:
-        _start_detached(state_dir, image, cmdline, release, socket, as_json)
+        _start_detached(state_dir, image, cmdline, release, socket, as_json, after)
         return
+    if after is not None and not detached.wait_exit(after, AFTER_EXIT_TIMEOUT):
+        fail(LiveUpdateError(err=errno.ETIMEDOUT, msg=f"process {after} still runs after "
+                             f"{AFTER_EXIT_TIMEOUT:g} s: no update started"))
     console = Console(stderr=True)
     t0 = time.monotonic()
     shown = {"phase": "normal"}
@@ -224,7 +233,8 @@ def update(image: str | None, cmdline: str | None, release: str | None,
 
 
 def _start_detached(state_dir: str, image: str | None, cmdline: str | None,
-                    release: str | None, socket: str | None, as_json: bool) -> None:
+                    release: str | None, socket: str | None, as_json: bool,
+                    after: int | None) -> None:
     """``luoctl update --detach DIR`` (:mod:`liveupdate.client.detach`)."""
     path = _path(socket)
     try:
@@ -241,7 +251,7 @@ def _start_detached(state_dir: str, image: str | None, cmdline: str | None,
                                   "--image (or `luoctl load IMAGE` first)")
         number = int(st["update"]) + 1
         argv = [sys.executable, "-m", "liveupdate.cli.luoctl", "update", "--json",
-                "--socket", path]
+                "--socket", path, *(["--after-exit", str(after)] if after else [])]
         rec = detached.spawn(argv, state_dir, number, {
             "socket": path, "image": st["loaded"].get("image"),
             "generation_before": st["generation"], "boot_id_before": st.get("boot_id"),

@@ -7,6 +7,7 @@ the outcome, then each VM judged by its VMM), with the health gate the emulated 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +36,10 @@ def luoctl_json(run: Run, argv: list[str], ok_rc: tuple[int, ...] = (0,)) -> Any
 def start(run: Run, luoctl: str, p: dict[str, Any]) -> dict[str, Any]:
     """``luoctl update --detach STATE_DIR``: luod's pre-flight (``image`` loaded and
     checked), then the update detached; its record (``update`` is N)."""
-    argv = [luoctl, "update", "--detach", p["state_dir"], "--json", *socket(p)]
+    # the update waits for this module's process to end: its answer is on its way back
+    # over the connection before the kexec ends that
+    argv = [luoctl, "update", "--detach", p["state_dir"], "--after-exit",
+            str(os.getpid()), "--json", *socket(p)]
     for opt in ("image", "cmdline", "release"):
         if p.get(opt):
             argv += [f"--{opt}", str(p[opt])]
