@@ -42,9 +42,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         hosts.down(folder)
 
 
-def luoctl(machine: str, *args: str) -> tuple[int, Any]:
+def luoctl(machine: str, *args: str, env: str = "LIVEUPDATE_MACHINE") -> tuple[int, Any]:
+    """``luoctl ARGS --json`` with the machine's folder in $LIVEUPDATE_MACHINE, or (env
+    ``LUOD_SOCKET``) only its luod's socket: as on a real host, no machine to look into."""
+    where = machine if env == "LIVEUPDATE_MACHINE" else f"{machine}/run/luod.sock"
     r = subprocess.run([*LUOCTL, *args, "--json"], capture_output=True, text=True,
-                       timeout=120, env={"LIVEUPDATE_MACHINE": machine, "PATH": "/usr/bin"})
+                       timeout=120, env={env: where, "PATH": "/usr/bin"})
     return r.returncode, json.loads(r.stdout) if r.stdout.strip() else r.stderr
 
 
@@ -90,6 +93,14 @@ def test_vm_status_and_verify_report_each_vm_and_the_empty_slot(fleet: str) -> N
     assert rc == 0
     assert set(verdicts) == {"vm0"}  # an empty slot has nothing to judge
     assert verdicts["vm0"]["ok"] and verdicts["vm0"]["vcpu_restored"] is None
+    assert verdicts["vm0"]["checked_by"] == "machine RAM"
+    # no machine given (a real host): the VMMs beside luod's socket run the checker
+    rc, own = luoctl(machine(fleet, "host1"), "vm", "verify", env="LUOD_SOCKET")
+    assert rc == 0 and set(own) == {"vm0"}
+    assert own["vm0"]["ok"] and own["vm0"]["checked_by"] == "vmm"
+    assert own["vm0"]["steps"] >= verdicts["vm0"]["steps"]
+    rc, st = luoctl(machine(fleet, "host1"), "vm", "status", env="LUOD_SOCKET")
+    assert rc == 0 and set(st) == {"vm0", "slot0"}
     rc, err = luoctl(machine(fleet, "host1"), "vm", "status", "nope")
     assert rc == 1 and err.startswith("luoctl: error: no VM nope") and "ENOENT" in err
 
@@ -116,6 +127,9 @@ def test_a_vm_under_load_migrates_intact_and_then_survives_a_live_update(fleet: 
     rc, verdicts = luoctl(dst, "vm", "verify", "slot0")
     assert rc == 0 and verdicts["slot0"]["vcpu_restored"] is True
     assert verdicts["slot0"]["saved_steps"] == moved["steps_at_pause"]
+    rc, own = luoctl(dst, "vm", "verify", "slot0", env="LUOD_SOCKET")  # the VMM's check
+    assert rc == 0 and own["slot0"]["vcpu_restored"] is True
+    assert own["slot0"]["saved_steps"] == moved["steps_at_pause"]
     # host1 is live-updated with the migrated VM in its slot: preserved by LUO like any VM
     assert ops.preflight(dst, "7.2")[0]
     h1 = state.load(fleet).host("host1")

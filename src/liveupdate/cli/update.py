@@ -6,6 +6,7 @@ luod's socket is ``--socket``, else ``$LUOD_SOCKET``, else the emulated machine'
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
@@ -18,11 +19,13 @@ from rich.table import Table
 
 from liveupdate.abi import generations
 from liveupdate.cli.common import emit, fail
+from liveupdate.client import detach as detached
 from liveupdate.client.luod import LuodClient
-from liveupdate.client.update import admin, run_update, wait_update
+from liveupdate.client.update import admin, load_image, luod_status, run_update, wait_update
 from liveupdate.errors import LiveUpdateError
 from liveupdate.ipc import endpoints
 
+AFTER_EXIT_TIMEOUT = 600.0  # --after-exit: how long the caller may take to end
 PHASES = ("start", "prepared", "frozen", "reboot", "updated", "normal")
 
 
@@ -157,9 +160,20 @@ def phase_table(timeline: dict[str, float]) -> Table:
 @click.option("--image", default=None, help="Load this image first (else the loaded one).")
 @click.option("--cmdline", default=None, help="With --image: the next command line.")
 @click.option("--release", default=None, help="With --image: its release (real bzImage).")
+@click.option("--detach", "state_dir", default=None, metavar="DIR",
+              help="Pre-flight (load --image, or check one is loaded), then run the update "
+                   "in a process of its own session that outlives this one, its output in "
+                   "DIR/update-N.log and its record in DIR/update-N.json; print N and "
+                   "return. `luoctl wait --update N` follows it (after the reboot, on a "
+                   "real host).")
+@click.option("--after-exit", "after", type=click.IntRange(1), default=None, metavar="PID",
+              help="With --detach: the update waits for process PID to end first (the "
+                   "caller, so its answer leaves the host before the kexec ends the "
+                   "connection).")
 @socket_option
 @json_option
-def update(image: str | None, cmdline: str | None, release: str | None, socket: str | None,
+def update(image: str | None, cmdline: str | None, release: str | None,
+           state_dir: str | None, after: int | None, socket: str | None,
            as_json: bool) -> None:
     """Live-update: prepare every client, freeze, kexec, and follow the next kernel's luod
     until every client has its resources back; then print the phase table.
@@ -171,8 +185,16 @@ def update(image: str | None, cmdline: str | None, release: str | None, socket: 
     frozen it says so (standard output; not with --json, whose output stays one JSON
     document), with the `luoctl wait --update N` that reports the outcome from the next
     kernel. A script remembers `luoctl status --json`'s "update" before, and runs `luoctl
-    wait --update N` (N = that + 1) after the reboot.
+    wait --update N` (N = that + 1) after the reboot -- or runs `luoctl update --detach
+    DIR`, which does the first half for it in a process that outlives an SSH connection,
+    then `luoctl wait --update N --detached DIR`.
     """
+    if state_dir is not None:
+        _start_detached(state_dir, image, cmdline, release, socket, as_json, after)
+        return
+    if after is not None and not detached.wait_exit(after, AFTER_EXIT_TIMEOUT):
+        fail(LiveUpdateError(err=errno.ETIMEDOUT, msg=f"process {after} still runs after "
+                             f"{AFTER_EXIT_TIMEOUT:g} s: no update started"))
     console = Console(stderr=True)
     t0 = time.monotonic()
     shown = {"phase": "normal"}
@@ -210,15 +232,50 @@ def update(image: str | None, cmdline: str | None, release: str | None, socket: 
     sys.stdout.flush()
 
 
+def _start_detached(state_dir: str, image: str | None, cmdline: str | None,
+                    release: str | None, socket: str | None, as_json: bool,
+                    after: int | None) -> None:
+    """``luoctl update --detach DIR`` (:mod:`liveupdate.client.detach`)."""
+    path = _path(socket)
+    try:
+        handover = None
+        if image is not None:  # luod's pre-flight: refused here, the host is untouched
+            handover = load_image(path, image, cmdline, release)["handover"]
+        st = luod_status(path)
+        if st["phase"] != "normal" or st.get("busy"):
+            raise LiveUpdateError(err=errno.EBUSY, msg=f"luod is {st['phase']}"
+                                  + (f" ({st['busy']})" if st.get("busy") else "")
+                                  + ": no update can start now")
+        if not st.get("loaded"):
+            raise LiveUpdateError(err=errno.ENOENT, msg="no next kernel is loaded: give "
+                                  "--image (or `luoctl load IMAGE` first)")
+        number = int(st["update"]) + 1
+        argv = [sys.executable, "-m", "liveupdate.cli.luoctl", "update", "--json",
+                "--socket", path, *(["--after-exit", str(after)] if after else [])]
+        rec = detached.spawn(argv, state_dir, number, {
+            "socket": path, "image": st["loaded"].get("image"),
+            "generation_before": st["generation"], "boot_id_before": st.get("boot_id"),
+            **({"handover": handover} if handover is not None else {})})
+    except LiveUpdateError as e:
+        fail(e)
+    emit(rec, as_json, f"update {number} started (pid {rec['pid']}, log {rec['log']}); "
+         f"`luoctl wait --update {number}` reports its outcome")
+
+
 @click.command()
 @click.option("--update", "number", type=click.IntRange(1), default=None,
               help="The update to wait for (luod's count before `luoctl update`, plus one) "
                    "[default: the latest].")
 @click.option("--timeout", type=click.FloatRange(0), default=300.0, show_default=True,
               help="Seconds to wait for luod to listen, and as long for it to FINISH.")
+@click.option("--detached", "state_dir", default=None, metavar="DIR",
+              help="Update N was started with `luoctl update --detach DIR`: while luod "
+                   "still runs the kernel it started on, wait for that process first; on "
+                   "failure, say the last line of its log.")
 @socket_option
 @json_option
-def wait(number: int | None, timeout: float, socket: str | None, as_json: bool) -> None:
+def wait(number: int | None, timeout: float, state_dir: str | None, socket: str | None,
+         as_json: bool) -> None:
     """Wait for luod -- in the next kernel, after a kexec -- to finish an update, and report
     its outcome as `luoctl update` does (--json: the same {"status", "report"}).
 
@@ -226,10 +283,17 @@ def wait(number: int | None, timeout: float, socket: str | None, as_json: bool) 
     `luoctl wait --update N` after the reboot to follow the update to its end. Exit status 1,
     with luod's reason on one line, when update N did not happen (refused or cancelled).
     """
+    if state_dir is not None and number is None:
+        fail(LiveUpdateError(err=errno.EINVAL, msg="--detached needs --update N"))
+    rec: dict[str, Any] = {}
     try:
+        if state_dir is not None and number is not None:
+            rec = detached.settle(state_dir, number, _boot_id(_path(socket)), timeout)
         st, report = wait_update(_path(socket), number, timeout)
     except LiveUpdateError as e:
-        fail(e)
+        if state_dir is not None and number is not None and not rec:
+            rec = _quiet_record(state_dir, number)
+        fail(f"{e}" + (f"; its log says: {rec['last_line']}" if rec.get("last_line") else ""))
     if as_json:
         emit({"status": st, "report": report}, True, "")
         return
@@ -239,3 +303,18 @@ def wait(number: int | None, timeout: float, socket: str | None, as_json: bool) 
                f"{report.get('finish', '? (finished by an earlier luod)')}")
     if st.get("last_error"):
         click.echo(f"note: {st['last_error']}", err=True)
+
+
+def _boot_id(path: str) -> str | None:
+    """luod's kernel's boot id; None while no luod answers (between kernels)."""
+    try:
+        return str(luod_status(path).get("boot_id") or "") or None
+    except LiveUpdateError:
+        return None
+
+
+def _quiet_record(state_dir: str, number: int) -> dict[str, Any]:
+    try:
+        return detached.record(state_dir, number)
+    except LiveUpdateError:
+        return {}

@@ -154,6 +154,7 @@ class Operations:
             return {"generation": str(o.gen), "phase": o.phase.value, "pid": os.getpid(),
                     "busy": o.busy or None, "last_error": o.last_error or None,
                     "loaded": o.loaded, "update": o.reg.update,
+                    "boot_id": o.store.boot_id,  # the kernel this luod runs on
                     "clients": [{"uid": u, "name": n} for u, n in sorted(o.conns)],
                     "allow_uids": sorted(self.allow),
                     "reports": o.reports[-5:], "listening_ns": o.listening_ns}

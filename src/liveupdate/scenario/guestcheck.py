@@ -19,31 +19,17 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import Any
 
 from liveupdate.client.mapping import map_extents
-from liveupdate.errors import AbiError
 from liveupdate.ipc.service import ask
 from liveupdate.machine.client import MachineClient
-from liveupdate.vmm import guest, vmstate
-from liveupdate.vmm.cpu import CpuState
-from liveupdate.vmm.vmm import STATE_SIZE
+from liveupdate.vmm import verdict
+from liveupdate.vmm.verdict import Verdict
+
+__all__ = ["Verdict", "check", "guest_memory", "judge"]
 
 RAM_NAME = "/memfd:lu-ram"  # the machine's RAM memfd (liveupdate.machine.ram)
-CPU_FIELDS = ("cr0", "cr3", "cr4", "efer")  # the TSC is moved on by the passed time
-
-
-@dataclass(frozen=True)
-class Verdict:
-    intact: bool
-    problem: str
-    steps: int
-    pages: int
-    vcpu_restored: bool  # the registers came from the saved state, and the guest agrees
-    vcpu_problem: str
-    entries: int  # times the guest's code was entered from its start (1: never restarted)
-    saved_steps: int | None  # the guest's steps when its state was saved (None: no state)
 
 
 def _ram_fd(m: MachineClient) -> int | None:
@@ -76,52 +62,17 @@ def guest_memory(m: MachineClient, extents: list[tuple[int, int]]) -> Iterator[m
         mapping.close()
 
 
-def _compare_vcpu(saved: CpuState, restored: dict[str, Any] | None) -> str:
-    """Why the restored registers are not the saved ones ("" when they are)."""
-    if restored is None:
-        return "the VMM loaded no saved vCPU state (it was not restored)"
-    got = CpuState.from_json(restored)
-    diff = [r for r in sorted(saved.regs) if saved.regs[r] != got.regs[r]]
-    diff += [f for f in CPU_FIELDS if getattr(saved, f) != getattr(got, f)]
-    if diff:
-        return ("the restored vCPU's registers are not the saved ones: "
-                + ", ".join(f"{r}" for r in diff[:6]))
-    return ""
-
-
 def judge(sock: str, where: dict[str, Any], saved: bytes | None,
           memory: Callable[[], AbstractContextManager[memoryview]]) -> Verdict:
-    """The one verdict, whatever the host: ``where`` is the VMM's answer, ``saved`` the
-    preserved state memfd's bytes (None: the VM was never restored), ``memory`` maps the
-    guest's memory read-only. Pauses the VM at an exit for the memory check, then resumes
-    it (unless it was already held)."""
-    vcpu_problem, saved_cpu, saved_steps = "", None, None
-    if saved is None:
-        vcpu_problem = "no saved vCPU state: the VM was never restored"
-    else:
-        try:
-            sections = vmstate.VM_STATE.decode(saved[:STATE_SIZE])
-            saved_cpu = CpuState.from_json(sections["cpu0"])
-            saved_steps = int(sections["vm"]["steps"])
-        except (AbiError, ValueError, KeyError) as e:
-            vcpu_problem = f"the saved vCPU state is unreadable: {e}"
-        else:
-            vcpu_problem = _compare_vcpu(saved_cpu, where["restored_cpu"])
-    secret = saved_cpu.regs[guest.SECRET_REG] if saved_cpu is not None else None
-    held = bool(ask(sock, "pause")["held"])
-    try:
-        with memory() as mem:
-            chk = guest.verify(mem, int(where["size"]), secret)
-    finally:
-        if not held:
-            ask(sock, "resume")
-    if chk.entries > 1 or "secret" in chk.problem:
-        vcpu_problem = vcpu_problem or chk.problem
-    if saved_steps is not None and chk.steps < saved_steps:
-        vcpu_problem = vcpu_problem or (f"the guest is at step {chk.steps}, behind the "
-                                        f"{saved_steps} it had taken when it was saved")
-    return Verdict(chk.ok, chk.problem, chk.steps, chk.pages_touched, not vcpu_problem,
-                   vcpu_problem, chk.entries, saved_steps)
+    """The one verdict (:func:`liveupdate.vmm.verdict.judge`), the VMM paused at an exit
+    and resumed through its control socket ``sock``: ``where`` is its answer, ``saved``
+    the preserved state memfd's bytes (None: never restored), ``memory`` maps the guest's
+    memory read-only."""
+    def resume() -> None:
+        ask(sock, "resume")
+
+    return verdict.judge(where, saved, memory, lambda: bool(ask(sock, "pause")["held"]),
+                         resume)
 
 
 def check(m: MachineClient, sock: str) -> Verdict:

@@ -40,11 +40,16 @@ A control socket (``<luod socket folder>/vmm-NAME.sock``, luod's framing; ask it
 state as physical extents, and the vCPU it restored: what an independent check,
 :mod:`liveupdate.scenario.guestcheck`, reads from the machine's RAM -- the VMM does not judge
 itself), ``pause``/``resume``, ``phys`` (where a guest-physical address lies in the machine's
-RAM) and ``resize`` (refused in limited mode).
+RAM), ``resize`` (refused in limited mode) and ``verify``: the checker's verdict
+(:mod:`liveupdate.vmm.verdict`) run by the VMM on its own mapping, for a real host, where
+no machine's RAM can be looked through (on the emulated machine the outside checker is the
+witness).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import os
 import time
@@ -54,14 +59,14 @@ from liveupdate.client.backends import Backend, open_backend
 from liveupdate.client.luod import LuodClient, connect
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.ipc import framing, service
-from liveupdate.vmm import guest, guest_nic, vmstate
+from liveupdate.vmm import guest, guest_nic, verdict, vmstate
 from liveupdate.vmm.cpu import CpuState, fresh
 from liveupdate.vmm.nic import SEALS, Assigned
 from liveupdate.vmm.vcpu import Vm, make_accel
 
 RAM_TOKEN, STATE_TOKEN = 1, 2
 MFD_ALLOW_SEALING = 0x2
-STATE_SIZE = 64 << 10
+STATE_SIZE = verdict.STATE_SIZE
 
 
 HUGE_FLAGS = {"": 0, "2M": 0x4 | 21 << 26, "1G": 0x4 | 30 << 26}  # memfd.h MFD_HUGE_*
@@ -271,7 +276,8 @@ class Vmm:
         """The control socket's requests (see the module docstring)."""
         return {"status": lambda msg: self.status(),
                 "phys": self._phys, "resize": self._resize, "where": lambda msg: self.where(),
-                "pause": lambda msg: self._pause(), "resume": lambda msg: self._resume()}
+                "pause": lambda msg: self._pause(), "resume": lambda msg: self._resume(),
+                "verify": lambda msg: self.verify()}
 
     def where(self) -> dict[str, Any]:
         """Where guest memory and the saved vCPU state lie in RAM, and the vCPU registers as
@@ -285,10 +291,31 @@ class Vmm:
                 "fds": {"ram": self.ram_fd, "state": self.state_fd},
                 "restored_cpu": cpu.to_json() if cpu is not None else None}
 
-    def _pause(self) -> dict[str, Any]:
-        held = self.vm.want_pause  # frozen for an update: the checker must not resume it
+    def _hold(self) -> bool:
+        """Pause at the guest's next exit; whether it was already held (frozen for an
+        update: a checker must not resume it)."""
+        held = self.vm.want_pause
         self.vm.pause()
-        return {"held": held}
+        return held
+
+    def _pause(self) -> dict[str, Any]:
+        return {"held": self._hold()}
+
+    def verify(self) -> dict[str, Any]:
+        """The checker's verdict (:func:`liveupdate.vmm.verdict.judge`) on this VMM's own
+        mapping of guest memory and its own preserved state memfd, the vCPU paused at an
+        exit between guest runs for the check (and resumed unless it was held): how a VM is
+        judged on a real host, where there is no machine RAM to map from outside."""
+        saved = None
+        if self.restored_cpu is not None and self.state_fd >= 0:
+            m = self.backend.map(self.state_fd, STATE_SIZE)
+            try:
+                saved = bytes(m.view[:STATE_SIZE])
+            finally:
+                m.close()
+        v = verdict.judge(self.where(), saved, lambda: contextlib.nullcontext(self.mem),
+                          self._hold, self.vm.resume)
+        return {**dataclasses.asdict(v), "checked_by": "vmm"}
 
     def _resume(self) -> dict[str, Any]:
         self.vm.resume()
