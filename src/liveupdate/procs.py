@@ -51,6 +51,38 @@ def dying(pid: int) -> bool:
     return True
 
 
+def abstract_socket_inodes() -> set[int]:
+    """The inodes of the Unix sockets bound to an abstract name in this network namespace
+    (``/proc/net/unix``: a path that starts with ``@``)."""
+    out = set()
+    try:
+        with open("/proc/net/unix") as f:
+            next(f, None)
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 8 and fields[7].startswith("@"):
+                    out.add(int(fields[6]))
+    except OSError:
+        pass
+    return out
+
+
+def holds_socket(pid: int, inodes: set[int]) -> bool:
+    """Whether ``pid`` still holds one of the sockets ``inodes`` (its fds; False when gone)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:[") and int(target[8:-1]) in inodes:
+            return True
+    return False
+
+
 def children_of(ppid: int) -> list[int]:
     out = []
     for name in os.listdir("/proc"):

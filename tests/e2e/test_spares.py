@@ -206,7 +206,9 @@ def _cmdline(pid: int) -> list[str]:
 
 
 def _spares_of(kpid: int) -> list[int]:
-    return [p for p in _descendants(kpid) if _cmdline(p)[:-1] == TEMPLATE]
+    """The kernel's spare template and spares: forked from the kernel process, they keep its
+    argv (the fork stands for an exec, kernel/spares.py)."""
+    return [p for p in _descendants(kpid) if _cmdline(p) == _cmdline(kpid)]
 
 
 def test_the_next_kernels_spares_wait_under_it_and_become_its_services(

@@ -38,7 +38,7 @@ from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel import boot, confine, debugfs, fsaudit, init, template
 from liveupdate.kernel.kernel import Kernel
 from liveupdate.kernel.link import Link
-from liveupdate.kernel.spares import READY_TIMEOUT, Spares
+from liveupdate.kernel.spares import READY_TIMEOUT, Spares, warm
 from liveupdate.kernel.syscalls import server
 from liveupdate.kernel.syscalls.process import Userspace
 from liveupdate.procs import become_subreaper
@@ -114,6 +114,7 @@ def main() -> None:
     ap.add_argument("--template-fd", type=int, required=True,
                     help="the machine's end of the control socket: fork a kernel per request")
     args = ap.parse_args()
+    warm()  # each kernel forks its spare template instead of starting a Python
     template.serve(socket.socket(fileno=args.template_fd), run)
 
 

@@ -3,9 +3,12 @@ instead of starting a Python each (ARCHITECTURE.md, "Spares"; our own: Linux exe
 
 Before its "go" -- when the machine starts the next kernel's process ahead of a jump -- the
 kernel process, already confined (:mod:`.confine`, :func:`liveupdate.kernel.confine.early`)
-and a child subreaper, starts the spare template (:mod:`liveupdate.userspace.spare`; an
-empty environment, ``/`` as its working directory, its output on a console socket of this
-kernel) and asks it for ``count`` spares. Each is this kernel's child, in its Landlock domain
+and a child subreaper, forks the spare template (:mod:`liveupdate.userspace.spare`, whose
+code the kernel's own template imported: the fork stands for an exec of ``python -m`` it,
+without an interpreter start and its imports -- ~0.4 s of every ``kexec_file_load`` when it
+was started; an empty environment, ``/`` as its working directory, its output on a console
+socket of this kernel, the kernel's file audit switched off and its modules forgotten) and
+asks it for ``count`` spares. Each is this kernel's child, in its Landlock domain
 and mount namespace, holding nothing but its adoption channel. The template never ran a
 program of any kernel; the spares learn everything at adoption, from this kernel. A spare
 not adopted dies with the kernel's userspace at the next reboot, as the template does.
@@ -18,19 +21,21 @@ spare left, or it cannot be adopted), and the caller starts the program as befor
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import select
 import signal
 import socket
-import subprocess
 import sys
 import threading
 from collections.abc import Callable
 
+from liveupdate import procs
 from liveupdate.abi import spare as abi
 from liveupdate.abi.wire import seqpacket_pair
 from liveupdate.ipc import fds as scm
+from liveupdate.kernel import fsaudit
 
 READY_TIMEOUT = 30.0  # seconds the template may take to import and fork its spares
 
@@ -79,6 +84,31 @@ class Adopted:
                 os.kill(self.pid, signal.SIGKILL)
 
 
+def _fork_template(control: int, tty: int) -> int:
+    """The spare template's pid: this process forked (twice: the template is this kernel's
+    child, :func:`procs.detached`), becoming :func:`liveupdate.userspace.spare.become` --
+    the fork stands for an exec of ``python -m`` :data:`abi.TEMPLATE_MODULE`, whose code
+    the kernel's template imported (:func:`warm`). Before any thread of this process runs:
+    the fork takes none. Output buffered here is flushed first, or the child would repeat
+    it."""
+    entry = importlib.import_module(abi.TEMPLATE_MODULE).become
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+    def body(ready: int) -> int:
+        fsaudit.ALLOW.on = False  # what an exec drops: the kernel's file allowlist (a
+        return int(entry(control, tty, ready))  # Python audit hook is never removed)
+
+    return procs.detached(lambda ready: procs.exit_with(lambda: body(ready)),
+                          "the spare template")
+
+
+def warm() -> None:
+    """In the kernel's template: import the spare template's code once (by name: the
+    kernel's code does not call userspace's, a forked child runs it as an exec would)."""
+    importlib.import_module(abi.TEMPLATE_MODULE)
+
+
 class Spares:
     """The template and the spares it forked for this kernel."""
 
@@ -90,10 +120,7 @@ class Spares:
         self.control, theirs = seqpacket_pair()
         self._tty, tty_u = socket.socketpair()
         try:
-            self.template = subprocess.Popen(
-                [sys.executable, "-u", "-m", abi.TEMPLATE_MODULE, "--control-fd",
-                 str(theirs.fileno())], pass_fds=(theirs.fileno(),), env={}, cwd="/",
-                stdin=subprocess.DEVNULL, stdout=tty_u.fileno(), stderr=tty_u.fileno())
+            self.template = Adopted(_fork_template(theirs.fileno(), tty_u.fileno()))
         finally:
             theirs.close()
             tty_u.close()

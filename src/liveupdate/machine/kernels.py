@@ -34,7 +34,7 @@ from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.ipc import fds as scm
 from liveupdate.machine.console import Console
 from liveupdate.machine.ram import Ram
-from liveupdate.procs import Child, children_of, dying
+from liveupdate.procs import Child, abstract_socket_inodes, children_of, dying, holds_socket
 
 POWER_OFF_GRACE = 5.0  # seconds a kernel gets to end its userspace when the power is cut
 FORK_TIMEOUT = 60.0  # seconds a template may take to import the kernel's code and fork it
@@ -248,8 +248,10 @@ def bury_orphans(ours: set[int], console: Console, timeout: float = 10.0) -> Non
     is dying on every thread (:func:`procs.dying`): a real kexec leaves nothing of the old
     userspace running, and no syscall of it (a ``bind``, a write under ``run/``) may still
     land after the machine has emptied ``run/`` for the next kernel. Their sockets close
-    later, in ``exit_files``, but no path reaches them (``run/`` is emptied, services bind
-    anew) and the next kernel's Landlock domain reaches no abstract socket outside it.
+    later, in ``exit_files``: no path reaches them (``run/`` is emptied, services bind
+    anew), but an abstract name is the network namespace's -- the next kernel's ``bind`` of
+    it would be EADDRINUSE -- so one that holds a socket bound to an abstract name is
+    waited for until it has exited.
 
     The host's teardown of what they mapped is left to run beside the next kernel, as a
     real kexec never pays it: a VMM whose KVM VM held 4 GiB took 165 ms to exit here
@@ -260,8 +262,9 @@ def bury_orphans(ours: set[int], console: Console, timeout: float = 10.0) -> Non
     deadline = time.monotonic() + timeout
     seen: set[int] = set()
     while orphans := [p for p in children_of(os.getpid()) if p not in ours | seen]:
+        abstract = abstract_socket_inodes()
         for pid in orphans:
-            while not dying(pid):
+            while not dying(pid) or holds_socket(pid, abstract):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     console.append(f"machine: pid {pid} of the previous kernel's userspace "

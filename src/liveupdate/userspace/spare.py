@@ -1,9 +1,11 @@
 """Userspace spares: pre-imported interpreters that a kernel adopts as its services
 (ARCHITECTURE.md, "Spares"), so no interpreter start sits inside a VM's pause.
 
-``python -u -m liveupdate.userspace.spare --control-fd N`` is the *template*: the kernel
-starts one before its "go" (:mod:`liveupdate.kernel.spares`), inside its own confinement, in
-an empty environment with its output on a console socket of that kernel. It imports the
+The *template*: the kernel forks one before its "go" (:mod:`liveupdate.kernel.spares`) from
+its own process, whose template imported this module, into :func:`become` -- as if it had
+started ``python -u -m liveupdate.userspace.spare --control-fd N``, which is what
+:func:`main` serves, without the interpreter start --, inside its own confinement, in an
+empty environment with its output on a console socket of that kernel. It imports the
 userspace programs' code (:data:`PRELOAD`) and never runs any of them; for each request on
 its control socket (SOCK_SEQPACKET) it forks a *spare* and answers with the spare's pid and
 the kernel's end of the spare's adoption channel (SCM_RIGHTS). It forks twice and reaps the
@@ -23,6 +25,8 @@ set as the interpreter sets it, exiting with the program's status. Deviation fro
 from __future__ import annotations
 
 import argparse
+import fcntl
+import io
 import json
 import os
 import runpy
@@ -124,6 +128,39 @@ def _run(argv: list[str]) -> int:
         sys.path[0] = os.path.dirname(os.path.abspath(argv[1]))
         runpy.run_path(argv[1], run_name="__main__")
     return 0
+
+
+CONTROL_AT = 3  # where a forked template keeps its control socket
+
+
+def become(control: int, tty: int, ready: int) -> int:
+    """The template, forked by a kernel that has this module imported (its template imported
+    it: the fork stands for an exec of ``python -m`` this module, without the ~0.4 s of an
+    interpreter start and the imports in every ``kexec_file_load``). Take what a started
+    template holds -- the control socket, the console on 1 and 2, ``/dev/null`` on 0, an
+    empty environment, ``/`` -- close everything else, forget the kernel's own modules (its
+    code is not userspace's to call), say the pid on ``ready`` and serve; the exit status
+    (:func:`procs.exit_with`)."""
+    control, tty, ready = (fcntl.fcntl(fd, fcntl.F_DUPFD, CONTROL_AT + 1)
+                           for fd in (control, tty, ready))
+    null = os.open(os.devnull, os.O_RDONLY)
+    for src, dst in ((null, 0), (tty, 1), (tty, 2), (control, CONTROL_AT)):
+        os.dup2(src, dst)
+    ready = os.dup2(ready, CONTROL_AT + 1)
+    os.closerange(CONTROL_AT + 2, os.sysconf("SC_OPEN_MAX"))
+    os.environ.clear()  # unsetenv each: the C environment too
+    os.chdir("/")
+    for name in [m for m in sys.modules if m.startswith(KERNEL_SIDE)]:
+        del sys.modules[name]
+    if isinstance(sys.stdout, io.TextIOWrapper):  # as python -u: the console sees it at once
+        sys.stdout.reconfigure(line_buffering=True)
+    os.write(ready, str(os.getpid()).encode())
+    os.close(ready)
+    serve(socket.socket(fileno=CONTROL_AT))
+    return 0
+
+
+KERNEL_SIDE = ("liveupdate.kernel", "liveupdate.machine")
 
 
 def main() -> None:
