@@ -1,6 +1,6 @@
 """Live migration's downtime next to a live update's blackout, for the same VM in one run.
 
-Run: .venv/bin/python bench/bench_migration.py [--sizes 16M,64M,256M]
+Run: .venv/bin/python bench/bench_migration.py [--sizes 16M,64M,256M] [--accel tcg|kvm]
 
 Per size, a two-host fleet (both Linux 7.2; host1 has an empty migration slot) whose VM on
 host2 runs under load (``--duty 1``: it walks its memory without idling). host2 is
@@ -9,6 +9,8 @@ stop-and-copy: its downtime, measured by the same code as a blackout), and host1
 live-updated with the VM in its slot (its blackout again). Each row: the pause by the host
 clock and by the guest's TSC, the step counter at the pause and after the resume (it
 continues: the guest never restarts), and the checker's verdict from the machine's RAM.
+``--accel kvm`` runs the VMs under KVM: the pre-copy rounds track writes with KVM's dirty
+log (:mod:`liveupdate.vmm.dirtylog`) instead of TCG's write hook.
 """
 
 from __future__ import annotations
@@ -28,15 +30,17 @@ UNITS = {"M": 20, "G": 30}
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", default="16M,64M,256M")
+    ap.add_argument("--accel", choices=("tcg", "kvm"), default="tcg")
     args = ap.parse_args()
-    t = Table(title="one VM under load: live update, live migration, live update")
+    t = Table(title=f"one VM under load ({args.accel.upper()}): live update, live migration, "
+              "live update")
     for col in ("VM", "event", "pause (host)", "pause (guest TSC)", "rounds (pages)",
                 "steps at pause -> after", "integrity"):
         t.add_column(col, justify="right")
     for size in args.sizes.split(","):
         mem = int(size[:-1]) << UNITS[size[-1].upper()]
         with tempfile.TemporaryDirectory() as folder:
-            cfg = {"target": "7.2", "duty": 1.0, "vm_memory": mem,
+            cfg = {"target": "7.2", "duty": 1.0, "vm_memory": mem, "accel": args.accel,
                    "hosts": {"host1": {"vms": 0, "slots": 1}, "host2": {"vms": 1}}}
             hosts.up(folder, 2, cfg, lambda s: None)
             try:

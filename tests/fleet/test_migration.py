@@ -2,7 +2,8 @@
 vm status|verify --json``), live migration of a VM under load between two hosts (memory
 intact, step counter continuous, downtime measured as a blackout is), the migrated VM then
 surviving a live update of its new host in its slot, and the fallback's policy for a VM with
-an assigned device."""
+an assigned device. Each under TCG (a unicorn write hook tracks the guest's writes) and under
+KVM (its dirty log: :mod:`liveupdate.vmm.dirtylog`)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from liveupdate.errors import LiveUpdateError
 from liveupdate.ipc.service import ask
 from liveupdate.machine.client import MachineClient
 from liveupdate.scenario.fleet import hosts, migrate, ops, resources, rollout, state
+from liveupdate.vmm import kvm
 from tests.e2e.unix_diag import unix_peers
 from tests.tools.cli import LUOCTL
 
@@ -32,10 +34,16 @@ CONFIG = {"target": "7.2", "duty": 1.0,  # guests under load: they never idle
                               "vm_memory": 64 << 20}}}
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    folder = str(tmp_path_factory.mktemp("fleet"))
-    hosts.up(folder, 2, CONFIG, lambda s: None)
+KVM_REASON = kvm.unusable()
+ACCELS = ["tcg", pytest.param("kvm", marks=pytest.mark.skipif(
+    KVM_REASON is not None, reason=f"KVM is not usable here: {KVM_REASON}"))]
+
+
+@pytest.fixture(scope="module", params=ACCELS)
+def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+          ) -> Iterator[str]:
+    folder = str(tmp_path_factory.mktemp(f"fleet-{request.param}"))
+    hosts.up(folder, 2, {**CONFIG, "accel": request.param}, lambda s: None)
     try:
         yield folder
     finally:
@@ -118,6 +126,9 @@ def test_a_vm_under_load_migrates_intact_and_then_survives_a_live_update(fleet: 
     assert 0 < moved["downtime_s"] < 5
     gone = ask(f"{src}/run/vmm-vm0.sock", "status")
     assert gone["paused"] and gone["departed"]["to"].endswith("migrate-slot0.sock")
+    accel = state.load(fleet).host("host2").accel  # tracked by the hook or by KVM's log
+    assert gone["accel"] == accel == ask(f"{machine(fleet, 'host1')}/run/vmm-slot0.sock",
+                                         "status")["accel"]
     assert gone["steps"] == moved["steps_at_pause"]  # the source stopped for good there
     dst = machine(fleet, "host1")
     # the "network" was a Unix socket between the two VMMs: closed when the copy is done,

@@ -33,16 +33,17 @@ def fleet() -> None:
 @fleet_option
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
               default=None, help='JSON: {"target": "7.2", "vms": 2, "vm_memory": 16777216, '
-              '"slots": 1, "duty": 0.01, "hosts": {"host2": {"generation": "6.19", '
+              '"slots": 1, "duty": 0.01, "accel": "tcg", "hosts": {"host2": {"generation": "6.19", '
               '"assigned": ["vm1"], "plant": {"vm0": "cold-start"}, "slots": 2}}} -- the '
               "fleet's target kernel, each host's defaults, and hosts made different.")
 @click.option("--parallel", type=click.IntRange(1, 16), default=4, show_default=True,
               help="Hosts booted at a time.")
 @json_option
 def up(n: int, folder: str, config_path: str | None, parallel: int, as_json: bool) -> None:
-    """Boot N emulated hosts (host1..hostN), each with luod, its VMs (TCG guests that walk
-    their memory, then idle) and empty migration slots, and write the fleet's state
-    (fleet.json) and Ansible inventory (inventory.ini). Replaces a fleet in the folder."""
+    """Boot N emulated hosts (host1..hostN), each with luod, its VMs (guests under TCG, or
+    KVM with "accel": "kvm", that walk their memory, then idle) and empty migration slots,
+    and write the fleet's state (fleet.json) and Ansible inventory (inventory.ini).
+    Replaces a fleet in the folder."""
     from liveupdate.scenario.fleet import hosts
 
     config: dict[str, Any] = {}
@@ -135,8 +136,9 @@ def host_update(host: str, folder: str, blackout_budget: float, assigned: str, b
 @json_option
 def migrate(host: str, vm: str, folder: str, as_json: bool) -> None:
     """Live-migrate VM off HOST to a host with room (a free slot on a host running the
-    fleet's target): pre-copy with write tracking, stop-and-copy; its downtime and the
-    checker's verdict on the destination."""
+    fleet's target): pre-copy with write tracking while the guest runs (under TCG a write
+    hook, under KVM its dirty log), stop-and-copy; its downtime and the checker's verdict
+    on the destination."""
     from liveupdate.scenario.fleet import migrate as mig
 
     try:

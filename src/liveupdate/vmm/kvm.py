@@ -73,7 +73,7 @@ def unusable() -> str | None:
     return None if version == API_VERSION else f"KVM API version {version}, not 12"
 
 
-def _ioctl(fd: int, cmd: int, arg: int | bytearray = 0, what: str = "") -> int:
+def ioctl(fd: int, cmd: int, arg: int | bytearray = 0, what: str = "") -> int:
     try:
         return fcntl.ioctl(fd, cmd, arg, True) if isinstance(arg, bytearray) else \
             fcntl.ioctl(fd, cmd, arg)
@@ -123,14 +123,24 @@ class Kvm:
 
     def __init__(self, address: int, size: int) -> None:
         self.kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-        self.vm = _ioctl(self.kvm, KVM_CREATE_VM, 0, "CREATE_VM")
-        for slot, (gpa, offset, length) in enumerate(guest.regions(size)):
-            region = bytearray(struct.pack("<IIQQQ", slot, 0, gpa, length, address + offset))
-            _ioctl(self.vm, KVM_SET_USER_MEMORY_REGION, region, "SET_USER_MEMORY_REGION")
-        self.vcpu = _ioctl(self.vm, KVM_CREATE_VCPU, 0, "CREATE_VCPU")
-        run_size = _ioctl(self.kvm, KVM_GET_VCPU_MMAP_SIZE, 0, "GET_VCPU_MMAP_SIZE")
+        self.vm = ioctl(self.kvm, KVM_CREATE_VM, 0, "CREATE_VM")
+        self.address, self.size = address, size
+        self.set_slots(0)
+        self.vcpu = ioctl(self.vm, KVM_CREATE_VCPU, 0, "CREATE_VCPU")
+        run_size = ioctl(self.kvm, KVM_GET_VCPU_MMAP_SIZE, 0, "GET_VCPU_MMAP_SIZE")
         self.run = mmap.mmap(self.vcpu, run_size, mmap.MAP_SHARED,
                              mmap.PROT_READ | mmap.PROT_WRITE)
+
+    def set_slots(self, flags: int) -> None:
+        """(Re)declare the memory slots of :func:`guest.regions` with ``flags``
+        (``struct kvm_userspace_memory_region``: slot, flags, guest_phys_addr, memory_size,
+        userspace_addr). Re-issued on a live VM with only the flags changed, it is KVM's
+        ``KVM_MR_FLAGS_ONLY`` change: how dirty logging is switched on and off
+        (:mod:`liveupdate.vmm.dirtylog`)."""
+        for slot, (gpa, offset, length) in enumerate(guest.regions(self.size)):
+            region = bytearray(struct.pack("<IIQQQ", slot, flags, gpa, length,
+                                           self.address + offset))
+            ioctl(self.vm, KVM_SET_USER_MEMORY_REGION, region, "SET_USER_MEMORY_REGION")
 
     @property
     def tsc_settable(self) -> bool:
@@ -139,7 +149,7 @@ class Kvm:
 
     def _sregs(self) -> bytearray:
         buf = bytearray(SREGS_SIZE)
-        _ioctl(self.vcpu, KVM_GET_SREGS, buf, "GET_SREGS")
+        ioctl(self.vcpu, KVM_GET_SREGS, buf, "GET_SREGS")
         return buf
 
     def load(self, st: CpuState) -> None:
@@ -152,27 +162,27 @@ class Kvm:
         cr = list(SREGS_CR.unpack_from(s, 224))
         cr[0], cr[2], cr[3], cr[5] = st.cr0, st.cr3, st.cr4, st.efer
         SREGS_CR.pack_into(s, 224, *cr)
-        _ioctl(self.vcpu, KVM_SET_SREGS, s, "SET_SREGS")
+        ioctl(self.vcpu, KVM_SET_SREGS, s, "SET_SREGS")
         regs = bytearray(REGS.pack(*(st.regs[n] for n in REGS_ORDER)))
-        _ioctl(self.vcpu, KVM_SET_REGS, regs, "SET_REGS")
+        ioctl(self.vcpu, KVM_SET_REGS, regs, "SET_REGS")
         if st.tsc:
             msrs = bytearray(MSRS_HEAD.pack(1, 0) + MSR_ENTRY.pack(MSR_IA32_TSC, 0, st.tsc))
-            _ioctl(self.vcpu, KVM_SET_MSRS, msrs, "SET_MSRS")
+            ioctl(self.vcpu, KVM_SET_MSRS, msrs, "SET_MSRS")
 
     def save(self) -> CpuState:
         regs = bytearray(REGS.size)
-        _ioctl(self.vcpu, KVM_GET_REGS, regs, "GET_REGS")
+        ioctl(self.vcpu, KVM_GET_REGS, regs, "GET_REGS")
         s = self._sregs()
         cr0, _cr2, cr3, cr4, _cr8, efer, _apic = SREGS_CR.unpack_from(s, 224)
         msrs = bytearray(MSRS_HEAD.pack(1, 0) + MSR_ENTRY.pack(MSR_IA32_TSC, 0, 0))
-        _ioctl(self.vcpu, KVM_GET_MSRS, msrs, "GET_MSRS")
+        ioctl(self.vcpu, KVM_GET_MSRS, msrs, "GET_MSRS")
         tsc = MSR_ENTRY.unpack_from(msrs, MSRS_HEAD.size)[2]
         return CpuState(dict(zip(REGS_ORDER, REGS.unpack(regs), strict=True)), cr0, cr3, cr4,
                         efer, tsc)
 
     def run_to_exit(self) -> int:
         while True:
-            _ioctl(self.vcpu, KVM_RUN, 0, "RUN")
+            ioctl(self.vcpu, KVM_RUN, 0, "RUN")
             reason = struct.unpack_from("<I", self.run, 8)[0]
             if reason == KVM_EXIT_IO:
                 direction, size, port, _count, off = struct.unpack_from("<BBHIQ", self.run, 32)

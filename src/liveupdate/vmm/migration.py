@@ -15,10 +15,15 @@ rewrites its whole memory between rounds -- a small one walking it -- never conv
 vCPU is paused at an exit (the downtime starts: its CLOCK_REALTIME is the VM state's
 ``last_exit_wall_ns``, as at freeze), the last dirty pages and the low
 area (page tables, code, state page: written by the MMU's A/D bits too, which no hook sees)
-are sent with the state, and the destination resumes. Write tracking: KVM would use its
-dirty log (``KVM_MEM_LOG_DIRTY_PAGES`` + ``KVM_GET_DIRTY_LOG``, not built here: migration
-under KVM is EOPNOTSUPP); under TCG a unicorn ``UC_HOOK_MEM_WRITE`` hook marks each written
-page in a bitmap, which QEMU's TCG does through its own dirty memory bitmap.
+are sent with the state, and the destination resumes. The guest runs on during the
+pre-copy rounds under either accelerator. Write tracking (:func:`tracker`): under KVM its
+dirty log, as QEMU (:mod:`liveupdate.vmm.dirtylog`: ``KVM_MEM_LOG_DIRTY_PAGES`` on every
+memory slot when migration starts, ``KVM_GET_DIRTY_LOG`` per slot each round --
+``kvm_physical_sync_dirty_bitmap`` -- mapped back to pages of the memory file, the flag
+removed when migration ends or fails); under TCG a unicorn ``UC_HOOK_MEM_WRITE`` hook marks
+each written page in a bitmap, which QEMU's TCG does through its own dirty memory bitmap.
+Neither sees the VMM's own writes nor, everywhere, the page walker's A/D bits: hence the
+low area re-sent with the state, under both.
 
 The channel is a host Unix socket to the destination VMM's listener (the "network"; it is
 not emulated). It is not a way to carry anything across a kexec: it lives in the two VMM
@@ -36,14 +41,17 @@ import json
 import socket
 import struct
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from liveupdate.errors import LiveUpdateError
 from liveupdate.vmm import guest
+from liveupdate.vmm.dirtylog import KvmTracker
+from liveupdate.vmm.kvm import Kvm
 
 if TYPE_CHECKING:
+    from liveupdate.vmm.tcg import Tcg
     from liveupdate.vmm.vmm import Vmm
 
 HEAD = struct.Struct("<4sI")
@@ -83,17 +91,34 @@ def recv_json(sock: socket.socket, tag: bytes) -> dict[str, Any]:
     return out
 
 
-class WriteTracker:
+class Tracker(Protocol):
+    """Which guest pages were written since the last :meth:`collect`, as page numbers of the
+    memory file: :meth:`start` when the first round starts, :meth:`stop` when migration
+    ends or fails (idempotent)."""
+
+    def start(self) -> None: ...
+    def collect(self, running: bool) -> np.ndarray: ...
+    def stop(self) -> None: ...
+
+
+def tracker(vmm: Vmm) -> Tracker:
+    """The write tracking of ``vmm``'s accelerator: KVM's dirty log or the TCG hook."""
+    accel = vmm.vm.accel
+    if isinstance(accel, Kvm):
+        return KvmTracker(vmm, accel)
+    from liveupdate.vmm.tcg import Tcg  # only now: unicorn's import is slow (vcpu.py)
+
+    if isinstance(accel, Tcg):
+        return TcgTracker(vmm, accel)
+    raise LiveUpdateError(err=errno.EOPNOTSUPP, msg=f"migration under {accel.name}: no "
+                          "write tracking")
+
+
+class TcgTracker:
     """Which guest pages were written since the last :meth:`collect` (a unicorn write hook
     marking a bitmap; see the module docstring)."""
 
-    def __init__(self, vmm: Vmm) -> None:
-        from liveupdate.vmm.tcg import Tcg
-
-        accel = vmm.vm.accel
-        if not isinstance(accel, Tcg):
-            raise LiveUpdateError(err=errno.EOPNOTSUPP, msg=f"migration under {accel.name}: "
-                                  "KVM's dirty log is not built; run the VM under TCG")
+    def __init__(self, vmm: Vmm, accel: Tcg) -> None:
         self.vmm = vmm
         self.uc: Any = accel.uc  # unicorn's bindings are untyped
         self.bits = bytearray(vmm.size // PAGE)
@@ -157,7 +182,7 @@ def send(vmm: Vmm, to: str, origin: str, timeout: float = 120.0) -> dict[str, An
     measure of the downtime."""
     if vmm.limited:
         raise LiveUpdateError(err=errno.EBUSY, msg="a live update is under way: no migration")
-    tracker = WriteTracker(vmm)
+    track = tracker(vmm)
     started = time.monotonic()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
@@ -168,33 +193,33 @@ def send(vmm: Vmm, to: str, origin: str, timeout: float = 120.0) -> dict[str, An
                                   msg=f"migration to {to}: {e.strerror}") from e
         send_record(sock, b"LUMG", json.dumps({"size": vmm.size, "origin": origin,
                                                "accel": vmm.vm.accel.name}).encode())
-        tracker.start()
+        track.start()
         rounds: list[int] = []
         pages = np.arange(vmm.size // PAGE, dtype=np.uint32)
         try:
             while True:
                 send_pages(sock, vmm.mem, pages)
                 rounds.append(len(pages))
-                pages = tracker.collect(running=True)
+                pages = track.collect(running=True)
                 if (len(pages) <= STOP_PAGES or len(rounds) >= MAX_ROUNDS
                         or (len(rounds) >= 2 and len(pages) >= rounds[-1])):
                     break  # converged, out of rounds, or not converging (QEMU would
                     # throttle the vCPU: auto-converge) -- stop and copy
             vmm.vm.pause()  # stop and copy: the downtime starts at this exit
             # what the last round left dirty, what was written since, and the low area
-            last = np.union1d(np.union1d(pages, tracker.collect(running=False)),
+            last = np.union1d(np.union1d(pages, track.collect(running=False)),
                               np.arange(LOW_PAGES, dtype=np.uint32)).astype(np.uint32)
             send_pages(sock, vmm.mem, last)
             rounds.append(len(last))
             send_record(sock, b"STAT", vmm.state_bytes())
             done = recv_json(sock, b"DONE")
         except (OSError, LiveUpdateError) as e:  # the VM stays here and runs on
-            tracker.stop()
+            track.stop()
             vmm.vm.resume()
             if isinstance(e, LiveUpdateError):
                 raise
             raise LiveUpdateError(err=e.errno or errno.EIO, msg=f"migration: {e}") from e
         finally:
-            tracker.stop()
+            track.stop()
     return {"to": to, "rounds": rounds, "pages_sent": sum(rounds),
             "seconds": time.monotonic() - started, **done}

@@ -2,8 +2,9 @@
 its empty migration slots, and write the fleet's state and Ansible inventory.
 
 Each host is the demo's machine (:mod:`liveupdate.scenario.demo`: the same command line,
-images and services), made small: guests of a few MiB under TCG that walk their memory and
-then idle (``--duty``: the share of time a vCPU runs), no spares, 1 GiB of sparse RAM.
+images and services), made small: guests of a few MiB under TCG (``"accel": "kvm"``: under
+KVM; either migrates) that walk their memory and then idle (``--duty``: the share of time a
+vCPU runs), no spares, 1 GiB of sparse RAM.
 Hosts differ by their spec (:class:`liveupdate.scenario.fleet.state.HostSpec`): the kernel
 generation they boot, a VM with an assigned device, a planted fault, their slots.
 """
