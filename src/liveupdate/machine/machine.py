@@ -342,9 +342,8 @@ class Machine:
 
     # -- requests to the running kernel ---------------------------------------------------
     def ask_kernel(self, header: dict[str, Any], timeout: float) -> tuple[dict[str, Any], bytes]:
-        """A request to the running kernel; one that is booting is waited for (within
-        ``timeout``): its services may already answer on the console before it says
-        "booted". EAGAIN when no kernel runs or comes up in time."""
+        """A request to the running kernel, waited for while it boots (its services may
+        answer before it says "booted"); EAGAIN when none runs or comes up in time."""
         deadline = time.monotonic() + timeout
         with self.cond:
             while self.state is State.BOOTING and (left := deadline - time.monotonic()) > 0:
