@@ -34,7 +34,7 @@ from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.ipc import fds as scm
 from liveupdate.machine.console import Console
 from liveupdate.machine.ram import Ram
-from liveupdate.procs import Child, abstract_socket_inodes, children_of, dying, holds_socket
+from liveupdate.procs import Child, children_of, dying
 
 POWER_OFF_GRACE = 5.0  # seconds a kernel gets to end its userspace when the power is cut
 FORK_TIMEOUT = 60.0  # seconds a template may take to import the kernel's code and fork it
@@ -249,9 +249,8 @@ def bury_orphans(ours: set[int], console: Console, timeout: float = 10.0) -> Non
     userspace running, and no syscall of it (a ``bind``, a write under ``run/``) may still
     land after the machine has emptied ``run/`` for the next kernel. Their sockets close
     later, in ``exit_files``: no path reaches them (``run/`` is emptied, services bind
-    anew), but an abstract name is the network namespace's -- the next kernel's ``bind`` of
-    it would be EADDRINUSE -- so one that holds a socket bound to an abstract name is
-    waited for until it has exited.
+    anew); one bound to an abstract name, which the next kernel's ``bind`` would find
+    taken, was waited for by the old kernel (``Userspace.stop_and_kill``).
 
     The host's teardown of what they mapped is left to run beside the next kernel, as a
     real kexec never pays it: a VMM whose KVM VM held 4 GiB took 165 ms to exit here
@@ -262,9 +261,8 @@ def bury_orphans(ours: set[int], console: Console, timeout: float = 10.0) -> Non
     deadline = time.monotonic() + timeout
     seen: set[int] = set()
     while orphans := [p for p in children_of(os.getpid()) if p not in ours | seen]:
-        abstract = abstract_socket_inodes()
         for pid in orphans:
-            while not dying(pid) or holds_socket(pid, abstract):
+            while not dying(pid):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     console.append(f"machine: pid {pid} of the previous kernel's userspace "

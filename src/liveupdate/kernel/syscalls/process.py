@@ -24,7 +24,7 @@ from liveupdate.abi.spare import SYSCALL_AT
 from liveupdate.abi.syscalls import SYSCALL_FD_ENV
 from liveupdate.abi.wire import seqpacket_pair
 from liveupdate.kernel.syscalls import creds
-from liveupdate.procs import children_of
+from liveupdate.procs import abstract_socket_inodes, children_of, holds_socket
 
 if TYPE_CHECKING:
     from liveupdate.kernel.spares import Adopted, Spares
@@ -201,13 +201,28 @@ class Userspace:
                     os.close(fd)
                 stopped.add(pid)
         self._drain_ttys()
+        # a socket bound to an abstract name is the host's network namespace's: the next
+        # kernel's bind of that name must not find it. It goes late in an exit (its fd in
+        # exit_files, the socket at exit_task_work), so its holders -- seen now, stopped,
+        # with their fds whole -- are waited for; the rest (a VMM's teardown: tens of ms per
+        # GiB) are not
+        abstract = abstract_socket_inodes()
+        holders = [p for p in stopped if holds_socket(p, abstract)]
         for pid in stopped:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 # their teardown runs in their own context: at idle priority it does not
                 # compete with the next kernel's boot for the machine's CPUs
-                os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+                if pid not in holders:
+                    os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        for pid in holders:
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                fd = os.pidfd_open(pid)
+                try:
+                    os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOWAIT)
+                finally:
+                    os.close(fd)
         return len(stopped)
 
     def kill_all(self) -> int:
