@@ -64,6 +64,26 @@ def test_a_handler_table_serves_and_refuses_unknown_ops(tmp_path: Path) -> None:
         srv.close()
 
 
+def test_a_reply_too_long_for_a_record_is_an_errno_and_the_connection_lives(
+        tmp_path: Path) -> None:
+    path = str(tmp_path / "svc.sock")
+    srv = service.listen(path)
+    table = {"big": lambda msg: {"x": "y" * framing.MAX_MESSAGE},
+             "small": lambda msg: {"x": 1}}
+    threading.Thread(target=service.serve, args=(srv, table), daemon=True).start()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as c:
+            c.connect(path)
+            framing.send(c, {"op": "big", "id": 1})
+            got = framing.recv(c)
+            assert got is not None and got[0]["errno"] == "EMSGSIZE", got
+            framing.send(c, {"op": "small", "id": 2})
+            got = framing.recv(c)
+            assert got is not None and got[0] == {"id": 2, "ok": True, "x": 1}
+    finally:
+        srv.close()
+
+
 def test_fds_pass_beside_a_record() -> None:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with a, b:

@@ -111,6 +111,10 @@ def _answer(conn: socket.socket, handlers: Handlers, who: str) -> None:
             for fd in fds:
                 os.close(fd)
             try:
-                framing.send(conn, dispatch(handlers, msg, who))
+                reply = dispatch(handlers, msg, who)
+                try:
+                    framing.send(conn, reply)
+                except LiveUpdateError as e:  # too long for a record: said, not a hang-up
+                    framing.send(conn, envelope.error(msg.get("id"), e))
             except OSError:
                 return
