@@ -38,3 +38,18 @@ def test_every_page_of_each_folio_and_nothing_else(order: int) -> None:
         assert not meta.refcount[h + 1 : h + n].any()
         assert meta.refcount[h + n] == 7 and meta.refcount[h - 1] == 7
     assert meta.refcount[foreign] == 7 and meta.private[heads].tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("order", [2, 9])
+def test_adjacent_folios_and_a_gap(order: int) -> None:
+    meta = PageMeta(NR)
+    meta.refcount[:] = 7
+    n = 1 << order
+    heads = np.array([3 * n, n, 2 * n, 7 * n], np.int64)  # unsorted: a run of three, one apart
+    meta.mark_kho_preserved(heads << PAGE_SHIFT, np.full(4, order))
+    assert _kin(meta).restore_folios(heads << PAGE_SHIFT, order).all()
+    want = np.full(8 * n + 1, 7, np.int32)
+    want[n : 4 * n] = 0
+    want[7 * n : 8 * n] = 0
+    want[heads] = 1
+    assert meta.refcount[: 8 * n + 1].tolist() == want.tolist()
