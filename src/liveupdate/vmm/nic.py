@@ -80,18 +80,21 @@ class Assigned:
         c.preserve(self.iommufd.fd, IOMMUFD_TOKEN, "iommufd")
         c.preserve(self._dev().fd, DEVICE_TOKEN, "vfio")
 
-    def retrieve(self, c: LuodClient, mem: memoryview, ram_fd: int, size: int) -> None:
+    def snapshot(self, mem: memoryview) -> None:
+        """The vCPU not yet running: what arrived while the guest was paused, the packets
+        waiting in its ring (sequence number and the source's send time each), after the
+        last it consumed."""
+        self.blackout = {"last_seq_at_pause": guest_nic.counters(mem)["last_seq"],
+                         "waiting": guest_nic.waiting(mem)}
+
+    def retrieve(self, c: LuodClient, ram_fd: int, size: int) -> None:
         """The preserved files back; the device bound and attached to the preserved page
-        table; whether it kept running through the update; and, the vCPU not yet running,
-        what arrived while the guest was paused: the packets waiting in its ring (sequence
-        number and the source's send time each), after the last it consumed.
+        table; whether it kept running through the update.
 
         A file that did not cross (not preserved, or its handler refused it: an IOMMU
         domain the next kernel blocked) is what the VM is told about (``lost``): the device
         is assigned afresh -- its cdev opened if the device file is gone, a new IOAS over
         the same guest memory -- and re-initialized like a reset one."""
-        self.blackout = {"last_seq_at_pause": guest_nic.counters(mem)["last_seq"],
-                         "waiting": guest_nic.waiting(mem)}
         fds: dict[int, int] = {}
         lost = []
         for token in (IOMMUFD_TOKEN, DEVICE_TOKEN):

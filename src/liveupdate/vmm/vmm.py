@@ -126,10 +126,14 @@ class Vmm:
                 guest.layout(self.mem, self.size)
             accel_obj.load(fresh())
         else:
-            if self.nic:
-                self.nic.retrieve(self.client, self.mem, self.ram_fd, self.size)
+            if self.nic:  # what the pause left in the ring, before the guest consumes it
+                self.nic.snapshot(self.mem)
             self._resume_from(saved)
         self.vm.start()
+        if self.nic and saved is not None:  # after the resume: the guest reads its ring in
+            # memory, the device keeps writing it through the preserved IOMMU domain, neither
+            # needs the VMM's files -- their retrieval is no part of the blackout
+            self.nic.retrieve(self.client, self.ram_fd, self.size)
         if self.nic and (saved is None or not self.nic.found_running):
             self.nic.reinit(self.mem, lambda: self.vm.wait_exits(1))  # posts, then RX on
         if saved is not None:
