@@ -44,6 +44,7 @@ from liveupdate.ipc.service import ask
 from liveupdate.scenario import guestcheck
 from liveupdate.scenario.host import CACHE, LUOD, Say, vmm_sock
 from liveupdate.vmm.vmm import STATE_SIZE
+from liveupdate.vmm.where import where as vmm_where
 
 VM, VM_MEMORY, CACHE_NAME = "vm0", 32 << 20, "cache"
 CACHE_KEYS = 64
@@ -193,7 +194,7 @@ class RealHost:
 
     def where(self, vm: str) -> tuple[int, dict[str, Any]]:
         sock = self.sock(vmm_sock(vm))
-        return int(ask(sock, "status")["pid"]), ask(sock, "where")
+        return int(ask(sock, "status")["pid"]), vmm_where(sock)
 
     def verdicts(self) -> dict[str, guestcheck.Verdict]:
         out = {}

@@ -30,6 +30,7 @@ from liveupdate.client.update import load_image, run_update
 from liveupdate.errors import LiveUpdateError
 from liveupdate.ipc.service import ask
 from liveupdate.machine.client import MachineClient, start
+from liveupdate.vmm.where import where as vmm_where
 
 GEN = "7.3+posted"
 CMDLINE = "kho=on liveupdate=on intel_iommu=on vfio-pci.ids=1b36:11b0"
@@ -137,7 +138,7 @@ class DevicesDemo:
         m = self.m
         assert m is not None
         before = {vm: self.received(vm, 50) for vm in self.vms}
-        wheres = [ask(self.sock(f"vmm-{vm}.sock"), "where") for vm in self.vms]
+        wheres = [vmm_where(self.sock(f"vmm-{vm}.sock")) for vm in self.vms]
         log0 = m.status()["devices"]["iommu"]["dma_writes"]
         self.say(f"guests receiving; live update ({self.mode}): prepare, freeze, kexec")
         load_image(self.sock("luod.sock"), "images/next.img")
@@ -148,7 +149,7 @@ class DevicesDemo:
         st = m.status()
         ranges = guest_ranges(wheres)
         moved = [vm for vm, w in zip(self.vms, wheres, strict=True)
-                 if ask(self.sock(f"vmm-{vm}.sock"), "where")["ram"] != w["ram"]]
+                 if vmm_where(self.sock(f"vmm-{vm}.sock"))["ram"] != w["ram"]]
         if moved:
             raise LiveUpdateError(err=errno.EIO, msg=f"guest memory of {moved} moved: copied, not "
                                   "preserved")

@@ -26,6 +26,7 @@ from liveupdate.ipc.service import ask
 from liveupdate.machine.client import MachineClient
 from liveupdate.vmm import verdict
 from liveupdate.vmm.verdict import Verdict
+from liveupdate.vmm.where import where as vmm_where
 
 __all__ = ["Verdict", "check", "guest_memory", "judge"]
 
@@ -78,7 +79,7 @@ def judge(sock: str, where: dict[str, Any], saved: bytes | None,
 def check(m: MachineClient, sock: str) -> Verdict:
     """Judge the VM from the emulated machine's RAM: its memory mapped by extent, its saved
     state read through the debug port."""
-    where = ask(sock, "where")
+    where = vmm_where(sock)
     ram = [(int(p), int(n)) for p, n in where["ram"]]
     state = [(int(p), int(n)) for p, n in where["state"]]
     saved = b"".join(m.ram_read(p, n) for p, n in state) if state else None

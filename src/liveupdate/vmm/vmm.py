@@ -63,6 +63,7 @@ from liveupdate.vmm import guest, guest_nic, verdict, vmstate
 from liveupdate.vmm.cpu import CpuState, fresh
 from liveupdate.vmm.nic import SEALS, Assigned
 from liveupdate.vmm.vcpu import Vm, make_accel
+from liveupdate.vmm.where import WHERE_PIECE
 
 RAM_TOKEN, STATE_TOKEN = 1, 2
 MFD_ALLOW_SEALING = 0x2
@@ -279,19 +280,26 @@ class Vmm:
     def handlers(self) -> service.Handlers:
         """The control socket's requests (see the module docstring)."""
         return {"status": lambda msg: self.status(),
-                "phys": self._phys, "resize": self._resize, "where": lambda msg: self.where(),
+                "phys": self._phys, "resize": self._resize, "where": self.where,
                 "pause": lambda msg: self._pause(), "resume": lambda msg: self._resume(),
                 "verify": lambda msg: self.verify()}
 
-    def where(self) -> dict[str, Any]:
+    def where(self, msg: dict[str, Any] | None = None) -> dict[str, Any]:
         """Where guest memory and the saved vCPU state lie in RAM, and the vCPU registers as
         the accelerator held them right after the restore: what an outside checker needs to
         judge the VM from RAM itself (:mod:`liveupdate.scenario.guestcheck`). ``fds`` names
         the VMM's guest-memory and state memfds: a real kernel shows userspace no physical
         extents (``ram`` and ``state`` are empty there), so a checker with the rights to
-        open ``/proc/<pid>/fd/<n>`` maps the files themselves."""
+        open ``/proc/<pid>/fd/<n>`` maps the files themselves. A request (``msg``) gets
+        :data:`WHERE_PIECE` RAM extents from index ``from`` and their total
+        (:func:`liveupdate.vmm.where.where` asks for all); the VMM's own call, all."""
         cpu = self.restored_cpu
-        return {"size": self.size, "ram": self.extents, "state": self.state_ranges,
+        first = framing.field(msg, "from", int) if msg and "from" in msg else 0
+        if first < 0:
+            raise LiveUpdateError(err=errno.EINVAL, msg="where: 'from' is an extent index")
+        ram = self.extents[first : first + WHERE_PIECE] if msg is not None else self.extents
+        return {"size": self.size, "ram": ram,
+                "ram_from": first, "ram_total": len(self.extents), "state": self.state_ranges,
                 "fds": {"ram": self.ram_fd, "state": self.state_fd},
                 "restored_cpu": cpu.to_json() if cpu is not None else None}
 
