@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from liveupdate.abi import image
+from liveupdate.abi import bootparams, image
 from liveupdate.abi.consts import PAGE_SHIFT
 from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel.fs import hugetlbfs
@@ -149,3 +149,23 @@ def test_preserved_folios_come_back_on_the_same_pages(big: Rig) -> None:
     got.put()
     assert sorted(one_g.free) == sorted(before)  # back to the pool, not the buddy
     assert np.all(k2.meta.refcount[np.array(before) >> PAGE_SHIFT] >= 0)
+
+
+def test_the_rest_of_a_gigantic_pool_comes_back_outside_the_inherited_scratch(big: Rig
+                                                                               ) -> None:
+    """7.3.4's memblock_alloc_hugetlb on a KHO boot: memblock is scratch-only, the pool's
+    pages the files do not hold come from the blocks kho_extend_scratch flagged, never from
+    the scratch the previous kernel handed over (kho_scratch_overlap)."""
+    k = big.boot(CMD, POSTED)
+    s = call(_luo(k).open(), "CREATE_SESSION", pack("CREATE_SESSION", name=b"vm"))
+    assert isinstance(s, File)
+    f = _huge(k, HUGE_1G, GiB)  # one of the two 1 GiB pages
+    f.private.populate(0, f.private.size >> PAGE_SHIFT)
+    assert call(s, "SESSION_PRESERVE_FD", pack("SESSION_PRESERVE_FD", token=1), f) == "ok"
+    k2 = big.kexec(k, CMD, POSTED)
+    one_g = k2.hugetlb.size_to_hstate(GiB) if k2.hugetlb else None
+    assert one_g is not None and one_g.nr_huge_pages == 1 and len(one_g.free) == 1
+    assert k2.kho_in is not None
+    scratch = [(a, a + n) for a, n in bootparams.scratch_areas(k2.kho_in.scratch) if n]
+    page = one_g.free[0]
+    assert page % GiB == 0 and all(not (a < page + GiB and page < b) for a, b in scratch)

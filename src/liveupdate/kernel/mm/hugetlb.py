@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
 
+from liveupdate.abi import bootparams
 from liveupdate.abi.cmdline import memparse
 from liveupdate.abi.consts import MAX_PAGE_ORDER, PAGE_SHIFT, PAGE_SIZE
 from liveupdate.errors import LiveUpdateError
@@ -206,13 +207,28 @@ def words_of(raw: str) -> list[tuple[str, str]]:
 
 
 def _alloc_gigantic(k: Kernel, size: int) -> int:
-    """A memblock allocation outside KHO scratch, top-down, naturally aligned."""
-    regions = [r for r in k.memblock.memory if not r.flags & MEMBLOCK_KHO_SCRATCH]
+    """A memblock allocation outside KHO scratch, top-down, naturally aligned.
+
+    On a KHO boot of a core that extends scratch (7.3: ``kho_extend_scratch``), as 7.3.4's
+    ``memblock_alloc_hugetlb``: memblock is scratch-only, so the search is among the regions
+    flagged ``MEMBLOCK_KHO_SCRATCH`` -- the extended 1 GiB blocks among them -- and a
+    candidate overlapping the inherited scratch areas (``kho_scratch_overlap``) is skipped.
+    Elsewhere the flagged regions are the scratch itself and are left out whole."""
+    kin = k.kho_in
+    if kin is not None and k.gen.kho.extends_scratch and k.memblock.scratch_only:
+        regions = [r for r in k.memblock.memory if r.flags & MEMBLOCK_KHO_SCRATCH]
+        avoid = [(a, a + n) for a, n in bootparams.scratch_areas(kin.scratch) if n]
+    else:
+        regions = [r for r in k.memblock.memory if not r.flags & MEMBLOCK_KHO_SCRATCH]
+        avoid = []
     for start, end in reversed(k.memblock.free_ranges(regions)):
         addr = (end - size) // size * size
-        if addr >= start and end >= size:
-            k.memblock.reserve(addr, size)
-            return addr
+        while addr >= start and end >= size:
+            hit = next((a for a, b in avoid if a < addr + size and addr < b), None)
+            if hit is None:
+                k.memblock.reserve(addr, size)
+                return addr
+            addr = (hit - size) // size * size  # below the scratch it overlapped, retried
     raise LiveUpdateError(err=errno.ENOMEM, msg="memblock: no room for a gigantic page")
 
 
