@@ -33,17 +33,6 @@ NOT_PRESERVED = -1
 SLICED_ORDER = 6  # from 64 pages a folio, a slice per run beats one fancy index
 
 
-def _runs(first: np.ndarray, n: int) -> list[tuple[int, int]]:
-    """The [start, end) page runs that folios of ``n`` pages starting at ``first`` cover,
-    adjacent ones as one (an 8 GiB guest's 4096 folios of 2 MiB are often a handful)."""
-    if not len(first):
-        return []
-    pfn = np.sort(first)
-    cut = np.flatnonzero(np.diff(pfn) != n) + 1
-    starts, lasts = pfn[np.r_[0, cut]], pfn[np.r_[cut - 1, len(pfn) - 1]]
-    return list(zip(starts.tolist(), (lasts + n).tolist(), strict=True))
-
-
 @dataclass
 class KhoIn:
     mm: MmOps
@@ -114,8 +103,9 @@ class KhoIn:
         meta.private[good] = 0
         meta.order[good] = order
         if order >= SLICED_ORDER:  # every page of every folio (prep_compound_page touches
-            for first, end in _runs(good, 1 << order):  # each tail too): a memset per run
-                meta.refcount[first:end] = 0  # of adjacent folios -- a 1 GiB one is 262144
+            runs = kho_memmap.merge_intervals(good, good + (1 << order))  # each tail too):
+            for first, end in runs.tolist():  # a memset per run of adjacent folios
+                meta.refcount[first:end] = 0
         elif len(good):  # small folios: all pages at once
             meta.refcount[(good[:, None] + np.arange(1 << order)).ravel()] = 0
         meta.refcount[good] = 1
