@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import select
 import signal
@@ -40,15 +41,20 @@ def dying(pid: int) -> bool:
     except OSError:
         return True
     for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue  # that thread is gone
-        fields = stat[stat.rfind(b")") + 2 :].split()
+        fields = stat_fields(f"/proc/{pid}/task/{tid}/stat")  # [] once that thread is gone
         if len(fields) > 6 and not int(fields[6]) & PF_EXITING:
             return False
     return True
+
+
+def stat_fields(path: str) -> list[bytes]:
+    """The fields of a ``stat`` file after the command name (state first); [] if gone."""
+    try:
+        with open(path, "rb") as f:
+            stat = f.read()
+    except OSError:
+        return []
+    return stat[stat.rfind(b")") + 2 :].split()
 
 
 def abstract_socket_inodes() -> set[int]:
@@ -83,17 +89,21 @@ def holds_socket(pid: int, inodes: set[int]) -> bool:
     return False
 
 
+def idle(pid: int) -> None:
+    """Every thread of ``pid`` to ``SCHED_IDLE`` (a thread gone meanwhile is skipped): a
+    killed process's teardown then takes a core only when nothing else wants one."""
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
+
+
 def children_of(ppid: int) -> list[int]:
     out = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2 :].split()
+        fields = stat_fields(f"/proc/{name}/stat")
         if len(fields) > 1 and int(fields[1]) == ppid:
             out.append(int(name))
     return out
@@ -146,6 +156,22 @@ class Child:
             if self.pidfd >= 0:
                 os.close(self.pidfd)
                 self.pidfd = -1
+
+
+def settle(place: dict[int, int], ready: int) -> None:
+    """In a forked child that must hold only what it was given: each fd ``place[n]`` at
+    number ``n``, every other fd closed, then its pid said on ``ready`` (closed with the
+    rest) -- the parent of :func:`detached` reads it. Copies go above every number being
+    replaced first, so no ``dup2`` clobbers a source."""
+    top = max(place, default=-1) + 1
+    copies = {n: fcntl.fcntl(fd, fcntl.F_DUPFD, top) for n, fd in place.items()}
+    ready = fcntl.fcntl(ready, fcntl.F_DUPFD, top)
+    for n, fd in copies.items():
+        os.dup2(fd, n)
+    ready = os.dup2(ready, top)
+    os.closerange(top + 1, os.sysconf("SC_OPEN_MAX"))
+    os.write(ready, str(os.getpid()).encode())
+    os.close(ready)
 
 
 def detached(body: Callable[[int], None], what: str) -> int:

@@ -25,7 +25,6 @@ What a forked kernel holds is what a freshly started one held, and no more:
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import socket
@@ -73,13 +72,6 @@ def _become(fds: list[int], ready: int, run: Callable[[int, int], None]) -> None
     """In the forked kernel: take the fds into place, close every other (the template's
     control socket too), say its pid on ``ready`` and close it, run the kernel (its exit
     status: :func:`procs.exit_with`, never back into the template's loop)."""
-    # copies above every fd number being replaced, so no dup2 clobbers a source
-    ram, link, console, ready = (fcntl.fcntl(fd, fcntl.F_DUPFD, LINK_FD + 1)
-                                 for fd in (*fds, ready))
-    for src, dst in ((console, 1), (console, 2), (ram, RAM_FD), (link, LINK_FD)):
-        os.dup2(src, dst)
-    os.closerange(LINK_FD + 1, ready)
-    os.closerange(ready + 1, os.sysconf("SC_OPEN_MAX"))
-    os.write(ready, str(os.getpid()).encode())
-    os.close(ready)
+    ram, link, console = fds
+    procs.settle({1: console, 2: console, RAM_FD: ram, LINK_FD: link}, ready)
     run(RAM_FD, LINK_FD)

@@ -21,6 +21,7 @@ import threading
 from dataclasses import dataclass
 from typing import TypeVar
 
+from liveupdate import procs
 from liveupdate.abi import wire
 from liveupdate.abi.wire import Message, arg
 from liveupdate.errors import AbiError, LiveUpdateError
@@ -40,12 +41,10 @@ def is_guest(pid: int) -> bool:
             return True
         if pid <= 1:
             return False
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
+        fields = procs.stat_fields(f"/proc/{pid}/stat")
+        if len(fields) < 2:
             return False
-        pid = int(stat[stat.rfind(b")") + 2 :].split()[1])
+        pid = int(fields[1])
     return False
 
 

@@ -255,7 +255,8 @@ def bury_orphans(ours: set[int], console: Console, timeout: float = 10.0) -> Non
     The host's teardown of what they mapped is left to run beside the next kernel, as a
     real kexec never pays it: a VMM whose KVM VM held 4 GiB took 165 ms to exit here
     (``exit_mm``: the VM's page tables, then its own), inside every VM's pause when the
-    jump waited for it. A reaper thread waits for each and reaps it. Descendants
+    jump waited for it; the old kernel left every thread of it at SCHED_IDLE
+    (``Userspace.stop_and_kill``). A reaper thread waits for each and reaps it. Descendants
     re-parented later are taken in the next round; after ``timeout`` the machine says what
     it left."""
     deadline = time.monotonic() + timeout
@@ -270,18 +271,7 @@ def bury_orphans(ours: set[int], console: Console, timeout: float = 10.0) -> Non
                     return
                 _exited(pid, min(left, 0.001))
             seen.add(pid)
-            _idle(pid)
             threading.Thread(target=_reap, args=(pid,), name=f"reap-{pid}", daemon=True).start()
-
-
-def _idle(pid: int) -> None:
-    """Every thread of dying ``pid`` to ``SCHED_IDLE``: its teardown takes a core only when
-    the next kernel, its luod and VMMs leave one (on 2 cores, at the default priority, it
-    doubled the next kernel's boot)."""
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError):
-                os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
 
 
 def _exited(pid: int, wait: float) -> bool:

@@ -25,7 +25,6 @@ set as the interpreter sets it, exiting with the program's status. Deviation fro
 from __future__ import annotations
 
 import argparse
-import fcntl
 import io
 import json
 import os
@@ -77,12 +76,8 @@ def _fork(channel: socket.socket, control: socket.socket) -> int:
 def _wait(channel: int, ready: int) -> int:
     """In the spare: keep the channel alone, say the pid, wait to be adopted; the adopted
     program's exit status (:func:`procs.exit_with`)."""
-    keep = os.dup2(channel, 0)  # the lowest number: every other fd is closed after it
-    ready = os.dup2(ready, 1)
-    os.closerange(2, os.sysconf("SC_OPEN_MAX"))
-    os.write(ready, str(os.getpid()).encode())
-    os.close(ready)
-    return _adopted(socket.socket(fileno=keep))
+    procs.settle({0: channel}, ready)  # the lowest number: every other fd is closed
+    return _adopted(socket.socket(fileno=0))
 
 
 def _adopted(channel: socket.socket) -> int:
@@ -141,21 +136,14 @@ def become(control: int, tty: int, ready: int) -> int:
     empty environment, ``/`` -- close everything else, forget the kernel's own modules (its
     code is not userspace's to call), say the pid on ``ready`` and serve; the exit status
     (:func:`procs.exit_with`)."""
-    control, tty, ready = (fcntl.fcntl(fd, fcntl.F_DUPFD, CONTROL_AT + 1)
-                           for fd in (control, tty, ready))
-    null = os.open(os.devnull, os.O_RDONLY)
-    for src, dst in ((null, 0), (tty, 1), (tty, 2), (control, CONTROL_AT)):
-        os.dup2(src, dst)
-    ready = os.dup2(ready, CONTROL_AT + 1)
-    os.closerange(CONTROL_AT + 2, os.sysconf("SC_OPEN_MAX"))
     os.environ.clear()  # unsetenv each: the C environment too
     os.chdir("/")
     for name in [m for m in sys.modules if m.startswith(KERNEL_SIDE)]:
         del sys.modules[name]
     if isinstance(sys.stdout, io.TextIOWrapper):  # as python -u: the console sees it at once
         sys.stdout.reconfigure(line_buffering=True)
-    os.write(ready, str(os.getpid()).encode())
-    os.close(ready)
+    null = os.open(os.devnull, os.O_RDONLY)
+    procs.settle({0: null, 1: tty, 2: tty, CONTROL_AT: control}, ready)
     serve(socket.socket(fileno=CONTROL_AT))
     return 0
 

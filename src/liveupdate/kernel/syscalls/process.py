@@ -24,7 +24,7 @@ from liveupdate.abi.spare import SYSCALL_AT
 from liveupdate.abi.syscalls import SYSCALL_FD_ENV
 from liveupdate.abi.wire import seqpacket_pair
 from liveupdate.kernel.syscalls import creds
-from liveupdate.procs import abstract_socket_inodes, children_of, holds_socket
+from liveupdate.procs import abstract_socket_inodes, children_of, holds_socket, idle
 
 if TYPE_CHECKING:
     from liveupdate.kernel.spares import Adopted, Spares
@@ -209,11 +209,8 @@ class Userspace:
         abstract = abstract_socket_inodes()
         holders = [p for p in stopped if holds_socket(p, abstract)]
         for pid in stopped:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                # their teardown runs in their own context: at idle priority it does not
-                # compete with the next kernel's boot for the machine's CPUs
-                if pid not in holders:
-                    os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+            if pid not in holders:  # their teardown runs in their own context: at idle
+                idle(pid)  # priority, every thread, it leaves the next kernel the CPUs
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         for pid in holders:

@@ -13,6 +13,7 @@ import contextlib
 import os
 from typing import Any
 
+from liveupdate import procs
 from liveupdate.machine.client import MachineClient
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -22,11 +23,9 @@ def parents() -> dict[int, list[int]]:
     """Every process's children, from one pass over /proc."""
     kids: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
-        if name.isdigit():
-            with contextlib.suppress(OSError), open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-                kids.setdefault(int(stat[stat.rfind(b")") + 2 :].split()[1]), []).append(
-                    int(name))
+        fields = procs.stat_fields(f"/proc/{name}/stat") if name.isdigit() else []
+        if len(fields) > 1:
+            kids.setdefault(int(fields[1]), []).append(int(name))
     return kids
 
 
