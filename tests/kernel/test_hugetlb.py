@@ -85,6 +85,25 @@ def test_pools_are_reserved_at_boot_outside_scratch(big: Rig) -> None:
         assert not any(r.base <= p < r.end for p in one_g.free + two_m.free)
 
 
+def test_a_file_on_a_pool_made_at_boot_is_one_physical_run(big: Rig) -> None:
+    """The pool is filled from the buddy right after memblock_free_all, which walks memory
+    upwards: a guest on it lies in address order, broken only where boot reserved memory,
+    so its VMM maps a run per stretch of free memory, not one per folio."""
+    k = big.boot("kho=on liveupdate=on hugepagesz=2M hugepages=512", POSTED)
+    m = _huge(k, HUGE_2M, GiB).private
+    m.fallocate(0, 0, GiB)
+    phys = m.phys.astype(np.int64)
+    assert len(phys) == 512 and np.all(np.diff(phys) > 0)
+    free = np.zeros(k.meta.nr_pages, bool)
+    for order, heads in enumerate(k.buddy.free_lists):
+        for head in heads:
+            free[head : head + (1 << order)] = True
+    gaps = [(a + 2 * MiB, b) for a, b in zip(phys[:-1], phys[1:], strict=True)
+            if b != a + 2 * MiB]
+    assert len(m.extents(0, GiB >> PAGE_SHIFT)) == len(gaps) + 1 <= 2
+    assert not any(free[a >> PAGE_SHIFT : b >> PAGE_SHIFT].any() for a, b in gaps)
+
+
 def test_hugetlb_memfd_errnos(big: Rig) -> None:
     k = big.boot(CMD, POSTED)
 

@@ -172,7 +172,8 @@ def test_restore_checks_across_kexec(rig: Rig) -> None:
     assert k2.read(folio, 10) == b"folio-data"  # zero copy: same bytes, same place
     assert kin.restore_folio(folio) is None  # a second restore fails
     assert kin.restore_folio(never) is None
-    assert k2.read(never, 15) == bytes(15)  # the sanitizer punched it
+    # punched by the sanitizer; k2's own boot allocations (lowest first) may have reused it
+    assert k2.read(never, 15) != b"never preserved"
     assert not kin.restore_pages(base, 4)  # (3,o0)(4,o1): not how it was split
     assert kin.restore_pages(base, 6)
     assert not kin.restore_pages(base, 6)

@@ -46,10 +46,22 @@ def test_memblock_free_ranges_and_bulk_reserve() -> None:
     assert sum(e - s for s, e in free) == 64 * MiB - 1000 * 4096
 
 
+def test_buddy_hands_out_boot_memory_upwards() -> None:
+    """Linux's order: memblock_free_all frees to the tail, __rmqueue_smallest takes the head,
+    expand keeps the lower half -- so a run of allocations after boot is physically
+    contiguous, in address order, across the ranges freed (a hugetlb pool: one extent)."""
+    b = Buddy(PageMeta(8192))
+    b.free_ranges([(0, 1024), (1024, 2048), (4096, 8192)])
+    assert [b.alloc(0) for _ in range(3)] == [0, 1, 2]
+    assert [b.alloc(9) for _ in range(4)] == [512, 1024, 1536, 4096]
+    b.free(1024, 9)  # a later free goes to the head: the next allocation takes it back
+    assert b.alloc(9) == 1024
+
+
 def test_buddy_split_and_coalesce() -> None:
     meta = PageMeta(4096)
     b = Buddy(meta)
-    b.free_range(0, 4096)
+    b.free_ranges([(0, 4096)])
     assert b.nr_free == 4096 and all(len(fl) == 0 for fl in b.free_lists[:10])
     pfns = [b.alloc(0) for _ in range(3)]
     assert len(set(pfns)) == 3 and b.nr_free == 4093

@@ -128,11 +128,12 @@ def memblock_free_all(k: Kernel, scratch: np.ndarray | None) -> None:
     k.memblock.scratch_only = False
     areas = [] if scratch is None else [(a, s) for a, s in bootparams.scratch_areas(scratch)
                                         if s]
+    pages: list[tuple[int, int]] = []
 
     def give(lo: int, hi: int) -> None:  # whole free pages only: a partly reserved one stays
         first, last = -(-lo // PAGE_SIZE), hi >> PAGE_SHIFT
         if first < last:
-            k.buddy.free_range(first, last)
+            pages.append((first, last))
 
     for start, end in k.memblock.free_ranges():
         cur = start
@@ -142,6 +143,7 @@ def memblock_free_all(k: Kernel, scratch: np.ndarray | None) -> None:
             give(cur, a)
             cur = max(cur, a + s)
         give(cur, end)
+    k.buddy.free_ranges(pages)  # in address order: what boot allocates next walks upwards
 
 
 def kexec_metadata(k: Kernel) -> None:
