@@ -41,7 +41,7 @@ from liveupdate.kernel.link import Link
 from liveupdate.kernel.spares import READY_TIMEOUT, Spares, warm
 from liveupdate.kernel.syscalls import server
 from liveupdate.kernel.syscalls.process import Userspace
-from liveupdate.procs import become_subreaper
+from liveupdate.procs import become_subreaper, freeze_heap
 
 
 def _run(k: Kernel, m: Message) -> Message:
@@ -115,6 +115,7 @@ def main() -> None:
                     help="the machine's end of the control socket: fork a kernel per request")
     args = ap.parse_args()
     warm()  # each kernel forks its spare template instead of starting a Python
+    freeze_heap()
     template.serve(socket.socket(fileno=args.template_fd), run)
 
 

@@ -142,6 +142,7 @@ def become(control: int, tty: int, ready: int) -> int:
         del sys.modules[name]
     if isinstance(sys.stdout, io.TextIOWrapper):  # as python -u: the console sees it at once
         sys.stdout.reconfigure(line_buffering=True)
+    procs.freeze_heap()  # the spares it forks collect only what their program makes
     null = os.open(os.devnull, os.O_RDONLY)
     procs.settle({0: null, 1: tty, 2: tty, CONTROL_AT: control}, ready)
     serve(socket.socket(fileno=CONTROL_AT))
