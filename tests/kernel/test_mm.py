@@ -1,12 +1,15 @@
 import errno
+import os
 
 import numpy as np
 import pytest
 
+from liveupdate.abi.consts import PAGE_SHIFT
 from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel.mm.buddy import Buddy, block_orders
 from liveupdate.kernel.mm.memblock import MEMBLOCK_KHO_SCRATCH, MEMBLOCK_RSRV_KERN, Memblock
 from liveupdate.kernel.mm.pages import PageMeta
+from tests.kernel.conftest import Rig
 
 MiB = 1 << 20
 
@@ -56,6 +59,21 @@ def test_buddy_hands_out_boot_memory_upwards() -> None:
     assert [b.alloc(9) for _ in range(4)] == [512, 1024, 1536, 4096]
     b.free(1024, 9)  # a later free goes to the head: the next allocation takes it back
     assert b.alloc(9) == 1024
+
+
+def test_page_metadata_prepared_before_the_jump_is_used_only_when_it_fits(rig: Rig) -> None:
+    from liveupdate.kernel.kernel import Kernel
+
+    nr = os.fstat(rig.ram.fd).st_size >> PAGE_SHIFT
+    meta = PageMeta.populated(nr)
+    assert not (meta.private.any() or meta.refcount.any() or meta.order.any())
+    k = Kernel(rig.ram.fd, None, meta)  # type: ignore[arg-type]  # no machine
+    other = Kernel(rig.ram.fd, None, PageMeta.populated(nr - 1))  # type: ignore[arg-type]
+    try:
+        assert k.meta is meta and other.meta.nr_pages == nr and k.buddy.meta is meta
+    finally:
+        k.ram.close()
+        other.ram.close()
 
 
 def test_buddy_split_and_coalesce() -> None:

@@ -44,7 +44,9 @@ if TYPE_CHECKING:
 
 
 class Kernel:
-    def __init__(self, ram_fd: int, link: Link) -> None:
+    def __init__(self, ram_fd: int, link: Link, meta: PageMeta | None = None) -> None:
+        """``meta``: page metadata prepared while this kernel waited (PageMeta.populated),
+        of the RAM's size; else made here."""
         self.ram_fd = ram_fd
         self.ram_size = os.fstat(ram_fd).st_size
         self.ram = mmap.mmap(ram_fd, self.ram_size, mmap.MAP_SHARED,
@@ -54,7 +56,9 @@ class Kernel:
         self.lock = threading.RLock()  # the big kernel lock: syscalls and link requests
         self.mem = PhysMem(self.ram)
         self.memblock = Memblock()
-        self.meta = PageMeta(self.ram_size >> PAGE_SHIFT)
+        nr_pages = self.ram_size >> PAGE_SHIFT
+        self.meta = meta if meta is not None and meta.nr_pages == nr_pages else \
+            PageMeta(nr_pages)
         self.buddy = Buddy(self.meta)
         self.cmdline = Cmdline.parse("")
         self.image = KernelImage()

@@ -20,6 +20,7 @@ if __name__ == "__main__":  # the kernel process: audited before its own code lo
 import argparse
 import contextlib
 import errno
+import os
 import resource
 import socket
 import subprocess
@@ -33,11 +34,13 @@ import numpy.ma  # noqa: F401
 
 from liveupdate.abi import wire
 from liveupdate.abi.cmdline import Cmdline
+from liveupdate.abi.consts import PAGE_SHIFT
 from liveupdate.abi.wire import Handler, Message, arg
 from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel import boot, confine, debugfs, fsaudit, init, template
 from liveupdate.kernel.kernel import Kernel
 from liveupdate.kernel.link import Link
+from liveupdate.kernel.mm.pages import PageMeta
 from liveupdate.kernel.spares import READY_TIMEOUT, Spares, warm
 from liveupdate.kernel.syscalls import server
 from liveupdate.kernel.syscalls.process import Userspace
@@ -119,10 +122,12 @@ def main() -> None:
     template.serve(socket.socket(fileno=args.template_fd), run)
 
 
-def _prepare(link: Link, h: dict[str, Any]) -> tuple[confine.Early, Spares | None]:
+def _prepare(link: Link, h: dict[str, Any], ram_fd: int
+             ) -> tuple[confine.Early, Spares | None, PageMeta]:
     """Before "go": confine this process by the command line the machine expects the jump
-    to carry, become a subreaper, start the userspace spares (none with ``lu.spares=0``) and
-    say "ready" once they are (kernel/spares.py)."""
+    to carry, become a subreaper, start the userspace spares (none with ``lu.spares=0``),
+    fault in the page metadata's memory (after the spares' fork: they need none of it) and
+    say "ready" once all that is done (kernel/spares.py)."""
     raw = str(h.get("cmdline", ""))
     early = confine.early(raw)
     become_subreaper()
@@ -130,21 +135,22 @@ def _prepare(link: Link, h: dict[str, Any]) -> tuple[confine.Early, Spares | Non
     spares = Spares(count, early.lines.append) if count > 0 else None
     if spares is not None and not spares.ready.wait(READY_TIMEOUT):
         early.lines.append(f"spares: not ready in {READY_TIMEOUT:g} s")
+    meta = PageMeta.populated(os.fstat(ram_fd).st_size >> PAGE_SHIFT)
     link.send({"op": "ready", "spares": spares.count() if spares else 0})
-    return early, spares
+    return early, spares, meta
 
 
 def run(ram_fd: int, link_fd: int) -> None:
     """One kernel, from "go" (after "prepare", when the machine sends it) to power off."""
     link = Link(socket.socket(fileno=link_fd))
     msg = link.recv()
-    early, spares = None, None
+    early, spares, meta = None, None, None
     if msg is not None and msg[0].get("op") == "prepare":
-        early, spares = _prepare(link, msg[0])
+        early, spares, meta = _prepare(link, msg[0], ram_fd)
         msg = link.recv()
     if msg is None or msg[0].get("op") != "go":
         sys.exit(0)  # the machine let this warm kernel go unused
-    k = Kernel(ram_fd, link)
+    k = Kernel(ram_fd, link, meta)
     k.early = early
     fsaudit.enforce(k.panic)  # a violation is a panic from now on
     become_subreaper()
