@@ -13,6 +13,7 @@ import ctypes
 import os
 import select
 import struct
+import threading
 import time
 
 IN_CREATE, IN_MOVED_TO, IN_NONBLOCK, IN_CLOEXEC = 0x100, 0x80, 0o4000, 0o2000000
@@ -54,8 +55,13 @@ class Watch:
         return False
 
     def close(self) -> None:
+        """Closed by a thread of its own: releasing an inotify instance waits for an SRCU
+        grace period (``fsnotify_destroy_group`` -> ``synchronize_srcu``), 15-20 ms here --
+        which a VMM restoring after a kexec would otherwise spend between luod's hello and
+        its first retrieve, inside its VM's pause."""
         if self.fd >= 0:
-            os.close(self.fd)
+            threading.Thread(target=os.close, args=(self.fd,), name="inotify-close",
+                             daemon=True).start()
             self.fd = -1
 
     def __enter__(self) -> Watch:
