@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from liveupdate.abi.arrays import has_repeats
 from liveupdate.abi.consts import PAGE_SHIFT
 from liveupdate.abi.vmalloc import DESC_SIZE, KhoVmalloc
 from liveupdate.errors import AbiError
@@ -144,6 +145,6 @@ def decode_folios(raw: bytes, ser: HugeMemfdSer) -> HugeFolios:
         raise AbiError(msg=f"{COMPATIBLE}: a folio's pfn is 0 or not aligned to its order")
     if np.any(index % span) or np.any(index >= np.uint64(ser.size >> PAGE_SHIFT)):
         raise AbiError(msg=f"{COMPATIBLE}: a folio index is misaligned or past the end")
-    if len(np.unique(index)) != len(index) or len(np.unique(pfn)) != len(pfn):
+    if has_repeats(index) or has_repeats(pfn):
         raise AbiError(msg=f"{COMPATIBLE}: two folios share an index or a pfn")
     return HugeFolios(pfn.copy(), index.copy())

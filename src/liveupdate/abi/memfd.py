@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from liveupdate.abi import fdt
+from liveupdate.abi.arrays import has_repeats
 from liveupdate.abi.consts import PAGE_SHIFT, PAGE_SIZE, get_order
 from liveupdate.abi.vmalloc import DESC_SIZE, KhoVmalloc
 from liveupdate.errors import AbiError
@@ -133,7 +134,7 @@ def _check_file(pos: int, size: int, what: str) -> None:
 def _check_layout(size: int, folios: Folios, what: str) -> None:
     if len(folios) == 0:
         return
-    if len(np.unique(folios.index)) != len(folios):
+    if has_repeats(folios.index):
         raise AbiError(msg=f"{what}: two folios claim the same file index")
     if int(folios.index.max()) >= -(-size // PAGE_SIZE):
         raise AbiError(msg=f"{what}: a folio lies beyond the file size {size}")
