@@ -5,6 +5,7 @@ pools re-made around them."""
 from __future__ import annotations
 
 import errno
+import itertools
 from collections.abc import Iterator
 
 import numpy as np
@@ -98,7 +99,7 @@ def test_a_file_on_a_pool_made_at_boot_is_one_physical_run(big: Rig) -> None:
     for order, heads in enumerate(k.buddy.free_lists):
         for head in heads:
             free[head : head + (1 << order)] = True
-    gaps = [(a + 2 * MiB, b) for a, b in zip(phys[:-1], phys[1:], strict=True)
+    gaps = [(a + 2 * MiB, b) for a, b in itertools.pairwise(phys.tolist())
             if b != a + 2 * MiB]
     assert len(m.extents(0, GiB >> PAGE_SHIFT)) == len(gaps) + 1 <= 2
     assert not any(free[a >> PAGE_SHIFT : b >> PAGE_SHIFT].any() for a, b in gaps)
