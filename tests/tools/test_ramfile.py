@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from liveupdate.abi import bootparams
 from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.tools import ramfile
 from tests.tools.cli import LUOCTL, inspect
@@ -53,7 +54,8 @@ def test_elf_core_split_around_the_legacy_hole(cap72: Path, tmp_path: Path,
             mem.read(0xA0000, 4)
     rc, rep, err = inspect("--ram", str(core))
     assert rc == 0, err
-    assert rep["chosen"] == "0x1fe000" and len(rep["ram"]["pt_load"]) == 4
+    root = bootparams.KhoData.decode((cap72 / "setup_data.bin").read_bytes()[16:]).fdt_addr
+    assert rep["chosen"] == f"{root:#x}" and len(rep["ram"]["pt_load"]) == 4
 
 
 def test_inspect_reads_an_elf_core_as_it_reads_the_raw_image(cap72: Path) -> None:
