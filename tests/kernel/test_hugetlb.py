@@ -86,7 +86,7 @@ def test_pools_are_reserved_at_boot_outside_scratch(big: Rig) -> None:
         assert not any(r.base <= p < r.end for p in one_g.free + two_m.free)
 
 
-def test_a_file_on_a_pool_made_at_boot_is_one_physical_run(big: Rig) -> None:
+def test_a_file_on_a_pool_made_at_boot_lies_in_address_order(big: Rig) -> None:
     """The pool is filled from the buddy right after memblock_free_all, which walks memory
     upwards: a guest on it lies in address order, broken only where boot reserved memory,
     so its VMM maps a run per stretch of free memory, not one per folio."""

@@ -61,6 +61,14 @@ def test_buddy_hands_out_boot_memory_upwards() -> None:
     assert b.alloc(9) == 1024
 
 
+def test_buddy_merges_across_the_ranges_of_one_free_and_keeps_older_blocks_ahead() -> None:
+    b = Buddy(PageMeta(4096))
+    b.free_ranges([(2048, 3072)])
+    b.free_ranges([(0, 512), (512, 1024), (1536, 2048), (1024, 1536)])  # buddies in one call
+    assert list(b.free_lists[10]) == [1024, 0, 2048] and b.nr_free == 3072
+    assert [b.alloc(10) for _ in range(3)] == [2048, 0, 1024]  # the older block is nearer the head
+
+
 def test_page_metadata_prepared_before_the_jump_is_used_only_when_it_fits(rig: Rig) -> None:
     from liveupdate.kernel.kernel import Kernel
 

@@ -9,6 +9,7 @@ Real Linux has the same calls: this runs unchanged on either kernel.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import select
@@ -19,6 +20,11 @@ import time
 IN_CREATE, IN_MOVED_TO, IN_NONBLOCK, IN_CLOEXEC = 0x100, 0x80, 0o4000, 0o2000000
 FALLBACK = 0.05
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len -- then the name
+
+
+def _close(fd: int) -> None:
+    with contextlib.suppress(OSError):  # the process's own business: nothing to report
+        os.close(fd)
 
 
 class Watch:
@@ -60,7 +66,7 @@ class Watch:
         which a VMM restoring after a kexec would otherwise spend between luod's hello and
         its first retrieve, inside its VM's pause."""
         if self.fd >= 0:
-            threading.Thread(target=os.close, args=(self.fd,), name="inotify-close",
+            threading.Thread(target=_close, args=(self.fd,), name="inotify-close",
                              daemon=True).start()
             self.fd = -1
 

@@ -57,8 +57,9 @@ class Kernel:
         self.mem = PhysMem(self.ram)
         self.memblock = Memblock()
         nr_pages = self.ram_size >> PAGE_SHIFT
-        self.meta = meta if meta is not None and meta.nr_pages == nr_pages else \
-            PageMeta(nr_pages)
+        if meta is None or meta.nr_pages != nr_pages:
+            meta = PageMeta(nr_pages)
+        self.meta = meta
         self.buddy = Buddy(self.meta)
         self.cmdline = Cmdline.parse("")
         self.image = KernelImage()

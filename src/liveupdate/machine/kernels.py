@@ -8,7 +8,8 @@ a fork, not a Python start (~0.2 s of CPU each). A spare kernel process is forke
 time, when the running kernel loads a kexec image, waiting for "go" -- a loaded kexec image
 already sits in memory. Before "go" the machine tells it the command line it expects the
 jump to carry and how many userspace spares to start ("prepare"); the kernel process
-confines itself by it, starts its spares (:mod:`liveupdate.kernel.spares`) and says "ready".
+confines itself by it, starts its spares (:mod:`liveupdate.kernel.spares`), faults its page
+metadata in (``PageMeta.populated``: the host's faults out of the jump) and says "ready".
 """
 
 from __future__ import annotations

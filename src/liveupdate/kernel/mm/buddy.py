@@ -11,7 +11,8 @@ every mapping of a file on it): ``memblock_free_all`` frees to the list's tail
 (``__free_pages_core`` passes ``FPI_TO_TAIL``, since v5.10), ``__rmqueue_smallest`` takes
 the head, and ``expand`` keeps the lowest part of a split block and puts each upper half at
 the head -- so allocations after boot walk memory upwards. A later free goes to the head
-(``__free_one_page``; its ``buddy_merge_likely`` tail placement is not modelled).
+(``__free_one_page``; its ``buddy_merge_likely`` tail placement is not modelled, nor are
+migratetypes, per-CPU lists or deferred struct page init: none changes the upward walk).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def block_orders(pfn: int, end: int, max_order: int | None = None) -> list[tuple
         out.append((pfn, order))
         pfn += 1 << order
     return out
+
+
+NONE: dict[int, None] = {}  # no blocks pending: free() merges with the lists alone
 
 
 class Buddy:
@@ -67,7 +71,7 @@ class Buddy:
         self.meta.refcount[pfn : pfn + (1 << order)] = 0
         while order < MAX_PAGE_ORDER:
             buddy = pfn ^ (1 << order)
-            for fl in (self.free_lists[order], pending[order] if pending else {}):
+            for fl in (self.free_lists[order], pending[order] if pending is not None else NONE):
                 if buddy in fl:
                     del fl[buddy]
                     break

@@ -24,9 +24,11 @@ as preserved memory and come back into the hstate when their files are retrieved
 finished); an FLB that cannot be read counts 0.
 
 Deviations: no surplus pages, overcommit, NUMA, CMA, vmemmap optimization or sysfs resizing;
-the pool's free pages are a list of physical addresses, handed out lowest first after boot (so
-a guest's folios are physically contiguous and map as few extents; Linux's free lists are
-LIFO with no such order).
+the pool's free pages are a list of physical addresses, handed out lowest first after boot.
+The pages are contiguous because the buddy hands boot memory out upwards, as Linux's does
+(:mod:`..buddy`); Linux's LIFO enqueue would then hand them out highest first, contiguous
+but descending -- lowest first keeps a guest's folios in file order, so it maps as few
+extents.
 """
 
 from __future__ import annotations
