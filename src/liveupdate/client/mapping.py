@@ -58,21 +58,8 @@ def _mmap(addr: int | None, size: int, prot: int, flags: int, fd: int, off: int)
     return int(got)
 
 
-def coalesce(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Physically adjacent extents as one: a file's folios often lie end to end (4096 of
-    2 MiB for an 8 GiB guest: one mmap each, and a list too long for a control reply)."""
-    out: list[tuple[int, int]] = []
-    for phys, n in extents:
-        if out and out[-1][0] + out[-1][1] == phys:
-            out[-1] = (out[-1][0], out[-1][1] + n)
-        else:
-            out.append((phys, n))
-    return out
-
-
 def map_extents(ram_fd: int, extents: list[tuple[int, int]], writable: bool = True
                 ) -> Mapping:
-    extents = coalesce(extents)
     total = sum(n for _, n in extents)
     if total == 0:
         raise LiveUpdateError(err=errno.EINVAL, msg="mmap: nothing to map")
