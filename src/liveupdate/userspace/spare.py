@@ -6,8 +6,8 @@ its own process, whose template imported this module, into :func:`become` -- as 
 started ``python -u -m liveupdate.userspace.spare --control-fd N``, which is what
 :func:`main` serves, without the interpreter start --, inside its own confinement, in an
 empty environment with its output on a console socket of that kernel. It imports the
-userspace programs' code (:data:`PRELOAD`) and never runs any of them; for each request on
-its control socket (SOCK_SEQPACKET) it forks a *spare* and answers with the spare's pid and
+userspace programs' code (this module's imports) and never runs any of them; for each request
+on its control socket (SOCK_SEQPACKET) it forks a *spare* and answers with the spare's pid and
 the kernel's end of the spare's adoption channel (SCM_RIGHTS). It forks twice and reaps the
 middle process first, as the kernel template does, so a spare is by then the kernel's child
 (the kernel is a child subreaper).
@@ -42,9 +42,6 @@ import liveupdate.vmm.vmm  # noqa: F401
 from liveupdate import procs
 from liveupdate.abi.spare import ADOPT_FDS, ADOPTED, MAX_RECORD, SYSCALL_AT, decode_adoption
 from liveupdate.ipc import fds as scm
-
-PRELOAD = ("liveupdate.luod.daemon", "liveupdate.luod.preflight", "liveupdate.vmm.vmm",
-           "liveupdate.vmm.tcg", "liveupdate.userspace.kvcache")
 
 
 def serve(control: socket.socket) -> None:
