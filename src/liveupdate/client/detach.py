@@ -26,6 +26,7 @@ import subprocess
 import time
 from typing import Any
 
+from liveupdate import jsonfile
 from liveupdate.errors import LiveUpdateError
 
 
@@ -51,12 +52,8 @@ def spawn(argv: list[str], state_dir: str, number: int,
     child.returncode = 0  # never waited for here: it outlives this process by design
     record = {"update": number, "pid": child.pid, "log": log, "record": record_path,
               "argv": argv, "started": time.time(), **(extra or {})}
-    tmp = f"{record_path}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, record_path)
+        jsonfile.dump(record_path, record, indent=2)
     except OSError as e:
         raise LiveUpdateError(err=e.errno or errno.EIO,
                               msg=f"cannot write {record_path}: {e.strerror}") from e

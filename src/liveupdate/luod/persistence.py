@@ -8,6 +8,7 @@ import json
 import os
 from typing import Any
 
+from liveupdate import jsonfile
 from liveupdate.client.backends import Backend
 from liveupdate.errors import AbiError
 from liveupdate.luod import registry
@@ -57,11 +58,9 @@ class Persistence:
 
     def save_state(self, phase: str, error: str) -> None:
         """Runtime state for a luod restarted by init (``/run``-like, not the registry)."""
-        tmp = self.state_file + ".tmp"
         try:
-            os.makedirs(os.path.dirname(tmp) or ".", exist_ok=True)
-            with open(tmp, "w") as f:
-                json.dump({"phase": phase, "error": error, "boot_id": self.boot_id}, f)
-            os.replace(tmp, self.state_file)
+            os.makedirs(os.path.dirname(self.state_file) or ".", exist_ok=True)
+            jsonfile.dump(self.state_file, {"phase": phase, "error": error,
+                                            "boot_id": self.boot_id})
         except OSError as e:  # only a restarted luod's explanation is lost
             print(f"luod: cannot save {self.state_file}: {e.strerror}", flush=True)

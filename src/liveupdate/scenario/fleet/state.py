@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from liveupdate import jsonfile
 from liveupdate.errors import LiveUpdateError
 
 STATE = "fleet.json"
@@ -103,11 +104,7 @@ def load(folder: str) -> Fleet:
 
 
 def save(fleet: Fleet) -> None:
-    path = os.path.join(fleet.folder, STATE)
-    tmp = f"{path}.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(fleet.to_json(), f, indent=1)
-    os.replace(tmp, path)
+    jsonfile.dump(os.path.join(fleet.folder, STATE), fleet.to_json(), indent=1)
 
 
 @contextlib.contextmanager
