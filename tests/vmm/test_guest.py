@@ -209,6 +209,14 @@ def test_the_accelerator_says_whether_it_sets_the_guest_tsc(make: type) -> None:
     assert seen == ("restored" if accel.tsc_settable else "host")
 
 
+def test_the_tsc_probe_is_not_fooled_by_a_young_host() -> None:
+    """A host booted minutes ago has a small TSC (2**40 takes 6-8 minutes at 2-3 GHz): the
+    guest reading it is the host's clock, not the probe's, whatever its size."""
+    young, old = 0xDF804998CC, 0x3_0000_0000_0000  # ~6 minutes and ~1 day of uptime
+    assert not kvm.probe_took(young) and not kvm.probe_took(old)
+    assert kvm.probe_took(kvm.TSC_PROBE + 5_000_000)
+
+
 @pytest.mark.parametrize("make", ACCELS)
 @pytest.mark.parametrize("start", [guest.HOLE_AT, 0xFEE00000], ids=["hole", "apic"])
 def test_a_guest_past_3_gib_walks_across_the_hole(make: type, start: int) -> None:

@@ -82,7 +82,7 @@ def ioctl(fd: int, cmd: int, arg: int | bytearray = 0, what: str = "") -> int:
                               f"{e.strerror}") from e
 
 
-TSC_PROBE = 1  # a TSC far below any host's (the host's counts from its boot)
+TSC_PROBE = 1 << 62  # a TSC far above any host's (49 years at 3 GHz; the host counts from boot)
 PROBE_CODE = bytes.fromhex("0f31e6e9")  # rdtsc; out %al, $0xe9
 
 
@@ -92,8 +92,10 @@ def tsc_applies() -> bool:
     of KVM: a throwaway VM (one 2 MiB page, the guest's page-table layout) is given TSC
     :data:`TSC_PROBE`, runs ``rdtsc`` and exits; the guest read about that, or the host's
     TSC. (``KVM_GET_MSRS`` is no witness: under PVM it returns a value just written, or
-    KVM's own offset model, while the guest's ``rdtsc`` reads the host.) Once per process,
-    a few ms."""
+    KVM's own offset model, while the guest's ``rdtsc`` reads the host.) The probe lies
+    above the host's TSC, not below it: a host booted minutes ago reads below any small
+    threshold too (its TSC passes 2**40 only after 6-8 minutes), and was taken for a restored
+    clock. Once per process, a few ms."""
     size = 2 << 20
     buf = mmap.mmap(-1, size)
     try:
@@ -115,7 +117,13 @@ def tsc_applies() -> bool:
     finally:
         with contextlib.suppress(BufferError):
             buf.close()
-    return bool((regs["rdx"] << 32 | regs["rax"] & 0xFFFFFFFF) < 1 << 40)
+    return probe_took((regs["rdx"] & 0xFFFFFFFF) << 32 | regs["rax"] & 0xFFFFFFFF)
+
+
+def probe_took(seen: int) -> bool:
+    """Whether the guest's ``rdtsc`` in :func:`tsc_applies` read the probe's clock (a little
+    past :data:`TSC_PROBE`) rather than the host's."""
+    return TSC_PROBE <= seen < TSC_PROBE + (1 << 40)
 
 
 class Kvm:
