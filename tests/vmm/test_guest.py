@@ -212,7 +212,7 @@ def test_the_accelerator_says_whether_it_sets_the_guest_tsc(make: type) -> None:
 def test_the_tsc_probe_is_not_fooled_by_a_young_host() -> None:
     """A host booted minutes ago has a small TSC (2**40 takes 6-8 minutes at 2-3 GHz): the
     guest reading it is the host's clock, not the probe's, whatever its size."""
-    young, old = 0xDF804998CC, 0x3_0000_0000_0000  # ~6 minutes and ~1 day of uptime
+    young, old = 0xDF804998CC, 0x3_0000_0000_0000  # ~6 minutes and ~3 days at 3 GHz
     assert not kvm.probe_took(young) and not kvm.probe_took(old)
     assert kvm.probe_took(kvm.TSC_PROBE + 5_000_000)
 
