@@ -37,15 +37,42 @@ def dying(pid: int) -> bool:
     userspace again and no syscall of it is still in progress, only the host's teardown
     (``exit_mm``: its mappings, a KVM VM's page tables) is left. ``/proc/PID/task/*/stat``
     field 9, the task flags."""
+    return _every_thread(pid, stopped_too=False)
+
+
+def still(pid: int) -> bool:
+    """Whether every thread of ``pid`` is dying (:func:`dying`) or stopped: a thread in a
+    group stop (state ``T``) or a trace stop (``t``) got there delivering a signal, on its
+    way back to userspace, so none has a syscall in progress; it runs again only if
+    continued."""
+    return _every_thread(pid, stopped_too=True)
+
+
+def _every_thread(pid: int, stopped_too: bool) -> bool:
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return True
     for tid in tids:
         fields = stat_fields(f"/proc/{pid}/task/{tid}/stat")  # [] once that thread is gone
-        if len(fields) > 6 and not int(fields[6]) & PF_EXITING:
+        if len(fields) <= 6 or int(fields[6]) & PF_EXITING:
+            continue
+        if not (stopped_too and fields[0] in (b"T", b"t")):
             return False
     return True
+
+
+def shmem_resident(pid: int) -> int:
+    """Bytes of shared memory ``pid`` has mapped and resident (``RssShmem`` of
+    ``/proc/PID/status``: its page-table entries onto shmem, memfds included); 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"RssShmem:"):
+                    return int(line.split()[1]) << 10
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def stat_fields(path: str) -> list[bytes]:

@@ -83,7 +83,7 @@ def test_the_request_tables_cover_every_op() -> None:
                                     "console", "wait", "wait_state", "run", "kho_status",
                                     "debugfs", "maps", "ram_read", "ram_write", "device_wait",
                                     "dma_log", "shutdown"}
-    assert set(machine.LINK) == {"booted", "ready", "jump", "panic", "poweroff",
+    assert set(machine.LINK) == {"booted", "ready", "settled", "jump", "panic", "poweroff",
                                  "restart"}
 
 

@@ -35,7 +35,7 @@ from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.ipc import fds as scm
 from liveupdate.machine.console import Console
 from liveupdate.machine.ram import Ram
-from liveupdate.procs import Child, children_of, dying
+from liveupdate.procs import Child
 
 POWER_OFF_GRACE = 5.0  # seconds a kernel gets to end its userspace when the power is cut
 FORK_TIMEOUT = 60.0  # seconds a template may take to import the kernel's code and fork it
@@ -242,57 +242,13 @@ def cmdline_at(ram: Ram | None, bp_phys: int) -> str:
         return ""
 
 
-def bury_orphans(ours: set[int], console: Console, timeout: float = 10.0) -> None:
-    """The old kernel SIGKILLed its userspace without waiting for the host to tear it down;
-    those processes are re-parented to the machine (subreaper). The next kernel starts only
-    once every one of them -- every child of the machine but ``ours`` (kernels, templates) --
-    is dying on every thread (:func:`procs.dying`): a real kexec leaves nothing of the old
-    userspace running, and no syscall of it (a ``bind``, a write under ``run/``) may still
-    land after the machine has emptied ``run/`` for the next kernel. Their sockets close
-    later, in ``exit_files``: no path reaches them (``run/`` is emptied, services bind
-    anew); one bound to an abstract name, which the next kernel's ``bind`` would find
-    taken, was waited for by the old kernel (``Userspace.stop_and_kill``).
-
-    The host's teardown of what they mapped is left to run beside the next kernel, as a
-    real kexec never pays it: a VMM whose KVM VM held 4 GiB took 165 ms to exit here
-    (``exit_mm``: the VM's page tables, then its own), inside every VM's pause when the
-    jump waited for it; the old kernel left every thread of it at SCHED_IDLE
-    (``Userspace.stop_and_kill``). It is not free beside the next kernel: an 8 GiB TCG
-    VMM's 4 KiB host PTEs (the RAM memfd has no huge pages where ``shmem_enabled`` is
-    ``never``) take 28-39 ms to zap, and at 8 GiB they lengthen the next kernel's luod
-    adoption and VMM restore by ~5 ms and most of their spread (measured against a jump that
-    waited for the full exit, whose later parts came out flat). A reaper thread waits for
-    each and reaps it. Descendants
-    re-parented later are taken in the next round; after ``timeout`` the machine says what
-    it left."""
-    deadline = time.monotonic() + timeout
-    seen: set[int] = set()
-    while orphans := [p for p in children_of(os.getpid()) if p not in ours | seen]:
-        for pid in orphans:
-            while not dying(pid):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    console.append(f"machine: pid {pid} of the previous kernel's userspace "
-                                   f"outlived its SIGKILL by {timeout:g} s\n".encode())
-                    return
-                _exited(pid, min(left, 0.001))
-            seen.add(pid)
-            threading.Thread(target=_reap, args=(pid,), name=f"reap-{pid}", daemon=True).start()
-
-
-def _exited(pid: int, wait: float) -> bool:
-    """Whether ``pid`` has exited, waiting up to ``wait`` seconds for it (its pidfd)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([fd], [], [], wait)[0])
-    finally:
-        os.close(fd)
-
-
-def _reap(pid: int) -> None:
-    _exited(pid, 3600)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
+def empty_folder(path: str) -> None:
+    """Remove everything in ``path``, the folder itself kept (``run/``: a tmpfs for the kernel,
+    empty at every boot)."""
+    with os.scandir(path) as it:
+        for e in it:
+            if e.is_dir(follow_symlinks=False):
+                shutil.rmtree(e.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(e.path)

@@ -4,10 +4,10 @@ Folder layout: ``DIR/control.sock`` and ``DIR/console.log`` are the machine's ow
 sight of every kernel and its userspace (:mod:`liveupdate.kernel.mountns`); ``DIR/disk/``
 survives everything (kernel images in ``images/``, the ``services`` list, host-armed fault
 points in ``faults/``); ``DIR/run/`` is, for the kernel and its userspace, a tmpfs: everything
-in it is removed at every boot, after the previous kernel is gone (its userspace stopped and
-killed, so no process of it runs again, and its bound sockets unreachable by name) and before
-the next one starts -- no state crosses a kexec through ``run/``, and the next kernel's
-services never connect to the previous luod's socket.
+in it is removed at every boot, after the previous kernel is gone (its userspace still --
+stopped, ended once the next kernel's live update is over, :mod:`liveupdate.machine.orphans`
+-- and its bound sockets unreachable by name) and before the next one starts: no state
+crosses a kexec through ``run/``, and the next services never reach the previous luod.
 
 At a jump the machine waits for the old kernel to exit and its console to drain, reads the next
 image's header *from RAM* at the entry address, and sends "go" with the boot parameters'
@@ -15,9 +15,8 @@ address to the spare kernel process (:mod:`liveupdate.machine.kernels`), started
 kernel said it loaded a kexec image (or now, if it did not). What a kernel process says
 unasked goes through one table, :data:`LINK`. The machine is the independent witness of each
 jump: its status gives the host CLOCK_MONOTONIC of the old kernel's jump request, of the next
-kernel's "go" and of its "booted"
-(``jump_request_ns``, ``kernel_start_ns``, ``kernel_booted_ns``), which a VM's reported
-blackout must cover (:mod:`liveupdate.scenario.witness`).
+kernel's "go" and of its "booted" (``jump_request_ns``, ``kernel_start_ns``,
+``kernel_booted_ns``), which a VM's reported blackout must cover (:mod:`.scenario.witness`).
 
 The machine's state is :class:`~liveupdate.machine.state.State`, every legal transition
 declared once. Control requests go through the handler table of
@@ -29,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
 import socketserver
 import threading
 import time
@@ -42,7 +40,8 @@ from liveupdate.errors import AbiError, LiveUpdateError
 from liveupdate.machine import firmware, kernels
 from liveupdate.machine.console import Console
 from liveupdate.machine.devices import Bus
-from liveupdate.machine.kernels import KernelProc, Pending, Template, bury_orphans
+from liveupdate.machine.kernels import KernelProc, Pending, Template
+from liveupdate.machine.orphans import Orphans
 from liveupdate.machine.ram import Ram
 from liveupdate.machine.state import STOPPED, TRANSITIONS, State
 
@@ -78,6 +77,7 @@ class Machine:
         self.spare: KernelProc | None = None
         self.templates: dict[str, Template] = {}  # by entry module; they outlive power cycles
         self.bus: Bus | None = None  # the IOMMU and PCI devices, from power on to power off
+        self.orphans = Orphans(self.console)  # the previous kernel's userspace, stopped
         self.boot_count = 0
         self.last_restart = ""  # why the machine last restarted itself (e.g. a power loss)
         self.jump_times: list[float] = []  # old kernel's jump request to the next one's "go"
@@ -143,18 +143,8 @@ class Machine:
             spare.discard(self.run)
         return self._spawn(entry, cmdline)
 
-    def _empty_run(self) -> None:
-        """``run/`` is a tmpfs for the kernel: it starts empty at every boot."""
-        with os.scandir(self.run) as it:
-            for e in it:
-                if e.is_dir(follow_symlinks=False):
-                    shutil.rmtree(e.path, ignore_errors=True)
-                else:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(e.path)
-
     def _start(self, entry: str, bp_phys: int) -> None:
-        self._empty_run()
+        kernels.empty_folder(self.run)  # run/ is a tmpfs for the kernel
         kp = self._take_kernel(entry, kernels.cmdline_at(self.ram, bp_phys))
         self.kernel = kp
         self._set_state(State.BOOTING)
@@ -250,6 +240,11 @@ class Machine:
         self._jump(kp, int(header["entry"]), int(header["boot_params"]))
         return True
 
+    def _settled(self, kp: KernelProc, header: dict[str, Any]) -> bool:
+        if kp is self.kernel:  # its live update is over: the previous userspace may go
+            self.orphans.release()
+        return False
+
     def _ended(self, kp: KernelProc, header: dict[str, Any]) -> bool:
         self._stopped(kp, str(header["op"]), str(header.get("reason", "")))
         return True
@@ -288,7 +283,7 @@ class Machine:
     def _bury_old_userspace(self) -> None:
         ours = {kp.proc.pid for kp in (self.kernel, self.spare) if kp is not None} | \
             {t.popen.pid for t in self.templates.values()}
-        bury_orphans(ours, self.console)
+        self.orphans.bury(ours)
 
     # -- power ----------------------------------------------------------------------------
     def power_on(self, config: dict[str, Any]) -> None:
@@ -328,6 +323,7 @@ class Machine:
 
     def power_off(self) -> None:
         with self.lock:
+            self.orphans.release()
             for kp in (self.kernel, self.spare):
                 if kp is not None:
                     kp.discard(self.run)
@@ -378,6 +374,7 @@ class Machine:
                 "kernel_booted_ns": self.kernel_booted_ns,
                 "console_bytes": self.console.end,
                 "kernel_pid": kp.proc.pid if kp else None,
+                "orphans": sorted(self.orphans.stopped),  # the previous userspace, stopped
                 "spare_pid": self.spare.proc.pid if self.spare else None,
                 "templates": {e: t.popen.pid for e, t in self.templates.items()},
                 "devices": self.bus.status() if self.bus else None,
@@ -393,6 +390,7 @@ class Machine:
 LINK: dict[str, Callable[[Machine, KernelProc, dict[str, Any]], bool]] = {
     "booted": Machine._booted,
     "ready": lambda m, kp, h: False,  # a kernel started at power on: its spares are ready
+    "settled": Machine._settled,
     "jump": Machine._jumped,
     "panic": Machine._ended,
     "poweroff": Machine._ended,
