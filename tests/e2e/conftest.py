@@ -50,3 +50,19 @@ def lu(machine: Factory, tmp_path: Path) -> Machine:
             (images / f"{name}.img").write_bytes(img.encode())
         return machine(f"{CMDLINE} {extra}".strip(), memory=memory, image=f"images/{gen}.img")
     return make
+
+
+V3 = "images/v3.img"
+
+
+@pytest.fixture
+def v3(machine: Factory, tmp_path: Path) -> Callable[..., MachineClient]:
+    """``v3(extra, memory)``: a machine booted from a LUO v3 image (6.17), the one on its
+    disk for the kexecs."""
+    def make(extra: str = "", memory: int = GiB) -> MachineClient:
+        images = tmp_path / "m0" / "disk" / "images"
+        images.mkdir(parents=True, exist_ok=True)
+        (images / "v3.img").write_bytes(
+            image.KernelImage(release="6.17.0-lu-v3", luo="v3").encode())
+        return machine(f"{CMDLINE} {extra}".strip(), memory=memory, image=V3)
+    return make

@@ -125,14 +125,20 @@ def honesty_violations(st: dict[str, Any], *, loading: bool = False) -> list[str
     held = _fds(kpid)
     if sum(obj in ram for obj, _ in held.values()) not in (1, 2):
         bad.append("the RAM memfd is not held once (plus its mmap duplicate)")
+    def to_userspace(fd: int) -> bool:
+        peer = peers.get(held[fd][0][1]) if fd in held else None
+        return fd > 2 and fd != link_fd and peer is not None and peer in user_socks
+
     for fd, (obj, target) in sorted(held.items()):
         peer = peers.get(obj[1])
         if _stdio(fd, obj, pipes) or obj in ram:
             continue
         if fd == link_fd and peer in machine_socks:
             continue
-        if fd > 2 and fd != link_fd and peer is not None and peer in user_socks:
+        if to_userspace(fd):
             continue
+        if target == "anon_inode:[eventpoll]" and all(map(to_userspace, _epoll(kpid, fd))):
+            continue  # the hang-up watcher (FileTable.release_promptly): handles' ends only
         if loading and target.startswith(CODE):
             continue
         if target == "anon_inode:[pidfd]" and _pidfd_pid(kpid, fd) in {-1, *_descendants(kpid)}:
@@ -140,6 +146,12 @@ def honesty_violations(st: dict[str, Any], *, loading: bool = False) -> list[str
         bad.append(f"fd {fd} ({target}) is not RAM, the link, stdio or a socket to its own "
                    "userspace")
     return bad
+
+
+def _epoll(pid: int, fd: int) -> list[int]:
+    """The fds an epoll instance of ``pid`` watches (``tfd:`` lines of its fdinfo)."""
+    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+        return [int(line.split()[1]) for line in f if line.startswith("tfd:")]
 
 
 def template_violations(pid: int, parent: int) -> list[str]:

@@ -12,26 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from liveupdate.abi import image
 from liveupdate.errors import LiveUpdateError
 from liveupdate.machine.client import MachineClient
 from tests.e2e import luo_prog
-from tests.e2e.conftest import Factory
+from tests.e2e.conftest import CMDLINE, V3
 
-CMDLINE = "kho=on liveupdate=on transparent_hugepage_shmem=within_size"
-V3 = "images/v3.img"
 MiB = 1 << 20
-
-
-@pytest.fixture
-def v3(machine: Factory, tmp_path: Path) -> Callable[..., MachineClient]:
-    def make(extra: str = "", memory: int = 1 << 30) -> MachineClient:
-        images = tmp_path / "m0" / "disk" / "images"
-        images.mkdir(parents=True, exist_ok=True)
-        (images / "v3.img").write_bytes(
-            image.KernelImage(release="6.17.0-lu-v3", luo="v3").encode())
-        return machine(f"{CMDLINE} {extra}".strip(), memory=memory, image=V3)
-    return make
 
 
 def luo(m: MachineClient) -> dict:

@@ -6,6 +6,7 @@ the small memory-management interface KHO, kexec and the test components use.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -87,10 +88,25 @@ class Kernel:
         self.hugetlb: Hugetlb | None = None  # hstates and their pools (mm/hugetlb.py)
         self.chrdevs: dict[str, Callable[[], File]] = {}  # device nodes of drivers, by path
         self.vfio: list[VfioPciDevice] = []  # the functions vfio-pci claimed
+        self.settled = False  # the previous kernel's live update is over here (say_settled)
 
     def fault_point(self, name: str) -> None:
         for hook in self.fault_points.get(name, ()):
             hook(self)
+
+    def say_settled(self) -> None:
+        """Tell the machine, once per boot, that the previous kernel's live update is over
+        here: LUO FINISH (v3), the last incoming session released (sessions), or nothing
+        came in. The machine then ends the previous kernel's userspace, which it kept
+        stopped (:mod:`liveupdate.machine.orphans`). No Linux counterpart: a real kexec
+        leaves no old process behind."""
+        if self.settled:
+            return
+        self.settled = True
+        if self.link is None:  # an in-process kernel (the test rig): no machine
+            return
+        with contextlib.suppress(OSError):  # the machine is gone: nothing is left to end
+            self.link.send({"op": "settled"})
 
     # -- console --------------------------------------------------------------------------
     def printk(self, msg: str) -> None:

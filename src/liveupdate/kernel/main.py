@@ -168,6 +168,10 @@ def run(ram_fd: int, link_fd: int) -> None:
         k.panic(f"unexpected {type(e).__name__} during boot: {e}")
     link.send({"op": "booted", "release": k.image.release, "boot_id": k.boot_id,
                "run_dir": k.run_dir, "kho_boot": k.kho_in is not None})
+    k.files.release_promptly(k.lock)
+    with k.lock:
+        if k.luo is None or k.luo.settled:
+            k.say_settled()
     link.start_routing()  # (again, if boot panicked before it)
     while True:
         try:

@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
+from liveupdate.abi.cmdline import size_option
 from liveupdate.errors import LiveUpdateError
 from liveupdate.kernel import kexec, negotiate
 from liveupdate.kernel.drivers import iommu, iommu_flb, pci, pci_flb
@@ -95,11 +96,23 @@ def _device_shutdown(k: Kernel, formats: Formats) -> None:
     iommu.kernel_shutdown(k, kept - iommu_flb.blocked(k) if kept else None)
 
 
+# lu.keep_stopped=SIZE: a process that mapped this much of memfds is left stopped at the
+# jump, for the machine to end after the next kernel's update (Userspace.stop_for_kexec).
+# Below 2 GiB its teardown (~4 ms per GiB of 4 KiB PTEs here) is within the spread of a jump.
+KEEP_STOPPED = 2 << 30
+
+
 def _end_userspace(k: Kernel, formats: Formats) -> None:
     if k.userspace is not None:
         t0 = time.monotonic()
-        killed = k.userspace.stop_and_kill()
-        k.printk(f"kexec: ended {killed} userspace processes in "
+        try:
+            keep = size_option(k.cmdline.get("lu.keep_stopped", str(KEEP_STOPPED)),
+                               "lu.keep_stopped")
+        except LiveUpdateError as e:
+            k.printk(f"kexec: {e.message}; {KEEP_STOPPED >> 30} GiB")
+            keep = KEEP_STOPPED
+        stopped = k.userspace.stop_for_kexec(keep)
+        k.printk(f"kexec: stopped {stopped} userspace processes in "
                  f"{(time.monotonic() - t0) * 1e3:.0f} ms")
 
 

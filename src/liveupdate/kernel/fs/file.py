@@ -10,7 +10,11 @@ When every copy of a handle is closed, the kernel's end sees a hang-up; :meth:`F
 collects hang-ups before each request is served, so "close, then reopen" never races. A hung-up
 handle drops its reference to the file; the file is released (``->release``) when nothing else
 holds it -- LUO keeps its own reference to a preserved file, as ``fget`` does, so a caller may
-close a memfd right after preserving it.
+close a memfd right after preserving it. Linux releases a file when its last reference goes
+(``fput``: ``__fput`` at the closing task's return to userspace, or in ``exit_files``), not at
+someone's next syscall; :meth:`FileTable.release_promptly` does that here too: a thread waits
+for hang-ups and drains them under the kernel lock (a session's implicit FINISH, and LUO's
+settle, then happen when its last holder closes it or dies).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import errno
 import os
 import select
 import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -101,6 +106,7 @@ class FileTable:
         self._by_key: dict[Key, tuple[File, socket.socket]] = {}
         self._by_kfd: dict[int, Key] = {}
         self._poll = select.poll()
+        self._hangups = select.epoll()  # the same ends, for release_promptly's thread
         self._report = on_hangup_error
 
     def __len__(self) -> int:
@@ -120,6 +126,7 @@ class FileTable:
         self._by_kfd[kside.fileno()] = key
         f.handles.add(key)
         self._poll.register(kside.fileno(), select.POLLHUP)
+        self._hangups.register(kside.fileno(), select.EPOLLHUP)
         return uside.detach()
 
     def lookup(self, fd: int) -> File:
@@ -152,3 +159,18 @@ class FileTable:
             except LiveUpdateError as e:  # release cannot fail the close; say why, go on
                 self._report(f"release of {f.ops.name} file: {e}")
         return n
+
+    def release_promptly(self, lock: threading.RLock) -> None:
+        """From now on, drain hang-ups as they come (a daemon thread, under ``lock``). An
+        event is only a wake-up: :meth:`drain` asks the handles themselves, and an end it
+        closes leaves the epoll set with its file."""
+        def watch() -> None:
+            while True:
+                self._hangups.poll()
+                with lock:
+                    try:
+                        self.drain()
+                    except Exception as e:  # a release's bug: said, the next still served
+                        self._report(f"hang-up: {type(e).__name__}: {e}")
+
+        threading.Thread(target=watch, name="hangups", daemon=True).start()

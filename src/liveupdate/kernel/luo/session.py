@@ -156,6 +156,8 @@ class LuoSessions:
         if built is not None:
             self.incoming = {name: Session(name, incoming=inc, in_blocks=blocks)
                              for name, (inc, blocks) in built.items()}
+        if self.settled:
+            self.k.say_settled()
 
     # -- /dev/liveupdate ------------------------------------------------------------------
     def open(self) -> File:
@@ -266,6 +268,12 @@ class LuoSessions:
             self.flbs.file_finished(entry.handler.compatible)
         session_incoming.finish_blocks(self, s.in_blocks)
 
+    @property
+    def settled(self) -> bool:
+        """Every incoming session is released, or none came (nothing left to build at the
+        first open, or building them failed)."""
+        return not self.incoming and not self.incoming_raw and self.incoming_later is None
+
     def close(self, s: Session) -> None:
         """The last handle of a session fd is gone."""
         if self.frozen:
@@ -275,6 +283,8 @@ class LuoSessions:
             # list (a later RETRIEVE_SESSION of the name is ENOENT)
             self.finish(s)
             self.incoming.pop(s.name, None)
+            if self.settled:
+                self.k.say_settled()
             return
         assert s.files is not None
         for entry in reversed(list(s.files)):

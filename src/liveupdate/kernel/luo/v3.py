@@ -108,6 +108,11 @@ class LuoV3:
                                   f"state {self.state.name}")
         return nxt
 
+    @property
+    def settled(self) -> bool:
+        """Nothing of a previous kernel's live update is left to restore or FINISH."""
+        return self.state is not State.UPDATED
+
     def _set(self, state: State) -> None:
         self.k.printk(f"luo: Switched from [{self.state.name.lower()}] to "
                       f"[{state.name.lower()}] state")
@@ -194,6 +199,7 @@ class LuoV3:
             restore_free(self.k.kho_in, phys)
         self.incoming_meta = []
         self._set(nxt)
+        self.k.say_settled()
 
     # -- the LUO subtree ------------------------------------------------------------------
     def _publish(self) -> None:

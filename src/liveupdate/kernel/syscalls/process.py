@@ -24,7 +24,13 @@ from liveupdate.abi.spare import SYSCALL_AT
 from liveupdate.abi.syscalls import SYSCALL_FD_ENV
 from liveupdate.abi.wire import seqpacket_pair
 from liveupdate.kernel.syscalls import creds
-from liveupdate.procs import abstract_socket_inodes, children_of, holds_socket, idle
+from liveupdate.procs import (
+    abstract_socket_inodes,
+    children_of,
+    holds_socket,
+    idle,
+    shmem_resident,
+)
 
 if TYPE_CHECKING:
     from liveupdate.kernel.spares import Adopted, Spares
@@ -173,11 +179,25 @@ class Userspace:
                 for mf in files.values()]})
         return out
 
-    def stop_and_kill(self) -> int:
-        """The reboot's way: stop every userspace process (a stopped process writes nothing
-        more, to RAM or anywhere), forward what they wrote, then SIGKILL them without waiting
-        for the host to tear their memory down -- that teardown grows with what a process
-        mapped (an 8 GiB VMM: ~0.1 s) and is not the old kernel's business. Returns how many.
+    def stop_for_kexec(self, keep_mapped: int) -> int:
+        """The reboot's way: stop every userspace process and wait until each is stopped (a
+        stopped process writes nothing more, to RAM or anywhere, and has no syscall in
+        progress), forward what they wrote, then SIGKILL them without waiting for the host
+        to tear them down -- except a process with ``keep_mapped`` bytes or more of shared
+        memory mapped and resident (a VMM's guest memory: ``RssShmem``, the host PTEs its
+        teardown zaps), which is left stopped. Returns how many were stopped.
+
+        A real kexec leaves no trace of the old userspace; here it is host processes, and the
+        host's teardown of a killed one runs beside the next kernel and grows with what it
+        has mapped (an 8 GiB VMM's 4 KiB PTEs: tens of ms). So the machine, whose children they
+        become when this process exits, ends the kept ones only once the next kernel's live
+        update is over (:mod:`liveupdate.machine.orphans`). The rest are killed now, as a
+        real kexec ends every connection: a host-side client of the old luod sees its
+        socket close at the jump, not when the next kernel's update settles. A socket bound
+        to an abstract name is the host network namespace's, and the next kernel's bind of
+        the name must not find it: its holder is killed, whatever it mapped, and waited for
+        (the socket goes in ``exit_files``, after the teardown). Every process left alive
+        is at ``SCHED_IDLE``, so a teardown takes a core only when nothing else wants one.
         Daemonized processes are found as in :meth:`kill_all` (subreaper)."""
         self.dying = True
         me, stopped = os.getpid(), set()
@@ -201,18 +221,14 @@ class Userspace:
                     os.close(fd)
                 stopped.add(pid)
         self._drain_ttys()
-        # a socket bound to an abstract name is the host's network namespace's: the next
-        # kernel's bind of that name must not find it. It goes late in an exit (its fd in
-        # exit_files, the socket at exit_task_work), so its holders -- seen now, stopped,
-        # with their fds whole -- are waited for; the rest (a VMM's teardown: tens of ms per
-        # GiB) are not
         abstract = abstract_socket_inodes()
         holders = [p for p in stopped if holds_socket(p, abstract)]
         for pid in stopped:
-            if pid not in holders:  # their teardown runs in their own context: at idle
-                idle(pid)  # priority, every thread, it leaves the next kernel the CPUs
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            if pid not in holders:
+                idle(pid)
+            if pid in holders or shmem_resident(pid) < keep_mapped:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         for pid in holders:
             with contextlib.suppress(ProcessLookupError, ChildProcessError):
                 fd = os.pidfd_open(pid)
