@@ -111,9 +111,9 @@ def _end_userspace(k: Kernel, formats: Formats) -> None:
         except LiveUpdateError as e:
             k.printk(f"kexec: {e.message}; {KEEP_STOPPED >> 30} GiB")
             keep = KEEP_STOPPED
-        stopped = k.userspace.stop_for_kexec(keep)
+        stopped, kept = k.userspace.stop_for_kexec(keep)
         k.printk(f"kexec: stopped {stopped} userspace processes in "
-                 f"{(time.monotonic() - t0) * 1e3:.0f} ms")
+                 f"{(time.monotonic() - t0) * 1e3:.0f} ms, {kept} left stopped")
 
 
 def _sanitize(k: Kernel, formats: Formats) -> None:

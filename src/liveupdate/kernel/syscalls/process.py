@@ -179,13 +179,13 @@ class Userspace:
                 for mf in files.values()]})
         return out
 
-    def stop_for_kexec(self, keep_mapped: int) -> int:
+    def stop_for_kexec(self, keep_mapped: int) -> tuple[int, int]:
         """The reboot's way: stop every userspace process and wait until each is stopped (a
         stopped process writes nothing more, to RAM or anywhere, and has no syscall in
         progress), forward what they wrote, then SIGKILL them without waiting for the host
         to tear them down -- except a process with ``keep_mapped`` bytes or more of shared
         memory mapped and resident (a VMM's guest memory: ``RssShmem``, the host PTEs its
-        teardown zaps), which is left stopped. Returns how many were stopped.
+        teardown zaps), which is left stopped. Returns how many were stopped, and left so.
 
         A real kexec leaves no trace of the old userspace; here it is host processes, and the
         host's teardown of a killed one runs beside the next kernel and grows with what it
@@ -223,12 +223,15 @@ class Userspace:
         self._drain_ttys()
         abstract = abstract_socket_inodes()
         holders = [p for p in stopped if holds_socket(p, abstract)]
+        kept = 0
         for pid in stopped:
             if pid not in holders:
                 idle(pid)
             if pid in holders or shmem_resident(pid) < keep_mapped:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+            else:
+                kept += 1
         for pid in holders:
             with contextlib.suppress(ProcessLookupError, ChildProcessError):
                 fd = os.pidfd_open(pid)
@@ -236,7 +239,7 @@ class Userspace:
                     os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOWAIT)
                 finally:
                     os.close(fd)
-        return len(stopped)
+        return len(stopped), kept
 
     def kill_all(self) -> int:
         """End every userspace process, daemonized ones included. Returns how many."""
