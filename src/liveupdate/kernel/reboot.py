@@ -96,10 +96,11 @@ def _device_shutdown(k: Kernel, formats: Formats) -> None:
     iommu.kernel_shutdown(k, kept - iommu_flb.blocked(k) if kept else None)
 
 
-# lu.keep_stopped=SIZE: a process that mapped this much of memfds is left stopped at the
-# jump, for the machine to end after the next kernel's update (Userspace.stop_for_kexec).
-# Below 2 GiB its teardown (~4 ms per GiB of 4 KiB PTEs here) is within the spread of a jump.
-KEEP_STOPPED = 2 << 30
+# lu.keep_stopped=SIZE: a process with this much shmem resident is left stopped at the jump,
+# for the machine to end after the next kernel's update (Userspace.stop_for_kexec). Its
+# teardown costs ~4 ms per GiB of 4 KiB PTEs here (28-39 ms at 8 GiB); below 1 GiB that is
+# within a jump's spread, and a process killed now closes its sockets now, as a kexec does.
+KEEP_STOPPED = 1 << 30
 
 
 def _end_userspace(k: Kernel, formats: Formats) -> None:
@@ -109,7 +110,7 @@ def _end_userspace(k: Kernel, formats: Formats) -> None:
             keep = size_option(k.cmdline.get("lu.keep_stopped", str(KEEP_STOPPED)),
                                "lu.keep_stopped")
         except LiveUpdateError as e:
-            k.printk(f"kexec: {e.message}; {KEEP_STOPPED >> 30} GiB")
+            k.printk(f"kexec: {e.message}; {KEEP_STOPPED >> 20} MiB")
             keep = KEEP_STOPPED
         stopped, kept = k.userspace.stop_for_kexec(keep)
         k.printk(f"kexec: stopped {stopped} userspace processes in "
