@@ -22,26 +22,16 @@ KEEP = 'dev = k.open("/dev/liveupdate")\ns = create(dev, "keep")\npreserve(s, 1,
 RELEASE = ('dev = k.open("/dev/liveupdate")\ns = retrieve(dev, "keep")\n'
            'out = [restore_text(s, 1), io(s, "SESSION_FINISH").get("errno", "ok")]\n'
            'os.close(s)\nprint(json.dumps(out))')
-# a process of the old userspace holding nothing: its pid, said by its parent
-LONER = r'''
-r, w = os.pipe()
-if os.fork() == 0:
-    os.setsid()
-    os.write(w, str(os.getpid()).encode())
-    for fd in (0, 1, 2, r, w):
-        os.close(fd)
-    signal.pause()
-os.close(w)
-print(json.dumps(int(os.read(r, 32))))
-'''
 
-# a process of the old userspace with 2 MiB of a memfd mapped and resident: its pid
-BIG = r'''
-view = k.mmap(memfd_with("big", 2 << 20), 2 << 20).view
+
+def daemon(before: str = "", first: str = "") -> str:
+    """A program that leaves a process of the old userspace behind, in a session of its own,
+    and prints its pid: ``before`` runs in the program, ``first`` in that process."""
+    return before + f'''
 r, w = os.pipe()
 if os.fork() == 0:
     os.setsid()
-    fill(view, 1)  # this process's own page-table entries
+    {first or "pass"}
     os.write(w, str(os.getpid()).encode())
     for n in (0, 1, 2, r, w):
         os.close(n)
@@ -49,6 +39,11 @@ if os.fork() == 0:
 os.close(w)
 print(json.dumps(int(os.read(r, 32))))
 '''
+
+
+LONER = daemon()  # holding nothing
+# with 2 MiB of a memfd mapped and resident: its own page-table entries
+BIG = daemon('view = k.mmap(memfd_with("big", 2 << 20), 2 << 20).view\n', "fill(view, 1)")
 
 
 @contextmanager

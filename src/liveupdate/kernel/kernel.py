@@ -88,7 +88,7 @@ class Kernel:
         self.hugetlb: Hugetlb | None = None  # hstates and their pools (mm/hugetlb.py)
         self.chrdevs: dict[str, Callable[[], File]] = {}  # device nodes of drivers, by path
         self.vfio: list[VfioPciDevice] = []  # the functions vfio-pci claimed
-        self.settled = False  # the previous kernel's live update is over here (say_settled)
+        self.said_settled = False  # told the machine: the previous update is over (say_settled)
 
     def fault_point(self, name: str) -> None:
         for hook in self.fault_points.get(name, ()):
@@ -100,9 +100,9 @@ class Kernel:
         came in. The machine then ends the previous kernel's userspace, which it kept
         stopped (:mod:`liveupdate.machine.orphans`). No Linux counterpart: a real kexec
         leaves no old process behind."""
-        if self.settled:
+        if self.said_settled:
             return
-        self.settled = True
+        self.said_settled = True
         if self.link is None:  # an in-process kernel (the test rig): no machine
             return
         with contextlib.suppress(OSError):  # the machine is gone: nothing is left to end

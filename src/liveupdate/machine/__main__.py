@@ -60,6 +60,7 @@ def main() -> None:
     finally:
         m.power_off()
         m.close_templates()
+        m.orphans.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(m.socket_path)
 
