@@ -96,22 +96,23 @@ def _device_shutdown(k: Kernel, formats: Formats) -> None:
     iommu.kernel_shutdown(k, kept - iommu_flb.blocked(k) if kept else None)
 
 
-# lu.keep_stopped=SIZE: a process with this much shmem resident is left stopped at the jump,
-# for the machine to end after the next kernel's update (Userspace.stop_for_kexec). Its
-# teardown costs ~4 ms per GiB of 4 KiB PTEs here (28-39 ms at 8 GiB); below 1 GiB that is
-# within a jump's spread, and a process killed now closes its sockets now, as a kexec does.
-KEEP_STOPPED = 1 << 30
+# lu.keep_stopped=SIZE|off: a process with this much shmem resident is left stopped at the
+# jump, for the machine to end after the next kernel's update (Userspace.stop_for_kexec). Off
+# by default: the next kernel says "settled" only when its last incoming session is released,
+# and in the demo one stays open after luod's FINISH, so a kept VMM was ended at the next jump
+# instead, its larger teardown then beside that kernel (8 GiB: VMM restore 15-19 ms, against
+# 7-9 ms with every process killed at the jump).
 
 
 def _end_userspace(k: Kernel, formats: Formats) -> None:
     if k.userspace is not None:
         t0 = time.monotonic()
+        value = k.cmdline.get("lu.keep_stopped", "off")
         try:
-            keep = size_option(k.cmdline.get("lu.keep_stopped", str(KEEP_STOPPED)),
-                               "lu.keep_stopped")
+            keep = None if value == "off" else size_option(value, "lu.keep_stopped")
         except LiveUpdateError as e:
-            k.printk(f"kexec: {e.message}; {KEEP_STOPPED >> 20} MiB")
-            keep = KEEP_STOPPED
+            k.printk(f"kexec: {e.message}; off")
+            keep = None
         stopped, kept = k.userspace.stop_for_kexec(keep)
         k.printk(f"kexec: stopped {stopped} userspace processes in "
                  f"{(time.monotonic() - t0) * 1e3:.0f} ms, {kept} left stopped")

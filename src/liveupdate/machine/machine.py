@@ -241,8 +241,9 @@ class Machine:
         return True
 
     def _settled(self, kp: KernelProc, header: dict[str, Any]) -> bool:
-        if kp is self.kernel:  # its live update is over: the previous userspace may go
-            self.orphans.release()
+        if kp is self.kernel and (n := len(self.orphans.release())):  # its update is over
+            self.console.append(f"machine: settled: ended {n} kept processes of the "
+                                "previous userspace\n".encode())
         return False
 
     def _ended(self, kp: KernelProc, header: dict[str, Any]) -> bool:

@@ -4,16 +4,17 @@ live update is over.
 A real kexec leaves nothing of the old userspace: no process and no teardown. The emulated
 kernel's userspace is host processes. At the reboot the old kernel stops every one, waits until
 each is stopped, and SIGKILLs all but those with ``lu.keep_stopped`` of shared memory resident
--- the VMMs, whose teardown is costly (``Userspace.stop_for_kexec``); when the old kernel
-process exits they are re-parented to the machine (subreaper). Before the next kernel starts,
-:meth:`Orphans.bury` makes sure each is *still* (:func:`procs.still`: every thread stopped or
-dying, so none runs userspace or has a syscall in progress, and none will unless continued) --
-no syscall of the old userspace (a ``bind``, a write under ``run/``) can land after the machine
-empties ``run/`` for the next kernel. One found running (continued by someone) is killed and
-waited for until dying. The kept ones' sockets are unreachable: ``run/`` is emptied and services
-bind anew; a holder of one bound to an abstract name was killed and waited for by the old
-kernel. A socket a host-side client is connected to stays open until the settle: only the VMMs
-are kept, and nothing of ours waits for a VMM's connection to close across an update.
+(off by default) -- the VMMs, whose teardown is costly (``Userspace.stop_for_kexec``); when the
+old kernel process exits they are re-parented to the machine (subreaper). Before the next kernel
+starts, :meth:`Orphans.bury` makes sure each is *still* (:func:`procs.still`: every thread
+stopped or dying, so none runs userspace or has a syscall in progress, and none will unless
+continued) -- no syscall of the old userspace (a ``bind``, a write under ``run/``) can land
+after the machine empties ``run/`` for the next kernel. One found running (continued by someone)
+is killed and waited for until dying. The kept ones' sockets are unreachable: ``run/`` is
+emptied and services bind anew; a holder of one bound to an abstract name was killed and waited
+for by the old kernel. A socket a host-side client is connected to stays open until the settle:
+only the VMMs are kept, and nothing of ours waits for a VMM's connection to close across an
+update.
 
 The stopped ones are ended only when the next kernel says its live update is over
 (``Kernel.say_settled``: LUO FINISH, or the last incoming session released), or at the next
@@ -24,9 +25,9 @@ TCG VMM's 4 KiB host PTEs (the RAM memfd has no huge pages where ``shmem_enabled
 killed at the jump -- even at ``SCHED_IDLE`` -- they lengthened the next kernel's luod
 adoption and VMM restore by ~5 ms and most of their spread; waiting for the exit before the
 jump put all of it inside every VM's pause (a VMM whose KVM VM held 4 GiB: 165 ms). Killed
-after the settle, at ``SCHED_IDLE``, the teardown falls outside every pause: 8 GiB guests'
-blackout came out 0.91-1.01 of 256 MiB guests' on 2 MiB pages (``bench/bench_qemu.py``),
-1.04-1.36 before.
+after the settle, at ``SCHED_IDLE``, the teardown falls outside every pause. Keeping is off by
+default (``lu.keep_stopped``, ``kernel/reboot.py`` says why): the settle must first come
+before the next update in the demo's flow, where an incoming session stays open.
 
 A machine killed outright (SIGKILL) must not leave them stopped forever, holding the RAM's
 pages: a guard (``/bin/sh``, its own session, deaf to job-control and terminal signals)

@@ -179,13 +179,14 @@ class Userspace:
                 for mf in files.values()]})
         return out
 
-    def stop_for_kexec(self, keep_mapped: int) -> tuple[int, int]:
+    def stop_for_kexec(self, keep_mapped: int | None) -> tuple[int, int]:
         """The reboot's way: stop every userspace process and wait until each is stopped (a
         stopped process writes nothing more, to RAM or anywhere, and has no syscall in
         progress), forward what they wrote, then SIGKILL them without waiting for the host
-        to tear them down -- except a process with ``keep_mapped`` bytes or more of shared
-        memory mapped and resident (a VMM's guest memory: ``RssShmem``, the host PTEs its
-        teardown zaps), which is left stopped. Returns how many were stopped, and left so.
+        to tear them down -- except, unless ``keep_mapped`` is None, a process with that
+        many bytes or more of shared memory mapped and resident (a VMM's guest memory:
+        ``RssShmem``, the host PTEs its teardown zaps), which is left stopped. Returns how
+        many were stopped, and how many left so.
 
         A real kexec leaves no trace of the old userspace; here it is host processes, and the
         host's teardown of a killed one runs beside the next kernel and grows with what it
@@ -227,7 +228,7 @@ class Userspace:
         for pid in stopped:
             if pid not in holders:
                 idle(pid)
-            if pid in holders or shmem_resident(pid) < keep_mapped:
+            if pid in holders or keep_mapped is None or shmem_resident(pid) < keep_mapped:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             else:
