@@ -305,8 +305,14 @@ class LuodClient:
         return self.retrieved.retrieve_fd(token)
 
     def done(self) -> None:
-        """Everything is restored: luod may FINISH once every client is done."""
+        """Everything is restored: luod may FINISH once every client is done. The handle on
+        the previous kernel's session goes too -- nothing more is retrieved from it, and
+        Linux releases a session (``luo_session_release``, an implicit FINISH) only when
+        its last handle closes, so one kept open would hold it past luod's FINISH."""
         self.request("done")
+        if self.retrieved is not None:
+            self.retrieved.close()
+            self.retrieved = None
 
     def status(self) -> dict[str, Any]:
         return self.request("status")[0]
