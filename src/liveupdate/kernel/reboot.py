@@ -96,23 +96,26 @@ def _device_shutdown(k: Kernel, formats: Formats) -> None:
     iommu.kernel_shutdown(k, kept - iommu_flb.blocked(k) if kept else None)
 
 
-# lu.keep_stopped=SIZE|off: a process with this much shmem resident is left stopped at the
-# jump, for the machine to end after the next kernel's update (Userspace.stop_for_kexec). Off
-# by default: the next kernel says "settled" only when its last incoming session is released,
-# and in the demo one stays open after luod's FINISH, so a kept VMM was ended at the next jump
-# instead, its larger teardown then beside that kernel (8 GiB: VMM restore 15-19 ms, against
-# 7-9 ms with every process killed at the jump).
+# lu.keep_stopped=SIZE|off (default 1G): a process with this much shmem resident is left
+# stopped at the jump, for the machine to end after the next kernel's update settles
+# (Userspace.stop_for_kexec). Its teardown costs ~4 ms per GiB of 4 KiB PTEs here (28-39 ms
+# at 8 GiB, 350 ms once the guest was fully written); below 1 GiB that is within a jump's
+# spread, and a process killed at the jump closes its sockets then, as a kexec does. The
+# settle needs every incoming session released: a client closes its handle when it says done
+# (client/luod.LuodClient.done); one kept open would end a kept VMM only at the next jump,
+# its larger teardown then beside that kernel (8 GiB: VMM restore 15-19 ms, not 7-9).
+KEEP_STOPPED = "1G"
 
 
 def _end_userspace(k: Kernel, formats: Formats) -> None:
     if k.userspace is not None:
         t0 = time.monotonic()
-        value = k.cmdline.get("lu.keep_stopped", "off")
+        value = k.cmdline.get("lu.keep_stopped", KEEP_STOPPED)
         try:
             keep = None if value == "off" else size_option(value, "lu.keep_stopped")
         except LiveUpdateError as e:
-            k.printk(f"kexec: {e.message}; off")
-            keep = None
+            k.printk(f"kexec: {e.message}; {KEEP_STOPPED}")
+            keep = size_option(KEEP_STOPPED, "lu.keep_stopped")
         stopped, kept = k.userspace.stop_for_kexec(keep)
         k.printk(f"kexec: stopped {stopped} userspace processes in "
                  f"{(time.monotonic() - t0) * 1e3:.0f} ms, {kept} left stopped")

@@ -25,9 +25,8 @@ TCG VMM's 4 KiB host PTEs (the RAM memfd has no huge pages where ``shmem_enabled
 killed at the jump -- even at ``SCHED_IDLE`` -- they lengthened the next kernel's luod
 adoption and VMM restore by ~5 ms and most of their spread; waiting for the exit before the
 jump put all of it inside every VM's pause (a VMM whose KVM VM held 4 GiB: 165 ms). Killed
-after the settle, at ``SCHED_IDLE``, the teardown falls outside every pause. Keeping is off by
-default (``lu.keep_stopped``, ``kernel/reboot.py`` says why): the settle must first come
-before the next update in the demo's flow, where an incoming session stays open.
+after the settle, at ``SCHED_IDLE``, the teardown falls outside every pause. (8 GiB guests'
+blackout came out 1.04 of 256 MiB guests' on 2 MiB pages, ``bench/bench_qemu.py``.)
 
 A machine killed outright (SIGKILL) must not leave them stopped forever, holding the RAM's
 pages: a guard (``/bin/sh``, its own session, deaf to job-control and terminal signals)
