@@ -4,17 +4,17 @@ live update is over.
 A real kexec leaves nothing of the old userspace: no process and no teardown. The emulated
 kernel's userspace is host processes. At the reboot the old kernel stops every one, waits until
 each is stopped, and SIGKILLs all but those with ``lu.keep_stopped`` of shared memory resident
-(off by default) -- the VMMs, whose teardown is costly (``Userspace.stop_for_kexec``); when the
-old kernel process exits they are re-parented to the machine (subreaper). Before the next kernel
-starts, :meth:`Orphans.bury` makes sure each is *still* (:func:`procs.still`: every thread
-stopped or dying, so none runs userspace or has a syscall in progress, and none will unless
-continued) -- no syscall of the old userspace (a ``bind``, a write under ``run/``) can land
-after the machine empties ``run/`` for the next kernel. One found running (continued by someone)
-is killed and waited for until dying. The kept ones' sockets are unreachable: ``run/`` is
-emptied and services bind anew; a holder of one bound to an abstract name was killed and waited
-for by the old kernel. A socket a host-side client is connected to stays open until the settle:
-only the VMMs are kept, and nothing of ours waits for a VMM's connection to close across an
-update.
+(1 GiB by default) -- the VMMs, whose teardown is costly (``Userspace.stop_for_kexec``); when
+the old kernel process exits they are re-parented to the machine (subreaper). Before the next
+kernel starts, :meth:`Orphans.bury` makes sure each is *still* (:func:`procs.still`: every
+thread stopped or dying, so none runs userspace or has a syscall in progress, and none will
+unless continued) -- no syscall of the old userspace (a ``bind``, a write under ``run/``) can
+land after the machine empties ``run/`` for the next kernel. One found running (continued by
+someone) is killed and waited for until dying. The kept ones' sockets are unreachable: ``run/``
+is emptied and services bind anew; a holder of one bound to an abstract name was killed and
+waited for by the old kernel. A socket a host-side client is connected to stays open until the
+settle: only the VMMs are kept, and nothing of ours waits for a VMM's connection to close across
+an update.
 
 The stopped ones are ended only when the next kernel says its live update is over
 (``Kernel.say_settled``: LUO FINISH, or the last incoming session released), or at the next
@@ -115,8 +115,8 @@ class Orphans:
         self.guard.wait()
 
     def _keep(self, pids: set[int]) -> None:
-        with self.lock:
-            self.stopped |= pids
+        with self.lock:  # a new set: status() reads it without the lock
+            self.stopped = self.stopped | pids
             self._tell_guard()
 
     def _tell_guard(self) -> None:
