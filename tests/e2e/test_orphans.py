@@ -130,3 +130,13 @@ def test_below_the_threshold_they_are_killed_at_the_jump(lu: Machine) -> None:
     with watching([small]) as fds:
         assert update(m)["orphans"] == [big]
         assert _all_exit(fds)
+
+
+def test_a_malformed_threshold_is_said_and_the_default_used(lu: Machine) -> None:
+    m = lu(extra="lu.keep_stopped=lots")
+    off = m.status()["console_bytes"]
+    loner = luo_prog.run(m, LONER)
+    with watching([loner]) as fds:
+        update(m)
+        m.wait(r"kexec: lu\.keep_stopped=lots: not a size; 1G", offset=off)
+        assert _all_exit(fds)  # killed at the jump: it holds far below 1G
