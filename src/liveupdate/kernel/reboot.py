@@ -96,15 +96,18 @@ def _device_shutdown(k: Kernel, formats: Formats) -> None:
     iommu.kernel_shutdown(k, kept - iommu_flb.blocked(k) if kept else None)
 
 
-# lu.keep_stopped=SIZE|off (default 1G): a process with this much shmem resident is left
+# lu.keep_stopped=SIZE|off (default 64M): a process with this much shmem resident is left
 # stopped at the jump, for the machine to end after the next kernel's update settles
 # (Userspace.stop_for_kexec). Its teardown costs ~4 ms per GiB of 4 KiB PTEs here (28-39 ms
-# at 8 GiB, 350 ms once the guest was fully written); below 1 GiB that is within a jump's
-# spread, and a process killed at the jump closes its sockets then, as a kexec does. The
-# settle needs every incoming session released: a client closes its handle when it says done
-# (client/luod.LuodClient.done); one kept open would end a kept VMM only at the next jump,
-# its larger teardown then beside that kernel (8 GiB: VMM restore 15-19 ms, not 7-9).
-KEEP_STOPPED = "1G"
+# at 8 GiB, 350 ms once the guest was fully written), all of it beside the next kernel if it
+# is killed at the jump: at 1G, a restored 8 GiB VMM (what its guest touched since, < 1 GiB)
+# was killed, and its teardown added 3-5 ms to the next luod's adoption and VMM restore.
+# 64 MiB of PTEs is a quarter of a millisecond; below it a process is killed at the jump and
+# closes its sockets then, as a kexec does. The settle needs every incoming session
+# released: a client closes its handle when it says done (client/luod.LuodClient.done); one
+# kept open would end a kept VMM only at the next jump, its larger teardown then beside that
+# kernel (8 GiB: VMM restore 15-19 ms, not 7-9).
+KEEP_STOPPED = "64M"
 
 
 def _end_userspace(k: Kernel, formats: Formats) -> None:

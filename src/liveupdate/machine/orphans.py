@@ -4,7 +4,7 @@ live update is over.
 A real kexec leaves nothing of the old userspace: no process and no teardown. The emulated
 kernel's userspace is host processes. At the reboot the old kernel stops every one, waits until
 each is stopped, and SIGKILLs all but those with ``lu.keep_stopped`` of shared memory resident
-(1 GiB by default) -- the VMMs, whose teardown is costly (``Userspace.stop_for_kexec``); when
+(64 MiB by default) -- the VMMs, whose teardown is costly (``Userspace.stop_for_kexec``); when
 the old kernel process exits they are re-parented to the machine (subreaper). Before the next
 kernel starts, :meth:`Orphans.bury` makes sure each is *still* (:func:`procs.still`: every
 thread stopped or dying, so none runs userspace or has a syscall in progress, and none will
