@@ -16,10 +16,12 @@ from ``stop`` to ``cont``, the new process's start included. The copy is left ou
 ``--copy-max`` (its peak holds the guest twice in RAM, plus the file). Skipped, with the
 reason, where QEMU is not installed.
 
-Columns: each figure (s, median of ``--runs``), ``copy / ours`` and ``ours / in-place``
-(ours = the 1 GiB-page guest; the targets are >= 40 and <= 2.5 at 4 GiB), and each page size's
-scale against its own first row -- 256 MiB, or 1 GiB for 1 GiB pages (flat: zero copy; the
-target for hugetlb guests is <= 1.10 at 8 GiB; 4 KiB-based folios grow with size by design).
+Ours runs first at every size, then QEMU's cells (see ``main``). Columns: each figure (s,
+median of ``--runs``; ``--samples`` prints each cell's runs), ``copy / ours`` and
+``ours / in-place`` (ours = the 1 GiB-page guest; the targets are >= 40 and <= 2.5 at 4 GiB),
+and each page size's scale against its own first row -- 256 MiB, or 1 GiB for 1 GiB pages
+(flat: zero copy; the target for hugetlb guests is <= 1.10 at 8 GiB; 4 KiB-based folios grow
+with size by design).
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ GEN = "7.3+posted"
 PAGES = ("", "2M", "1G")
 
 
+SAMPLES = False  # --samples: each cell's runs, on stderr
+
+
 def ours(size: int, hugepages: str, runs: int, machine: int, vms: int = 1,
          accel: str = "tcg") -> float:
     if hugepages == "1G" and size % GiB:
@@ -53,11 +58,18 @@ def ours(size: int, hugepages: str, runs: int, machine: int, vms: int = 1,
         return float("nan")
     figure = r["guest"] if r["guest"] is not None else r["blackout"]
     assert figure is not None
+    if SAMPLES:
+        print(f"ours {size >> 20} MiB {hugepages or '4K'} x{vms} {accel}: "
+              + " ".join(f"{v:.3f}" for v in r["samples"]), file=sys.stderr)
     return figure
 
 
 def qemu(size: int, mode: str, runs: int) -> float:
-    return statistics.median(blackout(size, mode) for _ in range(runs))
+    samples = [blackout(size, mode) for _ in range(runs)]
+    if SAMPLES:
+        print(f"QEMU {size >> 20} MiB {mode}: " + " ".join(f"{v:.3f}" for v in samples),
+              file=sys.stderr)
+    return statistics.median(samples)
 
 
 def fmt(v: float | None, digits: int = 3) -> str:
@@ -71,7 +83,11 @@ def main() -> None:
     ap.add_argument("--sizes", default="256M,1G,4G,8G")
     ap.add_argument("--copy-max", default="4G")
     ap.add_argument("--no-pair", action="store_true", help="skip the two 4 GiB VMs row")
+    ap.add_argument("--samples", action="store_true",
+                    help="print every cell's runs, in order, on stderr (its spread)")
     args = ap.parse_args()
+    global SAMPLES
+    SAMPLES = args.samples
     parse = SizeParam().convert
     sizes = [parse(s, None, None) for s in args.sizes.split(",")]
     copy_max = parse(args.copy_max, None, None)
@@ -80,12 +96,16 @@ def main() -> None:
     peer = "absent" if why else version()
     if why:
         print(f"QEMU columns skipped: {why}", file=sys.stderr)
+    # ours for every size first, then the peers: a peer's cell allocates and frees up to
+    # 12 GiB (the copy at 4 GiB), and the cells right after one ran 10-25 % slower here (a
+    # Firecracker guest with free page reporting) -- interleaved, that fell on the larger
+    # rows only and skewed each scale line
+    mine = {size: {p: ours(size, p, args.runs, machine) for p in PAGES} for size in sizes}
     rows = []
     for size in sizes:
-        mine = {p: ours(size, p, args.runs, machine) for p in PAGES}
         inplace = None if why else qemu(size, "inplace", args.runs)
         copy = None if why or size > copy_max else qemu(size, "copy", args.runs)
-        rows.append((size, mine, inplace, copy))
+        rows.append((size, mine[size], inplace, copy))
     # each page size against its first row (a 1 GiB-page guest starts at 1 GiB)
     base = {p: next((r[1][p] for r in rows if r[1][p] == r[1][p]), float("nan"))
             for p in PAGES}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -33,9 +34,10 @@ MACHINE = max(SIZES) + 2 * GiB
 
 
 def measure(vm_memory: int, runs: int, generation: str, hugepages: str = "", vms: int = 1,
-            machine: int = MACHINE, accel: str = "tcg") -> dict[str, float | None]:
+            machine: int = MACHINE, accel: str = "tcg") -> dict[str, Any]:
     """Medians over ``runs`` updates of one machine; with several VMs, each run's figure is
-    the largest of its VMs' (by the host clock, and by their own TSC)."""
+    the largest of its VMs' (by the host clock, and by their own TSC). ``samples``: each
+    run's figure (guest TSC where every VM has one, else host clock), in order."""
     with tempfile.TemporaryDirectory() as d:
         demo = Demo(d + "/m", vms, vm_memory, machine, generation, accel, False,
                     lambda msg: None, hugepages=hugepages)
@@ -56,7 +58,9 @@ def measure(vm_memory: int, runs: int, generation: str, hugepages: str = "", vms
                                           for run in per_run),
             "guest": statistics.median(guest) if guest else None,  # type: ignore[type-var]
             "total": statistics.median(t["normal"] - t["start"] for t in tl),
-            "kexec": statistics.median(t["updated"] - t["reboot"] for t in tl)}
+            "kexec": statistics.median(t["updated"] - t["reboot"] for t in tl),
+            "samples": guest or [max(v.blackout_host_s or 0.0 for v in run)
+                                 for run in per_run]}
 
 
 def main() -> None:
