@@ -119,7 +119,15 @@ class Assigned:
 
     def reinit(self, mem: memoryview, wait_exit: Callable[[], None]) -> None:
         """After a reset: the guest reposts its buffers (told through its memory), then the
-        device is turned on again."""
+        device is turned on again.
+
+        Receive goes off first, as e1000e's ``e1000_configure_rx`` clears ``RCTL.EN`` before
+        it reprograms the ring: a device that crossed the update still receiving (its
+        iommufd lost, reassigned) would write descriptors the guest is reposting, and each
+        ring register :meth:`start` writes moves ``HEAD`` back to 0 -- behind a guest that
+        already consumed descriptor 0, which the device then finds done forever and drops
+        every packet at (seen: HEAD 0, the guest waiting at descriptor 2)."""
+        self._dev().bar_write(REGS["CTRL"], 0)
         guest_nic.ask_repost(mem)
         while guest_nic.counters(mem)["repost"]:
             wait_exit()
