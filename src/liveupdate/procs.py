@@ -139,8 +139,9 @@ def children_of(ppid: int) -> list[int]:
 
 class Child:
     """A child process known by pid -- one this process did not fork itself but adopted as a
-    subreaper (a kernel forked by its template): ``subprocess.Popen``'s ``pid``, ``poll``,
-    ``wait`` and ``kill``, through a pidfd, so a signal never reaches a recycled pid."""
+    subreaper (a kernel forked by its template, a spare a kernel adopted): ``subprocess.Popen``'s
+    ``pid``, ``poll``, ``wait`` and ``kill``, through a pidfd, so a signal never reaches a
+    recycled pid."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -163,11 +164,14 @@ class Child:
         return self._reap(block=False)
 
     def wait(self, timeout: float | None = None) -> int:
-        if self.returncode is None and timeout is not None:
+        """Its exit status, once its pidfd says it exited: the lock is not held while
+        waiting, so :meth:`poll` and :meth:`kill` answer meanwhile (the reap then finds a
+        zombie and does not block)."""
+        if self.returncode is None:
             waiter = select.poll()  # poll, not select: a pidfd may be numbered past 1023
             waiter.register(self.pidfd, select.POLLIN)
-            if not waiter.poll(timeout * 1000):
-                raise subprocess.TimeoutExpired(str(self.pid), timeout)
+            if not waiter.poll(-1 if timeout is None else timeout * 1000):
+                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
         code = self._reap(block=True)
         assert code is not None
         return code

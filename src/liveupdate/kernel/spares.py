@@ -14,7 +14,7 @@ program of any kernel; the spares learn everything at adoption, from this kernel
 not adopted dies with the kernel's userspace at the next reboot, as the template does.
 
 :meth:`Spares.adopt` gives one to a program that the interpreter would run
-(:func:`liveupdate.abi.spare.runnable`): a Popen-like :class:`Adopted` for it, or None (no
+(:func:`liveupdate.abi.spare.runnable`): a Popen-like :class:`procs.Child` for it, or None (no
 spare left, or it cannot be adopted), and the caller starts the program as before.
 """
 
@@ -24,7 +24,6 @@ import contextlib
 import importlib
 import json
 import os
-import select
 import signal
 import socket
 import sys
@@ -38,50 +37,6 @@ from liveupdate.ipc import fds as scm
 from liveupdate.kernel import fsaudit
 
 READY_TIMEOUT = 30.0  # seconds the template may take to import and fork its spares
-
-
-class Adopted:
-    """An adopted spare, as much of :class:`subprocess.Popen` as the kernel uses: it is this
-    kernel's child (re-parented to the subreaper), so it is waited for like one."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.returncode: int | None = None
-        self._lock = threading.Lock()
-
-    def _reap(self, flags: int) -> int | None:
-        with self._lock:
-            if self.returncode is None:
-                try:
-                    pid, status = os.waitpid(self.pid, flags)
-                except ChildProcessError:
-                    self.returncode = -1  # reaped elsewhere: gone, its status unknown
-                else:
-                    if pid:
-                        self.returncode = os.waitstatus_to_exitcode(status)
-            return self.returncode
-
-    def poll(self) -> int | None:
-        return self._reap(os.WNOHANG)
-
-    def wait(self) -> int:
-        """Its exit status, once it exited (its pidfd readable): the lock is not held
-        while waiting, so :meth:`poll` answers meanwhile."""
-        while (status := self.poll()) is None:
-            try:
-                fd = os.pidfd_open(self.pid)
-            except ProcessLookupError:
-                continue  # exited between poll and open: the next poll reaps it
-            try:
-                select.select([fd], [], [])
-            finally:
-                os.close(fd)
-        return status
-
-    def kill(self) -> None:
-        if self.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
 
 
 def _fork_template(control: int, tty: int) -> int:
@@ -120,7 +75,7 @@ class Spares:
         self.control, theirs = seqpacket_pair()
         self._tty, tty_u = socket.socketpair()
         try:
-            self.template = Adopted(_fork_template(theirs.fileno(), tty_u.fileno()))
+            self.template = procs.Child(_fork_template(theirs.fileno(), tty_u.fileno()))
         finally:
             theirs.close()
             tty_u.close()
@@ -157,7 +112,7 @@ class Spares:
             return len(self._pool)
 
     def adopt(self, argv: list[str], env: dict[str, str], cwd: str,
-              fds: tuple[int, int, int, int]) -> Adopted | None:
+              fds: tuple[int, int, int, int]) -> procs.Child | None:
         """A spare running ``argv`` with ``env`` (whose syscall fd is set here) in ``cwd``,
         holding ``fds`` (stdin, stdout, stderr, syscall connection); None when it cannot
         be done -- then nothing was taken."""
@@ -179,6 +134,6 @@ class Spares:
             finally:
                 chan.close()
             if said == abi.ADOPTED:  # it holds the fds: the caller may close its copies
-                return Adopted(pid)
+                return procs.Child(pid)
             with contextlib.suppress(ProcessLookupError):  # never two of one program
                 os.kill(pid, signal.SIGKILL)

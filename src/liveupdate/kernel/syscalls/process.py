@@ -25,6 +25,7 @@ from liveupdate.abi.syscalls import SYSCALL_FD_ENV
 from liveupdate.abi.wire import seqpacket_pair
 from liveupdate.kernel.syscalls import creds
 from liveupdate.procs import (
+    Child,
     abstract_socket_inodes,
     children_of,
     holds_socket,
@@ -33,12 +34,12 @@ from liveupdate.procs import (
 )
 
 if TYPE_CHECKING:
-    from liveupdate.kernel.spares import Adopted, Spares
+    from liveupdate.kernel.spares import Spares
 
 
 @dataclass(eq=False)
 class Proc:
-    popen: subprocess.Popen[bytes] | Adopted
+    popen: subprocess.Popen[bytes] | Child
     argv: list[str]
     conn: socket.socket
     # what this process mapped (memfds): references dropped when the process is gone
@@ -108,7 +109,7 @@ class Userspace:
         try:
             env = {SYSCALL_FD_ENV: str(uside.fileno()), "PYTHONUNBUFFERED": "1",
                    "PATH": "/usr/local/bin:/usr/bin:/bin"}
-            popen: subprocess.Popen[bytes] | Adopted | None = None if tty_u is None else \
+            popen: subprocess.Popen[bytes] | Child | None = None if tty_u is None else \
                 self._adopt(argv, env, cwd, stdin, tty_u, uside)
             if popen is None:
                 out = subprocess.PIPE if tty_u is None else tty_u.fileno()
@@ -133,7 +134,7 @@ class Userspace:
         return proc
 
     def _adopt(self, argv: list[str], env: dict[str, str], cwd: str, stdin: int | None,
-               tty: socket.socket, conn: socket.socket) -> Adopted | None:
+               tty: socket.socket, conn: socket.socket) -> Child | None:
         if self.spares is None or stdin != subprocess.DEVNULL:
             return None
         with open(os.devnull, "rb") as null:
@@ -158,8 +159,11 @@ class Userspace:
         return status
 
     def reap(self, proc: Proc) -> None:
+        """Forget a process that was waited for (an adopted spare's pidfd closed)."""
         with self._lock:
             self.procs.pop(proc.popen.pid, None)
+        if isinstance(proc.popen, Child):
+            proc.popen.close()
 
     def maps(self) -> list[dict[str, Any]]:
         """Each live process's mapped memfds and the physical extents behind them -- what
@@ -267,6 +271,7 @@ class Userspace:
                     proc = self.procs.pop(pid, None)
                 if proc is not None:
                     proc.popen.wait()
+                    self.reap(proc)
                 else:
                     with contextlib.suppress(ChildProcessError):
                         os.waitpid(pid, 0)
