@@ -71,8 +71,12 @@ def _fork(channel: socket.socket, control: socket.socket) -> int:
 
 
 def _wait(channel: int, ready: int) -> int:
-    """In the spare: keep the channel alone, say the pid, wait to be adopted; the adopted
-    program's exit status (:func:`procs.exit_with`)."""
+    """In the spare: its own copy of the template's pages, the channel alone, its pid said;
+    then wait to be adopted. The adopted program's exit status (:func:`procs.exit_with`).
+    The copy is made before the pid is said, so before the kernel holding this spare is
+    ready for a jump: out of every VM's pause, where the program's first steps would
+    otherwise take the copy-on-write faults one by one."""
+    procs.own_inherited_pages()
     procs.settle({0: channel}, ready)  # the lowest number: every other fd is closed
     return _adopted(socket.socket(fileno=0))
 
