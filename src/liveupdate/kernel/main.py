@@ -44,7 +44,7 @@ from liveupdate.kernel.mm.pages import PageMeta
 from liveupdate.kernel.spares import READY_TIMEOUT, Spares, warm
 from liveupdate.kernel.syscalls import server
 from liveupdate.kernel.syscalls.process import Userspace
-from liveupdate.procs import become_subreaper, freeze_heap, own_inherited_pages
+from liveupdate.procs import become_subreaper, freeze_heap
 
 
 def _run(k: Kernel, m: Message) -> Message:
@@ -126,10 +126,11 @@ def _prepare(link: Link, h: dict[str, Any], ram_fd: int
              ) -> tuple[confine.Early, Spares | None, PageMeta]:
     """Before "go": confine this process by the command line the machine expects the jump
     to carry, become a subreaper, start the userspace spares (none with ``lu.spares=0``),
-    fault in the page metadata's memory (after the spares' fork: they need none of it), copy
-    what it still shares with its template (:func:`procs.own_inherited_pages`: boot's first
-    steps would take those faults inside the pause) and say "ready" once all that is done
-    (kernel/spares.py)."""
+    fault in the page metadata's memory (after the spares' fork: they need none of it) and
+    say "ready" once all that is done (kernel/spares.py). Unlike a spare it does not copy
+    what it shares with its template (:func:`procs.own_inherited_pages`): that saved ~2 ms
+    of boot, but its ~66 MB heap copied before "ready" cost back-to-back live updates 141
+    -> 125 a minute (``bench/bench_cycles.py``)."""
     raw = str(h.get("cmdline", ""))
     early = confine.early(raw)
     become_subreaper()
@@ -138,7 +139,6 @@ def _prepare(link: Link, h: dict[str, Any], ram_fd: int
     if spares is not None and not spares.ready.wait(READY_TIMEOUT):
         early.lines.append(f"spares: not ready in {READY_TIMEOUT:g} s")
     meta = PageMeta.populated(os.fstat(ram_fd).st_size >> PAGE_SHIFT)
-    own_inherited_pages()
     link.send({"op": "ready", "spares": spares.count() if spares else 0})
     return early, spares, meta
 

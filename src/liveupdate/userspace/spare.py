@@ -75,7 +75,13 @@ def _wait(channel: int, ready: int) -> int:
     then wait to be adopted. The adopted program's exit status (:func:`procs.exit_with`).
     The copy is made before the pid is said, so before the kernel holding this spare is
     ready for a jump: out of every VM's pause, where the program's first steps would
-    otherwise take the copy-on-write faults one by one."""
+    otherwise take the copy-on-write faults one by one (luod: ~1100, 3-5 ms). Its price is
+    paid at every refill: back-to-back live updates 182 -> 141 a minute
+    (``bench/bench_cycles.py``). Tried and left: the pid said first and the spares copying
+    side by side (154 a minute, but the copies ran into an update that followed the load at
+    once: 8 GiB blackout 0.035 -> 0.042 s), and a ``SCHED_IDLE`` thread copying after the
+    pid, stopped at the adoption (the cycles kept, but next kernel boot 8 -> 18 ms in 3 of
+    8 updates at 8 GiB)."""
     procs.own_inherited_pages()
     procs.settle({0: channel}, ready)  # the lowest number: every other fd is closed
     return _adopted(socket.socket(fileno=0))
