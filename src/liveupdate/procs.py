@@ -208,46 +208,6 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
-MADV_POPULATE_WRITE = 23  # Linux 5.14
-PM_PRESENT, PM_EXCLUSIVE = 1 << 63, 1 << 56  # /proc/PID/pagemap (Documentation/admin-guide/mm)
-
-
-def own_inherited_pages() -> int:
-    """In a forked child, before it is used: copy now every page it still shares
-    copy-on-write with its parent (present in a private writable mapping, not exclusively
-    mapped), by ``madvise(MADV_POPULATE_WRITE)`` on each run of them -- the write faults its
-    program would take on its first steps, taken ahead of time. Pages never touched stay
-    unpopulated. Returns how many pages were copied; 0 where the kernel refuses the advice
-    (before 5.14): then the first writes fault, as without it.
-
-    A spare adopted inside a VM's pause took ~1100 such faults between its adoption and
-    luod's socket bound (runpy, then luod's first requests): the template's heap, shared
-    until each refcount write."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    page = os.sysconf("SC_PAGE_SIZE")
-    copied = 0
-    with open("/proc/self/maps") as maps, open("/proc/self/pagemap", "rb") as pagemap:
-        ranges = [line.split(maxsplit=2)[:2] for line in maps]
-        for span, perms in ranges:
-            if perms[1] != "w" or perms[3] != "p":
-                continue
-            start, end = (int(x, 16) for x in span.split("-"))
-            pagemap.seek(start // page * 8)
-            entries = memoryview(pagemap.read((end - start) // page * 8)).cast("Q")
-            run = 0
-            for i, e in enumerate([*entries, 0]):  # the sentinel ends the last run
-                if e & PM_PRESENT and not e & PM_EXCLUSIVE:
-                    run += 1
-                    continue
-                if run:  # refused (before 5.14: EINVAL): those pages fault when written
-                    if libc.madvise(start + (i - run) * page, run * page,
-                                    MADV_POPULATE_WRITE) == 0:
-                        copied += run
-                    run = 0
-    return copied
-
-
 def settle(place: dict[int, int], ready: int) -> None:
     """In a forked child that must hold only what it was given: each fd ``place[n]`` at
     number ``n``, every other fd closed, then its pid said on ``ready`` (closed with the

@@ -127,10 +127,7 @@ def _prepare(link: Link, h: dict[str, Any], ram_fd: int
     """Before "go": confine this process by the command line the machine expects the jump
     to carry, become a subreaper, start the userspace spares (none with ``lu.spares=0``),
     fault in the page metadata's memory (after the spares' fork: they need none of it) and
-    say "ready" once all that is done (kernel/spares.py). Unlike a spare it does not copy
-    what it shares with its template (:func:`procs.own_inherited_pages`): that saved ~2 ms
-    of boot, but its ~66 MB heap copied before "ready" cost back-to-back live updates 141
-    -> 125 a minute (``bench/bench_cycles.py``)."""
+    say "ready" once all that is done (kernel/spares.py)."""
     raw = str(h.get("cmdline", ""))
     early = confine.early(raw)
     become_subreaper()

@@ -71,18 +71,18 @@ def _fork(channel: socket.socket, control: socket.socket) -> int:
 
 
 def _wait(channel: int, ready: int) -> int:
-    """In the spare: its own copy of the template's pages, the channel alone, its pid said;
-    then wait to be adopted. The adopted program's exit status (:func:`procs.exit_with`).
-    The copy is made before the pid is said, so before the kernel holding this spare is
-    ready for a jump: out of every VM's pause, where the program's first steps would
-    otherwise take the copy-on-write faults one by one (luod: ~1100, 3-5 ms). Its price is
-    paid at every refill: back-to-back live updates 182 -> 141 a minute
-    (``bench/bench_cycles.py``). Tried and left: the pid said first and the spares copying
-    side by side (154 a minute, but the copies ran into an update that followed the load at
-    once: 8 GiB blackout 0.035 -> 0.042 s), and a ``SCHED_IDLE`` thread copying after the
-    pid, stopped at the adoption (the cycles kept, but next kernel boot 8 -> 18 ms in 3 of
-    8 updates at 8 GiB)."""
-    procs.own_inherited_pages()
+    """In the spare: keep the channel alone, say the pid, wait to be adopted; the adopted
+    program's exit status (:func:`procs.exit_with`).
+
+    The spare keeps sharing the template's pages copy-on-write, and its program takes those
+    faults in its first steps, inside the VMs' pause (luod ~1100 between its adoption and
+    its socket bound). Copying them ahead (``madvise(MADV_POPULATE_WRITE)`` on each shared
+    run from ``/proc/self/pagemap``) was tried and left: before the pid is said, one VM's
+    blackout fell 0.040 -> 0.034 s, but with two VMs and the cache it rose 0.068 -> 0.083
+    s and back-to-back cycles fell 182 -> 126 a minute -- each process killed at the jump
+    then frees its private copies beside the next kernel, and every refill pays the copy;
+    side by side after the pid, or by a ``SCHED_IDLE`` thread stopped at the adoption, the
+    copies ran into the next pause."""
     procs.settle({0: channel}, ready)  # the lowest number: every other fd is closed
     return _adopted(socket.socket(fileno=0))
 
