@@ -26,7 +26,8 @@ killed at the jump -- even at ``SCHED_IDLE`` -- they lengthened the next kernel'
 adoption and VMM restore by ~5 ms and most of their spread; waiting for the exit before the
 jump put all of it inside every VM's pause (a VMM whose KVM VM held 4 GiB: 165 ms). Killed
 after the settle, at ``SCHED_IDLE``, the teardown falls outside every pause. (8 GiB guests'
-blackout came out 1.04 of 256 MiB guests' on 2 MiB pages, ``bench/bench_qemu.py``.)
+blackout came out 0.93-1.08 of 256 MiB guests' on 2 MiB pages over four runs of
+``bench/bench_qemu.py``, with ``lu.keep_stopped`` at 64M.)
 
 A machine killed outright (SIGKILL) must not leave them stopped forever, holding the RAM's
 pages: a guard (``/bin/sh``, its own session, deaf to job-control and terminal signals)
